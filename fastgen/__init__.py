@@ -1,0 +1,15 @@
+"""fastgen: fused Triton and CUDA C++ kernels for generative models.
+
+Public entry points:
+
+- ``fastgen.ops``     functional ops (``fastgen.ops.rms_norm``, ...)
+- ``fastgen.nn``      drop-in ``nn.Module`` layers (``fastgen.nn.RMSNorm``, ...)
+- ``fastgen.backend`` which implementation runs; also callable as a context
+  manager: ``with fastgen.backend("torch"): ...``
+"""
+
+from fastgen import backend  # noqa: F401  (module, callable as a context manager)
+from fastgen import nn, ops  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["backend", "nn", "ops", "__version__"]

@@ -1,0 +1,147 @@
+"""Which implementation of an op runs: ``"auto" | "triton" | "cuda" | "torch"``.
+
+Precedence, highest first:
+
+1. the ``backend=`` argument of the op, unless it is ``"auto"`` (its default) or ``None``;
+2. the innermost ``with fastgen.backend("triton"):`` block;
+3. the ``FASTGEN_BACKEND`` environment variable;
+4. ``"auto"``.
+
+``"auto"`` picks, for CUDA tensors, the implementation listed in ``AUTO_ON_CUDA``
+for the op — the fastest one in a *recorded* ``scripts/gpu_suite.sh`` run that
+also passed the GPU test tier there — and for CPU tensors the torch reference.
+If the listed implementation cannot run here (the extension was not built, say),
+``auto`` falls back to the torch reference, which computes the same function.
+An explicitly requested backend that cannot serve a call raises
+:class:`BackendUnavailableError` saying why and what to do.
+
+This module is callable: ``fastgen.backend("torch")`` is the same as
+``fastgen.backend.use("torch")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import types
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+IMPLEMENTATIONS = ("triton", "cuda", "torch")
+
+# What "auto" runs on CUDA tensors, per op. An entry may name "triton" or "cuda"
+# only once a recorded gpu_suite run (benchmarks/results/<device>/) shows that
+# implementation passing `pytest -m gpu` and beating the alternatives. No such
+# run has been recorded for these ops yet, so "auto" keeps the reference.
+AUTO_ON_CUDA: dict[str, str] = {
+    "rms_norm": "torch",
+}
+
+_override: list[str] = []  # stack of `with fastgen.backend(...)` values
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot serve this call; the message says why."""
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} from {where}; expected one of {BACKENDS}")
+    return name
+
+
+def default() -> str:
+    """The backend that ``backend="auto"`` (or ``None``) on an op stands for right now."""
+    if _override:
+        return _override[-1]
+    return _check_name(os.environ.get("FASTGEN_BACKEND", "auto") or "auto", "FASTGEN_BACKEND")
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the ops called inside the block with backend ``name``."""
+    _override.append(_check_name(name, "fastgen.backend()"))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - triton is a dependency
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why implementation ``name`` cannot run on tensors of ``device``, or None if it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        err = _triton_import_error()
+        if err is not None:
+            return f"Triton does not import ({err}); install triton>=3.6 or use backend='torch'"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and interpreter_enabled():
+            return None
+        return (
+            f"the Triton backend needs CUDA tensors, got tensors on {device.type}; "
+            "move them to a GPU, use backend='torch', or set TRITON_INTERPRET=1 to run "
+            "the kernels in Triton's CPU interpreter (slow, meant for tests)"
+        )
+    if name == "cuda":
+        if device.type != "cuda":
+            return (
+                f"the CUDA C++ backend needs CUDA tensors, got tensors on {device.type}; "
+                "move them to a GPU or use backend='torch'"
+            )
+        from fastgen.cuda import extension_info
+
+        info = extension_info()
+        if not info["built"]:
+            return str(info["error"])
+        return None
+    raise ValueError(f"unknown implementation {name!r}; expected one of {IMPLEMENTATIONS}")
+
+
+def resolve(op: str, requested: str | None, device: torch.device, unsupported: str | None = None) -> str:
+    """The implementation (``"triton" | "cuda" | "torch"``) that runs ``op`` on ``device``.
+
+    ``unsupported`` is the op's own reason why its kernels cannot serve this call
+    (a dtype or size they do not cover), or None. ``"auto"`` then takes the torch
+    reference; an explicit kernel backend raises :class:`BackendUnavailableError`.
+    """
+    name = default() if requested in (None, "auto") else _check_name(requested, f"{op}(backend=...)")
+    if name == "auto":
+        if device.type != "cuda" or unsupported is not None:
+            return "torch"
+        choice = AUTO_ON_CUDA.get(op, "torch")
+        return choice if unavailable_reason(choice, device) is None else "torch"
+    reason = unavailable_reason(name, device)
+    if reason is None and name != "torch":
+        reason = unsupported
+    if reason is not None:
+        raise BackendUnavailableError(f"fastgen.ops.{op}: backend={name!r} cannot run: {reason}")
+    return name
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``fastgen.backend("torch")`` work as a context manager while
+    ``fastgen.backend`` stays this module."""
+
+    def __call__(self, name: str):
+        return use(name)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,1 @@
+"""fastgen's Triton kernels, one module per op; installed as ``fastgen.kernels``."""
