@@ -225,7 +225,7 @@ def _max_row_programs(device: torch.device) -> int:
 
 
 def _num_warps(elements: int) -> int:
-    return max(1, min(16, elements // 512))
+    return max(1, min(32, elements // 512))
 
 
 def _row_tile(N: int, M: int) -> tuple[int, int]:
@@ -235,31 +235,50 @@ def _row_tile(N: int, M: int) -> tuple[int, int]:
     return block_m, block_n
 
 
+def fwd_config(M: int, N: int) -> dict:
+    """Launch parameters of _rms_norm_fwd_kernel for an [M, N] input (the static tests compile these)."""
+    if N <= MAX_FUSED_N_FWD:
+        block_m, block_n = _row_tile(N, M)
+        grid, single_pass = (triton.cdiv(M, block_m),), True
+    else:
+        block_m, block_n = 1, CHUNK_N
+        grid, single_pass = (M,), False
+    return dict(grid=grid, SINGLE_PASS=single_pass, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=_num_warps(block_m * block_n))
+
+
+def bwd_config(M: int, N: int, device: torch.device) -> dict:
+    """Launch parameters of _rms_norm_bwd_kernel; FULL_ROW=False means the row-dot kernel runs first."""
+    full_row = N <= MAX_FUSED_N_BWD
+    if full_row:
+        block_m, block_n = _row_tile(N, M)
+        col_blocks = 1
+    else:
+        block_m, block_n = 1, CHUNK_N
+        col_blocks = triton.cdiv(N, block_n)
+    row_programs = max(1, min(triton.cdiv(M, block_m), _max_row_programs(device) // col_blocks))
+    return dict(grid=(row_programs, col_blocks), FULL_ROW=full_row, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=_num_warps(block_m * block_n))
+
+
 def rms_norm_fwd(x, weight, residual, eps):
     """y, h, rstd = rms_norm_fwd(x [M, N], weight [N] | None, residual [M, N] | None, eps).
 
     y [M, N] contiguous in x.dtype; h = x + residual [M, N] in x.dtype, or None
     without a residual; rstd [M] fp32.
     """
-    assert x.dim() == 2 and x.stride(1) == 1
     M, N = x.shape
+    assert x.stride(1) == 1 or N <= 1
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     h = None
     if residual is not None:
-        assert residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype
+        assert residual.shape == x.shape and residual.dtype == x.dtype and (residual.stride(1) == 1 or N <= 1)
         h = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y, h, rstd
-    if N <= MAX_FUSED_N_FWD:
-        block_m, block_n = _row_tile(N, M)
-        grid = (triton.cdiv(M, block_m),)
-        single_pass = True
-    else:
-        block_m, block_n = 1, CHUNK_N
-        grid = (M,)
-        single_pass = False
-    _rms_norm_fwd_kernel[grid](
+    cfg = fwd_config(M, N)
+    _rms_norm_fwd_kernel[cfg.pop("grid")](
         x,
         residual if residual is not None else x,
         weight if weight is not None else x,
@@ -273,11 +292,8 @@ def rms_norm_fwd(x, weight, residual, eps):
         eps,
         HAS_W=weight is not None,
         HAS_R=residual is not None,
-        SINGLE_PASS=single_pass,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
         INTERPRET=interpreting(),
-        num_warps=_num_warps(block_m * block_n),
+        **cfg,
     )
     return y, h, rstd
 
@@ -288,33 +304,23 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
     dx [M, N] contiguous in h.dtype is the whole gradient of h (dh_out included);
     dw [N] in weight.dtype, or None without a weight. Deterministic.
     """
-    assert dy.dim() == 2 and dy.stride(1) == 1 and h.stride(1) == 1 and dy.shape == h.shape
     M, N = h.shape
+    assert dy.shape == h.shape and ((dy.stride(1) == 1 and h.stride(1) == 1) or N <= 1)
+    assert dh_out is None or (dh_out.shape == h.shape and (dh_out.stride(1) == 1 or N <= 1))
     dx = torch.empty((M, N), dtype=h.dtype, device=h.device)
     if M == 0 or N == 0:
-        dw = None if weight is None else torch.zeros_like(weight)
-        return dx, dw
-    if dh_out is not None:
-        assert dh_out.shape == h.shape and dh_out.stride(1) == 1
-    full_row = N <= MAX_FUSED_N_BWD
-    if full_row:
-        block_m, block_n = _row_tile(N, M)
-        col_blocks = 1
-        c = rstd  # unused
-    else:
-        block_m, block_n = 1, CHUNK_N
-        col_blocks = triton.cdiv(N, block_n)
+        return dx, (None if weight is None else torch.zeros_like(weight))
+    cfg = bwd_config(M, N, h.device)
+    grid = cfg.pop("grid")
+    c = rstd  # not read when whole rows fit in one program
+    if not cfg["FULL_ROW"]:
         c = torch.empty((M,), dtype=torch.float32, device=h.device)
         _rms_norm_bwd_rowdot_kernel[(M,)](
             dy, h, weight if weight is not None else h, rstd, c, N, dy.stride(0), h.stride(0),
-            HAS_W=weight is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+            HAS_W=weight is not None, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
-    num_tiles = triton.cdiv(M, block_m)
-    row_programs = max(1, min(num_tiles, _max_row_programs(h.device) // col_blocks))
-    dw_partial = None
-    if weight is not None:
-        dw_partial = torch.empty((row_programs, N), dtype=torch.float32, device=h.device)
-    _rms_norm_bwd_kernel[(row_programs, col_blocks)](
+    dw_partial = None if weight is None else torch.empty((grid[0], N), dtype=torch.float32, device=h.device)
+    _rms_norm_bwd_kernel[grid](
         dy,
         h,
         weight if weight is not None else h,
@@ -330,11 +336,9 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
         dh_out.stride(0) if dh_out is not None else 0,
         HAS_W=weight is not None,
         HAS_DHOUT=dh_out is not None,
-        FULL_ROW=full_row,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
         INTERPRET=interpreting(),
-        num_warps=_num_warps(block_m * block_n),
+        **cfg,
     )
+    # Fixed-order sum of the per-program partials: the deterministic second pass.
     dw = None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
     return dx, dw
