@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one go, inside one 10-minute device call:
+#   1. set-up (scripts/setup.sh: builds fastgen._C with the image's nvcc; offline),
+#      plus optional peer wheels (liger-kernel, diffusers, ...) from a folder;
+#   2. the whole test suite on the GPU (the CPU tier's tests run on CUDA tensors there,
+#      and the `gpu` tier at real sizes, Triton and CUDA C++);
+#   3. compute-sanitizer memcheck over the CUDA C++ tests;
+#   4. the full `fastgen bench`.
+# Results land in $OUT (at most 8 files, at most one folder down):
+#   summary.txt  setup.log  tests.log  sanitizer.log  bench/results.{json,md}  bench/<op>.png
+# Commit bench/* to benchmarks/results/<device>/ and quote summary.txt in the closing note.
+#
+# Usage:  OUT=/some/dir bash scripts/gpu_suite.sh [WHEELS_DIR]
+#         (WHEELS_DIR, or FASTGEN_WHEELS: a folder of .whl files to install offline first)
+#         STAGES="tests sanitizer bench" (default: all three) runs a subset, e.g. a
+#         second call with STAGES=bench when the first ran out of time.
+# Each stage has a time limit (the whole suite fits the device tool's 600 s per call) so
+# that the logs come back even when one hangs; the exit status is non-zero when any
+# stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-$PWD/.device_out}
+mkdir -p "$OUT"
+export FASTGEN_WHEELS=${1:-${FASTGEN_WHEELS:-}}
+export PYTHONUNBUFFERED=1
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+unset TRITON_INTERPRET
+summary="$OUT/summary.txt"
+: >"$summary"
+status=0
+
+stage() {  # stage NAME LIMIT_S LOG -- command...
+    local name=$1 limit=$2 log=$3
+    shift 4
+    local t0=$SECONDS rc
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$log" | cut -c1-150)" | tee -a "$summary"
+    [ "$rc" -eq 0 ] || status=1
+    return "$rc"
+}
+
+{
+    date -u
+    git rev-parse HEAD 2>/dev/null || echo "commit: unknown (not a git checkout)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+} >>"$summary"
+
+STAGES=${STAGES:-tests sanitizer bench}
+want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+stage setup 150 "$OUT/setup.log" -- bash scripts/setup.sh || { cat "$summary"; exit 1; }
+.venv/bin/fastgen info >>"$OUT/setup.log" 2>&1
+
+if want tests; then
+    stage tests 180 "$OUT/tests.log" -- .venv/bin/python -m pytest -q -ra -p no:cacheprovider --durations=15
+fi
+
+if ! want sanitizer; then
+    :
+elif command -v compute-sanitizer >/dev/null 2>&1; then
+    stage sanitizer 90 "$OUT/sanitizer.log" -- compute-sanitizer --tool memcheck --error-exitcode 99 \
+        --target-processes all .venv/bin/python -m pytest -q -x -p no:cacheprovider -m gpu -k cuda \
+        tests/test_rms_norm.py tests/test_cuda_build.py
+else
+    echo "sanitizer  not run: compute-sanitizer is not on PATH" | tee -a "$summary"
+    status=1
+fi
+
+if want bench; then
+    stage bench 150 "$OUT/bench.log" -- .venv/bin/fastgen bench --out "$OUT/bench"
+    # The table is in bench/results.md; keep the file count within what comes back.
+    tail -n 60 "$OUT/bench.log" >>"$summary"
+    rm -f "$OUT/bench.log"
+fi
+
+echo "gpu_suite: exit $status" | tee -a "$summary"
+exit "$status"

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Set up fastgen in ./.venv on a fresh machine; safe to run again (it skips what is done).
+#
+# - Uses the packages of the Python it is started with (PYTHON, default python3):
+#   on a GPU image whose python3 already has torch + Triton, those are used as they are.
+# - Otherwise installs torch 2.13.0 (the CPU build where that is what pip finds) and
+#   Triton 3.9.0 from PyPI.
+# - Installs the build and test tools that are missing, then fastgen itself, editable,
+#   building the CUDA extension fastgen._C when nvcc is found.
+# - FASTGEN_WHEELS=DIR: also install every wheel in DIR, offline (optional peers such
+#   as liger-kernel or diffusers on a machine without network).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+quiet=(-q --disable-pip-version-check)
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+    # Let the venv see the packages of the interpreter it was made from (a GPU
+    # image's torch and Triton, say); packages installed in the venv come first.
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    "$PY" -c 'import site; ds = site.getsitepackages() + [site.getusersitepackages()]; print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in ds))' \
+        >"$site/_fastgen_parent_site.pth"
+fi
+VPY="$VENV/bin/python"
+
+have() { "$VPY" -c "import $1" >/dev/null 2>&1; }
+
+if ! have torch; then
+    "$VPY" -m pip install "${quiet[@]}" torch==2.13.0
+fi
+if ! have triton; then
+    "$VPY" -m pip install "${quiet[@]}" triton==3.9.0
+fi
+missing=()
+for spec in setuptools:setuptools wheel:wheel pybind11:pybind11 ninja:ninja pytest:pytest \
+            pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm numpy:numpy; do
+    have "${spec%%:*}" || missing+=("${spec#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    "$VPY" -m pip install "${quiet[@]}" "${missing[@]}"
+fi
+if [ -n "${FASTGEN_WHEELS:-}" ]; then
+    shopt -s nullglob
+    wheels=("$FASTGEN_WHEELS"/*.whl)
+    if [ ${#wheels[@]} -gt 0 ]; then
+        "$VPY" -m pip install "${quiet[@]}" --no-index --no-deps "${wheels[@]}"
+    fi
+fi
+
+# fastgen itself: editable, with the tools above (no build isolation: works offline).
+if ! "$VPY" -c 'import fastgen, fastgen.kernels, fastgen.benchmarks' >/dev/null 2>&1 \
+    || [ setup.py -nt "$VENV/.fastgen-installed" ] \
+    || [ -n "$(find csrc -newer "$VENV/.fastgen-installed" -print -quit 2>/dev/null)" ]; then
+    "$VPY" -m pip install "${quiet[@]}" --no-build-isolation --no-deps -e .
+    touch "$VENV/.fastgen-installed"
+fi
+"$VPY" -c 'import fastgen, torch, triton; print(f"fastgen {fastgen.__version__} ready: torch {torch.__version__}, triton {triton.__version__}")'
