@@ -1,0 +1,94 @@
+"""The ``fastgen`` command: ``info`` and ``bench``, called in-process through ``main``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from fastgen.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+INFO_KEYS = {
+    "fastgen", "python", "platform", "torch", "torch_cuda", "triton", "cuda_available", "gpus",
+    "extension", "triton_interpret", "default_backend", "fastgen_backend_env", "auto",
+}
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert INFO_KEYS <= set(info)
+    assert info["torch"] == torch.__version__
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert isinstance(info["extension"]["built"], bool)
+    if not info["extension"]["built"]:
+        assert info["extension"]["error"]
+    from fastgen import backend
+
+    assert set(info["auto"]) == set(backend.AUTO_ON_CUDA)
+    for op, picks in info["auto"].items():
+        assert picks["cpu"] == backend.resolve(op, "auto", torch.device("cpu"))
+        assert picks["cuda"] in ("torch", "triton", "cuda")
+
+
+def test_info_text(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("fastgen", "torch", "triton", "CUDA available", "fastgen._C", "TRITON_INTERPRET",
+                 "default backend", "rms_norm"):
+        assert word in out
+
+
+def test_info_follows_triton_interpret(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["triton_interpret"] is True
+
+
+def test_python_dash_m():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "fastgen", "info", "--json"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert INFO_KEYS <= set(json.loads(res.stdout))
+
+
+def test_bench_quick_cpu(tmp_path, capsys):
+    out = tmp_path / "res"
+    # torch.compile is left out to keep this fast (its first CPU compile takes ~20 s);
+    # it runs in the default provider list of a real `fastgen bench`.
+    rc = main(["bench", "--quick", "--out", str(out), "--ops", "rms_norm", "--device", "cpu",
+               "--providers", "torch,fastgen-triton,liger-kernel", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "need a GPU" in printed
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    assert {r["provider"] for r in rows} == {"torch", "fastgen-triton", "liger-kernel"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "torch")
+    assert all(r["status"].startswith("skipped") for r in rows if r["provider"] != "torch")
+    assert data["header"]["device"] == "cpu"
+    assert (out / "results.md").exists()
+    assert (out / "rms_norm.png").exists()
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "--ops", "no_such_op", "--out", str(tmp_path)]) == 2
+    assert "no benchmark for no_such_op" in capsys.readouterr().err
+    assert main(["bench", "--ops", "rms_norm", "--providers", "nope", "--out", str(tmp_path)]) == 2
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().out
