@@ -50,11 +50,11 @@ stage() {  # stage NAME LIMIT_S LOG -- command...
 STAGES=${STAGES:-tests sanitizer bench}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-stage setup 150 "$OUT/setup.log" -- bash scripts/setup.sh || { cat "$summary"; exit 1; }
+stage setup 120 "$OUT/setup.log" -- bash scripts/setup.sh || { cat "$summary"; exit 1; }
 .venv/bin/fastgen info >>"$OUT/setup.log" 2>&1
 
 if want tests; then
-    stage tests 180 "$OUT/tests.log" -- .venv/bin/python -m pytest -q -ra -p no:cacheprovider --durations=15
+    stage tests 150 "$OUT/tests.log" -- .venv/bin/python -m pytest -q -ra -p no:cacheprovider --durations=15
 fi
 
 if ! want sanitizer; then
@@ -69,7 +69,7 @@ else
 fi
 
 if want bench; then
-    stage bench 150 "$OUT/bench.log" -- .venv/bin/fastgen bench --out "$OUT/bench"
+    stage bench 210 "$OUT/bench.log" -- .venv/bin/fastgen bench --out "$OUT/bench"
     # The table is in bench/results.md; keep the file count within what comes back.
     tail -n 60 "$OUT/bench.log" >>"$summary"
     rm -f "$OUT/bench.log"
