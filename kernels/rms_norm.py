@@ -40,7 +40,10 @@ import triton.language as tl
 from fastgen.kernels._common import interpreting, round_to
 
 # Widest row kept in registers by one program; wider rows take the chunked path.
+# Chosen so that no config spills registers on sm_90 with Triton 3.6 or 3.9
+# (tests/test_static_sm90.py): the residual form keeps more values live.
 MAX_FUSED_N_FWD = 16384
+MAX_FUSED_N_FWD_RESIDUAL = 8192
 MAX_FUSED_N_BWD = 8192
 # Column chunk of the chunked paths.
 CHUNK_N = 4096
@@ -167,6 +170,9 @@ def _rms_norm_bwd_kernel(
     stride_dy,
     stride_h,
     stride_dho,
+    num_row_programs,  # grid[0]
+    tiles_per_program,  # cdiv(cdiv(M, BLOCK_M), grid[0]); host-computed: loop bounds derived from
+    # tl.program_id break range() in Triton 3.6's interpreter
     HAS_W: tl.constexpr,
     HAS_DHOUT: tl.constexpr,
     FULL_ROW: tl.constexpr,
@@ -174,17 +180,16 @@ def _rms_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    # grid = (row programs, column blocks); row program p takes row tiles p, p + G, p + 2G, ...
+    # grid = (G row programs, column blocks); row program p takes row tiles p, p + G, p + 2G, ...
     pid_m = tl.program_id(0)
-    num_row_programs = tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    num_tiles = tl.cdiv(M, BLOCK_M)
-    for tile in range(pid_m, num_tiles, num_row_programs):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    for i in range(0, tiles_per_program):
+        # Tiles past the last one (at most one per program) are fully masked.
+        rows = (pid_m + i * num_row_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)
@@ -225,7 +230,8 @@ def _max_row_programs(device: torch.device) -> int:
 
 
 def _num_warps(elements: int) -> int:
-    return max(1, min(32, elements // 512))
+    """About 8 elements of each live tensor per thread, 1 to 32 warps."""
+    return max(1, min(32, elements // 256))
 
 
 def _row_tile(N: int, M: int) -> tuple[int, int]:
@@ -235,9 +241,9 @@ def _row_tile(N: int, M: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-def fwd_config(M: int, N: int) -> dict:
+def fwd_config(M: int, N: int, residual: bool) -> dict:
     """Launch parameters of _rms_norm_fwd_kernel for an [M, N] input (the static tests compile these)."""
-    if N <= MAX_FUSED_N_FWD:
+    if N <= (MAX_FUSED_N_FWD_RESIDUAL if residual else MAX_FUSED_N_FWD):
         block_m, block_n = _row_tile(N, M)
         grid, single_pass = (triton.cdiv(M, block_m),), True
     else:
@@ -277,7 +283,7 @@ def rms_norm_fwd(x, weight, residual, eps):
         h = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y, h, rstd
-    cfg = fwd_config(M, N)
+    cfg = fwd_config(M, N, residual is not None)
     _rms_norm_fwd_kernel[cfg.pop("grid")](
         x,
         residual if residual is not None else x,
@@ -334,6 +340,8 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
         dy.stride(0),
         h.stride(0),
         dh_out.stride(0) if dh_out is not None else 0,
+        grid[0],
+        triton.cdiv(triton.cdiv(M, cfg["BLOCK_M"]), grid[0]),
         HAS_W=weight is not None,
         HAS_DHOUT=dh_out is not None,
         INTERPRET=interpreting(),

@@ -60,17 +60,18 @@ def rms_norm_cases(dtype: str = "bf16"):
                "stride_x": "i64", "stride_r": "i64", "eps": "fp32"}
     bwd_sig = {"DY": p, "H": p, "W": wdt, "RSTD": "*fp32", "DHOUT": p, "C": "*fp32", "DX": p,
                "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i64", "stride_h": "i64",
-               "stride_dho": "i64"}
+               "stride_dho": "i64", "num_row_programs": "i32",
+               "tiles_per_program": "i32"}
     dot_sig = {"DY": p, "H": p, "W": wdt, "RSTD": "*fp32", "C": "*fp32", "N": "i32", "stride_dy": "i64",
                "stride_h": "i64"}
     cuda = torch.device("cuda", 0)
     k._sm_count.cache_clear()
     for N in (128, 1024, 4096, 8192, 16384, 65536):
         M = 32768
-        cfg = k.fwd_config(M, N)
-        cfg.pop("grid")
-        nw = cfg.pop("num_warps")
         for has_w, has_r in ((True, False), (True, True)):
+            cfg = k.fwd_config(M, N, has_r)
+            cfg.pop("grid")
+            nw = cfg.pop("num_warps")
             yield (f"fwd N={N} w={has_w} r={has_r}", k._rms_norm_fwd_kernel, fwd_sig,
                    dict(cfg, HAS_W=has_w, HAS_R=has_r, INTERPRET=False), nw)
         # bwd_config needs the SM count only for the grid, which does not change the code.
