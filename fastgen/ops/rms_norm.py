@@ -146,6 +146,7 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, residual, eps, impl):
         x2 = _as_rows(x)
         r2 = None if residual is None else _as_rows(residual)
+        weight = None if weight is None else weight.contiguous()
         y, h, rstd = _rms_norm_fwd_op(x2, weight, r2, eps, impl)
         ctx.save_for_backward(x2 if residual is None else h, weight, rstd)
         ctx.impl = impl
