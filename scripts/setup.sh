@@ -34,13 +34,23 @@ fi
 if ! have triton; then
     "$VPY" -m pip install "${quiet[@]}" triton==3.9.0
 fi
+# Needed to build and test (module:package).
 missing=()
-for spec in setuptools:setuptools wheel:wheel pybind11:pybind11 ninja:ninja pytest:pytest \
-            pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm numpy:numpy; do
+for spec in setuptools:setuptools wheel:wheel pybind11:pybind11 ninja:ninja pytest:pytest numpy:numpy; do
     have "${spec%%:*}" || missing+=("${spec#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     "$VPY" -m pip install "${quiet[@]}" "${missing[@]}"
+fi
+# Wanted: plots, progress bars, the diffusers models the tests compare with. Offline
+# (a GPU machine) they may be missing; what needs them then skips and says so.
+wanted=()
+for spec in pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm diffusers:diffusers; do
+    have "${spec%%:*}" || wanted+=("${spec#*:}")
+done
+if [ ${#wanted[@]} -gt 0 ]; then
+    "$VPY" -m pip install "${quiet[@]}" "${wanted[@]}" \
+        || echo "setup.sh: could not install ${wanted[*]} (offline?); continuing without them" >&2
 fi
 if [ -n "${FASTGEN_WHEELS:-}" ]; then
     shopt -s nullglob
