@@ -16,6 +16,9 @@ from fastgen.backend import BackendUnavailableError
 from fastgen.ops import rms_norm, rms_norm_ref
 
 SHAPES = [(1, 1), (3, 7), (5, 123), (2, 4096), (4, 70000), (2, 3, 33)]
+# The kernel backends these tests run: Triton everywhere (interpreter on CPU), CUDA C++ on a GPU.
+BACKENDS = ["triton", "cuda"] if TRITON_DEVICE == "cuda" else ["triton"]
+backends = pytest.mark.parametrize("backend", BACKENDS)
 EPS = 1e-6
 
 
@@ -60,20 +63,21 @@ def test_reference_is_f_rms_norm_with_fp32_upcast():
     assert torch.equal(rms_norm(x, w, EPS, backend="torch"), expected)
 
 
-# ----------------------------------------------------------------------------- Triton
+# ----------------------------------------------------------------------------- kernels (Triton; CUDA C++ on a GPU)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weight", [True, False], ids=["w", "no_w"])
 @pytest.mark.parametrize("residual", [False, True], ids=["", "res"])
-def test_triton_forward_backward(shape, dtype, weight, residual):
+@backends
+def test_kernel_forward_backward(shape, dtype, weight, residual, backend):
     x, w, r = _inputs(shape, dtype, TRITON_DEVICE, weight, residual)
     leaves = [t.requires_grad_() for t in (x, w, r) if t is not None]
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     rx, rw, rr = (ref_leaves.pop(0), ref_leaves.pop(0) if weight else None, ref_leaves.pop(0) if residual else None)
 
-    out = rms_norm(x, w, EPS, r, backend="triton")
+    out = rms_norm(x, w, EPS, r, backend=backend)
     ref = rms_norm_ref(rx, rw, EPS, rr)
     y, yr = (out[0], ref[0]) if residual else (out, ref)
     assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
@@ -107,11 +111,12 @@ TOL_ABS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_fp32_weight_with_half_input(dtype):
+@backends
+def test_kernel_fp32_weight_with_half_input(dtype, backend):
     x, _, _ = _inputs((3, 200), dtype, TRITON_DEVICE)
     w = torch.rand(200, device=TRITON_DEVICE).requires_grad_()
     rw = w.detach().clone().requires_grad_()
-    y = rms_norm(x, w, backend="triton")
+    y = rms_norm(x, w, backend=backend)
     yr = rms_norm_ref(x, rw)
     assert y.dtype == dtype
     assert_close(y, yr)
@@ -131,12 +136,13 @@ def test_triton_fp32_weight_with_half_input(dtype):
         pytest.param(lambda t: t[:1, :100].expand(5, 100), id="broadcast-rows"),
     ],
 )
-def test_triton_non_contiguous(make):
+@backends
+def test_kernel_non_contiguous(make, backend):
     base = torch.randn(120, 200, device=TRITON_DEVICE)
     x = make(base).detach().requires_grad_()
     assert not x.is_contiguous()
     w = torch.randn(x.shape[-1], device=TRITON_DEVICE)
-    y = rms_norm(x, w, backend="triton")
+    y = rms_norm(x, w, backend=backend)
     xr = x.detach().clone().requires_grad_()
     yr = rms_norm_ref(xr, w)
     assert_close(y, yr)
@@ -146,12 +152,13 @@ def test_triton_non_contiguous(make):
     assert_close(x.grad, xr.grad)
 
 
-def test_triton_strided_weight():
+@backends
+def test_kernel_strided_weight(backend):
     x, _, _ = _inputs((3, 50), torch.float32, TRITON_DEVICE)
     w_store = torch.randn(100, device=TRITON_DEVICE, requires_grad=True)
     w = w_store[::2]
     wr = w.detach().clone().requires_grad_()
-    y = rms_norm(x, w, backend="triton")
+    y = rms_norm(x, w, backend=backend)
     yr = rms_norm_ref(x, wr)
     assert_close(y, yr)
     y.sum().backward()
@@ -161,33 +168,36 @@ def test_triton_strided_weight():
 
 
 @pytest.mark.parametrize("shape", [(0, 16), (4, 0), (2, 0, 8)])
-def test_zero_size(shape):
+@backends
+def test_zero_size(shape, backend):
     x = torch.randn(shape, device=TRITON_DEVICE, requires_grad=True)
     w = torch.ones(shape[-1], device=TRITON_DEVICE, requires_grad=True)
-    y = rms_norm(x, w, backend="triton")
+    y = rms_norm(x, w, backend=backend)
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
     assert torch.all(w.grad == 0)
 
 
-def test_weight_gradient_is_deterministic():
+@backends
+def test_weight_gradient_is_deterministic(backend):
     # 37 rows over several row programs: the partials must be summed in a fixed order.
     x, w, _ = _inputs((37, 300), torch.float32, TRITON_DEVICE, seed=3)
     dy = torch.randn(37, 300, device=TRITON_DEVICE)
     grads = []
     for _ in range(3):
         wi = w.detach().clone().requires_grad_()
-        (rms_norm(x, wi, backend="triton") * dy).sum().backward()
+        (rms_norm(x, wi, backend=backend) * dy).sum().backward()
         grads.append(wi.grad)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
-def test_grad_of_residual_stream_only():
+@backends
+def test_grad_of_residual_stream_only(backend):
     x, w, r = _inputs((3, 40), torch.float32, TRITON_DEVICE, residual=True)
     x.requires_grad_()
     r.requires_grad_()
-    _, h = rms_norm(x, w, residual=r, backend="triton")
+    _, h = rms_norm(x, w, residual=r, backend=backend)
     h.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(r.grad, torch.ones_like(r))
 

@@ -29,6 +29,13 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
+def _no_overlap(t):
+    """The kernels take rows at least N elements apart; broadcast rows (stride 0) are copied."""
+    if t is None or t.shape[0] <= 1 or t.stride(0) >= t.shape[1]:
+        return t
+    return t.contiguous()
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -40,6 +47,7 @@ def rms_norm_fwd(x, weight, residual, eps):
     without a residual; rstd [M] fp32.
     """
     C = load_extension()
+    x, residual = _no_overlap(x), _no_overlap(residual)
     assert x.is_cuda and x.dim() == 2 and _unit_stride(x)
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -83,6 +91,7 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
     dw [N] in weight.dtype, or None without a weight. Deterministic.
     """
     C = load_extension()
+    dy, h, dh_out = _no_overlap(dy), _no_overlap(h), _no_overlap(dh_out)
     assert h.is_cuda and h.dim() == 2 and dy.shape == h.shape and _unit_stride(dy) and _unit_stride(h)
     assert dy.dtype == h.dtype and rstd.dtype == torch.float32 and rstd.is_contiguous()
     M, N = h.shape
