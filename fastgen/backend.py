@@ -38,6 +38,14 @@ IMPLEMENTATIONS = ("triton", "cuda", "torch")
 # run has been recorded for these ops yet, so "auto" keeps the reference.
 AUTO_ON_CUDA: dict[str, str] = {
     "rms_norm": "torch",
+    "group_norm": "torch",
+    "layer_norm": "torch",
+    "layer_norm_modulate": "torch",
+    "rms_norm_modulate": "torch",
+    "gated_residual": "torch",
+    "gated_residual_layer_norm_modulate": "torch",
+    "apply_rope": "torch",
+    "qk_norm_rope": "torch",
 }
 
 _override: list[str] = []  # stack of `with fastgen.backend(...)` values
@@ -115,24 +123,26 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown implementation {name!r}; expected one of {IMPLEMENTATIONS}")
 
 
-def resolve(op: str, requested: str | None, device: torch.device, unsupported: str | None = None) -> str:
+def resolve(op: str, requested: str | None, device: torch.device, unsupported: str | dict | None = None) -> str:
     """The implementation (``"triton" | "cuda" | "torch"``) that runs ``op`` on ``device``.
 
     ``unsupported`` is the op's own reason why its kernels cannot serve this call
-    (a dtype or size they do not cover), or None. ``"auto"`` then takes the torch
-    reference; an explicit kernel backend raises :class:`BackendUnavailableError`.
+    (a dtype or size they do not cover), or a dict of such reasons per
+    implementation (``{"cuda": "not written yet"}``), or None. ``"auto"`` then takes
+    the torch reference; an explicit kernel backend raises :class:`BackendUnavailableError`.
     """
+    if not isinstance(unsupported, dict):
+        unsupported = {} if unsupported is None else {"triton": unsupported, "cuda": unsupported}
     name = default() if requested in (None, "auto") else _check_name(requested, f"{op}(backend=...)")
     if name == "auto":
-        if device.type != "cuda" or unsupported is not None:
+        if device.type != "cuda":
             return "torch"
         choice = AUTO_ON_CUDA.get(op, "torch")
-        return choice if unavailable_reason(choice, device) is None else "torch"
-    reason = unavailable_reason(name, device)
-    if reason is None and name != "torch":
-        reason = unsupported
+        ok = choice == "torch" or (choice not in unsupported and unavailable_reason(choice, device) is None)
+        return choice if ok else "torch"
+    reason = unavailable_reason(name, device) or unsupported.get(name)
     if reason is not None:
-        raise BackendUnavailableError(f"fastgen.ops.{op}: backend={name!r} cannot run: {reason}")
+        raise BackendUnavailableError(f"{op}: backend={name!r} cannot run: {reason}")
     return name
 
 

@@ -1,0 +1,65 @@
+"""Helpers shared by fastgen's optimizers and EMA."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def local(t):
+    """The local shard of a DTensor (FSDP2 parameters and their states), else ``t`` itself.
+
+    ``to_local()`` of a sharded DTensor is a view of its storage, so in-place
+    updates of it update the parameter.
+    """
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True if t's elements fill one contiguous run of memory in some dim order (no gaps, no overlap)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_alike(*tensors) -> bool:
+    """True if the tensors (None skipped) are dense, non-overlapping and laid out alike,
+    so that an elementwise kernel may treat each as one flat run of memory."""
+    ts = [t for t in tensors if t is not None]
+    first = ts[0]
+    return all(
+        is_dense(t) and t.stride() == first.stride() and t.shape == first.shape
+        and t.device == first.device
+        for t in ts
+    )
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """fp32 -> bf16, rounding up with probability equal to the fraction dropped (unbiased)."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    noise = torch.randint(0, 1 << 16, x.shape, device=x.device, generator=generator, dtype=torch.int64)
+    rounded = ((bits + noise) & 0xFFFF0000).to(torch.int32)  # wraps into int32's range as the bits mean
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def load_states_without_cast(opt: torch.optim.Optimizer, state_dict: dict,
+                             dtype_of: Callable[[torch.Tensor, str], torch.dtype]) -> None:
+    """``Optimizer.load_state_dict``, except each state tensor gets ``dtype_of(param, key)``
+    from the *saved* tensor (torch would first cast it to the parameter's dtype, which loses
+    fp32 moments of bf16 parameters) and lives on the parameter's device. The states are
+    copies: the optimizer never shares tensors with the dict it was loaded from."""
+    torch.optim.Optimizer.load_state_dict(opt, state_dict)
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        for key, value in state_dict["state"].get(pid, {}).items():
+            if isinstance(value, torch.Tensor):
+                device = local(p).device if value.dim() == 0 else p.device  # steps live beside the local shard
+                opt.state[p][key] = value.to(device=device, dtype=dtype_of(p, key), copy=True)

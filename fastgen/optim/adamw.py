@@ -1,0 +1,171 @@
+"""``fastgen.optim.FusedAdamW``: a drop-in for ``torch.optim.AdamW`` with multi-tensor kernels.
+
+The update (decoupled weight decay, bias-corrected moments, optional AMSGrad) is
+the one ``torch.optim.AdamW`` makes, computed in fp32 whatever the storage dtypes:
+
+    p <- p * (1 - lr * wd)
+    m <- lerp(m, g, 1 - beta1)           v <- beta2 * v + (1 - beta2) * g^2
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+What it adds: parameters of mixed dtypes in one group with states kept in fp32
+(``state_dtype=None``) or bf16 (``state_dtype=torch.bfloat16``), stochastic
+rounding of bf16 parameters, ``lr`` as a device tensor (no host sync), and one
+Triton launch per dtype combination for the whole parameter list
+(``backend="triton"``). ``backend="torch"`` runs the same math tensor by tensor.
+
+The state dict has ``torch.optim.AdamW``'s layout (``step``, ``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move between the two both ways.
+Parameters that are DTensors (FSDP2 ``fully_shard``) are updated on their local shards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from fastgen.backend import resolve
+from fastgen.optim._common import (
+    KERNEL_DTYPES,
+    dense_alike,
+    local,
+    load_states_without_cast,
+    stochastic_round_bf16,
+)
+
+
+_NO_CUDA = {"cuda": "FusedAdamW has no CUDA C++ implementation yet; use backend='triton' or 'torch'"}
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        maximize=False,
+        *,
+        backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+    ):
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError("FusedAdamW: a tensor lr must have one element")
+        elif not 0.0 <= lr:
+            raise ValueError(f"FusedAdamW: invalid learning rate {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"FusedAdamW: invalid epsilon {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"FusedAdamW: invalid betas {betas}; each must be in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"FusedAdamW: invalid weight_decay {weight_decay}")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedAdamW: state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, defaults)
+        self.backend = backend
+        self.state_dtype = state_dtype or torch.float32
+        self.stochastic_rounding = stochastic_rounding
+        self._seed = torch.Generator().manual_seed(0x5EED)
+
+    def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            lp = local(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=lp.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a FusedAdamW or torch.optim.AdamW state dict; states keep (or get) this optimizer's dtypes."""
+        load_states_without_cast(self, state_dict, lambda p, key: torch.float32 if key == "step" else self.state_dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            amsgrad = group["amsgrad"]
+            # One bucket per (device, param dtype, grad dtype): one launch each.
+            buckets: dict = defaultdict(lambda: ([], [], [], [], [], []))
+            fallback = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                state = self._init_state(p, amsgrad)
+                tensors = (local(p), local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
+                           local(state["max_exp_avg_sq"]) if amsgrad else None, state["step"])
+                if tensors[0].dtype in KERNEL_DTYPES and dense_alike(*tensors[:5]):
+                    key = (tensors[0].device, tensors[0].dtype, tensors[1].dtype)
+                    for lst, t in zip(buckets[key], tensors):
+                        lst.append(t)
+                else:
+                    fallback.append(tensors)
+            for (device, _, _), lists in buckets.items():
+                self._update(group, device, *lists)
+            for tensors in fallback:  # strided or float64: the reference path, tensor by tensor
+                self._update(group, tensors[0].device, *([t] for t in tensors), force_torch=True)
+        return loss
+
+    def _update(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, force_torch=False):
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        impl = "torch" if force_torch else resolve("adamw", self.backend, device, _NO_CUDA)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device != device:
+            lr = lr.to(device=device, dtype=torch.float32)
+        kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                      amsgrad=group["amsgrad"], maximize=group["maximize"])
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed)) if self.stochastic_rounding else 0
+        if impl == "triton":
+            from fastgen.kernels.adamw import adamw_step
+
+            adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       stochastic_rounding=self.stochastic_rounding, seed=seed, **kwargs)
+            return
+        gen = torch.Generator(device=device).manual_seed(seed) if self.stochastic_rounding else None
+        for i, p in enumerate(params):
+            adamw_reference(p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+                            max_exp_avg_sqs[i] if group["amsgrad"] else None, steps[i],
+                            stochastic_rounding=self.stochastic_rounding, generator=gen, **kwargs)
+
+
+def adamw_reference(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay,
+                    amsgrad, maximize, stochastic_rounding=False, generator=None):
+    """One AdamW update of one tensor in fp32 torch ops (``step`` already incremented); no host sync."""
+    g = grad.float()
+    if maximize:
+        g = -g
+    pf = p.float()
+    m = exp_avg.float()
+    v = exp_avg_sq.float()
+    pf.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    if amsgrad:
+        v = torch.maximum(max_exp_avg_sq.float(), v)
+        max_exp_avg_sq.copy_(v)
+    # Bias corrections in fp64 (as torch computes them on the host), kept on the device.
+    t = step.double()
+    bias1 = 1 - torch.pow(beta1, t)
+    bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+    denom = v.sqrt().div_(bias2_sqrt).add_(eps)
+    pf.sub_((lr / bias1) * (m / denom))
+    if stochastic_rounding and p.dtype == torch.bfloat16:
+        p.copy_(stochastic_round_bf16(pf, generator))
+    else:
+        p.copy_(pf)

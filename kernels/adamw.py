@@ -1,0 +1,161 @@
+"""Multi-tensor AdamW in Triton: one launch updates every parameter of one dtype combination.
+
+Per element, in fp32 (``torch.optim.AdamW``'s update, decoupled weight decay)::
+
+    g     = -grad if maximize else grad
+    p     = p * (1 - lr * weight_decay)
+    m     = m + (1 - beta1) * (g - m)                     (lerp, as torch)
+    v     = beta2 * v + (1 - beta2) * g * g
+    vmax  = max(vmax, v)                                  (amsgrad only; v := vmax below)
+    p     = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+``t`` is each parameter's own step count, read from its fp32 ``step`` tensor (already
+incremented for this step), and ``lr`` may be a device tensor: no host sync, so a step
+can be captured in a CUDA graph. Parameters and states are stored in their own dtypes
+(states fp32 or bf16) with one rounding per store; ``STOCHASTIC`` rounds bf16
+parameters stochastically (add 16 random bits below the bf16 mantissa, truncate), which
+keeps tiny updates from vanishing in expectation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels.multi_tensor import chunk_table, pointer_table
+
+BLOCK = 2048  # elements per program (8 per thread at 8 warps)
+
+
+@triton.jit
+def _stochastic_bf16(x, seed, offs):
+    """fp32 -> bf16, rounding up with probability equal to the dropped fraction."""
+    bits = x.to(tl.uint32, bitcast=True)
+    noise = tl.randint(seed, offs) & 0xFFFF
+    return ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
+def _adamw_kernel(
+    P_PTRS,  # [T] int64 addresses of the parameters (P_DTYPE)
+    G_PTRS,  # [T] int64 addresses of the gradients (G_DTYPE)
+    M_PTRS,  # [T] int64 addresses of exp_avg (S_DTYPE)
+    V_PTRS,  # [T] int64 addresses of exp_avg_sq (S_DTYPE)
+    VMAX_PTRS,  # [T] int64 addresses of max_exp_avg_sq (S_DTYPE; read iff AMSGRAD)
+    STEP_PTRS,  # [T] int64 addresses of the fp32 step counts (0-d tensors)
+    NUMELS,  # [T] int64
+    CHUNK_IDS,  # [C] int32 tensor of each program
+    CHUNK_OFFS,  # [C] int64 first element of each program
+    LR,  # fp32 scalar, or pointer to an fp32 device scalar when LR_IS_PTR
+    beta1,
+    beta2,
+    log2_beta1,
+    log2_beta2,
+    eps,
+    weight_decay,
+    seed,  # stochastic-rounding seed of this step
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    LR_IS_PTR: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(CHUNK_IDS + pid)
+    start = tl.load(CHUNK_OFFS + pid)
+    numel = tl.load(NUMELS + t)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    p_ptr = tl.load(P_PTRS + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(G_PTRS + t).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(M_PTRS + t).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(V_PTRS + t).to(tl.pointer_type(S_DTYPE))
+    step = tl.load(tl.load(STEP_PTRS + t).to(tl.pointer_type(tl.float32)))
+    if LR_IS_PTR:
+        lr = tl.load(LR)
+    else:
+        lr = LR
+    bias1 = 1.0 - tl.exp2(step * log2_beta1)
+    bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    p = p * (1.0 - lr * weight_decay)
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    tl.store(m_ptr + offs, round_to(m, S_DTYPE, INTERPRET), mask=mask)
+    tl.store(v_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
+    if AMSGRAD:
+        vmax_ptr = tl.load(VMAX_PTRS + t).to(tl.pointer_type(S_DTYPE))
+        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
+        tl.store(vmax_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
+    denom = tl.sqrt(v) / bias2_sqrt + eps
+    p = p - (lr / bias1) * (m / denom)
+    if STOCHASTIC:
+        tl.store(p_ptr + offs, _stochastic_bf16(p, seed, offs), mask=mask)
+    else:
+        tl.store(p_ptr + offs, round_to(p, P_DTYPE, INTERPRET), mask=mask)
+
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def adamw_config() -> dict:
+    """Launch parameters of _adamw_kernel (the static tests compile these)."""
+    return dict(BLOCK=BLOCK, num_warps=8)
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+               weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0):
+    """Update lists of parameters in place, one launch (all share dtypes and a device; all contiguous).
+
+    ``steps``: fp32 0-d tensors, already incremented. ``lr``: float or fp32 0-d device tensor.
+    ``stochastic_rounding`` applies to bf16 parameters.
+    """
+    if not params:
+        return
+    cfg = adamw_config()
+    table = chunk_table(params, cfg["BLOCK"])
+    lr_is_ptr = isinstance(lr, torch.Tensor)
+    p_dtype = params[0].dtype
+    _adamw_kernel[(table.num_chunks,)](
+        pointer_table(params),
+        pointer_table(grads),
+        pointer_table(exp_avgs),
+        pointer_table(exp_avg_sqs),
+        pointer_table(max_exp_avg_sqs) if amsgrad else pointer_table(exp_avgs),
+        pointer_table(steps),
+        table.numels,
+        table.chunk_ids,
+        table.chunk_offs,
+        lr if lr_is_ptr else float(lr),
+        float(beta1),
+        float(beta2),
+        math.log2(beta1) if beta1 > 0 else -math.inf,
+        math.log2(beta2) if beta2 > 0 else -math.inf,
+        float(eps),
+        float(weight_decay),
+        int(seed),
+        P_DTYPE=_TL[p_dtype],
+        G_DTYPE=_TL[grads[0].dtype],
+        S_DTYPE=_TL[exp_avgs[0].dtype],
+        LR_IS_PTR=lr_is_ptr,
+        AMSGRAD=bool(amsgrad),
+        MAXIMIZE=bool(maximize),
+        STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
+        INTERPRET=interpreting(),
+        **cfg,
+    )
