@@ -46,6 +46,10 @@ AUTO_ON_CUDA: dict[str, str] = {
     "gated_residual_layer_norm_modulate": "torch",
     "apply_rope": "torch",
     "qk_norm_rope": "torch",
+    "adamw": "torch",
+    "lion": "torch",
+    "clip_grad_norm_": "torch",
+    "ema": "torch",
 }
 
 _override: list[str] = []  # stack of `with fastgen.backend(...)` values
