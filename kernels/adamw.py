@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import interpreting, round_to
-from fastgen.kernels.multi_tensor import chunk_table, pointer_table
+from fastgen.kernels.multi_tensor import TL_DTYPES, chunk, chunk_table, pointer_table, tensor_ptr
 
 BLOCK = 2048  # elements per program (8 per thread at 8 warps)
 
@@ -68,17 +68,12 @@ def _adamw_kernel(
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(CHUNK_IDS + pid)
-    start = tl.load(CHUNK_OFFS + pid)
-    numel = tl.load(NUMELS + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    p_ptr = tl.load(P_PTRS + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(G_PTRS + t).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(M_PTRS + t).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(V_PTRS + t).to(tl.pointer_type(S_DTYPE))
-    step = tl.load(tl.load(STEP_PTRS + t).to(tl.pointer_type(tl.float32)))
+    t, offs, mask = chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK)
+    p_ptr = tensor_ptr(P_PTRS, t, P_DTYPE)
+    g_ptr = tensor_ptr(G_PTRS, t, G_DTYPE)
+    m_ptr = tensor_ptr(M_PTRS, t, S_DTYPE)
+    v_ptr = tensor_ptr(V_PTRS, t, S_DTYPE)
+    step = tl.load(tensor_ptr(STEP_PTRS, t, tl.float32))
     if LR_IS_PTR:
         lr = tl.load(LR)
     else:
@@ -99,7 +94,7 @@ def _adamw_kernel(
     tl.store(m_ptr + offs, round_to(m, S_DTYPE, INTERPRET), mask=mask)
     tl.store(v_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
     if AMSGRAD:
-        vmax_ptr = tl.load(VMAX_PTRS + t).to(tl.pointer_type(S_DTYPE))
+        vmax_ptr = tensor_ptr(VMAX_PTRS, t, S_DTYPE)
         v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
         tl.store(vmax_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
     denom = tl.sqrt(v) / bias2_sqrt + eps
@@ -108,9 +103,6 @@ def _adamw_kernel(
         tl.store(p_ptr + offs, _stochastic_bf16(p, seed, offs), mask=mask)
     else:
         tl.store(p_ptr + offs, round_to(p, P_DTYPE, INTERPRET), mask=mask)
-
-
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def adamw_config() -> dict:
@@ -149,9 +141,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         float(eps),
         float(weight_decay),
         int(seed),
-        P_DTYPE=_TL[p_dtype],
-        G_DTYPE=_TL[grads[0].dtype],
-        S_DTYPE=_TL[exp_avgs[0].dtype],
+        P_DTYPE=TL_DTYPES[p_dtype],
+        G_DTYPE=TL_DTYPES[grads[0].dtype],
+        S_DTYPE=TL_DTYPES[exp_avgs[0].dtype],
         LR_IS_PTR=lr_is_ptr,
         AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize),

@@ -19,6 +19,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK: tl.constexpr):
+    """(tensor index, element offsets [BLOCK], mask) of this program's chunk."""
+    pid = tl.program_id(0)
+    t = tl.load(CHUNK_IDS + pid)
+    offs = tl.load(CHUNK_OFFS + pid) + tl.arange(0, BLOCK)
+    return t, offs, offs < tl.load(NUMELS + t)
+
+
+@triton.jit
+def tensor_ptr(PTRS, t, DTYPE: tl.constexpr):
+    """Pointer to element 0 of tensor ``t`` of an address table."""
+    return tl.load(PTRS + t).to(tl.pointer_type(DTYPE))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,14 @@
-"""Fused optimizers: drop-ins for torch.optim with multi-tensor kernels."""
+"""Fused optimizers, gradient clipping and EMA, with multi-tensor kernels.
+
+- ``FusedAdamW``: drop-in for ``torch.optim.AdamW`` (same state dict).
+- ``FusedLion``: the Lion optimizer.
+- ``clip_grad_norm_``: same result and return value as ``torch.nn.utils.clip_grad_norm_``.
+- ``EMA``: moving average of a model's weights, with a swap-in context manager.
+"""
 
 from fastgen.optim.adamw import FusedAdamW
+from fastgen.optim.clip import clip_grad_norm_
+from fastgen.optim.ema import EMA
+from fastgen.optim.lion import FusedLion
 
-__all__ = ["FusedAdamW"]
+__all__ = ["EMA", "FusedAdamW", "FusedLion", "clip_grad_norm_"]

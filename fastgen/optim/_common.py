@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -63,3 +64,30 @@ def load_states_without_cast(opt: torch.optim.Optimizer, state_dict: dict,
             if isinstance(value, torch.Tensor):
                 device = local(p).device if value.dim() == 0 else p.device  # steps live beside the local shard
                 opt.state[p][key] = value.to(device=device, dtype=dtype_of(p, key), copy=True)
+
+
+def bucket(items):
+    """Split per-parameter tuples ``(param, grad, state...)`` (local tensors; None allowed for
+    absent states) into kernel buckets keyed by (device, param dtype, grad dtype) — one launch
+    each — and a list of the tuples the kernels cannot take (strided layouts, float64), which
+    go to the reference path one by one. Buckets hold one list per tuple position."""
+    buckets: dict = defaultdict(lambda: tuple([] for _ in items[0]) if items else ())
+    fallback = []
+    for item in items:
+        # Per-element tensors (the ones shaped like the parameter) must be dense alike.
+        if item[0].dtype in KERNEL_DTYPES and dense_alike(*(t for t in item if t is not None and t.shape == item[0].shape)):
+            lists = buckets[(item[0].device, item[0].dtype, item[1].dtype)]
+            for lst, t in zip(lists, item):
+                lst.append(t)
+        else:
+            fallback.append(item)
+    return buckets, fallback
+
+
+def check_grad(p, name: str) -> bool:
+    """True if p has a gradient to apply; refuse sparse gradients with a clear error."""
+    if p.grad is None:
+        return False
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam")
+    return True

@@ -20,19 +20,12 @@ Parameters that are DTensors (FSDP2 ``fully_shard``) are updated on their local 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Optional
 
 import torch
 
 from fastgen.backend import resolve
-from fastgen.optim._common import (
-    KERNEL_DTYPES,
-    dense_alike,
-    local,
-    load_states_without_cast,
-    stochastic_round_bf16,
-)
+from fastgen.optim._common import bucket, check_grad, load_states_without_cast, local, stochastic_round_bf16
 
 
 _NO_CUDA = {"cuda": "FusedAdamW has no CUDA C++ implementation yet; use backend='triton' or 'torch'"}
@@ -96,27 +89,18 @@ class FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
-            # One bucket per (device, param dtype, grad dtype): one launch each.
-            buckets: dict = defaultdict(lambda: ([], [], [], [], [], []))
-            fallback = []
+            items = []
             for p in group["params"]:
-                if p.grad is None:
+                if not check_grad(p, "FusedAdamW"):
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam")
                 state = self._init_state(p, amsgrad)
-                tensors = (local(p), local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
-                           local(state["max_exp_avg_sq"]) if amsgrad else None, state["step"])
-                if tensors[0].dtype in KERNEL_DTYPES and dense_alike(*tensors[:5]):
-                    key = (tensors[0].device, tensors[0].dtype, tensors[1].dtype)
-                    for lst, t in zip(buckets[key], tensors):
-                        lst.append(t)
-                else:
-                    fallback.append(tensors)
+                items.append((local(p), local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
+                              local(state["max_exp_avg_sq"]) if amsgrad else None, state["step"]))
+            buckets, fallback = bucket(items)
             for (device, _, _), lists in buckets.items():
                 self._update(group, device, *lists)
-            for tensors in fallback:  # strided or float64: the reference path, tensor by tensor
-                self._update(group, tensors[0].device, *([t] for t in tensors), force_torch=True)
+            for item in fallback:  # strided or float64: the reference path, tensor by tensor
+                self._update(group, item[0].device, *([t] for t in item), force_torch=True)
         return loss
 
     def _update(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, force_torch=False):

@@ -1,0 +1,88 @@
+"""``fastgen.optim.FusedLion``: the Lion optimizer with a multi-tensor kernel.
+
+    c = beta1 * m + (1 - beta1) * g
+    p <- p * (1 - lr * weight_decay) - lr * sign(c)
+    m <- beta2 * m + (1 - beta2) * g
+
+(Chen et al., 2023). Same structure as ``FusedAdamW``: fp32 math, states in fp32 or
+bf16, ``lr`` float or device tensor, one Triton launch per dtype combination
+(``backend="triton"``), the same math tensor by tensor with ``backend="torch"``.
+State: ``exp_avg`` per parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastgen.backend import resolve
+from fastgen.optim._common import bucket, check_grad, load_states_without_cast, local
+
+_NO_CUDA = {"cuda": "FusedLion has no CUDA C++ implementation yet; use backend='triton' or 'torch'"}
+
+
+class FusedLion(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
+                 backend: str = "auto", state_dtype: Optional[torch.dtype] = None):
+        if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:
+            raise ValueError(f"FusedLion: invalid learning rate {lr}")
+        if not (0.0 <= betas[0] <= 1.0 and 0.0 <= betas[1] <= 1.0):
+            raise ValueError(f"FusedLion: invalid betas {betas}; each must be in [0, 1]")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"FusedLion: invalid weight_decay {weight_decay}")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedLion: state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}")
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        self.backend = backend
+        self.state_dtype = state_dtype or torch.float32
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        load_states_without_cast(self, state_dict, lambda p, key: self.state_dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            items = []
+            for p in group["params"]:
+                if not check_grad(p, "FusedLion"):
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+                items.append((local(p), local(p.grad), local(state["exp_avg"])))
+            buckets, fallback = bucket(items)
+            for (device, _, _), lists in buckets.items():
+                self._update(group, device, *lists)
+            for item in fallback:
+                self._update(group, item[0].device, *([t] for t in item), force_torch=True)
+        return loss
+
+    def _update(self, group, device, params, grads, exp_avgs, force_torch=False):
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device != device:
+            lr = lr.to(device=device, dtype=torch.float32)
+        kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"])
+        impl = "torch" if force_torch else resolve("lion", self.backend, device, _NO_CUDA)
+        if impl == "triton":
+            from fastgen.kernels.lion import lion_step
+
+            lion_step(params, grads, exp_avgs, **kwargs)
+            return
+        for p, g, m in zip(params, grads, exp_avgs):
+            lion_reference(p, g, m, **kwargs)
+
+
+def lion_reference(p, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize):
+    """One Lion update of one tensor in fp32 torch ops."""
+    g = -grad.float() if maximize else grad.float()
+    m = exp_avg.float()
+    c = m * beta1 + g * (1 - beta1)
+    pf = p.float() * (1 - lr * weight_decay) - lr * torch.sign(c)
+    p.copy_(pf)
+    exp_avg.copy_(m * beta2 + g * (1 - beta2))

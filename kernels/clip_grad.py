@@ -1,0 +1,78 @@
+"""Multi-tensor gradient clipping in Triton: the global L2 norm in one launch, the scaling in one more.
+
+    total = sqrt(sum over tensors and elements of g^2)          (fp32 accumulation)
+    g    <- g * min(1, max_norm / (total + 1e-6))               (coefficient read on the device)
+
+The first kernel writes one fp32 partial sum of squares per program; the partials are
+summed in a fixed order (deterministic). The coefficient is a device scalar, so the
+whole clip needs no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels.multi_tensor import TL_DTYPES, chunk, chunk_table, pointer_table, tensor_ptr
+
+BLOCK = 2048
+
+
+@triton.jit
+def _sum_squares_kernel(
+    G_PTRS,  # [T] int64 addresses of the gradients (G_DTYPE)
+    NUMELS,  # [T] int64
+    CHUNK_IDS,  # [C] int32
+    CHUNK_OFFS,  # [C] int64
+    PARTIAL,  # [C] fp32 out: sum of squares of each program's chunk
+    G_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offs, mask = chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK)
+    g = tl.load(tensor_ptr(G_PTRS, t, G_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(PARTIAL + tl.program_id(0), tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _scale_kernel(
+    G_PTRS,  # [T] int64 addresses of the gradients (G_DTYPE), scaled in place
+    NUMELS,  # [T] int64
+    CHUNK_IDS,  # [C] int32
+    CHUNK_OFFS,  # [C] int64
+    COEF,  # [1] fp32 device scalar
+    G_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    t, offs, mask = chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK)
+    ptr = tensor_ptr(G_PTRS, t, G_DTYPE) + offs
+    g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * tl.load(COEF)
+    tl.store(ptr, round_to(g, G_DTYPE, INTERPRET), mask=mask)
+
+
+def clip_config() -> dict:
+    return dict(BLOCK=BLOCK, num_warps=8)
+
+
+def sum_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 0-d tensor: the sum of squares of all elements (same dtype and device, all dense)."""
+    cfg = clip_config()
+    table = chunk_table(grads, cfg["BLOCK"])
+    partial = torch.empty(table.num_chunks, dtype=torch.float32, device=grads[0].device)
+    _sum_squares_kernel[(table.num_chunks,)](
+        pointer_table(grads), table.numels, table.chunk_ids, table.chunk_offs, partial,
+        G_DTYPE=TL_DTYPES[grads[0].dtype], **cfg,
+    )
+    return partial.sum()
+
+
+def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """grads *= coef (an fp32 device scalar), in place, one launch."""
+    cfg = clip_config()
+    table = chunk_table(grads, cfg["BLOCK"])
+    _scale_kernel[(table.num_chunks,)](
+        pointer_table(grads), table.numels, table.chunk_ids, table.chunk_offs, coef,
+        G_DTYPE=TL_DTYPES[grads[0].dtype], INTERPRET=interpreting(), **cfg,
+    )
