@@ -167,6 +167,20 @@ def bench_fn(fn: Callable, device: str, *, cpu_budget_s: float = 0.25) -> tuple[
     return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8)
 
 
+def host_ms(fn: Callable, reps: int = 10) -> float:
+    """Median host time of one call (ms), the GPU idle before each: the CPU cost of issuing the
+    work (Python, dispatch, launches), which is what large sharded models wait on."""
+    times = []
+    for _ in range(reps):
+        _reset_grads(fn)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 def peak_memory_bytes(fn: Callable, device: str) -> int | None:
     """Peak CUDA memory of one call of ``fn`` above what is allocated before it (None on CPU)."""
     if device != "cuda":
@@ -330,7 +344,7 @@ def run_case(suite, provider: str, case: Case, mode: str, device: str) -> dict[s
         "shape_str": case.shape_str, "variant": case.variant, "dtype": case.dtype_str,
         "status": STATUS_OK, "ms": None, "ms_p20": None, "ms_p80": None,
         "bytes": None, "gbps": None, "pct_copy_bw": None,
-        "peak_mem_bytes": None, "mem_note": None,
+        "peak_mem_bytes": None, "mem_note": None, "host_ms": None,
         "speedup_vs_torch": None, "speedup_vs_compile": None,
     }
     try:
@@ -350,6 +364,8 @@ def run_case(suite, provider: str, case: Case, mode: str, device: str) -> dict[s
             row["mem_note"] = row["mem_note"] or "peak memory is measured on CUDA only"
         ms, p20, p80 = bench_fn(fn, device)
         row.update(ms=ms, ms_p20=p20, ms_p80=p80)
+        if device == "cuda":
+            row["host_ms"] = host_ms(fn)
         if row["bytes"] and ms > 0:
             row["gbps"] = row["bytes"] / (ms * 1e-3) / 1e9
     except Unavailable as exc:
@@ -473,7 +489,7 @@ def run(
 _COLUMNS = [
     ("op", "op"), ("mode", "mode"), ("shape", "shape"), ("dtype", "dtype"),
     ("provider", "provider"), ("ms", "ms"), ("p20-p80", "spread"), ("GB/s", "gbps"),
-    ("%copy", "pct"), ("peak MiB", "mem"), ("x eager", "xe"), ("x compile", "xc"),
+    ("%copy", "pct"), ("peak MiB", "mem"), ("host ms", "host"), ("x eager", "xe"), ("x compile", "xc"),
     ("status", "status"),
 ]
 
@@ -487,7 +503,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
     mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20
     return [r["op"], r["mode"], shape, r["dtype"], r["provider"],
             "-" if r["ms"] is None else f"{r['ms']:.4g}", spread, f(r["gbps"], ".1f"),
-            f(r["pct_copy_bw"], ".0f"), f(mem, ".1f"), f(r["speedup_vs_torch"], ".2f"),
+            f(r["pct_copy_bw"], ".0f"), f(mem, ".1f"), f(r.get("host_ms"), ".3g"), f(r["speedup_vs_torch"], ".2f"),
             f(r["speedup_vs_compile"], ".2f"), r["status"]]
 
 
@@ -496,7 +512,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     heads = [h for h, _ in _COLUMNS]
     body = [_cells(r) for r in rows]
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(heads)]
-    numeric = {5, 6, 7, 8, 9, 10, 11}
+    numeric = {5, 6, 7, 8, 9, 10, 11, 12}
 
     def line(cells):
         parts = []
@@ -527,11 +543,12 @@ def format_markdown(result: dict[str, Any]) -> str:
     lines += [f"- **{k}**: {'-' if v is None else v}" for k, v in facts]
     lines += ["", "GB/s counts each tensor read once and written once (see each bench file's "
               "`bytes_moved`); %copy is GB/s over the copy bandwidth above; peak MiB is one "
-              "call's peak CUDA memory above its inputs; x eager / x compile are speedups over "
+              "call's peak CUDA memory above its inputs; host ms is the CPU time of issuing one call "
+              "(CUDA only); x eager / x compile are speedups over "
               "torch eager / torch.compile on the same case.", ""]
     heads = [h for h, _ in _COLUMNS]
     lines.append("| " + " | ".join(heads) + " |")
-    lines.append("|" + "|".join("---:" if i in {5, 6, 7, 8, 9, 10, 11} else "---"
+    lines.append("|" + "|".join("---:" if i in {5, 6, 7, 8, 9, 10, 11, 12} else "---"
                                 for i in range(len(heads))) + "|")
     for r in result["rows"]:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")

@@ -7,8 +7,9 @@
 #   3. compute-sanitizer memcheck over the CUDA C++ tests;
 #   4. the full `fastgen bench`.
 # Results land in $OUT (at most 8 files, at most one folder down):
-#   summary.txt  setup.log  tests.log  sanitizer.log  bench/results.{json,md}  bench/<op>.png
-# Commit bench/* to benchmarks/results/<device>/ and quote summary.txt in the closing note.
+#   summary.txt  setup.log  tests.log  sanitizer.log  bench/results.{json,md}  bench/plots.tar.gz
+# Commit bench/results.* and the unpacked plots to benchmarks/results/<device>/ and quote
+# summary.txt in the closing note.
 #
 # Usage:  OUT=/some/dir bash scripts/gpu_suite.sh [WHEELS_DIR]
 #         (WHEELS_DIR, or FASTGEN_WHEELS: a folder of .whl files to install offline first)
@@ -69,9 +70,14 @@ else
 fi
 
 if want bench; then
-    stage bench 210 "$OUT/bench.log" -- .venv/bin/fastgen bench --out "$OUT/bench"
-    # The table is in bench/results.md; keep the file count within what comes back.
-    tail -n 60 "$OUT/bench.log" >>"$summary"
+    full=$(mktemp -d)
+    stage bench 210 "$OUT/bench.log" -- .venv/bin/fastgen bench --no-progress --out "$full"
+    # Keep the file count within what comes back: the table and JSON as they are, the
+    # plots (one PNG per op) in one archive.
+    mkdir -p "$OUT/bench"
+    cp "$full"/results.json "$full"/results.md "$OUT/bench/" 2>/dev/null
+    (cd "$full" && ls ./*.png >/dev/null 2>&1 && tar czf "$OUT/bench/plots.tar.gz" ./*.png)
+    tail -n 80 "$OUT/bench.log" >>"$summary"
     rm -f "$OUT/bench.log"
 fi
 

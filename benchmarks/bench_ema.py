@@ -1,0 +1,45 @@
+"""EMA update benchmark: fastgen.optim.EMA against ``torch._foreach_lerp_`` over the same tensors.
+
+1B parameters in 200 tensors (GPU); fp32 shadow. Bytes per parameter: read the shadow
+and the parameter, write the shadow: 12 for fp32 parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.backend import unavailable_reason
+from fastgen.optim import EMA
+
+from ._optim_params import cases as _cases
+from ._optim_params import make_params
+from .harness import Case, Unavailable
+
+OP = "ema"
+PROVIDERS = ("torch", "fastgen-triton")
+GPU_ONLY = ("fastgen-triton",)
+MODES = ("update",)
+PLOT_X = "params"
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    return _cases(device, quick)
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    return case.shape["params"] * (4 + case.dtype.itemsize + 4)
+
+
+def setup(provider: str, case: Case, mode: str, device: str):
+    if provider in GPU_ONLY and device != "cuda":
+        raise Unavailable("needs a CUDA GPU")
+    if provider == "fastgen-triton" and unavailable_reason("triton", torch.device(device)):
+        raise Unavailable(unavailable_reason("triton", torch.device(device)))
+    model = torch.nn.Module()
+    model.params = torch.nn.ParameterList(make_params(case, device, with_grads=False))
+    ema = EMA(model, decay=0.999, warmup=False, backend="triton" if provider == "fastgen-triton" else "torch")
+
+    def fn():
+        ema.update(model)
+
+    return fn
