@@ -91,10 +91,206 @@ def rms_norm_cases(dtype: str = "bf16"):
                    dict(HAS_W=True, BLOCK_N=bcfg["BLOCK_N"]), nw)
 
 
+def rope_cases(dtype: str = "bf16"):
+    """(name, fn, signature, constexprs, num_warps) for the RoPE and fused QK-norm + RoPE launch
+    configs over representative head shapes (Flux 24 x 128, GQA, partial rotary, D = 72 / 40)."""
+    from fastgen.kernels import qk_norm_rope as kq
+    from fastgen.kernels import rope as kr
+
+    p = f"*{dtype}"
+    strides = lambda *names: {f"s{n}{a}": "i64" for n in names for a in "bsh"}  # noqa: E731
+    dims = {"T": "i32", "S": "i32", "HQ": "i32", "HK": "i32", "R": "i32", "D": "i32"}
+    tables = {"scb": "i64", "scs": "i64", "ssb": "i64", "sss": "i64"}
+    rope_sig = {"Q": p, "K": p, "QO": p, "KO": p, "COS": "*fp32", "SIN": "*fp32", **dims,
+                **strides("q", "k", "oq", "ok"), **tables, "n_q_hblocks": "i32"}
+    fwd_sig = {"Q": p, "K": p, "WQ": p, "WK": p, "QO": p, "KO": p, "COS": "*fp32", "SIN": "*fp32", **dims,
+               **strides("q", "k", "oq", "ok"), **tables, "eps": "fp32", "n_q_hblocks": "i32"}
+    bwd_sig = {"DQO": p, "DKO": p, "Q": p, "K": p, "WQ": p, "WK": p, "DQ": p, "DK": p, "DW_PARTIAL": "*fp32",
+               "COS": "*fp32", "SIN": "*fp32", **dims, **strides("dq", "dk", "q", "k", "oq", "ok"), **tables,
+               "eps": "fp32", "n_q_hblocks": "i32", "n_hblocks": "i32", "num_t_programs": "i32",
+               "tiles_per_program": "i32"}
+    T = 4608
+    for hq, hk, D, R in ((24, 24, 128, 128), (32, 8, 128, 64), (16, 16, 64, 64), (12, 12, 72, 72), (8, 8, 40, 40),
+                         (8, 2, 256, 256)):
+        for inter in (True, False):
+            tag = f"hq={hq} hk={hk} D={D} R={R} {'inter' if inter else 'halves'}"
+            cfg = kr.rope_config(T, hq, hk, D, R)
+            for k in ("grid", "n_q_hblocks"):
+                cfg.pop(k)
+            nw = cfg.pop("num_warps")
+            for inverse in (False, True):
+                yield (f"rope {tag} inverse={inverse}", kr._rope_kernel, rope_sig,
+                       dict(cfg, INVERSE=inverse, INTERLEAVED=inter, COPY_PASS=D > R, INTERPRET=False), nw)
+            cfg = kq.qk_norm_rope_fwd_config(T, hq, hk, D, R)
+            for k in ("grid", "n_q_hblocks"):
+                cfg.pop(k)
+            nw = cfg.pop("num_warps")
+            yield (f"qk_norm_rope fwd {tag}", kq._qk_norm_rope_fwd_kernel, fwd_sig,
+                   dict(cfg, INTERLEAVED=inter, HAS_PASS=D > R, INTERPRET=False), nw)
+            cfg = kq.qk_norm_rope_bwd_config(T, hq, hk, D, R, 4 * 132)
+            for k in ("grid", "n_q_hblocks", "n_hblocks", "num_t_programs", "tiles_per_program"):
+                cfg.pop(k)
+            nw = cfg.pop("num_warps")
+            yield (f"qk_norm_rope bwd {tag}", kq._qk_norm_rope_bwd_kernel, bwd_sig,
+                   dict(cfg, INTERLEAVED=inter, HAS_PASS=D > R, INTERPRET=False), nw)
+
+
+def group_norm_cases(dtype: str = "bf16"):
+    """(name, fn, signature, constexprs, num_warps) for the GroupNorm (+ SiLU) launch configs over
+    representative UNet / VAE shapes (K = C / G from 3 to 1024, the kernels' limit), contiguous
+    and channels-last; configs that compile to the same code are yielded once."""
+    from fastgen.kernels import group_norm as k
+
+    p, f32 = f"*{dtype}", "*fp32"
+    dims = {"C": "i32", "S": "i32", "G": "i32", "K": "i32", "chunk_s": "i32", "iters": "i32"}
+    stats_sig = {"X": p, "PART": f32, "MEAN": f32, "RSTD": f32, **dims, "eps": "fp32"}
+    comb_sig = {"PART": f32, "MEAN": f32, "RSTD": f32, "splits": "i32", "iters": "i32", "eps": "fp32"}
+    apply_sig = {"X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "Y": p, **dims}
+    red_sig = {"DY": p, "X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "DWP": f32, "DBP": f32, **dims}
+    bcomb_sig = {"DWP": f32, "DBP": f32, "W": p, "C1": f32, "C2": f32, "C": "i32", "G": "i32", "K": "i32",
+                 "splits": "i32", "iters": "i32", "inv_l": "fp32"}
+    dx_sig = {"DY": p, "X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "C1": f32, "C2": f32, "DX": p, **dims}
+    seen = set()
+
+    def once(name, fn, sig, consts, nw):
+        key = (fn.__name__, tuple(sorted(consts.items())), nw)
+        if key not in seen:
+            seen.add(key)
+            yield name, fn, sig, consts, nw
+
+    for N, C, S, G in ((8, 512, 128 * 128, 32), (1, 128, 1024 * 1024, 32), (2, 96, 17 * 13, 32),
+                       (4, 64, 16 * 64 * 64, 1), (1, 1024, 64, 1)):
+        cfg = k.group_norm_config(N, C, S, G)
+        nw = cfg["num_warps"]
+        tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"])
+        for cl in (False, True):
+            tag = f"N={N} C={C} S={S} G={G} {'nhwc' if cl else 'nchw'}"
+            flags = dict(HAS_W=True, HAS_B=True, SILU=True, CHANNELS_LAST=cl)
+            yield from once(f"gn stats {tag}", k._group_norm_stats_kernel, stats_sig,
+                            dict(tile, CHANNELS_LAST=cl, FINAL=cfg["splits"] == 1), nw)
+            yield from once(f"gn apply {tag}", k._group_norm_apply_kernel, apply_sig,
+                            dict(tile, **flags, INTERPRET=False), nw)
+            yield from once(f"gn bwd_reduce {tag}", k._group_norm_bwd_reduce_kernel, red_sig, dict(tile, **flags), nw)
+            yield from once(f"gn bwd_dx {tag}", k._group_norm_bwd_dx_kernel, dx_sig,
+                            dict(tile, **flags, INTERPRET=False), nw)
+        if cfg["splits"] > 1:
+            ccfg = k.combine_config(cfg["splits"])
+            yield from once(f"gn combine N={N} C={C} S={S} G={G}", k._group_norm_combine_kernel, comb_sig,
+                            dict(BLOCK_SP=ccfg["BLOCK_SP"]), ccfg["num_warps"])
+        bcfg = k.combine_config(cfg["splits"], C // G)
+        yield from once(f"gn bwd_combine N={N} C={C} S={S} G={G}", k._group_norm_bwd_combine_kernel, bcomb_sig,
+                        dict(HAS_W=True, BLOCK_SP=bcfg["BLOCK_SP"], BLOCK_K=cfg["BLOCK_K"]), bcfg["num_warps"])
+
+
+def optim_cases(dtype: str = "bf16"):
+    """The multi-tensor optimizer kernels (AdamW, Lion, EMA, clipping) for ``dtype`` parameters."""
+    import triton.language as tl
+
+    from fastgen.kernels import adamw, clip_grad, ema, lion
+
+    pdt = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
+    tables = {"NUMELS": "*i64", "CHUNK_IDS": "*i32", "CHUNK_OFFS": "*i64"}
+    adamw_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", "V_PTRS": "*i64", "VMAX_PTRS": "*i64",
+                 "STEP_PTRS": "*i64", **tables, "LR": "*fp32", "beta1": "fp32", "beta2": "fp32",
+                 "log2_beta1": "fp32", "log2_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32"}
+    cfg = adamw.adamw_config()
+    nw = cfg.pop("num_warps")
+    for ams, sr in ((False, False), (True, dtype == "bf16")):
+        yield (f"adamw amsgrad={ams} stochastic={sr}", adamw._adamw_kernel, adamw_sig,
+               dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=True, AMSGRAD=ams, MAXIMIZE=False,
+                    STOCHASTIC=sr, INTERPRET=False, **cfg), nw)
+    lion_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", **tables, "LR": "fp32", "beta1": "fp32",
+                "beta2": "fp32", "weight_decay": "fp32"}
+    cfg = lion.lion_config()
+    nw = cfg.pop("num_warps")
+    yield ("lion", lion._lion_kernel, lion_sig, dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=False,
+                                                    MAXIMIZE=False, INTERPRET=False, **cfg), nw)
+    cfg = ema.ema_config()
+    nw = cfg.pop("num_warps")
+    yield ("ema", ema._ema_kernel, {"S_PTRS": "*i64", "P_PTRS": "*i64", **tables, "weight": "fp32"},
+           dict(S_DTYPE=tl.float32, P_DTYPE=pdt, INTERPRET=False, **cfg), nw)
+    cfg = clip_grad.clip_config()
+    nw = cfg.pop("num_warps")
+    yield ("clip sum_squares", clip_grad._sum_squares_kernel, {"G_PTRS": "*i64", **tables, "PARTIAL": "*fp32"},
+           dict(G_DTYPE=pdt, **cfg), nw)
+    yield ("clip scale", clip_grad._scale_kernel, {"G_PTRS": "*i64", **tables, "COEF": "*fp32"},
+           dict(G_DTYPE=pdt, INTERPRET=False, **cfg), nw)
+
+
+def layer_norm_cases(dtype: str = "bf16"):
+    """(name, fn, signature, constexprs, num_warps) for the configs the LayerNorm / modulation launchers
+    (fastgen/kernels/layer_norm.py) pick over representative widths, for each fused form."""
+    import torch
+
+    from fastgen.kernels import layer_norm as k
+
+    p = f"*{dtype}"
+    strides = lambda *names: {n: "i64" for n in names}  # noqa: E731
+    fwd_sig = {"X": p, "Y": p, "GATE": p, "SHIFT": p, "SCALE": p, "W": p, "BIAS": p, "OUT": p, "XNEW": p,
+               "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32", "S": "i32",
+               **strides("sx_b", "sx_s", "sy_b", "sy_s", "sg_b", "sg_s", "ssh_b", "ssh_s", "ssc_b", "ssc_s"),
+               "eps": "fp32"}
+    bwd_sig = {"DOUT": p, "DXNEW": p, "H": p, "Y": p, "GATE": p, "SCALE": p, "W": p, "BIAS": p,
+               "MEAN": "*fp32", "RSTD": "*fp32", "C": "*fp32", "DH": p, "DY": p, "DSCALE": p, "DGATE": p,
+               "DW_P": "*fp32", "DB_P": "*fp32", "DSHIFT_P": "*fp32", "DSCALE_P": "*fp32", "DGATE_P": "*fp32",
+               "M": "i32", "N": "i32", "S": "i32", "GROUP": "i32", "P": "i32", "tiles_per_program": "i32",
+               **strides("sdo_b", "sdo_s", "sdx_b", "sdx_s", "sh_b", "sh_s", "sy_b", "sy_s", "sg_b", "sg_s",
+                         "ssc_b", "ssc_s")}
+    stats_sig = {"DOUT": p, "H": p, "SCALE": p, "W": p, "MEAN": "*fp32", "RSTD": "*fp32", "C": "*fp32",
+                 "N": "i32", "S": "i32", **strides("sdo_b", "sdo_s", "sh_b", "sh_s", "ssc_b", "ssc_s")}
+    # name: (NORM, HAS_W, HAS_B, HAS_MOD, HAS_RES)
+    forms = {
+        "ln_wb": (1, True, True, False, False),
+        "ln_mod": (1, False, False, True, False),
+        "ln_wb_mod": (1, True, True, True, False),
+        "rms_w_mod": (2, True, False, True, False),
+        "gated_ln_mod": (1, False, False, True, True),
+        "gated_ln_wb_mod": (1, True, True, True, True),
+        "gated": (0, False, False, False, True),
+    }
+    cuda = torch.device("cuda", 0)
+    B, S = 8, 4096
+    # The widths where the configs change (rows per program, warps, full row vs column blocks); fp32 fewer.
+    for N in (128, 512, 1024, 3072, 8192) if dtype == "bf16" else (1024, 8192):
+        cfg = k.layer_norm_fwd_config(B * S, N)
+        cfg.pop("grid")
+        nw = cfg.pop("num_warps")
+        for form, (norm, w, b, mod, res) in forms.items():
+            yield (f"ln fwd N={N} {form}", k._layer_norm_fwd_kernel, fwd_sig,
+                   dict(cfg, NORM=norm, HAS_W=w, HAS_B=b, HAS_MOD=mod, HAS_RES=res, INTERPRET=False), nw)
+        orig = k._max_programs
+        k._max_programs = lambda device: 4 * 132  # the grid only; the code does not depend on it
+        try:
+            for form, (norm, w, b, mod, res) in forms.items():
+                for ps in (False, True) if (mod or res) else (False,):
+                    acc = k.bwd_load(w, b, ps and mod, ps and mod, ps and res, res and norm != 0)
+                    bcfg = k.layer_norm_bwd_config(B, S, N, ps, acc, cuda)
+                    for key in ("grid", "GROUP"):
+                        bcfg.pop(key)
+                    bnw = bcfg.pop("num_warps")
+                    yield (f"ln bwd N={N} {form} {'per_sample' if ps else 'per_token'}", k._layer_norm_bwd_kernel,
+                           bwd_sig, dict(bcfg, NORM=norm, HAS_W=w, HAS_B=b, HAS_MOD=mod, HAS_RES=res,
+                                         HAS_DXNEW=res, SHIFT_PS=ps and mod, SCALE_PS=ps and mod,
+                                         GATE_PS=ps and res, INTERPRET=False), bnw)
+        finally:
+            k._max_programs = orig
+        if N > k.MAX_FULL_ROW_BWD:
+            yield (f"ln rowstats N={N}", k._layer_norm_bwd_rowstats_kernel, stats_sig,
+                   dict(NORM=1, HAS_W=True, HAS_MOD=True, BLOCK_N=k.CHUNK_N), k._num_warps(k.CHUNK_N))
+
+
 def report(dtypes=("bf16", "fp32")) -> list[dict]:
     rows = []
     for dtype in dtypes:
+        for name, fn, sig, consts, nw in rope_cases(dtype):
+            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
         for name, fn, sig, consts, nw in rms_norm_cases(dtype):
+            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
+        for name, fn, sig, consts, nw in layer_norm_cases(dtype):
+            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
+        for name, fn, sig, consts, nw in optim_cases(dtype):
+            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
+        for name, fn, sig, consts, nw in group_norm_cases(dtype):
             rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
     return rows
 

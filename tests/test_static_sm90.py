@@ -33,6 +33,8 @@ def test_every_rms_norm_config_was_compiled(usage):
     for n in (1024, 4096, 8192, 16384, 65536):
         assert f"fwd N={n} w=True r=True bf16" in names and f"bwd N={n} w=True dhout=True bf16" in names
     assert "rowdot N=65536 bf16" in names
+    for kernel in ("adamw amsgrad=True stochastic=True bf16", "lion fp32", "ema bf16", "clip scale fp32"):
+        assert kernel in names
 
 
 def test_rms_norm_configs_do_not_spill_on_sm90(usage):
@@ -40,3 +42,33 @@ def test_rms_norm_configs_do_not_spill_on_sm90(usage):
     assert not bad, "\n".join(map(str, bad))
     for r in usage:
         assert r["registers"] <= 65536 // (32 * r["num_warps"]), r
+
+
+def test_every_rope_config_was_compiled(usage):
+    names = {r["name"] for r in usage}
+    for tag in ("hq=24 hk=24 D=128 R=128 inter", "hq=32 hk=8 D=128 R=64 halves", "hq=12 hk=12 D=72 R=72 inter"):
+        for dtype in ("bf16", "fp32"):
+            assert f"rope {tag} inverse=False {dtype}" in names and f"rope {tag} inverse=True {dtype}" in names
+            assert f"qk_norm_rope fwd {tag} {dtype}" in names and f"qk_norm_rope bwd {tag} {dtype}" in names
+
+
+def test_every_group_norm_config_was_compiled(usage):
+    names = {r["name"] for r in usage}
+    for dtype in ("bf16", "fp32"):
+        for tag in ("N=8 C=512 S=16384 G=32", "N=1 C=128 S=1048576 G=32", "N=1 C=1024 S=64 G=1"):
+            for layout in ("nchw", "nhwc"):
+                for kernel in ("stats", "apply", "bwd_reduce", "bwd_dx"):
+                    assert f"gn {kernel} {tag} {layout} {dtype}" in names
+            assert f"gn bwd_combine {tag} {dtype}" in names
+        assert f"gn combine N=1 C=128 S=1048576 G=32 {dtype}" in names
+
+
+def test_every_layer_norm_config_was_compiled(usage):
+    names = {r["name"] for r in usage}
+    for n in (128, 512, 1024, 3072, 8192):
+        for form in ("ln_wb", "ln_mod", "rms_w_mod", "gated_ln_wb_mod", "gated"):
+            assert f"ln fwd N={n} {form} bf16" in names
+        for form in ("ln_mod", "gated_ln_wb_mod", "gated"):
+            for mode in ("per_sample", "per_token"):
+                assert f"ln bwd N={n} {form} {mode} bf16" in names
+    assert "ln rowstats N=8192 bf16" in names
