@@ -209,3 +209,33 @@ def test_bad_arguments():
         p = torch.nn.Parameter(torch.ones(2))
         p.grad = torch.ones(2)
         FusedAdamW([p], backend="cuda").step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_step_captures_in_a_cuda_graph():
+    # lr as a device tensor and steps on the device: a step needs no host sync and replays from a graph.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (1000, 4096, 7, 65536)]
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lr = torch.tensor(1e-2, device="cuda")
+    opt = FusedAdamW(params, lr=lr, backend="triton")
+    ref = torch.optim.AdamW(eager, lr=1e-2, fused=True)
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, eager, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()  # warm-up: allocates states and the launch tables
+    ref.step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(5):
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, eager):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert float(opt.state[params[0]]["step"]) == 6
