@@ -14,6 +14,8 @@ from fastgen.optim._common import stochastic_round_bf16
 
 DEV = TRITON_DEVICE
 KERNEL = "triton"
+# Kernel backends under test: Triton everywhere (the interpreter on CPU), CUDA C++ on a GPU.
+KERNELS = ["triton", "cuda"] if DEV == "cuda" else ["triton"]
 
 
 def _model(dtype=torch.float32, seed=0):
@@ -36,7 +38,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "wd0", "amsgrad-maximize"])
 def test_matches_torch_adamw_for_200_steps(backend, cfg):
     # The kernel runs in Triton's interpreter on CPU: 200 steps for the default config, 50 for the others.
@@ -68,11 +70,12 @@ def test_matches_torch_adamw_for_200_steps(backend, cfg):
     ],
     ids=["bf16", "fp16", "fp32+bf16-one-group", "bf16-states"],
 )
-def test_kernel_matches_reference_for_every_dtype_mix(dtypes, state_dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_matches_reference_for_every_dtype_mix(dtypes, state_dtype, kernel):
     models = [[_model(dt, seed=i) for i, dt in enumerate(dtypes)] for _ in range(2)]
     opts = [
         FusedAdamW([p for m in ms for p in m.parameters()], lr=3e-3, state_dtype=state_dtype, backend=b)
-        for ms, b in zip(models, ["torch", KERNEL])
+        for ms, b in zip(models, ["torch", kernel])
     ]
     g = torch.Generator().manual_seed(2)
     for _ in range(30):
@@ -89,7 +92,7 @@ def test_kernel_matches_reference_for_every_dtype_mix(dtypes, state_dtype):
         assert opts[1].state[p]["exp_avg"].dtype == (state_dtype or torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 def test_lr_as_tensor(backend):
     a, b = _model(), _model()
     oa = FusedAdamW(a.parameters(), lr=torch.tensor(5e-3), backend=backend)
@@ -102,7 +105,7 @@ def test_lr_as_tensor(backend):
         torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 def test_state_dict_round_trips_with_torch_adamw(backend):
     x = torch.randn(4, 12, device=DEV)
     # torch -> fastgen after 10 steps, then 10 more on both
@@ -143,7 +146,7 @@ def test_bf16_params_keep_fp32_states_when_loading():
         assert torch.equal(fresh.state[p]["exp_avg"], exact[i])
 
 
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 def test_stochastic_rounding_is_unbiased(backend):
     # An update of a quarter of a bf16 ulp: round-to-nearest never moves p; stochastic rounding
     # moves it by one ulp about a quarter of the time, so the mean lands near the exact value.
@@ -213,13 +216,14 @@ def test_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_step_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_step_captures_in_a_cuda_graph(backend):
     # lr as a device tensor and steps on the device: a step needs no host sync and replays from a graph.
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (1000, 4096, 7, 65536)]
     eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
     lr = torch.tensor(1e-2, device="cuda")
-    opt = FusedAdamW(params, lr=lr, backend="triton")
+    opt = FusedAdamW(params, lr=lr, backend=backend)
     ref = torch.optim.AdamW(eager, lr=1e-2, fused=True)
     grads = [torch.randn_like(p) for p in params]
     for p, q, g in zip(params, eager, grads):

@@ -11,7 +11,8 @@ What it adds: parameters of mixed dtypes in one group with states kept in fp32
 (``state_dtype=None``) or bf16 (``state_dtype=torch.bfloat16``), stochastic
 rounding of bf16 parameters, ``lr`` as a device tensor (no host sync), and one
 Triton launch per dtype combination for the whole parameter list
-(``backend="triton"``). ``backend="torch"`` runs the same math tensor by tensor.
+(``backend="triton"``) or of the CUDA C++ ``multi_tensor_apply`` launcher
+(``backend="cuda"``). ``backend="torch"`` runs the same math tensor by tensor.
 
 The state dict has ``torch.optim.AdamW``'s layout (``step``, ``exp_avg``,
 ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move between the two both ways.
@@ -26,9 +27,6 @@ import torch
 
 from fastgen.backend import resolve
 from fastgen.optim._common import bucket, check_grad, load_states_without_cast, local, stochastic_round_bf16
-
-
-_NO_CUDA = {"cuda": "FusedAdamW has no CUDA C++ implementation yet; use backend='triton' or 'torch'"}
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -106,16 +104,18 @@ class FusedAdamW(torch.optim.Optimizer):
     def _update(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, force_torch=False):
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
-        impl = "torch" if force_torch else resolve("adamw", self.backend, device, _NO_CUDA)
+        impl = "torch" if force_torch else resolve("adamw", self.backend, device)
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.device != device:
+        if isinstance(lr, torch.Tensor):
             lr = lr.to(device=device, dtype=torch.float32)
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       amsgrad=group["amsgrad"], maximize=group["maximize"])
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed)) if self.stochastic_rounding else 0
-        if impl == "triton":
-            from fastgen.kernels.adamw import adamw_step
-
+        if impl in ("triton", "cuda"):
+            if impl == "triton":
+                from fastgen.kernels.adamw import adamw_step
+            else:
+                from fastgen.cuda.optim import adamw_step
             adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                        stochastic_rounding=self.stochastic_rounding, seed=seed, **kwargs)
             return

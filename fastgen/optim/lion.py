@@ -5,8 +5,9 @@
     m <- beta2 * m + (1 - beta2) * g
 
 (Chen et al., 2023). Same structure as ``FusedAdamW``: fp32 math, states in fp32 or
-bf16, ``lr`` float or device tensor, one Triton launch per dtype combination
-(``backend="triton"``), the same math tensor by tensor with ``backend="torch"``.
+bf16, ``lr`` float or device tensor, one launch per dtype combination (Triton with
+``backend="triton"``, CUDA C++ with ``"cuda"``), the same math tensor by tensor with
+``backend="torch"``.
 State: ``exp_avg`` per parameter.
 """
 
@@ -18,9 +19,6 @@ import torch
 
 from fastgen.backend import resolve
 from fastgen.optim._common import bucket, check_grad, load_states_without_cast, local
-
-_NO_CUDA = {"cuda": "FusedLion has no CUDA C++ implementation yet; use backend='triton' or 'torch'"}
-
 
 class FusedLion(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
@@ -65,13 +63,15 @@ class FusedLion(torch.optim.Optimizer):
     def _update(self, group, device, params, grads, exp_avgs, force_torch=False):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.device != device:
+        if isinstance(lr, torch.Tensor):
             lr = lr.to(device=device, dtype=torch.float32)
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"])
-        impl = "torch" if force_torch else resolve("lion", self.backend, device, _NO_CUDA)
-        if impl == "triton":
-            from fastgen.kernels.lion import lion_step
-
+        impl = "torch" if force_torch else resolve("lion", self.backend, device)
+        if impl in ("triton", "cuda"):
+            if impl == "triton":
+                from fastgen.kernels.lion import lion_step
+            else:
+                from fastgen.cuda.optim import lion_step
             lion_step(params, grads, exp_avgs, **kwargs)
             return
         for p, g, m in zip(params, grads, exp_avgs):
