@@ -1,0 +1,520 @@
+"""LayerNorm / RMSNorm with adaptive modulation and a gated residual, in Triton.
+
+One kernel family serves five public ops (``fastgen.ops.layer_norm``,
+``layer_norm_modulate``, ``rms_norm_modulate``, ``gated_residual`` and
+``gated_residual_layer_norm_modulate``) through constexpr flags. Per row of
+``N`` elements (row ``r`` = token ``t`` of sample ``b``), in fp32, with one
+rounding at each store::
+
+    h     = x + gate * y                 (HAS_RES: the gated residual; rounded to x.dtype, stored as x_new)
+    h     = x                            (otherwise)
+    NORM == 1 (LayerNorm):  mean = mean(h);  rstd = 1 / sqrt(mean((h - mean)^2) + eps);  xhat = (h - mean) * rstd
+    NORM == 2 (RMSNorm):                     rstd = 1 / sqrt(mean(h^2) + eps);            xhat = h * rstd
+    n     = xhat * w + b                 (w, b optional)
+    out   = n * (1 + scale) + shift      (HAS_MOD; otherwise out = n)
+    NORM == 0: no norm, only x_new is produced (gated_residual alone).
+
+``shift``, ``scale``, ``gate`` and ``y`` are addressed as ``[B, S, N]`` tensors
+through a (sample, token) stride pair with unit column stride, so a per-sample
+``(B, N)`` modulation is the token stride 0, and a chunk of a ``(B, 6N)``
+projection output is read in place (sample stride 6N) without a copy.
+
+Backward, with ``dout`` the gradient of ``out`` and ``dxnew`` the gradient of
+``x_new`` (both optional)::
+
+    dshift = dout                       dscale = dout * n           dn = dout * (1 + scale)
+    dw     = sum_rows dn * xhat         db     = sum_rows dn        g  = dn * w
+    LayerNorm: dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat))
+    dh    += dxnew
+    dx     = dh                          dy     = dh * gate          dgate = dh * y
+
+Gradients that reduce over rows are deterministic: ``dw``, ``db`` and the
+per-sample ``dshift`` / ``dscale`` / ``dgate`` (which sum over tokens) are
+accumulated by each program into its own fp32 partial row and the partials are
+summed in a fixed order by the launcher (no atomics). The backward grid is
+``(G, P, C)``: G sample groups (B when any parameter is per-sample, else one
+group of all rows), P programs per group each taking row tiles p, p + P, ...,
+and C column blocks. Rows up to ``MAX_FULL_ROW_BWD`` wide are held whole
+(C = 1, row dot products in-kernel); wider rows first run
+``_layer_norm_bwd_rowstats_kernel`` and then use column blocks of ``CHUNK_N``.
+
+Rows up to ``MAX_N`` elements are served (the forward holds a whole row in
+registers); wider rows are left to the torch reference by the ops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import interpreting, round_to
+
+NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+
+# Widest row the kernels serve (the forward keeps a row in registers).
+MAX_N = 8192
+# Widest row whose backward keeps the whole row in one program; wider rows use column blocks.
+MAX_FULL_ROW_BWD = 4096
+# Column block of the backward for rows wider than MAX_FULL_ROW_BWD.
+CHUNK_N = 1024
+# Elements per program that the small-row paths aim for (rows are batched).
+TARGET_TILE = 4096
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # [B, S, N] input, strides (sx_b, sx_s, 1)
+    Y,  # [B, S, N] residual branch output, strides (sy_b, sy_s, 1) (unused unless HAS_RES)
+    GATE,  # [B, S|1, N] gate, strides (sg_b, sg_s, 1); sg_s = 0 per sample (unused unless HAS_RES)
+    SHIFT,  # [B, S|1, N] shift, strides (ssh_b, ssh_s, 1) (unused unless HAS_MOD)
+    SCALE,  # [B, S|1, N] scale, strides (ssc_b, ssc_s, 1) (unused unless HAS_MOD)
+    W,  # [N] weight (unused unless HAS_W)
+    BIAS,  # [N] bias (unused unless HAS_B)
+    OUT,  # [M, N] out, contiguous, x.dtype (unused when NORM == 0)
+    XNEW,  # [M, N] out: x + gate * y, contiguous, x.dtype (unused unless HAS_RES)
+    MEAN,  # [M] fp32 out (written when NORM == 1)
+    RSTD,  # [M] fp32 out (written when NORM != 0)
+    M,  # B * S rows
+    N,
+    S,  # tokens per sample
+    sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s,
+    eps,
+    NORM: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_MOD: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # BLOCK_M whole rows per program, held in registers.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    # int32 division (rows < 2^31): an int64 one is a call that spills on sm_90.
+    b = (rows // S).to(tl.int64)
+    t = rows64 - b * S
+    out_offs = rows64[:, None] * N + cols[None, :]
+    h = tl.load(X + (b * sx_b + t * sx_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        yv = tl.load(Y + (b * sy_b + t * sy_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gv = tl.load(GATE + (b * sg_b + t * sg_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_lo = round_to(h + gv * yv, XNEW.dtype.element_ty, INTERPRET)
+        tl.store(XNEW + out_offs, h_lo, mask=mask)
+        h = h_lo.to(tl.float32)
+    if NORM != 0:
+        if NORM == 1:
+            mean = tl.sum(h, axis=1) / N
+            d = tl.where(mask, h - mean[:, None], 0.0)
+            rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
+            tl.store(MEAN + rows, mean, mask=row_mask)
+        else:
+            d = h
+            rstd = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+        o = d * rstd[:, None]
+        if HAS_W:
+            o = o * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            o = o + tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_MOD:
+            sc = tl.load(SCALE + (b * ssc_b + t * ssc_s)[:, None] + cols[None, :], mask=mask, other=0.0)
+            sh = tl.load(SHIFT + (b * ssh_b + t * ssh_s)[:, None] + cols[None, :], mask=mask, other=0.0)
+            o = o * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)
+        tl.store(OUT + out_offs, round_to(o, OUT.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_rowstats_kernel(
+    DOUT,  # [B, S, N] upstream gradient of out, strides (sdo_b, sdo_s, 1)
+    H,  # [B, S, N] normalized input (x_new or x), strides (sh_b, sh_s, 1)
+    SCALE,  # [B, S|1, N] (unused unless HAS_MOD)
+    W,  # [N] (unused unless HAS_W)
+    MEAN,  # [M] fp32 (read when NORM == 1)
+    RSTD,  # [M] fp32
+    C,  # [M, 2] fp32 out: (mean(g), mean(g * xhat)) per row
+    N,
+    S,
+    sdo_b, sdo_s, sh_b, sh_s, ssc_b, ssc_s,
+    NORM: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_MOD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One row per program, in chunks of BLOCK_N.
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64)
+    b = (pid // S).to(tl.int64)
+    t = row - b * S
+    rstd = tl.load(RSTD + row)
+    mean = 0.0
+    if NORM == 1:
+        mean = tl.load(MEAN + row)
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        g = tl.load(DOUT + b * sdo_b + t * sdo_s + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MOD:
+            g = g * (1.0 + tl.load(SCALE + b * ssc_b + t * ssc_s + cols, mask=mask, other=0.0).to(tl.float32))
+        if HAS_W:
+            g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        xhat = (tl.load(H + b * sh_b + t * sh_s + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        acc_g += g
+        acc_gx += g * xhat
+    tl.store(C + 2 * row, tl.sum(acc_g, axis=0) / N)
+    tl.store(C + 2 * row + 1, tl.sum(acc_gx, axis=0) / N)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DOUT,  # [B, S, N] upstream gradient of out, strides (sdo_b, sdo_s, 1) (unused when NORM == 0)
+    DXNEW,  # [B, S, N] upstream gradient of x_new, strides (sdx_b, sdx_s, 1) (unused unless HAS_DXNEW)
+    H,  # [B, S, N] normalized input (x_new or x), strides (sh_b, sh_s, 1) (unused when NORM == 0)
+    Y,  # [B, S, N] (unused unless HAS_RES)
+    GATE,  # [B, S|1, N] (unused unless HAS_RES)
+    SCALE,  # [B, S|1, N] (unused unless HAS_MOD)
+    W,  # [N] (unused unless HAS_W)
+    BIAS,  # [N] (unused unless HAS_B)
+    MEAN,  # [M] fp32 (read when NORM == 1)
+    RSTD,  # [M] fp32 (read when NORM != 0)
+    C,  # [M, 2] fp32 row stats from the rowstats kernel (read unless FULL_ROW)
+    DH,  # [M, N] out: gradient of h, contiguous, x.dtype (written when NORM != 0)
+    DY,  # [M, N] out: dh * gate, contiguous, y.dtype (HAS_RES)
+    DSCALE,  # [M, N] out: per-token dout * n, contiguous (HAS_MOD and not SCALE_PS)
+    DGATE,  # [M, N] out: per-token dh * y, contiguous (HAS_RES and not GATE_PS)
+    DW_P,  # [G * P, N] fp32 out partials of dw (HAS_W)
+    DB_P,  # [G * P, N] fp32 out partials of db (HAS_B)
+    DSHIFT_P,  # [G * P, N] fp32 out partials of the per-sample dshift (HAS_MOD and SHIFT_PS)
+    DSCALE_P,  # [G * P, N] fp32 out partials of the per-sample dscale (HAS_MOD and SCALE_PS)
+    DGATE_P,  # [G * P, N] fp32 out partials of the per-sample dgate (HAS_RES and GATE_PS)
+    M,
+    N,
+    S,  # tokens per sample (row r is token r % S of sample r // S)
+    GROUP,  # rows per group: S when G == B, M when G == 1
+    P,  # grid[1]
+    tiles_per_program,  # cdiv(cdiv(GROUP, BLOCK_M), P); host-computed (see DESIGN.md, interpreter pitfalls)
+    sdo_b, sdo_s, sdx_b, sdx_s, sh_b, sh_s, sy_b, sy_s, sg_b, sg_s, ssc_b, ssc_s,
+    NORM: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_MOD: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_DXNEW: tl.constexpr,
+    SHIFT_PS: tl.constexpr,
+    SCALE_PS: tl.constexpr,
+    GATE_PS: tl.constexpr,
+    FULL_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_B:
+        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SHIFT_PS:
+        dshift_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SCALE_PS:
+        dscale_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATE_PS:
+        dgate_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(0, tiles_per_program):
+        # Tiles past the group's last one (at most one per program) are fully masked.
+        local = (pid_p + i * P) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_g * GROUP + local
+        row_mask = (local < GROUP) & (rows < M)
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        b = (rows // S).to(tl.int64)
+        t = rows64 - b * S
+        out_offs = rows64[:, None] * N + cols[None, :]
+        dh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if NORM != 0:
+            dn = tl.load(DOUT + (b * sdo_b + t * sdo_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            xhat = tl.load(H + (b * sh_b + t * sh_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if NORM == 1:
+                xhat = xhat - tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+            xhat = tl.where(mask, xhat * rstd[:, None], 0.0)
+            if HAS_MOD:
+                if SHIFT_PS:
+                    dshift_acc += dn
+                n = xhat
+                if HAS_W:
+                    n = n * w[None, :]
+                if HAS_B:
+                    n = n + bias[None, :]
+                if SCALE_PS:
+                    dscale_acc += dn * n
+                else:
+                    tl.store(DSCALE + out_offs, round_to(dn * n, DSCALE.dtype.element_ty, INTERPRET), mask=mask)
+                sc = tl.load(SCALE + (b * ssc_b + t * ssc_s)[:, None] + cols[None, :], mask=mask, other=0.0)
+                dn = dn * (1.0 + sc.to(tl.float32))
+            if HAS_B:
+                db_acc += dn
+            if HAS_W:
+                dw_acc += dn * xhat
+                dn = dn * w[None, :]
+            # dn is now g = dL/dxhat
+            if FULL_ROW:
+                c2 = tl.sum(dn * xhat, axis=1) / N
+            else:
+                c2 = tl.load(C + 2 * rows64 + 1, mask=row_mask, other=0.0)
+            if NORM == 1:
+                if FULL_ROW:
+                    c1 = tl.sum(dn, axis=1) / N
+                else:
+                    c1 = tl.load(C + 2 * rows64, mask=row_mask, other=0.0)
+                dh = rstd[:, None] * (dn - c1[:, None] - xhat * c2[:, None])
+            else:
+                dh = rstd[:, None] * (dn - xhat * c2[:, None])
+        if HAS_DXNEW:
+            dh += tl.load(DXNEW + (b * sdx_b + t * sdx_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORM != 0:
+            tl.store(DH + out_offs, round_to(dh, DH.dtype.element_ty, INTERPRET), mask=mask)
+        if HAS_RES:
+            gv = tl.load(GATE + (b * sg_b + t * sg_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DY + out_offs, round_to(dh * gv, DY.dtype.element_ty, INTERPRET), mask=mask)
+            yv = tl.load(Y + (b * sy_b + t * sy_s)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if GATE_PS:
+                dgate_acc += dh * yv
+            else:
+                tl.store(DGATE + out_offs, round_to(dh * yv, DGATE.dtype.element_ty, INTERPRET), mask=mask)
+    part = (pid_g * P + pid_p).to(tl.int64) * N + cols
+    if HAS_W:
+        tl.store(DW_P + part, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if HAS_B:
+        tl.store(DB_P + part, tl.sum(db_acc, axis=0), mask=col_mask)
+    if SHIFT_PS:
+        tl.store(DSHIFT_P + part, tl.sum(dshift_acc, axis=0), mask=col_mask)
+    if SCALE_PS:
+        tl.store(DSCALE_P + part, tl.sum(dscale_acc, axis=0), mask=col_mask)
+    if GATE_PS:
+        tl.store(DGATE_P + part, tl.sum(dgate_acc, axis=0), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _max_programs(device: torch.device) -> int:
+    """How many backward programs run at most (each owns one row of every partial)."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter pays per program: keep it to a few
+
+
+def _num_warps(elements: int) -> int:
+    """About 8 elements of each live tensor per thread, 1 to 32 warps."""
+    return max(1, min(32, elements // 256))
+
+
+def _tile(block_n: int, rows: int, target: int = TARGET_TILE) -> int:
+    """BLOCK_M: rows batched per program so a tile holds about ``target`` elements."""
+    return max(1, min(target // block_n, triton.next_power_of_2(max(rows, 1)), 64))
+
+
+def layer_norm_fwd_config(M: int, N: int) -> dict:
+    """Launch parameters of _layer_norm_fwd_kernel for M rows of N (the static tests compile these)."""
+    block_n = triton.next_power_of_2(N)
+    block_m = _tile(block_n, M)
+    return dict(grid=(triton.cdiv(M, block_m),), BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=_num_warps(block_m * block_n))
+
+
+def bwd_load(has_w: bool, has_b: bool, shift_ps: bool, scale_ps: bool, gate_ps: bool, gated_norm: bool) -> int:
+    """Register load score of a backward variant: the partial-sum tiles a program carries
+    (dw, db, per-sample dshift / dscale / dgate), plus 3 for the gated residual with a norm."""
+    return sum(map(bool, (has_w, has_b, shift_ps, scale_ps, gate_ps))) + (3 if gated_norm else 0)
+
+
+def layer_norm_bwd_config(B: int, S: int, N: int, per_sample: bool, load: int, device: torch.device) -> dict:
+    """Launch parameters of _layer_norm_bwd_kernel; FULL_ROW=False means the rowstats kernel runs first.
+
+    Tiles hold TARGET_TILE elements, a quarter of that for rows of up to 1024 (many
+    rows per program); ``load`` is :func:`bwd_load`: from 3 up the tile of wide rows is
+    halved (and rows wider than the tile take the column-block path). So no variant spills on
+    sm_90 (tests/test_static_sm90.py).
+    The extra key ``GROUP`` is the rows per group (S with one group per sample, else B * S).
+    """
+    G, group = (B, S) if per_sample else (1, B * S)
+    if N > 1024:
+        target = TARGET_TILE if load < 3 else TARGET_TILE // 2
+    else:
+        target = TARGET_TILE // 4
+    full_row = triton.next_power_of_2(N) <= min(MAX_FULL_ROW_BWD, target)
+    block_n = triton.next_power_of_2(N) if full_row else CHUNK_N
+    block_m = _tile(block_n, group, target)
+    col_blocks = 1 if full_row else triton.cdiv(N, block_n)
+    P = max(1, min(triton.cdiv(group, block_m), _max_programs(device) // (G * col_blocks)))
+    # Rows of up to 1024: about 4 elements of each tensor per thread (8 spill in some variants).
+    per_thread = 2 if N <= 1024 else 1
+    return dict(grid=(G, P, col_blocks), GROUP=group, FULL_ROW=full_row, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=_num_warps(per_thread * block_m * block_n))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _s(t, dim):
+    """Stride of a [B, S|1, N] tensor along dim, 0 for a size-1 (broadcast) dim."""
+    return 0 if t is None or t.shape[dim] == 1 else t.stride(dim)
+
+
+def layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm):
+    """out, x_new, mean, rstd = layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm).
+
+    x, y [B, S, N]; gate, shift, scale [B, S, N] or [B, 1, N] (per sample), all with
+    unit last stride (other strides free); weight, bias [N] contiguous or None.
+    y and gate go together (the gated residual), so do shift and scale.
+    norm: NORM_NONE | NORM_LAYER | NORM_RMS.
+    Returns out [B, S, N] contiguous (None when norm is NORM_NONE), x_new = x + gate * y
+    [B, S, N] contiguous (None without y), mean [M] fp32 (None unless NORM_LAYER), rstd
+    [M] fp32 (None when NORM_NONE).
+    """
+    B, S, N = x.shape
+    M = B * S
+    has_res, has_mod = y is not None, scale is not None
+    assert (gate is not None) == has_res and (shift is not None) == has_mod
+    dev = x.device
+    out = torch.empty((B, S, N), dtype=x.dtype, device=dev) if norm != NORM_NONE else None
+    x_new = torch.empty((B, S, N), dtype=x.dtype, device=dev) if has_res else None
+    mean = torch.empty((M,), dtype=torch.float32, device=dev) if norm == NORM_LAYER else None
+    rstd = torch.empty((M,), dtype=torch.float32, device=dev) if norm != NORM_NONE else None
+    if M == 0 or N == 0:
+        return out, x_new, mean, rstd
+    assert N <= MAX_N
+    cfg = layer_norm_fwd_config(M, N)
+    any_out = out if out is not None else x_new
+    any_f32 = rstd if rstd is not None else torch.empty((1,), dtype=torch.float32, device=dev)
+    _layer_norm_fwd_kernel[cfg.pop("grid")](
+        x, y if has_res else x, gate if has_res else x, shift if has_mod else x, scale if has_mod else x,
+        weight if weight is not None else x, bias if bias is not None else x,
+        any_out, x_new if has_res else any_out,
+        mean if mean is not None else any_f32, any_f32,
+        M, N, S,
+        _s(x, 0), _s(x, 1), _s(y, 0), _s(y, 1), _s(gate, 0), _s(gate, 1),
+        _s(shift, 0), _s(shift, 1), _s(scale, 0), _s(scale, 1),
+        eps,
+        NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=has_mod, HAS_RES=has_res,
+        INTERPRET=interpreting(), **cfg,
+    )
+    return out, x_new, mean, rstd
+
+
+def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm):
+    """Gradients of layer_norm_fwd: dh, dy, dgate, dshift, dscale, dw, db.
+
+    dout (gradient of out) and dxnew (gradient of x_new) are [B, S, N] with unit last
+    stride or None; h is what was normalized (x, or x_new), the other inputs as in
+    layer_norm_fwd (only scale of the modulation is needed; ``shift_per_sample`` says
+    whether shift was [B, 1, N]). Returns, None where not applicable:
+
+    - dh [B, S, N] contiguous, x.dtype: the whole gradient of x (None when norm is
+      NORM_NONE: then it is dxnew itself);
+    - dy [B, S, N] = dh * gate, dgate = dh * y ([B, 1, N] summed over tokens when gate is
+      per sample, else [B, S, N]);
+    - dshift [B, 1, N] when per sample (per token it is dout itself: None here),
+      dscale [B, 1, N] or [B, S, N];
+    - dw, db [N] in the dtypes of weight and bias.
+
+    Every reduction is a fixed-order sum of fp32 partials: deterministic.
+    """
+    B, S, N = h.shape
+    M = B * S
+    dev = h.device
+    if dout is None:  # only x_new was used downstream: no norm gradient at all
+        norm, scale, weight, bias = NORM_NONE, None, None, None
+    has_res, has_mod = y is not None, scale is not None
+    shift_ps = has_mod and shift_per_sample
+    scale_ps = has_mod and scale.shape[1] == 1
+    gate_ps = has_res and gate.shape[1] == 1
+    per_sample = shift_ps or scale_ps or gate_ps
+
+    def new(t, shape=(B, S, N)):
+        return torch.empty(shape, dtype=t.dtype, device=dev)
+
+    dh = new(h) if norm != NORM_NONE else None
+    dy = new(y) if has_res else None
+    dgate = (torch.zeros if gate_ps else torch.empty)((B, 1 if gate_ps else S, N), dtype=gate.dtype, device=dev) \
+        if has_res else None
+    dshift = torch.zeros((B, 1, N), dtype=scale.dtype, device=dev) if shift_ps else None
+    dscale = (torch.zeros if scale_ps else torch.empty)((B, 1 if scale_ps else S, N), dtype=scale.dtype, device=dev) \
+        if has_mod else None
+    dw = torch.zeros_like(weight) if weight is not None else None
+    db = torch.zeros_like(bias) if bias is not None else None
+    if M == 0 or N == 0 or (norm == NORM_NONE and not has_res):
+        return dh, dy, dgate, dshift, dscale, dw, db
+    assert N <= MAX_N
+    load = bwd_load(weight is not None, bias is not None, shift_ps, scale_ps, gate_ps, has_res and norm != NORM_NONE)
+    cfg = layer_norm_bwd_config(B, S, N, per_sample, load, dev)
+    grid = cfg.pop("grid")
+    group = cfg.pop("GROUP")
+    G, P = grid[0], grid[1]
+    dummy = torch.empty((1,), dtype=torch.float32, device=dev)
+
+    def partial(flag):
+        return torch.empty((G * P, N), dtype=torch.float32, device=dev) if flag else None
+
+    dw_p, db_p = partial(weight is not None), partial(bias is not None)
+    dshift_p, dscale_p, dgate_p = partial(shift_ps), partial(scale_ps), partial(gate_ps)
+    c = dummy
+    if norm != NORM_NONE and not cfg["FULL_ROW"]:
+        c = torch.empty((M, 2), dtype=torch.float32, device=dev)
+        _layer_norm_bwd_rowstats_kernel[(M,)](
+            dout, h, scale if has_mod else h, weight if weight is not None else h,
+            mean if mean is not None else rstd, rstd, c, N, S,
+            _s(dout, 0), _s(dout, 1), _s(h, 0), _s(h, 1), _s(scale, 0), _s(scale, 1),
+            NORM=norm, HAS_W=weight is not None, HAS_MOD=has_mod, BLOCK_N=cfg["BLOCK_N"],
+            num_warps=_num_warps(cfg["BLOCK_N"]),
+        )
+    anyt = h if dxnew is None else dxnew
+    _layer_norm_bwd_kernel[grid](
+        dout if dout is not None else anyt, dxnew if dxnew is not None else anyt, h,
+        y if has_res else h, gate if has_res else h, scale if has_mod else h,
+        weight if weight is not None else h, bias if bias is not None else h,
+        mean if mean is not None else dummy, rstd if rstd is not None else dummy, c,
+        dh if dh is not None else anyt, dy if dy is not None else anyt,
+        dscale if has_mod and not scale_ps else anyt, dgate if has_res and not gate_ps else anyt,
+        dw_p if dw_p is not None else dummy, db_p if db_p is not None else dummy,
+        dshift_p if dshift_p is not None else dummy, dscale_p if dscale_p is not None else dummy,
+        dgate_p if dgate_p is not None else dummy,
+        M, N, S, group, P, triton.cdiv(triton.cdiv(group, cfg["BLOCK_M"]), P),
+        _s(dout, 0), _s(dout, 1), _s(dxnew, 0), _s(dxnew, 1), _s(h, 0), _s(h, 1),
+        _s(y, 0), _s(y, 1), _s(gate, 0), _s(gate, 1), _s(scale, 0), _s(scale, 1),
+        NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=has_mod, HAS_RES=has_res,
+        HAS_DXNEW=dxnew is not None, SHIFT_PS=shift_ps, SCALE_PS=scale_ps, GATE_PS=gate_ps,
+        INTERPRET=interpreting(), **cfg,
+    )
+    # Fixed-order sums of the per-program partials: the deterministic second pass.
+    if dw_p is not None:
+        dw = dw_p.sum(0).to(weight.dtype)
+    if db_p is not None:
+        db = db_p.sum(0).to(bias.dtype)
+    if shift_ps:
+        dshift = dshift_p.view(G, P, N).sum(1, keepdim=True).to(scale.dtype)
+    if scale_ps:
+        dscale = dscale_p.view(G, P, N).sum(1, keepdim=True).to(scale.dtype)
+    if gate_ps:
+        dgate = dgate_p.view(G, P, N).sum(1, keepdim=True).to(gate.dtype)
+    return dh, dy, dgate, dshift, dscale, dw, db
