@@ -1,0 +1,71 @@
+"""CUDA C++ RoPE launchers (``csrc/rope/rope.cu`` through ``fastgen._C``).
+
+Same signatures as the Triton launchers in ``fastgen.kernels.rope``; no autograd
+here (that is ``fastgen.ops.rope``). Inputs are validated upstream; the asserts
+only guard what the kernel relies on.
+
+    forward  a' = a ca - b sa,  b' = b cb + a sb     (pairs (2j, 2j+1) or (j, j+R/2))
+    inverse  a' = a ca + b sb,  b' = b cb - a sa     (the backward)
+
+The fused QK-RMSNorm + RoPE has no CUDA C++ kernel yet: ``qk_norm_rope_fwd`` /
+``qk_norm_rope_bwd`` raise, and ``fastgen.ops.qk_norm_rope(backend="cuda")`` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.cuda import dtype_code, load_extension
+from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
+
+__all__ = ["apply_rope_fwd", "apply_rope_bwd"]
+
+QK_NORM_ROPE_MISSING = "the fused qk_norm_rope has no CUDA C++ kernel yet; use backend='triton' or backend='torch'"
+
+
+def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
+    C = load_extension()
+    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    if B * S == 0 or hq + hk == 0 or D == 0:
+        return
+    assert q.is_cuda and q.stride(3) == 1 and k.stride(3) == 1 and qo.stride(3) == 1 and ko.stride(3) == 1
+    assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.dtype == sin.dtype and R <= D <= MAX_HEAD_DIM
+    if cos.dtype not in (q.dtype, torch.float32):  # the kernel takes x's dtype or fp32 tables
+        cos, sin = cos.float(), sin.float()
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        C.apply_rope(
+            q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            B, S, hq, hk, D, R,
+            *bsh_strides(q, layout), *bsh_strides(k, layout), *bsh_strides(qo, layout), *bsh_strides(ko, layout),
+            *table_strides(cos), *table_strides(sin),
+            dtype_code(q.dtype), dtype_code(cos.dtype), bool(interleaved), bool(inverse),
+            D > R and (qo is not q or ko is not k), stream,
+        )
+
+
+def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, inplace: bool = False):
+    """q_out, k_out = apply_rope_fwd(q, k, cos, sin, layout, interleaved, inplace); see fastgen.kernels.rope."""
+    if inplace:
+        qo, ko = q, k
+    else:
+        qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse=False)
+    return qo, ko
+
+
+def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool):
+    """dq, dk = apply_rope_bwd(dq_out, dk_out, cos, sin, layout, interleaved): the inverse rotation."""
+    dq = torch.empty(dq_out.shape, dtype=dq_out.dtype, device=dq_out.device)
+    dk = torch.empty(dk_out.shape, dtype=dk_out.dtype, device=dk_out.device)
+    _launch(dq_out, dk_out, cos, sin, dq, dk, layout, interleaved, inverse=True)
+    return dq, dk
+
+
+def qk_norm_rope_fwd(*args, **kwargs):
+    raise NotImplementedError(QK_NORM_ROPE_MISSING)
+
+
+def qk_norm_rope_bwd(*args, **kwargs):
+    raise NotImplementedError(QK_NORM_ROPE_MISSING)
