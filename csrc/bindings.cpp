@@ -14,6 +14,9 @@
 #include <vector>
 
 #include "rms_norm/rms_norm.h"
+#include "group_norm/group_norm.h"
+#include "rope/rope.h"
+#include "optim/optim.h"
 
 #ifndef FASTGEN_ARCHS
 #define FASTGEN_ARCHS ""
@@ -92,4 +95,42 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w_dtype"), py::arg("num_partials"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "RMSNorm backward: dx = rstd*(g - xhat*mean(g*xhat)) + dh_out with xhat = h*rstd, g = dy*w; fp32 partial "
         "weight gradients (sum over rows of dy*xhat) into dw_partial[num_partials, N]. w_ptr / dhout_ptr may be 0.");
+  m.def("group_norm_fwd", &fastgen::group_norm_fwd, py::arg("x_ptr"), py::arg("w_ptr"), py::arg("b_ptr"),
+        py::arg("y_ptr"), py::arg("mean_ptr"), py::arg("rstd_ptr"), py::arg("part_ptr"), py::arg("N"), py::arg("C"),
+        py::arg("S"), py::arg("G"), py::arg("channels_last"), py::arg("splits"), py::arg("chunk_s"),
+        py::arg("x_dtype"), py::arg("w_dtype"), py::arg("eps"), py::arg("silu"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "GroupNorm forward (+ fused SiLU) of x [N, C, S] (contiguous or channels-last strides): split Welford "
+        "statistics mean / rstd [N*G] fp32, y = act((x - mean) * rstd * w + b). w_ptr / b_ptr may be 0; part_ptr "
+        "([N*G, splits, 3] fp32 scratch) may be 0 when splits == 1.");
+  m.def("group_norm_bwd", &fastgen::group_norm_bwd, py::arg("dy_ptr"), py::arg("x_ptr"), py::arg("w_ptr"),
+        py::arg("b_ptr"), py::arg("mean_ptr"), py::arg("rstd_ptr"), py::arg("dwp_ptr"), py::arg("dbp_ptr"),
+        py::arg("c_ptr"), py::arg("dx_ptr"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
+        py::arg("channels_last"), py::arg("splits"), py::arg("chunk_s"), py::arg("x_dtype"), py::arg("w_dtype"),
+        py::arg("silu"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "GroupNorm backward (+ fused SiLU): dx = rstd*(g - mean(g) - xhat*mean(g*xhat)), g = dyn*w; per-block fp32 "
+        "partials of dw (dyn*xhat) and db (dyn) into dwp / dbp [N*splits, C]; c_ptr: [2, N*G] fp32 scratch.");
+
+  m.def("apply_rope", &fastgen::apply_rope, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("qo_ptr"), py::arg("ko_ptr"),
+        py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("B"), py::arg("S"), py::arg("Hq"), py::arg("Hk"), py::arg("D"),
+        py::arg("R"), py::arg("sqb"), py::arg("sqs"), py::arg("sqh"), py::arg("skb"), py::arg("sks"), py::arg("skh"),
+        py::arg("soqb"), py::arg("soqs"), py::arg("soqh"), py::arg("sokb"), py::arg("soks"), py::arg("sokh"),
+        py::arg("scb"), py::arg("scs"), py::arg("ssb"), py::arg("sss"), py::arg("x_dtype"), py::arg("table_dtype"),
+        py::arg("interleaved"), py::arg("inverse"), py::arg("copy_pass"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "RoPE of q (B,S,Hq,D) and k (B,S,Hk,D) given (batch, seq, head) strides into qo / ko (may alias: in place) "
+        "with cos/sin tables (B|1, S, R) given (batch, seq) strides; pairs (2j, 2j+1) if interleaved else "
+        "(j, j+R/2); inverse applies the transpose (backward); copy_pass copies dims R..D-1.");
+  m.def("multi_tensor_adamw", &fastgen::multi_tensor_adamw, py::arg("p_list"), py::arg("g_list"),
+        py::arg("m_list"), py::arg("v_list"), py::arg("vmax_list"), py::arg("step_list"), py::arg("numels"),
+        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("p_dtype"),
+        py::arg("g_dtype"), py::arg("s_dtype"), py::arg("lr_ptr"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+        py::arg("stochastic_rounding"), py::arg("seed"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "AdamW over lists of tensors given as device address tables (see csrc/common/multi_tensor.cuh).");
+  m.def("multi_tensor_lion", &fastgen::multi_tensor_lion, py::arg("p_list"), py::arg("g_list"), py::arg("m_list"),
+        py::arg("numels"), py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"),
+        py::arg("p_dtype"), py::arg("g_dtype"), py::arg("s_dtype"), py::arg("lr_ptr"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"), py::arg("maximize"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(), "Lion over lists of tensors given as device address tables.");
 }

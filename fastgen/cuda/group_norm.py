@@ -1,0 +1,140 @@
+"""CUDA C++ GroupNorm (+ fused SiLU) launchers (``csrc/group_norm/group_norm.cu`` through ``fastgen._C``).
+
+Same signatures as the Triton launchers in ``fastgen.kernels.group_norm``; no
+autograd here (that is ``fastgen.ops.group_norm``). Inputs are validated upstream;
+the asserts below only guard the invariants the kernels rely on.
+
+``x`` is ``[N, C, S]``, contiguous or with channels-last strides ``(S*C, 1, C)``;
+outputs have the strides of ``x``. With ``K = C / G`` and ``L = K * S`` per group:
+
+Forward:  mean, var over each group (Welford per thread, Chan's merge across threads and
+          across the ``splits`` blocks of a group), rstd = 1/sqrt(var + eps),
+          y = act((x - mean) * rstd * w + b), act = identity or SiLU.
+Backward: xhat = (x - mean) * rstd, dyn = dy (through the SiLU when fused), g = dyn * w,
+          dx = rstd * (g - mean_L(g) - xhat * mean_L(g * xhat)),
+          dw = sum dyn * xhat, db = sum dyn over N and S — deterministic: fp32 per-block
+          partials [N * splits, C] summed here, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.cuda import dtype_code, load_extension
+
+__all__ = ["group_norm_fwd", "group_norm_bwd", "cuda_config"]
+
+# Elements (K * chunk_s) one block covers; a larger group is split along S over several blocks.
+SPLIT_ELEMENTS = 32768
+
+
+def cuda_config(N: int, C: int, S: int, G: int) -> dict:
+    """``splits`` blocks per group, each over ``chunk_s`` positions (no split is empty)."""
+    K = C // G
+    chunk_s = max(1, min(S, SPLIT_ELEMENTS // max(K, 1)))
+    splits = -(-S // chunk_s) if S > 0 else 1
+    return dict(splits=splits, chunk_s=chunk_s)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """True for channels-last strides (S*C, 1, C), False for contiguous (C*S, S, 1); size-1 dims
+    are ignored (with C == 1 or S == 1 both are one memory order). Else an AssertionError."""
+    N, C, S = x.shape
+    ok_n = N <= 1 or x.stride(0) == C * S
+    if C > 1 and S > 1 and x.stride(1) == 1 and x.stride(2) == C and ok_n:
+        return True
+    assert ok_n and (C <= 1 or x.stride(1) == S) and (S <= 1 or x.stride(2) == 1), (
+        f"x must be [N, C, S] with contiguous or channels-last strides, got strides {x.stride()}")
+    return False
+
+
+def _param_dtype(weight, bias, x):
+    for t in (weight, bias):
+        if t is not None:
+            return t.dtype
+    return x.dtype
+
+
+def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
+    """y, mean, rstd = group_norm_fwd(x [N, C, S], weight [C] | None, bias [C] | None, num_groups, eps, silu).
+
+    y [N, C, S] in x.dtype with the strides of x; mean, rstd [N * num_groups] fp32.
+    """
+    ext = load_extension()
+    assert x.is_cuda and x.dim() == 3
+    N, C, S = x.shape
+    G = num_groups
+    cl = _channels_last(x)
+    pdt = _param_dtype(weight, bias, x)
+    for t in (weight, bias):
+        assert t is None or (t.shape == (C,) and t.is_contiguous() and t.device == x.device and t.dtype == pdt)
+    y = torch.empty_like(x)
+    mean = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, mean, rstd
+    cfg = cuda_config(N, C, S, G)
+    part = None
+    if cfg["splits"] > 1:
+        part = torch.empty((N * G, cfg["splits"], 3), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        ext.group_norm_fwd(
+            x.data_ptr(),
+            weight.data_ptr() if weight is not None else 0,
+            bias.data_ptr() if bias is not None else 0,
+            y.data_ptr(),
+            mean.data_ptr(),
+            rstd.data_ptr(),
+            part.data_ptr() if part is not None else 0,
+            N, C, S, G, int(cl), cfg["splits"], cfg["chunk_s"],
+            dtype_code(x.dtype), dtype_code(pdt), float(eps), int(bool(silu)), stream,
+        )
+    return y, mean, rstd
+
+
+def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    """dx, dw, db = group_norm_bwd(dy [N, C, S], x [N, C, S], weight [C] | None, bias [C] | None,
+    mean [N*G], rstd [N*G], num_groups, silu).
+
+    dy must have the strides of x; dx [N, C, S] in x.dtype with the strides of x; dw / db [C]
+    in the dtype of weight / bias, or None when absent. Deterministic (no atomics).
+    """
+    ext = load_extension()
+    assert x.is_cuda and x.dim() == 3 and dy.shape == x.shape and dy.dtype == x.dtype
+    N, C, S = x.shape
+    G = num_groups
+    cl = _channels_last(x)
+    assert x.numel() == 0 or dy.stride() == x.stride()
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.numel() == rstd.numel() == N * G
+    pdt = _param_dtype(weight, bias, x)
+    for t in (weight, bias):
+        assert t is None or (t.shape == (C,) and t.is_contiguous() and t.dtype == pdt)
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        zero = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+        return dx, zero(weight), zero(bias)
+    cfg = cuda_config(N, C, S, G)
+    dwp = torch.empty((N * cfg["splits"], C), dtype=torch.float32, device=x.device)
+    dbp = torch.empty((N * cfg["splits"], C), dtype=torch.float32, device=x.device)
+    c = torch.empty((2, N * G), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        ext.group_norm_bwd(
+            dy.data_ptr(),
+            x.data_ptr(),
+            weight.data_ptr() if weight is not None else 0,
+            bias.data_ptr() if bias is not None else 0,
+            mean.data_ptr(),
+            rstd.data_ptr(),
+            dwp.data_ptr(),
+            dbp.data_ptr(),
+            c.data_ptr(),
+            dx.data_ptr(),
+            N, C, S, G, int(cl), cfg["splits"], cfg["chunk_s"],
+            dtype_code(x.dtype), dtype_code(pdt), int(bool(silu)), stream,
+        )
+        # Fixed-order sums of the per-block partials: the deterministic second pass.
+        dw = None if weight is None else dwp.sum(0).to(weight.dtype)
+        db = None if bias is None else dbp.sum(0).to(bias.dtype)
+    return dx, dw, db

@@ -1,0 +1,605 @@
+"""GroupNorm, optionally fused with SiLU, in Triton: forward and backward.
+
+Shapes: the launchers take ``x`` as a 3-D ``[N, C, S]`` view (``S`` = the product of
+the spatial dims) in one of two dense layouts:
+
+- contiguous (NCHW, NCDHW, NCL): strides ``(C*S, S, 1)``;
+- channels-last (NHWC, NDHWC): strides ``(S*C, 1, C)``.
+
+``C = G * K``: group ``g`` of sample ``n`` is the ``[K, S]`` block of channels
+``[g*K, (g+1)*K)``. Every kernel walks that block in tiles ``[BLOCK_K, BLOCK_S]``
+(all ``K`` channels of the group, ``BLOCK_S`` spatial positions), so per-channel
+sums are row sums of a tile and the weight / bias are ``[BLOCK_K]`` vectors.
+Outputs have the strides of ``x``.
+
+Forward, per group with ``L = K * S`` elements, in fp32 with one rounding at the store::
+
+    mean = sum(x) / L,  var = sum((x - mean)^2) / L          (biased, like F.group_norm)
+    rstd = 1 / sqrt(var + eps)
+    yn   = (x - mean) * rstd * w[c] + b[c]
+    y    = yn                     (activation=None)
+    y    = yn * sigmoid(yn)       (activation="silu")
+
+Split reduction: a group is covered by ``splits`` programs along ``S`` (grid
+``(N*G, splits)``), each reducing ``chunk_s`` spatial positions. Inside a program
+every lane runs Welford's update over its elements (all lanes that are active in
+iteration ``t`` have seen exactly ``t + 1`` elements, so the update multiplies by a
+scalar ``1 / (t + 1)``); the lanes are then merged with Chan's exact formula
+``n = sum n_l, mean = sum n_l mean_l / n, M2 = sum M2_l + sum n_l (mean_l - mean)^2``
+into a partial ``(count, mean, M2)`` per program, and a combine kernel merges the
+partials of a group the same way. No sum of squares is ever formed, so a group of
+16M elements with a large mean keeps its variance. With one split the stats kernel
+writes ``mean, rstd`` itself.
+
+Backward, with ``xhat = (x - mean) * rstd``, ``dyn = dL/dyn`` (``dy``, or through
+the SiLU: ``dy * s * (1 + yn * (1 - s))`` with ``s = sigmoid(yn)``, ``yn`` recomputed)
+and ``g = dyn * w``::
+
+    dx    = rstd * (g - mean_L(g) - xhat * mean_L(g * xhat))
+    dw[c] = sum over n, s of dyn * xhat,      db[c] = sum over n, s of dyn
+
+A reduce kernel (grid ``(N*G, splits)``) writes per-program, per-channel fp32
+partials ``DWP, DBP [N * splits, C]``; ``mean_L(g) = sum_k w_k DBP / L`` and
+``mean_L(g * xhat) = sum_k w_k DWP / L`` are merged per group by a small kernel, then
+an elementwise kernel writes ``dx``. ``dw = DWP.sum(0)``, ``db = DBP.sum(0)``: fixed
+order, no atomics — deterministic.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); every load is
+upcast to fp32 at once and stores go through ``round_to``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import interpreting, round_to
+
+# Elements (K * chunk_s) one program of the split reduction covers; a group with more
+# elements is split along S over several programs. Tests lower it to force the split
+# path on small shapes.
+SPLIT_ELEMENTS = 32768
+# Elements per tile held in registers (~8 per thread per live tensor at TILE // 256 warps).
+TILE = 2048
+# A group whose padded [next_pow2(K), next_pow2(S)] tile has at most this many elements (and
+# at most SPLIT_ELEMENTS) is done by one program in one pass, from registers: the fused path.
+# Tests set it to 0 to run the tiled path on small shapes.
+FUSED_MAX_ELEMENTS = 8192
+# Most channels per group the kernels take (a tile spans all channels of a group; at 2048
+# channels the channels-last stats kernel spills on sm_90, tests/test_static_sm90.py).
+MAX_CHANNELS_PER_GROUP = 1024
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K,
+               CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Element offsets (int64) and mask of tile ``t`` of this program: channels [g*K, g*K + K), positions
+    s_begin + t*BLOCK_S + [0, BLOCK_S), clipped to s_end. int64 where products can pass 2^31."""
+    n = pid_ng // G
+    g = pid_ng % G
+    k = tl.arange(0, BLOCK_K)
+    j = tl.arange(0, BLOCK_S)
+    s0 = s_begin + t * BLOCK_S
+    mask = (k < K)[:, None] & ((s0 + j) < s_end)[None, :]
+    sample = n.to(tl.int64) * C * S
+    if CHANNELS_LAST:
+        base = sample + s0.to(tl.int64) * C + g * K
+        offs = k[:, None] + (j * C)[None, :]
+    else:
+        base = sample + (g * K).to(tl.int64) * S + s0
+        offs = (k.to(tl.int64) * S)[:, None] + j[None, :]
+    return base + offs, mask
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    X,  # [N, C, S] input, contiguous or channels-last strides (see module docstring)
+    PART,  # [N*G, splits, 3] fp32 out: (count, mean, M2) per program (unused if FINAL)
+    MEAN,  # [N*G] fp32 out (written only if FINAL)
+    RSTD,  # [N*G] fp32 out (written only if FINAL)
+    C,
+    S,
+    G,
+    K,  # channels per group, C // G
+    chunk_s,  # spatial positions per program (= iters * BLOCK_S)
+    iters,  # tiles per program; host-computed (loop bounds must not depend on program ids)
+    eps,
+    CHANNELS_LAST: tl.constexpr,
+    FINAL: tl.constexpr,  # one program per group: write mean / rstd directly
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    s_begin = sp * chunk_s
+    s_end = tl.minimum(S, s_begin + chunk_s)
+    mean_l = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
+    m2_l = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
+    for t in range(0, iters):
+        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        # Welford: an active lane has seen exactly t + 1 elements (masking only grows with t).
+        inv = 1.0 / (t + 1)
+        d = x - mean_l
+        new_mean = mean_l + d * inv
+        m2_l = tl.where(mask, m2_l + d * (x - new_mean), m2_l)
+        mean_l = tl.where(mask, new_mean, mean_l)
+    # Elements per lane: tiles t with s_begin + t*BLOCK_S + j < s_end.
+    rem = s_end - s_begin - tl.arange(0, BLOCK_S)
+    cnt_s = tl.where(rem > 0, (rem + BLOCK_S - 1) // BLOCK_S, 0)
+    cnt = tl.where((tl.arange(0, BLOCK_K) < K)[:, None], cnt_s[None, :], 0).to(tl.float32)
+    # Chan's merge of the lanes.
+    n_tot = tl.sum(tl.sum(cnt, axis=1), axis=0)
+    mean = tl.sum(tl.sum(cnt * mean_l, axis=1), axis=0) / tl.maximum(n_tot, 1.0)
+    dm = mean_l - mean
+    m2 = tl.sum(tl.sum(m2_l + cnt * dm * dm, axis=1), axis=0)
+    if FINAL:
+        tl.store(MEAN + pid_ng, mean)
+        tl.store(RSTD + pid_ng, tl.rsqrt(m2 / tl.maximum(n_tot, 1.0) + eps))
+    else:
+        p = PART + (pid_ng.to(tl.int64) * tl.num_programs(1) + sp) * 3
+        tl.store(p, n_tot)
+        tl.store(p + 1, mean)
+        tl.store(p + 2, m2)
+
+
+@triton.jit
+def _group_norm_combine_kernel(
+    PART,  # [N*G, splits, 3] fp32: (count, mean, M2) per split
+    MEAN,  # [N*G] fp32 out
+    RSTD,  # [N*G] fp32 out
+    splits,
+    iters,  # cdiv(splits, BLOCK_SP), host-computed
+    eps,
+    BLOCK_SP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_SP)
+    n_a = tl.zeros([BLOCK_SP], dtype=tl.float32)
+    mean_a = tl.zeros([BLOCK_SP], dtype=tl.float32)
+    m2_a = tl.zeros([BLOCK_SP], dtype=tl.float32)
+    for t in range(0, iters):
+        sp = t * BLOCK_SP + i
+        m = sp < splits
+        p = PART + (row * splits + sp) * 3
+        n_b = tl.load(p, mask=m, other=0.0)
+        mean_b = tl.load(p + 1, mask=m, other=0.0)
+        m2_b = tl.load(p + 2, mask=m, other=0.0)
+        # Chan's pairwise merge, lane by lane (n_b = 0 leaves a lane unchanged).
+        n_ab = n_a + n_b
+        frac = n_b / tl.maximum(n_ab, 1.0)
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * frac
+        m2_a = m2_a + m2_b + delta * delta * n_a * frac
+        n_a = n_ab
+    n_tot = tl.sum(n_a, axis=0)
+    mean = tl.sum(n_a * mean_a, axis=0) / tl.maximum(n_tot, 1.0)
+    dm = mean_a - mean
+    m2 = tl.sum(m2_a + n_a * dm * dm, axis=0)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, tl.rsqrt(m2 / tl.maximum(n_tot, 1.0) + eps))
+
+
+@triton.jit
+def _affine(x, W, B, pid_ng, mean, rstd, G, K,
+            HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """xhat, w (as [BLOCK_K, 1]), yn = xhat * w + b for a tile of group pid_ng."""
+    k = tl.arange(0, BLOCK_K)
+    c = (pid_ng % G) * K + k
+    xhat = (x - mean) * rstd
+    if HAS_W:
+        w = tl.load(W + c, mask=k < K, other=0.0).to(tl.float32)[:, None]
+    else:
+        w = tl.full([BLOCK_K, 1], 1.0, tl.float32)
+    yn = xhat * w
+    if HAS_B:
+        yn = yn + tl.load(B + c, mask=k < K, other=0.0).to(tl.float32)[:, None]
+    return xhat, w, yn
+
+
+@triton.jit
+def _group_norm_apply_kernel(
+    X,  # [N, C, S] input
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    MEAN,  # [N*G] fp32
+    RSTD,  # [N*G] fp32
+    Y,  # [N, C, S] out, strides of X, x.dtype
+    C,
+    S,
+    G,
+    K,
+    chunk_s,
+    iters,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    s_begin = tl.program_id(1) * chunk_s
+    s_end = tl.minimum(S, s_begin + chunk_s)
+    mean = tl.load(MEAN + pid_ng)
+    rstd = tl.load(RSTD + pid_ng)
+    for t in range(0, iters):
+        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        _, _, y = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(Y + offs, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _dyn(dy, yn, SILU: tl.constexpr):
+    """Gradient at the normalized-affine output yn: dy, or through y = yn * sigmoid(yn)."""
+    if SILU:
+        sig = 1.0 / (1.0 + tl.exp(-yn))
+        return dy * (sig * (1.0 + yn * (1.0 - sig)))
+    return dy
+
+
+@triton.jit
+def _group_norm_bwd_reduce_kernel(
+    DY,  # [N, C, S] upstream gradient, strides of X
+    X,  # [N, C, S] input
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    MEAN,  # [N*G] fp32
+    RSTD,  # [N*G] fp32
+    DWP,  # [N * splits, C] fp32 out: per-program sums of dyn * xhat per channel
+    DBP,  # [N * splits, C] fp32 out: per-program sums of dyn per channel
+    C,
+    S,
+    G,
+    K,
+    chunk_s,
+    iters,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    s_begin = sp * chunk_s
+    s_end = tl.minimum(S, s_begin + chunk_s)
+    mean = tl.load(MEAN + pid_ng)
+    rstd = tl.load(RSTD + pid_ng)
+    acc_dw = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
+    for t in range(0, iters):
+        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, _, yn = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
+        dyn = _dyn(dy, yn, SILU)  # 0 where masked (dy = 0)
+        acc_dw += dyn * xhat
+        acc_db += dyn
+    k = tl.arange(0, BLOCK_K)
+    n = pid_ng // G
+    out = (n.to(tl.int64) * tl.num_programs(1) + sp) * C + (pid_ng % G) * K + k
+    tl.store(DWP + out, tl.sum(acc_dw, axis=1), mask=k < K)
+    tl.store(DBP + out, tl.sum(acc_db, axis=1), mask=k < K)
+
+
+@triton.jit
+def _group_norm_bwd_combine_kernel(
+    DWP,  # [N * splits, C] fp32
+    DBP,  # [N * splits, C] fp32
+    W,  # [C] weight (unused unless HAS_W)
+    C1,  # [N*G] fp32 out: mean over the group of g = dyn * w
+    C2,  # [N*G] fp32 out: mean over the group of g * xhat
+    C,
+    G,
+    K,
+    splits,
+    iters,  # cdiv(splits, BLOCK_SP), host-computed
+    inv_l,  # 1 / (K * S)
+    HAS_W: tl.constexpr,
+    BLOCK_SP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    n = pid_ng // G
+    k = tl.arange(0, BLOCK_K)
+    i = tl.arange(0, BLOCK_SP)
+    c = (pid_ng % G) * K + k
+    if HAS_W:
+        w = tl.load(W + c, mask=k < K, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(k < K, 1.0, 0.0)
+    acc1 = tl.zeros([BLOCK_SP, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_SP, BLOCK_K], dtype=tl.float32)
+    for t in range(0, iters):
+        sp = t * BLOCK_SP + i
+        m = (sp < splits)[:, None] & (k < K)[None, :]
+        offs = (n.to(tl.int64) * splits + sp)[:, None] * C + c[None, :]
+        acc1 += tl.load(DBP + offs, mask=m, other=0.0)
+        acc2 += tl.load(DWP + offs, mask=m, other=0.0)
+    tl.store(C1 + pid_ng, tl.sum(tl.sum(acc1, axis=0) * w, axis=0) * inv_l)
+    tl.store(C2 + pid_ng, tl.sum(tl.sum(acc2, axis=0) * w, axis=0) * inv_l)
+
+
+@triton.jit
+def _group_norm_bwd_dx_kernel(
+    DY,  # [N, C, S] upstream gradient, strides of X
+    X,  # [N, C, S] input
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    MEAN,  # [N*G] fp32
+    RSTD,  # [N*G] fp32
+    C1,  # [N*G] fp32 mean(g)
+    C2,  # [N*G] fp32 mean(g * xhat)
+    DX,  # [N, C, S] out, strides of X, x.dtype
+    C,
+    S,
+    G,
+    K,
+    chunk_s,
+    iters,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    s_begin = tl.program_id(1) * chunk_s
+    s_end = tl.minimum(S, s_begin + chunk_s)
+    mean = tl.load(MEAN + pid_ng)
+    rstd = tl.load(RSTD + pid_ng)
+    c1 = tl.load(C1 + pid_ng)
+    c2 = tl.load(C2 + pid_ng)
+    for t in range(0, iters):
+        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, w, yn = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
+        g = _dyn(dy, yn, SILU) * w
+        dx = rstd * (g - c1 - xhat * c2)
+        tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _group_norm_fwd_fused_kernel(
+    X,  # [N, C, S] input
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    Y,  # [N, C, S] out, strides of X, x.dtype
+    MEAN,  # [N*G] fp32 out
+    RSTD,  # [N*G] fp32 out
+    C,
+    S,
+    G,
+    K,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # >= K
+    BLOCK_S: tl.constexpr,  # >= S: the whole group is one tile
+    INTERPRET: tl.constexpr,
+):
+    # One program per group, x read once: exact two-pass mean / variance from registers.
+    pid_ng = tl.program_id(0)
+    offs, mask = _tile_offs(pid_ng, 0, pid_ng * 0, S, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    inv_l = 1.0 / (K * S).to(tl.float32)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) * inv_l
+    d = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) * inv_l + eps)
+    tl.store(MEAN + pid_ng, mean)
+    tl.store(RSTD + pid_ng, rstd)
+    _, _, y = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(Y + offs, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _group_norm_bwd_fused_kernel(
+    DY,  # [N, C, S] upstream gradient, strides of X
+    X,  # [N, C, S] input
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    MEAN,  # [N*G] fp32
+    RSTD,  # [N*G] fp32
+    DWP,  # [N, C] fp32 out: sums over S of dyn * xhat per channel
+    DBP,  # [N, C] fp32 out: sums over S of dyn per channel
+    DX,  # [N, C, S] out, strides of X, x.dtype
+    C,
+    S,
+    G,
+    K,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # One program per group: reductions and dx from registers, x and dy read once.
+    pid_ng = tl.program_id(0)
+    offs, mask = _tile_offs(pid_ng, 0, pid_ng * 0, S, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + pid_ng)
+    rstd = tl.load(RSTD + pid_ng)
+    xhat, w, yn = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
+    dyn = _dyn(dy, yn, SILU)  # 0 where masked
+    k = tl.arange(0, BLOCK_K)
+    out = (pid_ng // G).to(tl.int64) * C + (pid_ng % G) * K + k
+    tl.store(DWP + out, tl.sum(dyn * xhat, axis=1), mask=k < K)
+    tl.store(DBP + out, tl.sum(dyn, axis=1), mask=k < K)
+    g = dyn * w
+    inv_l = 1.0 / (K * S).to(tl.float32)
+    c1 = tl.sum(tl.sum(g, axis=1), axis=0) * inv_l
+    c2 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) * inv_l
+    dx = rstd * (g - c1 - xhat * c2)
+    tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_warps(elements: int) -> int:
+    """About 8 elements of each live tensor per thread, 1 to 32 warps."""
+    return max(1, min(32, elements // 256))
+
+
+def group_norm_config(N: int, C: int, S: int, G: int) -> dict:
+    """Launch parameters shared by the forward and backward kernels for x [N, C, S] in G groups
+    (the static tests compile exactly these): tile [BLOCK_K, BLOCK_S], ``iters`` tiles per
+    program, ``chunk_s = iters * BLOCK_S`` positions per program, ``splits`` programs per group.
+    ``FUSED``: the whole group is one tile and the fused one-pass kernels run."""
+    K = C // G
+    block_k = triton.next_power_of_2(K)
+    assert block_k <= MAX_CHANNELS_PER_GROUP, f"at most {MAX_CHANNELS_PER_GROUP} channels per group, got {K}"
+    whole = block_k * triton.next_power_of_2(S)
+    if whole <= min(FUSED_MAX_ELEMENTS, SPLIT_ELEMENTS):
+        return dict(FUSED=True, BLOCK_K=block_k, BLOCK_S=triton.next_power_of_2(S), iters=1, chunk_s=S,
+                    splits=1, num_warps=_num_warps(whole))
+    per_program = max(1, SPLIT_ELEMENTS // block_k)
+    block_s = min(triton.next_power_of_2(S), TILE // block_k, 1 << (per_program.bit_length() - 1))
+    iters = max(1, min(SPLIT_ELEMENTS // (block_k * block_s), triton.cdiv(S, block_s)))
+    chunk_s = iters * block_s
+    splits = triton.cdiv(S, chunk_s)
+    return dict(FUSED=False, BLOCK_K=block_k, BLOCK_S=block_s, iters=iters, chunk_s=chunk_s, splits=splits,
+                num_warps=_num_warps(block_k * block_s))
+
+
+def combine_config(splits: int, K: int | None = None) -> dict:
+    """BLOCK_SP (and the loop count) of the combine kernels; with K, the backward's [BLOCK_SP, BLOCK_K] tile."""
+    block_k = 1 if K is None else triton.next_power_of_2(K)
+    block_sp = max(1, min(triton.next_power_of_2(splits), max(1, TILE // block_k), 1024))
+    return dict(BLOCK_SP=block_sp, iters=triton.cdiv(splits, block_sp),
+                num_warps=_num_warps(block_sp * block_k))
+
+
+def channels_last_layout(x: torch.Tensor) -> bool:
+    """True if x [N, C, S] has channels-last strides (S*C, 1, C), False if contiguous (C*S, S, 1).
+
+    Strides of size-1 dims are ignored; with C == 1 or S == 1 both layouts are the same
+    memory order and this returns False. Anything else is an AssertionError.
+    """
+    N, C, S = x.shape
+    ok_n = N <= 1 or x.stride(0) == C * S
+    if C > 1 and S > 1 and x.stride(1) == 1 and x.stride(2) == C and ok_n:
+        return True
+    assert ok_n and (C <= 1 or x.stride(1) == S) and (S <= 1 or x.stride(2) == 1), (
+        f"x must be [N, C, S] with contiguous or channels-last strides, got strides {x.stride()}")
+    return False
+
+
+def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
+    """y, mean, rstd = group_norm_fwd(x [N, C, S], weight [C] | None, bias [C] | None, num_groups, eps, silu).
+
+    y [N, C, S] in x.dtype with the strides of x; mean, rstd [N * num_groups] fp32.
+    """
+    N, C, S = x.shape
+    G = num_groups
+    cl = channels_last_layout(x)
+    y = torch.empty_like(x)
+    mean = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, mean, rstd
+    K = C // G
+    cfg = group_norm_config(N, C, S, G)
+    splits = cfg["splits"]
+    tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+    if cfg["FUSED"]:
+        _group_norm_fwd_fused_kernel[(N * G,)](
+            x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
+            C, S, G, K, eps, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl,
+            INTERPRET=interpreting(), **tile,
+        )
+        return y, mean, rstd
+    part = mean if splits == 1 else torch.empty((N * G, splits, 3), dtype=torch.float32, device=x.device)
+    _group_norm_stats_kernel[(N * G, splits)](
+        x, part, mean, rstd, C, S, G, K, cfg["chunk_s"], cfg["iters"], eps,
+        CHANNELS_LAST=cl, FINAL=splits == 1, **tile,
+    )
+    if splits > 1:
+        ccfg = combine_config(splits)
+        _group_norm_combine_kernel[(N * G,)](part, mean, rstd, splits, ccfg["iters"], eps,
+                                             BLOCK_SP=ccfg["BLOCK_SP"], num_warps=ccfg["num_warps"])
+    _group_norm_apply_kernel[(N * G, splits)](
+        x, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, y,
+        C, S, G, K, cfg["chunk_s"], cfg["iters"],
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl,
+        INTERPRET=interpreting(), **tile,
+    )
+    return y, mean, rstd
+
+
+def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    """dx, dw, db = group_norm_bwd(dy [N, C, S], x [N, C, S], weight [C] | None, bias [C] | None,
+    mean [N*G], rstd [N*G], num_groups, silu).
+
+    dy must have the strides of x; dx [N, C, S] in x.dtype with the strides of x; dw / db [C]
+    in the dtype of weight / bias, or None when absent. Deterministic (no atomics).
+    """
+    N, C, S = x.shape
+    G = num_groups
+    cl = channels_last_layout(x)
+    assert dy.shape == x.shape and dy.dtype == x.dtype and (x.numel() == 0 or dy.stride() == x.stride())
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        zero = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+        return dx, zero(weight), zero(bias)
+    K = C // G
+    cfg = group_norm_config(N, C, S, G)
+    splits = cfg["splits"]
+    tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+    w_arg = weight if weight is not None else x
+    b_arg = bias if bias is not None else x
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl)
+    dwp = torch.empty((N * splits, C), dtype=torch.float32, device=x.device)
+    dbp = torch.empty((N * splits, C), dtype=torch.float32, device=x.device)
+    if cfg["FUSED"]:
+        _group_norm_bwd_fused_kernel[(N * G,)](
+            dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, dx, C, S, G, K, INTERPRET=interpreting(), **flags, **tile,
+        )
+        return dx, _param_grad(dwp, weight), _param_grad(dbp, bias)
+    _group_norm_bwd_reduce_kernel[(N * G, splits)](
+        dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, C, S, G, K, cfg["chunk_s"], cfg["iters"], **flags, **tile,
+    )
+    c1 = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+    c2 = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+    ccfg = combine_config(splits, K)
+    _group_norm_bwd_combine_kernel[(N * G,)](
+        dwp, dbp, w_arg, c1, c2, C, G, K, splits, ccfg["iters"], 1.0 / (K * S),
+        HAS_W=weight is not None, BLOCK_SP=ccfg["BLOCK_SP"], BLOCK_K=cfg["BLOCK_K"], num_warps=ccfg["num_warps"],
+    )
+    _group_norm_bwd_dx_kernel[(N * G, splits)](
+        dy, x, w_arg, b_arg, mean, rstd, c1, c2, dx, C, S, G, K, cfg["chunk_s"], cfg["iters"],
+        INTERPRET=interpreting(), **flags, **tile,
+    )
+    return dx, _param_grad(dwp, weight), _param_grad(dbp, bias)
+
+
+def _param_grad(partial, param):
+    """Fixed-order sum of the per-program partials [P, C] (the deterministic second pass), or None."""
+    return None if param is None else partial.sum(0).to(param.dtype)
