@@ -20,16 +20,22 @@ Forward, per group with ``L = K * S`` elements, in fp32 with one rounding at the
     y    = yn                     (activation=None)
     y    = yn * sigmoid(yn)       (activation="silu")
 
-Split reduction: a group is covered by ``splits`` programs along ``S`` (grid
-``(N*G, splits)``), each reducing ``chunk_s`` spatial positions. Inside a program
-every lane runs Welford's update over its elements (all lanes that are active in
-iteration ``t`` have seen exactly ``t + 1`` elements, so the update multiplies by a
-scalar ``1 / (t + 1)``); the lanes are then merged with Chan's exact formula
-``n = sum n_l, mean = sum n_l mean_l / n, M2 = sum M2_l + sum n_l (mean_l - mean)^2``
-into a partial ``(count, mean, M2)`` per program, and a combine kernel merges the
-partials of a group the same way. No sum of squares is ever formed, so a group of
-16M elements with a large mean keeps its variance. With one split the stats kernel
-writes ``mean, rstd`` itself.
+Statistics: a program walks its positions in ``iters`` tiles; every lane runs
+Welford's update over its elements (a lane active in iteration ``t`` has seen exactly
+``t + 1`` elements, so the update multiplies by a scalar ``1 / (t + 1)``), and the
+lanes are merged with Chan's exact formula
+``n = sum n_l, mean = sum n_l mean_l / n, M2 = sum M2_l + sum n_l (mean_l - mean)^2``.
+No sum of squares is ever formed, so a group of 16M elements with a large mean keeps
+its variance.
+
+Two paths, chosen by ``group_norm_config``:
+
+- one program per group (``splits == 1``, groups up to ``SPLIT_ELEMENTS``): the forward
+  computes the statistics and then normalizes in the same program, re-reading its
+  group while it is still in L1 / L2; the backward likewise (one launch each way);
+- split reduction (larger groups): grid ``(N*G, splits)``, each program over
+  ``chunk_s`` positions writes a partial ``(count, mean, M2)``, a combine kernel
+  merges the partials of a group (Chan again), and an elementwise kernel normalizes.
 
 Backward, with ``xhat = (x - mean) * rstd``, ``dyn = dL/dyn`` (``dy``, or through
 the SiLU: ``dy * s * (1 + yn * (1 - s))`` with ``s = sigmoid(yn)``, ``yn`` recomputed)
@@ -38,11 +44,10 @@ and ``g = dyn * w``::
     dx    = rstd * (g - mean_L(g) - xhat * mean_L(g * xhat))
     dw[c] = sum over n, s of dyn * xhat,      db[c] = sum over n, s of dyn
 
-A reduce kernel (grid ``(N*G, splits)``) writes per-program, per-channel fp32
-partials ``DWP, DBP [N * splits, C]``; ``mean_L(g) = sum_k w_k DBP / L`` and
-``mean_L(g * xhat) = sum_k w_k DWP / L`` are merged per group by a small kernel, then
-an elementwise kernel writes ``dx``. ``dw = DWP.sum(0)``, ``db = DBP.sum(0)``: fixed
-order, no atomics — deterministic.
+Programs write per-program, per-channel fp32 partials ``DWP, DBP [N * splits, C]``;
+``mean_L(g) = sum_k w_k DBP / L`` and ``mean_L(g * xhat) = sum_k w_k DWP / L``
+(in-program with one split, else a small combine kernel), then ``dx``.
+``dw = DWP.sum(0)``, ``db = DBP.sum(0)``: fixed order, no atomics — deterministic.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); every load is
 upcast to fp32 at once and stores go through ``round_to``.
@@ -50,37 +55,30 @@ upcast to fp32 at once and stores go through ``round_to``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from fastgen.kernels._common import interpreting, round_to
 
-# Elements (K * chunk_s) one program of the split reduction covers; a group with more
-# elements is split along S over several programs. Tests lower it to force the split
-# path on small shapes.
+# Elements (K * chunk_s) one program covers: a group with more elements is split along S
+# over several programs. Tests lower it to force the split path on small shapes.
 SPLIT_ELEMENTS = 32768
 # Elements per tile held in registers (~8 per thread per live tensor at TILE // 256 warps).
 TILE = 2048
-# A group whose padded [next_pow2(K), next_pow2(S)] tile has at most this many elements (and
-# at most SPLIT_ELEMENTS) is done by one program in one pass, from registers: the fused path.
-# Tests set it to 0 to run the tiled path on small shapes.
-FUSED_MAX_ELEMENTS = 8192
 # Most channels per group the kernels take (a tile spans all channels of a group; at 2048
 # channels the channels-last stats kernel spills on sm_90, tests/test_static_sm90.py).
 MAX_CHANNELS_PER_GROUP = 1024
 
 
-# ----------------------------------------------------------------------------- kernels
+# ----------------------------------------------------------------------------- device helpers
 
 
 @triton.jit
 def _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K,
                CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Element offsets (int64) and mask of tile ``t`` of this program: channels [g*K, g*K + K), positions
-    s_begin + t*BLOCK_S + [0, BLOCK_S), clipped to s_end. int64 where products can pass 2^31."""
+    """Element offsets (int64) and mask of tile ``t`` of a program: channels [g*K, g*K + K),
+    positions s_begin + t*BLOCK_S + [0, BLOCK_S), clipped to s_end. ``s_begin`` is a tensor."""
     n = pid_ng // G
     g = pid_ng % G
     k = tl.arange(0, BLOCK_K)
@@ -98,33 +96,15 @@ def _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K,
 
 
 @triton.jit
-def _group_norm_stats_kernel(
-    X,  # [N, C, S] input, contiguous or channels-last strides (see module docstring)
-    PART,  # [N*G, splits, 3] fp32 out: (count, mean, M2) per program (unused if FINAL)
-    MEAN,  # [N*G] fp32 out (written only if FINAL)
-    RSTD,  # [N*G] fp32 out (written only if FINAL)
-    C,
-    S,
-    G,
-    K,  # channels per group, C // G
-    chunk_s,  # spatial positions per program (= iters * BLOCK_S)
-    iters,  # tiles per program; host-computed (loop bounds must not depend on program ids)
-    eps,
-    CHANNELS_LAST: tl.constexpr,
-    FINAL: tl.constexpr,  # one program per group: write mean / rstd directly
-    BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    pid_ng = tl.program_id(0)
-    sp = tl.program_id(1)
-    s_begin = sp * chunk_s
-    s_end = tl.minimum(S, s_begin + chunk_s)
+def _chunk_stats(X, pid_ng, s_begin, s_end, iters, C, S, G, K,
+                 CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(count, mean, M2) of positions [s_begin, s_end) of group pid_ng: Welford per lane, Chan across lanes."""
     mean_l = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
     m2_l = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
     for t in range(0, iters):
         offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        # Welford: an active lane has seen exactly t + 1 elements (masking only grows with t).
+        # An active lane has seen exactly t + 1 elements (masking only grows with t).
         inv = 1.0 / (t + 1)
         d = x - mean_l
         new_mean = mean_l + d * inv
@@ -134,19 +114,188 @@ def _group_norm_stats_kernel(
     rem = s_end - s_begin - tl.arange(0, BLOCK_S)
     cnt_s = tl.where(rem > 0, (rem + BLOCK_S - 1) // BLOCK_S, 0)
     cnt = tl.where((tl.arange(0, BLOCK_K) < K)[:, None], cnt_s[None, :], 0).to(tl.float32)
-    # Chan's merge of the lanes.
     n_tot = tl.sum(tl.sum(cnt, axis=1), axis=0)
     mean = tl.sum(tl.sum(cnt * mean_l, axis=1), axis=0) / tl.maximum(n_tot, 1.0)
     dm = mean_l - mean
     m2 = tl.sum(tl.sum(m2_l + cnt * dm * dm, axis=1), axis=0)
-    if FINAL:
-        tl.store(MEAN + pid_ng, mean)
-        tl.store(RSTD + pid_ng, tl.rsqrt(m2 / tl.maximum(n_tot, 1.0) + eps))
+    return n_tot, mean, m2
+
+
+@triton.jit
+def _params(W, B, pid_ng, G, K, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w, b of the group's channels as [BLOCK_K] fp32 (1 / 0 when absent; 0 past K)."""
+    k = tl.arange(0, BLOCK_K)
+    c = (pid_ng % G) * K + k
+    if HAS_W:
+        w = tl.load(W + c, mask=k < K, other=0.0).to(tl.float32)
     else:
-        p = PART + (pid_ng.to(tl.int64) * tl.num_programs(1) + sp) * 3
-        tl.store(p, n_tot)
-        tl.store(p + 1, mean)
-        tl.store(p + 2, m2)
+        w = tl.where(k < K, 1.0, 0.0)
+    if HAS_B:
+        b = tl.load(B + c, mask=k < K, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_K], dtype=tl.float32)
+    return w, b
+
+
+@triton.jit
+def _chunk_apply(X, Y, w, b, pid_ng, mean, rstd, s_begin, s_end, iters, C, S, G, K, SILU: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """y = act((x - mean) * rstd * w + b) over positions [s_begin, s_end) of group pid_ng."""
+    for t in range(0, iters):
+        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd * w[:, None] + b[:, None]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(Y + offs, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _dyn(dy, xhat, w, b, SILU: tl.constexpr):
+    """Gradient at yn = xhat * w + b: dy, or through y = yn * sigmoid(yn)."""
+    if SILU:
+        yn = xhat * w[:, None] + b[:, None]
+        sig = 1.0 / (1.0 + tl.exp(-yn))
+        return dy * (sig * (1.0 + yn * (1.0 - sig)))
+    return dy
+
+
+@triton.jit
+def _chunk_grad_sums(DY, X, w, b, pid_ng, mean, rstd, s_begin, s_end, iters, C, S, G, K, SILU: tl.constexpr,
+                     CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per channel of group pid_ng over positions [s_begin, s_end): (sum dyn * xhat, sum dyn), [BLOCK_K] each."""
+    acc_dw = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
+    for t in range(0, iters):
+        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean) * rstd
+        dyn = _dyn(dy, xhat, w, b, SILU)  # 0 where masked (dy = 0)
+        acc_dw += dyn * xhat
+        acc_db += dyn
+    return tl.sum(acc_dw, axis=1), tl.sum(acc_db, axis=1)
+
+
+@triton.jit
+def _chunk_dx(DY, X, DX, w, b, pid_ng, mean, rstd, c1, c2, s_begin, s_end, iters, C, S, G, K, SILU: tl.constexpr,
+              CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr):
+    """dx = rstd * (dyn * w - c1 - xhat * c2) over positions [s_begin, s_end) of group pid_ng."""
+    for t in range(0, iters):
+        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean) * rstd
+        g = _dyn(dy, xhat, w, b, SILU) * w[:, None]
+        dx = rstd * (g - c1 - xhat * c2)
+        tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# ----------------------------------------------------------------------------- kernels: one program per group
+
+
+@triton.jit
+def _group_norm_fwd_kernel(
+    X,  # [N, C, S] input, contiguous or channels-last strides (see module docstring)
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    Y,  # [N, C, S] out, strides of X, x.dtype
+    MEAN,  # [N*G] fp32 out
+    RSTD,  # [N*G] fp32 out
+    C,
+    S,
+    G,
+    K,  # channels per group, C // G
+    iters,  # tiles per group, cdiv(S, BLOCK_S); host-computed (loop bounds must not depend on program ids)
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    zero = pid_ng * 0  # s_begin as a tensor
+    n_tot, mean, m2 = _chunk_stats(X, pid_ng, zero, S, iters, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+    rstd = tl.rsqrt(m2 / tl.maximum(n_tot, 1.0) + eps)
+    tl.store(MEAN + pid_ng, mean)
+    tl.store(RSTD + pid_ng, rstd)
+    w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
+    _chunk_apply(X, Y, w, b, pid_ng, mean, rstd, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S,
+                 INTERPRET)
+
+
+@triton.jit
+def _group_norm_bwd_kernel(
+    DY,  # [N, C, S] upstream gradient, strides of X
+    X,  # [N, C, S] input
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    MEAN,  # [N*G] fp32
+    RSTD,  # [N*G] fp32
+    DWP,  # [N, C] fp32 out: sums over S of dyn * xhat per channel
+    DBP,  # [N, C] fp32 out: sums over S of dyn per channel
+    DX,  # [N, C, S] out, strides of X, x.dtype
+    C,
+    S,
+    G,
+    K,
+    iters,
+    inv_l,  # 1 / (K * S)
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    zero = pid_ng * 0
+    mean = tl.load(MEAN + pid_ng)
+    rstd = tl.load(RSTD + pid_ng)
+    w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
+    pdw, pdb = _chunk_grad_sums(DY, X, w, b, pid_ng, mean, rstd, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST,
+                                BLOCK_K, BLOCK_S)
+    k = tl.arange(0, BLOCK_K)
+    out = (pid_ng // G).to(tl.int64) * C + (pid_ng % G) * K + k
+    tl.store(DWP + out, pdw, mask=k < K)
+    tl.store(DBP + out, pdb, mask=k < K)
+    c1 = tl.sum(w * pdb, axis=0) * inv_l
+    c2 = tl.sum(w * pdw, axis=0) * inv_l
+    _chunk_dx(DY, X, DX, w, b, pid_ng, mean, rstd, c1, c2, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST,
+              BLOCK_K, BLOCK_S, INTERPRET)
+
+
+# ----------------------------------------------------------------------------- kernels: split reduction
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    X,  # [N, C, S] input
+    PART,  # [N*G, splits, 3] fp32 out: (count, mean, M2) per program
+    C,
+    S,
+    G,
+    K,
+    chunk_s,  # positions per program (= iters * BLOCK_S)
+    iters,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    s_begin = sp * chunk_s
+    s_end = tl.minimum(S, s_begin + chunk_s)
+    n_tot, mean, m2 = _chunk_stats(X, pid_ng, s_begin, s_end, iters, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+    p = PART + (pid_ng.to(tl.int64) * tl.num_programs(1) + sp) * 3
+    tl.store(p, n_tot)
+    tl.store(p + 1, mean)
+    tl.store(p + 2, m2)
 
 
 @triton.jit
@@ -187,23 +336,6 @@ def _group_norm_combine_kernel(
 
 
 @triton.jit
-def _affine(x, W, B, pid_ng, mean, rstd, G, K,
-            HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """xhat, w (as [BLOCK_K, 1]), yn = xhat * w + b for a tile of group pid_ng."""
-    k = tl.arange(0, BLOCK_K)
-    c = (pid_ng % G) * K + k
-    xhat = (x - mean) * rstd
-    if HAS_W:
-        w = tl.load(W + c, mask=k < K, other=0.0).to(tl.float32)[:, None]
-    else:
-        w = tl.full([BLOCK_K, 1], 1.0, tl.float32)
-    yn = xhat * w
-    if HAS_B:
-        yn = yn + tl.load(B + c, mask=k < K, other=0.0).to(tl.float32)[:, None]
-    return xhat, w, yn
-
-
-@triton.jit
 def _group_norm_apply_kernel(
     X,  # [N, C, S] input
     W,  # [C] weight (unused unless HAS_W)
@@ -228,24 +360,9 @@ def _group_norm_apply_kernel(
     pid_ng = tl.program_id(0)
     s_begin = tl.program_id(1) * chunk_s
     s_end = tl.minimum(S, s_begin + chunk_s)
-    mean = tl.load(MEAN + pid_ng)
-    rstd = tl.load(RSTD + pid_ng)
-    for t in range(0, iters):
-        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        _, _, y = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(Y + offs, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _dyn(dy, yn, SILU: tl.constexpr):
-    """Gradient at the normalized-affine output yn: dy, or through y = yn * sigmoid(yn)."""
-    if SILU:
-        sig = 1.0 / (1.0 + tl.exp(-yn))
-        return dy * (sig * (1.0 + yn * (1.0 - sig)))
-    return dy
+    w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
+    _chunk_apply(X, Y, w, b, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), s_begin, s_end, iters,
+                 C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S, INTERPRET)
 
 
 @triton.jit
@@ -275,23 +392,13 @@ def _group_norm_bwd_reduce_kernel(
     sp = tl.program_id(1)
     s_begin = sp * chunk_s
     s_end = tl.minimum(S, s_begin + chunk_s)
-    mean = tl.load(MEAN + pid_ng)
-    rstd = tl.load(RSTD + pid_ng)
-    acc_dw = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_K, BLOCK_S], dtype=tl.float32)
-    for t in range(0, iters):
-        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat, _, yn = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
-        dyn = _dyn(dy, yn, SILU)  # 0 where masked (dy = 0)
-        acc_dw += dyn * xhat
-        acc_db += dyn
+    w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
+    pdw, pdb = _chunk_grad_sums(DY, X, w, b, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), s_begin,
+                                s_end, iters, C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S)
     k = tl.arange(0, BLOCK_K)
-    n = pid_ng // G
-    out = (n.to(tl.int64) * tl.num_programs(1) + sp) * C + (pid_ng % G) * K + k
-    tl.store(DWP + out, tl.sum(acc_dw, axis=1), mask=k < K)
-    tl.store(DBP + out, tl.sum(acc_db, axis=1), mask=k < K)
+    out = ((pid_ng // G).to(tl.int64) * tl.num_programs(1) + sp) * C + (pid_ng % G) * K + k
+    tl.store(DWP + out, pdw, mask=k < K)
+    tl.store(DBP + out, pdb, mask=k < K)
 
 
 @triton.jit
@@ -316,10 +423,7 @@ def _group_norm_bwd_combine_kernel(
     k = tl.arange(0, BLOCK_K)
     i = tl.arange(0, BLOCK_SP)
     c = (pid_ng % G) * K + k
-    if HAS_W:
-        w = tl.load(W + c, mask=k < K, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(k < K, 1.0, 0.0)
+    w, _ = _params(W, W, pid_ng, G, K, HAS_W, False, BLOCK_K)
     acc1 = tl.zeros([BLOCK_SP, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_SP, BLOCK_K], dtype=tl.float32)
     for t in range(0, iters):
@@ -360,107 +464,13 @@ def _group_norm_bwd_dx_kernel(
     pid_ng = tl.program_id(0)
     s_begin = tl.program_id(1) * chunk_s
     s_end = tl.minimum(S, s_begin + chunk_s)
-    mean = tl.load(MEAN + pid_ng)
-    rstd = tl.load(RSTD + pid_ng)
-    c1 = tl.load(C1 + pid_ng)
-    c2 = tl.load(C2 + pid_ng)
-    for t in range(0, iters):
-        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat, w, yn = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
-        g = _dyn(dy, yn, SILU) * w
-        dx = rstd * (g - c1 - xhat * c2)
-        tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _group_norm_fwd_fused_kernel(
-    X,  # [N, C, S] input
-    W,  # [C] weight (unused unless HAS_W)
-    B,  # [C] bias (unused unless HAS_B)
-    Y,  # [N, C, S] out, strides of X, x.dtype
-    MEAN,  # [N*G] fp32 out
-    RSTD,  # [N*G] fp32 out
-    C,
-    S,
-    G,
-    K,
-    eps,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    SILU: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # >= K
-    BLOCK_S: tl.constexpr,  # >= S: the whole group is one tile
-    INTERPRET: tl.constexpr,
-):
-    # One program per group, x read once: exact two-pass mean / variance from registers.
-    pid_ng = tl.program_id(0)
-    offs, mask = _tile_offs(pid_ng, 0, pid_ng * 0, S, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    inv_l = 1.0 / (K * S).to(tl.float32)
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) * inv_l
-    d = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) * inv_l + eps)
-    tl.store(MEAN + pid_ng, mean)
-    tl.store(RSTD + pid_ng, rstd)
-    _, _, y = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
-    tl.store(Y + offs, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _group_norm_bwd_fused_kernel(
-    DY,  # [N, C, S] upstream gradient, strides of X
-    X,  # [N, C, S] input
-    W,  # [C] weight (unused unless HAS_W)
-    B,  # [C] bias (unused unless HAS_B)
-    MEAN,  # [N*G] fp32
-    RSTD,  # [N*G] fp32
-    DWP,  # [N, C] fp32 out: sums over S of dyn * xhat per channel
-    DBP,  # [N, C] fp32 out: sums over S of dyn per channel
-    DX,  # [N, C, S] out, strides of X, x.dtype
-    C,
-    S,
-    G,
-    K,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    SILU: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    # One program per group: reductions and dx from registers, x and dy read once.
-    pid_ng = tl.program_id(0)
-    offs, mask = _tile_offs(pid_ng, 0, pid_ng * 0, S, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + pid_ng)
-    rstd = tl.load(RSTD + pid_ng)
-    xhat, w, yn = _affine(x, W, B, pid_ng, mean, rstd, G, K, HAS_W, HAS_B, BLOCK_K)
-    dyn = _dyn(dy, yn, SILU)  # 0 where masked
-    k = tl.arange(0, BLOCK_K)
-    out = (pid_ng // G).to(tl.int64) * C + (pid_ng % G) * K + k
-    tl.store(DWP + out, tl.sum(dyn * xhat, axis=1), mask=k < K)
-    tl.store(DBP + out, tl.sum(dyn, axis=1), mask=k < K)
-    g = dyn * w
-    inv_l = 1.0 / (K * S).to(tl.float32)
-    c1 = tl.sum(tl.sum(g, axis=1), axis=0) * inv_l
-    c2 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) * inv_l
-    dx = rstd * (g - c1 - xhat * c2)
-    tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
+    w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
+    _chunk_dx(DY, X, DX, w, b, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), tl.load(C1 + pid_ng),
+              tl.load(C2 + pid_ng), s_begin, s_end, iters, C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S,
+              INTERPRET)
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _num_warps(elements: int) -> int:
@@ -471,21 +481,20 @@ def _num_warps(elements: int) -> int:
 def group_norm_config(N: int, C: int, S: int, G: int) -> dict:
     """Launch parameters shared by the forward and backward kernels for x [N, C, S] in G groups
     (the static tests compile exactly these): tile [BLOCK_K, BLOCK_S], ``iters`` tiles per
-    program, ``chunk_s = iters * BLOCK_S`` positions per program, ``splits`` programs per group.
-    ``FUSED``: the whole group is one tile and the fused one-pass kernels run."""
+    program over ``chunk_s = iters * BLOCK_S`` positions (``S`` with one split), ``splits``
+    programs per group (1: the one-program-per-group kernels)."""
     K = C // G
     block_k = triton.next_power_of_2(K)
     assert block_k <= MAX_CHANNELS_PER_GROUP, f"at most {MAX_CHANNELS_PER_GROUP} channels per group, got {K}"
-    whole = block_k * triton.next_power_of_2(S)
-    if whole <= min(FUSED_MAX_ELEMENTS, SPLIT_ELEMENTS):
-        return dict(FUSED=True, BLOCK_K=block_k, BLOCK_S=triton.next_power_of_2(S), iters=1, chunk_s=S,
-                    splits=1, num_warps=_num_warps(whole))
     per_program = max(1, SPLIT_ELEMENTS // block_k)
     block_s = min(triton.next_power_of_2(S), TILE // block_k, 1 << (per_program.bit_length() - 1))
-    iters = max(1, min(SPLIT_ELEMENTS // (block_k * block_s), triton.cdiv(S, block_s)))
+    tiles = triton.cdiv(S, block_s)
+    iters = max(1, min(SPLIT_ELEMENTS // (block_k * block_s), tiles))
+    if iters >= tiles:  # the whole group in one program
+        return dict(BLOCK_K=block_k, BLOCK_S=block_s, iters=tiles, chunk_s=S, splits=1,
+                    num_warps=_num_warps(block_k * block_s))
     chunk_s = iters * block_s
-    splits = triton.cdiv(S, chunk_s)
-    return dict(FUSED=False, BLOCK_K=block_k, BLOCK_S=block_s, iters=iters, chunk_s=chunk_s, splits=splits,
+    return dict(BLOCK_K=block_k, BLOCK_S=block_s, iters=iters, chunk_s=chunk_s, splits=triton.cdiv(S, chunk_s),
                 num_warps=_num_warps(block_k * block_s))
 
 
@@ -529,28 +538,22 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
     cfg = group_norm_config(N, C, S, G)
     splits = cfg["splits"]
     tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
-    if cfg["FUSED"]:
-        _group_norm_fwd_fused_kernel[(N * G,)](
-            x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-            C, S, G, K, eps, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl,
-            INTERPRET=interpreting(), **tile,
-        )
+    w_arg = weight if weight is not None else x
+    b_arg = bias if bias is not None else x
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl,
+                 INTERPRET=interpreting())
+    if splits == 1:
+        _group_norm_fwd_kernel[(N * G,)](x, w_arg, b_arg, y, mean, rstd, C, S, G, K, cfg["iters"], eps,
+                                         **flags, **tile)
         return y, mean, rstd
-    part = mean if splits == 1 else torch.empty((N * G, splits, 3), dtype=torch.float32, device=x.device)
-    _group_norm_stats_kernel[(N * G, splits)](
-        x, part, mean, rstd, C, S, G, K, cfg["chunk_s"], cfg["iters"], eps,
-        CHANNELS_LAST=cl, FINAL=splits == 1, **tile,
-    )
-    if splits > 1:
-        ccfg = combine_config(splits)
-        _group_norm_combine_kernel[(N * G,)](part, mean, rstd, splits, ccfg["iters"], eps,
-                                             BLOCK_SP=ccfg["BLOCK_SP"], num_warps=ccfg["num_warps"])
-    _group_norm_apply_kernel[(N * G, splits)](
-        x, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, y,
-        C, S, G, K, cfg["chunk_s"], cfg["iters"],
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl,
-        INTERPRET=interpreting(), **tile,
-    )
+    part = torch.empty((N * G, splits, 3), dtype=torch.float32, device=x.device)
+    _group_norm_stats_kernel[(N * G, splits)](x, part, C, S, G, K, cfg["chunk_s"], cfg["iters"],
+                                              CHANNELS_LAST=cl, **tile)
+    ccfg = combine_config(splits)
+    _group_norm_combine_kernel[(N * G,)](part, mean, rstd, splits, ccfg["iters"], eps,
+                                         BLOCK_SP=ccfg["BLOCK_SP"], num_warps=ccfg["num_warps"])
+    _group_norm_apply_kernel[(N * G, splits)](x, w_arg, b_arg, mean, rstd, y, C, S, G, K, cfg["chunk_s"],
+                                              cfg["iters"], **flags, **tile)
     return y, mean, rstd
 
 
@@ -578,10 +581,9 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl)
     dwp = torch.empty((N * splits, C), dtype=torch.float32, device=x.device)
     dbp = torch.empty((N * splits, C), dtype=torch.float32, device=x.device)
-    if cfg["FUSED"]:
-        _group_norm_bwd_fused_kernel[(N * G,)](
-            dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, dx, C, S, G, K, INTERPRET=interpreting(), **flags, **tile,
-        )
+    if splits == 1:
+        _group_norm_bwd_kernel[(N * G,)](dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, dx, C, S, G, K, cfg["iters"],
+                                         1.0 / (K * S), INTERPRET=interpreting(), **flags, **tile)
         return dx, _param_grad(dwp, weight), _param_grad(dbp, bias)
     _group_norm_bwd_reduce_kernel[(N * G, splits)](
         dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, C, S, G, K, cfg["chunk_s"], cfg["iters"], **flags, **tile,

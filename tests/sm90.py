@@ -158,11 +158,25 @@ def group_norm_cases(dtype: str = "bf16"):
             seen.add(key)
             yield name, fn, sig, consts, nw
 
+    fwd_fused_sig = {"X": p, "W": p, "B": p, "Y": p, "MEAN": f32, "RSTD": f32, "C": "i32", "S": "i32", "G": "i32",
+                     "K": "i32", "eps": "fp32"}
+    bwd_fused_sig = {"DY": p, "X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "DWP": f32, "DBP": f32, "DX": p,
+                     "C": "i32", "S": "i32", "G": "i32", "K": "i32"}
     for N, C, S, G in ((8, 512, 128 * 128, 32), (1, 128, 1024 * 1024, 32), (2, 96, 17 * 13, 32),
-                       (4, 64, 16 * 64 * 64, 1), (1, 1024, 64, 1)):
+                       (4, 64, 16 * 64 * 64, 1), (1, 1024, 64, 1), (2, 1280, 8 * 8, 32), (2, 512, 16 * 16, 32),
+                       (2, 512, 16 * 32, 32)):
         cfg = k.group_norm_config(N, C, S, G)
         nw = cfg["num_warps"]
         tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"])
+        if cfg["FUSED"]:
+            for cl in (False, True):
+                tag = f"N={N} C={C} S={S} G={G} {'nhwc' if cl else 'nchw'}"
+                flags = dict(HAS_W=True, HAS_B=True, SILU=True, CHANNELS_LAST=cl, INTERPRET=False)
+                yield from once(f"gn fwd_fused {tag}", k._group_norm_fwd_fused_kernel, fwd_fused_sig,
+                                dict(tile, **flags), nw)
+                yield from once(f"gn bwd_fused {tag}", k._group_norm_bwd_fused_kernel, bwd_fused_sig,
+                                dict(tile, **flags), nw)
+            continue
         for cl in (False, True):
             tag = f"N={N} C={C} S={S} G={G} {'nhwc' if cl else 'nchw'}"
             flags = dict(HAS_W=True, HAS_B=True, SILU=True, CHANNELS_LAST=cl)

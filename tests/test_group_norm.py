@@ -137,15 +137,30 @@ def test_triton_forward_backward_silu(shape, G, dtype):
 
 
 @pytest.mark.parametrize("shape, G", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"G{v}")
-def test_triton_forward_backward_plain(shape, G):
+def test_triton_forward_backward_plain_tiled(monkeypatch, shape, G):
+    # The shapes above fit one tile (the fused one-pass kernels); here the tiled kernels run them.
+    monkeypatch.setattr(K, "FUSED_MAX_ELEMENTS", 0)
+    assert not K.group_norm_config(shape[0], shape[1], 1 if len(shape) < 3 else int(torch.tensor(shape[2:]).prod()),
+                                   G)["FUSED"]
     _check_fwd_bwd(shape, G, torch.bfloat16, False)
 
 
 @pytest.mark.parametrize("shape, G", [((1, 96, 3, 4), 32), ((2, 6, 17, 13), 3), ((1, 8, 3, 5, 6), 4)],
                          ids=["96c", "17x13", "video"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_channels_last(shape, G, dtype):
-    _check_fwd_bwd(shape, G, dtype, True, channels_last=True)
+@pytest.mark.parametrize("path", ["fused", "tiled"])
+def test_triton_channels_last(monkeypatch, shape, G, path):
+    if path == "tiled":
+        monkeypatch.setattr(K, "FUSED_MAX_ELEMENTS", 0)
+    _check_fwd_bwd(shape, G, torch.bfloat16, True, channels_last=True)
+
+
+@pytest.mark.parametrize("shape, G", [((2, 4, 1), 4), ((3, 5, 7), 5), ((2, 6, 1, 1), 2)], ids=["K1S1", "K1", "S1"])
+@pytest.mark.parametrize("path", ["fused", "tiled"])
+def test_triton_degenerate_groups(monkeypatch, shape, G, path):
+    # One channel and / or one position per group (K = 1 or S = 1; one element: var = 0, y = b).
+    if path == "tiled":
+        monkeypatch.setattr(K, "FUSED_MAX_ELEMENTS", 0)
+    _check_fwd_bwd(shape, G, torch.float32, True)
 
 
 @pytest.mark.parametrize("weight, bias", [(False, False), (True, False), (False, True)], ids=["none", "w", "b"])
@@ -461,6 +476,9 @@ def test_cuda_extension_argument_errors():
 # ----------------------------------------------------------------------------- GPU tier
 
 GPU_SHAPES = [
+    ((4, 32, 1, 1), 32),
+    ((3, 5, 7), 5),
+    ((2, 1280, 8, 8), 32),
     ((2, 96, 17, 13), 32),
     ((2, 320, 32, 32), 32),
     ((1, 8, 4, 33, 35), 4),

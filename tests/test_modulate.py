@@ -314,9 +314,5 @@ def test_zero_size_and_float64_take_the_reference():
                                    (2, 16, 8192)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_forward_backward(op, per_token, shape, dtype):
-    global TRITON_DEVICE
-    saved, TRITON_DEVICE = TRITON_DEVICE, "cuda"
-    try:
-        _check(op, *shape, dtype, per_token, grad_scale=8)
-    finally:
-        TRITON_DEVICE = saved
+    assert TRITON_DEVICE == "cuda"  # with a GPU present, the kernels run on it
+    _check(op, *shape, dtype, per_token, grad_scale=8)

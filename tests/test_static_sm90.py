@@ -61,6 +61,9 @@ def test_every_group_norm_config_was_compiled(usage):
                     assert f"gn {kernel} {tag} {layout} {dtype}" in names
             assert f"gn bwd_combine {tag} {dtype}" in names
         assert f"gn combine N=1 C=128 S=1048576 G=32 {dtype}" in names
+        for tag in ("N=2 C=1280 S=64 G=32", "N=2 C=512 S=256 G=32"):  # one-tile groups: the fused kernels
+            for layout in ("nchw", "nhwc"):
+                assert f"gn fwd_fused {tag} {layout} {dtype}" in names and f"gn bwd_fused {tag} {layout} {dtype}" in names
 
 
 def test_every_layer_norm_config_was_compiled(usage):

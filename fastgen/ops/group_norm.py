@@ -45,15 +45,16 @@ def group_norm_ref(
 ) -> Tensor:
     """Plain-torch GroupNorm (+ SiLU): the truth for tests and the ``backend="torch"`` path.
 
-    fp32 math (``F.group_norm`` on the upcast input), one rounding to ``x.dtype``.
+    fp32 math (``F.group_norm`` on the upcast input; float64 stays float64), one rounding to ``x.dtype``.
     """
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
     if w is None and b is not None:
         # F.group_norm's CPU backward fails for a bias without a weight (torch 2.13): add it here.
-        y = F.group_norm(x.float(), num_groups, None, None, eps) + b.view((1, -1) + (1,) * (x.dim() - 2))
+        y = F.group_norm(x.to(acc), num_groups, None, None, eps) + b.view((1, -1) + (1,) * (x.dim() - 2))
     else:
-        y = F.group_norm(x.float(), num_groups, w, b, eps)
+        y = F.group_norm(x.to(acc), num_groups, w, b, eps)
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype)
