@@ -140,6 +140,7 @@ def format_text(info: dict[str, Any]) -> str:
     lines.append(f"default backend {info['default_backend']}"
                  + (f" (FASTGEN_BACKEND={env})" if env else ""))
     lines.append("auto picks      (op: on CUDA tensors / on CPU tensors)")
+    width = max((len(op) for op in info["auto"]), default=0)
     for op, row in info["auto"].items():
-        lines.append(f"  {op:<13} {row['cuda']} / {row['cpu']}")
+        lines.append(f"  {op:<{width}}  {row['cuda']} / {row['cpu']}")
     return "\n".join(lines)
