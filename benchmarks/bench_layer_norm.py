@@ -30,7 +30,7 @@ from fastgen.ops import (
     layer_norm_ref,
 )
 
-from .harness import Case, Unavailable
+from .harness import Case, Unavailable, autograd_step
 
 OP = "layer_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "liger-kernel")
@@ -151,24 +151,5 @@ def setup(provider: str, case: Case, mode: str, device: str):
             y = rnd(B, S, N).requires_grad_(grad)
             inputs, leaves = (x, y, gate, shift, scale), [x, y, emb]
 
-    if mode == "fwd":
-        def fn():
-            return f(*inputs)
-        return fn
-
-    def outputs():
-        out = f(*inputs)
-        return out if isinstance(out, tuple) else (out,)
-
-    grads = [rnd(B, S, N) for _ in range(2 if case.variant == "gated" else 1)]
-    if mode == "bwd":
-        outs = outputs()
-
-        def fn():
-            torch.autograd.backward(outs, grads, retain_graph=True)
-    else:
-        def fn():
-            torch.autograd.backward(outputs(), grads)
-
-    fn.grad_to_none = leaves
-    return fn
+    grads = [rnd(B, S, N) for _ in range(2 if case.variant == "gated" else 1)] if grad else []
+    return autograd_step(f, inputs, mode, grads, leaves)

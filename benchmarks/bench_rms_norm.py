@@ -27,7 +27,7 @@ import torch
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.ops import rms_norm, rms_norm_ref
 
-from .harness import Case, Unavailable
+from .harness import Case, Unavailable, autograd_step
 
 OP = "rms_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -152,29 +152,6 @@ def setup(provider: str, case: Case, mode: str, device: str):
     r = (torch.randn(M, N, device=device, dtype=case.dtype, generator=gen).requires_grad_(grad)
          if residual else None)
     leaves = [t for t in (x, w, r) if t is not None]
-
-    if mode == "fwd":
-        def fn():
-            return f(x, w, r)
-        return fn
-
-    def outputs():
-        out = f(x, w, r)
-        return out if isinstance(out, tuple) else (out,)
-
     grads = [torch.randn(M, N, device=device, dtype=case.dtype, generator=gen)
-             for _ in range(2 if residual else 1)]
-
-    if mode == "bwd":
-        outs = outputs()
-        if len(outs) != len(grads):
-            raise RuntimeError(f"{provider} returned {len(outs)} outputs, expected {len(grads)}")
-
-        def fn():
-            torch.autograd.backward(outs, grads, retain_graph=True)
-    else:
-        def fn():
-            torch.autograd.backward(outputs(), grads)
-
-    fn.grad_to_none = leaves
-    return fn
+             for _ in range(2 if residual else 1)] if grad else []
+    return autograd_step(lambda: f(x, w, r), (), mode, grads, leaves)

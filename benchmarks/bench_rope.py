@@ -28,7 +28,7 @@ import torch
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.ops import apply_rope, apply_rope_ref, qk_norm_rope, qk_norm_rope_ref
 
-from .harness import Case, Unavailable
+from .harness import Case, Unavailable, autograd_step
 
 OP = "rope"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -154,20 +154,5 @@ def setup(provider: str, case: Case, mode: str, device: str):
     cos, sin = ang.cos(), ang.sin()
     leaves = [q, k] + ([wq, wk] if fused else [])
 
-    if mode == "fwd":
-        def fn():
-            return f(q, k, wq, wk, cos, sin)
-        return fn
-
-    grads = [torch.randn(B, S, H, D, device=device, dtype=case.dtype, generator=gen) for _ in range(2)]
-    if mode == "bwd":
-        outs = f(q, k, wq, wk, cos, sin)
-
-        def fn():
-            torch.autograd.backward(outs, grads, retain_graph=True)
-    else:
-        def fn():
-            torch.autograd.backward(f(q, k, wq, wk, cos, sin), grads)
-
-    fn.grad_to_none = leaves
-    return fn
+    grads = [torch.randn(B, S, H, D, device=device, dtype=case.dtype, generator=gen) for _ in range(2)] if grad else []
+    return autograd_step(f, (q, k, wq, wk, cos, sin), mode, grads, leaves)

@@ -167,6 +167,39 @@ def bench_fn(fn: Callable, device: str, *, cpu_budget_s: float = 0.25) -> tuple[
     return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8)
 
 
+def autograd_step(f: Callable, inputs: Sequence[Any], mode: str, grads: Sequence[torch.Tensor],
+                  leaves: Sequence[torch.Tensor]) -> Callable:
+    """The measured function of a differentiable op, for a suite's ``setup``.
+
+    ``fwd``: ``f(*inputs)``; ``bwd``: the backward alone of one forward recorded here
+    (``retain_graph``); ``fwd+bwd``: both. ``grads`` are the upstream gradients, one per
+    output of ``f``; ``leaves`` get their ``.grad`` reset between timed calls.
+    """
+    if mode == "fwd":
+        def fn():
+            return f(*inputs)
+        return fn
+
+    def outputs():
+        out = f(*inputs)
+        return out if isinstance(out, tuple) else (out,)
+
+    if mode == "bwd":
+        recorded = outputs()
+        if len(recorded) != len(grads):
+            raise RuntimeError(f"the op returned {len(recorded)} outputs, expected {len(grads)}")
+
+        def fn():
+            torch.autograd.backward(recorded, list(grads), retain_graph=True)
+    elif mode == "fwd+bwd":
+        def fn():
+            torch.autograd.backward(outputs(), list(grads))
+    else:
+        raise ValueError(f"unknown mode {mode!r}; expected fwd, bwd or fwd+bwd")
+    fn.grad_to_none = list(leaves)
+    return fn
+
+
 def host_ms(fn: Callable, reps: int = 10) -> float:
     """Median host time of one call (ms), the GPU idle before each: the CPU cost of issuing the
     work (Python, dispatch, launches), which is what large sharded models wait on."""
