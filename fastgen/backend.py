@@ -22,6 +22,7 @@ This module is callable: ``fastgen.backend("torch")`` is the same as
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import types
@@ -148,6 +149,14 @@ def resolve(op: str, requested: str | None, device: torch.device, unsupported: s
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend={name!r} cannot run: {reason}")
     return name
+
+
+def launchers(module: str, impl: str):
+    """The launcher module of an op's implementation: ``fastgen.kernels.<module>`` for
+    ``"triton"``, ``fastgen.cuda.<module>`` for ``"cuda"`` (same launcher signatures)."""
+    if impl not in ("triton", "cuda"):
+        raise ValueError(f"no kernel implementation named {impl!r}")
+    return importlib.import_module(f"fastgen.{'kernels' if impl == 'triton' else 'cuda'}.{module}")
 
 
 class _CallableModule(types.ModuleType):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen import backend as _backend
-from fastgen.backend import BackendUnavailableError
+from fastgen.backend import BackendUnavailableError, launchers
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Widest row the Triton kernels serve (fastgen.kernels.layer_norm.MAX_N); wider rows take the reference.
@@ -113,14 +113,6 @@ def resolve(op: str, backend: Optional[str], x: Tensor) -> str:
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _launchers(impl: str):
-    if impl != "triton":  # pragma: no cover - resolve() only returns "triton" here
-        raise ValueError(f"no kernel implementation named {impl!r} for the layer_norm family")
-    from fastgen.kernels import layer_norm as launchers
-
-    return launchers
-
-
 def _opt(t: Tensor) -> Optional[Tensor]:
     """The custom ops return [0]-shaped placeholders for absent outputs."""
     return None if t.dim() == 1 and t.shape[0] == 0 else t
@@ -136,7 +128,7 @@ def _layer_norm_fwd_op(
     weight: Optional[Tensor], bias: Optional[Tensor], eps: float, norm: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [B, S, N], x_new [B, S, N], mean [M], rstd [M]); [0] placeholders for absent ones."""
-    out, x_new, mean, rstd = _launchers(impl).layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm)
+    out, x_new, mean, rstd = launchers("layer_norm", impl).layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm)
     f32 = x.new_empty(0, dtype=torch.float32)
     return _ph(x, out), _ph(x, x_new), _ph(f32, mean), _ph(f32, rstd)
 
@@ -161,7 +153,7 @@ def _layer_norm_bwd_op(
     rstd: Optional[Tensor], shift_per_sample: bool, norm: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dy, dgate, dshift, dscale, dw, db); [0] placeholders for absent ones (see layer_norm_bwd)."""
-    grads = _launchers(impl).layer_norm_bwd(
+    grads = launchers("layer_norm", impl).layer_norm_bwd(
         dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm
     )
     return tuple(_ph(h, g) for g in grads)

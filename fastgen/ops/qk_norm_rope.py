@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import BackendUnavailableError, resolve
-from fastgen.ops.rope import launchers, rope_rotate_float, unit_last, unsupported_qk, validate_qk
+from fastgen.backend import BackendUnavailableError, launchers, resolve
+from fastgen.ops.rope import rope_rotate_float, unit_last, unsupported_qk, validate_qk
 
 # ----------------------------------------------------------------------------- reference
 
@@ -67,7 +67,7 @@ def _validate(q, k, q_weight, k_weight, cos, sin, eps, layout):
 @torch.library.custom_op("fastgen::qk_norm_rope_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float,
             layout: str, interleaved: bool, impl: str) -> tuple[Tensor, Tensor]:
-    return launchers(impl, "qk_norm_rope").qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, layout,
+    return launchers("qk_norm_rope", impl).qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, layout,
                                                             interleaved)
 
 
@@ -80,7 +80,7 @@ def _(q, k, q_weight, k_weight, cos, sin, eps, layout, interleaved, impl):
 def _bwd_op(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor,
             sin: Tensor, eps: float, layout: str, interleaved: bool, impl: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return launchers(impl, "qk_norm_rope").qk_norm_rope_bwd(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps,
+    return launchers("qk_norm_rope", impl).qk_norm_rope_bwd(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps,
                                                             layout, interleaved)
 
 

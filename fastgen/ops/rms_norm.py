@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import resolve
+from fastgen.backend import launchers, resolve
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -94,16 +94,6 @@ def _as_rows(t: Tensor) -> Tensor:
     return t2
 
 
-def _launchers(impl: str):
-    if impl == "triton":
-        from fastgen.kernels import rms_norm as launchers
-    elif impl == "cuda":
-        from fastgen.cuda import rms_norm as launchers
-    else:  # pragma: no cover - resolve() only returns the names above
-        raise ValueError(f"no kernel implementation named {impl!r}")
-    return launchers
-
-
 # ----------------------------------------------------------------------------- torch.library ops
 
 
@@ -112,7 +102,7 @@ def _rms_norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], h [M, N] or [0] without a residual, rstd [M] fp32) from x [M, N]."""
-    y, h, rstd = _launchers(impl).rms_norm_fwd(x, weight, residual, eps)
+    y, h, rstd = launchers("rms_norm", impl).rms_norm_fwd(x, weight, residual, eps)
     return y, (x.new_empty(0) if h is None else h), rstd
 
 
@@ -128,7 +118,7 @@ def _rms_norm_bwd_op(
     dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor, dh_out: Optional[Tensor], impl: str
 ) -> tuple[Tensor, Tensor]:
     """(dh [M, N], dw [N] or [0] without a weight)."""
-    dx, dw = _launchers(impl).rms_norm_bwd(dy, h, weight, rstd, dh_out)
+    dx, dw = launchers("rms_norm", impl).rms_norm_bwd(dy, h, weight, rstd, dh_out)
     return dx, (dy.new_empty(0) if dw is None else dw)
 
 

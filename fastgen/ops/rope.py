@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastgen.backend import resolve
+from fastgen.backend import launchers, resolve
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("bshd", "bhsd")
@@ -216,18 +216,6 @@ def unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def launchers(impl: str, op: str):
-    if impl == "triton":
-        import importlib
-
-        return importlib.import_module(f"fastgen.kernels.{op}")
-    if impl == "cuda":
-        from fastgen.cuda import rope as cuda_rope
-
-        return cuda_rope
-    raise ValueError(f"no kernel implementation named {impl!r}")  # pragma: no cover
-
-
 # ----------------------------------------------------------------------------- torch.library ops
 
 
@@ -235,7 +223,7 @@ def launchers(impl: str, op: str):
 def _apply_rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, interleaved: bool, inverse: bool,
                    impl: str) -> tuple[Tensor, Tensor]:
     """Out-of-place rotation (inverse=True: by minus the angle, the backward); new contiguous outputs."""
-    L = launchers(impl, "rope")
+    L = launchers("rope", impl)
     if inverse:
         return L.apply_rope_bwd(q, k, cos, sin, layout, interleaved)
     return L.apply_rope_fwd(q, k, cos, sin, layout, interleaved, False)
@@ -250,7 +238,7 @@ def _(q, k, cos, sin, layout, interleaved, inverse, impl):
 def _apply_rope_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, interleaved: bool,
                            impl: str) -> None:
     """In-place rotation of q and k (unit last stride)."""
-    launchers(impl, "rope").apply_rope_fwd(q, k, cos, sin, layout, interleaved, True)
+    launchers("rope", impl).apply_rope_fwd(q, k, cos, sin, layout, interleaved, True)
 
 
 @_apply_rope_inplace_op.register_fake
