@@ -1,0 +1,198 @@
+"""VAE decode benchmark suite: time and peak memory against image size, full vs tiled.
+
+Run it with ``fastgen bench --ops vae`` (see ``harness.py`` for the suite contract), or
+``python -m benchmarks.bench_vae --sizes 256 512 1024`` from the repo root for the large
+sweep of the issue (each provider timed once after a warm-up: a 4096 px decode takes
+seconds, too long for the harness's repeated timing). Providers, all on the same random
+weights (SDXL config, bf16, on a GPU; a tiny config in fp32 on CPU so the run takes seconds):
+
+- ``torch``: ``fastgen.vae.AutoencoderKL.decode`` with the torch GroupNorm (the eager
+  reference: the same math as diffusers' full decode);
+- ``diffusers``: ``diffusers.AutoencoderKL.decode`` (full image);
+- ``diffusers-tiled``: ``diffusers.AutoencoderKL.tiled_decode`` (its default tile settings);
+- ``fastgen-triton``: the full decode with fastgen's fused Triton GroupNorm+SiLU kernels;
+- ``fastgen-tiled``: ``fastgen.vae.tiled_decode(..., blend="linear")`` at the same settings
+  (diffusers' result, streaming the blend), GroupNorm backend ``auto``;
+- ``fastgen-tiled-triton``: the same with the Triton GroupNorm+SiLU kernels;
+- ``fastgen-consistent``: ``tiled_decode(..., consistent_colors=True)``, whole-image GroupNorm
+  statistics, tile activations staged in host memory when the image is large.
+
+Shape keys: ``N`` batch, ``h`` = ``w`` latent side (image side ``8 h`` on SDXL), ``T`` tile side in
+latent positions. Mode ``fwd`` only (inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import fastgen
+from fastgen.backend import interpreter_enabled, unavailable_reason
+from fastgen.vae import AutoencoderKL, AutoencoderKLConfig, sdxl_config, tiled_decode
+
+from .harness import Case, Unavailable
+
+OP = "vae"
+PROVIDERS = ("torch", "diffusers", "fastgen-triton", "diffusers-tiled", "fastgen-tiled", "fastgen-tiled-triton",
+             "fastgen-consistent")
+GPU_ONLY = ("fastgen-triton", "fastgen-tiled-triton")
+MODES = ("fwd",)
+PLOT_X = "h"
+
+TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16)
+_MODELS: dict = {}
+
+
+def _config(device: str) -> AutoencoderKLConfig:
+    return sdxl_config() if device == "cuda" else AutoencoderKLConfig(**TINY)
+
+
+def _case(h: int, tile: int, dtype: torch.dtype, n: int = 1) -> Case:
+    return Case({"N": n, "h": h, "w": h, "T": tile}, dtype)
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    """Latent sizes. On a GPU the SDXL VAE in bf16 at 1024 px with 512 px tiles (9 tiles): the
+    harness times each row ~18 times and the whole GPU suite shares one 10-minute call, so the
+    large sizes of the issue (4096 / 8192 px) are measured by :func:`sweep` (``main``) instead."""
+    if device != "cuda":
+        return [_case(16, 8, torch.float32)] if quick else [_case(16, 8, torch.float32), _case(24, 8, torch.float32)]
+    return [_case(128, 64, torch.bfloat16)]
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    """A floor, not a roofline (the decode is compute-bound): read the latent, write the image.
+
+    ``N * 4 * h * w * e + N * 3 * (8 h) * (8 w) * e``, e = element size, with SDXL's factor 8
+    (the CPU run's tiny config has factor 2, so its GB/s column is nominal).
+    """
+    s = case.shape
+    e = torch.empty((), dtype=case.dtype).element_size()
+    return s["N"] * e * (4 * s["h"] * s["w"] + 3 * 64 * s["h"] * s["w"])
+
+
+def _models(device: str, dtype: torch.dtype):
+    """(fastgen VAE, diffusers VAE or None) with the same random weights, built once per device and dtype."""
+    key = (device, dtype)
+    if key not in _MODELS:
+        cfg = _config(device)
+        torch.manual_seed(0)
+        ours = AutoencoderKL(cfg).to(device=device, dtype=dtype).eval()
+        theirs = None
+        try:
+            import diffusers
+
+            n = len(cfg.block_out_channels)
+            theirs = diffusers.AutoencoderKL(
+                in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
+                block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+                norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size,
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            ).to(device=device, dtype=dtype).eval()
+            theirs.load_state_dict(ours.state_dict())
+        except ImportError:
+            pass
+        _MODELS[key] = (ours, theirs)
+    return _MODELS[key]
+
+
+def setup(provider: str, case: Case, mode: str, device: str):
+    """The latent and the no-argument decode that ``provider`` runs (speed and memory runs)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    ours, theirs = _models(device, case.dtype)
+    if provider.startswith("diffusers") and theirs is None:
+        raise Unavailable("diffusers is not installed (pip install diffusers)")
+    if provider in GPU_ONLY:
+        if device != "cuda":
+            raise Unavailable("needs a CUDA GPU (the Triton kernels are not timed on CPU)")
+        reason = unavailable_reason("triton", torch.device(device))
+        if reason is not None or interpreter_enabled():
+            raise Unavailable(reason or "TRITON_INTERPRET=1 is set: interpreter timings mean nothing")
+    s = case.shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(s["N"], ours.config.latent_channels, s["h"], s["w"], device=device, dtype=case.dtype,
+                    generator=gen)
+    tile = s["T"]
+
+    backend = "triton" if provider in GPU_ONLY else ("torch" if provider == "torch" else "auto")
+
+    @torch.no_grad()
+    def fn():
+        with fastgen.backend(backend):
+            return run()
+
+    def run():
+        if provider in ("torch", "fastgen-triton"):
+            return ours.decode(z)
+        if provider == "diffusers":
+            return theirs.decode(z).sample
+        if provider == "diffusers-tiled":
+            theirs.tile_latent_min_size = tile
+            theirs.tile_sample_min_size = tile * ours.downsample_factor
+            return theirs.tiled_decode(z).sample
+        if provider in ("fastgen-tiled", "fastgen-tiled-triton"):
+            return tiled_decode(ours, z, tile_size=tile, progress=False)
+        return tiled_decode(ours, z, tile_size=tile, consistent_colors=True, progress=False)
+
+    return fn
+
+
+def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
+    """Each provider once per latent size after a warm-up at the smallest size: ms and peak GB."""
+    rows = []
+    for h in sizes:
+        case = _case(h, tile, dtype)
+        for p in providers:
+            row = {"provider": p, "latent": h, "image": h * _config(device).downsample_factor, "tile": tile}
+            try:
+                fn = setup(p, case, "fwd", device)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                out = fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                row["ms"] = (time.perf_counter() - t0) * 1e3
+                del out
+            except Exception as exc:  # an OOM is a result here
+                row["status"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="latent sides")
+    ap.add_argument("--tile", type=int, default=128, help="tile side in latent positions")
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS))
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        args.sizes, args.tile = [min(s, 32) for s in args.sizes], min(args.tile, 8)
+    sweep(args.sizes[:1], args.tile, args.providers, device, dtype)  # warm-up
+    rows = sweep(args.sizes, args.tile, args.providers, device, dtype)
+    print(f"\n| provider | latent | image | ms | peak GB | status |\n|---|---|---|---|---|---|")
+    for r in rows:
+        pk = f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-"
+        ms = f"{r['ms']:.0f}" if "ms" in r else "-"
+        print(f"| {r['provider']} | {r['latent']} | {r['image']} | {ms} | {pk} | {r.get('status', 'ok')} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,571 @@
+"""Tiled VAE encode / decode: any image size, bounded memory, optionally colour-consistent.
+
+Both functions take a :class:`fastgen.vae.AutoencoderKL` or a ``diffusers.AutoencoderKL``
+(the same module names, so one code path serves both) and run under ``torch.no_grad()``.
+Sizes are in latent positions for decode and in pixels for encode; ``f`` is the VAE's
+spatial factor ``2 ** (len(block_out_channels) - 1)``.
+
+**Layout 1, diffusers'** (``consistent_colors=False``). Tiles of ``T`` latent positions start
+every ``step = int(T * (1 - overlap))``; each decoded tile (``T * f`` pixels) is blended with
+the tile above and the tile to its left over ``E = int(T * f * overlap)`` rows / columns::
+
+    b[y] = a[-E + y] * (1 - r(y / E)) + b[y] * r(y / E),   y = 0 .. E-1
+
+with ``r(t) = t`` (``blend="linear"``: diffusers' ``blend_v`` / ``blend_h``, so the result is
+diffusers' ``tiled_decode`` at ``tile_latent_min_size=T``, ``tile_overlap_factor=overlap``) or
+``r(t) = (1 - cos(pi t)) / 2`` (``blend="cosine"``), then cropped to ``T * f - E``. Each tile is
+normalized with its own GroupNorm statistics, which is what makes tiles differ in tone.
+Besides the output, only the current row of tiles and the bottom edges of the row above are
+kept (diffusers keeps every decoded tile until the end).
+
+**Layout 2, colour-consistent** (``consistent_colors=True``). The latent is cut into a grid of
+cores (at most ``T - 2m`` wide, ``m = round(T * overlap / 2)``); a tile is its core plus a margin
+of ``m`` on every inner side. The network is run as a flat list of steps (conv, GroupNorm(+SiLU),
+push residual, add residual, attention, up/down-sample) over all tiles, segment by segment: a
+segment starts at a GroupNorm whose statistics are first accumulated over every tile's **core**
+(so the cores partition the image and nothing is counted twice), per sample and group, merged in
+float64 (Chan et al.'s parallel variance)::
+
+    n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n
+
+then every tile is normalized with ``var = M2 / n``, exactly as the full image is. The remaining
+difference from a full decode is the receptive field cut at tile borders (absorbed by the
+margin) and the mid-block attention, which attends within a tile unless ``global_attention=True``
+(then the keys and values of every core are gathered at a barrier like the statistics, and
+each tile's queries attend to the whole image). Outputs are blended with
+weights ``r`` ramping over the ``2m`` overlap of neighbouring tiles (the weights sum to 1).
+Between segments the tile activations (and pushed residuals) wait on the device up to a
+budget and in pinned host memory beyond it (``offload``), so device memory holds the
+budget, one tile's working set and the output: bounded by the tile, not by the image.
+
+An input no larger than one tile is encoded / decoded whole: exactly ``vae.decode`` /
+``vae.encode``, whatever the options.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.vae.autoencoder_kl import DiagonalGaussianDistribution, attention
+
+BLENDS = ("linear", "cosine")
+PROGRESS_MIN_TILES = 16  # progress=None shows a bar above this many tiles
+
+
+# ----------------------------------------------------------------------------- the VAE, either kind
+
+
+@dataclass
+class _Parts:
+    encoder: Any
+    decoder: Any
+    quant_conv: Any
+    post_quant_conv: Any
+    in_channels: int
+    latent_channels: int
+    factor: int
+    sample_size: int
+
+
+def _parts(vae: Any) -> _Parts:
+    cfg = getattr(vae, "config", None)
+    if cfg is None or not hasattr(vae, "decoder") or not hasattr(vae, "encoder"):
+        raise TypeError(
+            f"expected a fastgen.vae.AutoencoderKL or a diffusers AutoencoderKL, got {type(vae).__name__}"
+        )
+    sample = getattr(cfg, "sample_size", 512)
+    sample = int(sample[0] if isinstance(sample, (list, tuple)) else sample)
+    return _Parts(
+        encoder=vae.encoder, decoder=vae.decoder,
+        quant_conv=getattr(vae, "quant_conv", None) if getattr(cfg, "use_quant_conv", True) else None,
+        post_quant_conv=getattr(vae, "post_quant_conv", None) if getattr(cfg, "use_post_quant_conv", True) else None,
+        in_channels=int(cfg.in_channels), latent_channels=int(cfg.latent_channels),
+        factor=2 ** (len(cfg.block_out_channels) - 1), sample_size=sample,
+    )
+
+
+def _check_input(x: Any, channels: int, what: str, name: str, module: Any) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{what}: {name} must be a 4-D tensor (N, {channels}, H, W), got {shape}")
+    if x.shape[1] != channels:
+        kind = "latent_channels" if name == "latents" else "in_channels"
+        raise ValueError(
+            f"{what}: {name} have {x.shape[1]} channels but the VAE expects {kind}={channels}, i.e. a tensor "
+            f"of shape (N, {channels}, H, W); got {tuple(x.shape)}. Is this latent from another VAE "
+            "(4-channel SD/SDXL vs 16-channel SD3/Flux)?"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{what}: {name} must not be empty, got shape {tuple(x.shape)}")
+    w = next(module.parameters(), None)
+    if w is not None and (w.dtype != x.dtype or w.device != x.device):
+        raise ValueError(
+            f"{what}: {name} are {x.dtype} on {x.device} but the VAE's weights are {w.dtype} on {w.device}; "
+            f"move one to the other (e.g. {name}.to(device=..., dtype=...))"
+        )
+
+
+def _check_options(what: str, tile_size: int, overlap: float, blend: str) -> None:
+    if blend not in BLENDS:
+        raise ValueError(f"{what}: blend must be one of {BLENDS}, got {blend!r}")
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"{what}: tile_size must be a positive int, got {tile_size!r}")
+    if not 0.0 <= float(overlap) < 0.5:
+        raise ValueError(f"{what}: overlap is a fraction of the tile in [0, 0.5), got {overlap!r}")
+
+
+def _ramp(n: int, blend: str, device, offset: float = 0.0) -> Tensor:
+    """``r((i + offset) / n)`` for i in 0..n-1, float32; ``r`` linear or cosine."""
+    t = (torch.arange(n, dtype=torch.float64) + offset) / n
+    if blend == "cosine":
+        t = 0.5 - 0.5 * torch.cos(math.pi * t)
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _progress(total: int, tiles: int, progress: Optional[bool], desc: str):
+    show = tiles > PROGRESS_MIN_TILES if progress is None else bool(progress)
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with diffusers / huggingface_hub
+        return None
+    return tqdm(total=total, desc=desc, unit="tile")
+
+
+# ----------------------------------------------------------------------------- layout 1: diffusers'
+
+
+def _blend_into(a: Tensor, b: Tensor, extent: int, dim: int, blend: str) -> None:
+    """In place: the first ``e`` rows (dim 2) / columns (dim 3) of ``b`` blended with the last of ``a``."""
+    e = min(a.shape[dim], b.shape[dim], extent)
+    if e <= 0:
+        return
+    w = _ramp(e, blend, b.device)
+    w = w.view(-1, 1) if dim == 2 else w.view(1, -1)
+    head = b.narrow(dim, 0, e)
+    head.copy_(a.narrow(dim, a.shape[dim] - e, e).float() * (1 - w) + head.float() * w)
+
+
+def _diffusers_layout(x: Tensor, fn: Callable[[Tensor], Tensor], tile: int, step: int, extent: int,
+                      limit: int, blend: str, bar) -> Tensor:
+    """diffusers' tiling of ``x``'s last two dims, streaming: ``fn`` maps a tile to its output."""
+    rows, above = [], None
+    for i in range(0, x.shape[2], step):
+        row, strips, left = [], [], None
+        for jj, j in enumerate(range(0, x.shape[3], step)):
+            t = fn(x[:, :, i:i + tile, j:j + tile])
+            if above is not None:
+                _blend_into(above[jj], t, extent, 2, blend)
+            if left is not None:
+                _blend_into(left, t, extent, 3, blend)
+            if extent > 0:
+                left = t[:, :, :, -extent:].clone()
+                strips.append(t[:, :, -extent:, :].clone())
+            row.append(t[:, :, :limit, :limit])
+            if bar is not None:
+                bar.update(1)
+        above = strips
+        rows.append(torch.cat(row, dim=3))
+    return torch.cat(rows, dim=2)
+
+
+# ----------------------------------------------------------------------------- layout 2: colour-consistent
+
+
+@dataclass
+class _Tile:
+    core: tuple  # (y0, y1, x0, x1) in latent units
+    ext: tuple  # (y0, y1, x0, x1) in latent units
+    x: Any = None  # current activation
+    stack: Any = None  # pushed residuals
+
+
+def _axis(total: int, tile: int, m: int) -> tuple[list[tuple[int, int]], int]:
+    """Cores ``[(c0, c1)]`` partitioning ``range(total)`` and the margin used."""
+    if total <= tile:
+        return [(0, total)], 0
+    n = math.ceil(total / max(tile - 2 * m, 1))
+    bounds = [round(k * total / n) for k in range(n + 1)]
+    cores = list(zip(bounds[:-1], bounds[1:]))
+    return cores, min(m, min(c1 - c0 for c0, c1 in cores) // 2)
+
+
+def _axis_weights(c0: int, c1: int, e0: int, e1: int, m: int, total: int, s: int, blend: str, device) -> Tensor:
+    """Blend weights along one axis for the pixels ``[e0 * s, e1 * s)`` of a tile with core ``[c0, c1)``."""
+    w = torch.ones((e1 - e0) * s, device=device, dtype=torch.float32)
+    if m == 0:
+        return w
+    r = _ramp(2 * m * s, blend, device, offset=0.5)
+    if c0 > 0:  # ramp up over [c0 - m, c0 + m)
+        w[: 2 * m * s] *= r
+    if c1 < total:  # ramp down over [c1 - m, c1 + m)
+        w[(c1 - m - e0) * s:] *= 1 - r
+    return w
+
+
+def _resnet_steps(r: Any) -> list:
+    return [("push",), ("gn", r.norm1, True), ("conv", r.conv1), ("gn", r.norm2, True), ("conv", r.conv2),
+            ("add", getattr(r, "conv_shortcut", None))]
+
+
+def _mid_steps(mid: Any) -> list:
+    steps = _resnet_steps(mid.resnets[0])
+    if getattr(mid, "attentions", None) is not None and len(mid.attentions) > 0 and mid.attentions[0] is not None:
+        a = mid.attentions[0]
+        steps += [("push",), ("gn", a.group_norm, False), ("attn", a), ("add", None)]
+    return steps + _resnet_steps(mid.resnets[1])
+
+
+def decoder_steps(p: _Parts) -> list:
+    """The decoder (with ``post_quant_conv``) as a flat list of steps; see the module docstring."""
+    d = p.decoder
+    steps = [("conv", p.post_quant_conv)] if p.post_quant_conv is not None else []
+    steps += [("conv", d.conv_in)] + _mid_steps(d.mid_block)
+    for b in d.up_blocks:
+        for r in b.resnets:
+            steps += _resnet_steps(r)
+        if getattr(b, "upsamplers", None):
+            steps += [("up",), ("conv", b.upsamplers[0].conv)]
+    return steps + [("gn", d.conv_norm_out, True), ("conv", d.conv_out)]
+
+
+def encoder_steps(p: _Parts) -> list:
+    """The encoder (with ``quant_conv``) as a flat list of steps."""
+    e = p.encoder
+    steps = [("conv", e.conv_in)]
+    for b in e.down_blocks:
+        for r in b.resnets:
+            steps += _resnet_steps(r)
+        if getattr(b, "downsamplers", None):
+            steps += [("down", b.downsamplers[0].conv)]
+    steps += _mid_steps(e.mid_block) + [("gn", e.conv_norm_out, True), ("conv", e.conv_out)]
+    return steps + ([("conv", p.quant_conv)] if p.quant_conv is not None else [])
+
+
+ATTN_CHUNK_ELEMENTS = 2**28  # queries per chunk x keys: bounds the score matrix of a non-fused SDPA
+
+
+def _tokens(lin: Any, h: Tensor, heads: int) -> Tensor:
+    """``(N, C, h, w)`` -> ``lin`` over channels -> ``(N, heads, h * w, C / heads)``."""
+    n, c = h.shape[:2]
+    t = lin(h.reshape(n, c, -1).transpose(1, 2))
+    return t.view(n, t.shape[1], heads, -1).transpose(1, 2)
+
+
+def _attn_core(a: Any, h: Tensor, kv: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Attention without its norm and residual (fastgen's or diffusers' module: same names).
+
+    ``kv``: keys and values ``(N, heads, L, d)`` of the whole image (global attention); ``None``:
+    the tile attends to itself. Queries go in chunks so that no score matrix passes 2^28 elements.
+    """
+    n, c, hh, ww = h.shape
+    heads = int(getattr(a, "heads", 1))
+    q = _tokens(a.to_q, h, heads)
+    k, v = kv if kv is not None else (_tokens(a.to_k, h, heads), _tokens(a.to_v, h, heads))
+    step = max(1, ATTN_CHUNK_ELEMENTS // max(k.shape[2] * heads * n, 1))
+    o = torch.cat([attention(qc, k, v) for qc in q.split(step, dim=2)], dim=2) if q.shape[2] > step \
+        else attention(q, k, v)
+    o = a.to_out[0](o.transpose(1, 2).reshape(n, hh * ww, c).to(h.dtype))
+    return o.transpose(1, 2).reshape(n, c, hh, ww).contiguous()
+
+
+def _group_stats(x: Tensor, groups: int) -> tuple[int, Tensor, Tensor]:
+    """(count, mean, M2) per (sample, group) of ``x`` (N, C, h, w): fp32 per tile, returned as float64."""
+    v = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    v = v.unflatten(1, (groups, -1))  # a view, also of a cropped (strided) core: no copy
+    var, mean = torch.var_mean(v, dim=(2, 3, 4), correction=0)
+    cnt = v[0, 0].numel()
+    return cnt, mean.double(), var.double() * cnt
+
+
+def _merge(acc, new):
+    if acc is None:
+        return new
+    na, ma, m2a = acc
+    nb, mb, m2b = new
+    n = na + nb
+    d = mb - ma
+    return n, ma + d * (nb / n), m2a + m2b + d.square() * (na * nb / n)
+
+
+def _gn_apply(x: Tensor, norm: Any, stats, silu: bool) -> Tensor:
+    """GroupNorm (+ SiLU) of ``x`` with given (count, mean, M2) per (sample, group), in fp32.
+
+    ``y = x * scale[n, c] + shift[n, c]`` with ``scale = weight[c] / sqrt(M2 / count + eps)`` and
+    ``shift = bias[c] - mean * scale``; one fp32 temporary, rounded once to ``x.dtype``.
+    """
+    n, mean, m2 = stats
+    c, g = x.shape[1], norm.num_groups
+    rstd = torch.rsqrt(m2 / n + norm.eps).float().repeat_interleave(c // g, dim=1)  # (N, C)
+    mean_c = mean.float().repeat_interleave(c // g, dim=1)
+    scale = rstd if norm.weight is None else rstd * norm.weight.float()
+    shift = -mean_c * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.float()
+    y = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])  # fp32: reads x once
+    if silu:
+        F.silu(y, inplace=True)
+    return y.to(x.dtype)
+
+
+class _Store:
+    """Where tile activations wait between segments: on the device while the resident bytes stay
+    within ``budget``, beyond it in pinned host memory (copies on the current stream, so ordered)."""
+
+    def __init__(self, device: torch.device, budget: float) -> None:
+        self.device, self.budget, self.resident = device, budget, 0
+        self.offloaded = device.type == "cuda" and budget < float("inf")
+        self.pinned = True
+
+    def put(self, t: Tensor) -> Tensor:
+        nbytes = t.numel() * t.element_size()
+        if not self.offloaded or self.resident + nbytes <= self.budget:
+            self.resident += nbytes
+            return t
+        if self.pinned:
+            try:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            except RuntimeError:  # out of page-locked memory: pageable (synchronous copies) from here on
+                self.pinned = False
+        if not self.pinned:
+            return t.to("cpu")
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def get(self, t: Tensor) -> Tensor:
+        if t.device.type == self.device.type:
+            self.resident -= t.numel() * t.element_size()
+            return t
+        return t.to(self.device, non_blocking=True)
+
+
+def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, out_scale: float,
+                    tile: int, overlap: float, blend: str, budget: float, progress, desc: str,
+                    global_attention: bool = False) -> Tensor:
+    """Run ``steps`` over a tile grid of the ``hw`` latent grid with whole-image GroupNorm statistics.
+
+    Barriers (a pass over every tile before the next step can run) sit before each ``gn`` step
+    (collect the statistics) and, with ``global_attention``, before each ``attn`` step (collect
+    the keys and values of every tile's core, so each query attends to the whole image once).
+    """
+    H, W = hw
+    m = round(tile * overlap / 2)
+    (ys, my), (xs, mx) = _axis(H, tile, m), _axis(W, tile, m)
+    tiles = [_Tile((y0, y1, x0, x1), (max(y0 - my, 0), min(y1 + my, H), max(x0 - mx, 0), min(x1 + mx, W)))
+             for y0, y1 in ys for x0, x1 in xs]
+    barriers = ("gn", "attn") if global_attention else ("gn",)
+    segments, cur = [], []
+    for st in steps:
+        if st[0] in barriers and cur:
+            segments.append(cur)
+            cur = []
+        cur.append(st)
+    segments.append(cur)
+    dev = x.device
+    store = _Store(dev, budget)
+    for t in tiles:
+        e = t.ext
+        t.x, t.stack = store.put(x[:, :, e[0] * in_scale:e[1] * in_scale, e[2] * in_scale:e[3] * in_scale]), []
+    out, bar = None, _progress(len(segments) * len(tiles), len(tiles), progress, desc)
+    shared = None  # what the barrier collected: GroupNorm statistics, or global keys and values
+    for si, seg in enumerate(segments):
+        last = si == len(segments) - 1
+        nxt = None if last else segments[si + 1][0]  # the step that opens the next segment
+        acc = []
+        for t in tiles:
+            h = store.get(t.x)
+            t.x = None
+            for op in seg:
+                kind = op[0]
+                if kind == "conv":
+                    h = op[1](h)
+                elif kind == "gn":
+                    h = _gn_apply(h, op[1], shared, op[2])
+                elif kind == "push":
+                    t.stack.append(store.put(h))
+                elif kind == "add":
+                    res = store.get(t.stack.pop())
+                    h = (res if op[1] is None else op[1](res)) + h
+                elif kind == "attn":
+                    h = _attn_core(op[1], h, shared if global_attention else None)
+                elif kind == "up":
+                    h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+                elif kind == "down":
+                    h = op[1](F.pad(h, (0, 1, 0, 1)))
+                else:  # pragma: no cover
+                    raise AssertionError(kind)
+            if last:
+                s = h.shape[2] // (t.ext[1] - t.ext[0])  # output pixels per latent position: f or 1
+                if out is None:
+                    out = torch.zeros(x.shape[0], h.shape[1], round(H * out_scale), round(W * out_scale),
+                                      device=dev, dtype=torch.float32)
+                wy = _axis_weights(t.core[0], t.core[1], t.ext[0], t.ext[1], my, H, s, blend, dev)
+                wx = _axis_weights(t.core[2], t.core[3], t.ext[2], t.ext[3], mx, W, s, blend, dev)
+                region = out[:, :, t.ext[0] * s:t.ext[1] * s, t.ext[2] * s:t.ext[3] * s]
+                region.addcmul_(h.float(), wy[:, None] * wx[None, :])
+            else:
+                (cy0, cy1, cx0, cx1), (ey0, _, ex0, _) = t.core, t.ext
+                r = h.shape[2] / (t.ext[1] - t.ext[0])  # activation positions per latent position
+                core = h[:, :, round((cy0 - ey0) * r):round((cy1 - ey0) * r),
+                         round((cx0 - ex0) * r):round((cx1 - ex0) * r)]
+                if nxt[0] == "gn":
+                    acc = [_merge(acc[0] if acc else None, _group_stats(core, nxt[1].num_groups))]
+                else:  # global attention: this tile's share of the keys and values
+                    heads = int(getattr(nxt[1], "heads", 1))
+                    acc.append((_tokens(nxt[1].to_k, core, heads), _tokens(nxt[1].to_v, core, heads)))
+                t.x = store.put(h)
+            del h
+            if bar is not None:
+                bar.update(1)
+        if not last:
+            shared = acc[0] if nxt[0] == "gn" else tuple(torch.cat(kv, dim=2) for kv in zip(*acc))
+            del acc
+    if bar is not None:
+        bar.close()
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+AUTO_BUDGET_FRACTION = 0.1  # offload=None: activations stay on the GPU up to this share of its memory
+
+
+def _budget(offload: Any, device: torch.device, what: str) -> float:
+    """Bytes of tile activations allowed to stay on the device between segments."""
+    if not (offload is None or isinstance(offload, bool) or (isinstance(offload, (int, float)) and offload >= 0)):
+        raise ValueError(f"{what}: offload must be None, True, False or a budget in GiB >= 0, got {offload!r}")
+    if device.type != "cuda" or offload is False:
+        return float("inf")
+    if offload is True:
+        return 0.0
+    if offload is None:
+        return AUTO_BUDGET_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    return float(offload) * 2**30
+
+
+@torch.no_grad()
+def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, overlap: float = 0.25,
+                 blend: str = "linear", consistent_colors: bool = False, progress: Optional[bool] = None,
+                 offload: Any = None, global_attention: bool = False) -> Tensor:
+    """Decode ``latents (N, latent_channels, h, w)`` -> images ``(N, out_channels, h * f, w * f)`` tile by tile.
+
+    Args:
+        vae: a ``fastgen.vae.AutoencoderKL`` or a ``diffusers.AutoencoderKL``.
+        latents: unscaled latents, as ``vae.decode`` takes them (divide by ``scaling_factor``
+            and add ``shift_factor`` first). Any ``h``, ``w``; batch > 1; the VAE's dtype.
+        tile_size: tile side in latent positions; default ``sample_size // f`` (diffusers' ``tile_latent_min_size``).
+        overlap: fraction of the tile shared with a neighbour, in [0, 0.5); default 0.25 (diffusers').
+        blend: ``"linear"`` (diffusers' ramps: with ``consistent_colors=False`` the result is
+            diffusers' ``tiled_decode``) or ``"cosine"`` (a smoother window).
+        consistent_colors: GroupNorm statistics over the whole image, not per tile (layout 2 of the
+            module docstring): no tone shifts between tiles.
+        progress: a tqdm bar; ``None`` shows one when there are more than 16 tiles.
+        offload: (``consistent_colors`` only, CUDA only) where tile activations wait between
+            GroupNorm segments: ``False`` all on the GPU (fastest, memory grows with the image),
+            ``True`` all in pinned host memory (GPU memory bounded by one tile), a number: up to
+            that many GiB on the GPU and the rest on the host; ``None``: 10 % of the GPU's memory.
+        global_attention: (``consistent_colors`` only) the mid-block attention attends over the
+            whole image (keys and values of every tile's core gathered first, queries in chunks)
+            instead of within the tile: closer still to the full decode, at the cost of
+            ``O((h w)^2)`` attention work.
+
+    A latent no larger than one tile is decoded whole (exactly ``vae.decode``).
+    Raises ``ValueError`` for a latent whose channel count is not the VAE's ``latent_channels``.
+    """
+    what = "tiled_decode"
+    p = _parts(vae)
+    _check_input(latents, p.latent_channels, what, "latents", p.decoder)
+    tile = p.sample_size // p.factor if tile_size is None else tile_size
+    _check_options(what, tile, overlap, blend)
+    H, W = latents.shape[-2:]
+    if H <= tile and W <= tile:
+        z = p.post_quant_conv(latents) if p.post_quant_conv is not None else latents
+        return p.decoder(z)
+    if consistent_colors:
+        return _run_consistent(decoder_steps(p), latents, (H, W), 1, p.factor, tile, overlap, blend,
+                               _budget(offload, latents.device, what), progress, what, global_attention)
+    step = int(tile * (1 - overlap))
+    extent = int(tile * p.factor * overlap)
+    limit = tile * p.factor - extent
+    if step * p.factor != limit:
+        raise ValueError(
+            f"{what}: tile_size={tile} with overlap={overlap} gives tiles every {step} latent positions "
+            f"({step * p.factor} px) but keeps {limit} px of each (diffusers' layout), which would not line up; "
+            "choose tile_size * overlap a whole number"
+        )
+
+    def fn(z: Tensor) -> Tensor:
+        return p.decoder(p.post_quant_conv(z) if p.post_quant_conv is not None else z)
+
+    n_tiles = len(range(0, H, step)) * len(range(0, W, step))
+    bar = _progress(n_tiles, n_tiles, progress, what)
+    try:
+        return _diffusers_layout(latents, fn, tile, step, extent, limit, blend, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@torch.no_grad()
+def tiled_encode(vae: Any, images: Tensor, tile_size: Optional[int] = None, overlap: float = 0.25,
+                 blend: str = "linear", consistent_colors: bool = False, progress: Optional[bool] = None,
+                 offload: Any = None, global_attention: bool = False) -> DiagonalGaussianDistribution:
+    """Encode ``images (N, in_channels, H, W)`` tile by tile -> the posterior over ``(N, latent_channels, H / f, W / f)``.
+
+    ``tile_size`` is in **pixels** (default ``sample_size``, diffusers' ``tile_sample_min_size``);
+    the other arguments are those of :func:`tiled_decode`. With ``blend="linear"`` and
+    ``consistent_colors=False`` the moments equal diffusers' ``_tiled_encode``.
+    ``consistent_colors=True`` needs ``H``, ``W`` and ``tile_size`` multiples of ``f`` (tiles
+    must sit on the latent grid). An image no larger than one tile is encoded whole.
+    Returns a :class:`DiagonalGaussianDistribution` (``.mean``, ``.logvar``, ``.sample()``, ``.mode()``).
+    """
+    what = "tiled_encode"
+    p = _parts(vae)
+    _check_input(images, p.in_channels, what, "images", p.encoder)
+    tile = p.sample_size if tile_size is None else tile_size
+    _check_options(what, tile, overlap, blend)
+    H, W = images.shape[-2:]
+
+    def fn(x: Tensor) -> Tensor:
+        h = p.encoder(x)
+        return p.quant_conv(h) if p.quant_conv is not None else h
+
+    if H <= tile and W <= tile:
+        return DiagonalGaussianDistribution(fn(images))
+    f = p.factor
+    if consistent_colors:
+        if H % f or W % f or tile % f:
+            raise ValueError(
+                f"{what}: consistent_colors=True needs the image size and tile_size to be multiples of the "
+                f"VAE's factor {f}, got image {H}x{W} and tile_size={tile}; pad or crop the image first"
+            )
+        moments = _run_consistent(encoder_steps(p), images, (H // f, W // f), f, 1, tile // f, overlap, blend,
+                                  _budget(offload, images.device, what), progress, what, global_attention)
+        return DiagonalGaussianDistribution(moments)
+    step = int(tile * (1 - overlap))
+    extent = int(tile // f * overlap)
+    limit = tile // f - extent
+    if step != limit * f:
+        raise ValueError(
+            f"{what}: tile_size={tile} with overlap={overlap} gives tiles every {step} px but keeps {limit} latent "
+            f"positions ({limit * f} px) of each (diffusers' layout), which would not line up; choose tile_size a "
+            f"multiple of {f} with tile_size / {f} * overlap a whole number"
+        )
+    n_tiles = len(range(0, H, step)) * len(range(0, W, step))
+    bar = _progress(n_tiles, n_tiles, progress, what)
+    try:
+        return DiagonalGaussianDistribution(_diffusers_layout(images, fn, tile, step, extent, limit, blend, bar))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+__all__ = ["tiled_decode", "tiled_encode", "decoder_steps", "encoder_steps", "BLENDS"]
