@@ -26,6 +26,9 @@ this file that defines:
 ``bytes_moved(case, mode) -> int``
     the bytes a perfect kernel must move (each tensor read once, written once),
     the numerator of GB/s.
+``flops(case, mode) -> int`` (optional)
+    the floating-point operations of one step by an explicit formula (compute-bound
+    ops such as attention); rows then also report TFLOP/s.
 ``PLOT_X``
     the ``case.shape`` key on the x axis of the plot (e.g. ``"N"``).
 
@@ -376,7 +379,7 @@ def run_case(suite, provider: str, case: Case, mode: str, device: str) -> dict[s
         "op": suite.OP, "provider": provider, "mode": mode, "shape": dict(case.shape),
         "shape_str": case.shape_str, "variant": case.variant, "dtype": case.dtype_str,
         "status": STATUS_OK, "ms": None, "ms_p20": None, "ms_p80": None,
-        "bytes": None, "gbps": None, "pct_copy_bw": None,
+        "bytes": None, "gbps": None, "pct_copy_bw": None, "flops": None, "tflops": None,
         "peak_mem_bytes": None, "mem_note": None, "host_ms": None,
         "speedup_vs_torch": None, "speedup_vs_compile": None,
     }
@@ -385,6 +388,11 @@ def run_case(suite, provider: str, case: Case, mode: str, device: str) -> dict[s
     except Exception as exc:  # a broken formula must not hide the timing
         row["bytes"] = None
         row["mem_note"] = f"bytes formula failed: {_short_error(exc)}"
+    if hasattr(suite, "flops"):
+        try:
+            row["flops"] = int(suite.flops(case, mode))
+        except Exception as exc:
+            row["mem_note"] = row["mem_note"] or f"flops formula failed: {_short_error(exc)}"
     fn = None
     try:
         fn = suite.setup(provider, case, mode, device)
@@ -401,6 +409,8 @@ def run_case(suite, provider: str, case: Case, mode: str, device: str) -> dict[s
             row["host_ms"] = host_ms(fn)
         if row["bytes"] and ms > 0:
             row["gbps"] = row["bytes"] / (ms * 1e-3) / 1e9
+        if row["flops"] and ms > 0:
+            row["tflops"] = row["flops"] / (ms * 1e-3) / 1e12
     except Unavailable as exc:
         row["status"] = f"skipped: {exc}"
     except Exception as exc:
@@ -522,7 +532,8 @@ def run(
 _COLUMNS = [
     ("op", "op"), ("mode", "mode"), ("shape", "shape"), ("dtype", "dtype"),
     ("provider", "provider"), ("ms", "ms"), ("p20-p80", "spread"), ("GB/s", "gbps"),
-    ("%copy", "pct"), ("peak MiB", "mem"), ("host ms", "host"), ("x eager", "xe"), ("x compile", "xc"),
+    ("%copy", "pct"), ("TFLOP/s", "tflops"), ("peak MiB", "mem"), ("host ms", "host"), ("x eager", "xe"),
+    ("x compile", "xc"),
     ("status", "status"),
 ]
 
@@ -536,7 +547,8 @@ def _cells(r: dict[str, Any]) -> list[str]:
     mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20
     return [r["op"], r["mode"], shape, r["dtype"], r["provider"],
             "-" if r["ms"] is None else f"{r['ms']:.4g}", spread, f(r["gbps"], ".1f"),
-            f(r["pct_copy_bw"], ".0f"), f(mem, ".1f"), f(r.get("host_ms"), ".3g"), f(r["speedup_vs_torch"], ".2f"),
+            f(r["pct_copy_bw"], ".0f"), f(r.get("tflops"), ".1f"), f(mem, ".1f"), f(r.get("host_ms"), ".3g"),
+            f(r["speedup_vs_torch"], ".2f"),
             f(r["speedup_vs_compile"], ".2f"), r["status"]]
 
 
@@ -545,7 +557,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     heads = [h for h, _ in _COLUMNS]
     body = [_cells(r) for r in rows]
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(heads)]
-    numeric = {5, 6, 7, 8, 9, 10, 11, 12}
+    numeric = {5, 6, 7, 8, 9, 10, 11, 12, 13}
 
     def line(cells):
         parts = []
@@ -575,13 +587,14 @@ def format_markdown(result: dict[str, Any]) -> str:
     ]
     lines += [f"- **{k}**: {'-' if v is None else v}" for k, v in facts]
     lines += ["", "GB/s counts each tensor read once and written once (see each bench file's "
-              "`bytes_moved`); %copy is GB/s over the copy bandwidth above; peak MiB is one "
+              "`bytes_moved`); %copy is GB/s over the copy bandwidth above; TFLOP/s (compute-bound "
+              "ops) comes from the bench file's `flops` formula; peak MiB is one "
               "call's peak CUDA memory above its inputs; host ms is the CPU time of issuing one call "
               "(CUDA only); x eager / x compile are speedups over "
               "torch eager / torch.compile on the same case.", ""]
     heads = [h for h, _ in _COLUMNS]
     lines.append("| " + " | ".join(heads) + " |")
-    lines.append("|" + "|".join("---:" if i in {5, 6, 7, 8, 9, 10, 11, 12} else "---"
+    lines.append("|" + "|".join("---:" if i in {5, 6, 7, 8, 9, 10, 11, 12, 13} else "---"
                                 for i in range(len(heads))) + "|")
     for r in result["rows"]:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")

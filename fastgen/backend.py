@@ -51,6 +51,7 @@ AUTO_ON_CUDA: dict[str, str] = {
     "lion": "torch",
     "clip_grad_norm_": "torch",
     "ema": "torch",
+    "attention": "torch",
 }
 
 _override: list[str] = []  # stack of `with fastgen.backend(...)` values

@@ -32,10 +32,13 @@ Two paths, chosen by ``group_norm_config``:
 
 - one program per group (``splits == 1``, groups up to ``SPLIT_ELEMENTS``): the forward
   computes the statistics and then normalizes in the same program, re-reading its
-  group while it is still in L1 / L2; the backward likewise (one launch each way);
+  group (last tile first) while it is still in L1 / L2; the backward likewise (one
+  launch each way);
 - split reduction (larger groups): grid ``(N*G, splits)``, each program over
   ``chunk_s`` positions writes a partial ``(count, mean, M2)``, a combine kernel
-  merges the partials of a group (Chan again), and an elementwise kernel normalizes.
+  merges the partials of a group (Chan again), and an elementwise kernel normalizes,
+  visiting the chunks in the reverse order so that what the first pass read last
+  (still in L2) is read first.
 
 Backward, with ``xhat = (x - mean) * rstd``, ``dyn = dL/dyn`` (``dy``, or through
 the SiLU: ``dy * s * (1 + yn * (1 - s))`` with ``s = sigmoid(yn)``, ``yn`` recomputed)
@@ -123,7 +126,8 @@ def _chunk_stats(X, pid_ng, s_begin, s_end, iters, C, S, G, K,
 
 @triton.jit
 def _params(W, B, pid_ng, G, K, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """w, b of the group's channels as [BLOCK_K] fp32 (1 / 0 when absent; 0 past K)."""
+    """w, b of the group's channels as [BLOCK_K] fp32 (1 / 0 when absent; 0 past K); the
+    chunk helpers take them as [BLOCK_K, 1] columns."""
     k = tl.arange(0, BLOCK_K)
     c = (pid_ng % G) * K + k
     if HAS_W:
@@ -141,11 +145,12 @@ def _params(W, B, pid_ng, G, K, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_
 def _chunk_apply(X, Y, w, b, pid_ng, mean, rstd, s_begin, s_end, iters, C, S, G, K, SILU: tl.constexpr,
                  CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
                  INTERPRET: tl.constexpr):
-    """y = act((x - mean) * rstd * w + b) over positions [s_begin, s_end) of group pid_ng."""
+    """y = act((x - mean) * rstd * w + b) over positions [s_begin, s_end) of group pid_ng, last tile
+    first: the tiles the statistics pass read last are the likeliest to still be in L2."""
     for t in range(0, iters):
-        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        offs, mask = _tile_offs(pid_ng, iters - 1 - t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean) * rstd * w[:, None] + b[:, None]
+        y = (x - mean) * rstd * w + b
         if SILU:
             y = y / (1.0 + tl.exp(-y))
         tl.store(Y + offs, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
@@ -155,7 +160,7 @@ def _chunk_apply(X, Y, w, b, pid_ng, mean, rstd, s_begin, s_end, iters, C, S, G,
 def _dyn(dy, xhat, w, b, SILU: tl.constexpr):
     """Gradient at yn = xhat * w + b: dy, or through y = yn * sigmoid(yn)."""
     if SILU:
-        yn = xhat * w[:, None] + b[:, None]
+        yn = xhat * w + b
         sig = 1.0 / (1.0 + tl.exp(-yn))
         return dy * (sig * (1.0 + yn * (1.0 - sig)))
     return dy
@@ -181,14 +186,17 @@ def _chunk_grad_sums(DY, X, w, b, pid_ng, mean, rstd, s_begin, s_end, iters, C, 
 @triton.jit
 def _chunk_dx(DY, X, DX, w, b, pid_ng, mean, rstd, c1, c2, s_begin, s_end, iters, C, S, G, K, SILU: tl.constexpr,
               CHANNELS_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr):
-    """dx = rstd * (dyn * w - c1 - xhat * c2) over positions [s_begin, s_end) of group pid_ng."""
+    """dx = rstd * (dyn * w - c1 - xhat * c2) over positions [s_begin, s_end) of group pid_ng, last
+    tile first (as in _chunk_apply)."""
+    rc1 = rstd * c1
+    rc2 = rstd * c2
     for t in range(0, iters):
-        offs, mask = _tile_offs(pid_ng, t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
+        offs, mask = _tile_offs(pid_ng, iters - 1 - t, s_begin, s_end, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
-        g = _dyn(dy, xhat, w, b, SILU) * w[:, None]
-        dx = rstd * (g - c1 - xhat * c2)
+        g = _dyn(dy, xhat, w, b, SILU) * w
+        dx = rstd * g - rc1 - xhat * rc2
         tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -224,7 +232,8 @@ def _group_norm_fwd_kernel(
     tl.store(MEAN + pid_ng, mean)
     tl.store(RSTD + pid_ng, rstd)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
-    _chunk_apply(X, Y, w, b, pid_ng, mean, rstd, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S,
+    wc, bc = w[:, None], b[:, None]  # [BLOCK_K, 1] columns
+    _chunk_apply(X, Y, wc, bc, pid_ng, mean, rstd, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S,
                  INTERPRET)
 
 
@@ -258,7 +267,8 @@ def _group_norm_bwd_kernel(
     mean = tl.load(MEAN + pid_ng)
     rstd = tl.load(RSTD + pid_ng)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
-    pdw, pdb = _chunk_grad_sums(DY, X, w, b, pid_ng, mean, rstd, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST,
+    wc, bc = w[:, None], b[:, None]  # [BLOCK_K, 1] columns
+    pdw, pdb = _chunk_grad_sums(DY, X, wc, bc, pid_ng, mean, rstd, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST,
                                 BLOCK_K, BLOCK_S)
     k = tl.arange(0, BLOCK_K)
     out = (pid_ng // G).to(tl.int64) * C + (pid_ng % G) * K + k
@@ -266,7 +276,7 @@ def _group_norm_bwd_kernel(
     tl.store(DBP + out, pdb, mask=k < K)
     c1 = tl.sum(w * pdb, axis=0) * inv_l
     c2 = tl.sum(w * pdw, axis=0) * inv_l
-    _chunk_dx(DY, X, DX, w, b, pid_ng, mean, rstd, c1, c2, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST,
+    _chunk_dx(DY, X, DX, wc, bc, pid_ng, mean, rstd, c1, c2, zero, S, iters, C, S, G, K, SILU, CHANNELS_LAST,
               BLOCK_K, BLOCK_S, INTERPRET)
 
 
@@ -357,11 +367,13 @@ def _group_norm_apply_kernel(
     BLOCK_S: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid_ng = tl.program_id(0)
-    s_begin = tl.program_id(1) * chunk_s
+    # Programs in the reverse order of the stats kernel's: the chunks it read last come first.
+    pid_ng = tl.num_programs(0) - 1 - tl.program_id(0)
+    s_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * chunk_s
     s_end = tl.minimum(S, s_begin + chunk_s)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
-    _chunk_apply(X, Y, w, b, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), s_begin, s_end, iters,
+    wc, bc = w[:, None], b[:, None]  # [BLOCK_K, 1] columns
+    _chunk_apply(X, Y, wc, bc, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), s_begin, s_end, iters,
                  C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S, INTERPRET)
 
 
@@ -393,7 +405,8 @@ def _group_norm_bwd_reduce_kernel(
     s_begin = sp * chunk_s
     s_end = tl.minimum(S, s_begin + chunk_s)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
-    pdw, pdb = _chunk_grad_sums(DY, X, w, b, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), s_begin,
+    wc, bc = w[:, None], b[:, None]  # [BLOCK_K, 1] columns
+    pdw, pdb = _chunk_grad_sums(DY, X, wc, bc, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), s_begin,
                                 s_end, iters, C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S)
     k = tl.arange(0, BLOCK_K)
     out = ((pid_ng // G).to(tl.int64) * tl.num_programs(1) + sp) * C + (pid_ng % G) * K + k
@@ -461,11 +474,13 @@ def _group_norm_bwd_dx_kernel(
     BLOCK_S: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid_ng = tl.program_id(0)
-    s_begin = tl.program_id(1) * chunk_s
+    # Programs in the reverse order of the reduce kernel's (see _group_norm_apply_kernel).
+    pid_ng = tl.num_programs(0) - 1 - tl.program_id(0)
+    s_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * chunk_s
     s_end = tl.minimum(S, s_begin + chunk_s)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
-    _chunk_dx(DY, X, DX, w, b, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), tl.load(C1 + pid_ng),
+    wc, bc = w[:, None], b[:, None]  # [BLOCK_K, 1] columns
+    _chunk_dx(DY, X, DX, wc, bc, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), tl.load(C1 + pid_ng),
               tl.load(C2 + pid_ng), s_begin, s_end, iters, C, S, G, K, SILU, CHANNELS_LAST, BLOCK_K, BLOCK_S,
               INTERPRET)
 

@@ -137,13 +137,18 @@ def rope_cases(dtype: str = "bf16"):
 
 def group_norm_cases(dtype: str = "bf16"):
     """(name, fn, signature, constexprs, num_warps) for the GroupNorm (+ SiLU) launch configs over
-    representative UNet / VAE shapes (K = C / G from 3 to 1024, the kernels' limit), contiguous
-    and channels-last; configs that compile to the same code are yielded once."""
+    representative UNet / VAE shapes (K = C / G from 3 to 1024, the kernels' limit; one program
+    per group and split reductions), contiguous and channels-last; configs that compile to the
+    same code are yielded once."""
     from fastgen.kernels import group_norm as k
 
     p, f32 = f"*{dtype}", "*fp32"
     dims = {"C": "i32", "S": "i32", "G": "i32", "K": "i32", "chunk_s": "i32", "iters": "i32"}
-    stats_sig = {"X": p, "PART": f32, "MEAN": f32, "RSTD": f32, **dims, "eps": "fp32"}
+    gdims = {"C": "i32", "S": "i32", "G": "i32", "K": "i32", "iters": "i32"}
+    fwd_sig = {"X": p, "W": p, "B": p, "Y": p, "MEAN": f32, "RSTD": f32, **gdims, "eps": "fp32"}
+    bwd_sig = {"DY": p, "X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "DWP": f32, "DBP": f32, "DX": p,
+               **gdims, "inv_l": "fp32"}
+    stats_sig = {"X": p, "PART": f32, **dims}
     comb_sig = {"PART": f32, "MEAN": f32, "RSTD": f32, "splits": "i32", "iters": "i32", "eps": "fp32"}
     apply_sig = {"X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "Y": p, **dims}
     red_sig = {"DY": p, "X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "DWP": f32, "DBP": f32, **dims}
@@ -158,30 +163,22 @@ def group_norm_cases(dtype: str = "bf16"):
             seen.add(key)
             yield name, fn, sig, consts, nw
 
-    fwd_fused_sig = {"X": p, "W": p, "B": p, "Y": p, "MEAN": f32, "RSTD": f32, "C": "i32", "S": "i32", "G": "i32",
-                     "K": "i32", "eps": "fp32"}
-    bwd_fused_sig = {"DY": p, "X": p, "W": p, "B": p, "MEAN": f32, "RSTD": f32, "DWP": f32, "DBP": f32, "DX": p,
-                     "C": "i32", "S": "i32", "G": "i32", "K": "i32"}
-    for N, C, S, G in ((8, 512, 128 * 128, 32), (1, 128, 1024 * 1024, 32), (2, 96, 17 * 13, 32),
-                       (4, 64, 16 * 64 * 64, 1), (1, 1024, 64, 1), (2, 1280, 8 * 8, 32), (2, 512, 16 * 16, 32),
-                       (2, 512, 16 * 32, 32)):
+    for N, C, S, G in ((8, 512, 128 * 128, 32), (1, 128, 1024 * 1024, 32), (4, 64, 16 * 64 * 64, 1),
+                       (1, 1024, 64, 1), (2, 96, 17 * 13, 32), (2, 1280, 8 * 8, 32), (2, 320, 32 * 32, 32),
+                       (2, 64, 64 * 64, 32)):
         cfg = k.group_norm_config(N, C, S, G)
         nw = cfg["num_warps"]
         tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"])
-        if cfg["FUSED"]:
-            for cl in (False, True):
-                tag = f"N={N} C={C} S={S} G={G} {'nhwc' if cl else 'nchw'}"
-                flags = dict(HAS_W=True, HAS_B=True, SILU=True, CHANNELS_LAST=cl, INTERPRET=False)
-                yield from once(f"gn fwd_fused {tag}", k._group_norm_fwd_fused_kernel, fwd_fused_sig,
-                                dict(tile, **flags), nw)
-                yield from once(f"gn bwd_fused {tag}", k._group_norm_bwd_fused_kernel, bwd_fused_sig,
-                                dict(tile, **flags), nw)
-            continue
+        shape = f"N={N} C={C} S={S} G={G}"
         for cl in (False, True):
-            tag = f"N={N} C={C} S={S} G={G} {'nhwc' if cl else 'nchw'}"
+            tag = f"{shape} {'nhwc' if cl else 'nchw'}"
             flags = dict(HAS_W=True, HAS_B=True, SILU=True, CHANNELS_LAST=cl)
-            yield from once(f"gn stats {tag}", k._group_norm_stats_kernel, stats_sig,
-                            dict(tile, CHANNELS_LAST=cl, FINAL=cfg["splits"] == 1), nw)
+            if cfg["splits"] == 1:
+                consts = dict(tile, **flags, INTERPRET=False)
+                yield from once(f"gn fwd {tag}", k._group_norm_fwd_kernel, fwd_sig, consts, nw)
+                yield from once(f"gn bwd {tag}", k._group_norm_bwd_kernel, bwd_sig, consts, nw)
+                continue
+            yield from once(f"gn stats {tag}", k._group_norm_stats_kernel, stats_sig, dict(tile, CHANNELS_LAST=cl), nw)
             yield from once(f"gn apply {tag}", k._group_norm_apply_kernel, apply_sig,
                             dict(tile, **flags, INTERPRET=False), nw)
             yield from once(f"gn bwd_reduce {tag}", k._group_norm_bwd_reduce_kernel, red_sig, dict(tile, **flags), nw)
@@ -189,11 +186,11 @@ def group_norm_cases(dtype: str = "bf16"):
                             dict(tile, **flags, INTERPRET=False), nw)
         if cfg["splits"] > 1:
             ccfg = k.combine_config(cfg["splits"])
-            yield from once(f"gn combine N={N} C={C} S={S} G={G}", k._group_norm_combine_kernel, comb_sig,
+            yield from once(f"gn combine {shape}", k._group_norm_combine_kernel, comb_sig,
                             dict(BLOCK_SP=ccfg["BLOCK_SP"]), ccfg["num_warps"])
-        bcfg = k.combine_config(cfg["splits"], C // G)
-        yield from once(f"gn bwd_combine N={N} C={C} S={S} G={G}", k._group_norm_bwd_combine_kernel, bcomb_sig,
-                        dict(HAS_W=True, BLOCK_SP=bcfg["BLOCK_SP"], BLOCK_K=cfg["BLOCK_K"]), bcfg["num_warps"])
+            bcfg = k.combine_config(cfg["splits"], C // G)
+            yield from once(f"gn bwd_combine {shape}", k._group_norm_bwd_combine_kernel, bcomb_sig,
+                            dict(HAS_W=True, BLOCK_SP=bcfg["BLOCK_SP"], BLOCK_K=cfg["BLOCK_K"]), bcfg["num_warps"])
 
 
 def optim_cases(dtype: str = "bf16"):
@@ -293,6 +290,52 @@ def layer_norm_cases(dtype: str = "bf16"):
                    dict(NORM=1, HAS_W=True, HAS_MOD=True, BLOCK_N=k.CHUNK_N), k._num_warps(k.CHUNK_N))
 
 
+def attention_cases(dtype: str = "bf16"):
+    """(name, fn, signature, constexprs, num_warps) for the flash-attention forward and backward
+    configs per head-dim class (next power of two 16 / 64 / 128 / 256), plain and causal + varlen,
+    and the split head-dim blocks of D = 80 (64 + 16, forward and backward) and D = 96 (64 + 32,
+    forward); the other widths take one of these configs with narrower tiles. The kernels take bf16 / fp16 only: nothing for fp32 (fp16 compiles
+    to the same code with another MMA type; bf16 stands for both)."""
+    if dtype == "fp32":
+        return
+    from fastgen.kernels import attention as k
+
+    p, f32 = f"*{dtype}", "*fp32"
+    st = lambda *names: {f"s{n}{a}": "i32" for n in names for a in "bhs"}  # noqa: E731
+    lse_st = {"slb": "i32", "slh": "i32"}
+    dims = {"Sq": "i32", "Sk": "i32", "D": "i32"}
+    for D in (16, 64, 80, 96, 128, 256):
+        for causal, varlen in ((False, False), (True, True)):
+            cu = "*i32" if varlen else f32
+            tag = f"D={D} causal={causal} varlen={varlen}"
+            fwd_sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": f32, "CU_Q": cu, "CU_K": cu, **st("q", "k", "v", "o"),
+                       **lse_st, "H": "i32", "GROUP": "i32", **dims, "qk_scale": "fp32", "n_kv_blocks": "i32"}
+            cfg = k.attention_fwd_config(D)
+            nw = cfg.pop("num_warps")
+            cfg.pop("num_stages")  # 3 everywhere, Triton's default, which resource_usage compiles with
+            flags = dict(CAUSAL=causal, VARLEN=varlen, DOT_F32=False, INTERPRET=False, HOST_BOUNDS=False)
+            yield f"attn fwd {tag}", k._attn_fwd_kernel, fwd_sig, dict(cfg, **flags), nw
+            dkdv_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DK": p, "DV": p, "CU_Q": cu,
+                        "CU_K": cu, **st("q", "k", "v", "do"), **lse_st, **st("dk", "dv"), "HK": "i32",
+                        "GROUP": "i32", **dims, "qk_scale": "fp32", "sm_scale": "fp32", "n_q_blocks": "i32"}
+            cfg = k.attention_bwd_dkdv_config(D)
+            nw = cfg.pop("num_warps")
+            cfg.pop("num_stages")
+            yield f"attn bwd_dkdv {tag}", k._attn_bwd_dkdv_kernel, dkdv_sig, dict(cfg, **flags), nw
+            dq_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DQ": p, "CU_Q": cu, "CU_K": cu,
+                      **st("q", "k", "v", "do"), **lse_st, **st("dq"), "H": "i32", "GROUP": "i32", **dims,
+                      "qk_scale": "fp32", "sm_scale": "fp32", "n_kv_blocks": "i32"}
+            cfg = k.attention_bwd_dq_config(D)
+            nw = cfg.pop("num_warps")
+            cfg.pop("num_stages")
+            yield f"attn bwd_dq {tag}", k._attn_bwd_dq_kernel, dq_sig, dict(cfg, **flags), nw
+        pre_sig = {"O": p, "DO": p, "DELTA": f32, "CU_Q": "*i32", **st("o", "do"), **lse_st, "H": "i32",
+                   "Sq": "i32", "D": "i32"}
+        cfg = k.attention_preprocess_config(D)
+        nw = cfg.pop("num_warps")
+        yield f"attn bwd_preprocess D={D}", k._attn_bwd_preprocess_kernel, pre_sig, dict(cfg, VARLEN=True), nw
+
+
 def report(dtypes=("bf16", "fp32")) -> list[dict]:
     rows = []
     for dtype in dtypes:
@@ -305,6 +348,8 @@ def report(dtypes=("bf16", "fp32")) -> list[dict]:
         for name, fn, sig, consts, nw in optim_cases(dtype):
             rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
         for name, fn, sig, consts, nw in group_norm_cases(dtype):
+            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
+        for name, fn, sig, consts, nw in attention_cases(dtype):
             rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
     return rows
 

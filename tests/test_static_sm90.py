@@ -55,15 +55,14 @@ def test_every_rope_config_was_compiled(usage):
 def test_every_group_norm_config_was_compiled(usage):
     names = {r["name"] for r in usage}
     for dtype in ("bf16", "fp32"):
-        for tag in ("N=8 C=512 S=16384 G=32", "N=1 C=128 S=1048576 G=32", "N=1 C=1024 S=64 G=1"):
+        for tag in ("N=8 C=512 S=16384 G=32", "N=1 C=128 S=1048576 G=32", "N=1 C=1024 S=64 G=1"):  # split
             for layout in ("nchw", "nhwc"):
                 for kernel in ("stats", "apply", "bwd_reduce", "bwd_dx"):
                     assert f"gn {kernel} {tag} {layout} {dtype}" in names
-            assert f"gn bwd_combine {tag} {dtype}" in names
-        assert f"gn combine N=1 C=128 S=1048576 G=32 {dtype}" in names
-        for tag in ("N=2 C=1280 S=64 G=32", "N=2 C=512 S=256 G=32"):  # one-tile groups: the fused kernels
+            assert f"gn combine {tag} {dtype}" in names and f"gn bwd_combine {tag} {dtype}" in names
+        for tag in ("N=2 C=1280 S=64 G=32", "N=2 C=320 S=1024 G=32"):  # one program per group
             for layout in ("nchw", "nhwc"):
-                assert f"gn fwd_fused {tag} {layout} {dtype}" in names and f"gn bwd_fused {tag} {layout} {dtype}" in names
+                assert f"gn fwd {tag} {layout} {dtype}" in names and f"gn bwd {tag} {layout} {dtype}" in names
 
 
 def test_every_layer_norm_config_was_compiled(usage):
@@ -75,3 +74,12 @@ def test_every_layer_norm_config_was_compiled(usage):
             for mode in ("per_sample", "per_token"):
                 assert f"ln bwd N={n} {form} {mode} bf16" in names
     assert "ln rowstats N=8192 bf16" in names
+
+
+def test_every_attention_config_was_compiled(usage):
+    names = {r["name"] for r in usage}
+    for d in (16, 64, 80, 96, 128, 256):
+        for tag in ("causal=False varlen=False", "causal=True varlen=True"):
+            for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+                assert f"attn {kernel} D={d} {tag} bf16" in names
+        assert f"attn bwd_preprocess D={d} bf16" in names

@@ -14,14 +14,18 @@
 //     dx    = rstd * (g - mean_L(g) - xhat * mean_L(g * xhat))
 //     dw[c] = sum_{n,s} dyn * xhat            db[c] = sum_{n,s} dyn
 //
-// Split reduction: group (n, g) is covered by `splits` blocks along S (chunk_s positions
-// each; grid = N*G*splits blocks, block b = (n*G + g)*splits + split). The statistics are
-// Welford per thread, then Chan's merge over a fixed shuffle tree and the warps in order,
-// then (splits > 1) a combine kernel that merges the blocks' (count, mean, M2) in order:
-// no sum of squares, deterministic. The backward writes per-block, per-channel fp32
-// partials [N*splits, C] (summed over dim 0 by the caller: deterministic dw / db, no
-// atomics), a combine kernel turns them into mean_L(g), mean_L(g * xhat) per group, and an
-// elementwise kernel writes dx.
+// Group (n, g) is covered by `splits` blocks along S (chunk_s positions each; grid =
+// N*G*splits blocks, block b = (n*G + g)*splits + split). The statistics are Welford per
+// thread, then Chan's merge over a fixed shuffle tree and the warps in order: no sum of
+// squares, deterministic.
+//   * splits == 1: one kernel each way. The forward block computes the statistics of its
+//     group and then normalizes it (the second read hits L1 / L2); the backward block
+//     reduces the per-channel sums, merges them into mean_L(g), mean_L(g * xhat), then
+//     writes dx.
+//   * splits > 1: stats -> combine (merges the blocks' (count, mean, M2) in order) ->
+//     apply; backward: per-block, per-channel partials -> combine -> dx.
+// Weight / bias gradients come from per-block, per-channel fp32 partials [N*splits, C]
+// summed over dim 0 by the caller: deterministic, no atomics.
 //
 // Thread layout: 256 threads as a TK x TS grid over (channel in group, position): for
 // channels-last, channel is the fast index (tk = t % TK), otherwise position is (ts = t % TS),
@@ -56,6 +60,8 @@ struct Geo {
 
 struct Pos {
   std::int64_t ng;     // n * G + g
+  std::int64_t n;      // sample
+  std::int64_t c0;     // first channel of the group, g * K
   int split;
   std::int64_t base;   // offset of element (n, g*K, 0)
   std::int64_t sk, ss; // strides of channel and position
@@ -64,16 +70,18 @@ struct Pos {
   bool active;
 };
 
-__device__ __forceinline__ Pos locate(const Geo& geo) {
+// reverse: blocks in the opposite order (the second-pass kernels of the split path start with
+// the chunks the first pass read last, which are the likeliest to still be in L2).
+__device__ __forceinline__ Pos locate(const Geo& geo, bool reverse = false) {
   Pos p;
-  const std::int64_t b = blockIdx.x;
+  const std::int64_t b = reverse ? static_cast<std::int64_t>(gridDim.x) - 1 - blockIdx.x : blockIdx.x;
   p.ng = b / geo.splits;
   p.split = static_cast<int>(b % geo.splits);
-  const std::int64_t n = p.ng / geo.G;
-  const int g = static_cast<int>(p.ng % geo.G);
+  p.n = p.ng / geo.G;
+  p.c0 = (p.ng - p.n * geo.G) * geo.K;
   p.sk = geo.cl ? 1 : geo.S;
   p.ss = geo.cl ? geo.C : 1;
-  p.base = n * geo.C * geo.S + static_cast<std::int64_t>(g) * geo.K * p.sk;
+  p.base = p.n * geo.C * geo.S + p.c0 * p.sk;
   p.s_begin = static_cast<std::int64_t>(p.split) * geo.chunk_s;
   p.s_end = min(geo.S, p.s_begin + geo.chunk_s);
   const int t = threadIdx.x;
@@ -92,7 +100,7 @@ __device__ __forceinline__ Pos locate(const Geo& geo) {
 __device__ __forceinline__ void welford_merge(float& n, float& m, float& m2, float nb, float mb, float m2b) {
   const float nab = n + nb;
   if (nab == 0.f) return;
-  const float frac = nb / nab;
+  const float frac = __fdividef(nb, nab);
   const float d = mb - m;
   m += d * frac;
   m2 += m2b + d * d * n * frac;
@@ -126,79 +134,37 @@ __device__ __forceinline__ float param(const W* p, std::int64_t c, float dflt) {
   return p != nullptr ? to_float(p[c]) : dflt;
 }
 
-__device__ __forceinline__ float sigmoidf(float v) { return 1.f / (1.f + expf(-v)); }
+// __fdividef (2 ulp, no slow-path call that would force a stack frame); 1 / inf = 0 as wanted.
+__device__ __forceinline__ float sigmoidf(float v) { return __fdividef(1.f, 1.f + expf(-v)); }
 
 // ---------------------------------------------------------------------------
-// Forward
+// Per-thread pieces shared by the kernels (each covers this block's chunk)
 // ---------------------------------------------------------------------------
 
-// x: [N, C, S]; part: [N*G, splits, 3] fp32 (splits > 1) or mean / rstd: [N*G] fp32 (splits == 1).
+// Welford over this thread's elements of the chunk.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ part,
-                                                                    float* __restrict__ mean_out,
-                                                                    float* __restrict__ rstd_out, Geo geo, float eps) {
-  const Pos p = locate(geo);
-  float n = 0.f, m = 0.f, m2 = 0.f;
-  if (p.active) {
-    for (int k = p.tk; k < geo.K; k += geo.TK) {
-      const T* row = x + p.base + k * p.sk;
-      for (std::int64_t s = p.s_begin + p.ts; s < p.s_end; s += geo.TS) {
-        const float v = to_float(row[s * p.ss]);
-        n += 1.f;
-        const float d = v - m;
-        m += d / n;
-        m2 += d * (v - m);
-      }
+__device__ __forceinline__ void thread_welford(const T* __restrict__ x, const Pos& p, const Geo& geo, float& n,
+                                               float& m, float& m2) {
+  if (!p.active) return;
+  for (int k = p.tk; k < geo.K; k += geo.TK) {
+    const T* row = x + p.base + k * p.sk;
+    for (std::int64_t s = p.s_begin + p.ts; s < p.s_end; s += geo.TS) {
+      const float v = to_float(row[s * p.ss]);
+      n += 1.f;
+      const float d = v - m;
+      m += __fdividef(d, n);  // n <= 2^24: exact enough, no division slow path
+      m2 += d * (v - m);
     }
   }
-  block_welford(n, m, m2);
-  if (threadIdx.x != 0) return;
-  if (geo.splits == 1) {
-    mean_out[p.ng] = m;
-    rstd_out[p.ng] = rsqrtf(m2 / fmaxf(n, 1.f) + eps);
-  } else {
-    float* q = part + (p.ng * geo.splits + p.split) * 3;
-    q[0] = n;
-    q[1] = m;
-    q[2] = m2;
-  }
 }
 
-// One warp per group: lanes merge splits lane, lane + 32, ...; then a fixed shuffle tree.
-__global__ void __launch_bounds__(32) group_norm_combine_kernel(const float* __restrict__ part,
-                                                                float* __restrict__ mean_out,
-                                                                float* __restrict__ rstd_out, int splits, float eps) {
-  const std::int64_t ng = blockIdx.x;
-  float n = 0.f, m = 0.f, m2 = 0.f;
-  for (int i = threadIdx.x; i < splits; i += 32) {
-    const float* q = part + (ng * splits + i) * 3;
-    welford_merge(n, m, m2, q[0], q[1], q[2]);
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float nb = __shfl_down_sync(kFullMask, n, off);
-    const float mb = __shfl_down_sync(kFullMask, m, off);
-    const float m2b = __shfl_down_sync(kFullMask, m2, off);
-    welford_merge(n, m, m2, nb, mb, m2b);
-  }
-  if (threadIdx.x == 0) {
-    mean_out[ng] = m;
-    rstd_out[ng] = rsqrtf(m2 / fmaxf(n, 1.f) + eps);
-  }
-}
-
-// y = act((x - mean) * rstd * w + b), same strides as x.
+// y = act((x - mean) * rstd * w + b) over this thread's elements of the chunk.
 template <typename T, typename W>
-__global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(const T* __restrict__ x, const W* __restrict__ w,
-                                                                    const W* __restrict__ b,
-                                                                    const float* __restrict__ mean_in,
-                                                                    const float* __restrict__ rstd_in,
-                                                                    T* __restrict__ y, Geo geo, bool silu) {
-  const Pos p = locate(geo);
+__device__ __forceinline__ void apply_chunk(const T* __restrict__ x, const W* __restrict__ w,
+                                            const W* __restrict__ b, T* __restrict__ y, const Pos& p,
+                                            const Geo& geo, float mean, float rstd, bool silu) {
   if (!p.active) return;
-  const float mean = mean_in[p.ng];
-  const float rstd = rstd_in[p.ng];
-  const std::int64_t c0 = (p.ng % geo.G) * geo.K;
+  const std::int64_t c0 = p.c0;
   for (int k = p.tk; k < geo.K; k += geo.TK) {
     const float wk = param(w, c0 + k, 1.f) * rstd;
     const float bk = param(b, c0 + k, 0.f);
@@ -212,32 +178,27 @@ __global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(const T* __r
   }
 }
 
-// ---------------------------------------------------------------------------
-// Backward
-// ---------------------------------------------------------------------------
-
-// dwp / dbp: [N*splits, C] fp32 out. Per channel of the group: this block's sums over its
-// positions of dyn * xhat and dyn, reduced over the TS threads of that channel in order.
+// Per channel of the group: this chunk's sums of dyn * xhat and dyn, reduced over the TS
+// threads of the channel in order (sdw / sdb: kThreads floats of shared memory each) and
+// written to dw_row[k] / db_row[k]. Returns, in the threads that wrote, their share of
+// sum_k w_k * (sum dyn) and sum_k w_k * (sum dyn * xhat) (0 elsewhere). Every thread of
+// the block must call it.
 template <typename T, typename W>
-__global__ void __launch_bounds__(kThreads) group_norm_bwd_reduce_kernel(
-    const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
-    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, float* __restrict__ dwp,
-    float* __restrict__ dbp, Geo geo, bool silu) {
-  __shared__ float sdw[kThreads];
-  __shared__ float sdb[kThreads];
-  const Pos p = locate(geo);
-  const float mean = mean_in[p.ng];
-  const float rstd = rstd_in[p.ng];
-  const std::int64_t n = p.ng / geo.G;
-  const std::int64_t c0 = (p.ng % geo.G) * geo.K;
-  float* dw_row = dwp + (n * geo.splits + p.split) * geo.C + c0;
-  float* db_row = dbp + (n * geo.splits + p.split) * geo.C + c0;
+__device__ __forceinline__ void grad_sums_chunk(const T* __restrict__ dy, const T* __restrict__ x,
+                                                const W* __restrict__ w, const W* __restrict__ b, float* dw_row,
+                                                float* db_row, const Pos& p, const Geo& geo, float mean,
+                                                float rstd, bool silu, float* sdw, float* sdb, float& a1,
+                                                float& a2) {
+  const std::int64_t c0 = p.c0;
+  a1 = 0.f;
+  a2 = 0.f;
   for (int k0 = 0; k0 < geo.K; k0 += geo.TK) {  // uniform over the block
     const int k = k0 + p.tk;
     const bool kact = p.active && k < geo.K;
     float adw = 0.f, adb = 0.f;
+    float wk = 1.f;
     if (kact) {
-      const float wk = param(w, c0 + k, 1.f);
+      wk = param(w, c0 + k, 1.f);
       const float bk = param(b, c0 + k, 0.f);
       const std::int64_t row = p.base + k * p.sk;
       for (std::int64_t s = p.s_begin + p.ts; s < p.s_end; s += geo.TS) {
@@ -265,9 +226,152 @@ __global__ void __launch_bounds__(kThreads) group_norm_bwd_reduce_kernel(
       }
       dw_row[k] = sw;
       db_row[k] = sb;
+      a1 += wk * sb;
+      a2 += wk * sw;
     }
     __syncthreads();
   }
+}
+
+// dx = rstd * (dyn * w - c1 - xhat * c2) over this thread's elements of the chunk.
+template <typename T, typename W>
+__device__ __forceinline__ void dx_chunk(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
+                                         const W* __restrict__ b, T* __restrict__ dx, const Pos& p, const Geo& geo,
+                                         float mean, float rstd, float c1, float c2, bool silu) {
+  if (!p.active) return;
+  const std::int64_t c0 = p.c0;
+  for (int k = p.tk; k < geo.K; k += geo.TK) {
+    const float wk = param(w, c0 + k, 1.f);
+    const float bk = param(b, c0 + k, 0.f);
+    const std::int64_t row = p.base + k * p.sk;
+    for (std::int64_t s = p.s_begin + p.ts; s < p.s_end; s += geo.TS) {
+      const std::int64_t i = row + s * p.ss;
+      const float xhat = (to_float(x[i]) - mean) * rstd;
+      float d = to_float(dy[i]);
+      if (silu) {
+        const float yn = xhat * wk + bk;
+        const float sg = sigmoidf(yn);
+        d *= sg * (1.f + yn * (1.f - sg));
+      }
+      dx[i] = from_float<T>(rstd * (d * wk - c1 - xhat * c2));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// One block per group (splits == 1): statistics and output in one launch, the second
+// pass re-reading the group while it is in L1 / L2.
+// ---------------------------------------------------------------------------
+
+// x, y: [N, C, S]; mean / rstd: [N*G] fp32 out.
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) group_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w,
+                                                                  const W* __restrict__ b, T* __restrict__ y,
+                                                                  float* __restrict__ mean_out,
+                                                                  float* __restrict__ rstd_out, Geo geo, float eps,
+                                                                  bool silu) {
+  __shared__ float stats[2];
+  const Pos p = locate(geo);
+  float n = 0.f, m = 0.f, m2 = 0.f;
+  thread_welford(x, p, geo, n, m, m2);
+  block_welford(n, m, m2);
+  if (threadIdx.x == 0) {
+    const float rs = rsqrtf(__fdividef(m2, fmaxf(n, 1.f)) + eps);
+    stats[0] = m;
+    stats[1] = rs;
+    mean_out[p.ng] = m;
+    rstd_out[p.ng] = rs;
+  }
+  __syncthreads();
+  apply_chunk(x, w, b, y, p, geo, stats[0], stats[1], silu);
+}
+
+// dwp / dbp: [N, C] fp32 out (per-channel sums of dyn * xhat and dyn over S); dx: [N, C, S].
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) group_norm_bwd_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, float* __restrict__ dwp,
+    float* __restrict__ dbp, T* __restrict__ dx, Geo geo, float inv_l, bool silu) {
+  __shared__ float sdw[kThreads];
+  __shared__ float sdb[kThreads];
+  __shared__ float red[32];
+  const Pos p = locate(geo);
+  const float mean = mean_in[p.ng];
+  const float rstd = rstd_in[p.ng];
+  const std::int64_t row0 = p.ng * geo.K;  // = n * C + g * K
+  float a1, a2;
+  grad_sums_chunk(dy, x, w, b, dwp + row0, dbp + row0, p, geo, mean, rstd, silu, sdw, sdb, a1, a2);
+  const float c1 = group_reduce_sum(a1, blockDim.x, red) * inv_l;
+  const float c2 = group_reduce_sum(a2, blockDim.x, red) * inv_l;
+  dx_chunk(dy, x, w, b, dx, p, geo, mean, rstd, c1, c2, silu);
+}
+
+// ---------------------------------------------------------------------------
+// Split reduction (splits > 1)
+// ---------------------------------------------------------------------------
+
+// x: [N, C, S]; part: [N*G, splits, 3] fp32 out, (count, mean, M2) of this block's chunk.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ part,
+                                                                    Geo geo) {
+  const Pos p = locate(geo);
+  float n = 0.f, m = 0.f, m2 = 0.f;
+  thread_welford(x, p, geo, n, m, m2);
+  block_welford(n, m, m2);
+  if (threadIdx.x == 0) {
+    float* q = part + (p.ng * geo.splits + p.split) * 3;
+    q[0] = n;
+    q[1] = m;
+    q[2] = m2;
+  }
+}
+
+// One warp per group: lanes merge splits lane, lane + 32, ...; then a fixed shuffle tree.
+__global__ void __launch_bounds__(32) group_norm_combine_kernel(const float* __restrict__ part,
+                                                                float* __restrict__ mean_out,
+                                                                float* __restrict__ rstd_out, int splits, float eps) {
+  const std::int64_t ng = blockIdx.x;
+  float n = 0.f, m = 0.f, m2 = 0.f;
+  for (int i = threadIdx.x; i < splits; i += 32) {
+    const float* q = part + (ng * splits + i) * 3;
+    welford_merge(n, m, m2, q[0], q[1], q[2]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float nb = __shfl_down_sync(kFullMask, n, off);
+    const float mb = __shfl_down_sync(kFullMask, m, off);
+    const float m2b = __shfl_down_sync(kFullMask, m2, off);
+    welford_merge(n, m, m2, nb, mb, m2b);
+  }
+  if (threadIdx.x == 0) {
+    mean_out[ng] = m;
+    rstd_out[ng] = rsqrtf(__fdividef(m2, fmaxf(n, 1.f)) + eps);
+  }
+}
+
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(const T* __restrict__ x, const W* __restrict__ w,
+                                                                    const W* __restrict__ b,
+                                                                    const float* __restrict__ mean_in,
+                                                                    const float* __restrict__ rstd_in,
+                                                                    T* __restrict__ y, Geo geo, bool silu) {
+  const Pos p = locate(geo, true);
+  apply_chunk(x, w, b, y, p, geo, mean_in[p.ng], rstd_in[p.ng], silu);
+}
+
+// dwp / dbp: [N*splits, C] fp32 out, this block's per-channel partial sums.
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) group_norm_bwd_reduce_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, float* __restrict__ dwp,
+    float* __restrict__ dbp, Geo geo, bool silu) {
+  __shared__ float sdw[kThreads];
+  __shared__ float sdb[kThreads];
+  const Pos p = locate(geo);
+  const std::int64_t row0 = (p.n * geo.splits + p.split) * geo.C + p.c0;
+  float a1, a2;
+  grad_sums_chunk(dy, x, w, b, dwp + row0, dbp + row0, p, geo, mean_in[p.ng], rstd_in[p.ng], silu, sdw, sdb, a1,
+                  a2);
 }
 
 // One block per group: c[0][ng] = sum_{split,k} w_k dbp / L = mean_L(g),
@@ -300,35 +404,13 @@ __global__ void __launch_bounds__(kThreads) group_norm_bwd_combine_kernel(const 
   }
 }
 
-// dx = rstd * (g - c1 - xhat * c2), same strides as x.
 template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads) group_norm_bwd_dx_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const float* __restrict__ c,
     T* __restrict__ dx, Geo geo, std::int64_t NG, bool silu) {
-  const Pos p = locate(geo);
-  if (!p.active) return;
-  const float mean = mean_in[p.ng];
-  const float rstd = rstd_in[p.ng];
-  const float c1 = c[p.ng];
-  const float c2 = c[NG + p.ng];
-  const std::int64_t c0 = (p.ng % geo.G) * geo.K;
-  for (int k = p.tk; k < geo.K; k += geo.TK) {
-    const float wk = param(w, c0 + k, 1.f);
-    const float bk = param(b, c0 + k, 0.f);
-    const std::int64_t row = p.base + k * p.sk;
-    for (std::int64_t s = p.s_begin + p.ts; s < p.s_end; s += geo.TS) {
-      const std::int64_t i = row + s * p.ss;
-      const float xhat = (to_float(x[i]) - mean) * rstd;
-      float d = to_float(dy[i]);
-      if (silu) {
-        const float yn = xhat * wk + bk;
-        const float sg = sigmoidf(yn);
-        d *= sg * (1.f + yn * (1.f - sg));
-      }
-      dx[i] = from_float<T>(rstd * (d * wk - c1 - xhat * c2));
-    }
-  }
+  const Pos p = locate(geo, true);
+  dx_chunk(dy, x, w, b, dx, p, geo, mean_in[p.ng], rstd_in[p.ng], c[p.ng], c[NG + p.ng], silu);
 }
 
 // ---------------------------------------------------------------------------
@@ -402,16 +484,22 @@ void group_norm_fwd(std::uintptr_t x_ptr, std::uintptr_t w_ptr, std::uintptr_t b
   const float feps = static_cast<float>(eps);
   FASTGEN_DISPATCH_X_W(x_dtype, w_dtype, "group_norm_fwd", {
     const scalar_t* x = reinterpret_cast<const scalar_t*>(x_ptr);
-    group_norm_stats_kernel<scalar_t><<<blocks, kThreads, 0, st>>>(x, part, mean, rstd, geo, feps);
-    FASTGEN_CHECK_LAUNCH("group_norm_fwd stats kernel launch");
-    if (splits > 1) {
+    const weight_t* w = reinterpret_cast<const weight_t*>(w_ptr);
+    const weight_t* b = reinterpret_cast<const weight_t*>(b_ptr);
+    scalar_t* y = reinterpret_cast<scalar_t*>(y_ptr);
+    if (splits == 1) {
+      group_norm_fwd_kernel<scalar_t, weight_t><<<blocks, kThreads, 0, st>>>(x, w, b, y, mean, rstd, geo, feps,
+                                                                            silu != 0);
+      FASTGEN_CHECK_LAUNCH("group_norm_fwd kernel launch");
+    } else {
+      group_norm_stats_kernel<scalar_t><<<blocks, kThreads, 0, st>>>(x, part, geo);
+      FASTGEN_CHECK_LAUNCH("group_norm_fwd stats kernel launch");
       group_norm_combine_kernel<<<static_cast<unsigned>(NG), 32, 0, st>>>(part, mean, rstd, geo.splits, feps);
       FASTGEN_CHECK_LAUNCH("group_norm_fwd combine kernel launch");
+      group_norm_apply_kernel<scalar_t, weight_t><<<blocks, kThreads, 0, st>>>(x, w, b, mean, rstd, y, geo,
+                                                                              silu != 0);
+      FASTGEN_CHECK_LAUNCH("group_norm_fwd apply kernel launch");
     }
-    group_norm_apply_kernel<scalar_t, weight_t><<<blocks, kThreads, 0, st>>>(
-        x, reinterpret_cast<const weight_t*>(w_ptr), reinterpret_cast<const weight_t*>(b_ptr), mean, rstd,
-        reinterpret_cast<scalar_t*>(y_ptr), geo, silu != 0);
-    FASTGEN_CHECK_LAUNCH("group_norm_fwd apply kernel launch");
   });
 }
 
@@ -440,6 +528,12 @@ void group_norm_bwd(std::uintptr_t dy_ptr, std::uintptr_t x_ptr, std::uintptr_t 
     const scalar_t* x = reinterpret_cast<const scalar_t*>(x_ptr);
     const weight_t* w = reinterpret_cast<const weight_t*>(w_ptr);
     const weight_t* b = reinterpret_cast<const weight_t*>(b_ptr);
+    if (splits == 1) {
+      group_norm_bwd_kernel<scalar_t, weight_t><<<blocks, kThreads, 0, st>>>(
+          dy, x, w, b, mean, rstd, dwp, dbp, reinterpret_cast<scalar_t*>(dx_ptr), geo, inv_l, silu != 0);
+      FASTGEN_CHECK_LAUNCH("group_norm_bwd kernel launch");
+      return;
+    }
     group_norm_bwd_reduce_kernel<scalar_t, weight_t><<<blocks, kThreads, 0, st>>>(dy, x, w, b, mean, rstd, dwp, dbp,
                                                                                  geo, silu != 0);
     FASTGEN_CHECK_LAUNCH("group_norm_bwd reduce kernel launch");

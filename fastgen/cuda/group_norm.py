@@ -9,7 +9,9 @@ outputs have the strides of ``x``. With ``K = C / G`` and ``L = K * S`` per grou
 
 Forward:  mean, var over each group (Welford per thread, Chan's merge across threads and
           across the ``splits`` blocks of a group), rstd = 1/sqrt(var + eps),
-          y = act((x - mean) * rstd * w + b), act = identity or SiLU.
+          y = act((x - mean) * rstd * w + b), act = identity or SiLU. A group of at most
+          ``SPLIT_ELEMENTS`` elements is one block (one launch each way); larger groups
+          take the split reduction (stats, combine, apply).
 Backward: xhat = (x - mean) * rstd, dyn = dy (through the SiLU when fused), g = dyn * w,
           dx = rstd * (g - mean_L(g) - xhat * mean_L(g * xhat)),
           dw = sum dyn * xhat, db = sum dyn over N and S — deterministic: fp32 per-block

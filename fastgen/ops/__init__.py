@@ -23,3 +23,6 @@ from fastgen.ops.rope import apply_rope, apply_rope_ref, rope_frequencies, rope_
 from fastgen.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref  # noqa: E402
 
 __all__ += ["apply_rope", "apply_rope_ref", "rope_frequencies", "rope_grid_ids", "qk_norm_rope", "qk_norm_rope_ref"]
+from fastgen.ops.attention import attention, attention_ref, scaled_dot_product_attention  # noqa: E402
+
+__all__ += ["attention", "attention_ref", "scaled_dot_product_attention"]
