@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.ops import group_norm
 
-from .harness import Case, Unavailable
+from .harness import Case, Unavailable, autograd_step
 
 OP = "group_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -142,22 +142,5 @@ def setup(provider: str, case: Case, mode: str, device: str):
     x = x.contiguous(memory_format=fmt).requires_grad_(grad)
     w = (1 + 0.1 * torch.randn(C, device=device, generator=gen)).to(case.dtype).requires_grad_(grad)
     b = (0.1 * torch.randn(C, device=device, generator=gen)).to(case.dtype).requires_grad_(grad)
-    leaves = [x, w, b]
-
-    if mode == "fwd":
-        def fn():
-            return f(x, w, b, G)
-        return fn
-
-    dy = torch.randn(N, C, H, W, device=device, dtype=case.dtype, generator=gen).contiguous(memory_format=fmt)
-    if mode == "bwd":
-        out = f(x, w, b, G)
-
-        def fn():
-            torch.autograd.backward(out, dy, retain_graph=True)
-    else:
-        def fn():
-            torch.autograd.backward(f(x, w, b, G), dy)
-
-    fn.grad_to_none = leaves
-    return fn
+    dy = [torch.randn(N, C, H, W, device=device, dtype=case.dtype, generator=gen).contiguous(memory_format=fmt)]
+    return autograd_step(lambda: f(x, w, b, G), (), mode, dy if grad else [], [x, w, b])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import resolve
+from fastgen.backend import launchers, resolve
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "silu")
@@ -132,16 +132,6 @@ def _as_ncs(t: Tensor, fmt: Optional[torch.memory_format]) -> Tensor:
     return t.contiguous(memory_format=fmt).flatten(2)
 
 
-def _launchers(impl: str):
-    if impl == "triton":
-        from fastgen.kernels import group_norm as launchers
-    elif impl == "cuda":
-        from fastgen.cuda import group_norm as launchers
-    else:  # pragma: no cover - resolve() only returns the names above
-        raise ValueError(f"no kernel implementation named {impl!r}")
-    return launchers
-
-
 # ----------------------------------------------------------------------------- torch.library ops
 
 
@@ -150,7 +140,7 @@ def _group_norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float, silu: bool, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [N, C, S] with the strides of x, mean [N*G] fp32, rstd [N*G] fp32) from x [N, C, S]."""
-    return _launchers(impl).group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+    return launchers("group_norm", impl).group_norm_fwd(x, weight, bias, num_groups, eps, silu)
 
 
 @_group_norm_fwd_op.register_fake
@@ -172,7 +162,7 @@ def _group_norm_bwd_op(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx [N, C, S] with the strides of x, dw [C] or [0] without a weight, db [C] or [0] without a bias)."""
-    dx, dw, db = _launchers(impl).group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
+    dx, dw, db = launchers("group_norm", impl).group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
     return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
 
 
