@@ -292,19 +292,20 @@ def layer_norm_cases(dtype: str = "bf16"):
 
 def attention_cases(dtype: str = "bf16"):
     """(name, fn, signature, constexprs, num_warps) for the flash-attention forward and backward
-    configs per head-dim class (next power of two 16 / 64 / 128 / 256), plain and causal + varlen,
-    and the split head-dim blocks of D = 80 (64 + 16, forward and backward) and D = 96 (64 + 32,
-    forward); the other widths take one of these configs with narrower tiles. The kernels take bf16 / fp16 only: nothing for fp32 (fp16 compiles
-    to the same code with another MMA type; bf16 stands for both)."""
+    configs per head-dim block (BLOCK_D = 16 / 32 / 64 / 128 / 256), plain and causal + varlen,
+    and the split head-dim blocks of D = 40 (32 + 16), 80 (64 + 16, also 72) and 96 (64 + 32 in
+    the forward); every head dim the kernels take compiles to one of these. The kernels take bf16 / fp16 only: nothing
+    for fp32 (fp16 compiles to the same code with another MMA type; bf16 stands for both)."""
     if dtype == "fp32":
         return
     from fastgen.kernels import attention as k
+    from fastgen.kernels import attention_bwd as kb
 
     p, f32 = f"*{dtype}", "*fp32"
     st = lambda *names: {f"s{n}{a}": "i32" for n in names for a in "bhs"}  # noqa: E731
     lse_st = {"slb": "i32", "slh": "i32"}
     dims = {"Sq": "i32", "Sk": "i32", "D": "i32"}
-    for D in (16, 64, 80, 96, 128, 256):
+    for D in (16, 32, 40, 64, 80, 96, 128, 256):
         for causal, varlen in ((False, False), (True, True)):
             cu = "*i32" if varlen else f32
             tag = f"D={D} causal={causal} varlen={varlen}"
@@ -318,22 +319,22 @@ def attention_cases(dtype: str = "bf16"):
             dkdv_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DK": p, "DV": p, "CU_Q": cu,
                         "CU_K": cu, **st("q", "k", "v", "do"), **lse_st, **st("dk", "dv"), "HK": "i32",
                         "GROUP": "i32", **dims, "qk_scale": "fp32", "sm_scale": "fp32", "n_q_blocks": "i32"}
-            cfg = k.attention_bwd_dkdv_config(D)
+            cfg = kb.attention_bwd_dkdv_config(D)
             nw = cfg.pop("num_warps")
             cfg.pop("num_stages")
-            yield f"attn bwd_dkdv {tag}", k._attn_bwd_dkdv_kernel, dkdv_sig, dict(cfg, **flags), nw
+            yield f"attn bwd_dkdv {tag}", kb._attn_bwd_dkdv_kernel, dkdv_sig, dict(cfg, **flags), nw
             dq_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DQ": p, "CU_Q": cu, "CU_K": cu,
                       **st("q", "k", "v", "do"), **lse_st, **st("dq"), "H": "i32", "GROUP": "i32", **dims,
                       "qk_scale": "fp32", "sm_scale": "fp32", "n_kv_blocks": "i32"}
-            cfg = k.attention_bwd_dq_config(D)
+            cfg = kb.attention_bwd_dq_config(D)
             nw = cfg.pop("num_warps")
             cfg.pop("num_stages")
-            yield f"attn bwd_dq {tag}", k._attn_bwd_dq_kernel, dq_sig, dict(cfg, **flags), nw
+            yield f"attn bwd_dq {tag}", kb._attn_bwd_dq_kernel, dq_sig, dict(cfg, **flags), nw
         pre_sig = {"O": p, "DO": p, "DELTA": f32, "CU_Q": "*i32", **st("o", "do"), **lse_st, "H": "i32",
                    "Sq": "i32", "D": "i32"}
-        cfg = k.attention_preprocess_config(D)
+        cfg = kb.attention_preprocess_config(D)
         nw = cfg.pop("num_warps")
-        yield f"attn bwd_preprocess D={D}", k._attn_bwd_preprocess_kernel, pre_sig, dict(cfg, VARLEN=True), nw
+        yield f"attn bwd_preprocess D={D}", kb._attn_bwd_preprocess_kernel, pre_sig, dict(cfg, VARLEN=True), nw
 
 
 def report(dtypes=("bf16", "fp32")) -> list[dict]:

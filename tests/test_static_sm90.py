@@ -86,7 +86,7 @@ def test_every_layer_norm_config_was_compiled(usage):
 
 def test_every_attention_config_was_compiled(usage):
     names = {r["name"] for r in usage}
-    for d in (16, 32, 40, 64, 80, 128, 256):
+    for d in (16, 32, 40, 64, 80, 96, 128, 256):
         for tag in ("causal=False varlen=False", "causal=True varlen=True"):
             for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
                 assert f"attn {kernel} D={d} {tag} bf16" in names

@@ -1,0 +1,377 @@
+"""Flash attention in Triton: FlashAttention-2-style forward and backward.
+
+Math, per (batch, query head h) and query row i, with kv head ``h // GROUP`` (GQA/MQA),
+scale ``c`` (default ``1/sqrt(D)``) and visible keys ``j`` (all keys, or with ``causal``
+``j <= i + Sk - Sq``: bottom-right aligned, as in FlashAttention >= 2.1)::
+
+    s_ij = c * q_i . k_j
+    lse_i = log(sum_j exp(s_ij))            (natural log; -inf for a row that sees no key)
+    o_i  = sum_j exp(s_ij - lse_i) * v_j    (0 for a row that sees no key)
+
+Forward (``_attn_fwd_kernel``): one program per (query block of BLOCK_M rows, batch*head),
+looping over key blocks of BLOCK_N with the online softmax in fp32 and in base 2
+(``exp2(s * c * log2(e) - m)``): running max ``m``, running sum ``l``, accumulator
+``acc`` rescaled by ``exp2(m_old - m_new)``; at the end ``o = acc / l`` and
+``lse = (m + log2(l)) * ln(2)``. Memory: O(S*D) — the S x S scores are never stored;
+the only extra output is the fp32 ``lse [B, H, Sq]``.
+
+Backward (``kernels/attention_bwd.py``; FlashAttention-2, split so that no atomics are needed
+and the gradients are deterministic by construction):
+
+1. ``_attn_bwd_preprocess_kernel``: ``delta_i = sum_d dO_id * O_id`` (fp32);
+2. ``_attn_bwd_dkdv_kernel``: one program per (key block, batch * kv head) recomputes
+   ``p_ij = exp2(s_ij * log2(e) - lse_i * log2(e))`` for every query block (and, for GQA,
+   every query head of its group) and accumulates ``dv_j += p_ij dO_i`` and
+   ``dk_j += c * p_ij (dp_ij - delta_i) q_i`` with ``dp_ij = dO_i . v_j``;
+3. ``_attn_bwd_dq_kernel``: one program per (query block, batch * head) accumulates
+   ``dq_i += c * p_ij (dp_ij - delta_i) k_j`` over key blocks.
+
+The scores are recomputed twice in the backward (once per kernel) instead of the
+atomic ``dq`` accumulation of FlashAttention-2: about 20% more FLOPs in exchange for
+determinism and no fp32 ``dq`` scratch buffer.
+
+Layouts: every tensor is addressed through (batch, head, sequence) strides with a unit
+last-dim stride, so ``(B, S, H, D)``, ``(B, H, S, D)`` and strided views (q, k, v sliced
+out of one packed qkv tensor) run without copies. Varlen (``VARLEN``): q/k/v are packed
+``(total, H, D)`` and each program reads its sequence's start and length from
+``cu_seqlens_q`` / ``cu_seqlens_k``; the grid covers ``max_seqlen_q``.
+
+Head dims: any multiple of 8 in [16, 256]. Triton blocks are powers of two, so the head dim
+is covered by a power-of-two block ``BLOCK_D`` plus, for D = 40 / 48 / 72 / 80, a 16-wide
+remainder block ``BLOCK_DR`` (two dots per product: 40 = 32 + 16, 80 = 64 + 16), which pays
+the MMA work of 48 / 48 / 80 / 80 instead of 64 / 64 / 128 / 128; the forward also splits
+D = 88 / 96 as 64 + 32. Other cases take the next power of two with masked loads (no extra
+memory traffic, but dot products on zeros): the backward of D = 96 pays for 128 (25% wasted),
+D = 160 for 256 (38%) in both directions. The remainders that would avoid it (64 + 32 in the
+backward, 128 + 32) hit the 255-register limit or spilled on sm_90 with their second
+accumulators, so they are not used yet (see ``kernel_head_blocks``).
+
+Lengths are arbitrary (rows and columns past the end are masked). Causal programs on a
+GPU skip the key (query) blocks that their rows cannot see; under the interpreter the
+loops run over every block with masks (loop bounds there must be host integers:
+bounds derived from ``tl.program_id`` break Triton 3.6's interpreter).
+
+Interpreter: ``DOT_F32`` (set by the launchers for bf16 under ``TRITON_INTERPRET=1``) upcasts
+every loaded block to fp32 and runs the dots in fp32 (bf16 ``tl.dot`` is wrong in the
+interpreter); on the GPU, and for fp16 in the interpreter too, the dots take bf16 / fp16
+operands (tensor cores), with ``p`` and ``ds`` rounded to the input dtype before their dots,
+as in FlashAttention. So the fp16 interpreter tests run the GPU's dot code path.
+
+What differs from FlashAttention: no dq atomics (see above), no head-dim padding of
+the inputs (split blocks and masking instead), no dropout, no ALiBi / sliding window / softcap, and no
+Hopper-specific (TMA, warp-specialized) path yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import interpreting, round_to
+
+LOG2E = 1.4426950408889634
+
+# Tests may force small blocks (the interpreter pays per element): see forced_blocks().
+_FORCED: dict = {}
+
+
+@contextlib.contextmanager
+def forced_blocks(block_m: int | None, block_n: int | None, device_bounds: bool = False):
+    """Run every attention launch inside the block with BLOCK_M = block_m, BLOCK_N = block_n
+    (query and key block sizes of all four kernels); ``None, None``: the GPU's shipped configs,
+    also under the interpreter (which otherwise takes 32 x 32). Meant for tests.
+    ``device_bounds``: under the interpreter, use the per-program loop bounds of the GPU path
+    too (Triton >= 3.7 only)."""
+    prev = dict(_FORCED)
+    _FORCED.update(BLOCK_M=block_m, BLOCK_N=block_n, device_bounds=device_bounds)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(prev)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 operands in exact IEEE mode when DOT_F32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load(ptrs, mask, DOT_F32: tl.constexpr):
+    """A masked block load, upcast to fp32 at once under the interpreter (DOT_F32)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _seq_bounds(CU, b, S, VARLEN: tl.constexpr):
+    """(start offset in the packed token dim, length) of sequence ``b``."""
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        length = (tl.load(CU + b + 1).to(tl.int64) - start).to(tl.int32)
+    else:
+        start = (b * 0).to(tl.int64)  # a 0-d int64 tensor on every Triton version
+        length = S
+    return start, length
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # [B, Sq, H, D] / [B, H, Sq, D] / [Tq, H, D] (varlen), strides (sqb, sqh, sqs, 1)
+    K,  # like Q with HK heads and Sk keys, strides (skb, skh, sks, 1)
+    V,  # like K, strides (svb, svh, svs, 1)
+    O,  # like Q, q.dtype, strides (sob, soh, sos, 1)
+    LSE,  # [B, H, Sq] (or [H, Tq] varlen) fp32 out, strides (slb, slh, 1)
+    CU_Q,  # [B + 1] int32 cumulative query lengths (read only when VARLEN)
+    CU_K,  # [B + 1] int32 cumulative key lengths (read only when VARLEN)
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh,
+    H,  # query heads
+    GROUP,  # query heads per kv head (H // HK)
+    Sq,  # query length (max_seqlen_q when VARLEN)
+    Sk,  # key length (unused when VARLEN)
+    D,  # head dim
+    qk_scale,  # scale * log2(e)
+    n_kv_blocks,  # cdiv(Sk or max_seqlen_k, BLOCK_N): the interpreter's loop bound
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # power-of-two block over the head dim (masked past D)
+    BLOCK_DR: tl.constexpr,  # 0, or a second head-dim block at columns [BLOCK_D, BLOCK_D + BLOCK_DR)
+    DOT_F32: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
+    k_start, seqlen_k = _seq_bounds(CU_K, b, Sk, VARLEN)
+    b64 = b.to(tl.int64)
+    Q += b64 * sqb + h.to(tl.int64) * sqh + q_start * sqs
+    K += b64 * skb + hk.to(tl.int64) * skh + k_start * sks
+    V += b64 * svb + hk.to(tl.int64) * svh + k_start * svs
+    O += b64 * sob + h.to(tl.int64) * soh + q_start * sos
+    LSE += b64 * slb + h.to(tl.int64) * slh + q_start
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
+    d_ok = dd < D
+    q = _load(Q + rows[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
+    if BLOCK_DR > 0:  # the head-dim remainder, e.g. D = 80 = 64 + 16
+        dr = BLOCK_D + tl.arange(0, BLOCK_DR)
+        dr_ok = dr < D
+        q_r = _load(Q + rows[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
+        acc_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q  # key j is visible to row i iff j <= i + diag (causal)
+
+    if HOST_BOUNDS:
+        hi = n_kv_blocks
+    else:
+        hi_k = seqlen_k
+        if CAUSAL:
+            hi_k = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + diag)
+        hi = tl.cdiv(tl.maximum(hi_k, 0), BLOCK_N)
+    for nb in range(0, hi):
+        kcols = nb * BLOCK_N + cols
+        col_ok = kcols < seqlen_k
+        kt = _load(K + kcols[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
+        s = _dot(q, kt, DOT_F32)
+        if BLOCK_DR > 0:
+            kt_r = _load(K + kcols[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
+            s += _dot(q_r, kt_r, DOT_F32)
+        s = s * qk_scale
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (kcols[None, :] <= rows[:, None] + diag)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(V + kcols[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        if BLOCK_DR > 0:
+            v_r = _load(V + kcols[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
+            acc_r = acc_r * alpha[:, None] + _dot(p.to(v_r.dtype), v_r, DOT_F32)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LSE + rows, lse, mask=row_ok)
+    tl.store(O + rows[:, None] * sos + dd[None, :], round_to(out, O.dtype.element_ty, INTERPRET),
+             mask=row_ok[:, None] & d_ok[None, :])
+    if BLOCK_DR > 0:
+        out_r = acc_r / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(O + rows[:, None] * sos + dr[None, :], round_to(out_r, O.dtype.element_ty, INTERPRET),
+                 mask=row_ok[:, None] & dr_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def split_head_dim(D: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DR): a power-of-two block plus an optional power-of-two remainder block
+    (>= 16, the smallest dot), where the pair is narrower than the next power of two:
+    40 -> (32, 16), 72 / 80 -> (64, 16), 96 -> (64, 32), 160 -> (128, 32), 192 -> (128, 64);
+    64 -> (64, 0), 112 -> (128, 0) (64 + 64 would be no narrower)."""
+    full = _block_d(D)
+    low = max(16, full // 2 if full > D else full)
+    if low >= D:
+        return full, 0
+    rem = max(16, triton.next_power_of_2(D - low))
+    return (low, rem) if low + rem < full else (full, 0)
+
+
+def kernel_head_blocks(D: int, kernel: str) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DR) that ``kernel`` ("fwd" | "bwd") runs for head dim D.
+
+    The split of :func:`split_head_dim` is used where it compiles with register headroom on
+    sm_90 with Triton 3.6 and 3.9 (tests/sm90.py): a main block <= 64 plus a 16-wide remainder,
+    D = 40, 48, 72, 80 (the SD 1.5 / DiT / PixArt head dims), in every kernel; 64 + 32 (D = 88,
+    96) in the forward only. Elsewhere (D = 88 / 96 in the backward, D = 136..192) the kernels
+    take the next power of two with masking: the split needs a second accumulator per output,
+    and with it those configs ran at the 255-register limit or spilled (dK/dV for 128 + 32 badly).
+    """
+    main, rem = split_head_dim(D)
+    if (rem == 16 and main <= 64) or (kernel == "fwd" and rem == 32 and main == 64):
+        return main, rem
+    return _block_d(D), 0
+
+
+def attention_fwd_config(D: int) -> dict:
+    """Launch parameters of _attn_fwd_kernel for head dim D (the static sm_90 test compiles these).
+
+    Picked for register headroom on sm_90 (Triton 3.9, tests/sm90.py: no spills, most kernels
+    well under 255 registers; the GPU image's Triton 3.6 allocates differently), not yet tuned
+    for speed on a GPU.
+    """
+    bd = _block_d(D)
+    if bd <= 64:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    elif bd <= 128:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+        if kernel_head_blocks(D, "fwd")[1] == 32:  # 64 + 32 (D = 88, 96): a second accumulator
+            cfg["num_warps"] = 8
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
+    return _finish(cfg, bd, D, "fwd")
+
+
+def _dot_f32(q: torch.Tensor) -> bool:
+    """Upcast the dot operands to fp32: only for bf16 under the interpreter, whose bf16 dots are
+    wrong. fp16 runs the GPU's code path there too (fp16 operands, p and ds rounded to fp16)."""
+    return interpreting() and q.dtype != torch.float16
+
+
+def _host_bounds() -> bool:
+    """Loop bounds from the host (every block, masked) instead of per-program causal / varlen bounds.
+
+    The interpreter of Triton 3.6 cannot run loops whose bounds come from tl.program_id, so it
+    takes host bounds; tests on newer Triton force the device bounds with forced_blocks(...,
+    device_bounds=True) to check the block-skipping arithmetic that the GPU runs.
+    """
+    return interpreting() and not _FORCED.get("device_bounds", False)
+
+
+def _finish(cfg: dict, bd: int, D: int, kernel: str) -> dict:
+    cfg["BLOCK_D"], cfg["BLOCK_DR"] = kernel_head_blocks(D, kernel)
+    shipped = bool(_FORCED) and _FORCED["BLOCK_M"] is None
+    if interpreting() and not shipped:  # small blocks: the interpreter pays per element
+        cfg.update(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if _FORCED and not shipped:
+        cfg.update(BLOCK_M=_FORCED["BLOCK_M"], BLOCK_N=_FORCED["BLOCK_N"])
+    return cfg
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _bhs_strides(t: torch.Tensor, layout: str, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, sequence) strides of t in ``layout`` (batch stride 0 when packed varlen)."""
+    assert t.stride(-1) == 1 or t.shape[-1] <= 1
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    if layout == "bshd":
+        return t.stride(0), t.stride(2), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dims(q, k, layout, varlen, cu_q, max_q, max_k):
+    """(B, H, HK, Sq, Sk, D) of the call."""
+    if varlen:
+        return cu_q.numel() - 1, q.shape[1], k.shape[1], max_q, max_k, q.shape[2]
+    if layout == "bshd":
+        return q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3]
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
+
+
+def lse_shape(q, layout: str, varlen: bool) -> tuple[int, ...]:
+    """Shape of the fp32 log-sum-exp: (B, H, Sq), or (H, total_q) for packed varlen input."""
+    if varlen:
+        return (q.shape[1], q.shape[0])
+    if layout == "bshd":
+        return (q.shape[0], q.shape[2], q.shape[1])
+    return (q.shape[0], q.shape[1], q.shape[2])
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """o, lse = attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_q, max_k).
+
+    q [B, Sq, H, D] ("bshd") or [B, H, Sq, D] ("bhsd") or packed [Tq, H, D] with cu_q (varlen);
+    k, v the same with HK heads (H % HK == 0) and Sk keys. o: contiguous, q's shape and dtype;
+    lse: fp32 [B, H, Sq] (or [H, Tq] varlen), natural log.
+    """
+    varlen = cu_q is not None
+    B, H, HK, Sq, Sk, D = _dims(q, k, layout, varlen, cu_q, max_q, max_k)
+    new = torch.zeros if varlen else torch.empty  # varlen: rows past cu_seqlens_q[-1] stay 0
+    o = new(q.shape, dtype=q.dtype, device=q.device)
+    lse = new(lse_shape(q, layout, varlen), dtype=torch.float32, device=q.device)
+    if B == 0 or H == 0 or Sq == 0:
+        return o, lse
+    cfg = attention_fwd_config(D)
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    cu_q_arg = cu_q if varlen else lse
+    cu_k_arg = cu_k if varlen else lse
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, cu_q_arg, cu_k_arg,
+        *_bhs_strides(q, layout, varlen), *_bhs_strides(k, layout, varlen), *_bhs_strides(v, layout, varlen),
+        *_bhs_strides(o, layout, varlen), *_lse_strides(lse, varlen),
+        H, H // HK, Sq, Sk, D, scale * LOG2E, triton.cdiv(Sk, cfg["BLOCK_N"]),
+        CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interpreting(),
+        HOST_BOUNDS=_host_bounds(),
+        num_warps=nw, num_stages=ns, **cfg,
+    )
+    return o, lse
+
+
+__all__ = ["attention_fwd", "forced_blocks", "attention_fwd_config", "split_head_dim", "kernel_head_blocks",
+           "lse_shape"]

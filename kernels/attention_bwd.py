@@ -1,0 +1,393 @@
+"""Flash attention backward in Triton: the dK/dV and dQ kernels (FlashAttention-2, no atomics).
+
+The math, layouts, head-dim blocks and interpreter rules are those of ``kernels/attention.py``
+(the forward, whose helpers and config rules this file shares). With ``p_ij =
+exp(c * q_i . k_j - lse_i)`` recomputed from the forward's log-sum-exp::
+
+    delta_i = sum_d dO_id * O_id                       (_attn_bwd_preprocess_kernel)
+    dv_j    = sum_i p_ij dO_i                          (_attn_bwd_dkdv_kernel: one program per
+    dk_j    = c * sum_i p_ij (dO_i . v_j - delta_i) q_i    key block and kv head, looping over the
+                                                        query blocks and the group's query heads)
+    dq_i    = c * sum_j p_ij (dO_i . v_j - delta_i) k_j    (_attn_bwd_dq_kernel: one program per
+                                                        query block and head, looping over keys)
+
+Each output element is written by exactly one program, so the gradients are deterministic
+(no atomics, no fp32 scratch for dq); the price is computing ``s`` and ``p`` twice (the
+FLOPs of the backward go from 2.5x to about 3x the forward). Extra memory: ``delta``, fp32,
+the shape of ``lse``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels.attention import (
+    _FORCED,
+    LOG2E,
+    _bhs_strides,
+    _block_d,
+    _dims,
+    _dot,
+    _dot_f32,
+    _finish,
+    _host_bounds,
+    _load,
+    _lse_strides,
+    _seq_bounds,
+    kernel_head_blocks,
+)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,  # like Q, strides (sob, soh, sos, 1)
+    DO,  # like Q, strides (sdob, sdoh, sdos, 1)
+    DELTA,  # like LSE, fp32 out: rowsum(dO * O)
+    CU_Q,
+    sob, soh, sos, sdob, sdoh, sdos, slb, slh,
+    H,
+    Sq,
+    D,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
+    mask = row_ok[:, None] & (dd < D)[None, :]
+    o = tl.load(O + b64 * sob + h64 * soh + q_start * sos + rows[:, None] * sos + dd[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b64 * slb + h64 * slh + q_start + rows, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,  # strides (sqb, sqh, sqs, 1)
+    K,  # strides (skb, skh, sks, 1)
+    V,  # strides (svb, svh, svs, 1)
+    DO,  # like Q, strides (sdob, sdoh, sdos, 1)
+    LSE,  # fp32, strides (slb, slh, 1); DELTA shares them
+    DELTA,
+    DK,  # like K, k.dtype out, strides (sdkb, sdkh, sdks, 1)
+    DV,  # like V, v.dtype out, strides (sdvb, sdvh, sdvs, 1)
+    CU_Q,
+    CU_K,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, slb, slh,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    HK,  # kv heads
+    GROUP,  # query heads per kv head: this program loops over them
+    Sq,
+    Sk,
+    D,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    n_q_blocks,  # cdiv(Sq or max_seqlen_q, BLOCK_M): the interpreter's loop bound
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # power-of-two block over the head dim (masked past D)
+    BLOCK_DR: tl.constexpr,  # 0, or a second head-dim block at columns [BLOCK_D, BLOCK_D + BLOCK_DR)
+    DOT_F32: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    hk = bh % HK
+    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
+    k_start, seqlen_k = _seq_bounds(CU_K, b, Sk, VARLEN)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    K += b64 * skb + hk64 * skh + k_start * sks
+    V += b64 * svb + hk64 * svh + k_start * svs
+    DK += b64 * sdkb + hk64 * sdkh + k_start * sdks
+    DV += b64 * sdvb + hk64 * sdvh + k_start * sdvs
+
+    kcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    rr = tl.arange(0, BLOCK_M)
+    col_ok = kcols < seqlen_k
+    d_ok = dd < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = _load(K + kcols[:, None] * sks + dd[None, :], kv_mask, DOT_F32)
+    v = _load(V + kcols[:, None] * svs + dd[None, :], kv_mask, DOT_F32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_DR > 0:  # the head-dim remainder
+        dr = BLOCK_D + tl.arange(0, BLOCK_DR)
+        dr_ok = dr < D
+        kv_mask_r = col_ok[:, None] & dr_ok[None, :]
+        k_r = _load(K + kcols[:, None] * sks + dr[None, :], kv_mask_r, DOT_F32)
+        v_r = _load(V + kcols[:, None] * svs + dr[None, :], kv_mask_r, DOT_F32)
+        dk_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
+        dv_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+
+    if HOST_BOUNDS:
+        lo = 0
+        hi = n_q_blocks
+    else:
+        lo = 0
+        if CAUSAL:  # the first row that sees key pid_n * BLOCK_N is pid_n * BLOCK_N - diag
+            lo = tl.maximum(pid_n * BLOCK_N - diag, 0) // BLOCK_M
+        hi = tl.cdiv(seqlen_q, BLOCK_M)
+    for g in range(0, GROUP):
+        h64 = hk64 * GROUP + g
+        Qh = Q + b64 * sqb + h64 * sqh + q_start * sqs
+        DOh = DO + b64 * sdob + h64 * sdoh + q_start * sdos
+        Lh = LSE + b64 * slb + h64 * slh + q_start
+        Dh = DELTA + b64 * slb + h64 * slh + q_start
+        for mb in range(lo, hi):
+            rows = mb * BLOCK_M + rr
+            row_ok = rows < seqlen_q
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = _load(Qh + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+            do = _load(DOh + rows[:, None] * sdos + dd[None, :], q_mask, DOT_F32)
+            lse = tl.load(Lh + rows, mask=row_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty row: p = 0
+            delta = tl.load(Dh + rows, mask=row_ok, other=0.0)
+            st = _dot(k, tl.trans(q), DOT_F32)  # [BLOCK_N, BLOCK_M]
+            if BLOCK_DR > 0:
+                q_mask_r = row_ok[:, None] & dr_ok[None, :]
+                q_r = _load(Qh + rows[:, None] * sqs + dr[None, :], q_mask_r, DOT_F32)
+                do_r = _load(DOh + rows[:, None] * sdos + dr[None, :], q_mask_r, DOT_F32)
+                st += _dot(k_r, tl.trans(q_r), DOT_F32)
+            st = st * qk_scale
+            ok = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                ok = ok & (kcols[:, None] <= rows[None, :] + diag)
+            pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += _dot(pt.to(do.dtype), do, DOT_F32)
+            dpt = _dot(v, tl.trans(do), DOT_F32)
+            if BLOCK_DR > 0:
+                dv_r += _dot(pt.to(do_r.dtype), do_r, DOT_F32)
+                dpt += _dot(v_r, tl.trans(do_r), DOT_F32)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, DOT_F32)
+            if BLOCK_DR > 0:
+                dk_r += _dot(dst.to(q_r.dtype), q_r, DOT_F32)
+
+    dk = dk * sm_scale
+    tl.store(DK + kcols[:, None] * sdks + dd[None, :], round_to(dk, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
+    tl.store(DV + kcols[:, None] * sdvs + dd[None, :], round_to(dv, DV.dtype.element_ty, INTERPRET), mask=kv_mask)
+    if BLOCK_DR > 0:
+        dk_r = dk_r * sm_scale
+        tl.store(DK + kcols[:, None] * sdks + dr[None, :], round_to(dk_r, DK.dtype.element_ty, INTERPRET),
+                 mask=kv_mask_r)
+        tl.store(DV + kcols[:, None] * sdvs + dr[None, :], round_to(dv_r, DV.dtype.element_ty, INTERPRET),
+                 mask=kv_mask_r)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA,
+    DQ,  # like Q, q.dtype out, strides (sdqb, sdqh, sdqs, 1)
+    CU_Q,
+    CU_K,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, slb, slh, sdqb, sdqh, sdqs,
+    H,
+    GROUP,
+    Sq,
+    Sk,
+    D,
+    qk_scale,
+    sm_scale,
+    n_kv_blocks,  # the interpreter's loop bound
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # power-of-two block over the head dim (masked past D)
+    BLOCK_DR: tl.constexpr,  # 0, or a second head-dim block at columns [BLOCK_D, BLOCK_D + BLOCK_DR)
+    DOT_F32: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
+    k_start, seqlen_k = _seq_bounds(CU_K, b, Sk, VARLEN)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    K += b64 * skb + hk64 * skh + k_start * sks
+    V += b64 * svb + hk64 * svh + k_start * svs
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
+    d_ok = dd < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+    do = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :], q_mask,
+               DOT_F32)
+    lse = tl.load(LSE + b64 * slb + h64 * slh + q_start + rows, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + b64 * slb + h64 * slh + q_start + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_DR > 0:  # the head-dim remainder
+        dr = BLOCK_D + tl.arange(0, BLOCK_DR)
+        dr_ok = dr < D
+        q_mask_r = row_ok[:, None] & dr_ok[None, :]
+        q_r = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dr[None, :], q_mask_r,
+                    DOT_F32)
+        do_r = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dr[None, :],
+                     q_mask_r, DOT_F32)
+        dq_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+
+    if HOST_BOUNDS:
+        hi = n_kv_blocks
+    else:
+        hi_k = seqlen_k
+        if CAUSAL:
+            hi_k = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + diag)
+        hi = tl.cdiv(tl.maximum(hi_k, 0), BLOCK_N)
+    for nb in range(0, hi):
+        kcols = nb * BLOCK_N + cols
+        col_ok = kcols < seqlen_k
+        kt_mask = col_ok[None, :] & d_ok[:, None]
+        kt = _load(K + kcols[None, :] * sks + dd[:, None], kt_mask, DOT_F32)  # [BLOCK_D, BLOCK_N]
+        vt = _load(V + kcols[None, :] * svs + dd[:, None], kt_mask, DOT_F32)
+        s = _dot(q, kt, DOT_F32)
+        dp = _dot(do, vt, DOT_F32)
+        if BLOCK_DR > 0:
+            kt_mask_r = col_ok[None, :] & dr_ok[:, None]
+            kt_r = _load(K + kcols[None, :] * sks + dr[:, None], kt_mask_r, DOT_F32)
+            vt_r = _load(V + kcols[None, :] * svs + dr[:, None], kt_mask_r, DOT_F32)
+            s += _dot(q_r, kt_r, DOT_F32)
+            dp += _dot(do_r, vt_r, DOT_F32)
+        s = s * qk_scale
+        ok = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (kcols[None, :] <= rows[:, None] + diag)
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_F32)
+        if BLOCK_DR > 0:
+            dq_r += _dot(ds.to(kt_r.dtype), tl.trans(kt_r), DOT_F32)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows[:, None] * sdqs + dd[None, :],
+             round_to(dq, DQ.dtype.element_ty, INTERPRET), mask=q_mask)
+    if BLOCK_DR > 0:
+        dq_r = dq_r * sm_scale
+        tl.store(DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows[:, None] * sdqs + dr[None, :],
+                 round_to(dq_r, DQ.dtype.element_ty, INTERPRET), mask=q_mask_r)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def attention_bwd_dkdv_config(D: int) -> dict:
+    """Launch parameters of _attn_bwd_dkdv_kernel (BLOCK_N keys per program, BLOCK_M queries per step)."""
+    bd = _block_d(D)
+    if bd <= 32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)
+    elif bd <= 128:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
+    if kernel_head_blocks(D, "bwd")[1]:  # split head dim (D = 40 / 72 / 80): two dk / dv accumulators
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)
+    return _finish(cfg, bd, D, "bwd")
+
+
+def attention_bwd_dq_config(D: int) -> dict:
+    """Launch parameters of _attn_bwd_dq_kernel (BLOCK_M queries per program, BLOCK_N keys per step)."""
+    bd = _block_d(D)
+    if bd <= 64:
+        cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
+    elif bd <= 128:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
+    return _finish(cfg, bd, D, "bwd")
+
+
+def attention_preprocess_config(D: int) -> dict:
+    """Launch parameters of _attn_bwd_preprocess_kernel: 2048-element tiles, 8 per thread."""
+    bd = _block_d(D)
+    block_m = max(8, 2048 // bd)
+    if _FORCED and _FORCED["BLOCK_M"] is not None:
+        block_m = _FORCED["BLOCK_M"]
+    return dict(BLOCK_M=block_m, BLOCK_D=bd, num_warps=max(1, min(8, block_m * bd // 256)))
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0,
+                  dlse=None):
+    """dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ...): contiguous, in the shapes and dtypes of q, k, v.
+
+    do has o's shape (any strides with a unit last dim). ``dlse`` (lse's shape, optional) is the
+    gradient of the log-sum-exp output: since d lse_i / d s_ij = p_ij, it enters as
+    ``ds_ij = p_ij (dp_ij - delta_i + dlse_i)``, i.e. ``delta - dlse`` replaces ``delta``.
+    Deterministic: no atomics.
+    """
+    varlen = cu_q is not None
+    B, H, HK, Sq, Sk, D = _dims(q, k, layout, varlen, cu_q, max_q, max_k)
+    new = torch.zeros if varlen else torch.empty  # varlen: rows past cu_seqlens[-1] get 0
+    dq = new(q.shape, dtype=q.dtype, device=q.device)
+    dk = new(k.shape, dtype=k.dtype, device=k.device)
+    dv = new(v.shape, dtype=v.dtype, device=v.device)
+    if B == 0 or H == 0 or Sq == 0 or Sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    interp = interpreting()
+    cu_q_arg = cu_q if varlen else lse
+    cu_k_arg = cu_k if varlen else lse
+    s_q, s_k, s_v = (_bhs_strides(t, layout, varlen) for t in (q, k, v))
+    s_do, s_l = _bhs_strides(do, layout, varlen), _lse_strides(lse, varlen)
+
+    delta = torch.empty_like(lse)
+    pcfg = attention_preprocess_config(D)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pcfg["BLOCK_M"]), B * H)](
+        o, do, delta, cu_q_arg, *_bhs_strides(o, layout, varlen), *s_do, *s_l, H, Sq, D,
+        VARLEN=varlen, BLOCK_M=pcfg["BLOCK_M"], BLOCK_D=pcfg["BLOCK_D"], num_warps=pcfg["num_warps"],
+    )
+    if dlse is not None:
+        delta -= dlse
+
+    cfg = attention_bwd_dkdv_config(D)
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * HK)](
+        q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
+        *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dk, layout, varlen), *_bhs_strides(dv, layout, varlen),
+        HK, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sq, cfg["BLOCK_M"]),
+        CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
+        num_warps=nw, num_stages=ns, **cfg,
+    )
+
+    cfg = attention_bwd_dq_config(D)
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg,
+        *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dq, layout, varlen),
+        H, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sk, cfg["BLOCK_N"]),
+        CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
+        num_warps=nw, num_stages=ns, **cfg,
+    )
+    return dq, dk, dv
+
+
+__all__ = ["attention_bwd", "attention_bwd_dkdv_config", "attention_bwd_dq_config", "attention_preprocess_config"]
