@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.ops import group_norm
 
-from .harness import Case, Unavailable, autograd_step
+from .harness import Case, Unavailable, autograd_step, by_mode
 
 OP = "group_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -80,13 +80,7 @@ def group_norm_bytes(N: int, C: int, S: int, G: int, dtype: torch.dtype, mode: s
     ncs = N * C * S * e
     fwd = 2 * ncs + 2 * C * ew
     bwd = 3 * ncs + 4 * C * ew + 2 * N * G * 4
-    if mode == "fwd":
-        return fwd
-    if mode == "bwd":
-        return bwd
-    if mode == "fwd+bwd":
-        return fwd + bwd
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return by_mode(mode, fwd, bwd)
 
 
 def bytes_moved(case: Case, mode: str) -> int:

@@ -30,7 +30,7 @@ from fastgen.ops import (
     layer_norm_ref,
 )
 
-from .harness import Case, Unavailable, autograd_step
+from .harness import Case, Unavailable, autograd_step, by_mode
 
 OP = "layer_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "liger-kernel")
@@ -77,13 +77,7 @@ def layer_norm_bytes(B: int, S: int, N: int, dtype: torch.dtype, mode: str, vari
         fwd, bwd = 4 * mn + 3 * bn, 6 * mn + 8 * M + 6 * bn
     else:
         raise ValueError(f"unknown variant {variant!r}")
-    if mode == "fwd":
-        return fwd
-    if mode == "bwd":
-        return bwd
-    if mode == "fwd+bwd":
-        return fwd + bwd
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return by_mode(mode, fwd, bwd)
 
 
 def bytes_moved(case: Case, mode: str) -> int:

@@ -27,7 +27,7 @@ import torch
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.ops import rms_norm, rms_norm_ref
 
-from .harness import Case, Unavailable, autograd_step
+from .harness import Case, Unavailable, autograd_step, by_mode
 
 OP = "rms_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -82,13 +82,7 @@ def rms_norm_bytes(M: int, N: int, dtype: torch.dtype, mode: str, residual: bool
     mn = M * N * e
     fwd = 2 * mn + N * ew + (2 * mn if residual else 0)
     bwd = 3 * mn + 2 * N * ew + M * 4 + (mn if residual else 0)
-    if mode == "fwd":
-        return fwd
-    if mode == "bwd":
-        return bwd
-    if mode == "fwd+bwd":
-        return fwd + bwd
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return by_mode(mode, fwd, bwd)
 
 
 def bytes_moved(case: Case, mode: str) -> int:

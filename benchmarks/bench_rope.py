@@ -28,7 +28,7 @@ import torch
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.ops import apply_rope, apply_rope_ref, qk_norm_rope, qk_norm_rope_ref
 
-from .harness import Case, Unavailable, autograd_step
+from .harness import Case, Unavailable, autograd_step, by_mode
 
 OP = "rope"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -74,13 +74,7 @@ def rope_bytes(B: int, S: int, H: int, D: int, dtype: torch.dtype, mode: str, fu
     tables = 2 * S * D * 4
     fwd = 4 * x + tables + (2 * D * e if fused_norm else 0)
     bwd = 4 * x + tables + ((2 * x + 6 * D * e) if fused_norm else 0)
-    if mode == "fwd":
-        return fwd
-    if mode == "bwd":
-        return bwd
-    if mode == "fwd+bwd":
-        return fwd + bwd
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return by_mode(mode, fwd, bwd)
 
 
 def bytes_moved(case: Case, mode: str) -> int:

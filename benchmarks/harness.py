@@ -170,6 +170,13 @@ def bench_fn(fn: Callable, device: str, *, cpu_budget_s: float = 0.25) -> tuple[
     return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8)
 
 
+def by_mode(mode: str, fwd: float, bwd: float) -> float:
+    """A per-mode quantity (bytes, FLOPs) from its forward and backward parts."""
+    if mode not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"unknown mode {mode!r}; expected fwd, bwd or fwd+bwd")
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
 def autograd_step(f: Callable, inputs: Sequence[Any], mode: str, grads: Sequence[torch.Tensor],
                   leaves: Sequence[torch.Tensor]) -> Callable:
     """The measured function of a differentiable op, for a suite's ``setup``.
