@@ -184,7 +184,7 @@ def main(argv=None) -> None:
         args.sizes, args.tile = [min(s, 32) for s in args.sizes], min(args.tile, 8)
     sweep(args.sizes[:1], args.tile, args.providers, device, dtype)  # warm-up
     rows = sweep(args.sizes, args.tile, args.providers, device, dtype)
-    print(f"\n| provider | latent | image | ms | peak GB | status |\n|---|---|---|---|---|---|")
+    print("\n| provider | latent | image | ms | peak GB | status |\n|---|---|---|---|---|---|")
     for r in rows:
         pk = f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-"
         ms = f"{r['ms']:.0f}" if "ms" in r else "-"

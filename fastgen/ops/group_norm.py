@@ -15,7 +15,6 @@ reference below). See ``fastgen.backend`` for how ``"auto"`` chooses.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.backend import launchers, resolve
+from fastgen.ops._checks import check_eps, check_param, kernel_dtype_reason
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "silu")
 # Most channels per group the kernels take (a kernel tile spans a whole group's channels).
 MAX_CHANNELS_PER_GROUP = 1024
@@ -81,32 +80,17 @@ def _validate(x, num_groups, weight, bias, eps, activation) -> None:
             f"group_norm: the number of channels C={C} (dim 1 of x) must be divisible by num_groups={num_groups}"
         )
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"group_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.shape != (C,):
-            raise ValueError(
-                f"group_norm: {name} must have shape ({C},) (one value per channel of x {tuple(x.shape)}), "
-                f"got {tuple(t.shape)}"
-            )
-        if t.device != x.device:
-            raise ValueError(f"group_norm: {name} is on {t.device} but x is on {x.device}; put both on one device")
-        if t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(
-                f"group_norm: {name} dtype {t.dtype} does not match x dtype {x.dtype}; "
-                f"use a {name} in {x.dtype} or in torch.float32"
-            )
+        check_param("group_norm", name, t, x, dim=1, what="(one value per channel of x")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: unknown activation {activation!r}; expected None or 'silu'")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"group_norm: eps must be a finite number >= 0, got {eps!r}")
+    check_eps("group_norm", eps)
 
 
 def _unsupported(x: Tensor, num_groups: int) -> Optional[str]:
     """Why the kernels cannot serve this call, or None."""
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not supported by the kernels (float32, float16, bfloat16); use backend='torch'"
+    reason = kernel_dtype_reason(x)
+    if reason is not None:
+        return reason
     k = x.shape[1] // num_groups
     if k > MAX_CHANNELS_PER_GROUP:
         return (

@@ -17,7 +17,6 @@ Implementations (``backend=``): ``"triton"`` (``fastgen/kernels/layer_norm.py``)
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,8 +25,8 @@ from torch import Tensor
 
 from fastgen import backend as _backend
 from fastgen.backend import BackendUnavailableError, launchers
+from fastgen.ops._checks import check_eps, check_param, kernel_dtype_reason
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Widest row the Triton kernels serve (fastgen.kernels.layer_norm.MAX_N); wider rows take the reference.
 KERNEL_MAX_N = 8192
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
@@ -54,11 +53,6 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
 # ----------------------------------------------------------------------------- validation
 
 
-def check_eps(op: str, eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
-
-
 def check_x(op: str, x, dims: Optional[int] = None) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -70,29 +64,11 @@ def check_x(op: str, x, dims: Optional[int] = None) -> None:
         raise TypeError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def check_param(op: str, name: str, p, x: Tensor) -> None:
-    """weight / bias: shape (N,), x's device, x.dtype or float32."""
-    if p is None:
-        return
-    N = x.shape[-1]
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(p).__name__}")
-    if p.shape != (N,):
-        raise ValueError(
-            f"{op}: {name} must have shape ({N},) to match the last dim of x {tuple(x.shape)}, got {tuple(p.shape)}"
-        )
-    if p.device != x.device:
-        raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}; put both on one device")
-    if p.dtype not in (x.dtype, torch.float32):
-        raise TypeError(
-            f"{op}: {name} dtype {p.dtype} does not match x dtype {x.dtype}; use {x.dtype} or torch.float32"
-        )
-
-
 def unsupported(x: Tensor) -> Optional[str]:
     """Why the Triton kernels cannot serve this call, or None."""
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not supported by the kernels (float32, float16, bfloat16); use backend='torch'"
+    reason = kernel_dtype_reason(x)
+    if reason is not None:
+        return reason
     if x.shape[-1] > KERNEL_MAX_N:
         return (f"rows of {x.shape[-1]} elements are wider than the kernels' limit of {KERNEL_MAX_N}; "
                 "use backend='torch'")

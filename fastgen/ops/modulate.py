@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgen.ops._checks import check_eps, check_param
 from fastgen.ops.layer_norm import (
     NORM_LAYER,
     NORM_NONE,
@@ -45,8 +46,6 @@ from fastgen.ops.layer_norm import (
     NormModulateFunction,
     _compute_dtype,
     _up,
-    check_eps,
-    check_param,
     check_x,
     resolve,
     unit_last,

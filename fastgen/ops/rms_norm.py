@@ -13,7 +13,6 @@ reference below). See ``fastgen.backend`` for how ``"auto"`` chooses.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -21,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.backend import launchers, resolve
+from fastgen.ops._checks import check_eps, check_param, kernel_dtype_reason
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -51,20 +50,7 @@ def _validate(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], e
         raise ValueError("rms_norm: x must have at least one dimension (..., N), got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"rms_norm: x must be a floating-point tensor, got dtype {x.dtype}")
-    N = x.shape[-1]
-    if weight is not None:
-        if weight.shape != (N,):
-            raise ValueError(
-                f"rms_norm: weight must have shape ({N},) to match the last dim of x {tuple(x.shape)}, "
-                f"got {tuple(weight.shape)}"
-            )
-        if weight.device != x.device:
-            raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}; put both on one device")
-        if weight.dtype not in (x.dtype, torch.float32):
-            raise TypeError(
-                f"rms_norm: weight dtype {weight.dtype} does not match x dtype {x.dtype}; "
-                f"use a weight in {x.dtype} or in torch.float32"
-            )
+    check_param("rms_norm", "weight", weight, x)
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(
@@ -74,15 +60,7 @@ def _validate(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], e
             raise ValueError(f"rms_norm: residual is on {residual.device} but x is on {x.device}")
         if residual.dtype != x.dtype:
             raise TypeError(f"rms_norm: residual dtype {residual.dtype} does not match x dtype {x.dtype}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
-
-
-def _unsupported(x: Tensor) -> Optional[str]:
-    """Why the kernels cannot serve this call, or None."""
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not supported by the kernels (float32, float16, bfloat16); use backend='torch'"
-    return None
+    check_eps("rms_norm", eps)
 
 
 def _as_rows(t: Tensor) -> Tensor:
@@ -200,7 +178,7 @@ def rms_norm(
     ``fullgraph=True`` traces it.
     """
     _validate(x, weight, residual, eps)
-    impl = resolve("rms_norm", backend, x.device, _unsupported(x))
+    impl = resolve("rms_norm", backend, x.device, kernel_dtype_reason(x))
     if impl == "torch" or x.numel() == 0:
         return rms_norm_ref(x, weight, eps, residual)
     return _RMSNormFunction.apply(x, weight, residual, float(eps), impl)

@@ -177,7 +177,7 @@ def validate_qk(op: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout:
     for name, t in (("k", k), ("cos", cos), ("sin", sin)):
         if t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}; put all on one device")
-    (hq, S), (hk, Sk) = _heads_seq(q, layout), _heads_seq(k, layout)
+    (_, S), (_, Sk) = _heads_seq(q, layout), _heads_seq(k, layout)
     B, D = q.shape[0], q.shape[3]
     if k.shape[0] != B or Sk != S or k.shape[3] != D:
         raise ValueError(
