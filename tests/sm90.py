@@ -337,22 +337,27 @@ def attention_cases(dtype: str = "bf16"):
         yield f"attn bwd_preprocess D={D}", kb._attn_bwd_preprocess_kernel, pre_sig, dict(cfg, VARLEN=True), nw
 
 
-def report(dtypes=("bf16", "fp32")) -> list[dict]:
-    rows = []
-    for dtype in dtypes:
-        for name, fn, sig, consts, nw in rope_cases(dtype):
-            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
-        for name, fn, sig, consts, nw in rms_norm_cases(dtype):
-            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
-        for name, fn, sig, consts, nw in layer_norm_cases(dtype):
-            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
-        for name, fn, sig, consts, nw in optim_cases(dtype):
-            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
-        for name, fn, sig, consts, nw in group_norm_cases(dtype):
-            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
-        for name, fn, sig, consts, nw in attention_cases(dtype):
-            rows.append(dict(name=f"{name} {dtype}", num_warps=nw, **resource_usage(fn, sig, consts, nw)))
-    return rows
+CASES = (rope_cases, rms_norm_cases, layer_norm_cases, optim_cases, group_norm_cases, attention_cases)
+_cases: list = []  # filled before the worker processes fork; they compile by index
+
+
+def _usage_of(i: int) -> dict:
+    name, fn, sig, consts, nw = _cases[i]
+    return dict(name=name, num_warps=nw, **resource_usage(fn, sig, consts, nw))
+
+
+def report(dtypes=("bf16", "fp32"), workers: int | None = None) -> list[dict]:
+    """Resource usage of every case of every op, compiled in parallel (one process per core)."""
+    import multiprocessing
+    import os
+
+    _cases[:] = [(f"{name} {dtype}", fn, sig, consts, nw)
+                 for dtype in dtypes for gen in CASES for name, fn, sig, consts, nw in gen(dtype)]
+    workers = workers or min(os.cpu_count() or 1, 16)
+    if workers == 1:
+        return [_usage_of(i) for i in range(len(_cases))]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_usage_of, range(len(_cases)), chunksize=4)
 
 
 if __name__ == "__main__":
