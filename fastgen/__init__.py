@@ -6,12 +6,14 @@ Public entry points:
 - ``fastgen.nn``      drop-in ``nn.Module`` layers (``fastgen.nn.RMSNorm``, ...)
 - ``fastgen.optim``   fused optimizers, gradient clipping and EMA
 - ``fastgen.vae``     a diffusers-compatible AutoencoderKL and tiled, colour-consistent encode/decode
+- ``fastgen.patch(model)`` / ``fastgen.unpatch(model)``: fastgen's ops in an existing diffusers or torch model
 - ``fastgen.backend`` which implementation runs; also callable as a context
   manager: ``with fastgen.backend("torch"): ...``
 """
 
 from fastgen import backend  # noqa: F401  (module, callable as a context manager)
-from fastgen import nn, ops, optim, vae  # noqa: F401
+from fastgen import nn, ops, optim, patch, vae  # noqa: F401  (patch: package, callable: fastgen.patch(model))
+from fastgen.patch import unpatch  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["backend", "nn", "ops", "optim", "vae", "__version__"]
+__all__ = ["backend", "nn", "ops", "optim", "patch", "unpatch", "vae", "__version__"]

@@ -1,0 +1,334 @@
+"""Attention rules of ``fastgen.patch``: diffusers attention processors -> fastgen processors.
+
+A fastgen processor is a subclass of the diffusers processor it replaces (``isinstance``
+checks in diffusers still hold) whose ``__call__`` is the same computation with the
+attention product on :func:`fastgen.ops.scaled_dot_product_attention` and, in the
+rotary processors, the rotation on :func:`fastgen.ops.apply_rope`::
+
+    AttnProcessor2_0        q, k, v (B, H, S, D) -> sdpa -> (B, S, H*D)   (masks go to torch SDPA)
+    JointAttnProcessor2_0   [x; context] joint attention (SD3)
+    FluxAttnProcessor       q, k (B, S, H, D), image_rotary_emb = (cos, sin) of shape (S, D),
+                            interleaved pairs (diffusers use_real_unbind_dim=-1) -> apply_rope
+                            (layout "bshd", interleaved=True), then sdpa on (B, H, S, D)
+    CogVideoXAttnProcessor2_0  rotary on the video tokens (B, H, S_video, D), interleaved
+
+Calls they do not cover the same way (an attention mask in Flux, complex rotary tables,
+cross-attention rotary in CogVideoX) run the original diffusers ``__call__``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.ops import apply_rope, qk_norm_rope, scaled_dot_product_attention
+from fastgen.patch.core import ORIG_CLASS, ORIG_PROCESSOR, PatchError, Replacement, Skipped
+
+try:
+    from diffusers.models import attention_processor as _ap
+    from diffusers.models.normalization import RMSNorm as _dn_rms
+    from diffusers.models.transformers import transformer_flux as _flux
+except Exception:  # pragma: no cover - diffusers missing or broken
+    _ap = None
+    _flux = None
+    _dn_rms = None
+
+
+def _sdpa(proc, q, k, v, attn_mask=None):
+    return scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                        backend=proc.fastgen_backend)
+
+
+def _tables(rot, q):
+    """``(cos, sin)`` as float32 (Flux builds them in float64 on CPU), or None if not a real pair."""
+    if not (isinstance(rot, (tuple, list)) and len(rot) == 2):
+        return None
+    cos, sin = rot
+    if cos.dim() != 2 or cos.shape != sin.shape:
+        return None
+    if cos.dtype == torch.float64 and q.dtype != torch.float64:
+        cos, sin = cos.float(), sin.float()
+    return cos.to(q.device), sin.to(q.device)
+
+
+def _rms_weight(norm, x):
+    """``(weight, eps)`` of an RMSNorm (torch's or diffusers', patched or not) that
+    ``qk_norm_rope`` reproduces exactly on ``x``, else None."""
+    cls = norm.__dict__.get(ORIG_CLASS, type(norm))
+    if cls is torch.nn.RMSNorm:
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        ok = len(norm.normalized_shape) == 1
+    elif _dn_rms is not None and cls is _dn_rms:
+        eps, ok = norm.eps, len(norm.dim) == 1 and norm.bias is None
+    else:
+        return None
+    w = norm.weight
+    if not ok or w is None or w.dtype != x.dtype or w.shape != (x.shape[-1],):
+        return None
+    return w, float(eps)
+
+
+def _fusable(norm_q, norm_k, x):
+    """``(q_weight, k_weight, eps)`` when ``qk_norm_rope`` can stand in for these two norms."""
+    wq, wk = _rms_weight(norm_q, x), _rms_weight(norm_k, x)
+    if wq is None or wk is None or wq[1] != wk[1]:
+        return None
+    return wq[0], wk[0], wq[1]
+
+
+def _norm_rope(proc, q, k, fusable, cos, sin):
+    wq, wk, eps = fusable
+    return qk_norm_rope(q, k, wq, wk, cos, sin, eps=eps, layout="bshd", interleaved=True,
+                        backend=proc.fastgen_backend)
+
+
+_CLASSES: dict = {}
+
+if _ap is not None:
+
+    class FastgenAttnProcessor2_0(_ap.AttnProcessor2_0):
+        """``AttnProcessor2_0`` on fastgen's SDPA."""
+
+        def __init__(self, backend: str = "auto"):
+            self.fastgen_backend = backend
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     *args, **kwargs):
+            residual = hidden_states
+            if attn.spatial_norm is not None:
+                hidden_states = attn.spatial_norm(hidden_states, temb)
+            input_ndim = hidden_states.ndim
+            if input_ndim == 4:
+                batch_size, channel, height, width = hidden_states.shape
+                hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+            batch_size, sequence_length, _ = (
+                hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            if attn.group_norm is not None:
+                hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
+            head_dim = key.shape[-1] // attn.heads
+            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            hidden_states = _sdpa(self, query, key, value, attention_mask)
+            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            hidden_states = hidden_states.to(query.dtype)
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+            if input_ndim == 4:
+                hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+            if attn.residual_connection:
+                hidden_states = hidden_states + residual
+            return hidden_states / attn.rescale_output_factor
+
+    class FastgenJointAttnProcessor2_0(_ap.JointAttnProcessor2_0):
+        """``JointAttnProcessor2_0`` (SD3 joint attention) on fastgen's SDPA."""
+
+        def __init__(self, backend: str = "auto"):
+            self.fastgen_backend = backend
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+            residual = hidden_states
+            batch_size = hidden_states.shape[0]
+
+            def heads(t):
+                return t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            head_dim = key.shape[-1] // attn.heads
+            query, key, value = heads(query), heads(key), heads(value)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if encoder_hidden_states is not None:
+                eq = heads(attn.add_q_proj(encoder_hidden_states))
+                ek = heads(attn.add_k_proj(encoder_hidden_states))
+                ev = heads(attn.add_v_proj(encoder_hidden_states))
+                if attn.norm_added_q is not None:
+                    eq = attn.norm_added_q(eq)
+                if attn.norm_added_k is not None:
+                    ek = attn.norm_added_k(ek)
+                query = torch.cat([query, eq], dim=2)
+                key = torch.cat([key, ek], dim=2)
+                value = torch.cat([value, ev], dim=2)
+            hidden_states = _sdpa(self, query, key, value)
+            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            hidden_states = hidden_states.to(query.dtype)
+            if encoder_hidden_states is not None:
+                hidden_states, encoder_hidden_states = (hidden_states[:, : residual.shape[1]],
+                                                        hidden_states[:, residual.shape[1]:])
+                if not attn.context_pre_only:
+                    encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+            if encoder_hidden_states is not None:
+                return hidden_states, encoder_hidden_states
+            return hidden_states
+
+    class FastgenCogVideoXAttnProcessor2_0(_ap.CogVideoXAttnProcessor2_0):
+        """``CogVideoXAttnProcessor2_0`` on fastgen's SDPA and RoPE (interleaved, on the video tokens)."""
+
+        def __init__(self, backend: str = "auto", rope: bool = True):
+            self.fastgen_backend = backend
+            self.fastgen_rope = rope
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+            text_seq_length = encoder_hidden_states.size(1)
+            hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            batch_size, sequence_length, _ = hidden_states.shape
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            head_dim = key.shape[-1] // attn.heads
+            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if image_rotary_emb is not None:
+                tables = _tables(image_rotary_emb, query) if self.fastgen_rope else None
+                t = text_seq_length
+                if tables is not None and not attn.is_cross_attention:
+                    q_img, k_img = apply_rope(query[:, :, t:], key[:, :, t:], *tables, layout="bhsd",
+                                              interleaved=True, backend=self.fastgen_backend)
+                    query = torch.cat([query[:, :, :t], q_img], dim=2)
+                    key = torch.cat([key[:, :, :t], k_img], dim=2)
+                else:
+                    from diffusers.models.embeddings import apply_rotary_emb
+
+                    query = torch.cat([query[:, :, :t], apply_rotary_emb(query[:, :, t:], image_rotary_emb)], dim=2)
+                    if not attn.is_cross_attention:
+                        key = torch.cat([key[:, :, :t], apply_rotary_emb(key[:, :, t:], image_rotary_emb)], dim=2)
+            hidden_states = _sdpa(self, query, key, value, attention_mask)
+            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states, hidden_states = hidden_states.split(
+                [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1)
+            return hidden_states, encoder_hidden_states
+
+    _CLASSES[_ap.AttnProcessor2_0] = (FastgenAttnProcessor2_0, "fastgen.ops.scaled_dot_product_attention")
+    _CLASSES[_ap.JointAttnProcessor2_0] = (FastgenJointAttnProcessor2_0, "fastgen.ops.scaled_dot_product_attention")
+    _CLASSES[_ap.CogVideoXAttnProcessor2_0] = (
+        FastgenCogVideoXAttnProcessor2_0, "fastgen.ops.scaled_dot_product_attention + apply_rope")
+
+if _flux is not None:
+
+    class FastgenFluxAttnProcessor(_flux.FluxAttnProcessor):
+        """Flux's processor on fastgen: QK-RMSNorm + RoPE fused (``qk_norm_rope``, interleaved, layout
+        ``bshd``; ``apply_rope`` after the norms when they are not plain RMSNorms), then fastgen's SDPA."""
+
+        def __init__(self, backend: str = "auto", rope: bool = True):
+            self.fastgen_backend = backend
+            self.fastgen_rope = rope
+
+        def _heads(self, attn, t):
+            return t.unflatten(-1, (-1, attn.head_dim))
+
+        def _norm_rope(self, attn, q, k, eq, ek, tables):
+            """Text and image tokens normed with their own weights and rotated by one fused kernel
+            each, joined text-first as Flux does; None where the fused op does not apply."""
+            cos, sin = tables
+            img = _fusable(attn.norm_q, attn.norm_k, q)
+            if img is None:
+                return None
+            if eq is None:
+                return _norm_rope(self, q, k, img, cos, sin)
+            T = eq.shape[1]
+            txt = _fusable(attn.norm_added_q, attn.norm_added_k, eq)
+            if txt is None or cos.shape[0] != T + q.shape[1]:
+                return None
+            tq, tk = _norm_rope(self, eq, ek, txt, cos[:T], sin[:T])
+            iq, ik = _norm_rope(self, q, k, img, cos[T:], sin[T:])
+            return torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1)
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            if attention_mask is not None:  # diffusers' dispatcher prepares masks its own way
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            query, key, value, eq, ek, ev = _flux._get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            query, key, value = self._heads(attn, query), self._heads(attn, key), self._heads(attn, value)
+            joint = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
+            if joint:
+                eq, ek, ev = self._heads(attn, eq), self._heads(attn, ek), self._heads(attn, ev)
+            else:
+                eq = ek = ev = None
+            tables = None
+            if image_rotary_emb is not None and self.fastgen_rope:
+                tables = _tables(image_rotary_emb, query)
+            fused = self._norm_rope(attn, query, key, eq, ek, tables) if tables is not None else None
+            if fused is not None:
+                query, key = fused
+                if joint:
+                    value = torch.cat([ev, value], dim=1)
+            else:
+                query, key = attn.norm_q(query), attn.norm_k(key)
+                if joint:
+                    query = torch.cat([attn.norm_added_q(eq), query], dim=1)
+                    key = torch.cat([attn.norm_added_k(ek), key], dim=1)
+                    value = torch.cat([ev, value], dim=1)
+                if tables is not None:
+                    query, key = apply_rope(query, key, *tables, layout="bshd", interleaved=True,
+                                            backend=self.fastgen_backend)
+                elif image_rotary_emb is not None:
+                    query = _flux.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                    key = _flux.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            out = _sdpa(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+            hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+            if encoder_hidden_states is not None:
+                encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                    [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+                hidden_states = attn.to_out[0](hidden_states.contiguous())
+                hidden_states = attn.to_out[1](hidden_states)
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+                return hidden_states, encoder_hidden_states
+            return hidden_states
+
+    _CLASSES[_flux.FluxAttnProcessor] = (FastgenFluxAttnProcessor,
+                                         "fastgen.ops.scaled_dot_product_attention + qk_norm_rope / apply_rope")
+
+
+def known_processors() -> list:
+    """Names of the diffusers processor classes ``fastgen.patch`` replaces."""
+    return sorted(c.__name__ for c in _CLASSES)
+
+
+def patch_attention(module, path: str, report, backend: str, rope: bool, strict: bool) -> None:
+    proc = module.processor
+    cls = type(proc)
+    entry = _CLASSES.get(cls)
+    reason = None
+    if entry is None:
+        reason = (f"attention processor {cls.__name__} is not known to fastgen.patch "
+                  f"(known: {', '.join(known_processors()) or 'none: diffusers is not importable'})")
+    elif getattr(proc, "_attention_backend", None) is not None or getattr(proc, "_parallel_config", None) is not None:
+        reason = f"{cls.__name__} has a diffusers attention backend or parallel config set; kept"
+    if reason is not None:
+        if strict:
+            raise PatchError(f"fastgen.patch(strict=True): {path or '<root>'}: {reason}")
+        report.skipped.append(Skipped(path, cls.__name__, reason))
+        return
+    new_cls, after = entry
+    rotary = "rope" in after
+    new = new_cls(backend, rope) if rotary else new_cls(backend)
+    if rotary and not rope:
+        after = after.split(" + ")[0]
+    module.__dict__[ORIG_PROCESSOR] = proc
+    module.processor = new
+    report.replaced.append(Replacement(path, cls.__name__, after))

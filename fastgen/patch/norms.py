@@ -1,0 +1,275 @@
+"""Normalization rules of ``fastgen.patch``: torch and diffusers norms -> fastgen ops.
+
+Each patched ``forward`` computes the module's own function with a fastgen op when the
+call is one the op reproduces (checked per call: ranks, dtypes, affine options), and
+otherwise calls the original ``forward``. Shapes (N = normalized size):
+
+    nn.LayerNorm / FP32LayerNorm   x (..., N)             -> layer_norm(x, weight, bias, eps)
+    nn.RMSNorm / diffusers RMSNorm x (..., N)             -> rms_norm(x, weight, eps) (+ bias)
+    nn.GroupNorm                   x (B, C, *spatial)     -> group_norm(x, G, weight, bias, eps)
+    AdaLayerNormZero               x (B, S, N), emb (B, E) -> emb = linear(silu(emb)) -> 6 chunks,
+                                   x = layer_norm_modulate(x, shift_msa, scale_msa)
+    AdaLayerNormZeroSingle         same with 3 chunks
+    AdaLayerNormContinuous         emb -> (scale, shift), x = layer_norm_modulate / rms_norm_modulate
+    ResnetBlock2D (SiLU)           silu(norm1(x)), silu(norm2(h)) -> group_norm(..., activation="silu")
+
+Numerics: the fastgen ops accumulate in fp32 and round once to ``x.dtype``; for float32
+models that is the same function as the originals up to summation order. diffusers'
+16-bit Ada* paths round the norm before modulating; the fused op rounds once (closer to
+the fp32 truth).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastgen.ops import group_norm, layer_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
+from fastgen.patch.core import (PatchError, Replacement, Skipped, backend_of, orig_forward, qualname, supported_float,
+                                swap_forward)
+
+try:  # diffusers is optional: without it only the torch rules apply
+    from diffusers.models import normalization as _dn
+    from diffusers.models.resnet import ResnetBlock2D as _ResnetBlock2D
+except Exception:  # pragma: no cover - diffusers missing or broken
+    _dn = None
+    _ResnetBlock2D = None
+
+
+def _param_ok(p, x: torch.Tensor, allow_fp32: bool) -> bool:
+    return p is None or p.dtype == x.dtype or (allow_fp32 and p.dtype == torch.float32)
+
+
+# ----------------------------------------------------------------------------- forwards
+
+
+def _layer_norm_forward(self, x):
+    if (isinstance(x, torch.Tensor) and supported_float(x) and x.dim() >= 1
+            and _param_ok(self.weight, x, False) and _param_ok(self.bias, x, False)):
+        return layer_norm(x, self.weight, self.bias, self.eps, backend=backend_of(self))
+    return orig_forward(self)(x)
+
+
+def _fp32_layer_norm_forward(self, x):
+    # diffusers FP32LayerNorm: F.layer_norm(x.float(), ..., w.float(), b.float()).to(x.dtype)
+    if (isinstance(x, torch.Tensor) and supported_float(x) and x.dim() >= 1
+            and _param_ok(self.weight, x, True) and _param_ok(self.bias, x, True)):
+        return layer_norm(x, self.weight, self.bias, self.eps, backend=backend_of(self))
+    return orig_forward(self)(x)
+
+
+def _torch_rms_norm_forward(self, x):
+    if isinstance(x, torch.Tensor) and supported_float(x) and _param_ok(self.weight, x, False):
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return rms_norm(x, self.weight, eps, backend=backend_of(self))
+    return orig_forward(self)(x)
+
+
+def _diffusers_rms_norm_forward(self, x):
+    # diffusers RMSNorm: fp32 statistics; the output has the weight's dtype when the weight is
+    # 16-bit, the promoted dtype otherwise. The fused op returns x.dtype, which is the same
+    # exactly when weight is None or has x's dtype; other mixes keep the original forward.
+    if isinstance(x, torch.Tensor) and supported_float(x) and _param_ok(self.weight, x, False) \
+            and (self.bias is None or self.bias.dtype == x.dtype):
+        y = rms_norm(x, self.weight, self.eps, backend=backend_of(self))
+        return y if self.bias is None else y + self.bias
+    return orig_forward(self)(x)
+
+
+def _group_norm_forward(self, x):
+    if (isinstance(x, torch.Tensor) and supported_float(x) and 3 <= x.dim() <= 5
+            and _param_ok(self.weight, x, True) and _param_ok(self.bias, x, True)):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, backend=backend_of(self))
+    return orig_forward(self)(x)
+
+
+def _modulated(self, x, shift, scale):
+    """``self.norm(x) * (1 + scale[:, None]) + shift[:, None]`` fused, or None if not servable."""
+    norm = self.norm
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and supported_float(x)
+            and shift.dtype == x.dtype and scale.dtype == x.dtype and shift.dim() == 2):
+        return None
+    b = backend_of(self)
+    if isinstance(norm, nn.LayerNorm):
+        fp32 = _dn is not None and isinstance(norm, _dn.FP32LayerNorm)
+        if not (_param_ok(norm.weight, x, fp32) and _param_ok(norm.bias, x, fp32)):
+            return None
+        return layer_norm_modulate(x, shift, scale, norm.eps, norm.weight, norm.bias, backend=b)
+    if _dn is not None and isinstance(norm, _dn.RMSNorm):
+        if norm.bias is not None or not _param_ok(norm.weight, x, False):
+            return None
+        return rms_norm_modulate(x, shift, scale, norm.eps, norm.weight, backend=b)
+    return None
+
+
+def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    out = _modulated(self, x, shift_msa, scale_msa)
+    if out is None:
+        out = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+    return out, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _ada_zero_single_forward(self, x, emb=None):
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
+    out = _modulated(self, x, shift_msa, scale_msa)
+    if out is None:
+        out = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+    return out, gate_msa
+
+
+def _ada_continuous_forward(self, x, conditioning_embedding):
+    emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)
+    out = _modulated(self, x, shift, scale)
+    if out is None:
+        out = self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+    return out
+
+
+def _group_norm_silu(norm: nn.GroupNorm, x, backend):
+    if (supported_float(x) and 3 <= x.dim() <= 5
+            and _param_ok(norm.weight, x, True) and _param_ok(norm.bias, x, True)):
+        return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu", backend=backend)
+    return torch.nn.functional.silu(norm(x))
+
+
+def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """diffusers ResnetBlock2D.forward with silu(norm(x)) fused (SiLU blocks only)."""
+    b = backend_of(self)
+    hidden_states = _group_norm_silu(self.norm1, input_tensor, b)
+    if self.upsample is not None:
+        if hidden_states.shape[0] >= 64:
+            input_tensor = input_tensor.contiguous()
+            hidden_states = hidden_states.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+    hidden_states = self.conv1(hidden_states)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+        time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+        hidden_states = self.norm2(hidden_states)
+        hidden_states = hidden_states * (1 + time_scale) + time_shift
+        hidden_states = self.nonlinearity(hidden_states)
+    else:
+        if self.time_embedding_norm == "default" and temb is not None:
+            hidden_states = hidden_states + temb
+        hidden_states = _group_norm_silu(self.norm2, hidden_states, b)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _ada_norm_reason(module) -> str | None:
+    norm = getattr(module, "norm", None)
+    if isinstance(norm, nn.LayerNorm):
+        return None if len(norm.normalized_shape) == 1 else "its LayerNorm normalizes more than one dim"
+    if _dn is not None and isinstance(norm, _dn.RMSNorm):
+        return None if len(norm.dim) == 1 else "its RMSNorm normalizes more than one dim"
+    return f"its norm is a {type(norm).__name__}, not a LayerNorm / RMSNorm"
+
+
+def _rule(module):
+    """``(forward, after, reason)`` for a module this file knows, or None.
+
+    Exact classes only (a user subclass may have its own forward): a subclass is left alone.
+    """
+    cls = type(module)
+    if _dn is not None:
+        if cls is _dn.FP32LayerNorm:
+            ok = len(module.normalized_shape) == 1
+            return _fp32_layer_norm_forward, "fastgen.ops.layer_norm", None if ok else "normalizes more than one dim"
+        if cls is _dn.RMSNorm:
+            ok = len(module.dim) == 1
+            return _diffusers_rms_norm_forward, "fastgen.ops.rms_norm", None if ok else "normalizes more than one dim"
+        if cls is _dn.AdaLayerNormZero:
+            return _ada_zero_forward, "fastgen.ops.layer_norm_modulate", _ada_norm_reason(module)
+        if cls is _dn.AdaLayerNormZeroSingle:
+            return _ada_zero_single_forward, "fastgen.ops.layer_norm_modulate", _ada_norm_reason(module)
+        if cls is _dn.AdaLayerNormContinuous:
+            after = "fastgen.ops.rms_norm_modulate" if isinstance(module.norm, _dn.RMSNorm) else \
+                "fastgen.ops.layer_norm_modulate"
+            return _ada_continuous_forward, after, _ada_norm_reason(module)
+    if cls is nn.LayerNorm:
+        ok = len(module.normalized_shape) == 1
+        return _layer_norm_forward, "fastgen.ops.layer_norm", None if ok else "normalizes more than one dim"
+    if cls is nn.RMSNorm:
+        ok = len(module.normalized_shape) == 1
+        return _torch_rms_norm_forward, "fastgen.ops.rms_norm", None if ok else "normalizes more than one dim"
+    if cls is nn.GroupNorm:
+        return _group_norm_forward, "fastgen.ops.group_norm", None
+    return None
+
+
+def _resnet_reason(module) -> str | None:
+    if not isinstance(module.nonlinearity, nn.SiLU):
+        return f"its nonlinearity is {type(module.nonlinearity).__name__}, not SiLU (no fused GroupNorm + that)"
+    if type(module.norm1) is not nn.GroupNorm or type(module.norm2) is not nn.GroupNorm:
+        return "norm1 / norm2 are not plain nn.GroupNorm"
+    return None
+
+
+def _unknown_norm_reason(module) -> str | None:
+    """Why a norm-like module the rules do not cover is left alone (None: not a norm at all)."""
+    cls = type(module)
+    for base in (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm):
+        if isinstance(module, base):
+            return (f"a subclass of torch.nn.{base.__name__} (it may have its own forward); "
+                    f"fastgen.patch patches exact classes only")
+    if _dn is not None and cls.__module__ == _dn.__name__ and "Norm" in cls.__name__:
+        return "this diffusers norm is not known to fastgen.patch (left as is)"
+    return None
+
+
+def patch_module(module, path: str, report, backend: str, norms: bool, activations: bool,
+                 strict: bool = False) -> list:
+    """Patch ``module`` if a rule knows it; returns the child modules its new forward absorbs
+    (their work is fused into the parent's op; the walk leaves them alone and says so)."""
+    if activations and _ResnetBlock2D is not None and type(module) is _ResnetBlock2D:
+        reason = _resnet_reason(module)
+        if reason is not None:
+            report.skipped.append(Skipped(path, type(module).__name__, reason))
+            return []
+        before = qualname(type(module))
+        swap_forward(module, _resnet_forward, "resnet_silu", backend)
+        fused = ["norm1"] + ([] if module.time_embedding_norm == "scale_shift" else ["norm2"])
+        report.replaced.append(Replacement(path, before, f"fastgen.ops.group_norm(activation='silu') for "
+                                                         f"{' and '.join(fused)} + SiLU"))
+        return [getattr(module, n) for n in fused]
+    if not norms:
+        return []
+    rule = _rule(module)
+    if rule is None:
+        reason = _unknown_norm_reason(module)
+        if reason is not None:
+            if strict:
+                raise PatchError(f"fastgen.patch(strict=True): {path or '<root>'}: {reason}")
+            report.skipped.append(Skipped(path, type(module).__name__, reason))
+        return []
+    forward, after, reason = rule
+    if reason is not None:
+        report.skipped.append(Skipped(path, type(module).__name__, reason))
+        return []
+    before = qualname(type(module))
+    swap_forward(module, forward, after, backend)
+    report.replaced.append(Replacement(path, before, after))
+    return [module.norm] if after.endswith("_modulate") else []
