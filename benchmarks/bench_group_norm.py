@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastgen.backend import interpreter_enabled, unavailable_reason
+from fastgen.backend import interpreter_enabled
 from fastgen.ops import group_norm
 
-from .harness import Case, Unavailable, autograd_step, by_mode
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
 
 OP = "group_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -103,12 +103,7 @@ def _impl(provider: str, device: str):
         torch._dynamo.reset()  # a fresh cache per case: one compiled graph per shape
         return torch.compile(_eager, dynamic=False)
     if provider in ("fastgen-triton", "fastgen-cuda"):
-        backend = provider.split("-", 1)[1]
-        if device != "cuda":
-            raise Unavailable(f"needs a CUDA GPU (the {backend} kernels are not timed on CPU)")
-        reason = unavailable_reason(backend, torch.device(device))
-        if reason is not None:
-            raise Unavailable(reason)
+        backend = fastgen_backend(provider, device)
         return lambda x, w, b, G: group_norm(x, G, w, b, EPS, "silu", backend=backend)
     if provider == "liger-kernel":
         try:

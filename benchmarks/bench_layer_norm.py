@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.backend import interpreter_enabled, unavailable_reason
+from fastgen.backend import interpreter_enabled
 from fastgen.ops import (
     gated_residual_layer_norm_modulate,
     gated_residual_layer_norm_modulate_ref,
@@ -30,7 +30,7 @@ from fastgen.ops import (
     layer_norm_ref,
 )
 
-from .harness import Case, Unavailable, autograd_step, by_mode
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
 
 OP = "layer_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "liger-kernel")
@@ -100,11 +100,7 @@ def _impl(provider: str, variant: str, device: str):
         torch._dynamo.reset()
         return torch.compile(_REFS[variant], dynamic=False)
     if provider == "fastgen-triton":
-        if device != "cuda":
-            raise Unavailable("needs a CUDA GPU (the triton kernels are not timed on CPU)")
-        reason = unavailable_reason("triton", torch.device(device))
-        if reason is not None:
-            raise Unavailable(reason)
+        fastgen_backend(provider, device)
         op = _OPS[variant]
         return lambda *a: op(*a, backend="triton")
     if provider == "liger-kernel":

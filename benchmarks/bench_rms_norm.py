@@ -24,10 +24,10 @@ import inspect
 
 import torch
 
-from fastgen.backend import interpreter_enabled, unavailable_reason
+from fastgen.backend import interpreter_enabled
 from fastgen.ops import rms_norm, rms_norm_ref
 
-from .harness import Case, Unavailable, autograd_step, by_mode
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
 
 OP = "rms_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -107,12 +107,7 @@ def _impl(provider: str, residual: bool, device: str):
         compiled = torch.compile(rms_norm_ref, dynamic=False)
         return lambda x, w, r: compiled(x, w, EPS, r)
     if provider in ("fastgen-triton", "fastgen-cuda"):
-        backend = provider.split("-", 1)[1]
-        if device != "cuda":
-            raise Unavailable(f"needs a CUDA GPU (the {backend} kernels are not timed on CPU)")
-        reason = unavailable_reason(backend, torch.device(device))
-        if reason is not None:
-            raise Unavailable(reason)
+        backend = fastgen_backend(provider, device)
         return lambda x, w, r: rms_norm(x, w, EPS, r, backend=backend)
     if provider == "liger-kernel":
         try:

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.backend import interpreter_enabled, unavailable_reason
+from fastgen.backend import interpreter_enabled
 from fastgen.ops import apply_rope, apply_rope_ref, qk_norm_rope, qk_norm_rope_ref
 
-from .harness import Case, Unavailable, autograd_step, by_mode
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
 
 OP = "rope"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -100,12 +100,7 @@ def _impl(provider: str, variant: str, device: str):
         torch._dynamo.reset()  # one compiled graph per case
         return torch.compile(ref, dynamic=False)
     if provider in ("fastgen-triton", "fastgen-cuda"):
-        backend = provider.split("-", 1)[1]
-        if device != "cuda":
-            raise Unavailable(f"needs a CUDA GPU (the {backend} kernels are not timed on CPU)")
-        reason = unavailable_reason(backend, torch.device(device))
-        if reason is not None:
-            raise Unavailable(reason)
+        backend = fastgen_backend(provider, device)
         if variant == "qk_norm":
             if backend == "cuda":
                 raise Unavailable("qk_norm_rope has no CUDA C++ kernel yet (Triton only)")

@@ -170,6 +170,20 @@ def bench_fn(fn: Callable, device: str, *, cpu_budget_s: float = 0.25) -> tuple[
     return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8)
 
 
+def fastgen_backend(provider: str, device: str) -> str:
+    """The backend of a ``fastgen-<backend>`` provider, or :class:`Unavailable` saying why it
+    cannot be timed here (no GPU, extension not built, ...)."""
+    from fastgen.backend import unavailable_reason
+
+    backend = provider.split("-", 1)[1]
+    if device != "cuda":
+        raise Unavailable(f"needs a CUDA GPU (the {backend} kernels are not timed on CPU)")
+    reason = unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        raise Unavailable(reason)
+    return backend
+
+
 def by_mode(mode: str, fwd: float, bwd: float) -> float:
     """A per-mode quantity (bytes, FLOPs) from its forward and backward parts."""
     if mode not in ("fwd", "bwd", "fwd+bwd"):
