@@ -52,6 +52,7 @@ AUTO_ON_CUDA: dict[str, str] = {
     "clip_grad_norm_": "torch",
     "ema": "torch",
     "attention": "torch",
+    "glu": "torch",
 }
 
 _override: list[str] = []  # stack of `with fastgen.backend(...)` values
@@ -139,6 +140,7 @@ def resolve(op: str, requested: str | None, device: torch.device, unsupported: s
     """
     if not isinstance(unsupported, dict):
         unsupported = {} if unsupported is None else {"triton": unsupported, "cuda": unsupported}
+    unsupported = {k: v for k, v in unsupported.items() if v is not None}
     name = default() if requested in (None, "auto") else _check_name(requested, f"{op}(backend=...)")
     if name == "auto":
         if device.type != "cuda":

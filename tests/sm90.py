@@ -337,7 +337,24 @@ def attention_cases(dtype: str = "bf16"):
         yield f"attn bwd_preprocess D={D}", kb._attn_bwd_preprocess_kernel, pre_sig, dict(cfg, VARLEN=True), nw
 
 
-CASES = (rope_cases, rms_norm_cases, layer_norm_cases, optim_cases, group_norm_cases, attention_cases)
+def glu_cases(dtype: str = "bf16"):
+    """The GLU kernels (forward, backward) for every activation, at narrow and wide rows."""
+    from fastgen.kernels import glu as k
+
+    p = f"*{dtype}"
+    sig = {"X": p, "Y": p, "M": "i32", "N": "i32", "stride_x": "i64"}
+    bwd_sig = {"DY": p, "X": p, "DX": p, "M": "i32", "N": "i32", "stride_x": "i64"}
+    for N in (64, 1280, 5120):
+        cfg = k.glu_config(4096, N)
+        cfg.pop("grid")
+        nw = cfg.pop("num_warps")
+        for act in k.ACTIVATIONS:
+            consts = dict(cfg, ACT=act, INTERPRET=False)
+            yield f"glu fwd N={N} {act}", k._glu_fwd_kernel, sig, consts, nw
+            yield f"glu bwd N={N} {act}", k._glu_bwd_kernel, bwd_sig, consts, nw
+
+
+CASES = (rope_cases, rms_norm_cases, layer_norm_cases, optim_cases, group_norm_cases, attention_cases, glu_cases)
 _cases: list = []  # filled before the worker processes fork; they compile by index
 
 

@@ -89,6 +89,9 @@ def test_dit():
     m, inputs = _dit()
     r = _check(m, inputs, {"layer_norm_modulate": 1, "scaled_dot_product_attention": 1, "layer_norm": 2})
     assert any(p.endswith("norm1") and "layer_norm_modulate" in a for p, a in ((x.path, x.after) for x in r.replaced))
+    # DiT's feed-forward is GELU(tanh): not gated, left alone with the reason
+    assert [(s.path, s.what) for s in r.skipped if "GEMM epilogue" in s.reason] == [
+        ("transformer_blocks.0.ff.net.0", "GELU")]
 
 
 @needs_diffusers
@@ -182,9 +185,11 @@ def test_unet2d_condition():
         return dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor([3, 7]),
                     encoder_hidden_states=torch.randn(2, 5, 16))
 
-    r = _check(m, inputs, {"activation='silu'": 7, "scaled_dot_product_attention": 6, "group_norm": 2},
-               grad_input="sample")
+    r = _check(m, inputs, {"activation='silu'": 7, "scaled_dot_product_attention": 6, "group_norm": 2,
+                           "glu(activation='gelu')": 4}, grad_input="sample")
     assert all(x.before == "AttnProcessor2_0" for x in r.replaced if "attention" in x.after)
+    gegl = sorted(n for n, mod in m.named_modules() if type(mod).__name__ == "GEGLU")  # every feed-forward
+    assert len(gegl) == 4 and sorted(x.path for x in r.replaced if "glu" in x.after) == gegl
 
 
 def _vae():
@@ -260,6 +265,27 @@ def test_plain_torch_block_and_sdpa_context():
         out = m(x)
     assert F.scaled_dot_product_attention is original
     torch.testing.assert_close(out, ref, **TOL)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("activation_fn,after", [("geglu", "glu(activation='gelu')"),
+                                                 ("swiglu", "glu(activation='silu')")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feed_forward_glu_triton(activation_fn, after, dtype):
+    """diffusers FeedForward's gated units on the Triton GLU kernel; the un-gated ones left alone."""
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    m = FeedForward(16, activation_fn=activation_fn).to(TRITON_DEVICE, dtype)
+    seen = _OpsSeen()
+    with seen:
+        r = _check(m, lambda: dict(hidden_states=torch.randn(2, 3, 16, device=TRITON_DEVICE, dtype=dtype)),
+                   {after: 1}, backend="triton")
+    seen.assert_ran("glu_fwd", "glu_bwd")
+    assert r.paths() == ["net.0"]
+    for fn in ("gelu", "gelu-approximate", "geglu-approximate", "linear-silu"):
+        r = fp.patch(FeedForward(16, activation_fn=fn))
+        assert len(r) == 0 and [s.path for s in r.skipped] == ["net.0"] and "GEMM epilogue" in r.skipped[0].reason
 
 
 class _OpsSeen(TorchDispatchMode):

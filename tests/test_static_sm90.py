@@ -91,3 +91,10 @@ def test_every_attention_config_was_compiled(usage):
             for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
                 assert f"attn {kernel} D={d} {tag} bf16" in names
         assert f"attn bwd_preprocess D={d} bf16" in names
+
+
+def test_every_glu_config_was_compiled(usage):
+    names = {r["name"] for r in usage}
+    for act in ("sigmoid", "silu", "gelu", "gelu_tanh"):
+        for dtype in ("bf16", "fp32"):
+            assert f"glu fwd N=5120 {act} {dtype}" in names and f"glu bwd N=64 {act} {dtype}" in names

@@ -26,3 +26,6 @@ __all__ += ["apply_rope", "apply_rope_ref", "rope_frequencies", "rope_grid_ids",
 from fastgen.ops.attention import attention, attention_ref, scaled_dot_product_attention  # noqa: E402
 
 __all__ += ["attention", "attention_ref", "scaled_dot_product_attention"]
+from fastgen.ops.glu import glu, glu_ref  # noqa: E402
+
+__all__ += ["glu", "glu_ref"]

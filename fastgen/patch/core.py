@@ -156,6 +156,8 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
                                                                          (rms_norm_modulate for an RMS norm)
         activations=True  diffusers ResnetBlock2D with SiLU           -> GroupNorm + SiLU fused
                                                                          (fastgen.ops.group_norm(activation="silu"))
+                          diffusers GEGLU / SwiGLU                    -> proj, then fastgen.ops.glu (split,
+                                                                         activation and product in one pass)
         attention=True    diffusers AttnProcessor2_0, JointAttnProcessor2_0, FluxAttnProcessor
                                                                       -> fastgen processors on
                                                                          fastgen.ops.scaled_dot_product_attention
@@ -171,6 +173,7 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
     unpatched).
     Returns a :class:`PatchReport`.
     """
+    from fastgen.patch import activations as act_rules
     from fastgen.patch import attention as attn_rules
     from fastgen.patch import norms as norm_rules
 
@@ -193,6 +196,8 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
                     for child in norm_rules.patch_module(module, path, report, backend, norms=norms,
                                                          activations=activations, strict=strict):
                         absorbed[id(child)] = path
+                if activations:
+                    act_rules.patch_module(module, path, report, backend)
                 if attention and hasattr(module, "processor") and hasattr(module, "set_processor"):
                     attn_rules.patch_attention(module, path, report, backend, rope=rope, strict=strict)
     except PatchError:

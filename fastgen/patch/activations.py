@@ -1,0 +1,69 @@
+"""Activation rules of ``fastgen.patch``: gated feed-forward units -> ``fastgen.ops.glu``.
+
+    diffusers GEGLU    proj(x) -> (a, g) -> a * gelu(g)   -> glu(proj(x), "gelu")   (SD/SDXL UNets)
+    diffusers SwiGLU   proj(x) -> (a, g) -> a * silu(g)   -> glu(proj(x), "silu")
+
+The projection stays the module's own ``nn.Linear``; the split, activation and product
+become one pass. The un-gated activations (diffusers ``GELU`` with or without the tanh
+approximation, ``ApproximateGELU``, ``LinearActivation``) are a Linear followed by one
+elementwise op that PyTorch already runs in a single kernel; only a GEMM epilogue would
+fuse them further, so they are left alone and listed in the report with that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.ops import glu
+from fastgen.patch.core import Replacement, Skipped, backend_of, orig_forward, qualname, supported_float, swap_forward
+
+try:  # diffusers is optional
+    from diffusers.models import activations as _da
+except Exception:  # pragma: no cover - diffusers missing or broken
+    _da = None
+
+UNFUSED_REASON = ("a Linear then one elementwise activation, which PyTorch already runs as one kernel; "
+                  "fusing further needs a GEMM epilogue (not in fastgen)")
+
+
+def _glu_forward(activation: str):
+    def forward(self, hidden_states, *args, **kwargs):
+        if args or kwargs or not isinstance(hidden_states, torch.Tensor) or not supported_float(hidden_states):
+            return orig_forward(self)(hidden_states, *args, **kwargs)
+        return glu(self.proj(hidden_states), activation, backend=backend_of(self))
+    return forward
+
+
+_geglu_forward = _glu_forward("gelu")
+_swiglu_forward = _glu_forward("silu")
+
+
+def _rules() -> dict:
+    if _da is None:
+        return {}
+    rules = {_da.GEGLU: (_geglu_forward, "fastgen.ops.glu(activation='gelu')")}
+    if hasattr(_da, "SwiGLU"):
+        rules[_da.SwiGLU] = (_swiglu_forward, "fastgen.ops.glu(activation='silu')")
+    return rules
+
+
+def _unfused_classes() -> tuple:
+    if _da is None:
+        return ()
+    return tuple(getattr(_da, n) for n in ("GELU", "ApproximateGELU", "LinearActivation") if hasattr(_da, n))
+
+
+def patch_module(module, path: str, report, backend: str) -> None:
+    """Swap in the fused GLU forward when ``module`` is a known gated unit; note the others."""
+    cls = type(module)
+    rule = _rules().get(cls)
+    if rule is not None:
+        if cls is getattr(_da, "SwiGLU", None) and not isinstance(module.activation, torch.nn.SiLU):
+            report.skipped.append(Skipped(path, cls.__name__, "its activation is not SiLU"))
+            return
+        forward, after = rule
+        before = qualname(cls)
+        swap_forward(module, forward, after, backend)
+        report.replaced.append(Replacement(path, before, after))
+    elif cls in _unfused_classes():
+        report.skipped.append(Skipped(path, cls.__name__, UNFUSED_REASON))
