@@ -31,6 +31,8 @@ this file that defines:
     ops such as attention); rows then also report TFLOP/s.
 ``PLOT_X``
     the ``case.shape`` key on the x axis of the plot (e.g. ``"N"``).
+``ON_REQUEST = True`` (optional)
+    the suite runs only when named (``--ops``), not in a plain ``fastgen bench``.
 
 Per row the harness records the median time and the 20-80 % spread, GB/s, the
 percentage of the copy bandwidth measured in the same run, the peak memory of
@@ -106,6 +108,12 @@ def available_ops() -> list[str]:
         if m:
             ops.append(m.group(1))
     return ops
+
+
+def default_ops() -> list[str]:
+    """The ops a plain ``fastgen bench`` runs: every suite but those that set
+    ``ON_REQUEST = True`` (whole-model suites that take minutes; run them with ``--ops``)."""
+    return [op for op in available_ops() if not getattr(load_suite(op), "ON_REQUEST", False)]
 
 
 def load_suite(op: str):
@@ -488,7 +496,7 @@ def run(
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU here")
     if suites is None:
-        suites = [load_suite(op) for op in (list(ops) if ops else available_ops())]
+        suites = [load_suite(op) for op in (list(ops) if ops else default_ops())]
     only_providers = set(providers) if providers else None
     only_modes = set(modes) if modes else None
 

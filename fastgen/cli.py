@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark ops against torch eager, torch.compile and peers",
                        description="Benchmark every op (or --ops) on this machine's device; prints a "
                                    "table and writes results.json, results.md and <op>.png.")
-    b.add_argument("--ops", help="comma-separated ops (default: every benchmarks/bench_<op>.py)")
+    b.add_argument("--ops", help="comma-separated ops (default: every benchmarks/bench_<op>.py but the "
+                   "whole-model suites, which run only when named, e.g. --ops models)")
     b.add_argument("--quick", action="store_true", help="a few shapes only")
     b.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
     b.add_argument("--device", choices=("cuda", "cpu"),
@@ -82,7 +83,7 @@ def _bench(args) -> int:
     pkg = _benchmarks_package()
     harness = importlib.import_module(pkg.__name__ + ".harness")
     known = harness.available_ops()
-    ops = _csv(args.ops) or known
+    ops = _csv(args.ops) or harness.default_ops()
     unknown = [op for op in ops if op not in known]
     if unknown:
         print(f"fastgen bench: no benchmark for {', '.join(unknown)} (known: {', '.join(known)})",

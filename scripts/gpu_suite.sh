@@ -15,6 +15,9 @@
 #         (WHEELS_DIR, or FASTGEN_WHEELS: a folder of .whl files to install offline first)
 #         STAGES="tests sanitizer bench" (default: all three) runs a subset, e.g. a
 #         second call with STAGES=bench when the first ran out of time.
+#         STAGES=models (in a call of its own: it builds and compiles SD3-medium, the SDXL
+#         UNet, a Flux block stack and the SDXL VAE) runs `fastgen bench --ops models`
+#         into $OUT/models/results.{json,md}.
 # Each stage has a time limit (the whole suite fits the device tool's 600 s per call;
 # SUITE_SECONDS changes the budget) so that the logs come back even when one hangs; an
 # interrupted bench still writes the rows it measured. The exit status is non-zero when
@@ -54,10 +57,10 @@ STAGES=${STAGES:-tests sanitizer bench}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 BUDGET=${SUITE_SECONDS:-560}  # the device tool allows 600 s per call
 # What is left of the budget after setup is shared among the chosen stages by weight.
-weight() { case $1 in tests) echo 5 ;; sanitizer) echo 2 ;; bench) echo 4 ;; esac; }
+weight() { case $1 in tests) echo 5 ;; sanitizer) echo 2 ;; bench) echo 4 ;; models) echo 4 ;; esac; }
 limit_for() {  # limit_for STAGE: its share of the seconds left among it and the stages after it
     local total=0 s after=0
-    for s in tests sanitizer bench; do
+    for s in tests sanitizer bench models; do
         [ "$s" = "$1" ] && after=1
         if [ "$after" = 1 ] && want "$s"; then total=$((total + $(weight "$s"))); fi
     done
@@ -100,6 +103,15 @@ if want bench; then
     (cd "$full" && ls ./*.png >/dev/null 2>&1 && tar czf "$OUT/bench/plots.tar.gz" ./*.png)
     tail -n 80 "$OUT/bench.log" >>"$summary"
     rm -f "$OUT/bench.log"
+fi
+
+if want models; then
+    mkdir -p "$OUT/models"
+    stage models "$(limit_for models)" "$OUT/models.log" -- .venv/bin/fastgen bench --ops models --no-progress \
+        --out "$OUT/models"
+    rm -f "$OUT/models"/*.png
+    tail -n 40 "$OUT/models.log" >>"$summary"
+    rm -f "$OUT/models.log"
 fi
 
 echo "gpu_suite: exit $status" | tee -a "$summary"
