@@ -107,7 +107,9 @@ def test_pixart():
         return dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 5, 16),
                     timestep=torch.tensor([3, 7]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
-    _check(m, inputs, {"fastgen.ops.layer_norm": 3, "scaled_dot_product_attention": 2})
+    r = _check(m, inputs, {"fastgen.ops.layer_norm": 3, "scaled_dot_product_attention": 2})
+    assert [(s.path, s.what) for s in r.skipped if "holds no norm" in s.reason] == [("adaln_single",
+                                                                                     "AdaLayerNormSingle")]
 
 
 @needs_diffusers
@@ -125,6 +127,27 @@ def test_sd3():
 
     r = _check(m, inputs, {"layer_norm_modulate": 3, "scaled_dot_product_attention": 2, "rms_norm": 4})
     assert any(x.before == "JointAttnProcessor2_0" for x in r.replaced)
+
+
+@needs_diffusers
+def test_sd35_dual_attention():
+    """SD 3.5-medium's MMDiT-X block: SD35AdaLayerNormZeroX (one norm, two modulations) and the
+    dual attention branch (attn2)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                              pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8, qk_norm="rms_norm",
+                              dual_attention_layers=(0,))
+
+    def inputs():
+        return dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 5, 16),
+                    pooled_projections=torch.randn(2, 16), timestep=torch.tensor([3, 7]))
+
+    r = _check(m, inputs, {"layer_norm_modulate (x2)": 1, "scaled_dot_product_attention": 3})
+    assert [x.path for x in r.replaced if "(x2)" in x.after] == ["transformer_blocks.0.norm1"]
+    assert any(s.path == "transformer_blocks.0.norm1.norm" and "fused into" in s.reason for s in r.skipped)
 
 
 def _flux(dtype=torch.float32):

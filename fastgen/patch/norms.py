@@ -10,6 +10,7 @@ otherwise calls the original ``forward``. Shapes (N = normalized size):
     AdaLayerNormZero               x (B, S, N), emb (B, E) -> emb = linear(silu(emb)) -> 6 chunks,
                                    x = layer_norm_modulate(x, shift_msa, scale_msa)
     AdaLayerNormZeroSingle         same with 3 chunks
+    SD35AdaLayerNormZeroX          9 chunks; the norm modulated twice -> two layer_norm_modulate passes
     AdaLayerNormContinuous         emb -> (scale, shift), x = layer_norm_modulate / rms_norm_modulate
     ResnetBlock2D (SiLU)           silu(norm1(x)), silu(norm2(h)) -> group_norm(..., activation="silu")
 
@@ -122,6 +123,22 @@ def _ada_zero_single_forward(self, x, emb=None):
     return out, gate_msa
 
 
+def _sd35_ada_zero_x_forward(self, hidden_states, emb=None):
+    """SD 3.5's AdaLayerNormZeroX: one LayerNorm, modulated twice (attention and the dual
+    attention branch) -> two layer_norm_modulate passes, no normalized tensor in memory."""
+    x = hidden_states
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = emb.chunk(
+        9, dim=1)
+    out = _modulated(self, x, shift_msa, scale_msa)
+    out2 = None if out is None else _modulated(self, x, shift_msa2, scale_msa2)
+    if out2 is None:
+        n = self.norm(x)
+        out = n * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        out2 = n * (1 + scale_msa2[:, None]) + shift_msa2[:, None]
+    return out, gate_msa, shift_mlp, scale_mlp, gate_mlp, out2, gate_msa2
+
+
 def _ada_continuous_forward(self, x, conditioning_embedding):
     emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
     scale, shift = torch.chunk(emb, 2, dim=1)
@@ -205,6 +222,8 @@ def _rule(module):
             return _ada_zero_forward, "fastgen.ops.layer_norm_modulate", _ada_norm_reason(module)
         if cls is _dn.AdaLayerNormZeroSingle:
             return _ada_zero_single_forward, "fastgen.ops.layer_norm_modulate", _ada_norm_reason(module)
+        if cls is getattr(_dn, "SD35AdaLayerNormZeroX", None):
+            return _sd35_ada_zero_x_forward, "fastgen.ops.layer_norm_modulate (x2)", _ada_norm_reason(module)
         if cls is _dn.AdaLayerNormContinuous:
             after = "fastgen.ops.rms_norm_modulate" if isinstance(module.norm, _dn.RMSNorm) else \
                 "fastgen.ops.layer_norm_modulate"
@@ -235,6 +254,9 @@ def _unknown_norm_reason(module) -> str | None:
         if isinstance(module, base):
             return (f"a subclass of torch.nn.{base.__name__} (it may have its own forward); "
                     f"fastgen.patch patches exact classes only")
+    if _dn is not None and cls is getattr(_dn, "AdaLayerNormSingle", None):
+        return ("holds no norm (timestep embedding -> 6 modulation vectors); PixArt applies the modulation "
+                "inside BasicTransformerBlock, whose norm1 / norm2 LayerNorms are patched on their own")
     if _dn is not None and cls.__module__ == _dn.__name__ and "Norm" in cls.__name__:
         return "this diffusers norm is not known to fastgen.patch (left as is)"
     return None
@@ -272,4 +294,4 @@ def patch_module(module, path: str, report, backend: str, norms: bool, activatio
     before = qualname(type(module))
     swap_forward(module, forward, after, backend)
     report.replaced.append(Replacement(path, before, after))
-    return [module.norm] if after.endswith("_modulate") else []
+    return [module.norm] if "_modulate" in after else []
