@@ -502,19 +502,24 @@ def test_pipeline():
 
 @needs_diffusers
 def test_unknown_norms_reported():
-    from diffusers.models.normalization import AdaLayerNormSingle
+    from diffusers.models.normalization import AdaGroupNorm, AdaLayerNormSingle
 
     class MyLayerNorm(nn.LayerNorm):
         pass
 
-    m = nn.ModuleDict(dict(mine=MyLayerNorm(8), single=AdaLayerNormSingle(8), plain=nn.LayerNorm(8)))
+    m = nn.ModuleDict(dict(mine=MyLayerNorm(8), ada_group=AdaGroupNorm(8, 8, 2), plain=nn.LayerNorm(8)))
     r = fp.patch(m)
     reasons = {s.path: s.reason for s in r.skipped}
-    assert "exact classes only" in reasons["mine"] and "not known" in reasons["single"]
+    assert "exact classes only" in reasons["mine"] and "not known" in reasons["ada_group"]
     assert r.paths() == ["plain"]
     with pytest.raises(fp.PatchError, match="mine: a subclass of torch.nn.LayerNorm"):
         fp.patch(m, strict=True)
     assert not fp.is_patched(m["plain"])
+    with pytest.raises(fp.PatchError, match="ada_group: this diffusers norm is not known"):
+        fp.patch(nn.ModuleDict(dict(ada_group=AdaGroupNorm(8, 8, 2))), strict=True)
+    # known and left alone on purpose: listed with the reason, not an error under strict
+    r = fp.patch(nn.ModuleDict(dict(single=AdaLayerNormSingle(8))), strict=True)
+    assert [(s.path, s.what) for s in r.skipped if "holds no norm" in s.reason] == [("single", "AdaLayerNormSingle")]
 
 
 def test_callable_package():

@@ -247,6 +247,14 @@ def _resnet_reason(module) -> str | None:
     return None
 
 
+def _known_skip_reason(module) -> str | None:
+    """Why a diffusers module the patcher knows is deliberately left alone (not an error under strict)."""
+    if _dn is not None and type(module) is getattr(_dn, "AdaLayerNormSingle", None):
+        return ("holds no norm (timestep embedding -> 6 modulation vectors); PixArt applies the modulation "
+                "inside BasicTransformerBlock, whose norm1 / norm2 LayerNorms are patched on their own")
+    return None
+
+
 def _unknown_norm_reason(module) -> str | None:
     """Why a norm-like module the rules do not cover is left alone (None: not a norm at all)."""
     cls = type(module)
@@ -254,9 +262,6 @@ def _unknown_norm_reason(module) -> str | None:
         if isinstance(module, base):
             return (f"a subclass of torch.nn.{base.__name__} (it may have its own forward); "
                     f"fastgen.patch patches exact classes only")
-    if _dn is not None and cls is getattr(_dn, "AdaLayerNormSingle", None):
-        return ("holds no norm (timestep embedding -> 6 modulation vectors); PixArt applies the modulation "
-                "inside BasicTransformerBlock, whose norm1 / norm2 LayerNorms are patched on their own")
     if _dn is not None and cls.__module__ == _dn.__name__ and "Norm" in cls.__name__:
         return "this diffusers norm is not known to fastgen.patch (left as is)"
     return None
@@ -281,6 +286,10 @@ def patch_module(module, path: str, report, backend: str, norms: bool, activatio
         return []
     rule = _rule(module)
     if rule is None:
+        reason = _known_skip_reason(module)
+        if reason is not None:
+            report.skipped.append(Skipped(path, type(module).__name__, reason))
+            return []
         reason = _unknown_norm_reason(module)
         if reason is not None:
             if strict:
