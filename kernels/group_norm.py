@@ -572,6 +572,28 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
     return y, mean, rstd
 
 
+def group_norm_apply(x, weight, bias, mean, rstd, num_groups, silu):
+    """y = act((x - mean) * rstd * w + b) for x [N, C, S] with given statistics mean, rstd
+    [N * num_groups] fp32 (computed elsewhere, e.g. over a whole image by the tiled VAE decode).
+
+    One elementwise pass (the split path's apply kernel); y in x.dtype with the strides of x.
+    """
+    N, C, S = x.shape
+    G = num_groups
+    assert mean.shape == rstd.shape == (N * G,) and mean.dtype == rstd.dtype == torch.float32
+    cl = channels_last_layout(x)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    cfg = group_norm_config(N, C, S, G)
+    _group_norm_apply_kernel[(N * G, cfg["splits"])](
+        x, weight if weight is not None else x, bias if bias is not None else x, mean.contiguous(),
+        rstd.contiguous(), y, C, S, G, C // G, cfg["chunk_s"], cfg["iters"], HAS_W=weight is not None,
+        HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl, INTERPRET=interpreting(), BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+    return y
+
+
 def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
     """dx, dw, db = group_norm_bwd(dy [N, C, S], x [N, C, S], weight [C] | None, bias [C] | None,
     mean [N*G], rstd [N*G], num_groups, silu).

@@ -177,6 +177,8 @@ def group_norm_cases(dtype: str = "bf16"):
                 consts = dict(tile, **flags, INTERPRET=False)
                 yield from once(f"gn fwd {tag}", k._group_norm_fwd_kernel, fwd_sig, consts, nw)
                 yield from once(f"gn bwd {tag}", k._group_norm_bwd_kernel, bwd_sig, consts, nw)
+                # group_norm_apply (given statistics: the colour-consistent VAE tiling) at this tile
+                yield from once(f"gn apply {tag}", k._group_norm_apply_kernel, apply_sig, consts, nw)
                 continue
             yield from once(f"gn stats {tag}", k._group_norm_stats_kernel, stats_sig, dict(tile, CHANNELS_LAST=cl), nw)
             yield from once(f"gn apply {tag}", k._group_norm_apply_kernel, apply_sig,
@@ -247,6 +249,8 @@ def layer_norm_cases(dtype: str = "bf16"):
                "M": "i32", "N": "i32", "S": "i32", "GROUP": "i32", "P": "i32", "tiles_per_program": "i32",
                **strides("sdo_b", "sdo_s", "sdx_b", "sdx_s", "sh_b", "sh_s", "sy_b", "sy_s", "sg_b", "sg_s",
                          "ssc_b", "ssc_s")}
+    chunked_sig = {n: v for n, v in fwd_sig.items() if n != "M"}
+    chunked_sig["n_chunks"] = "i32"
     stats_sig = {"DOUT": p, "H": p, "SCALE": p, "W": p, "MEAN": "*fp32", "RSTD": "*fp32", "C": "*fp32",
                  "N": "i32", "S": "i32", **strides("sdo_b", "sdo_s", "sh_b", "sh_s", "ssc_b", "ssc_s")}
     # name: (NORM, HAS_W, HAS_B, HAS_MOD, HAS_RES)
@@ -288,6 +292,16 @@ def layer_norm_cases(dtype: str = "bf16"):
         if N > k.MAX_FULL_ROW_BWD:
             yield (f"ln rowstats N={N}", k._layer_norm_bwd_rowstats_kernel, stats_sig,
                    dict(NORM=1, HAS_W=True, HAS_MOD=True, BLOCK_N=k.CHUNK_N), k._num_warps(k.CHUNK_N))
+    # Rows wider than MAX_FULL_ROW_FWD: the chunked forward (its code does not depend on N; the
+    # backward of these widths compiles to the N = 8192 column-block configs above).
+    for N in (16384, 65536) if dtype == "bf16" else (65536,):
+        cfg = k.layer_norm_fwd_chunked_config(B * S, N)
+        for key in ("grid", "n_chunks"):
+            cfg.pop(key)
+        nw = cfg.pop("num_warps")
+        for form, (norm, w, b, mod, res) in forms.items():
+            yield (f"ln fwd N={N} {form}", k._layer_norm_fwd_chunked_kernel, chunked_sig,
+                   dict(cfg, NORM=norm, HAS_W=w, HAS_B=b, HAS_MOD=mod, HAS_RES=res, INTERPRET=False), nw)
 
 
 def attention_cases(dtype: str = "bf16"):

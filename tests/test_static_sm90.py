@@ -71,6 +71,9 @@ def test_every_group_norm_config_was_compiled(usage):
         for tag in ("N=2 C=1280 S=64 G=32", "N=2 C=320 S=1024 G=32"):  # one program per group
             for layout in ("nchw", "nhwc"):
                 assert f"gn fwd {tag} {layout} {dtype}" in names and f"gn bwd {tag} {layout} {dtype}" in names
+        for tag in ("N=2 C=96 S=221 G=32", "N=2 C=64 S=4096 G=32"):  # group_norm_apply at one-program tiles
+            for layout in ("nchw", "nhwc"):
+                assert f"gn apply {tag} {layout} {dtype}" in names
 
 
 def test_every_layer_norm_config_was_compiled(usage):
@@ -82,6 +85,11 @@ def test_every_layer_norm_config_was_compiled(usage):
             for mode in ("per_sample", "per_token"):
                 assert f"ln bwd N={n} {form} {mode} bf16" in names
     assert "ln rowstats N=8192 bf16" in names
+    # rows wider than 8192: the chunked forward, every form
+    forms = ("ln_wb", "ln_mod", "ln_wb_mod", "rms_w_mod", "gated_ln_mod", "gated_ln_wb_mod", "gated")
+    for n, dtype in ((16384, "bf16"), (65536, "bf16"), (65536, "fp32")):
+        for form in forms:
+            assert f"ln fwd N={n} {form} {dtype}" in names
 
 
 def test_every_attention_config_was_compiled(usage):

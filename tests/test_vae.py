@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TRITON_DEVICE, assert_close, requires_gpu
 
 import fastgen
@@ -309,6 +310,60 @@ def test_batch_is_per_sample(pair, consistent):
     for i in range(2):
         one = tiled_decode(m, z[i:i + 1], tile_size=TILE, consistent_colors=consistent, progress=False)
         assert_close(out[i:i + 1], one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_apply_kernel_with_given_stats(dtype, channels_last):
+    """The Triton apply pass of the consistent tiling: statistics from elsewhere, one fused pass."""
+    from fastgen.kernels.group_norm import group_norm_apply
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 16, 5, 7, generator=g) * 3 + 1).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    xg = x.float().reshape(2, 4, -1)
+    mean, var = xg.mean(-1), xg.var(-1, unbiased=False)
+    for silu in (False, True):
+        ref = F.group_norm(x.float(), 4, w, b, 1e-6)
+        ref = (F.silu(ref) if silu else ref).to(dtype)
+        y = group_norm_apply(x.to(TRITON_DEVICE).reshape(2, 16, -1), w.to(TRITON_DEVICE), b.to(TRITON_DEVICE),
+                             mean.reshape(-1).to(TRITON_DEVICE), torch.rsqrt(var + 1e-6).reshape(-1).to(TRITON_DEVICE),
+                             4, silu)
+        assert_close(y.reshape(x.shape).cpu(), ref)
+        assert y.stride() == x.reshape(2, 16, -1).stride()
+
+
+def test_consistent_tiling_triton_apply(pair, monkeypatch):
+    """Colour-consistent decode with the Triton GroupNorm kernels (the apply pass given whole-image
+    statistics included): the same image as on the torch backend."""
+    import fastgen.kernels.group_norm as kgn
+
+    dv, m = pair
+    z = _latents(1, 10, 9).to(TRITON_DEVICE)
+    ref = tiled_decode(m, z.cpu(), tile_size=TILE, consistent_colors=True, progress=False)
+    calls = []
+    real = kgn.group_norm_apply
+    monkeypatch.setattr(kgn, "group_norm_apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    md = m.to(TRITON_DEVICE)
+    try:
+        with fastgen.backend("triton"):
+            out = tiled_decode(md, z, tile_size=TILE, consistent_colors=True, progress=False)
+    finally:
+        m.cpu()
+    assert len(calls) > 0  # every GroupNorm of the decoder after the first segment
+    assert_close(out.cpu(), ref, scale=10)
+    # a diffusers VAE (plain nn.GroupNorm modules) follows the fastgen.backend default too
+    calls.clear()
+    dvd = dv.to(TRITON_DEVICE)
+    try:
+        with fastgen.backend("triton"):
+            out = tiled_decode(dvd, z, tile_size=TILE, consistent_colors=True, progress=False)
+    finally:
+        dv.cpu()
+    assert len(calls) > 0
+    assert_close(out.cpu(), ref, scale=10)
 
 
 def test_bf16_tiling(pair):

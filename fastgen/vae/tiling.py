@@ -295,14 +295,41 @@ def _merge(acc, new):
     return n, ma + d * (nb / n), m2a + m2b + d.square() * (na * nb / n)
 
 
+def _apply_backend(x: Tensor, norm: Any) -> str:
+    """``"triton"`` when the GroupNorm of this step would run the Triton kernels (the module's
+    ``backend``, else the ``fastgen.backend`` default; ``auto`` as in ``AUTO_ON_CUDA``) and they
+    can take ``x``; otherwise ``"torch"`` (the CUDA C++ extension has no apply-only entry)."""
+    from fastgen import backend as fb
+    from fastgen.kernels.group_norm import MAX_CHANNELS_PER_GROUP
+
+    name = getattr(norm, "backend", "auto")
+    name = fb.default() if name in (None, "auto") else name
+    if name == "auto":
+        name = fb.AUTO_ON_CUDA.get("group_norm", "torch") if x.is_cuda else "torch"
+    ok = (name == "triton" and fb.unavailable_reason("triton", x.device) is None
+          and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+          and x.shape[1] // norm.num_groups <= MAX_CHANNELS_PER_GROUP)
+    return "triton" if ok else "torch"
+
+
 def _gn_apply(x: Tensor, norm: Any, stats, silu: bool) -> Tensor:
     """GroupNorm (+ SiLU) of ``x`` with given (count, mean, M2) per (sample, group), in fp32.
 
     ``y = x * scale[n, c] + shift[n, c]`` with ``scale = weight[c] / sqrt(M2 / count + eps)`` and
-    ``shift = bias[c] - mean * scale``; one fp32 temporary, rounded once to ``x.dtype``.
+    ``shift = bias[c] - mean * scale``; one fp32 temporary, rounded once to ``x.dtype``. On the
+    Triton backend one fused pass instead (``fastgen.kernels.group_norm.group_norm_apply``).
     """
     n, mean, m2 = stats
     c, g = x.shape[1], norm.num_groups
+    if _apply_backend(x, norm) == "triton":
+        from fastgen.kernels.group_norm import group_norm_apply
+
+        rstd_g = torch.rsqrt(m2 / n + norm.eps).float().reshape(-1)  # (N * G,)
+        x3 = x.reshape(x.shape[0], c, -1)
+        if x3.numel() and not (x3.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x3 = x3.contiguous()
+        y = group_norm_apply(x3, norm.weight, norm.bias, mean.float().reshape(-1), rstd_g, g, silu)
+        return y.view(x.shape) if y.is_contiguous() else y.as_strided(x.shape, x.stride())
     rstd = torch.rsqrt(m2 / n + norm.eps).float().repeat_interleave(c // g, dim=1)  # (N, C)
     mean_c = mean.float().repeat_interleave(c // g, dim=1)
     scale = rstd if norm.weight is None else rstd * norm.weight.float()
