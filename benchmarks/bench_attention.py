@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.ops import attention
 
-from .harness import Case, Unavailable, autograd_step
+from .harness import Case, Unavailable, autograd_step, peer
 
 OP = "attention"
 PROVIDERS = ("torch", "torch.compile", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math",
@@ -134,12 +134,7 @@ def _impl(provider: str, case: Case, device: str):
             raise Unavailable(reason)
         return (lambda q, k, v: attention(q, k, v, causal=causal, layout="bhsd", backend="triton")), "bhsd"
     if provider == "flash-attn":
-        try:
-            from flash_attn import flash_attn_func
-        except ImportError as exc:
-            raise Unavailable(f"flash-attn is not installed ({exc})") from None
-        if device != "cuda":
-            raise Unavailable("needs a CUDA GPU (flash-attn is CUDA-only)")
+        flash_attn_func = peer("flash_attn", "flash_attn_func", device=device, package="flash-attn", kind="CUDA-only")
         return (lambda q, k, v: flash_attn_func(q, k, v, causal=causal)), "bshd"
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 

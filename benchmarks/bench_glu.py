@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastgen.backend import interpreter_enabled
 from fastgen.ops import glu
 
-from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend, peer
 
 OP = "glu"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "liger-kernel")
@@ -74,16 +74,12 @@ def _impl(provider: str, act: str, device: str):
         backend = fastgen_backend(provider, device)
         return lambda x: glu(x, act, backend=backend)
     if provider == "liger-kernel":
-        try:
-            from liger_kernel.ops.geglu import LigerGELUMulFunction
-            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-        except ImportError as exc:
-            raise Unavailable(f"liger-kernel is not installed ({exc})") from None
-        if device != "cuda":
-            raise Unavailable("needs a CUDA GPU (liger-kernel is Triton-only)")
-        if act == "gelu":
+        if act == "silu":
+            fn = peer("liger_kernel.ops.swiglu", "LigerSiLUMulFunction", device=device)
+        elif act == "gelu_tanh":
+            fn = peer("liger_kernel.ops.geglu", "LigerGELUMulFunction", device=device)
+        else:
             raise Unavailable("liger-kernel's GEGLU uses the tanh approximation only")
-        fn = LigerSiLUMulFunction if act == "silu" else LigerGELUMulFunction
         return lambda x: fn.apply(*x.chunk(2, dim=-1))
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 

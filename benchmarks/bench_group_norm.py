@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastgen.backend import interpreter_enabled
 from fastgen.ops import group_norm
 
-from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend, peer
 
 OP = "group_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -106,12 +106,7 @@ def _impl(provider: str, device: str):
         backend = fastgen_backend(provider, device)
         return lambda x, w, b, G: group_norm(x, G, w, b, EPS, "silu", backend=backend)
     if provider == "liger-kernel":
-        try:
-            from liger_kernel.ops.group_norm import LigerGroupNormFunction
-        except ImportError as exc:
-            raise Unavailable(f"liger-kernel is not installed ({exc})") from None
-        if device != "cuda":
-            raise Unavailable("needs a CUDA GPU (liger-kernel is Triton-only)")
+        LigerGroupNormFunction = peer("liger_kernel.ops.group_norm", "LigerGroupNormFunction", device=device)
         # apply(X, weight, bias, num_channels, num_groups, eps); no fused SiLU.
         return lambda x, w, b, G: F.silu(LigerGroupNormFunction.apply(x, w, b, x.shape[1], G, EPS))
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")

@@ -30,7 +30,7 @@ from fastgen.ops import (
     layer_norm_ref,
 )
 
-from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend, peer
 
 OP = "layer_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "liger-kernel")
@@ -104,12 +104,7 @@ def _impl(provider: str, variant: str, device: str):
         op = _OPS[variant]
         return lambda *a: op(*a, backend="triton")
     if provider == "liger-kernel":
-        try:
-            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-        except ImportError as exc:
-            raise Unavailable(f"liger-kernel is not installed ({exc})") from None
-        if device != "cuda":
-            raise Unavailable("needs a CUDA GPU (liger-kernel is Triton-only)")
+        LigerLayerNormFunction = peer("liger_kernel.ops.layer_norm", "LigerLayerNormFunction", device=device)
         if variant:
             raise Unavailable("liger-kernel has no fused AdaLN modulation / gated residual form")
         return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)

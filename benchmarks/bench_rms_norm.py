@@ -27,7 +27,7 @@ import torch
 from fastgen.backend import interpreter_enabled
 from fastgen.ops import rms_norm, rms_norm_ref
 
-from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend
+from .harness import Case, Unavailable, autograd_step, by_mode, fastgen_backend, peer
 
 OP = "rms_norm"
 PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-cuda", "liger-kernel")
@@ -110,12 +110,7 @@ def _impl(provider: str, residual: bool, device: str):
         backend = fastgen_backend(provider, device)
         return lambda x, w, r: rms_norm(x, w, EPS, r, backend=backend)
     if provider == "liger-kernel":
-        try:
-            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        except ImportError as exc:
-            raise Unavailable(f"liger-kernel is not installed ({exc})") from None
-        if device != "cuda":
-            raise Unavailable("needs a CUDA GPU (liger-kernel is Triton-only)")
+        LigerRMSNormFunction = peer("liger_kernel.ops.rms_norm", "LigerRMSNormFunction", device=device)
         if residual:
             raise Unavailable("LigerRMSNormFunction has no residual (fused add) form")
         # forward(X, W, eps, offset=0.0, casting_mode="llama", in_place=True, ...); releases

@@ -192,6 +192,22 @@ def fastgen_backend(provider: str, device: str) -> str:
     return backend
 
 
+def peer(module: str, *names: str, device: str, package: str = "liger-kernel", kind: str = "Triton-only"):
+    """The objects ``names`` of a peer library's ``module`` (one object for one name), or
+    :class:`Unavailable` saying why a peer provider cannot be timed: not installed, or no GPU."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise Unavailable(f"{package} is not installed ({exc})") from None
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise Unavailable(f"this {package} has no {module}.{missing[0]} (another version?)")
+    if device != "cuda":
+        raise Unavailable(f"needs a CUDA GPU ({package} is {kind})")
+    objs = [getattr(mod, n) for n in names]
+    return objs[0] if len(objs) == 1 else objs
+
+
 def by_mode(mode: str, fwd: float, bwd: float) -> float:
     """A per-mode quantity (bytes, FLOPs) from its forward and backward parts."""
     if mode not in ("fwd", "bwd", "fwd+bwd"):

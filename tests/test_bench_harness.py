@@ -167,3 +167,16 @@ def test_format_table_is_aligned():
     assert len(lines) == 4
     # every column but the last starts at the same offset on every line
     assert lines[0].index("status") == lines[2].index("ok") == lines[3].index("skipped")
+
+
+def test_peer_reports_why_it_cannot_run():
+    with pytest.raises(harness.Unavailable, match="no-such-lib is not installed"):
+        harness.peer("fastgen_no_such_module", "f", device="cuda", package="no-such-lib")
+    with pytest.raises(harness.Unavailable, match="has no math.no_such_name"):
+        harness.peer("math", "sqrt", "no_such_name", device="cuda", package="math")
+    with pytest.raises(harness.Unavailable, match="needs a CUDA GPU \\(math is Triton-only\\)"):
+        harness.peer("math", "sqrt", device="cpu", package="math")
+    import math
+
+    assert harness.peer("math", "sqrt", device="cuda") is math.sqrt
+    assert harness.peer("math", "sqrt", "pi", device="cuda") == [math.sqrt, math.pi]
