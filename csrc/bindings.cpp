@@ -16,6 +16,7 @@
 #include "rms_norm/rms_norm.h"
 #include "group_norm/group_norm.h"
 #include "rope/rope.h"
+#include "qk_norm_rope/qk_norm_rope.h"
 #include "optim/optim.h"
 
 #ifndef FASTGEN_ARCHS
@@ -121,6 +122,30 @@ PYBIND11_MODULE(_C, m) {
         "RoPE of q (B,S,Hq,D) and k (B,S,Hk,D) given (batch, seq, head) strides into qo / ko (may alias: in place) "
         "with cos/sin tables (B|1, S, R) given (batch, seq) strides; pairs (2j, 2j+1) if interleaved else "
         "(j, j+R/2); inverse applies the transpose (backward); copy_pass copies dims R..D-1.");
+  m.def("qk_norm_rope_fwd", &fastgen::qk_norm_rope_fwd, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("wq_ptr"),
+        py::arg("wk_ptr"), py::arg("qo_ptr"), py::arg("ko_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("B"),
+        py::arg("S"), py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("R"), py::arg("sqb"), py::arg("sqs"),
+        py::arg("sqh"), py::arg("skb"), py::arg("sks"), py::arg("skh"), py::arg("soqb"), py::arg("soqs"),
+        py::arg("soqh"), py::arg("sokb"), py::arg("soks"), py::arg("sokh"), py::arg("scb"), py::arg("scs"),
+        py::arg("ssb"), py::arg("sss"), py::arg("x_dtype"), py::arg("wq_dtype"), py::arg("wk_dtype"),
+        py::arg("table_dtype"), py::arg("eps"), py::arg("interleaved"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Fused per-head RMSNorm + RoPE of q (B,S,Hq,D) and k (B,S,Hk,D) given (batch, seq, head) strides into new "
+        "qo / ko: n = x*rsqrt(mean(x^2)+eps)*w in fp32 (never rounded), then the rotation of apply_rope with cos/sin "
+        "(B|1, S, R); wq / wk (D,) in x dtype or float32 (own codes); one rounding at the store.");
+  m.def("qk_norm_rope_bwd", &fastgen::qk_norm_rope_bwd, py::arg("dqo_ptr"), py::arg("dko_ptr"), py::arg("q_ptr"),
+        py::arg("k_ptr"), py::arg("wq_ptr"), py::arg("wk_ptr"), py::arg("dq_ptr"), py::arg("dk_ptr"),
+        py::arg("dw_partial_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("B"), py::arg("S"), py::arg("Hq"),
+        py::arg("Hk"), py::arg("D"), py::arg("R"), py::arg("sdqb"), py::arg("sdqs"), py::arg("sdqh"), py::arg("sdkb"),
+        py::arg("sdks"), py::arg("sdkh"), py::arg("sqb"), py::arg("sqs"), py::arg("sqh"), py::arg("skb"),
+        py::arg("sks"), py::arg("skh"), py::arg("soqb"), py::arg("soqs"), py::arg("soqh"), py::arg("sokb"),
+        py::arg("soks"), py::arg("sokh"), py::arg("scb"), py::arg("scs"), py::arg("ssb"), py::arg("sss"),
+        py::arg("x_dtype"), py::arg("wq_dtype"), py::arg("wk_dtype"), py::arg("table_dtype"), py::arg("eps"),
+        py::arg("interleaved"), py::arg("num_partials_q"), py::arg("num_partials_k"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Backward of qk_norm_rope_fwd (rstd recomputed from q / k): dq, dk = rstd*(g - xhat*mean(g*xhat)) with "
+        "g = rope^T(dy)*w; fp32 weight-gradient partials (sums of rope^T(dy)*xhat) into dw_partial[num_partials_q + "
+        "num_partials_k, D], q's rows first; the caller sums them in a fixed order (deterministic, no atomics).");
   m.def("multi_tensor_adamw", &fastgen::multi_tensor_adamw, py::arg("p_list"), py::arg("g_list"),
         py::arg("m_list"), py::arg("v_list"), py::arg("vmax_list"), py::arg("step_list"), py::arg("numels"),
         py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("p_dtype"),

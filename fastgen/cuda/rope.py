@@ -7,8 +7,8 @@ only guard what the kernel relies on.
     forward  a' = a ca - b sa,  b' = b cb + a sb     (pairs (2j, 2j+1) or (j, j+R/2))
     inverse  a' = a ca + b sb,  b' = b cb - a sa     (the backward)
 
-The fused QK-RMSNorm + RoPE has no CUDA C++ kernel yet: ``qk_norm_rope_fwd`` /
-``qk_norm_rope_bwd`` raise, and ``fastgen.ops.qk_norm_rope(backend="cuda")`` says so.
+The fused QK-RMSNorm + RoPE has its own launchers, ``fastgen.cuda.qk_norm_rope``
+(kernels in ``csrc/qk_norm_rope/``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from fastgen.cuda import dtype_code, load_extension
 from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
 
 __all__ = ["apply_rope_fwd", "apply_rope_bwd"]
-
-QK_NORM_ROPE_MISSING = "the fused qk_norm_rope has no CUDA C++ kernel yet; use backend='triton' or backend='torch'"
 
 
 def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
@@ -61,11 +59,3 @@ def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool):
     dk = torch.empty(dk_out.shape, dtype=dk_out.dtype, device=dk_out.device)
     _launch(dq_out, dk_out, cos, sin, dq, dk, layout, interleaved, inverse=True)
     return dq, dk
-
-
-def qk_norm_rope_fwd(*args, **kwargs):
-    raise NotImplementedError(QK_NORM_ROPE_MISSING)
-
-
-def qk_norm_rope_bwd(*args, **kwargs):
-    raise NotImplementedError(QK_NORM_ROPE_MISSING)

@@ -10,9 +10,9 @@ in fp32 from load to store, rounded once to the input dtype. This is the unfused
 q / k to the input dtype (so it is the more accurate of the two; they agree to about
 one unit in the last place).
 
-Implementations (``backend=``): ``"triton"`` (``fastgen/kernels/qk_norm_rope.py``) and
-``"torch"`` (``qk_norm_rope_ref``); there is no CUDA C++ kernel for the fused op yet
-(``backend="cuda"`` raises ``BackendUnavailableError``).
+Implementations (``backend=``): ``"triton"`` (``fastgen/kernels/qk_norm_rope.py``), ``"cuda"``
+(``csrc/qk_norm_rope/``, launched by ``fastgen.cuda.qk_norm_rope``) and ``"torch"``
+(``qk_norm_rope_ref``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import BackendUnavailableError, launchers, resolve
+from fastgen.backend import launchers, resolve
 from fastgen.ops.rope import rope_rotate_float, unit_last, unsupported_qk, validate_qk
 
 # ----------------------------------------------------------------------------- reference
@@ -136,14 +136,12 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: 
     fp32 from load to store, one rounding (``qk_norm_rope_ref``). Gradients flow to q, k
     and both weights; the weight gradients are deterministic (per-program fp32 partials
     summed in a fixed order, no atomics); cos / sin are constants on the kernel backends.
-    Registered as ``torch.ops.fastgen.qk_norm_rope_fwd`` / ``qk_norm_rope_bwd``
+    ``backend``: ``"triton"``, ``"cuda"`` (CUDA C++), ``"torch"``, or ``"auto"`` (see
+    ``fastgen.backend``). Registered as ``torch.ops.fastgen.qk_norm_rope_fwd`` / ``qk_norm_rope_bwd``
     (``torch.compile(fullgraph=True)`` traces it).
     """
     _validate(q, k, q_weight, k_weight, cos, sin, eps, layout)
     impl = resolve("qk_norm_rope", backend, q.device, unsupported_qk(q, cos, sin))
-    if impl == "cuda":
-        raise BackendUnavailableError("fastgen.ops.qk_norm_rope: backend='cuda' cannot run: the fused kernel has no "
-                                      "CUDA C++ version yet; use backend='triton' or backend='torch'")
     if impl == "torch" or q.numel() == 0 or k.numel() == 0:
         return qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps, layout, interleaved)
     return _QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, float(eps), layout, bool(interleaved), impl)

@@ -1,0 +1,123 @@
+"""CUDA C++ fused QK-RMSNorm + RoPE launchers (``csrc/qk_norm_rope/`` through ``fastgen._C``).
+
+Same signatures and return values as the Triton launchers in ``fastgen.kernels.qk_norm_rope``;
+no autograd here (that is ``fastgen.ops.qk_norm_rope``). Inputs are validated upstream; the
+asserts only guard what the kernels rely on. For each head row ``x`` of q or k, in fp32 with
+one rounding at the store::
+
+    n  = x * rsqrt(mean(x ** 2) + eps) * w          (never rounded)
+    y  = rope(n)                                    (fastgen.cuda.rope's rotation)
+
+    dn = rope^T(dy),  g = dn * w,  xhat = x * rstd  (rstd recomputed from x)
+    dx = rstd * (g - xhat * mean(g * xhat))
+    dw = sum over tokens and heads of dn * xhat     (fp32 per-block partials, summed here
+                                                     in a fixed order: deterministic)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.cuda import dtype_code, load_extension
+from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
+
+__all__ = ["qk_norm_rope_fwd", "qk_norm_rope_bwd"]
+
+
+def _strides(t: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """(batch, sequence, head) strides; 0 for a dim of size 1 (never stepped, so it cannot
+    spoil the alignment that the vectorized path checks)."""
+    sizes = (t.shape[0], t.shape[1], t.shape[2]) if layout == "bshd" else (t.shape[0], t.shape[2], t.shape[1])
+    return tuple(0 if n == 1 else st for n, st in zip(sizes, bsh_strides(t, layout)))
+
+
+def _table_strides(t: torch.Tensor) -> tuple[int, int]:
+    sb, ss = table_strides(t)
+    return sb, (0 if t.shape[-2] == 1 else ss)
+
+
+def _tables(cos, sin, dtype):
+    """cos / sin in a dtype the kernels take: x's dtype or fp32, the same for both."""
+    if cos.dtype != sin.dtype or cos.dtype not in (dtype, torch.float32):
+        cos, sin = cos.float(), sin.float()
+    return cos, sin
+
+
+def _check(xs, wq, wk, cos, sin, D, R):
+    q = xs[0]
+    assert q.is_cuda and all(x.device == q.device and x.dtype == q.dtype and x.stride(3) == 1 for x in xs)
+    for w in (wq, wk):
+        assert w.shape == (D,) and w.is_contiguous() and w.device == q.device and w.dtype in (q.dtype, torch.float32)
+    assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.shape == sin.shape
+    assert cos.device == q.device and sin.device == q.device
+    assert R % 2 == 0 and 2 <= R <= D <= MAX_HEAD_DIM
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_partials(rows_q: int, rows_k: int, total: int) -> tuple[int, int]:
+    """Backward blocks (= fp32 partial rows) for q and for k, about proportional to their rows."""
+    if rows_q == 0 or rows_k == 0:
+        return min(rows_q, total), min(rows_k, total)
+    pq = min(rows_q, max(1, total * rows_q // (rows_q + rows_k)))
+    return pq, min(rows_k, max(1, total - pq))
+
+
+def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
+    """q_out, k_out = qk_norm_rope_fwd(q, k, wq (D,), wk (D,), cos, sin, eps, layout, interleaved).
+
+    Outputs are new contiguous tensors of q's / k's shape and dtype."""
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    if B * S == 0 or hq + hk == 0 or D == 0:
+        return qo, ko
+    C = load_extension()
+    _check((q, k, qo, ko), wq, wk, cos, sin, D, R)
+    cos, sin = _tables(cos, sin, q.dtype)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        C.qk_norm_rope_fwd(
+            q.data_ptr(), k.data_ptr(), wq.data_ptr(), wk.data_ptr(), qo.data_ptr(), ko.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), B, S, hq, hk, D, R,
+            *_strides(q, layout), *_strides(k, layout), *_strides(qo, layout), *_strides(ko, layout),
+            *_table_strides(cos), *_table_strides(sin),
+            dtype_code(q.dtype), dtype_code(wq.dtype), dtype_code(wk.dtype), dtype_code(cos.dtype),
+            float(eps), bool(interleaved), stream,
+        )
+    return qo, ko
+
+
+def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
+    """dq, dk, dwq, dwk = qk_norm_rope_bwd(dq_out, dk_out, q, k, wq, wk, cos, sin, eps, layout, interleaved).
+
+    dq / dk new contiguous tensors of q's / k's shape and dtype; dwq / dwk (D,) in the
+    weights' dtypes, from fp32 per-block partials summed in a fixed order (deterministic)."""
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    T = B * S
+    if T == 0 or hq + hk == 0 or D == 0:
+        return dq.zero_(), dk.zero_(), torch.zeros_like(wq), torch.zeros_like(wk)
+    C = load_extension()
+    assert dqo.shape == q.shape and dko.shape == k.shape
+    _check((q, k, dqo, dko, dq, dk), wq, wk, cos, sin, D, R)
+    cos, sin = _tables(cos, sin, q.dtype)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        pq, pk = _num_partials(T * hq, T * hk, 4 * _sm_count(q.device))
+        partial = torch.empty((pq + pk, D), dtype=torch.float32, device=q.device)
+        C.qk_norm_rope_bwd(
+            dqo.data_ptr(), dko.data_ptr(), q.data_ptr(), k.data_ptr(), wq.data_ptr(), wk.data_ptr(),
+            dq.data_ptr(), dk.data_ptr(), partial.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, S, hq, hk, D, R,
+            *_strides(dqo, layout), *_strides(dko, layout), *_strides(q, layout), *_strides(k, layout),
+            *_strides(dq, layout), *_strides(dk, layout), *_table_strides(cos), *_table_strides(sin),
+            dtype_code(q.dtype), dtype_code(wq.dtype), dtype_code(wk.dtype), dtype_code(cos.dtype),
+            float(eps), bool(interleaved), pq, pk, stream,
+        )
+        # Fixed-order sums of the per-block partials: the deterministic second pass.
+        dwq = partial[:pq].sum(0).to(wq.dtype)
+        dwk = partial[pq:].sum(0).to(wk.dtype)
+    return dq, dk, dwq, dwk
