@@ -87,7 +87,7 @@ elif command -v compute-sanitizer >/dev/null 2>&1; then
     stage sanitizer "$(limit_for sanitizer)" "$OUT/sanitizer.log" -- compute-sanitizer --tool memcheck \
         --error-exitcode 99 --target-processes all .venv/bin/python -m pytest -q -x -p no:cacheprovider -k cuda \
         tests/test_rms_norm.py tests/test_cuda_build.py tests/test_rope.py tests/test_group_norm.py \
-        tests/test_adamw.py tests/test_lion_clip_ema.py
+        tests/test_adamw.py tests/test_lion_clip_ema.py tests/test_qk_norm_rope_cuda.py tests/test_qk_norm_rope.py
 else
     echo "sanitizer  not run: compute-sanitizer is not on PATH" | tee -a "$summary"
     status=1

@@ -42,10 +42,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     "$VPY" -m pip install "${quiet[@]}" "${missing[@]}"
 fi
-# Wanted: plots, progress bars, the diffusers models the tests compare with. Offline
+# Wanted: plots, progress bars, the diffusers models the tests compare with, the
+# Liger-Kernel peer of the benchmarks (its RoPE adapter is tested on CPU). Offline
 # (a GPU machine) they may be missing; what needs them then skips and says so.
 wanted=()
-for spec in pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm diffusers:diffusers; do
+for spec in pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm diffusers:diffusers liger_kernel:liger-kernel; do
     have "${spec%%:*}" || wanted+=("${spec#*:}")
 done
 if [ ${#wanted[@]} -gt 0 ]; then

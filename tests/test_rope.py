@@ -437,3 +437,42 @@ def test_gpu_auto_matches_reference():
     cos, sin = _tables(100, 64, False, "cuda")
     assert_close(apply_rope(q, k, cos, sin)[0], apply_rope_ref(q, k, cos, sin)[0])
     assert HAS_CUDA and fastgen.backend.resolve("apply_rope", "auto", q.device) in ("torch", "triton", "cuda")
+
+
+# ----------------------------------------------------------------------------- benchmark suite
+
+
+def _bench():
+    import importlib
+
+    from fastgen.cli import _benchmarks_package
+
+    return importlib.import_module(_benchmarks_package().__name__ + ".bench_rope")
+
+
+@pytest.mark.parametrize("variant", ["halves", "interleaved", "qk_norm"])
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+def test_bench_setup_runs_on_cpu(variant, mode):
+    bench = _bench()
+    case = bench.Case({"B": 1, "S": 6, "H": 2, "D": 16}, torch.float32, variant)
+    bench.setup("torch", case, mode, "cpu")()
+    for provider in ("fastgen-triton", "fastgen-cuda", "liger-kernel"):
+        with pytest.raises(bench.Unavailable):
+            bench.setup(provider, case, mode, "cpu")
+
+
+def test_bench_liger_adapter_is_the_same_rotation():
+    """The liger-kernel row times the function the other rows compute: its RoPE (Triton, run in
+    the interpreter on CPU) through the suite's layout adapter equals apply_rope_ref (halves)."""
+    if TRITON_DEVICE != "cpu":
+        pytest.skip("the interpreter check; on a GPU the bench compares real timings")
+    liger_rope = pytest.importorskip("liger_kernel.ops.rope", reason="liger-kernel is not installed")
+    f = _bench().liger_adapter(liger_rope.LigerRopeFunction)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 7, 3, 16, generator=g), torch.randn(2, 7, 1, 16, generator=g)
+    ang = torch.rand(7, 8, generator=g) * 6.28
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    qr, kr = apply_rope_ref(q, k, cos, sin, "bshd", False)
+    qo, ko = f(q.clone(), k.clone(), None, None, cos, sin)  # liger rotates its inputs in place
+    torch.testing.assert_close(qo, qr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko, kr, atol=1e-5, rtol=1e-5)
