@@ -4,7 +4,7 @@ Per element, in fp32 (``torch.optim.AdamW``'s update, decoupled weight decay)::
 
     g     = -grad if maximize else grad
     p     = p * (1 - lr * weight_decay)
-    m     = m + (1 - beta1) * (g - m)                     (lerp, as torch)
+    m     = lerp(m, g, 1 - beta1)                         (evaluated as torch.lerp)
     v     = beta2 * v + (1 - beta2) * g * g
     vmax  = max(vmax, v)                                  (amsgrad only; v := vmax below)
     p     = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
@@ -40,6 +40,25 @@ def _stochastic_bf16(x, seed, offs):
 
 
 @triton.jit
+def _one_minus_pow(t, ln_beta):
+    """``1 - beta**t = -expm1(t ln beta)`` to float32 precision. ``1 - exp(x)`` would lose the
+    leading digits of a small ``1 - beta**t`` (3e-5 relative at t = 1, beta = 0.999); Kahan's
+    ``expm1(x) = (u - 1) x / log(u)``, ``u = exp(x)``, keeps them (``u - 1`` is exact where
+    ``u`` is near 1; below 0.5 there is no cancellation to fix). ``beta = 0``: ``ln_beta = -inf``."""
+    x = t * ln_beta
+    u = tl.exp(x)
+    em1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
+    return -tl.where(u < 0.5, u - 1.0, em1)
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """``torch.lerp(a, b, w)`` as PyTorch evaluates it: ``a + w (b - a)`` for ``w < 0.5``, else
+    ``b - (b - a)(1 - w)`` (exact at ``w = 1``; matters for beta1 <= 0.5)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
 def _adamw_kernel(
     P_PTRS,  # [T] int64 addresses of the parameters (P_DTYPE)
     G_PTRS,  # [T] int64 addresses of the gradients (G_DTYPE)
@@ -53,8 +72,8 @@ def _adamw_kernel(
     LR,  # fp32 scalar, or pointer to an fp32 device scalar when LR_IS_PTR
     beta1,
     beta2,
-    log2_beta1,
-    log2_beta2,
+    ln_beta1,
+    ln_beta2,
     eps,
     weight_decay,
     seed,  # stochastic-rounding seed of this step
@@ -78,8 +97,8 @@ def _adamw_kernel(
         lr = tl.load(LR)
     else:
         lr = LR
-    bias1 = 1.0 - tl.exp2(step * log2_beta1)
-    bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+    bias1 = _one_minus_pow(step, ln_beta1)
+    bias2_sqrt = tl.sqrt(_one_minus_pow(step, ln_beta2))
 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
@@ -89,7 +108,7 @@ def _adamw_kernel(
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
     p = p * (1.0 - lr * weight_decay)
-    m = m + (1.0 - beta1) * (g - m)
+    m = _lerp(m, g, 1.0 - beta1)
     v = v * beta2 + (1.0 - beta2) * (g * g)
     tl.store(m_ptr + offs, round_to(m, S_DTYPE, INTERPRET), mask=mask)
     tl.store(v_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
@@ -136,8 +155,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         lr if lr_is_ptr else float(lr),
         float(beta1),
         float(beta2),
-        math.log2(beta1) if beta1 > 0 else -math.inf,
-        math.log2(beta2) if beta2 > 0 else -math.inf,
+        math.log(beta1) if beta1 > 0 else -math.inf,
+        math.log(beta2) if beta2 > 0 else -math.inf,
         float(eps),
         float(weight_decay),
         int(seed),

@@ -205,7 +205,7 @@ def optim_cases(dtype: str = "bf16"):
     tables = {"NUMELS": "*i64", "CHUNK_IDS": "*i32", "CHUNK_OFFS": "*i64"}
     adamw_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", "V_PTRS": "*i64", "VMAX_PTRS": "*i64",
                  "STEP_PTRS": "*i64", **tables, "LR": "*fp32", "beta1": "fp32", "beta2": "fp32",
-                 "log2_beta1": "fp32", "log2_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32"}
+                 "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32"}
     cfg = adamw.adamw_config()
     nw = cfg.pop("num_warps")
     for ams, sr in ((False, False), (True, dtype == "bf16")):

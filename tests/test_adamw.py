@@ -243,3 +243,28 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
     for p, q in zip(params, eager):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert float(opt.state[params[0]]["step"]) == 6
+
+
+# beta = 0: log(exp(-inf)) = -inf in the branch that tl.where discards; numpy warns in the interpreter.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.99999), (0.0, 0.0)])
+def test_bias_corrections_to_float32_precision(kernel, betas):
+    """From p = 0 with lr = 1 the parameter after a few steps is the update itself, so a bias
+    correction 1 - beta**t computed as 1 - exp(...) in fp32 (which loses the digits of a small
+    1 - beta2**t: ~3e-5 relative at t = 1, beta2 = 0.999) would show; float64 truth."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(300, generator=g) * 10.0 ** torch.randint(-3, 3, (300,), generator=g) for _ in range(3)]
+    b1, b2 = betas
+    p = torch.zeros(300, device=DEV, requires_grad=True)
+    opt = FusedAdamW([p], lr=1.0, betas=betas, eps=1e-12, weight_decay=0.0, backend=kernel)
+    m = v = torch.zeros(300, dtype=torch.float64)
+    p64 = torch.zeros(300, dtype=torch.float64)
+    for t, gr in enumerate(grads, start=1):
+        p.grad = gr.to(DEV)
+        opt.step()
+        gd = gr.double()
+        m, v = b1 * m + (1 - b1) * gd, b2 * v + (1 - b2) * gd * gd
+        p64 = p64 - m / (1 - b1**t) / ((v / (1 - b2**t)).sqrt() + 1e-12)
+        torch.testing.assert_close(p.detach().cpu().double(), p64, atol=1e-6 * t, rtol=2e-6)
