@@ -39,8 +39,25 @@ and C column blocks. Rows up to ``MAX_FULL_ROW_BWD`` wide are held whole
 (C = 1, row dot products in-kernel); wider rows first run
 ``_layer_norm_bwd_rowstats_kernel`` and then use column blocks of ``CHUNK_N``.
 
-Rows up to ``MAX_N`` elements are served (the forward holds a whole row in
-registers); wider rows are left to the torch reference by the ops.
+Forward paths, by row width:
+
+- rows up to ``MAX_FULL_ROW_FWD`` elements: ``_layer_norm_fwd_kernel`` holds
+  ``BLOCK_M`` whole rows in registers and makes one pass;
+- wider rows (any width): ``_layer_norm_fwd_chunked_kernel``, one row per program
+  in column chunks of ``FWD_CHUNK_N``. Pass 1 reads the row once (forming, rounding
+  and storing ``x_new`` for the gated forms) and accumulates the statistics. LayerNorm
+  takes them of ``h - k0``, ``k0`` the mean of the first chunk (close to the row mean,
+  and not thrown off by one outlying element): every lane runs Welford's update over
+  its elements (a lane active in chunk ``c`` has seen exactly ``c + 1`` of them, so the
+  update multiplies by the scalar ``1 / (c + 1)``) and the lanes are merged with Chan's
+  exact formula ``mean = sum n_l mean_l / N, M2 = sum M2_l + sum n_l (mean_l - mean)^2``.
+  No sum of squares of raw values is formed and the shift keeps the lane means small,
+  so a row with a large mean (x = 1000 + randn) keeps its mean and variance to fp32
+  precision. RMSNorm: per-lane sums of squares (positive terms, no cancellation).
+  Pass 2 walks the chunks in reverse order (what pass 1 read last is likeliest still
+  in L2), forms ``h`` again from the inputs (bit-identical) and applies the
+  normalization, affine and modulation. The backward takes these rows in column
+  blocks as it does every row wider than ``MAX_FULL_ROW_BWD``.
 """
 
 from __future__ import annotations
@@ -55,8 +72,11 @@ from fastgen.kernels._common import interpreting, round_to
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
-# Widest row the kernels serve (the forward keeps a row in registers).
-MAX_N = 8192
+# Widest row the single-pass forward keeps in registers; wider rows take the chunked forward.
+MAX_FULL_ROW_FWD = 8192
+# Column chunk of the chunked forward: one row per program, FWD_CHUNK_N // 256 warps (8 elements of
+# each live tensor per thread; at 4096 / 16 warps the gated forms need 92-100 registers).
+FWD_CHUNK_N = 2048
 # Widest row whose backward keeps the whole row in one program; wider rows use column blocks.
 MAX_FULL_ROW_BWD = 4096
 # Column block of the backward for rows wider than MAX_FULL_ROW_BWD.
@@ -130,6 +150,115 @@ def _layer_norm_fwd_kernel(
             sh = tl.load(SHIFT + (b * ssh_b + t * ssh_s)[:, None] + cols[None, :], mask=mask, other=0.0)
             o = o * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)
         tl.store(OUT + out_offs, round_to(o, OUT.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _fwd_chunk_h(x_row, y_row, g_row, XNEW, out_row, cols, mask, HAS_RES: tl.constexpr, STORE: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """h of one column chunk of a row in fp32: x, or x + gate * y rounded to x_new's dtype
+    (stored as x_new when STORE), exactly as the single-pass kernel forms it."""
+    h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        yv = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+        gv = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
+        h_lo = round_to(h + gv * yv, XNEW.dtype.element_ty, INTERPRET)
+        if STORE:
+            tl.store(XNEW + out_row + cols, h_lo, mask=mask)
+        h = h_lo.to(tl.float32)
+    return h
+
+
+@triton.jit
+def _layer_norm_fwd_chunked_kernel(
+    X,  # [B, S, N] input, strides (sx_b, sx_s, 1)
+    Y,  # [B, S, N] residual branch output, strides (sy_b, sy_s, 1) (unused unless HAS_RES)
+    GATE,  # [B, S|1, N] gate, strides (sg_b, sg_s, 1); sg_s = 0 per sample (unused unless HAS_RES)
+    SHIFT,  # [B, S|1, N] shift, strides (ssh_b, ssh_s, 1) (unused unless HAS_MOD)
+    SCALE,  # [B, S|1, N] scale, strides (ssc_b, ssc_s, 1) (unused unless HAS_MOD)
+    W,  # [N] weight (unused unless HAS_W)
+    BIAS,  # [N] bias (unused unless HAS_B)
+    OUT,  # [M, N] out, contiguous, x.dtype (unused when NORM == 0)
+    XNEW,  # [M, N] out: x + gate * y, contiguous, x.dtype (unused unless HAS_RES)
+    MEAN,  # [M] fp32 out (written when NORM == 1)
+    RSTD,  # [M] fp32 out (written when NORM != 0)
+    N,
+    S,  # tokens per sample
+    sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s,
+    eps,
+    n_chunks,  # cdiv(N, BLOCK_N); host-computed (see DESIGN.md, interpreter pitfalls)
+    NORM: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_MOD: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # One row per program (grid = (M,)), in column chunks of BLOCK_N: statistics, then apply.
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64)
+    b = (pid // S).to(tl.int64)
+    t = row - b * S
+    x_row = X + b * sx_b + t * sx_s
+    y_row = Y + b * sy_b + t * sy_s
+    g_row = GATE + b * sg_b + t * sg_s
+    out_row = row * N
+    lanes = tl.arange(0, BLOCK_N)
+    # Pass 1. Chunk 0 is peeled: for LayerNorm its mean is the shift k0 of the statistics.
+    mask = lanes < N
+    h = _fwd_chunk_h(x_row, y_row, g_row, XNEW, out_row, lanes, mask, HAS_RES, True, INTERPRET)
+    k0 = 0.0
+    if NORM == 1:
+        k0 = tl.sum(h, axis=0) / tl.minimum(N, BLOCK_N)
+        mean_l = tl.where(mask, h - k0, 0.0)  # per-lane Welford mean of h - k0 (one element so far)
+        m2_l = tl.zeros([BLOCK_N], dtype=tl.float32)  # per-lane sum of squared deviations
+    else:
+        mean_l = h * h  # RMSNorm: per-lane sum of h^2 (masked lanes load 0)
+    for c in range(1, n_chunks):
+        cols = c * BLOCK_N + lanes
+        mask = cols < N
+        h = _fwd_chunk_h(x_row, y_row, g_row, XNEW, out_row, cols, mask, HAS_RES, True, INTERPRET)
+        if NORM == 1:
+            # An active lane has seen exactly c + 1 elements (only the last chunk is partial).
+            hs = h - k0
+            d = hs - mean_l
+            new_mean = mean_l + d * (1.0 / (c + 1))
+            m2_l = tl.where(mask, m2_l + d * (hs - new_mean), m2_l)
+            mean_l = tl.where(mask, new_mean, mean_l)
+        elif NORM == 2:
+            mean_l += h * h
+    if NORM != 0:
+        if NORM == 1:
+            # Chan's merge of the lanes; lane j holds ceil((N - j) / BLOCK_N) elements.
+            cnt = ((N - lanes + BLOCK_N - 1) // BLOCK_N).to(tl.float32)
+            mean_s = tl.sum(cnt * mean_l, axis=0) / N  # mean of h - k0
+            dm = mean_l - mean_s
+            var = tl.sum(m2_l + cnt * dm * dm, axis=0) / N
+            rstd = tl.rsqrt(var + eps)
+            tl.store(MEAN + row, k0 + mean_s)
+        else:
+            mean_s = 0.0
+            rstd = tl.rsqrt(tl.sum(mean_l, axis=0) / N + eps)
+        tl.store(RSTD + row, rstd)
+        # Pass 2, last chunk first (what pass 1 read last is the likeliest still in cache). h is
+        # formed again from the inputs (bit-identical), not read back from x_new: no read of
+        # another thread's store.
+        sh_row = SHIFT + b * ssh_b + t * ssh_s
+        sc_row = SCALE + b * ssc_b + t * ssc_s
+        for i in range(0, n_chunks):
+            cols = (n_chunks - 1 - i) * BLOCK_N + lanes
+            mask = cols < N
+            h = _fwd_chunk_h(x_row, y_row, g_row, XNEW, out_row, cols, mask, HAS_RES, False, INTERPRET)
+            o = ((h - k0) - mean_s) * rstd  # k0 = mean_s = 0 for RMSNorm
+            if HAS_W:
+                o = o * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                o = o + tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_MOD:
+                sc = tl.load(sc_row + cols, mask=mask, other=0.0).to(tl.float32)
+                sh = tl.load(sh_row + cols, mask=mask, other=0.0).to(tl.float32)
+                o = o * (1.0 + sc) + sh
+            tl.store(OUT + out_row + cols, round_to(o, OUT.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -335,11 +464,20 @@ def _tile(block_n: int, rows: int, target: int = TARGET_TILE) -> int:
 
 
 def layer_norm_fwd_config(M: int, N: int) -> dict:
-    """Launch parameters of _layer_norm_fwd_kernel for M rows of N (the static tests compile these)."""
+    """Launch parameters of _layer_norm_fwd_kernel for M rows of N <= MAX_FULL_ROW_FWD
+    (the static tests compile these)."""
+    assert N <= MAX_FULL_ROW_FWD
     block_n = triton.next_power_of_2(N)
     block_m = _tile(block_n, M)
     return dict(grid=(triton.cdiv(M, block_m),), BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=_num_warps(block_m * block_n))
+
+
+def layer_norm_fwd_chunked_config(M: int, N: int) -> dict:
+    """Launch parameters of _layer_norm_fwd_chunked_kernel (rows wider than MAX_FULL_ROW_FWD):
+    one row per program, chunks of FWD_CHUNK_N columns, ``n_chunks`` the host-computed trip count."""
+    return dict(grid=(M,), n_chunks=triton.cdiv(N, FWD_CHUNK_N), BLOCK_N=FWD_CHUNK_N,
+                num_warps=_num_warps(FWD_CHUNK_N))
 
 
 def bwd_load(has_w: bool, has_b: bool, shift_ps: bool, scale_ps: bool, gate_ps: bool, gated_norm: bool) -> int:
@@ -403,22 +541,26 @@ def layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm):
     rstd = torch.empty((M,), dtype=torch.float32, device=dev) if norm != NORM_NONE else None
     if M == 0 or N == 0:
         return out, x_new, mean, rstd
-    assert N <= MAX_N
-    cfg = layer_norm_fwd_config(M, N)
     any_out = out if out is not None else x_new
     any_f32 = rstd if rstd is not None else torch.empty((1,), dtype=torch.float32, device=dev)
-    _layer_norm_fwd_kernel[cfg.pop("grid")](
+    tensors = (
         x, y if has_res else x, gate if has_res else x, shift if has_mod else x, scale if has_mod else x,
         weight if weight is not None else x, bias if bias is not None else x,
         any_out, x_new if has_res else any_out,
         mean if mean is not None else any_f32, any_f32,
-        M, N, S,
-        _s(x, 0), _s(x, 1), _s(y, 0), _s(y, 1), _s(gate, 0), _s(gate, 1),
-        _s(shift, 0), _s(shift, 1), _s(scale, 0), _s(scale, 1),
-        eps,
-        NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=has_mod, HAS_RES=has_res,
-        INTERPRET=interpreting(), **cfg,
     )
+    strides = (_s(x, 0), _s(x, 1), _s(y, 0), _s(y, 1), _s(gate, 0), _s(gate, 1),
+               _s(shift, 0), _s(shift, 1), _s(scale, 0), _s(scale, 1))
+    flags = dict(NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=has_mod, HAS_RES=has_res,
+                 INTERPRET=interpreting())
+    if N <= MAX_FULL_ROW_FWD:
+        cfg = layer_norm_fwd_config(M, N)
+        _layer_norm_fwd_kernel[cfg.pop("grid")](*tensors, M, N, S, *strides, eps, **flags, **cfg)
+    else:
+        cfg = layer_norm_fwd_chunked_config(M, N)
+        _layer_norm_fwd_chunked_kernel[cfg.pop("grid")](
+            *tensors, N, S, *strides, eps, cfg.pop("n_chunks"), **flags, **cfg
+        )
     return out, x_new, mean, rstd
 
 
@@ -465,7 +607,6 @@ def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shi
     db = torch.zeros_like(bias) if bias is not None else None
     if M == 0 or N == 0 or (norm == NORM_NONE and not has_res):
         return dh, dy, dgate, dshift, dscale, dw, db
-    assert N <= MAX_N
     load = bwd_load(weight is not None, bias is not None, shift_ps, scale_ps, gate_ps, has_res and norm != NORM_NONE)
     cfg = layer_norm_bwd_config(B, S, N, per_sample, load, dev)
     grid = cfg.pop("grid")

@@ -52,6 +52,11 @@ def test_reference_matches_f_layer_norm_and_float64(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["wb", "no_wb"])
 def test_triton_forward_backward(shape, dtype, affine):
+    _check(shape, dtype, affine)
+
+
+def _check(shape, dtype, affine):
+    """Forward (fp32 reference and the float64 rule) and every gradient of the Triton path."""
     x, w, b = _inputs(shape, dtype, TRITON_DEVICE, affine)
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
     refs = [t.detach().clone().requires_grad_() for t in leaves]
@@ -67,6 +72,57 @@ def test_triton_forward_backward(shape, dtype, affine):
     for g, r in zip(got, want):
         assert g.dtype == r.dtype
         assert_close(g, r, scale=2)
+
+
+# Rows wider than MAX_FULL_ROW_FWD (8192) take the chunked forward (statistics pass, then apply
+# pass, column chunks of FWD_CHUNK_N = 2048: 8193 ends on a 1-element chunk, 12000 and 20000 on partial ones).
+WIDE = [(2, 8193), (3, 12000), (1, 2, 20000)]
+
+
+@pytest.mark.parametrize("shape", WIDE, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["wb", "no_wb"])
+def test_triton_wide_rows(shape, dtype, affine):
+    from fastgen.kernels import layer_norm as k
+
+    assert shape[-1] > k.MAX_FULL_ROW_FWD
+    _check(shape, dtype, affine)
+
+
+@pytest.mark.parametrize("kind", ["mean=1000", "mean=-3e4", "outliers"])
+@pytest.mark.parametrize("N", [8193, 20000])
+def test_triton_wide_rows_large_mean_keep_fp32_precision(kind, N):
+    """x = 1000 + randn: a naive E[x^2] - E[x]^2 in fp32 loses the variance (or goes negative);
+    "outliers": randn with massive activations (3000 in column 0, -1500 in column 5000), which
+    must not throw the shift of the statistics off. The chunked forward must be no worse than
+    PyTorch's fp32 LayerNorm (FlashAttention rule against float64), and so must the gradients."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, N, generator=g)
+    if kind == "outliers":
+        x[:, 0], x[:, 5000] = 3000.0, -1500.0
+    else:
+        x += float(kind.split("=")[1])
+    x = x.to(TRITON_DEVICE).requires_grad_()
+    w = (1 + 0.5 * torch.randn(N, generator=g)).to(TRITON_DEVICE).requires_grad_()
+    b = (0.5 * torch.randn(N, generator=g)).to(TRITON_DEVICE).requires_grad_()
+    refs = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    r64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y, yr, y64 = layer_norm(x, w, b, eps=EPS, backend="triton"), layer_norm_ref(*refs, eps=EPS), _ref64(*r64)
+    assert torch.isfinite(y).all()
+    assert (y.double() - y64).abs().max() <= 2 * (yr.double() - y64).abs().max() + 1e-6
+    dy = torch.randn(3, N, generator=g).to(TRITON_DEVICE)
+    got = torch.autograd.grad((y * dy).sum(), (x, w, b))
+    want = torch.autograd.grad((yr * dy).sum(), refs)
+    exact = torch.autograd.grad((y64 * dy.double()).sum(), r64)
+    for gk, gr, ge in zip(got, want, exact):
+        assert (gk.double() - ge).abs().max() <= 2 * (gr.double() - ge).abs().max() + 1e-4
+    # the statistics themselves, against float64
+    _, _, mean, rstd = torch.ops.fastgen.layer_norm_fwd(x.detach()[None], None, None, None, None, None, None,
+                                                        EPS, 1, "triton")
+    xd = x.detach().double()
+    if kind != "outliers":  # (there the mean is near 0: its error is relative to the outliers)
+        torch.testing.assert_close(mean.double(), xd.mean(-1), atol=0, rtol=2e-7)
+    torch.testing.assert_close(rstd.double(), (xd.var(-1, unbiased=False) + EPS).rsqrt(), atol=0, rtol=1e-5)
 
 
 def test_triton_gradients_match_float64_autograd():
@@ -171,14 +227,8 @@ def test_backends():
         layer_norm(x, backend="triton")
     with pytest.raises(BackendUnavailableError, match="no CUDA C\\+\\+ implementation"):
         layer_norm(x.float(), backend="cuda")
-    wide = torch.randn(1, 8193)
-    with pytest.raises(BackendUnavailableError, match="wider than the kernels' limit of 8192"):
-        layer_norm(wide, backend="triton")
-    assert_close(layer_norm(wide), layer_norm_ref(wide))  # auto takes the reference
-    from fastgen.kernels import layer_norm as k
-    from fastgen.ops.layer_norm import KERNEL_MAX_N
-
-    assert k.MAX_N == KERNEL_MAX_N
+    wide = torch.randn(1, 8193, device=TRITON_DEVICE)  # no width limit: the chunked forward serves it
+    assert_close(layer_norm(wide, backend="triton"), layer_norm_ref(wide))
 
 
 @pytest.mark.parametrize(
@@ -230,8 +280,8 @@ def test_nn_layernorm_triton():
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("shape", [(1, 1), (7, 123), (1024, 1024), (257, 3072), (64, 5120), (33, 8192)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 1), (7, 123), (1024, 1024), (257, 3072), (64, 5120), (33, 8192), (33, 12345),
+                                   (16, 65536)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_forward_backward(shape, dtype):
     x, w, b = _inputs(shape, dtype, "cuda")

@@ -156,6 +156,65 @@ def test_triton_column_block_backward(monkeypatch, op, per_token):
     _check(op, 2, 3, 150, torch.float32, per_token)
 
 
+# Rows wider than MAX_FULL_ROW_FWD (8192) take the chunked forward: two passes over column chunks
+# of FWD_CHUNK_N (2048); 8193 ends on a 1-element chunk. Every dtype at 8193, bf16 also at 20000.
+WIDE_SHAPE_DTYPES = [((2, 2, 8193), dt) for dt in DTYPES] + [((1, 3, 20000), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("shape, dtype", WIDE_SHAPE_DTYPES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_triton_wide_rows(op, per_token, dtype, shape):
+    from fastgen.kernels import layer_norm as k
+
+    assert shape[-1] > k.MAX_FULL_ROW_FWD
+    _check(op, *shape, dtype, per_token, grad_scale=4 if dtype == torch.bfloat16 else 2)
+
+
+@pytest.mark.parametrize("op", ["ln_mod", "rms_mod", "gated_ln_mod"])
+def test_triton_wide_rows_without_affine(op):
+    _check(op, 1, 2, 12000, torch.float32, per_token=True, affine=False)
+
+
+@pytest.mark.parametrize("N", [40, 150, 256])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_triton_chunked_forward_small_chunks(monkeypatch, op, per_token, N):
+    """The chunked forward with 64-column chunks on narrow rows: one partial chunk (40), a partial
+    last chunk (150), whole chunks only (256); outputs as the single-pass forward gives them."""
+    from fastgen.kernels import layer_norm as k
+
+    args, kwargs = _make(op, 2, 3, N, torch.float32, TRITON_DEVICE, per_token)
+    f = OPS[op][0]
+    single = _as_tuple(f(*args, **kwargs, backend="triton"))
+    monkeypatch.setattr(k, "MAX_FULL_ROW_FWD", 32)
+    monkeypatch.setattr(k, "FWD_CHUNK_N", 64)
+    assert k.layer_norm_fwd_chunked_config(6, N)["n_chunks"] == -(-N // 64)
+    chunked = _as_tuple(f(*args, **kwargs, backend="triton"))
+    for c, o in zip(chunked, single):
+        assert_close(c, o)
+    _check(op, 2, 3, N, torch.float32, per_token)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_wide_gated_residual_large_mean(dtype):
+    """gated_residual_layer_norm_modulate on a residual stream of mean 1000: the chunked statistics
+    of the rounded x_new stay as accurate as PyTorch's own fp32 (FlashAttention rule, float64 truth
+    of the norm of the rounded x_new). In bf16 (ulp 4 at 1000) most of gate * y is lost in the
+    rounding of x_new, so a norm of the unrounded sum would be far off."""
+    B, S, N = 1, 2, 12000
+    g = torch.Generator().manual_seed(9)
+    x = (1000 + torch.randn(B, S, N, generator=g)).to(TRITON_DEVICE, dtype)
+    y, gate, sh, sc = (0.5 * torch.randn(4, B, S, N, generator=g)).to(TRITON_DEVICE, dtype).unbind(0)
+    h, x_new = gated_residual_layer_norm_modulate(x, y, gate, sh, sc, eps=EPS, backend="triton")
+    hr, x_newr = gated_residual_layer_norm_modulate_ref(x, y, gate, sh, sc, eps=EPS)
+    assert torch.equal(x_new, x_newr)
+    h64 = _ln64(x_newr, None, None, EPS) * (1 + sc.double()) + sh.double()
+    atol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (h.double() - h64).abs().max() <= 2 * (hr.double() - h64).abs().max() + atol
+
+
 def test_projection_chunks_are_read_in_place_and_get_gradients():
     B, S, N = 2, 3, 24
     x = torch.randn(B, S, N, device=TRITON_DEVICE)
@@ -311,7 +370,7 @@ def test_zero_size_and_float64_take_the_reference():
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 17, 123), (2, 1024, 1152), (2, 333, 3072), (1, 64, 5120),
-                                   (2, 16, 8192)], ids=lambda s: "x".join(map(str, s)))
+                                   (2, 16, 8192), (2, 9, 20000)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_forward_backward(op, per_token, shape, dtype):
     assert TRITON_DEVICE == "cuda"  # with a GPU present, the kernels run on it

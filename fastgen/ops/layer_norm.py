@@ -27,8 +27,6 @@ from fastgen import backend as _backend
 from fastgen.backend import BackendUnavailableError, launchers
 from fastgen.ops._checks import check_eps, check_param, kernel_dtype_reason
 
-# Widest row the Triton kernels serve (fastgen.kernels.layer_norm.MAX_N); wider rows take the reference.
-KERNEL_MAX_N = 8192
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
 
@@ -65,14 +63,8 @@ def check_x(op: str, x, dims: Optional[int] = None) -> None:
 
 
 def unsupported(x: Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot serve this call, or None."""
-    reason = kernel_dtype_reason(x)
-    if reason is not None:
-        return reason
-    if x.shape[-1] > KERNEL_MAX_N:
-        return (f"rows of {x.shape[-1]} elements are wider than the kernels' limit of {KERNEL_MAX_N}; "
-                "use backend='torch'")
-    return None
+    """Why the Triton kernels cannot serve this call, or None (they serve rows of any width)."""
+    return kernel_dtype_reason(x)
 
 
 def resolve(op: str, backend: Optional[str], x: Tensor) -> str:
@@ -256,8 +248,8 @@ def layer_norm(
     ``weight`` and ``bias``; the parameter gradients are deterministic.
 
     ``backend``: ``"auto"`` (default), ``"triton"`` or ``"torch"``; the Triton kernels
-    serve rows up to 8192 elements (``"auto"`` takes the reference beyond that). An
-    explicit backend that cannot serve the call raises
+    serve rows of any width (up to 8192 elements a row is held in registers, wider rows
+    take a two-pass chunked forward). An explicit backend that cannot serve the call raises
     ``fastgen.backend.BackendUnavailableError``. Registered as
     ``torch.ops.fastgen.layer_norm_fwd`` / ``layer_norm_bwd``, so ``torch.compile(fullgraph=True)``
     traces it.
