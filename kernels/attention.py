@@ -57,6 +57,10 @@ interpreter); on the GPU, and for fp16 in the interpreter too, the dots take bf1
 operands (tensor cores), with ``p`` and ``ds`` rounded to the input dtype before their dots,
 as in FlashAttention. So the fp16 interpreter tests run the GPU's dot code path.
 
+Launch configs: a default per kernel and head-dim block (``attention_fwd_config``) plus
+alternative tiles that ``kernels/autotune.py`` times on the GPU once per shape class
+(``attention_fwd_candidates``, ``tune_key``); ``deterministic`` launches the default.
+
 What differs from FlashAttention: no dq atomics (see above), no head-dim padding of
 the inputs (split blocks and masking instead), no dropout, no ALiBi / sliding window / softcap, and no
 Hopper-specific (TMA, warp-specialized) path yet.
@@ -70,6 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import autotune
 from fastgen.kernels._common import interpreting, round_to
 
 LOG2E = 1.4426950408889634
@@ -281,6 +286,36 @@ def attention_fwd_config(D: int) -> dict:
     return _finish(cfg, bd, D, "fwd")
 
 
+def with_alternatives(default: dict, alternatives, D: int, kernel: str) -> list[dict]:
+    """``[default, *alternatives]`` as full configs for the GPU autotuner (kernels/autotune.py),
+    duplicates dropped; only the default under the interpreter or forced blocks (tests).
+    ``alternatives``: ``(BLOCK_M, BLOCK_N, num_warps)`` triples, each compiled without spills on
+    sm_90 by the static tier."""
+    if interpreting() or _FORCED:
+        return [default]
+    out = [default]
+    for bm, bn, nw in alternatives:
+        cfg = _finish(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=default["num_stages"]), _block_d(D),
+                      D, kernel)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def attention_fwd_candidates(D: int) -> list[dict]:
+    """The forward's configs for head dim D: the default first, then what the autotuner also tries
+    (none for BLOCK_D = 256, where every larger tile spills)."""
+    bd = _block_d(D)
+    alts = [] if bd > 128 else [(128, 64, 8), (128, 32, 8), (64, 32, 4)] + ([(64, 64, 4)] if bd <= 64 else [])
+    return with_alternatives(attention_fwd_config(D), alts, D, "fwd")
+
+
+def tune_key(kernel: str, q: torch.Tensor, D: int, causal: bool, varlen: bool, group: int, Sq: int, Sk: int):
+    """What the best launch config depends on: kernel, device, dtype, head dim, masking, GQA, lengths."""
+    return (kernel, q.device.index, q.dtype, D, bool(causal), varlen, group > 1,
+            autotune.length_bucket(Sq), autotune.length_bucket(Sk))
+
+
 def _dot_f32(q: torch.Tensor) -> bool:
     """Upcast the dot operands to fp32: only for bf16 under the interpreter, whose bf16 dots are
     wrong. fp16 runs the GPU's code path there too (fp16 operands, p and ds rounded to fp16)."""
@@ -342,12 +377,14 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0):
+def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0,
+                  deterministic=False):
     """o, lse = attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_q, max_k).
 
     q [B, Sq, H, D] ("bshd") or [B, H, Sq, D] ("bhsd") or packed [Tq, H, D] with cu_q (varlen);
     k, v the same with HK heads (H % HK == 0) and Sk keys. o: contiguous, q's shape and dtype;
-    lse: fp32 [B, H, Sq] (or [H, Tq] varlen), natural log.
+    lse: fp32 [B, H, Sq] (or [H, Tq] varlen), natural log. The launch config is autotuned on the
+    GPU (kernels/autotune.py) unless ``deterministic`` (then the fixed default).
     """
     varlen = cu_q is not None
     B, H, HK, Sq, Sk, D = _dims(q, k, layout, varlen, cu_q, max_q, max_k)
@@ -356,22 +393,25 @@ def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, m
     lse = new(lse_shape(q, layout, varlen), dtype=torch.float32, device=q.device)
     if B == 0 or H == 0 or Sq == 0:
         return o, lse
-    cfg = attention_fwd_config(D)
-    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     cu_q_arg = cu_q if varlen else lse
     cu_k_arg = cu_k if varlen else lse
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, cu_q_arg, cu_k_arg,
-        *_bhs_strides(q, layout, varlen), *_bhs_strides(k, layout, varlen), *_bhs_strides(v, layout, varlen),
-        *_bhs_strides(o, layout, varlen), *_lse_strides(lse, varlen),
-        H, H // HK, Sq, Sk, D, scale * LOG2E, triton.cdiv(Sk, cfg["BLOCK_N"]),
-        CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interpreting(),
-        HOST_BOUNDS=_host_bounds(),
-        num_warps=nw, num_stages=ns, **cfg,
-    )
+
+    def launch(cfg):
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, cu_q_arg, cu_k_arg,
+            *_bhs_strides(q, layout, varlen), *_bhs_strides(k, layout, varlen), *_bhs_strides(v, layout, varlen),
+            *_bhs_strides(o, layout, varlen), *_lse_strides(lse, varlen),
+            H, H // HK, Sq, Sk, D, scale * LOG2E, triton.cdiv(Sk, cfg["BLOCK_N"]),
+            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interpreting(),
+            HOST_BOUNDS=_host_bounds(),
+            num_warps=nw, num_stages=ns, **cfg,
+        )
+
+    key = tune_key("fwd", q, D, causal, varlen, H // HK, Sq, Sk)
+    launch(autotune.pick(key, attention_fwd_candidates(D), launch, fixed=deterministic))
     return o, lse
 
 
-__all__ = ["attention_fwd", "forced_blocks", "attention_fwd_config", "split_head_dim", "kernel_head_blocks",
-           "lse_shape"]
+__all__ = ["attention_fwd", "forced_blocks", "attention_fwd_config", "attention_fwd_candidates", "split_head_dim",
+           "kernel_head_blocks", "lse_shape", "tune_key", "with_alternatives"]

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import autotune
 from fastgen.kernels._common import interpreting, round_to
 from fastgen.kernels.attention import (
     _FORCED,
@@ -38,6 +39,8 @@ from fastgen.kernels.attention import (
     _lse_strides,
     _seq_bounds,
     kernel_head_blocks,
+    tune_key,
+    with_alternatives,
 )
 
 
@@ -324,6 +327,33 @@ def attention_bwd_dq_config(D: int) -> dict:
     return _finish(cfg, bd, D, "bwd")
 
 
+def attention_bwd_dkdv_candidates(D: int) -> list[dict]:
+    """dK/dV configs for head dim D: the default first, then what the GPU autotuner also tries
+    (each spill-free on sm_90; none for BLOCK_D = 256)."""
+    bd, split = _block_d(D), kernel_head_blocks(D, "bwd")[1] > 0
+    if bd > 128:
+        alts = []
+    elif split and bd == 128:  # D = 72 / 80: 64 + 16
+        alts = [(32, 128, 8)]
+    elif bd == 128:
+        alts = [(32, 32, 4)]
+    else:
+        alts = [(32, 64, 8), (32, 128, 8), (64, 64, 8)]
+    return with_alternatives(attention_bwd_dkdv_config(D), alts, D, "bwd")
+
+
+def attention_bwd_dq_candidates(D: int) -> list[dict]:
+    """dQ configs for head dim D: the default first, then the autotuner's alternatives."""
+    bd = _block_d(D)
+    if bd > 128:
+        alts = []
+    elif bd == 128 and kernel_head_blocks(D, "bwd")[1] == 0:  # D = 88 .. 128
+        alts = [(64, 64, 8), (32, 32, 4)]
+    else:
+        alts = [(64, 64, 8), (128, 64, 8), (64, 32, 4), (128, 32, 8)]
+    return with_alternatives(attention_bwd_dq_config(D), alts, D, "bwd")
+
+
 def attention_preprocess_config(D: int) -> dict:
     """Launch parameters of _attn_bwd_preprocess_kernel: 2048-element tiles, 8 per thread."""
     bd = _block_d(D)
@@ -337,13 +367,15 @@ def attention_preprocess_config(D: int) -> dict:
 
 
 def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0,
-                  dlse=None):
+                  dlse=None, deterministic=False):
     """dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ...): contiguous, in the shapes and dtypes of q, k, v.
 
     do has o's shape (any strides with a unit last dim). ``dlse`` (lse's shape, optional) is the
     gradient of the log-sum-exp output: since d lse_i / d s_ij = p_ij, it enters as
     ``ds_ij = p_ij (dp_ij - delta_i + dlse_i)``, i.e. ``delta - dlse`` replaces ``delta``.
-    Deterministic: no atomics.
+    Deterministic: no atomics; the launch configs are autotuned on the GPU (kernels/autotune.py)
+    unless ``deterministic``, which takes the fixed defaults so that every process runs the same
+    configs (bit-identical gradients across processes, not only across calls).
     """
     varlen = cu_q is not None
     B, H, HK, Sq, Sk, D = _dims(q, k, layout, varlen, cu_q, max_q, max_k)
@@ -368,26 +400,32 @@ def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, 
     if dlse is not None:
         delta -= dlse
 
-    cfg = attention_bwd_dkdv_config(D)
-    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * HK)](
-        q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
-        *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dk, layout, varlen), *_bhs_strides(dv, layout, varlen),
-        HK, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sq, cfg["BLOCK_M"]),
-        CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
-        num_warps=nw, num_stages=ns, **cfg,
-    )
+    def launch_dkdv(cfg):
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * HK)](
+            q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
+            *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dk, layout, varlen), *_bhs_strides(dv, layout, varlen),
+            HK, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sq, cfg["BLOCK_M"]),
+            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
+            num_warps=nw, num_stages=ns, **cfg,
+        )
 
-    cfg = attention_bwd_dq_config(D)
-    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg,
-        *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dq, layout, varlen),
-        H, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sk, cfg["BLOCK_N"]),
-        CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
-        num_warps=nw, num_stages=ns, **cfg,
-    )
+    def launch_dq(cfg):
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg,
+            *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dq, layout, varlen),
+            H, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sk, cfg["BLOCK_N"]),
+            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
+            num_warps=nw, num_stages=ns, **cfg,
+        )
+
+    for name, launch, candidates in (("bwd_dkdv", launch_dkdv, attention_bwd_dkdv_candidates(D)),
+                                     ("bwd_dq", launch_dq, attention_bwd_dq_candidates(D))):
+        key = tune_key(name, q, D, causal, varlen, H // HK, Sq, Sk)
+        launch(autotune.pick(key, candidates, launch, fixed=deterministic))
     return dq, dk, dv
 
 
-__all__ = ["attention_bwd", "attention_bwd_dkdv_config", "attention_bwd_dq_config", "attention_preprocess_config"]
+__all__ = ["attention_bwd", "attention_bwd_dkdv_config", "attention_bwd_dq_config", "attention_bwd_dkdv_candidates",
+           "attention_bwd_dq_candidates", "attention_preprocess_config"]

@@ -17,6 +17,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One fixed launch config per shape in the tests (the GPU autotuner, kernels/autotune.py, is
+# tested on its own in tests/test_autotune.py).
+os.environ.setdefault("FASTGEN_AUTOTUNE", "0")
+
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()

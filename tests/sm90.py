@@ -304,6 +304,18 @@ def layer_norm_cases(dtype: str = "bf16"):
                    dict(cfg, NORM=norm, HAS_W=w, HAS_B=b, HAS_MOD=mod, HAS_RES=res, INTERPRET=False), nw)
 
 
+def _candidates(name, fn, sig, candidates, flags):
+    """Every config the GPU autotuner may launch (kernels/autotune.py): the default under ``name``,
+    the alternatives as ``name alt=BMxBNxW``. num_stages is 3 in all of them, Triton's default,
+    which resource_usage compiles with."""
+    for i, cfg in enumerate(candidates):
+        cfg = dict(cfg)
+        nw = cfg.pop("num_warps")
+        assert cfg.pop("num_stages") == 3
+        alt = "" if i == 0 else f" alt={cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{nw}"
+        yield f"{name}{alt}", fn, sig, dict(cfg, **flags), nw
+
+
 def attention_cases(dtype: str = "bf16"):
     """(name, fn, signature, constexprs, num_warps) for the flash-attention forward and backward
     configs per head-dim block (BLOCK_D = 16 / 32 / 64 / 128 / 256), plain and causal + varlen,
@@ -325,25 +337,19 @@ def attention_cases(dtype: str = "bf16"):
             tag = f"D={D} causal={causal} varlen={varlen}"
             fwd_sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": f32, "CU_Q": cu, "CU_K": cu, **st("q", "k", "v", "o"),
                        **lse_st, "H": "i32", "GROUP": "i32", **dims, "qk_scale": "fp32", "n_kv_blocks": "i32"}
-            cfg = k.attention_fwd_config(D)
-            nw = cfg.pop("num_warps")
-            cfg.pop("num_stages")  # 3 everywhere, Triton's default, which resource_usage compiles with
             flags = dict(CAUSAL=causal, VARLEN=varlen, DOT_F32=False, INTERPRET=False, HOST_BOUNDS=False)
-            yield f"attn fwd {tag}", k._attn_fwd_kernel, fwd_sig, dict(cfg, **flags), nw
+            yield from _candidates(f"attn fwd {tag}", k._attn_fwd_kernel, fwd_sig, k.attention_fwd_candidates(D),
+                                   flags)
             dkdv_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DK": p, "DV": p, "CU_Q": cu,
                         "CU_K": cu, **st("q", "k", "v", "do"), **lse_st, **st("dk", "dv"), "HK": "i32",
                         "GROUP": "i32", **dims, "qk_scale": "fp32", "sm_scale": "fp32", "n_q_blocks": "i32"}
-            cfg = kb.attention_bwd_dkdv_config(D)
-            nw = cfg.pop("num_warps")
-            cfg.pop("num_stages")
-            yield f"attn bwd_dkdv {tag}", kb._attn_bwd_dkdv_kernel, dkdv_sig, dict(cfg, **flags), nw
+            yield from _candidates(f"attn bwd_dkdv {tag}", kb._attn_bwd_dkdv_kernel, dkdv_sig,
+                                   kb.attention_bwd_dkdv_candidates(D), flags)
             dq_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DQ": p, "CU_Q": cu, "CU_K": cu,
                       **st("q", "k", "v", "do"), **lse_st, **st("dq"), "H": "i32", "GROUP": "i32", **dims,
                       "qk_scale": "fp32", "sm_scale": "fp32", "n_kv_blocks": "i32"}
-            cfg = kb.attention_bwd_dq_config(D)
-            nw = cfg.pop("num_warps")
-            cfg.pop("num_stages")
-            yield f"attn bwd_dq {tag}", kb._attn_bwd_dq_kernel, dq_sig, dict(cfg, **flags), nw
+            yield from _candidates(f"attn bwd_dq {tag}", kb._attn_bwd_dq_kernel, dq_sig,
+                                   kb.attention_bwd_dq_candidates(D), flags)
         pre_sig = {"O": p, "DO": p, "DELTA": f32, "CU_Q": "*i32", **st("o", "do"), **lse_st, "H": "i32",
                    "Sq": "i32", "D": "i32"}
         cfg = kb.attention_preprocess_config(D)

@@ -335,19 +335,20 @@ def test_custom_ops_pass_opcheck():
     q, k, v = (t.detach() for t in _qkv(1, 9, 12, 2, 1, 32, BF16))
     fwd = torch.ops.fastgen.attention_fwd
     utils = ("test_schema", "test_faketensor")
-    for args in [(q, k, v, True, 0.2, "bshd", None, None, 0, 0),
-                 (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), False, 0.2, "bhsd", None, None, 0, 0)]:
+    for args in [(q, k, v, True, 0.2, "bshd", None, None, 0, 0, False),
+                 (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), False, 0.2, "bhsd", None, None, 0, 0,
+                  True)]:
         torch.library.opcheck(fwd, args, test_utils=utils)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=q.device)
     cuk = torch.tensor([0, 5, 12], dtype=torch.int32, device=q.device)
-    torch.library.opcheck(fwd, (q[0], k[0], v[0], True, 0.2, "bshd", cu, cuk, 5, 7), test_utils=utils)
-    o, lse = fwd(q, k, v, True, 0.2, "bshd", None, None, 0, 0)
+    torch.library.opcheck(fwd, (q[0], k[0], v[0], True, 0.2, "bshd", cu, cuk, 5, 7, False), test_utils=utils)
+    o, lse = fwd(q, k, v, True, 0.2, "bshd", None, None, 0, 0, False)
     torch.library.opcheck(torch.ops.fastgen.attention_bwd,
-                          (torch.randn_like(o), q, k, v, o, lse, True, 0.2, "bshd", None, None, 0, 0, None),
+                          (torch.randn_like(o), q, k, v, o, lse, True, 0.2, "bshd", None, None, 0, 0, None, False),
                           test_utils=utils)
     torch.library.opcheck(torch.ops.fastgen.attention_bwd,
                           (torch.randn_like(o), q, k, v, o, lse, True, 0.2, "bshd", None, None, 0, 0,
-                           torch.randn_like(lse)), test_utils=utils)
+                           torch.randn_like(lse), True), test_utils=utils)
 
 
 # ----------------------------------------------------------------------------- torch.compile

@@ -99,6 +99,10 @@ def test_every_attention_config_was_compiled(usage):
             for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
                 assert f"attn {kernel} D={d} {tag} bf16" in names
         assert f"attn bwd_preprocess D={d} bf16" in names
+    # the autotuner's alternatives (kernels/autotune.py), e.g. the tutorial-sized forward tile at D = 128
+    assert "attn fwd D=128 causal=True varlen=True alt=128x64x8 bf16" in names
+    alts = [n for n in names if " alt=" in n]
+    assert len(alts) >= 80, len(alts)
 
 
 def test_every_glu_config_was_compiled(usage):

@@ -175,15 +175,17 @@ def _lastdim_contiguous(t: Tensor) -> Tensor:
 def _attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, layout: str,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """(o: q's shape, contiguous; lse fp32 [B, H, Sq] or [H, total_q] varlen)."""
     from fastgen.kernels import attention as k_
 
-    return k_.attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return k_.attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            deterministic)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic):
     from fastgen.kernels.attention import lse_shape
 
     lse = q.new_empty(lse_shape(q, layout, cu_seqlens_q is not None), dtype=torch.float32)
@@ -194,18 +196,19 @@ def _(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 def _attention_bwd_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float, layout: str,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    dlse: Optional[Tensor],
+    dlse: Optional[Tensor], deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, in q's, k's and v's shapes and dtypes; dlse: gradient of lse or None.
-    Deterministic."""
+    Deterministic (no atomics); ``deterministic``: fixed launch configs, no autotuning."""
     from fastgen.kernels import attention_bwd as k_
 
     return k_.attention_bwd(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
-                            max_seqlen_q, max_seqlen_k, dlse)
+                            max_seqlen_q, max_seqlen_k, dlse, deterministic)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dlse):
+def _(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dlse,
+      deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -214,23 +217,23 @@ def _(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, ma
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k):
+    def forward(ctx, q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k, deterministic):
         q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
-        o, lse = _attention_fwd_op(q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k)
+        o, lse = _attention_fwd_op(q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k, deterministic)
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-        ctx.args = (causal, scale, layout, max_q, max_k)
+        ctx.args = (causal, scale, layout, max_q, max_k, deterministic)
         ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-        causal, scale, layout, max_q, max_k = ctx.args
+        causal, scale, layout, max_q, max_k, deterministic = ctx.args
         do = torch.zeros_like(o) if do is None else _lastdim_contiguous(do)  # only lse was used
         dlse = None if dlse is None else dlse.float().contiguous()
         dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, causal, scale, layout, cu_q, cu_k, max_q, max_k,
-                                       dlse)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                       dlse, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -272,9 +275,12 @@ def attention(
       8 from 16 to 256; float32 goes to the reference under ``"auto"`` and is refused by
       ``backend="triton"`` (cast to bf16, or use ``backend="torch"``).
     - Gradients flow to q, k, v from ``o`` and from ``lse`` (what ring / context-parallel
-      attention needs to merge partial results). The kernels' backward uses no atomics,
-      so it is always bit-identical run to run; ``deterministic`` is accepted for
-      FlashAttention compatibility and changes nothing.
+      attention needs to merge partial results). The kernels' backward uses no atomics, so a
+      call is bit-identical run to run within a process. On a GPU the launch configs are
+      autotuned once per shape class (``FASTGEN_AUTOTUNE=0`` turns it off), and timing noise
+      may pick different configs in different processes; ``deterministic=True`` (or
+      ``torch.use_deterministic_algorithms(True)``) takes the fixed default configs, so forward
+      and gradients are bit-identical across processes too.
     - ``max_seqlen_q`` / ``max_seqlen_k`` (varlen): the longest sequence (must not be smaller:
       the kernels' grid covers ``max_seqlen_q`` rows per sequence); computed from cu_seqlens
       (one device sync) when omitted — pass them under ``torch.compile``.
@@ -284,7 +290,7 @@ def attention(
     ``torch.ops.fastgen.attention_fwd`` / ``attention_bwd`` (torch.compile ``fullgraph=True`` works).
     """
     _validate(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    del deterministic  # always deterministic
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     impl = resolve("attention", backend, q.device, {"triton": _unsupported(q), "cuda": "there is no CUDA C++ "
                                                     "attention in fastgen; use backend='triton' or 'torch'"})
     if impl == "torch" or q.numel() == 0 or k.numel() == 0:
@@ -298,7 +304,7 @@ def attention(
     else:
         max_seqlen_q = max_seqlen_k = 0
     o, lse = _AttentionFunction.apply(q, k, v, bool(causal), scale, layout, cu_seqlens_q, cu_seqlens_k,
-                                      max_seqlen_q, max_seqlen_k)
+                                      max_seqlen_q, max_seqlen_k, deterministic)
     return (o, lse) if return_lse else o
 
 
