@@ -17,8 +17,9 @@ from ._optim_params import make_params
 from .harness import Case, Unavailable
 
 OP = "clip_grad_norm"
-PROVIDERS = ("torch", "fastgen-triton")
-GPU_ONLY = ("fastgen-triton",)
+PROVIDERS = ("torch", "fastgen-triton", "fastgen-cuda")
+GPU_ONLY = ("fastgen-triton", "fastgen-cuda")
+BACKEND = {"torch": "torch", "fastgen-triton": "triton", "fastgen-cuda": "cuda"}
 MODES = ("clip",)
 PLOT_X = "params"
 
@@ -34,10 +35,11 @@ def bytes_moved(case: Case, mode: str) -> int:
 def setup(provider: str, case: Case, mode: str, device: str):
     if provider in GPU_ONLY and device != "cuda":
         raise Unavailable("needs a CUDA GPU")
-    if provider == "fastgen-triton" and unavailable_reason("triton", torch.device(device)):
-        raise Unavailable(unavailable_reason("triton", torch.device(device)))
+    backend = BACKEND[provider]
+    reason = unavailable_reason(backend, torch.device(device))
+    if reason:
+        raise Unavailable(reason)
     params = make_params(case, device)
-    backend = "triton" if provider == "fastgen-triton" else "torch"
 
     def fn():
         # max_norm above any total: the grads are scaled by 1 and stay the same run to run

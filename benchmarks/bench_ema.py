@@ -16,8 +16,9 @@ from ._optim_params import make_params
 from .harness import Case, Unavailable
 
 OP = "ema"
-PROVIDERS = ("torch", "fastgen-triton")
-GPU_ONLY = ("fastgen-triton",)
+PROVIDERS = ("torch", "fastgen-triton", "fastgen-cuda")
+GPU_ONLY = ("fastgen-triton", "fastgen-cuda")
+BACKEND = {"torch": "torch", "fastgen-triton": "triton", "fastgen-cuda": "cuda"}
 MODES = ("update",)
 PLOT_X = "params"
 
@@ -33,11 +34,13 @@ def bytes_moved(case: Case, mode: str) -> int:
 def setup(provider: str, case: Case, mode: str, device: str):
     if provider in GPU_ONLY and device != "cuda":
         raise Unavailable("needs a CUDA GPU")
-    if provider == "fastgen-triton" and unavailable_reason("triton", torch.device(device)):
-        raise Unavailable(unavailable_reason("triton", torch.device(device)))
+    backend = BACKEND[provider]
+    reason = unavailable_reason(backend, torch.device(device))
+    if reason:
+        raise Unavailable(reason)
     model = torch.nn.Module()
     model.params = torch.nn.ParameterList(make_params(case, device, with_grads=False))
-    ema = EMA(model, decay=0.999, warmup=False, backend="triton" if provider == "fastgen-triton" else "torch")
+    ema = EMA(model, decay=0.999, warmup=False, backend=backend)
 
     def fn():
         ema.update(model)

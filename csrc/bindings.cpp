@@ -158,4 +158,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("p_dtype"), py::arg("g_dtype"), py::arg("s_dtype"), py::arg("lr_ptr"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"), py::arg("maximize"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(), "Lion over lists of tensors given as device address tables.");
+  m.def("multi_tensor_norm", &fastgen::multi_tensor_norm, py::arg("g_list"), py::arg("numels"),
+        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("g_dtype"),
+        py::arg("norm_type"), py::arg("partial_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Per-chunk fp32 partials of a multi-tensor norm into partial[num_chunks]: the sum of |g|^p (norm_type = p "
+        ">= 1) or max |g| (norm_type = inf, NaN propagates).");
+  m.def("multi_tensor_norm_finalize", &fastgen::multi_tensor_norm_finalize, py::arg("partial_ptr"), py::arg("n"),
+        py::arg("norm_type"), py::arg("max_norm"), py::arg("total_ptr"), py::arg("coef_ptr"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "One block reduces partial[n] in a fixed order (deterministic): fp32 total norm (sum^(1/p), or max for inf) "
+        "into *total_ptr and, unless coef_ptr is 0, min(1, max_norm / (total + 1e-6)) into *coef_ptr.");
+  m.def("multi_tensor_scale", &fastgen::multi_tensor_scale, py::arg("g_list"), py::arg("numels"),
+        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("g_dtype"),
+        py::arg("coef_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "g *= coef in place over lists of tensors; coef_ptr: address of an fp32 device scalar.");
+  m.def("multi_tensor_ema", &fastgen::multi_tensor_ema, py::arg("s_list"), py::arg("p_list"), py::arg("numels"),
+        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("s_dtype"),
+        py::arg("p_dtype"), py::arg("weight"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
 }

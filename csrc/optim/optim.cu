@@ -1,4 +1,4 @@
-// Multi-tensor AdamW and Lion (one launch per dtype combination), CUDA C++.
+// Multi-tensor AdamW, Lion, gradient clipping and EMA (one launch per dtype combination), CUDA C++.
 //
 // AdamW, per element in fp32, as torch.optim.AdamW (t = the tensor's step, already incremented):
 //   g = maximize ? -grad : grad
@@ -12,6 +12,16 @@
 //
 // Lion: c = beta1 * m + (1 - beta1) * g;  p = p * (1 - lr * wd) - lr * sign(c);
 //       m = beta2 * m + (1 - beta2) * g.
+//
+// Gradient clipping (as torch.nn.utils.clip_grad_norm_), three launches per call, no atomics:
+//   1. multi_tensor_norm, per dtype: block c writes partial[c] = sum over its chunk of |g|^p in fp32
+//      (a fixed shuffle tree; p = 2 and 1 without powf), or max |g| for p = inf (NaN propagates);
+//   2. multi_tensor_norm_finalize: one block sums all partials in a fixed order in fp64 (max for inf):
+//      total = sum^(1/p); coef = min(1, max_norm / (total + 1e-6)) as torch computes it in fp32;
+//   3. multi_tensor_scale, per dtype: g = g * coef (coef read on the device: no host sync).
+//
+// EMA: s = s + (1 - decay) * (p - s) in fp32, one rounding at the store; shadow and parameter
+// dtypes independent (an fp32 shadow of bf16 parameters is the usual case).
 
 #include <cuda_runtime.h>
 
@@ -23,6 +33,7 @@
 #include "../common/check.h"
 #include "../common/dtype.cuh"
 #include "../common/multi_tensor.cuh"
+#include "../common/reduce.cuh"
 #include "optim.h"
 
 namespace fastgen {
@@ -30,6 +41,8 @@ namespace {
 
 constexpr int kAdamWLists = 6;  // p, g, m, v, vmax, step
 constexpr int kLionLists = 3;   // p, g, m
+constexpr int kIlp = 4;         // elements per thread per round of loads (clip, scale, EMA)
+constexpr int kFinalizeThreads = 512;
 
 template <typename P>
 __device__ __forceinline__ P store_param(float x, bool stochastic, std::uint32_t seed, std::int32_t k,
@@ -111,6 +124,153 @@ struct LionOp {
   }
 };
 
+// Max that propagates NaN (fmaxf would drop it), as torch's inf-norm does.
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// NaN-propagating max over the block (every thread calls it; thread 0 gets the result).
+// smem: blockDim.x / 32 floats. A fixed shuffle tree then a fixed order over warps.
+__device__ __forceinline__ float block_reduce_max_nan(float v, float* smem) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
+  if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = smem[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) m = max_nan(m, smem[w]);
+  return m;
+}
+
+enum NormKind : int { kNormSquares = 0, kNormAbs = 1, kNormPow = 2, kNormMax = 3 };
+
+// partial[block] = sum of |g|^p (or max |g|) over the block's chunk, fp32.
+template <typename G, int KIND>
+struct NormOp {
+  float* partial;
+  float p;
+  __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
+    const G* g = static_cast<const G*>(ptrs[0]);
+    float acc = 0.f;
+    for (std::int64_t base = begin + threadIdx.x; base < end; base += kIlp * blockDim.x) {
+      float x[kIlp];
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {  // all loads of the round first
+        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
+        x[j] = i < end ? fabsf(to_float(g[i])) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {  // then a fixed-order accumulation (|0|^p = 0 pads the tail)
+        if constexpr (KIND == kNormMax) {
+          acc = max_nan(acc, x[j]);
+        } else if constexpr (KIND == kNormSquares) {
+          acc += x[j] * x[j];
+        } else if constexpr (KIND == kNormAbs) {
+          acc += x[j];
+        } else {
+          acc += powf(x[j], p);
+        }
+      }
+    }
+    __shared__ float smem[32];
+    if constexpr (KIND == kNormMax) {
+      acc = block_reduce_max_nan(acc, smem);
+    } else {
+      acc = group_reduce_sum(acc, static_cast<int>(blockDim.x), smem);
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+  }
+};
+
+template <typename G>
+struct ScaleOp {
+  const float* coef;
+  __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
+    G* g = static_cast<G*>(ptrs[0]);
+    const float c = *coef;
+    for (std::int64_t base = begin + threadIdx.x; base < end; base += kIlp * blockDim.x) {
+      float x[kIlp];
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {
+        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
+        x[j] = i < end ? to_float(g[i]) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {
+        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
+        if (i < end) g[i] = from_float<G>(x[j] * c);
+      }
+    }
+  }
+};
+
+template <typename S, typename P>
+struct EmaOp {
+  float weight;  // 1 - decay
+  __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
+    S* s = static_cast<S*>(ptrs[0]);
+    const P* p = static_cast<const P*>(ptrs[1]);
+    for (std::int64_t base = begin + threadIdx.x; base < end; base += kIlp * blockDim.x) {
+      float sv[kIlp], pv[kIlp];
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {  // loads before stores: s and p might alias as far as nvcc knows
+        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
+        sv[j] = i < end ? to_float(s[i]) : 0.f;
+        pv[j] = i < end ? to_float(p[i]) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {
+        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
+        if (i < end) s[i] = from_float<S>(sv[j] + weight * (pv[j] - sv[j]));
+      }
+    }
+  }
+};
+
+enum RootKind : int { kRootNone = 0, kRootSqrt = 1, kRootPow = 2 };
+
+// One block: total = root(sum of partial[0, n)) (fp64, fixed order) or max (NaN propagates);
+// coef = min(1, max_norm / (total + 1e-6)) in fp32 as torch computes it (reciprocal, then times max_norm).
+template <bool IS_MAX>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    norm_finalize_kernel(const float* __restrict__ partial, std::int64_t n, int root, double inv_p, float max_norm,
+                         float* __restrict__ total, float* __restrict__ coef) {
+  using Acc = std::conditional_t<IS_MAX, float, double>;
+  __shared__ Acc buf[kFinalizeThreads];
+  Acc acc = 0;
+  for (std::int64_t i = threadIdx.x; i < n; i += kFinalizeThreads) {
+    if constexpr (IS_MAX) {
+      acc = max_nan(acc, partial[i]);
+    } else {
+      acc += static_cast<double>(partial[i]);
+    }
+  }
+  buf[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int stride = kFinalizeThreads / 2; stride > 0; stride >>= 1) {
+    if (static_cast<int>(threadIdx.x) < stride) {
+      if constexpr (IS_MAX) {
+        buf[threadIdx.x] = max_nan(buf[threadIdx.x], buf[threadIdx.x + stride]);
+      } else {
+        buf[threadIdx.x] += buf[threadIdx.x + stride];
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    float t;
+    if constexpr (IS_MAX) {
+      t = buf[0];
+    } else {
+      const double sum = buf[0];
+      t = static_cast<float>(root == kRootSqrt ? sqrt(sum) : (root == kRootNone ? sum : pow(sum, inv_p)));
+    }
+    *total = t;
+    if (coef != nullptr) {
+      const float c = (1.f / (t + 1e-6f)) * max_norm;
+      *coef = c > 1.f ? 1.f : c;  // NaN stays NaN, as torch.clamp(nan, max=1)
+    }
+  }
+}
+
 TensorTables make_tables(std::initializer_list<std::uintptr_t> lists, std::uintptr_t numels, std::uintptr_t ids,
                          std::uintptr_t offs, std::int64_t chunk) {
   TensorTables t{};
@@ -150,6 +310,20 @@ void dispatch_p_s(int p_dtype, int s_dtype, const Body& body) {
     with_s(__nv_bfloat16{});
   }
 }
+
+// Calls body(T{}) for the runtime dtype code (valid_dtype checked by the caller).
+template <typename Body>
+void dispatch_one(int dtype, const Body& body) {
+  if (dtype == kFloat32) {
+    body(float{});
+  } else if (dtype == kFloat16) {
+    body(__half{});
+  } else {
+    body(__nv_bfloat16{});
+  }
+}
+
+bool valid_norm_type(double norm_type) { return norm_type >= 1.0; }  // inf included; NaN not
 
 }  // namespace
 
@@ -192,6 +366,98 @@ void multi_tensor_lion(std::uintptr_t p_list, std::uintptr_t g_list, std::uintpt
     multi_tensor_apply<kLionLists>(t, num_chunks, Op{a}, s);
   });
   FASTGEN_CHECK_LAUNCH("multi_tensor_lion kernel launch");
+}
+
+void multi_tensor_norm(std::uintptr_t g_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
+                       std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int g_dtype,
+                       double norm_type, std::uintptr_t partial_ptr, std::uintptr_t stream) {
+  FASTGEN_ARG_CHECK(valid_dtype(g_dtype), std::string("multi_tensor_norm: unsupported dtypes g=") +
+                                              dtype_name(g_dtype) + "; supported: float32, float16, bfloat16");
+  FASTGEN_ARG_CHECK(num_chunks >= 0 && chunk > 0, "multi_tensor_norm: need num_chunks >= 0 and chunk > 0");
+  FASTGEN_ARG_CHECK(valid_norm_type(norm_type), "multi_tensor_norm: norm_type must be >= 1 or inf, got " +
+                                                    std::to_string(norm_type));
+  if (num_chunks == 0) return;
+  FASTGEN_ARG_CHECK(partial_ptr != 0, "multi_tensor_norm: partial_ptr is null");
+  const TensorTables t = make_tables({g_list}, numels, chunk_ids, chunk_offs, chunk);
+  float* partial = reinterpret_cast<float*>(partial_ptr);
+  const int kind = std::isinf(norm_type) ? kNormMax
+                   : norm_type == 2.0    ? kNormSquares
+                   : norm_type == 1.0    ? kNormAbs
+                                         : kNormPow;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_one(g_dtype, [&](auto g_tag) {
+    using G = decltype(g_tag);
+    auto run = [&](auto kind_tag) {
+      using Op = NormOp<G, decltype(kind_tag)::value>;
+      multi_tensor_apply<1>(t, num_chunks, Op{partial, static_cast<float>(norm_type)}, s);
+    };
+    switch (kind) {
+      case kNormSquares: run(std::integral_constant<int, kNormSquares>{}); break;
+      case kNormAbs: run(std::integral_constant<int, kNormAbs>{}); break;
+      case kNormPow: run(std::integral_constant<int, kNormPow>{}); break;
+      default: run(std::integral_constant<int, kNormMax>{}); break;
+    }
+  });
+  FASTGEN_CHECK_LAUNCH("multi_tensor_norm kernel launch");
+}
+
+void multi_tensor_norm_finalize(std::uintptr_t partial_ptr, std::int64_t n, double norm_type, double max_norm,
+                                std::uintptr_t total_ptr, std::uintptr_t coef_ptr, std::uintptr_t stream) {
+  FASTGEN_ARG_CHECK(n >= 0, "multi_tensor_norm_finalize: need n >= 0");
+  FASTGEN_ARG_CHECK(valid_norm_type(norm_type), "multi_tensor_norm_finalize: norm_type must be >= 1 or inf, got " +
+                                                    std::to_string(norm_type));
+  FASTGEN_ARG_CHECK(total_ptr != 0, "multi_tensor_norm_finalize: total_ptr is null");
+  FASTGEN_ARG_CHECK(n == 0 || partial_ptr != 0, "multi_tensor_norm_finalize: partial_ptr is null");
+  const float* partial = reinterpret_cast<const float*>(partial_ptr);
+  float* total = reinterpret_cast<float*>(total_ptr);
+  float* coef = reinterpret_cast<float*>(coef_ptr);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (std::isinf(norm_type)) {
+    norm_finalize_kernel<true><<<1, kFinalizeThreads, 0, s>>>(partial, n, kRootNone, 0.0,
+                                                               static_cast<float>(max_norm), total, coef);
+  } else {
+    const int root = norm_type == 1.0 ? kRootNone : (norm_type == 2.0 ? kRootSqrt : kRootPow);
+    norm_finalize_kernel<false><<<1, kFinalizeThreads, 0, s>>>(partial, n, root, 1.0 / norm_type,
+                                                                static_cast<float>(max_norm), total, coef);
+  }
+  FASTGEN_CHECK_LAUNCH("multi_tensor_norm_finalize kernel launch");
+}
+
+void multi_tensor_scale(std::uintptr_t g_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
+                        std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int g_dtype,
+                        std::uintptr_t coef_ptr, std::uintptr_t stream) {
+  FASTGEN_ARG_CHECK(valid_dtype(g_dtype), std::string("multi_tensor_scale: unsupported dtypes g=") +
+                                              dtype_name(g_dtype) + "; supported: float32, float16, bfloat16");
+  FASTGEN_ARG_CHECK(num_chunks >= 0 && chunk > 0, "multi_tensor_scale: need num_chunks >= 0 and chunk > 0");
+  FASTGEN_ARG_CHECK(coef_ptr != 0, "multi_tensor_scale: coef_ptr is null (an fp32 device scalar is needed)");
+  if (num_chunks == 0) return;
+  const TensorTables t = make_tables({g_list}, numels, chunk_ids, chunk_offs, chunk);
+  const float* coef = reinterpret_cast<const float*>(coef_ptr);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_one(g_dtype, [&](auto g_tag) {
+    multi_tensor_apply<1>(t, num_chunks, ScaleOp<decltype(g_tag)>{coef}, s);
+  });
+  FASTGEN_CHECK_LAUNCH("multi_tensor_scale kernel launch");
+}
+
+void multi_tensor_ema(std::uintptr_t s_list, std::uintptr_t p_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
+                      std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int s_dtype,
+                      int p_dtype, double weight, std::uintptr_t stream) {
+  FASTGEN_ARG_CHECK(valid_dtype(s_dtype) && valid_dtype(p_dtype),
+                    std::string("multi_tensor_ema: unsupported dtypes shadow=") + dtype_name(s_dtype) +
+                        ", params=" + dtype_name(p_dtype) + "; supported: float32, float16, bfloat16 (any pair)");
+  FASTGEN_ARG_CHECK(num_chunks >= 0 && chunk > 0, "multi_tensor_ema: need num_chunks >= 0 and chunk > 0");
+  FASTGEN_ARG_CHECK(std::isfinite(weight), "multi_tensor_ema: weight (1 - decay) must be finite");
+  if (num_chunks == 0) return;
+  const TensorTables t = make_tables({s_list, p_list}, numels, chunk_ids, chunk_offs, chunk);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_one(s_dtype, [&](auto s_tag) {
+    dispatch_one(p_dtype, [&](auto p_tag) {
+      using Op = EmaOp<decltype(s_tag), decltype(p_tag)>;
+      multi_tensor_apply<2>(t, num_chunks, Op{static_cast<float>(weight)}, s);
+    });
+  });
+  FASTGEN_CHECK_LAUNCH("multi_tensor_ema kernel launch");
 }
 
 }  // namespace fastgen

@@ -22,4 +22,30 @@ void multi_tensor_lion(std::uintptr_t p_list, std::uintptr_t g_list, std::uintpt
                        std::int64_t chunk, int p_dtype, int g_dtype, int s_dtype, std::uintptr_t lr_ptr, double lr,
                        double beta1, double beta2, double weight_decay, bool maximize, std::uintptr_t stream);
 
+// Gradient clipping, step 1 of 2. lists: grads (g_dtype). partial_ptr: fp32 [num_chunks] output, one
+// value per chunk: the sum of |g|^p (p = norm_type, finite, >= 1; p = 2 and 1 take fast paths) or, for
+// norm_type = inf, max |g| (NaN propagates). Chunk c's value lands in partial[c], so lists of other
+// dtypes can fill further slices of one buffer (pass partial_ptr + 4 * offset).
+void multi_tensor_norm(std::uintptr_t g_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
+                       std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int g_dtype,
+                       double norm_type, std::uintptr_t partial_ptr, std::uintptr_t stream);
+
+// Step 2: one block reduces partial[0, n) in a fixed order (deterministic, no atomics; fp64 sums) and
+// writes the fp32 total norm (sum^(1/p), or the max for inf) to *total_ptr and, unless coef_ptr is 0,
+// the clip coefficient min(1, max_norm / (total + 1e-6)) (NaN stays NaN, as torch.clamp) to *coef_ptr.
+// norm_type = 1 over |g|^2 partials gives the plain sum of squares. Launches also for n = 0 (total 0).
+void multi_tensor_norm_finalize(std::uintptr_t partial_ptr, std::int64_t n, double norm_type, double max_norm,
+                                std::uintptr_t total_ptr, std::uintptr_t coef_ptr, std::uintptr_t stream);
+
+// g <- g * coef in place (coef_ptr: address of an fp32 device scalar), fp32 math, one rounding.
+void multi_tensor_scale(std::uintptr_t g_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
+                        std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int g_dtype,
+                        std::uintptr_t coef_ptr, std::uintptr_t stream);
+
+// EMA. lists: shadows (s_dtype, updated in place), params (p_dtype); numels / chunks of the shadows.
+// s <- s + weight * (p - s) in fp32 (weight = 1 - decay), one rounding at the store.
+void multi_tensor_ema(std::uintptr_t s_list, std::uintptr_t p_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
+                      std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int s_dtype,
+                      int p_dtype, double weight, std::uintptr_t stream);
+
 }  // namespace fastgen

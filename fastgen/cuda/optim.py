@@ -1,7 +1,12 @@
-"""CUDA C++ multi-tensor AdamW and Lion launchers (``csrc/optim/`` through ``fastgen._C``).
+"""CUDA C++ multi-tensor AdamW, Lion, gradient clipping and EMA launchers (``csrc/optim/`` through ``fastgen._C``).
 
-Same signatures as ``fastgen.kernels.adamw.adamw_step`` / ``fastgen.kernels.lion.lion_step``,
-and the same cached device tables (``fastgen.kernels.multi_tensor``): one launch per call.
+Same signatures as the Triton launchers: ``adamw_step`` / ``lion_step`` as
+``fastgen.kernels.adamw`` / ``fastgen.kernels.lion``, ``sum_squares`` / ``scale_`` as
+``fastgen.kernels.clip_grad``, ``ema_update_`` as ``fastgen.kernels.ema``; and the same
+cached device tables (``fastgen.kernels.multi_tensor``): one launch per call.
+``clip_coef`` is the CUDA path of ``fastgen.optim.clip_grad_norm_``: the total p-norm
+(p >= 1 or inf) of several same-dtype gradient lists and the clip coefficient, both on
+the device, summed in a fixed order (deterministic).
 """
 
 from __future__ import annotations
@@ -59,4 +64,80 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
             CHUNK, dtype_code(params[0].dtype), dtype_code(grads[0].dtype), dtype_code(exp_avgs[0].dtype),
             lr_ptr, lr_value, float(beta1), float(beta2), float(weight_decay), bool(maximize),
             _stream(params[0].device),
+        )
+
+
+def _norm_partials(grads, norm_type, partial, offset, C) -> int:
+    """Launch the per-chunk partials of ``grads`` into ``partial[offset:]``; returns the chunk count."""
+    table = chunk_table(grads, CHUNK)
+    C.multi_tensor_norm(
+        pointer_table(grads).data_ptr(), table.numels.data_ptr(), table.chunk_ids.data_ptr(),
+        table.chunk_offs.data_ptr(), table.num_chunks, CHUNK, dtype_code(grads[0].dtype), float(norm_type),
+        partial.data_ptr() + 4 * offset if table.num_chunks else 0, _stream(grads[0].device),
+    )
+    return table.num_chunks
+
+
+def clip_coef(grad_lists, norm_type: float, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total, coef)`` of gradient lists (each one dtype, all on one CUDA device, dense):
+    ``total`` the fp32 0-d ``norm_type``-norm of all their elements together (``norm_type`` >= 1
+    or inf), ``coef`` the fp32 ``[1]`` tensor ``min(1, max_norm / (total + 1e-6))``. One launch
+    per list and one final launch; no host sync, deterministic."""
+    grad_lists = [gs for gs in grad_lists if gs]
+    device = grad_lists[0][0].device
+    C = load_extension()
+    n = sum(chunk_table(gs, CHUNK).num_chunks for gs in grad_lists)
+    partial = torch.empty(n, dtype=torch.float32, device=device)
+    out = torch.empty(2, dtype=torch.float32, device=device)  # total, coef
+    with torch.cuda.device(device):
+        offset = 0
+        for gs in grad_lists:
+            offset += _norm_partials(gs, norm_type, partial, offset, C)
+        C.multi_tensor_norm_finalize(partial.data_ptr() if n else 0, n, float(norm_type), float(max_norm),
+                                     out.data_ptr(), out.data_ptr() + 4, _stream(device))
+    return out[0], out[1:]
+
+
+def sum_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 0-d tensor: the sum of squares of all elements (same dtype and device, all dense)."""
+    C = load_extension()
+    device = grads[0].device
+    n = chunk_table(grads, CHUNK).num_chunks
+    partial = torch.empty(n, dtype=torch.float32, device=device)
+    total = torch.empty((), dtype=torch.float32, device=device)
+    with torch.cuda.device(device):
+        _norm_partials(grads, 2.0, partial, 0, C)
+        # partials of |g|^2 summed with norm_type 1 (no root): the plain sum of squares
+        C.multi_tensor_norm_finalize(partial.data_ptr() if n else 0, n, 1.0, 0.0, total.data_ptr(), 0,
+                                     _stream(device))
+    return total
+
+
+def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """grads *= coef (an fp32 device scalar), in place, one launch."""
+    if not grads:
+        return
+    assert coef.dtype == torch.float32 and coef.numel() == 1 and coef.device == grads[0].device
+    C = load_extension()
+    table = chunk_table(grads, CHUNK)
+    with torch.cuda.device(grads[0].device):
+        C.multi_tensor_scale(
+            pointer_table(grads).data_ptr(), table.numels.data_ptr(), table.chunk_ids.data_ptr(),
+            table.chunk_offs.data_ptr(), table.num_chunks, CHUNK, dtype_code(grads[0].dtype), coef.data_ptr(),
+            _stream(grads[0].device),
+        )
+
+
+def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """shadow <- lerp(shadow, param, 1 - decay) for every pair, one launch (dense, alike, one device)."""
+    if not shadows:
+        return
+    C = load_extension()
+    table = chunk_table(shadows, CHUNK)
+    with torch.cuda.device(shadows[0].device):
+        C.multi_tensor_ema(
+            pointer_table(shadows).data_ptr(), pointer_table(params).data_ptr(), table.numels.data_ptr(),
+            table.chunk_ids.data_ptr(), table.chunk_offs.data_ptr(), table.num_chunks, CHUNK,
+            dtype_code(shadows[0].dtype), dtype_code(params[0].dtype), 1.0 - float(decay),
+            _stream(shadows[0].device),
         )

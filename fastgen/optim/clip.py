@@ -3,23 +3,31 @@
     total = ||(||g_1||, ..., ||g_n||)||_p           (p = norm_type)
     g_i  <- g_i * min(1, max_norm / (total + 1e-6))
 
-Same arguments, result and return value (the total norm, a tensor) as torch's.
-For the 2-norm of dense gradients, ``backend="triton"`` computes the sum of squares
-of every gradient of a dtype in one launch and scales them in one more, with the
-coefficient kept on the device: no host sync unless ``error_if_nonfinite``. Other
-norm types and layouts take torch's implementation.
+Same arguments, result and return value (the total norm, a tensor, in the promoted
+dtype of the gradients) as torch's. Dense fp32/fp16/bf16 gradients on one device take
+the kernels, one launch per gradient dtype for the norm and one for the scaling, with
+the coefficient kept on the device: no host sync unless ``error_if_nonfinite`` (one
+``isfinite`` check of the total, before anything is scaled).
+
+- ``backend="triton"``: the 2-norm only (the sum of squares per dtype, summed by torch).
+- ``backend="cuda"``: ``norm_type`` 2, 1, any p >= 1 and inf; fp32 partial sums of
+  ``|g|^p`` per chunk (max ``|g|`` for inf, NaN propagating), one block summing them in a
+  fixed order (deterministic) and writing the total and the coefficient.
+
+Other norm types and layouts take torch's implementation.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
 
 from fastgen.backend import resolve
-from fastgen.optim._common import dense_alike, local
+from fastgen.optim._common import KERNEL_DTYPES, dense_alike, local
 
-_NO_CUDA = {"cuda": "clip_grad_norm_ has no CUDA C++ implementation yet; use backend='triton' or 'torch'"}
+_LAYOUT = "only dense fp32/fp16/bf16 gradients on one device are fused"
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -35,31 +43,39 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     if not grads:
         return torch.tensor(0.0)
     device = grads[0].device
-    kernel_ok = (
-        float(norm_type) == 2.0
-        and all(g.device == device and g.dtype in (torch.float32, torch.float16, torch.bfloat16) and dense_alike(g)
-                for g in grads)
-    )
-    unsupported = dict(_NO_CUDA)
-    if not kernel_ok:
-        unsupported["triton"] = "only the 2-norm of dense fp32/fp16/bf16 gradients on one device is fused"
+    norm_type = float(norm_type)
+    if not all(g.device == device and g.dtype in KERNEL_DTYPES and dense_alike(g) for g in grads):
+        unsupported = {"triton": _LAYOUT, "cuda": _LAYOUT}
+    else:
+        unsupported = {
+            "triton": None if norm_type == 2.0 else f"only the 2-norm is fused in Triton, got norm_type={norm_type}",
+            "cuda": None if norm_type >= 1.0 else f"the CUDA kernels take norm_type >= 1 or inf, got {norm_type}",
+        }
     impl = resolve("clip_grad_norm_", backend, device, unsupported)
     if impl == "torch":
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
 
-    from fastgen.kernels.clip_grad import scale_, sum_squares
-
     by_dtype = defaultdict(list)
     for g in grads:
         by_dtype[g.dtype].append(g)
-    total = torch.stack([sum_squares(gs) for gs in by_dtype.values()]).sum().sqrt()
+    if impl == "cuda":
+        from fastgen.cuda.optim import clip_coef, scale_
+
+        total, coef = clip_coef(list(by_dtype.values()), norm_type, max_norm)
+    else:
+        from fastgen.kernels.clip_grad import scale_, sum_squares
+
+        total = torch.stack([sum_squares(gs) for gs in by_dtype.values()]).sum().sqrt()
+        coef = None
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
-            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).reshape(1)
+    if coef is None:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).reshape(1)
     for gs in by_dtype.values():
         scale_(gs, coef)
-    return total.to(grads[0].dtype)
+    # torch stacks the per-tensor norms, which promotes mixed dtypes
+    return total.to(functools.reduce(torch.promote_types, by_dtype))

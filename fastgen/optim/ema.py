@@ -6,7 +6,8 @@ Every ``update_every``-th call of :meth:`EMA.update` (the n-th averaging update)
     shadow <- shadow + (1 - d) * (param - shadow)
 
 for every floating-point parameter, in one multi-tensor launch per dtype pair
-(``backend="triton"``) or with ``torch._foreach_lerp_`` (``backend="torch"``); buffers
+(``backend="triton"`` or the CUDA C++ launcher with ``"cuda"``; fp32 math, one rounding
+at the store) or with ``torch._foreach_lerp_`` (``backend="torch"``); buffers
 are copied as they are. The shadow is kept in fp32 by default (``dtype=``), so a bf16
 model's average does not stall on bf16 rounding. ``with ema.average_parameters(model):``
 swaps the averaged weights in for evaluation and puts the trained ones back.
@@ -23,7 +24,7 @@ import torch
 from fastgen.backend import resolve
 from fastgen.optim._common import KERNEL_DTYPES, dense_alike, local
 
-_NO_CUDA = {"cuda": "EMA has no CUDA C++ implementation yet; use backend='triton' or 'torch'"}
+_LAYOUT = "strided or float64 tensors"
 
 
 class EMA:
@@ -65,10 +66,13 @@ class EMA:
         for (device, _, p_dtype), (shadows, ps) in groups.items():
             kernel_ok = p_dtype in KERNEL_DTYPES and shadows[0].dtype in KERNEL_DTYPES and all(
                 dense_alike(s, p) for s, p in zip(shadows, ps))
-            unsupported = dict(_NO_CUDA, **({} if kernel_ok else {"triton": "strided or float64 tensors"}))
-            if resolve("ema", self.backend, device, unsupported) == "triton":
-                from fastgen.kernels.ema import ema_update_
-
+            unsupported = None if kernel_ok else {"triton": _LAYOUT, "cuda": _LAYOUT}
+            impl = resolve("ema", self.backend, device, unsupported)
+            if impl in ("triton", "cuda"):
+                if impl == "triton":
+                    from fastgen.kernels.ema import ema_update_
+                else:
+                    from fastgen.cuda.optim import ema_update_
                 ema_update_(shadows, ps, decay)
             else:
                 torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in ps], 1.0 - decay)
