@@ -143,9 +143,11 @@ def setup(provider: str, case: Case, mode: str, device: str):
     return fn
 
 
-def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
-    """Each provider once per latent size after a warm-up at the smallest size: ms and peak GB."""
-    rows = []
+def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dtype=torch.bfloat16,
+          rows: list | None = None) -> list[dict]:
+    """Each provider once per latent size after a warm-up at the smallest size: ms and peak GB.
+    Rows are appended to ``rows`` (if given) as they are measured, so an interrupted sweep keeps them."""
+    rows = [] if rows is None else rows
     for h in sizes:
         case = _case(h, tile, dtype)
         for p in providers:
@@ -171,27 +173,63 @@ def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dty
     return rows
 
 
+def plot_sweep(rows: list[dict], path: str) -> str | None:
+    """Time and peak memory against image side, one line per provider (what :func:`sweep`
+    measured; failed rows, e.g. out of memory, are left out). None, or why nothing was written."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "matplotlib is not installed; no plot written"
+    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_t, ax_m = fig.subplots(1, 2)
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        pts = sorted((r["image"], r.get("ms"), r.get("peak_gb")) for r in rows
+                     if r["provider"] == provider and "status" not in r)
+        if pts:
+            ax_t.plot([p[0] for p in pts], [p[1] / 1e3 for p in pts], marker="o", label=provider)
+            if all(p[2] is not None for p in pts):
+                ax_m.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=provider)
+    for ax, label in ((ax_t, "decode time (s)"), (ax_m, "peak memory above the inputs (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("image side (px)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="latent sides")
     ap.add_argument("--tile", type=int, default=128, help="tile side in latent positions")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS))
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--plot", default=None, help="write a PNG of time and peak memory against image size here")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
         args.sizes, args.tile = [min(s, 32) for s in args.sizes], min(args.tile, 8)
     sweep(args.sizes[:1], args.tile, args.providers, device, dtype)  # warm-up
-    rows = sweep(args.sizes, args.tile, args.providers, device, dtype)
-    print("\n| provider | latent | image | ms | peak GB | status |\n|---|---|---|---|---|---|")
-    for r in rows:
-        pk = f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-"
-        ms = f"{r['ms']:.0f}" if "ms" in r else "-"
-        print(f"| {r['provider']} | {r['latent']} | {r['image']} | {ms} | {pk} | {r.get('status', 'ok')} |")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    rows: list = []
+    try:
+        sweep(args.sizes, args.tile, args.providers, device, dtype, rows)
+    finally:  # an interrupted sweep (a time limit) still reports what it measured
+        print("\n| provider | latent | image | ms | peak GB | status |\n|---|---|---|---|---|---|")
+        for r in rows:
+            pk = f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-"
+            ms = f"{r['ms']:.0f}" if "ms" in r else "-"
+            print(f"| {r['provider']} | {r['latent']} | {r['image']} | {ms} | {pk} | {r.get('status', 'ok')} |")
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        if args.plot:
+            why = plot_sweep(rows, args.plot)
+            print(why or f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@
 #         STAGES=models (in a call of its own: it builds and compiles SD3-medium, the SDXL
 #         UNet, a Flux block stack and the SDXL VAE) runs `fastgen bench --ops models`
 #         into $OUT/models/results.{json,md}.
+#         STAGES=vae (also a call of its own) runs the VAE decode sweep of
+#         benchmarks/bench_vae.py over 1024..8192 px images (full, diffusers-tiled, fastgen-tiled,
+#         colour-consistent: time and peak memory) into $OUT/vae/sweep.{json,png}.
 # Each stage has a time limit (the whole suite fits the device tool's 600 s per call;
 # SUITE_SECONDS changes the budget) so that the logs come back even when one hangs; an
 # interrupted bench still writes the rows it measured. The exit status is non-zero when
@@ -57,10 +60,10 @@ STAGES=${STAGES:-tests sanitizer bench}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 BUDGET=${SUITE_SECONDS:-560}  # the device tool allows 600 s per call
 # What is left of the budget after setup is shared among the chosen stages by weight.
-weight() { case $1 in tests) echo 5 ;; sanitizer) echo 2 ;; bench) echo 4 ;; models) echo 4 ;; esac; }
+weight() { case $1 in tests) echo 5 ;; sanitizer) echo 2 ;; bench) echo 4 ;; models) echo 4 ;; vae) echo 4 ;; esac; }
 limit_for() {  # limit_for STAGE: its share of the seconds left among it and the stages after it
     local total=0 s after=0
-    for s in tests sanitizer bench models; do
+    for s in tests sanitizer bench models vae; do
         [ "$s" = "$1" ] && after=1
         if [ "$after" = 1 ] && want "$s"; then total=$((total + $(weight "$s"))); fi
     done
@@ -112,6 +115,14 @@ if want models; then
     rm -f "$OUT/models"/*.png
     tail -n 40 "$OUT/models.log" >>"$summary"
     rm -f "$OUT/models.log"
+fi
+
+if want vae; then
+    mkdir -p "$OUT/vae"
+    stage vae "$(limit_for vae)" "$OUT/vae.log" -- .venv/bin/python -m fastgen.benchmarks.bench_vae \
+        --sizes 128 256 512 1024 --tile 128 --out "$OUT/vae/sweep.json" --plot "$OUT/vae/sweep.png"
+    tail -n 40 "$OUT/vae.log" >>"$summary"
+    rm -f "$OUT/vae.log"
 fi
 
 echo "gpu_suite: exit $status" | tee -a "$summary"

@@ -432,6 +432,29 @@ def test_bench_suite_runs_on_cpu():
     assert bench.bytes_moved(case, "fwd") > 0
 
 
+def test_bench_sweep_writes_table_json_and_plot(tmp_path, capsys):
+    """The one-shot size sweep (time and peak memory per provider and image size) on CPU sizes."""
+    import importlib
+    import importlib.util
+    import json
+
+    from fastgen.cli import _benchmarks_package
+
+    bench = importlib.import_module(_benchmarks_package().__name__ + ".bench_vae")
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    bench.main(["--sizes", "8", "12", "--tile", "8", "--providers", "torch", "fastgen-consistent",
+                "fastgen-triton", "--out", str(out), "--plot", str(png)])
+    rows = json.loads(out.read_text())
+    assert [(r["provider"], r["image"]) for r in rows] == [
+        ("torch", 16), ("fastgen-consistent", 16), ("fastgen-triton", 16),
+        ("torch", 24), ("fastgen-consistent", 24), ("fastgen-triton", 24)]
+    assert all(r["ms"] > 0 for r in rows if r["provider"] != "fastgen-triton")
+    assert all("needs a CUDA GPU" in r["status"] for r in rows if r["provider"] == "fastgen-triton")
+    assert "| fastgen-consistent | 12 | 24 |" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.stat().st_size > 1000
+
+
 # ----------------------------------------------------------------------------- GPU tier
 
 
