@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.backend import unavailable_reason
 from fastgen.optim import FusedAdamW
 
 from ._optim_params import cases as _cases
 from ._optim_params import make_params
-from .harness import Case, Unavailable
+from .harness import Case, Unavailable, fastgen_backend
 
 OP = "adamw"
 PROVIDERS = ("torch", "torch-fused", "fastgen-triton", "fastgen-cuda")
@@ -38,18 +37,14 @@ def setup(provider: str, case: Case, mode: str, device: str):
     sr = case.variant == "stochastic"
     if provider in GPU_ONLY and device != "cuda":
         raise Unavailable("needs a CUDA GPU")
-    if provider == "fastgen-cuda":
-        raise Unavailable("FusedAdamW has no CUDA C++ implementation yet")
+    backend = fastgen_backend(provider, device) if provider.startswith("fastgen") else None
     params = make_params(case, device)
     if provider in ("torch", "torch-fused"):
         if sr:
             raise Unavailable("torch.optim.AdamW has no stochastic rounding (its bf16 states are bf16)")
         opt = torch.optim.AdamW(params, lr=1e-3, fused=provider == "torch-fused" or None)
     else:
-        reason = unavailable_reason("triton", torch.device(device))
-        if reason:
-            raise Unavailable(reason)
-        opt = FusedAdamW(params, lr=1e-3, backend="triton", stochastic_rounding=sr)
+        opt = FusedAdamW(params, lr=1e-3, backend=backend, stochastic_rounding=sr)
 
     def fn():
         opt.step()

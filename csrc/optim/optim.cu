@@ -2,7 +2,7 @@
 //
 // AdamW, per element in fp32, as torch.optim.AdamW (t = the tensor's step, already incremented):
 //   g = maximize ? -grad : grad
-//   p = p * (1 - lr * wd);  m = m + (1 - beta1) * (g - m);  v = beta2 * v + (1 - beta2) * g^2
+//   p = p * (1 - lr * wd);  m = lerp(m, g, 1 - beta1) (as torch.lerp);  v = beta2 * v + (1 - beta2) * g^2
 //   v = max(vmax, v) (amsgrad; stored back to vmax)
 //   p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // The bias corrections 1 - beta^t = -expm1(t * ln(beta)) are computed once per block
@@ -44,6 +44,12 @@ constexpr int kLionLists = 3;   // p, g, m
 constexpr int kIlp = 4;         // elements per thread per round of loads (clip, scale, EMA)
 constexpr int kFinalizeThreads = 512;
 
+// torch.lerp(a, b, w) as PyTorch evaluates it: a + w (b - a) for w < 0.5, else b - (b - a)(1 - w)
+// (exact at w = 1, which matters for beta1 <= 0.5; the Triton kernel does the same).
+__device__ __forceinline__ float lerp_like_torch(float a, float b, float w) {
+  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
+}
+
 template <typename P>
 __device__ __forceinline__ P store_param(float x, bool stochastic, std::uint32_t seed, std::int32_t k,
                                          std::int64_t i) {
@@ -83,7 +89,7 @@ struct AdamWOp {
       float gi = to_float(g[i]);
       if (a.maximize) gi = -gi;
       float mi = to_float(m[i]);
-      mi = mi + (1.f - a.beta1) * (gi - mi);
+      mi = lerp_like_torch(mi, gi, 1.f - a.beta1);
       float vi = to_float(v[i]) * a.beta2 + (1.f - a.beta2) * (gi * gi);
       m[i] = from_float<S>(mi);
       v[i] = from_float<S>(vi);
