@@ -25,7 +25,8 @@ Backward recomputes ``act`` from ``g`` (nothing is saved but ``x``)::
 Shapes: ``x (M, 2N)`` with row stride ``stride_x`` and a contiguous last dim;
 ``y``, ``dy`` ``(M, N)`` contiguous. One program holds a ``BLOCK_M x BLOCK_N`` tile
 of the output (and the matching tiles of both halves of ``x``); the grid is
-``(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))`` with 64-bit row offsets.
+``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))`` (rows on the axis without the 65535 limit) with
+64-bit row offsets.
 """
 
 from __future__ import annotations
@@ -88,14 +89,17 @@ def _act_and_grad(g, ACT: tl.constexpr):
 
 @triton.jit
 def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    # rows on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535), column blocks on axis 1
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     return rows, cols, (rows < M) & (cols < N)
 
 
 @triton.jit
 def _glu_fwd_kernel(
-    X, Y, M, N, stride_x,
+    X,  # [M, 2N] input (value | gate), row stride stride_x, unit column stride
+    Y,  # [M, N] output, contiguous, X's dtype
+    M, N, stride_x,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
@@ -107,7 +111,10 @@ def _glu_fwd_kernel(
 
 @triton.jit
 def _glu_bwd_kernel(
-    DY, X, DX, M, N, stride_x,
+    DY,  # [M, N] gradient of Y, contiguous
+    X,  # [M, 2N] the forward's input, row stride stride_x
+    DX,  # [M, 2N] output, contiguous: [d value | d gate]
+    M, N, stride_x,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
@@ -125,7 +132,7 @@ def glu_config(M: int, N: int) -> dict:
     block_n = min(triton.next_power_of_2(max(N, 1)), 1024)
     block_m = max(1, TILE // block_n)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
-                grid=(triton.cdiv(N, block_n), triton.cdiv(M, block_m)))
+                grid=(triton.cdiv(M, block_m), triton.cdiv(N, block_n)))
 
 
 def _check(x: torch.Tensor, activation: str) -> int:

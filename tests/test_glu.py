@@ -199,3 +199,11 @@ def test_gpu_sdxl_shape_bf16(act):
     x64 = x.detach().double().requires_grad_()
     (g64,) = torch.autograd.grad(_glu64(x64, act), x64, dy.double())
     assert_close(gx, g64.to(torch.bfloat16))
+
+
+def test_grid_puts_rows_on_the_unlimited_axis():
+    """A video-sized token count: more row blocks than CUDA's 65535 limit of grid axes 1 and 2."""
+    from fastgen.kernels.glu import glu_config
+
+    cfg = glu_config(4_000_000, 5120)
+    assert cfg["grid"][0] > 65535 and cfg["grid"][1] <= 65535
