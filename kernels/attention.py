@@ -61,9 +61,18 @@ Launch configs: a default per kernel and head-dim block (``attention_fwd_config`
 alternative tiles that ``kernels/autotune.py`` times on the GPU once per shape class
 (``attention_fwd_candidates``, ``tune_key``); ``deterministic`` launches the default.
 
+TMA (Hopper): where ``tma_ok`` allows (sm_90+, not varlen, 16-byte aligned bases and strides),
+the forward's candidates also read q, k and v through 4-D ``[B, H, S, D]`` tensor descriptors
+(``TMA=True``): the tiles land in shared memory without passing through registers, rows past
+``S`` and columns past ``D`` are zero-filled by the descriptor's bounds (so the split head-dim
+blocks need no masks), and the register count drops (D = 128 at 128 x 64: 155 instead of 255
+on sm_90), which also affords 128 x 128 tiles. Scores are still masked as before; outputs are
+stored with pointer stores. The tuner keeps a TMA tile only where it is faster; the default
+(and ``deterministic``) uses pointer loads. Not yet: a TMA backward, warp specialization.
+
 What differs from FlashAttention: no dq atomics (see above), no head-dim padding of
 the inputs (split blocks and masking instead), no dropout, no ALiBi / sliding window / softcap, and no
-Hopper-specific (TMA, warp-specialized) path yet.
+warp-specialized path yet (TMA loads in the forward only).
 """
 
 from __future__ import annotations
@@ -81,6 +90,21 @@ LOG2E = 1.4426950408889634
 
 # Tests may force small blocks (the interpreter pays per element): see forced_blocks().
 _FORCED: dict = {}
+# Tests may force the forward's TMA path: see forced_tma().
+_FORCED_TMA: list = []
+
+
+@contextlib.contextmanager
+def forced_tma(on: bool = True):
+    """Inside the block, the forward reads q / k / v through TMA tensor descriptors wherever
+    the call allows it (``tma_ok``) when ``on``, and never when not, whatever the autotuner or
+    the default would pick. For tests (the interpreter emulates the descriptors, their bounds
+    and zero fill included)."""
+    _FORCED_TMA.append(bool(on))
+    try:
+        yield
+    finally:
+        _FORCED_TMA.pop()
 
 
 @contextlib.contextmanager
@@ -118,6 +142,16 @@ def _load(ptrs, mask, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _desc_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, DOT_F32: tl.constexpr):
+    """The [ROWS, COLS] tile at (batch b, head h, row, col) of a 4-D [B, H, S, D] tensor descriptor:
+    a TMA copy on Hopper; rows past S and columns past D read as 0 (the descriptor's bounds)."""
+    x = desc.load([b, h, row, col]).reshape(ROWS, COLS)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _seq_bounds(CU, b, S, VARLEN: tl.constexpr):
     """(start offset in the packed token dim, length) of sequence ``b``."""
     if VARLEN:
@@ -138,6 +172,12 @@ def _attn_fwd_kernel(
     LSE,  # [B, H, Sq] (or [H, Tq] varlen) fp32 out, strides (slb, slh, 1)
     CU_Q,  # [B + 1] int32 cumulative query lengths (read only when VARLEN)
     CU_K,  # [B + 1] int32 cumulative key lengths (read only when VARLEN)
+    QD,  # TMA: descriptor of Q as [B, H, Sq, D], block [1, 1, BLOCK_M, BLOCK_D]; else None
+    KD,  # TMA: descriptor of K as [B, HK, Sk, D], block [1, 1, BLOCK_N, BLOCK_D]; else None
+    VD,  # TMA: descriptor of V, like KD; else None
+    QDR,  # TMA and BLOCK_DR > 0: Q's head-dim remainder blocks [1, 1, BLOCK_M, BLOCK_DR]; else None
+    KDR,  # likewise for K, block [1, 1, BLOCK_N, BLOCK_DR]
+    VDR,  # likewise for V
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh,
     H,  # query heads
     GROUP,  # query heads per kv head (H // HK)
@@ -155,6 +195,7 @@ def _attn_fwd_kernel(
     DOT_F32: tl.constexpr,
     INTERPRET: tl.constexpr,
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
+    TMA: tl.constexpr = False,  # q / k / v tiles through the tensor descriptors (not with VARLEN)
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -175,11 +216,17 @@ def _attn_fwd_kernel(
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     d_ok = dd < D
-    q = _load(Q + rows[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
+    if TMA:
+        q = _desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+    else:
+        q = _load(Q + rows[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
     if BLOCK_DR > 0:  # the head-dim remainder, e.g. D = 80 = 64 + 16
         dr = BLOCK_D + tl.arange(0, BLOCK_DR)
         dr_ok = dr < D
-        q_r = _load(Q + rows[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
+        if TMA:
+            q_r = _desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+        else:
+            q_r = _load(Q + rows[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
         acc_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -197,10 +244,16 @@ def _attn_fwd_kernel(
     for nb in range(0, hi):
         kcols = nb * BLOCK_N + cols
         col_ok = kcols < seqlen_k
-        kt = _load(K + kcols[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
+        if TMA:
+            kt = tl.trans(_desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
+        else:
+            kt = _load(K + kcols[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
         s = _dot(q, kt, DOT_F32)
         if BLOCK_DR > 0:
-            kt_r = _load(K + kcols[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
+            if TMA:
+                kt_r = tl.trans(_desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
+            else:
+                kt_r = _load(K + kcols[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
             s += _dot(q_r, kt_r, DOT_F32)
         s = s * qk_scale
         ok = col_ok[None, :]
@@ -212,10 +265,16 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(V + kcols[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
+        if TMA:
+            v = _desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
+        else:
+            v = _load(V + kcols[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
         if BLOCK_DR > 0:
-            v_r = _load(V + kcols[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
+            if TMA:
+                v_r = _desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
+            else:
+                v_r = _load(V + kcols[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
             acc_r = acc_r * alpha[:, None] + _dot(p.to(v_r.dtype), v_r, DOT_F32)
         m_i = m_new
 
@@ -302,18 +361,61 @@ def with_alternatives(default: dict, alternatives, D: int, kernel: str) -> list[
     return out
 
 
-def attention_fwd_candidates(D: int) -> list[dict]:
+def attention_fwd_candidates(D: int, tma: bool = False) -> list[dict]:
     """The forward's configs for head dim D: the default first, then what the autotuner also tries
-    (none for BLOCK_D = 256, where every larger tile spills)."""
+    (none for BLOCK_D = 256 with pointer loads, where every larger tile spills). With ``tma``
+    (the call allows descriptors, see ``tma_ok``) the same tiles again with ``TMA=True`` plus
+    larger ones that only the TMA path affords: its tiles go to shared memory, not registers
+    (D = 128 at 128 x 64: 155 registers instead of 255 on sm_90), up to the 227 KiB of an H100
+    block (128 x 128 at D = 128 takes 224 KiB)."""
     bd = _block_d(D)
     alts = [] if bd > 128 else [(128, 64, 8), (128, 32, 8), (64, 32, 4)] + ([(64, 64, 4)] if bd <= 64 else [])
-    return with_alternatives(attention_fwd_config(D), alts, D, "fwd")
+    default = attention_fwd_config(D)
+    out = with_alternatives(default, alts, D, "fwd")
+    if tma:
+        extra = [(128, 128, 8)] if bd <= 128 else [(64, 32, 4), (128, 32, 8), (64, 64, 8)]
+        out += [dict(c, TMA=True) for c in with_alternatives(default, alts + extra, D, "fwd")]
+    return out
 
 
-def tune_key(kernel: str, q: torch.Tensor, D: int, causal: bool, varlen: bool, group: int, Sq: int, Sk: int):
-    """What the best launch config depends on: kernel, device, dtype, head dim, masking, GQA, lengths."""
+def tune_key(kernel: str, q: torch.Tensor, D: int, causal: bool, varlen: bool, group: int, Sq: int, Sk: int,
+             tma: bool = False):
+    """What the best launch config depends on: kernel, device, dtype, head dim, masking, GQA, lengths,
+    and whether TMA candidates exist for the call."""
     return (kernel, q.device.index, q.dtype, D, bool(causal), varlen, group > 1,
-            autotune.length_bucket(Sq), autotune.length_bucket(Sk))
+            autotune.length_bucket(Sq), autotune.length_bucket(Sk), tma)
+
+
+def tma_ok(q, k, v, layout: str, varlen: bool) -> bool:
+    """Whether the forward may read q, k, v through TMA descriptors: a Hopper-class GPU (or the
+    interpreter), not varlen, and the 16-byte alignment TMA needs (base pointers and the strides
+    of every dim longer than 1)."""
+    if varlen:
+        return False
+    if not interpreting() and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9):
+        return False
+    for t in (q, k, v):
+        e = t.element_size()
+        if t.data_ptr() % 16:
+            return False
+        if any((st * e) % 16 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+            return False
+    return True
+
+
+def _descriptor(t, layout: str, rows: int, col_block: int):
+    """A 4-D [B, H, S, D] TMA descriptor of t (either layout) with block [1, 1, rows, col_block].
+    The strides of length-1 dims are replaced by packed ones (any index into them is 0)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if layout == "bshd":
+        (B, S, H, D), (sb, ss, sh, _) = t.shape, t.stride()
+    else:
+        (B, H, S, D), (sb, sh, ss, _) = t.shape, t.stride()
+    ss = ss if S > 1 else D
+    sh = sh if H > 1 else S * ss
+    sb = sb if B > 1 else H * sh
+    return TensorDescriptor(t, [B, H, S, D], [sb, sh, ss, 1], [1, 1, rows, col_block])
 
 
 def _dot_f32(q: torch.Tensor) -> bool:
@@ -397,19 +499,32 @@ def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, m
     cu_k_arg = cu_k if varlen else lse
 
     def launch(cfg):
-        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        nw, ns, tma = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("TMA", False)
+        descs = [None] * 6
+        if tma:
+            bm, bn, bd, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["BLOCK_DR"]
+            descs[:3] = [_descriptor(q, layout, bm, bd), _descriptor(k, layout, bn, bd), _descriptor(v, layout, bn, bd)]
+            if br:
+                descs[3:] = [_descriptor(q, layout, bm, br), _descriptor(k, layout, bn, br),
+                             _descriptor(v, layout, bn, br)]
         _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
-            q, k, v, o, lse, cu_q_arg, cu_k_arg,
+            q, k, v, o, lse, cu_q_arg, cu_k_arg, *descs,
             *_bhs_strides(q, layout, varlen), *_bhs_strides(k, layout, varlen), *_bhs_strides(v, layout, varlen),
             *_bhs_strides(o, layout, varlen), *_lse_strides(lse, varlen),
             H, H // HK, Sq, Sk, D, scale * LOG2E, triton.cdiv(Sk, cfg["BLOCK_N"]),
             CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interpreting(),
-            HOST_BOUNDS=_host_bounds(),
+            HOST_BOUNDS=_host_bounds(), TMA=tma,
             num_warps=nw, num_stages=ns, **cfg,
         )
 
-    key = tune_key("fwd", q, D, causal, varlen, H // HK, Sq, Sk)
-    launch(autotune.pick(key, attention_fwd_candidates(D), launch, fixed=deterministic))
+    tma = Sk > 0 and tma_ok(q, k, v, layout, varlen)
+    if _FORCED_TMA:  # tests: one path or the other, whatever the tuner would pick
+        launch(dict(attention_fwd_config(D), TMA=_FORCED_TMA[-1] and tma))
+        return o, lse
+    # The default (pointer loads) first; with TMA possible, the tuner keeps a TMA tile only where
+    # it is faster on this GPU.
+    key = tune_key("fwd", q, D, causal, varlen, H // HK, Sq, Sk, tma)
+    launch(autotune.pick(key, attention_fwd_candidates(D, tma), launch, fixed=deterministic))
     return o, lse
 
 

@@ -338,8 +338,27 @@ def attention_cases(dtype: str = "bf16"):
             fwd_sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": f32, "CU_Q": cu, "CU_K": cu, **st("q", "k", "v", "o"),
                        **lse_st, "H": "i32", "GROUP": "i32", **dims, "qk_scale": "fp32", "n_kv_blocks": "i32"}
             flags = dict(CAUSAL=causal, VARLEN=varlen, DOT_F32=False, INTERPRET=False, HOST_BOUNDS=False)
+            no_tma = dict(flags, TMA=False, QD=None, KD=None, VD=None, QDR=None, KDR=None, VDR=None)
             yield from _candidates(f"attn fwd {tag}", k._attn_fwd_kernel, fwd_sig, k.attention_fwd_candidates(D),
-                                   flags)
+                                   no_tma)
+            # The TMA forward (not varlen): q / k / v tiles through 4-D tensor descriptors.
+            tma_cfgs = [c for c in k.attention_fwd_candidates(D, tma=True) if c.get("TMA")]
+            for i, cfg in enumerate(tma_cfgs):
+                cfg = dict(cfg)
+                nw = cfg.pop("num_warps")
+                cfg.pop("num_stages")
+                cfg.pop("TMA")
+                bm, bn, bd, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["BLOCK_DR"]
+                desc = lambda rows, cols: f"tensordesc<{dtype}[1, 1, {rows}, {cols}]>"  # noqa: E731
+                tma_sig = dict(fwd_sig, QD=desc(bm, bd), KD=desc(bn, bd), VD=desc(bn, bd))
+                consts = dict(cfg, CAUSAL=causal, VARLEN=False, DOT_F32=False, INTERPRET=False, HOST_BOUNDS=False,
+                              TMA=True)
+                if br:
+                    tma_sig.update(QDR=desc(bm, br), KDR=desc(bn, br), VDR=desc(bn, br))
+                else:
+                    consts.update(QDR=None, KDR=None, VDR=None)
+                alt = "" if i == 0 else f" alt={bm}x{bn}x{nw}"
+                yield f"attn fwd tma D={D} causal={causal}{alt}", k._attn_fwd_kernel, tma_sig, consts, nw
             dkdv_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DK": p, "DV": p, "CU_Q": cu,
                         "CU_K": cu, **st("q", "k", "v", "do"), **lse_st, **st("dk", "dv"), "HK": "i32",
                         "GROUP": "i32", **dims, "qk_scale": "fp32", "sm_scale": "fp32", "n_q_blocks": "i32"}
