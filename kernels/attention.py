@@ -67,12 +67,13 @@ the forward's candidates also read q, k and v through 4-D ``[B, H, S, D]`` tenso
 ``S`` and columns past ``D`` are zero-filled by the descriptor's bounds (so the split head-dim
 blocks need no masks), and the register count drops (D = 128 at 128 x 64: 155 instead of 255
 on sm_90), which also affords 128 x 128 tiles. Scores are still masked as before; outputs are
-stored with pointer stores. The tuner keeps a TMA tile only where it is faster; the default
-(and ``deterministic``) uses pointer loads. Not yet: a TMA backward, warp specialization.
+stored with pointer stores. The backward kernels do the same for q, k, v and dO
+(``kernels/attention_bwd.py``). The tuner keeps a TMA tile only where it is faster; the default
+(and ``deterministic``) uses pointer loads. Not yet: warp specialization.
 
 What differs from FlashAttention: no dq atomics (see above), no head-dim padding of
 the inputs (split blocks and masking instead), no dropout, no ALiBi / sliding window / softcap, and no
-warp-specialized path yet (TMA loads in the forward only).
+warp-specialized path yet.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def _attn_fwd_kernel(
     DOT_F32: tl.constexpr,
     INTERPRET: tl.constexpr,
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
-    TMA: tl.constexpr = False,  # q / k / v tiles through the tensor descriptors (not with VARLEN)
+    TMA: tl.constexpr,  # q / k / v tiles through the tensor descriptors (not with VARLEN)
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)

@@ -28,8 +28,11 @@ from fastgen.kernels._common import interpreting, round_to
 from fastgen.kernels.attention import (
     _FORCED,
     LOG2E,
+    _FORCED_TMA,
     _bhs_strides,
     _block_d,
+    _desc_tile,
+    _descriptor,
     _dims,
     _dot,
     _dot_f32,
@@ -39,6 +42,7 @@ from fastgen.kernels.attention import (
     _lse_strides,
     _seq_bounds,
     kernel_head_blocks,
+    tma_ok,
     tune_key,
     with_alternatives,
 )
@@ -88,6 +92,14 @@ def _attn_bwd_dkdv_kernel(
     DV,  # like V, v.dtype out, strides (sdvb, sdvh, sdvs, 1)
     CU_Q,
     CU_K,
+    QD,  # TMA: descriptors over [B, H|HK, S, D] (kernels/attention.py: _descriptor) of Q, K, V, DO,
+    KD,  # blocks [1, 1, BLOCK_M | BLOCK_N, BLOCK_D]; the *R ones the head-dim remainder
+    VD,  # blocks [..., BLOCK_DR] (only when BLOCK_DR > 0). None without TMA.
+    DOD,
+    QDR,
+    KDR,
+    VDR,
+    DODR,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, slb, slh,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     HK,  # kv heads
@@ -107,6 +119,7 @@ def _attn_bwd_dkdv_kernel(
     DOT_F32: tl.constexpr,
     INTERPRET: tl.constexpr,
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
+    TMA: tl.constexpr,  # q / k / v / do tiles through the descriptors (not with VARLEN)
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -127,16 +140,24 @@ def _attn_bwd_dkdv_kernel(
     col_ok = kcols < seqlen_k
     d_ok = dd < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = _load(K + kcols[:, None] * sks + dd[None, :], kv_mask, DOT_F32)
-    v = _load(V + kcols[:, None] * svs + dd[None, :], kv_mask, DOT_F32)
+    if TMA:
+        k = _desc_tile(KD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
+        v = _desc_tile(VD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
+    else:
+        k = _load(K + kcols[:, None] * sks + dd[None, :], kv_mask, DOT_F32)
+        v = _load(V + kcols[:, None] * svs + dd[None, :], kv_mask, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if BLOCK_DR > 0:  # the head-dim remainder
         dr = BLOCK_D + tl.arange(0, BLOCK_DR)
         dr_ok = dr < D
         kv_mask_r = col_ok[:, None] & dr_ok[None, :]
-        k_r = _load(K + kcols[:, None] * sks + dr[None, :], kv_mask_r, DOT_F32)
-        v_r = _load(V + kcols[:, None] * svs + dr[None, :], kv_mask_r, DOT_F32)
+        if TMA:
+            k_r = _desc_tile(KDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
+            v_r = _desc_tile(VDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
+        else:
+            k_r = _load(K + kcols[:, None] * sks + dr[None, :], kv_mask_r, DOT_F32)
+            v_r = _load(V + kcols[:, None] * svs + dr[None, :], kv_mask_r, DOT_F32)
         dk_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
         dv_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
@@ -150,6 +171,7 @@ def _attn_bwd_dkdv_kernel(
             lo = tl.maximum(pid_n * BLOCK_N - diag, 0) // BLOCK_M
         hi = tl.cdiv(seqlen_q, BLOCK_M)
     for g in range(0, GROUP):
+        h32 = hk * GROUP + g
         h64 = hk64 * GROUP + g
         Qh = Q + b64 * sqb + h64 * sqh + q_start * sqs
         DOh = DO + b64 * sdob + h64 * sdoh + q_start * sdos
@@ -159,16 +181,24 @@ def _attn_bwd_dkdv_kernel(
             rows = mb * BLOCK_M + rr
             row_ok = rows < seqlen_q
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = _load(Qh + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
-            do = _load(DOh + rows[:, None] * sdos + dd[None, :], q_mask, DOT_F32)
+            if TMA:
+                q = _desc_tile(QD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+                do = _desc_tile(DOD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+            else:
+                q = _load(Qh + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+                do = _load(DOh + rows[:, None] * sdos + dd[None, :], q_mask, DOT_F32)
             lse = tl.load(Lh + rows, mask=row_ok, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty row: p = 0
             delta = tl.load(Dh + rows, mask=row_ok, other=0.0)
             st = _dot(k, tl.trans(q), DOT_F32)  # [BLOCK_N, BLOCK_M]
             if BLOCK_DR > 0:
-                q_mask_r = row_ok[:, None] & dr_ok[None, :]
-                q_r = _load(Qh + rows[:, None] * sqs + dr[None, :], q_mask_r, DOT_F32)
-                do_r = _load(DOh + rows[:, None] * sdos + dr[None, :], q_mask_r, DOT_F32)
+                if TMA:
+                    q_r = _desc_tile(QDR, b, h32, mb * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+                    do_r = _desc_tile(DODR, b, h32, mb * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+                else:
+                    q_mask_r = row_ok[:, None] & dr_ok[None, :]
+                    q_r = _load(Qh + rows[:, None] * sqs + dr[None, :], q_mask_r, DOT_F32)
+                    do_r = _load(DOh + rows[:, None] * sdos + dr[None, :], q_mask_r, DOT_F32)
                 st += _dot(k_r, tl.trans(q_r), DOT_F32)
             st = st * qk_scale
             ok = col_ok[:, None] & row_ok[None, :]
@@ -202,6 +232,14 @@ def _attn_bwd_dq_kernel(
     DQ,  # like Q, q.dtype out, strides (sdqb, sdqh, sdqs, 1)
     CU_Q,
     CU_K,
+    QD,  # TMA: descriptors over [B, H|HK, S, D] (kernels/attention.py: _descriptor) of Q, K, V, DO,
+    KD,  # blocks [1, 1, BLOCK_M | BLOCK_N, BLOCK_D]; the *R ones the head-dim remainder
+    VD,  # blocks [..., BLOCK_DR] (only when BLOCK_DR > 0). None without TMA.
+    DOD,
+    QDR,
+    KDR,
+    VDR,
+    DODR,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, slb, slh, sdqb, sdqh, sdqs,
     H,
     GROUP,
@@ -220,6 +258,7 @@ def _attn_bwd_dq_kernel(
     DOT_F32: tl.constexpr,
     INTERPRET: tl.constexpr,
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
+    TMA: tl.constexpr,  # q / k / v / do tiles through the descriptors (not with VARLEN)
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -240,9 +279,13 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < seqlen_q
     d_ok = dd < D
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
-    do = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :], q_mask,
-               DOT_F32)
+    if TMA:
+        q = _desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+        do = _desc_tile(DOD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+    else:
+        q = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+        do = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :], q_mask,
+                   DOT_F32)
     lse = tl.load(LSE + b64 * slb + h64 * slh + q_start + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + b64 * slb + h64 * slh + q_start + rows, mask=row_ok, other=0.0)
@@ -251,10 +294,14 @@ def _attn_bwd_dq_kernel(
         dr = BLOCK_D + tl.arange(0, BLOCK_DR)
         dr_ok = dr < D
         q_mask_r = row_ok[:, None] & dr_ok[None, :]
-        q_r = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dr[None, :], q_mask_r,
-                    DOT_F32)
-        do_r = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dr[None, :],
-                     q_mask_r, DOT_F32)
+        if TMA:
+            q_r = _desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+            do_r = _desc_tile(DODR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+        else:
+            q_r = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dr[None, :], q_mask_r,
+                        DOT_F32)
+            do_r = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dr[None, :],
+                         q_mask_r, DOT_F32)
         dq_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
 
@@ -269,14 +316,22 @@ def _attn_bwd_dq_kernel(
         kcols = nb * BLOCK_N + cols
         col_ok = kcols < seqlen_k
         kt_mask = col_ok[None, :] & d_ok[:, None]
-        kt = _load(K + kcols[None, :] * sks + dd[:, None], kt_mask, DOT_F32)  # [BLOCK_D, BLOCK_N]
-        vt = _load(V + kcols[None, :] * svs + dd[:, None], kt_mask, DOT_F32)
+        if TMA:
+            kt = tl.trans(_desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
+            vt = tl.trans(_desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
+        else:
+            kt = _load(K + kcols[None, :] * sks + dd[:, None], kt_mask, DOT_F32)  # [BLOCK_D, BLOCK_N]
+            vt = _load(V + kcols[None, :] * svs + dd[:, None], kt_mask, DOT_F32)
         s = _dot(q, kt, DOT_F32)
         dp = _dot(do, vt, DOT_F32)
         if BLOCK_DR > 0:
-            kt_mask_r = col_ok[None, :] & dr_ok[:, None]
-            kt_r = _load(K + kcols[None, :] * sks + dr[:, None], kt_mask_r, DOT_F32)
-            vt_r = _load(V + kcols[None, :] * svs + dr[:, None], kt_mask_r, DOT_F32)
+            if TMA:
+                kt_r = tl.trans(_desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
+                vt_r = tl.trans(_desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
+            else:
+                kt_mask_r = col_ok[None, :] & dr_ok[:, None]
+                kt_r = _load(K + kcols[None, :] * sks + dr[:, None], kt_mask_r, DOT_F32)
+                vt_r = _load(V + kcols[None, :] * svs + dr[:, None], kt_mask_r, DOT_F32)
             s += _dot(q_r, kt_r, DOT_F32)
             dp += _dot(do_r, vt_r, DOT_F32)
         s = s * qk_scale
@@ -327,9 +382,17 @@ def attention_bwd_dq_config(D: int) -> dict:
     return _finish(cfg, bd, D, "bwd")
 
 
-def attention_bwd_dkdv_candidates(D: int) -> list[dict]:
+def _with_tma(out: list, D: int, tma: bool) -> list:
+    """``out`` plus, with ``tma``, the same tiles reading through TMA descriptors (``TMA=True``)."""
+    return out + [dict(c, TMA=True) for c in out] if tma else out
+
+
+def attention_bwd_dkdv_candidates(D: int, tma: bool = False) -> list[dict]:
     """dK/dV configs for head dim D: the default first, then what the GPU autotuner also tries
-    (each spill-free on sm_90; none for BLOCK_D = 256)."""
+    (each spill-free on sm_90; none for BLOCK_D = 256). With ``tma``, TMA versions of the tiles
+    with BLOCK_N >= 64 (ptxas spills the 32-key TMA tiles at D = 64..128; at D = 256 the default
+    32 x 32 compiles clean) plus 32 x 64 / 32 x 128 / 32 x 64 x 4 warps at D = 96..128, which
+    only the TMA path affords."""
     bd, split = _block_d(D), kernel_head_blocks(D, "bwd")[1] > 0
     if bd > 128:
         alts = []
@@ -339,11 +402,21 @@ def attention_bwd_dkdv_candidates(D: int) -> list[dict]:
         alts = [(32, 32, 4)]
     else:
         alts = [(32, 64, 8), (32, 128, 8), (64, 64, 8)]
-    return with_alternatives(attention_bwd_dkdv_config(D), alts, D, "bwd")
+    default = attention_bwd_dkdv_config(D)
+    out = with_alternatives(default, alts, D, "bwd")
+    if tma:
+        if bd > 128:
+            tiles = [default]
+        else:
+            extra = [(32, 64, 8), (32, 128, 8)] + ([(32, 64, 4)] if bd == 128 and not split else [])
+            tiles = [c for c in with_alternatives(default, alts + extra, D, "bwd") if c["BLOCK_N"] >= 64]
+        out += [dict(c, TMA=True) for c in tiles]
+    return out
 
 
-def attention_bwd_dq_candidates(D: int) -> list[dict]:
-    """dQ configs for head dim D: the default first, then the autotuner's alternatives."""
+def attention_bwd_dq_candidates(D: int, tma: bool = False) -> list[dict]:
+    """dQ configs for head dim D: the default first, then the autotuner's alternatives; with
+    ``tma`` each also with TMA loads."""
     bd = _block_d(D)
     if bd > 128:
         alts = []
@@ -351,7 +424,7 @@ def attention_bwd_dq_candidates(D: int) -> list[dict]:
         alts = [(64, 64, 8), (32, 32, 4)]
     else:
         alts = [(64, 64, 8), (128, 64, 8), (64, 32, 4), (128, 32, 8)]
-    return with_alternatives(attention_bwd_dq_config(D), alts, D, "bwd")
+    return _with_tma(with_alternatives(attention_bwd_dq_config(D), alts, D, "bwd"), D, tma)
 
 
 def attention_preprocess_config(D: int) -> dict:
@@ -400,29 +473,45 @@ def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, 
     if dlse is not None:
         delta -= dlse
 
+    def descriptors(cfg, tma):
+        """[QD, KD, VD, DOD, QDR, KDR, VDR, DODR] for a TMA launch, else eight Nones."""
+        if not tma:
+            return [None] * 8
+        bm, bn, bd, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["BLOCK_DR"]
+        out = [_descriptor(q, layout, bm, bd), _descriptor(k, layout, bn, bd), _descriptor(v, layout, bn, bd),
+               _descriptor(do, layout, bm, bd)]
+        if br:
+            return out + [_descriptor(q, layout, bm, br), _descriptor(k, layout, bn, br),
+                          _descriptor(v, layout, bn, br), _descriptor(do, layout, bm, br)]
+        return out + [None] * 4
+
     def launch_dkdv(cfg):
-        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        nw, ns, tma = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("TMA", False)
         _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * HK)](
-            q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
+            q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg, *descriptors(cfg, tma),
             *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dk, layout, varlen), *_bhs_strides(dv, layout, varlen),
             HK, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sq, cfg["BLOCK_M"]),
             CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
-            num_warps=nw, num_stages=ns, **cfg,
+            TMA=tma, num_warps=nw, num_stages=ns, **cfg,
         )
 
     def launch_dq(cfg):
-        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        nw, ns, tma = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("TMA", False)
         _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg,
+            q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg, *descriptors(cfg, tma),
             *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dq, layout, varlen),
             H, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sk, cfg["BLOCK_N"]),
             CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
-            num_warps=nw, num_stages=ns, **cfg,
+            TMA=tma, num_warps=nw, num_stages=ns, **cfg,
         )
 
-    for name, launch, candidates in (("bwd_dkdv", launch_dkdv, attention_bwd_dkdv_candidates(D)),
-                                     ("bwd_dq", launch_dq, attention_bwd_dq_candidates(D))):
-        key = tune_key(name, q, D, causal, varlen, H // HK, Sq, Sk)
+    tma = tma_ok(q, k, v, layout, varlen) and tma_ok(do, do, do, layout, varlen)
+    for name, launch, candidates in (("bwd_dkdv", launch_dkdv, attention_bwd_dkdv_candidates(D, tma)),
+                                     ("bwd_dq", launch_dq, attention_bwd_dq_candidates(D, tma))):
+        if _FORCED_TMA:  # tests: one path or the other, whatever the tuner would pick
+            launch(dict(candidates[0], TMA=_FORCED_TMA[-1] and tma))
+            continue
+        key = tune_key(name, q, D, causal, varlen, H // HK, Sq, Sk, tma)
         launch(autotune.pick(key, candidates, launch, fixed=deterministic))
     return dq, dk, dv
 

@@ -316,6 +316,29 @@ def _candidates(name, fn, sig, candidates, flags):
         yield f"{name}{alt}", fn, sig, dict(cfg, **flags), nw
 
 
+def _tma_cases(name, fn, sig, candidates, causal, dtype, tensors):
+    """The ``TMA=True`` candidates of an attention kernel (not varlen): each tensor in ``tensors``
+    ("Q", "K", "V", "DO") read through a 4-D descriptor ``<T>D`` (and ``<T>DR`` for the head-dim
+    remainder) whose block is [1, 1, rows, cols], rows BLOCK_M for Q / DO and BLOCK_N for K / V."""
+    tma = [c for c in candidates if c.get("TMA")]
+    for i, cfg in enumerate(tma):
+        cfg = dict(cfg)
+        nw = cfg.pop("num_warps")
+        assert cfg.pop("num_stages") == 3 and cfg.pop("TMA")
+        bm, bn, bd, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["BLOCK_DR"]
+        tma_sig, consts = dict(sig), dict(cfg, CAUSAL=causal, VARLEN=False, DOT_F32=False, INTERPRET=False,
+                                          HOST_BOUNDS=False, TMA=True)
+        for t in tensors:
+            rows = bm if t in ("Q", "DO") else bn
+            tma_sig[f"{t}D"] = f"tensordesc<{dtype}[1, 1, {rows}, {bd}]>"
+            if br:
+                tma_sig[f"{t}DR"] = f"tensordesc<{dtype}[1, 1, {rows}, {br}]>"
+            else:
+                consts[f"{t}DR"] = None
+        alt = "" if i == 0 else f" alt={bm}x{bn}x{nw}"
+        yield f"{name}{alt}", fn, tma_sig, consts, nw
+
+
 def attention_cases(dtype: str = "bf16"):
     """(name, fn, signature, constexprs, num_warps) for the flash-attention forward and backward
     configs per head-dim block (BLOCK_D = 16 / 32 / 64 / 128 / 256), plain and causal + varlen,
@@ -341,34 +364,24 @@ def attention_cases(dtype: str = "bf16"):
             no_tma = dict(flags, TMA=False, QD=None, KD=None, VD=None, QDR=None, KDR=None, VDR=None)
             yield from _candidates(f"attn fwd {tag}", k._attn_fwd_kernel, fwd_sig, k.attention_fwd_candidates(D),
                                    no_tma)
-            # The TMA forward (not varlen): q / k / v tiles through 4-D tensor descriptors.
-            tma_cfgs = [c for c in k.attention_fwd_candidates(D, tma=True) if c.get("TMA")]
-            for i, cfg in enumerate(tma_cfgs):
-                cfg = dict(cfg)
-                nw = cfg.pop("num_warps")
-                cfg.pop("num_stages")
-                cfg.pop("TMA")
-                bm, bn, bd, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["BLOCK_DR"]
-                desc = lambda rows, cols: f"tensordesc<{dtype}[1, 1, {rows}, {cols}]>"  # noqa: E731
-                tma_sig = dict(fwd_sig, QD=desc(bm, bd), KD=desc(bn, bd), VD=desc(bn, bd))
-                consts = dict(cfg, CAUSAL=causal, VARLEN=False, DOT_F32=False, INTERPRET=False, HOST_BOUNDS=False,
-                              TMA=True)
-                if br:
-                    tma_sig.update(QDR=desc(bm, br), KDR=desc(bn, br), VDR=desc(bn, br))
-                else:
-                    consts.update(QDR=None, KDR=None, VDR=None)
-                alt = "" if i == 0 else f" alt={bm}x{bn}x{nw}"
-                yield f"attn fwd tma D={D} causal={causal}{alt}", k._attn_fwd_kernel, tma_sig, consts, nw
+            # The TMA paths (not varlen): tiles through 4-D tensor descriptors.
+            yield from _tma_cases(f"attn fwd tma D={D} causal={causal}", k._attn_fwd_kernel, fwd_sig,
+                                  k.attention_fwd_candidates(D, tma=True), causal, dtype, ("Q", "K", "V"))
             dkdv_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DK": p, "DV": p, "CU_Q": cu,
                         "CU_K": cu, **st("q", "k", "v", "do"), **lse_st, **st("dk", "dv"), "HK": "i32",
                         "GROUP": "i32", **dims, "qk_scale": "fp32", "sm_scale": "fp32", "n_q_blocks": "i32"}
+            no_tma_bwd = dict(flags, TMA=False, **{f"{n}{r}": None for n in ("QD", "KD", "VD", "DOD") for r in ("", "R")})
             yield from _candidates(f"attn bwd_dkdv {tag}", kb._attn_bwd_dkdv_kernel, dkdv_sig,
-                                   kb.attention_bwd_dkdv_candidates(D), flags)
+                                   kb.attention_bwd_dkdv_candidates(D), no_tma_bwd)
+            yield from _tma_cases(f"attn bwd_dkdv tma D={D} causal={causal}", kb._attn_bwd_dkdv_kernel, dkdv_sig,
+                                  kb.attention_bwd_dkdv_candidates(D, tma=True), causal, dtype, ("Q", "K", "V", "DO"))
             dq_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DQ": p, "CU_Q": cu, "CU_K": cu,
                       **st("q", "k", "v", "do"), **lse_st, **st("dq"), "H": "i32", "GROUP": "i32", **dims,
                       "qk_scale": "fp32", "sm_scale": "fp32", "n_kv_blocks": "i32"}
             yield from _candidates(f"attn bwd_dq {tag}", kb._attn_bwd_dq_kernel, dq_sig,
-                                   kb.attention_bwd_dq_candidates(D), flags)
+                                   kb.attention_bwd_dq_candidates(D), no_tma_bwd)
+            yield from _tma_cases(f"attn bwd_dq tma D={D} causal={causal}", kb._attn_bwd_dq_kernel, dq_sig,
+                                  kb.attention_bwd_dq_candidates(D, tma=True), causal, dtype, ("Q", "K", "V", "DO"))
         pre_sig = {"O": p, "DO": p, "DELTA": f32, "CU_Q": "*i32", **st("o", "do"), **lse_st, "H": "i32",
                    "Sq": "i32", "D": "i32"}
         cfg = kb.attention_preprocess_config(D)

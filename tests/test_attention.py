@@ -589,30 +589,42 @@ def test_gpu_deterministic_varlen_and_compiled():
     (2, 9, 65, 3, 3, 128, False, "bshd", BF16),
     (1, 33, 17, 2, 1, 256, True, "bhsd", FP16),
 ])
-def test_tma_forward_matches_pointer_loads(B, Sq, Sk, H, HK, D, causal, layout, dtype, monkeypatch):
-    """The forward through TMA descriptors (4-D [B, H, S, D], rows past S and columns past D
-    zero-filled by the descriptor's bounds) against the pointer-load path and the references."""
+def test_tma_matches_pointer_loads(B, Sq, Sk, H, HK, D, causal, layout, dtype, monkeypatch):
+    """Forward and backward through TMA descriptors (4-D [B, H, S, D], rows past S and columns
+    past D zero-filled by the descriptor's bounds) against the pointer-load path and the references."""
     import fastgen.kernels.attention as ka
+    import fastgen.kernels.attention_bwd as kb
 
     made = []
     real = ka._descriptor
-    monkeypatch.setattr(ka, "_descriptor", lambda *a: made.append(a[2:]) or real(*a))
+    spy = lambda *a: made.append(a[2:]) or real(*a)  # noqa: E731
+    monkeypatch.setattr(ka, "_descriptor", spy)
+    monkeypatch.setattr(kb, "_descriptor", spy)
     q, k, v = _qkv(B, Sq, Sk, H, HK, D, dtype, layout)
     assert ka.tma_ok(q, k, v, layout, False) == (not ON_GPU or torch.cuda.get_device_capability()[0] >= 9)
     if not ka.tma_ok(q, k, v, layout, False):
         pytest.skip("TMA needs a Hopper-class GPU")
-    with ka.forced_tma(True):
-        o1, l1 = attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="triton")
-    assert len(made) == (6 if ka.kernel_head_blocks(D, "fwd")[1] else 3)  # the TMA path ran
-    with ka.forced_tma(False):
-        o0, l0 = attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="triton")
-    assert len(made) in (3, 6)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+    runs = []
+    for on in (True, False):
+        with ka.forced_tma(on):
+            o, lse = attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="triton")
+            runs.append((o, lse, *torch.autograd.grad(o, (q, k, v), do)))
+        if on:  # the TMA path ran: 3 (or 6) descriptors forward, 4 (or 8) per backward kernel
+            split_f, split_b = ka.kernel_head_blocks(D, "fwd")[1] > 0, ka.kernel_head_blocks(D, "bwd")[1] > 0
+            assert len(made) == 3 * (1 + split_f) + 2 * 4 * (1 + split_b)
+    assert len(made) == 3 * (1 + split_f) + 2 * 4 * (1 + split_b)  # pointer loads: no descriptors
     if not ON_GPU:  # same loads, same math: bit-identical in the interpreter
-        assert torch.equal(o1, o0) and torch.equal(l1, l0)
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    o1, l1, *g1 = runs[0]
     ro, rlse = attention_ref(q, k, v, causal=causal, layout=layout, return_lse=True)
+    rgrads = torch.autograd.grad(ro.float(), (q, k, v), do.float())
     lo, llse = _lowp(q, k, v, causal, 1.0 / math.sqrt(D), layout)
+    lgrads = torch.autograd.grad(lo, (q, k, v), do)
     _fa_rule("out", o1, lo, ro.float(), 1e-3)
     _fa_rule("lse", l1, llse, rlse, 1e-3)
+    for name, gr, lg, rg in zip(("dq", "dk", "dv"), g1, lgrads, rgrads):
+        _fa_rule(name, gr, lg, rg, 1e-3)
 
 
 def test_tma_eligibility():
@@ -635,15 +647,12 @@ def test_tma_eligibility():
 @requires_gpu
 @pytest.mark.parametrize("B, S, H, D, causal", [(1, 4608, 24, 128, False), (2, 1024, 16, 72, False),
                                                 (1, 4096, 8, 64, True), (1, 2048, 4, 256, False)])
-def test_gpu_tma_forward_real_sizes(B, S, H, D, causal):
+def test_gpu_tma_real_sizes(B, S, H, D, causal):
+    """Forward and backward with every kernel reading through TMA descriptors, at real sizes."""
     from fastgen.kernels.attention import forced_tma
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper-class GPU")
-    q, k, v = (t.detach() for t in _qkv(B, S, S, H, H, D, BF16, device="cuda"))
+    q, k, v = _qkv(B, S, S, H, H, D, BF16, device="cuda")
     with forced_tma(True):
-        o, lse = attention(q, k, v, causal=causal, return_lse=True, backend="triton")
-    ro, rlse = attention_ref(q, k, v, causal=causal, return_lse=True)
-    lo, llse = _lowp(q, k, v, causal, 1.0 / math.sqrt(D))
-    _fa_rule("out", o, lo, ro.float(), 1e-3)
-    _fa_rule("lse", lse, llse, rlse, 1e-3)
+        _check_against_references(q, k, v, causal, "bshd")

@@ -106,7 +106,8 @@ def test_every_attention_config_was_compiled(usage):
     # the TMA forward (tensor descriptors), every tile it may launch, plain and causal
     for d in (16, 40, 64, 80, 96, 128, 256):
         for causal in (False, True):
-            assert f"attn fwd tma D={d} causal={causal} bf16" in names
+            for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+                assert f"attn {kernel} tma D={d} causal={causal} bf16" in names
     assert "attn fwd tma D=128 causal=True alt=128x128x8 bf16" in names
     assert "attn fwd tma D=256 causal=False alt=64x64x8 bf16" in names
 
