@@ -67,7 +67,9 @@ the forward's candidates also read q, k and v through 4-D ``[B, H, S, D]`` tenso
 ``S`` and columns past ``D`` are zero-filled by the descriptor's bounds (so the split head-dim
 blocks need no masks), and the register count drops (D = 128 at 128 x 64: 155 instead of 255
 on sm_90), which also affords 128 x 128 tiles. Scores are still masked as before; outputs are
-stored with pointer stores. The backward kernels do the same for q, k, v and dO
+stored with pointer stores. TMA tiles may also split head dims that the pointer loads pad
+(``TMA_SPLITS``: 96 = 64 + 32 in the backward, 160 = 128 + 32, 192 = 128 + 64), since the
+descriptor bounds zero-fill the remainder. The backward kernels do the same for q, k, v and dO
 (``kernels/attention_bwd.py``). The tuner keeps a TMA tile only where it is faster; the default
 (and ``deterministic``) uses pointer loads. Not yet: warp specialization.
 
@@ -375,8 +377,39 @@ def attention_fwd_candidates(D: int, tma: bool = False) -> list[dict]:
     out = with_alternatives(default, alts, D, "fwd")
     if tma:
         extra = [(128, 128, 8)] if bd <= 128 else [(64, 32, 4), (128, 32, 8), (64, 64, 8)]
+        out += tma_split_tiles(D, "fwd", [(64, 32, 4), (128, 64, 8), (128, 32, 8)])
         out += [dict(c, TMA=True) for c in with_alternatives(default, alts + extra, D, "fwd")]
     return out
+
+
+# Split head-dim blocks that the TMA tiles may use where the pointer-load kernels pad to the next
+# power of two (the static tier compiles them): D = 88 / 96 as 64 + 32 in the backward, D = 136..160
+# as 128 + 32 and 176..192 as 128 + 64 (SD 1.5's 160 pays for 160 columns, not 256). Descriptor
+# bounds zero-fill the columns past D, so the remainder block needs no masks.
+TMA_SPLITS = ((64, 32), (128, 32), (128, 64))
+
+
+def tma_split_tiles(D: int, kernel: str, tiles) -> list[dict]:
+    """TMA configs with the split head-dim blocks of ``split_head_dim(D)`` for ``tiles``
+    ((BLOCK_M, BLOCK_N, num_warps)) where ``kernel`` ("fwd" | "bwd") otherwise pads D; else []."""
+    split = split_head_dim(D)
+    if split not in TMA_SPLITS or split == kernel_head_blocks(D, kernel):
+        return []
+    out = []
+    for bm, bn, nw in tiles:
+        cfg = _finish(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=3), _block_d(D), D, kernel)
+        cfg.update(BLOCK_D=split[0], BLOCK_DR=split[1], TMA=True)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def forced_tma_config(candidates: list[dict], tma: bool) -> dict:
+    """Under ``forced_tma``: the first TMA candidate (a split head-dim tile where there is one),
+    else the default with ``TMA=True`` — or the default with pointer loads when ``not tma``."""
+    if not tma:
+        return dict(candidates[0], TMA=False)
+    return dict(next((c for c in candidates if c.get("TMA")), dict(candidates[0], TMA=True)))
 
 
 def tune_key(kernel: str, q: torch.Tensor, D: int, causal: bool, varlen: bool, group: int, Sq: int, Sk: int,
@@ -520,7 +553,7 @@ def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, m
 
     tma = Sk > 0 and tma_ok(q, k, v, layout, varlen)
     if _FORCED_TMA:  # tests: one path or the other, whatever the tuner would pick
-        launch(dict(attention_fwd_config(D), TMA=_FORCED_TMA[-1] and tma))
+        launch(forced_tma_config(attention_fwd_candidates(D, tma), _FORCED_TMA[-1] and tma))
         return o, lse
     # The default (pointer loads) first; with TMA possible, the tuner keeps a TMA tile only where
     # it is faster on this GPU.

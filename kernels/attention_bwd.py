@@ -41,8 +41,11 @@ from fastgen.kernels.attention import (
     _load,
     _lse_strides,
     _seq_bounds,
+    forced_tma_config,
     kernel_head_blocks,
+    split_head_dim,
     tma_ok,
+    tma_split_tiles,
     tune_key,
     with_alternatives,
 )
@@ -382,11 +385,6 @@ def attention_bwd_dq_config(D: int) -> dict:
     return _finish(cfg, bd, D, "bwd")
 
 
-def _with_tma(out: list, D: int, tma: bool) -> list:
-    """``out`` plus, with ``tma``, the same tiles reading through TMA descriptors (``TMA=True``)."""
-    return out + [dict(c, TMA=True) for c in out] if tma else out
-
-
 def attention_bwd_dkdv_candidates(D: int, tma: bool = False) -> list[dict]:
     """dK/dV configs for head dim D: the default first, then what the GPU autotuner also tries
     (each spill-free on sm_90; none for BLOCK_D = 256). With ``tma``, TMA versions of the tiles
@@ -410,6 +408,10 @@ def attention_bwd_dkdv_candidates(D: int, tma: bool = False) -> list[dict]:
         else:
             extra = [(32, 64, 8), (32, 128, 8)] + ([(32, 64, 4)] if bd == 128 and not split else [])
             tiles = [c for c in with_alternatives(default, alts + extra, D, "bwd") if c["BLOCK_N"] >= 64]
+        # split head dims: 64 + 32 at D = 88 / 96 (three tiles), 128 + 32 at D = 136..160 (one);
+        # none spill-free for 128 + 64
+        out += tma_split_tiles(D, "bwd", [(32, 64, 8), (32, 128, 8), (32, 64, 4)] if bd == 128 else
+                               [(32, 64, 8)] if split_head_dim(D)[1] == 32 else [])
         out += [dict(c, TMA=True) for c in tiles]
     return out
 
@@ -424,7 +426,12 @@ def attention_bwd_dq_candidates(D: int, tma: bool = False) -> list[dict]:
         alts = [(64, 64, 8), (32, 32, 4)]
     else:
         alts = [(64, 64, 8), (128, 64, 8), (64, 32, 4), (128, 32, 8)]
-    return _with_tma(with_alternatives(attention_bwd_dq_config(D), alts, D, "bwd"), D, tma)
+    out = with_alternatives(attention_bwd_dq_config(D), alts, D, "bwd")
+    if tma:  # split head dims where the pointer loads pad (see TMA_SPLITS; spill-free tiles), then the rest
+        split_tiles = [(64, 32, 4), (64, 64, 8)] + ([(32, 32, 4)] if split_head_dim(D)[0] == 64 or
+                                                    split_head_dim(D)[1] == 64 else [])
+        out += tma_split_tiles(D, "bwd", split_tiles) + [dict(c, TMA=True) for c in out]
+    return out
 
 
 def attention_preprocess_config(D: int) -> dict:
@@ -509,7 +516,7 @@ def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, 
     for name, launch, candidates in (("bwd_dkdv", launch_dkdv, attention_bwd_dkdv_candidates(D, tma)),
                                      ("bwd_dq", launch_dq, attention_bwd_dq_candidates(D, tma))):
         if _FORCED_TMA:  # tests: one path or the other, whatever the tuner would pick
-            launch(dict(candidates[0], TMA=_FORCED_TMA[-1] and tma))
+            launch(forced_tma_config(candidates, _FORCED_TMA[-1] and tma))
             continue
         key = tune_key(name, q, D, causal, varlen, H // HK, Sq, Sk, tma)
         launch(autotune.pick(key, candidates, launch, fixed=deterministic))

@@ -335,7 +335,7 @@ def _tma_cases(name, fn, sig, candidates, causal, dtype, tensors):
                 tma_sig[f"{t}DR"] = f"tensordesc<{dtype}[1, 1, {rows}, {br}]>"
             else:
                 consts[f"{t}DR"] = None
-        alt = "" if i == 0 else f" alt={bm}x{bn}x{nw}"
+        alt = "" if i == 0 else f" alt={bm}x{bn}x{nw}" + (f" d={bd}+{br}" if br else "")
         yield f"{name}{alt}", fn, tma_sig, consts, nw
 
 
@@ -354,7 +354,7 @@ def attention_cases(dtype: str = "bf16"):
     st = lambda *names: {f"s{n}{a}": "i32" for n in names for a in "bhs"}  # noqa: E731
     lse_st = {"slb": "i32", "slh": "i32"}
     dims = {"Sq": "i32", "Sk": "i32", "D": "i32"}
-    for D in (16, 32, 40, 64, 80, 96, 128, 256):
+    for D in (16, 32, 40, 64, 80, 96, 128, 160, 192, 256):
         for causal, varlen in ((False, False), (True, True)):
             cu = "*i32" if varlen else f32
             tag = f"D={D} causal={causal} varlen={varlen}"

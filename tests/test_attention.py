@@ -588,6 +588,8 @@ def test_gpu_deterministic_varlen_and_compiled():
     (1, 20, 20, 2, 2, 96, True, "bshd", FP16),     # 64 + 32 in the forward
     (2, 9, 65, 3, 3, 128, False, "bshd", BF16),
     (1, 33, 17, 2, 1, 256, True, "bhsd", FP16),
+    (1, 21, 19, 2, 1, 160, False, "bshd", BF16),   # TMA only: 128 + 32 instead of padding to 256
+    (1, 12, 30, 2, 2, 192, True, "bshd", FP16),    # TMA only: 128 + 64 in the forward and dQ
 ])
 def test_tma_matches_pointer_loads(B, Sq, Sk, H, HK, D, causal, layout, dtype, monkeypatch):
     """Forward and backward through TMA descriptors (4-D [B, H, S, D], rows past S and columns
@@ -611,10 +613,17 @@ def test_tma_matches_pointer_loads(B, Sq, Sk, H, HK, D, causal, layout, dtype, m
             o, lse = attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="triton")
             runs.append((o, lse, *torch.autograd.grad(o, (q, k, v), do)))
         if on:  # the TMA path ran: 3 (or 6) descriptors forward, 4 (or 8) per backward kernel
-            split_f, split_b = ka.kernel_head_blocks(D, "fwd")[1] > 0, ka.kernel_head_blocks(D, "bwd")[1] > 0
-            assert len(made) == 3 * (1 + split_f) + 2 * 4 * (1 + split_b)
-    assert len(made) == 3 * (1 + split_f) + 2 * 4 * (1 + split_b)  # pointer loads: no descriptors
-    if not ON_GPU:  # same loads, same math: bit-identical in the interpreter
+            split = [ka.forced_tma_config(cands(D, True), True)["BLOCK_DR"] > 0 for cands in
+                     (ka.attention_fwd_candidates, kb.attention_bwd_dkdv_candidates, kb.attention_bwd_dq_candidates)]
+            expected = 3 * (1 + split[0]) + 4 * (1 + split[1]) + 4 * (1 + split[2])
+            assert len(made) == expected
+            if D in (160, 192):  # the split tiles that only TMA runs (pointer loads pad to 256)
+                assert split[0] and split[2] and {128, D - 128} <= {c for _, c in made}
+            same_blocks = all(  # same head-dim blocks as the pointer-load default: same sums
+                ka.forced_tma_config(cands(D, True), True)["BLOCK_DR"] == cands(D)[0]["BLOCK_DR"] for cands in
+                (ka.attention_fwd_candidates, kb.attention_bwd_dkdv_candidates, kb.attention_bwd_dq_candidates))
+    assert len(made) == expected  # pointer loads: no descriptors
+    if not ON_GPU and same_blocks:  # same loads, same math: bit-identical in the interpreter
         assert all(torch.equal(a, b) for a, b in zip(*runs))
     o1, l1, *g1 = runs[0]
     ro, rlse = attention_ref(q, k, v, causal=causal, layout=layout, return_lse=True)
@@ -646,7 +655,8 @@ def test_tma_eligibility():
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("B, S, H, D, causal", [(1, 4608, 24, 128, False), (2, 1024, 16, 72, False),
-                                                (1, 4096, 8, 64, True), (1, 2048, 4, 256, False)])
+                                                (1, 4096, 8, 64, True), (1, 2048, 4, 256, False),
+                                                (2, 1024, 8, 160, False), (2, 1024, 8, 96, True)])
 def test_gpu_tma_real_sizes(B, S, H, D, causal):
     """Forward and backward with every kernel reading through TMA descriptors, at real sizes."""
     from fastgen.kernels.attention import forced_tma

@@ -104,10 +104,13 @@ def test_every_attention_config_was_compiled(usage):
     alts = [n for n in names if " alt=" in n]
     assert len(alts) >= 80, len(alts)
     # the TMA forward (tensor descriptors), every tile it may launch, plain and causal
-    for d in (16, 40, 64, 80, 96, 128, 256):
+    for d in (16, 40, 64, 80, 96, 128, 160, 192, 256):
         for causal in (False, True):
             for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
                 assert f"attn {kernel} tma D={d} causal={causal} bf16" in names
+    # split head dims on the TMA path where pointer loads pad: 96 = 64 + 32 backward, 160 = 128 + 32
+    assert "attn bwd_dkdv tma D=96 causal=True alt=32x128x8 d=64+32 bf16" in names
+    assert "attn bwd_dq tma D=160 causal=False alt=64x64x8 d=128+32 bf16" in names
     assert "attn fwd tma D=128 causal=True alt=128x128x8 bf16" in names
     assert "attn fwd tma D=256 causal=False alt=64x64x8 bf16" in names
 
