@@ -81,6 +81,7 @@ warp-specialized path yet.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -423,8 +424,8 @@ def tune_key(kernel: str, q: torch.Tensor, D: int, causal: bool, varlen: bool, g
 def tma_ok(q, k, v, layout: str, varlen: bool) -> bool:
     """Whether the forward may read q, k, v through TMA descriptors: a Hopper-class GPU (or the
     interpreter), not varlen, and the 16-byte alignment TMA needs (base pointers and the strides
-    of every dim longer than 1)."""
-    if varlen:
+    of every dim longer than 1). ``FASTGEN_TMA=0`` turns the TMA candidates off."""
+    if varlen or os.environ.get("FASTGEN_TMA", "1") == "0":
         return False
     if not interpreting() and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9):
         return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -650,6 +651,11 @@ def test_tma_eligibility():
     assert not tma_ok(odd, k, v, "bshd", False)
     qkv = torch.zeros(1, 8, 3, 2, 64, dtype=BF16, device=q.device)  # q, k, v views of one projection
     assert tma_ok(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], "bshd", False)
+    os.environ["FASTGEN_TMA"] = "0"
+    try:
+        assert not tma_ok(q, k, v, "bshd", False)
+    finally:
+        del os.environ["FASTGEN_TMA"]
 
 
 @pytest.mark.gpu
