@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, requires_gpu
+from conftest import requires_gpu
 
 from fastgen.kernels import attention as ka
 from fastgen.kernels import attention_bwd as kb
