@@ -18,6 +18,11 @@
 #         STAGES=models (in a call of its own: it builds and compiles SD3-medium, the SDXL
 #         UNet, a Flux block stack and the SDXL VAE) runs `fastgen bench --ops models`
 #         into $OUT/models/results.{json,md}.
+#         The full bench runs with FASTGEN_AUTOTUNE=0 (each kernel's default launch config):
+#         tuning compiles and times every candidate tile once per shape class, which for
+#         attention (up to ~10 tiles x 3 kernels per head dim) does not fit the shared call.
+#         STAGES=tuned (a call of its own) runs `fastgen bench --ops attention` with the tuner
+#         on (TMA tiles included on Hopper) into $OUT/tuned/results.{json,md}.
 #         STAGES=vae (also a call of its own) runs the VAE decode sweep of
 #         benchmarks/bench_vae.py over 1024..8192 px images (full, diffusers-tiled, fastgen-tiled,
 #         colour-consistent: time and peak memory) into $OUT/vae/sweep.{json,png}.
@@ -60,10 +65,10 @@ STAGES=${STAGES:-tests sanitizer bench}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 BUDGET=${SUITE_SECONDS:-560}  # the device tool allows 600 s per call
 # What is left of the budget after setup is shared among the chosen stages by weight.
-weight() { case $1 in tests) echo 5 ;; sanitizer) echo 2 ;; bench) echo 4 ;; models) echo 4 ;; vae) echo 4 ;; esac; }
+weight() { case $1 in tests) echo 5 ;; sanitizer) echo 2 ;; bench) echo 4 ;; *) echo 4 ;; esac; }
 limit_for() {  # limit_for STAGE: its share of the seconds left among it and the stages after it
     local total=0 s after=0
-    for s in tests sanitizer bench models vae; do
+    for s in tests sanitizer bench tuned models vae; do
         [ "$s" = "$1" ] && after=1
         if [ "$after" = 1 ] && want "$s"; then total=$((total + $(weight "$s"))); fi
     done
@@ -98,7 +103,8 @@ fi
 
 if want bench; then
     full=$(mktemp -d)
-    stage bench "$(limit_for bench)" "$OUT/bench.log" -- .venv/bin/fastgen bench --no-progress --out "$full"
+    stage bench "$(limit_for bench)" "$OUT/bench.log" -- env FASTGEN_AUTOTUNE=0 .venv/bin/fastgen bench \
+        --no-progress --out "$full"
     # Keep the file count within what comes back: the table and JSON as they are, the
     # plots (one PNG per op) in one archive.
     mkdir -p "$OUT/bench"
@@ -106,6 +112,15 @@ if want bench; then
     (cd "$full" && ls ./*.png >/dev/null 2>&1 && tar czf "$OUT/bench/plots.tar.gz" ./*.png)
     tail -n 80 "$OUT/bench.log" >>"$summary"
     rm -f "$OUT/bench.log"
+fi
+
+if want tuned; then
+    mkdir -p "$OUT/tuned"
+    stage tuned "$(limit_for tuned)" "$OUT/tuned.log" -- env FASTGEN_AUTOTUNE=1 .venv/bin/fastgen bench \
+        --ops attention --no-progress --out "$OUT/tuned"
+    rm -f "$OUT/tuned"/*.png
+    tail -n 40 "$OUT/tuned.log" >>"$summary"
+    rm -f "$OUT/tuned.log"
 fi
 
 if want models; then
