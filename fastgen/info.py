@@ -59,6 +59,21 @@ def _auto_choices() -> dict[str, dict[str, str]]:
     return out
 
 
+def _tuning(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the Triton kernels tune their launch configs here, and whether the attention
+    kernels may read through TMA descriptors (a Hopper-class GPU, ``FASTGEN_TMA`` not 0)."""
+    import os
+
+    try:
+        from fastgen.kernels import autotune
+
+        tune = autotune.enabled()
+    except Exception as exc:  # Triton does not import
+        tune = f"error: {type(exc).__name__}: {exc}"
+    hopper = any(float(g["capability"]) >= 9 for g in gpus)
+    return {"autotune": tune, "tma": hopper and os.environ.get("FASTGEN_TMA", "1") != "0"}
+
+
 def collect() -> dict[str, Any]:
     """Versions, devices, the CUDA extension and the backend choices, as a JSON-able dict.
 
@@ -67,7 +82,8 @@ def collect() -> dict[str, Any]:
     name, capability, memory_gib, sm_count}), ``extension`` (``fastgen._C``:
     built, error, and when built archs / ptx / cuda_version), ``triton_interpret``,
     ``default_backend``, ``fastgen_backend_env``, ``auto`` ({op: {cuda: impl,
-    cpu: impl}}: what ``backend="auto"`` runs for CUDA / CPU tensors here).
+    cpu: impl}}: what ``backend="auto"`` runs for CUDA / CPU tensors here), ``tuning``
+    ({autotune: bool, tma: bool}: launch-config tuning on, TMA attention tiles possible).
     """
     import os
 
@@ -78,6 +94,7 @@ def collect() -> dict[str, Any]:
         default = backend.default()
     except Exception as exc:
         default = f"error: {exc}"
+    gpus = _gpus() if torch.cuda.is_available() else []
     return {
         "fastgen": getattr(fastgen, "__version__", None),
         "python": platform.python_version(),
@@ -86,12 +103,13 @@ def collect() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "triton": _triton(),
         "cuda_available": torch.cuda.is_available(),
-        "gpus": _gpus() if torch.cuda.is_available() else [],
+        "gpus": gpus,
         "extension": _extension(),
         "triton_interpret": backend.interpreter_enabled(),
         "default_backend": default,
         "fastgen_backend_env": os.environ.get("FASTGEN_BACKEND"),
         "auto": _auto_choices(),
+        "tuning": _tuning(gpus),
     }
 
 
@@ -136,6 +154,9 @@ def format_text(info: dict[str, Any]) -> str:
     else:
         lines.append(f"fastgen._C      not built: {ext.get('error')}")
     lines.append(f"TRITON_INTERPRET {'on (Triton kernels run in the CPU interpreter)' if info['triton_interpret'] else 'off'}")
+    tun = info.get("tuning", {})
+    lines.append(f"autotune        {'on' if tun.get('autotune') is True else 'off'} (FASTGEN_AUTOTUNE; never under "
+                 f"the interpreter), TMA attention tiles {'possible' if tun.get('tma') else 'off (needs sm_90+, FASTGEN_TMA not 0)'}")
     env = info["fastgen_backend_env"]
     lines.append(f"default backend {info['default_backend']}"
                  + (f" (FASTGEN_BACKEND={env})" if env else ""))

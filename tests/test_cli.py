@@ -31,6 +31,10 @@ def test_info_json(capsys):
     from fastgen import backend
 
     assert set(info["auto"]) == set(backend.AUTO_ON_CUDA)
+    from fastgen.kernels import autotune
+
+    assert info["tuning"]["autotune"] == autotune.enabled()
+    assert info["tuning"]["tma"] == any(float(g["capability"]) >= 9 for g in info["gpus"])
     for op, picks in info["auto"].items():
         assert picks["cpu"] == backend.resolve(op, "auto", torch.device("cpu"))
         assert picks["cuda"] in ("torch", "triton", "cuda")
@@ -40,7 +44,7 @@ def test_info_text(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     for word in ("fastgen", "torch", "triton", "CUDA available", "fastgen._C", "TRITON_INTERPRET",
-                 "default backend", "rms_norm"):
+                 "default backend", "rms_norm", "autotune"):
         assert word in out
 
 
