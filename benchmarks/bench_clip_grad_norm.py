@@ -7,19 +7,15 @@ than read + write, but the norm must be known before the first write).
 
 from __future__ import annotations
 
-import torch
-
-from fastgen.backend import unavailable_reason
 from fastgen.optim import clip_grad_norm_
 
 from ._optim_params import cases as _cases
 from ._optim_params import make_params
-from .harness import Case, Unavailable
+from .harness import Case, fastgen_backend
 
 OP = "clip_grad_norm"
 PROVIDERS = ("torch", "fastgen-triton", "fastgen-cuda")
 GPU_ONLY = ("fastgen-triton", "fastgen-cuda")
-BACKEND = {"torch": "torch", "fastgen-triton": "triton", "fastgen-cuda": "cuda"}
 MODES = ("clip",)
 PLOT_X = "params"
 
@@ -33,12 +29,7 @@ def bytes_moved(case: Case, mode: str) -> int:
 
 
 def setup(provider: str, case: Case, mode: str, device: str):
-    if provider in GPU_ONLY and device != "cuda":
-        raise Unavailable("needs a CUDA GPU")
-    backend = BACKEND[provider]
-    reason = unavailable_reason(backend, torch.device(device))
-    if reason:
-        raise Unavailable(reason)
+    backend = "torch" if provider == "torch" else fastgen_backend(provider, device)
     params = make_params(case, device)
 
     def fn():

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.backend import unavailable_reason
 from fastgen.optim import EMA
 
 from ._optim_params import cases as _cases
 from ._optim_params import make_params
-from .harness import Case, Unavailable
+from .harness import Case, fastgen_backend
 
 OP = "ema"
 PROVIDERS = ("torch", "fastgen-triton", "fastgen-cuda")
 GPU_ONLY = ("fastgen-triton", "fastgen-cuda")
-BACKEND = {"torch": "torch", "fastgen-triton": "triton", "fastgen-cuda": "cuda"}
 MODES = ("update",)
 PLOT_X = "params"
 
@@ -32,12 +30,7 @@ def bytes_moved(case: Case, mode: str) -> int:
 
 
 def setup(provider: str, case: Case, mode: str, device: str):
-    if provider in GPU_ONLY and device != "cuda":
-        raise Unavailable("needs a CUDA GPU")
-    backend = BACKEND[provider]
-    reason = unavailable_reason(backend, torch.device(device))
-    if reason:
-        raise Unavailable(reason)
+    backend = "torch" if provider == "torch" else fastgen_backend(provider, device)
     model = torch.nn.Module()
     model.params = torch.nn.ParameterList(make_params(case, device, with_grads=False))
     ema = EMA(model, decay=0.999, warmup=False, backend=backend)
