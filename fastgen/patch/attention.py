@@ -33,6 +33,11 @@ except Exception:  # pragma: no cover - diffusers missing or broken
     _dn_rms = None
 
 
+def _heads(t, attn):
+    """(B, S, heads * head_dim) projections -> (B, heads, S, head_dim), as diffusers' processors view them."""
+    return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+
 def _sdpa(proc, q, k, v, attn_mask=None):
     return scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
                                         backend=proc.fastgen_backend)
@@ -115,9 +120,7 @@ if _ap is not None:
             key = attn.to_k(encoder_hidden_states)
             value = attn.to_v(encoder_hidden_states)
             head_dim = key.shape[-1] // attn.heads
-            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            query, key, value = _heads(query, attn), _heads(key, attn), _heads(value, attn)
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
@@ -143,20 +146,17 @@ if _ap is not None:
             residual = hidden_states
             batch_size = hidden_states.shape[0]
 
-            def heads(t):
-                return t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
             head_dim = key.shape[-1] // attn.heads
-            query, key, value = heads(query), heads(key), heads(value)
+            query, key, value = _heads(query, attn), _heads(key, attn), _heads(value, attn)
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
             if encoder_hidden_states is not None:
-                eq = heads(attn.add_q_proj(encoder_hidden_states))
-                ek = heads(attn.add_k_proj(encoder_hidden_states))
-                ev = heads(attn.add_v_proj(encoder_hidden_states))
+                eq = _heads(attn.add_q_proj(encoder_hidden_states), attn)
+                ek = _heads(attn.add_k_proj(encoder_hidden_states), attn)
+                ev = _heads(attn.add_v_proj(encoder_hidden_states), attn)
                 if attn.norm_added_q is not None:
                     eq = attn.norm_added_q(eq)
                 if attn.norm_added_k is not None:
@@ -194,9 +194,7 @@ if _ap is not None:
                 attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
             head_dim = key.shape[-1] // attn.heads
-            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            query, key, value = _heads(query, attn), _heads(key, attn), _heads(value, attn)
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
