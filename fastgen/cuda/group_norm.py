@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastgen.cuda import dtype_code, load_extension
+from fastgen.kernels.group_norm import channels_last_layout
 
 __all__ = ["group_norm_fwd", "group_norm_bwd", "cuda_config"]
 
@@ -36,18 +37,6 @@ def cuda_config(N: int, C: int, S: int, G: int) -> dict:
     chunk_s = max(1, min(S, SPLIT_ELEMENTS // max(K, 1)))
     splits = -(-S // chunk_s) if S > 0 else 1
     return dict(splits=splits, chunk_s=chunk_s)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """True for channels-last strides (S*C, 1, C), False for contiguous (C*S, S, 1); size-1 dims
-    are ignored (with C == 1 or S == 1 both are one memory order). Else an AssertionError."""
-    N, C, S = x.shape
-    ok_n = N <= 1 or x.stride(0) == C * S
-    if C > 1 and S > 1 and x.stride(1) == 1 and x.stride(2) == C and ok_n:
-        return True
-    assert ok_n and (C <= 1 or x.stride(1) == S) and (S <= 1 or x.stride(2) == 1), (
-        f"x must be [N, C, S] with contiguous or channels-last strides, got strides {x.stride()}")
-    return False
 
 
 def _param_dtype(weight, bias, x):
@@ -66,7 +55,7 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
     assert x.is_cuda and x.dim() == 3
     N, C, S = x.shape
     G = num_groups
-    cl = _channels_last(x)
+    cl = channels_last_layout(x)
     pdt = _param_dtype(weight, bias, x)
     for t in (weight, bias):
         assert t is None or (t.shape == (C,) and t.is_contiguous() and t.device == x.device and t.dtype == pdt)
@@ -106,7 +95,7 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
     assert x.is_cuda and x.dim() == 3 and dy.shape == x.shape and dy.dtype == x.dtype
     N, C, S = x.shape
     G = num_groups
-    cl = _channels_last(x)
+    cl = channels_last_layout(x)
     assert x.numel() == 0 or dy.stride() == x.stride()
     assert mean.dtype == rstd.dtype == torch.float32 and mean.numel() == rstd.numel() == N * G
     pdt = _param_dtype(weight, bias, x)
