@@ -346,6 +346,15 @@ def _group_norm_combine_kernel(
 
 
 @triton.jit
+def _reversed_chunk(S, chunk_s):
+    """(group row, first and end position) of this program of a split grid (N*G, splits), walked in
+    the reverse order of the pass before it, so what that pass read last (still in L2) comes first."""
+    pid_ng = tl.num_programs(0) - 1 - tl.program_id(0)
+    s_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * chunk_s
+    return pid_ng, s_begin, tl.minimum(S, s_begin + chunk_s)
+
+
+@triton.jit
 def _group_norm_apply_kernel(
     X,  # [N, C, S] input
     W,  # [C] weight (unused unless HAS_W)
@@ -368,9 +377,7 @@ def _group_norm_apply_kernel(
     INTERPRET: tl.constexpr,
 ):
     # Programs in the reverse order of the stats kernel's: the chunks it read last come first.
-    pid_ng = tl.num_programs(0) - 1 - tl.program_id(0)
-    s_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * chunk_s
-    s_end = tl.minimum(S, s_begin + chunk_s)
+    pid_ng, s_begin, s_end = _reversed_chunk(S, chunk_s)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
     wc, bc = w[:, None], b[:, None]  # [BLOCK_K, 1] columns
     _chunk_apply(X, Y, wc, bc, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), s_begin, s_end, iters,
@@ -475,9 +482,7 @@ def _group_norm_bwd_dx_kernel(
     INTERPRET: tl.constexpr,
 ):
     # Programs in the reverse order of the reduce kernel's (see _group_norm_apply_kernel).
-    pid_ng = tl.num_programs(0) - 1 - tl.program_id(0)
-    s_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * chunk_s
-    s_end = tl.minimum(S, s_begin + chunk_s)
+    pid_ng, s_begin, s_end = _reversed_chunk(S, chunk_s)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
     wc, bc = w[:, None], b[:, None]  # [BLOCK_K, 1] columns
     _chunk_dx(DY, X, DX, wc, bc, pid_ng, tl.load(MEAN + pid_ng), tl.load(RSTD + pid_ng), tl.load(C1 + pid_ng),
