@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -11,6 +13,25 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def max_programs(device: torch.device, per_sm: int = 4, interpreted: int = 4) -> int:
+    """How many programs a grid-stride launch runs at most (each owning one row of a partial
+    buffer, say): ``per_sm`` per SM on a GPU, ``interpreted`` under the interpreter, which pays
+    per program."""
+    if device.type == "cuda":
+        return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return interpreted
+
+
+def warps_for(elements: int) -> int:
+    """num_warps for a tile of ``elements``: about 8 elements of each live tensor per thread, 1 to 32 warps."""
+    return max(1, min(32, elements // 256))
 
 
 @triton.jit

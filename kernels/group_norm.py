@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import interpreting, round_to, warps_for
 
 # Elements (K * chunk_s) one program covers: a group with more elements is split along S
 # over several programs. Tests lower it to force the split path on small shapes.
@@ -493,11 +493,6 @@ def _group_norm_bwd_dx_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _num_warps(elements: int) -> int:
-    """About 8 elements of each live tensor per thread, 1 to 32 warps."""
-    return max(1, min(32, elements // 256))
-
-
 def group_norm_config(N: int, C: int, S: int, G: int) -> dict:
     """Launch parameters shared by the forward and backward kernels for x [N, C, S] in G groups
     (the static tests compile exactly these): tile [BLOCK_K, BLOCK_S], ``iters`` tiles per
@@ -512,10 +507,10 @@ def group_norm_config(N: int, C: int, S: int, G: int) -> dict:
     iters = max(1, min(SPLIT_ELEMENTS // (block_k * block_s), tiles))
     if iters >= tiles:  # the whole group in one program
         return dict(BLOCK_K=block_k, BLOCK_S=block_s, iters=tiles, chunk_s=S, splits=1,
-                    num_warps=_num_warps(block_k * block_s))
+                    num_warps=warps_for(block_k * block_s))
     chunk_s = iters * block_s
     return dict(BLOCK_K=block_k, BLOCK_S=block_s, iters=iters, chunk_s=chunk_s, splits=triton.cdiv(S, chunk_s),
-                num_warps=_num_warps(block_k * block_s))
+                num_warps=warps_for(block_k * block_s))
 
 
 def combine_config(splits: int, K: int | None = None) -> dict:
@@ -523,7 +518,7 @@ def combine_config(splits: int, K: int | None = None) -> dict:
     block_k = 1 if K is None else triton.next_power_of_2(K)
     block_sp = max(1, min(triton.next_power_of_2(splits), max(1, TILE // block_k), 1024))
     return dict(BLOCK_SP=block_sp, iters=triton.cdiv(splits, block_sp),
-                num_warps=_num_warps(block_sp * block_k))
+                num_warps=warps_for(block_sp * block_k))
 
 
 def channels_last_layout(x: torch.Tensor) -> bool:

@@ -62,13 +62,11 @@ Forward paths, by row width:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import interpreting, max_programs, round_to, warps_for
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
@@ -441,23 +439,6 @@ def _layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------- launch configs
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _max_programs(device: torch.device) -> int:
-    """How many backward programs run at most (each owns one row of every partial)."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # the interpreter pays per program: keep it to a few
-
-
-def _num_warps(elements: int) -> int:
-    """About 8 elements of each live tensor per thread, 1 to 32 warps."""
-    return max(1, min(32, elements // 256))
-
-
 def _tile(block_n: int, rows: int, target: int = TARGET_TILE) -> int:
     """BLOCK_M: rows batched per program so a tile holds about ``target`` elements."""
     return max(1, min(target // block_n, triton.next_power_of_2(max(rows, 1)), 64))
@@ -470,14 +451,14 @@ def layer_norm_fwd_config(M: int, N: int) -> dict:
     block_n = triton.next_power_of_2(N)
     block_m = _tile(block_n, M)
     return dict(grid=(triton.cdiv(M, block_m),), BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=_num_warps(block_m * block_n))
+                num_warps=warps_for(block_m * block_n))
 
 
 def layer_norm_fwd_chunked_config(M: int, N: int) -> dict:
     """Launch parameters of _layer_norm_fwd_chunked_kernel (rows wider than MAX_FULL_ROW_FWD):
     one row per program, chunks of FWD_CHUNK_N columns, ``n_chunks`` the host-computed trip count."""
     return dict(grid=(M,), n_chunks=triton.cdiv(N, FWD_CHUNK_N), BLOCK_N=FWD_CHUNK_N,
-                num_warps=_num_warps(FWD_CHUNK_N))
+                num_warps=warps_for(FWD_CHUNK_N))
 
 
 def bwd_load(has_w: bool, has_b: bool, shift_ps: bool, scale_ps: bool, gate_ps: bool, gated_norm: bool) -> int:
@@ -504,11 +485,11 @@ def layer_norm_bwd_config(B: int, S: int, N: int, per_sample: bool, load: int, d
     block_n = triton.next_power_of_2(N) if full_row else CHUNK_N
     block_m = _tile(block_n, group, target)
     col_blocks = 1 if full_row else triton.cdiv(N, block_n)
-    P = max(1, min(triton.cdiv(group, block_m), _max_programs(device) // (G * col_blocks)))
+    P = max(1, min(triton.cdiv(group, block_m), max_programs(device) // (G * col_blocks)))
     # Rows of up to 1024: about 4 elements of each tensor per thread (8 spill in some variants).
     per_thread = 2 if N <= 1024 else 1
     return dict(grid=(G, P, col_blocks), GROUP=group, FULL_ROW=full_row, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=_num_warps(per_thread * block_m * block_n))
+                num_warps=warps_for(per_thread * block_m * block_n))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -627,7 +608,7 @@ def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shi
             mean if mean is not None else rstd, rstd, c, N, S,
             _s(dout, 0), _s(dout, 1), _s(h, 0), _s(h, 1), _s(scale, 0), _s(scale, 1),
             NORM=norm, HAS_W=weight is not None, HAS_MOD=has_mod, BLOCK_N=cfg["BLOCK_N"],
-            num_warps=_num_warps(cfg["BLOCK_N"]),
+            num_warps=warps_for(cfg["BLOCK_N"]),
         )
     anyt = h if dxnew is None else dxnew
     _layer_norm_bwd_kernel[grid](

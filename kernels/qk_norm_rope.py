@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import interpreting, max_programs, round_to
 from fastgen.kernels.rope import (
     MAX_HEAD_DIM,
     _load_pairs,
@@ -238,13 +238,6 @@ def _qk_norm_rope_bwd_kernel(
 # ----------------------------------------------------------------------------- configs and launchers
 
 
-def _max_t_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return 4 * torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2  # the interpreter pays per program
-
-
 def qk_norm_rope_fwd_config(T: int, hq: int, hk: int, D: int, R: int) -> dict:
     """Launch parameters of _qk_norm_rope_fwd_kernel (compiled by the static sm_90 test)."""
     cfg = tile_config(T, hq, hk, D, R, TARGET_TILE_FWD)
@@ -302,7 +295,7 @@ def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, 
         return dq.zero_(), dk.zero_(), torch.zeros_like(wq), torch.zeros_like(wk)
     assert dqo.stride(3) == 1 and dko.stride(3) == 1 and q.stride(3) == 1 and k.stride(3) == 1
     assert wq.is_contiguous() and wk.is_contiguous() and cos.stride(-1) == 1 and sin.stride(-1) == 1
-    cfg = qk_norm_rope_bwd_config(T, hq, hk, D, R, _max_t_programs(q.device))
+    cfg = qk_norm_rope_bwd_config(T, hq, hk, D, R, max_programs(q.device, interpreted=2))
     grid = cfg.pop("grid")
     n_q = cfg["n_q_hblocks"]
     partial = torch.empty((grid[0], grid[1], D), dtype=torch.float32, device=q.device)

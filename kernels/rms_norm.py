@@ -31,13 +31,11 @@ is upcast to fp32 at once, which keeps bf16 correct in the interpreter too.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import interpreting, max_programs, round_to, warps_for
 
 # Widest row kept in registers by one program; wider rows take the chunked path.
 # Chosen so that no config spills registers on sm_90 with Triton 3.6 or 3.9
@@ -217,23 +215,6 @@ def _rms_norm_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _max_row_programs(device: torch.device) -> int:
-    """How many row programs the backward runs at most (each owns a dw partial row)."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # the interpreter pays per program: keep it to a few
-
-
-def _num_warps(elements: int) -> int:
-    """About 8 elements of each live tensor per thread, 1 to 32 warps."""
-    return max(1, min(32, elements // 256))
-
-
 def _row_tile(N: int, M: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for the paths that hold whole rows."""
     block_n = triton.next_power_of_2(N)
@@ -250,7 +231,7 @@ def fwd_config(M: int, N: int, residual: bool) -> dict:
         block_m, block_n = 1, CHUNK_N
         grid, single_pass = (M,), False
     return dict(grid=grid, SINGLE_PASS=single_pass, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=_num_warps(block_m * block_n))
+                num_warps=warps_for(block_m * block_n))
 
 
 def bwd_config(M: int, N: int, device: torch.device) -> dict:
@@ -262,9 +243,9 @@ def bwd_config(M: int, N: int, device: torch.device) -> dict:
     else:
         block_m, block_n = 1, CHUNK_N
         col_blocks = triton.cdiv(N, block_n)
-    row_programs = max(1, min(triton.cdiv(M, block_m), _max_row_programs(device) // col_blocks))
+    row_programs = max(1, min(triton.cdiv(M, block_m), max_programs(device) // col_blocks))
     return dict(grid=(row_programs, col_blocks), FULL_ROW=full_row, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=_num_warps(block_m * block_n))
+                num_warps=warps_for(block_m * block_n))
 
 
 def rms_norm_fwd(x, weight, residual, eps):

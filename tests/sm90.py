@@ -65,7 +65,6 @@ def rms_norm_cases(dtype: str = "bf16"):
     dot_sig = {"DY": p, "H": p, "W": wdt, "RSTD": "*fp32", "C": "*fp32", "N": "i32", "stride_dy": "i64",
                "stride_h": "i64"}
     cuda = torch.device("cuda", 0)
-    k._sm_count.cache_clear()
     for N in (128, 1024, 4096, 8192, 16384, 65536):
         M = 32768
         for has_w, has_r in ((True, False), (True, True)):
@@ -75,12 +74,12 @@ def rms_norm_cases(dtype: str = "bf16"):
             yield (f"fwd N={N} w={has_w} r={has_r}", k._rms_norm_fwd_kernel, fwd_sig,
                    dict(cfg, HAS_W=has_w, HAS_R=has_r, INTERPRET=False), nw)
         # bwd_config needs the SM count only for the grid, which does not change the code.
-        orig = k._max_row_programs
-        k._max_row_programs = lambda device: 4 * 132
+        orig = k.max_programs
+        k.max_programs = lambda device: 4 * 132
         try:
             bcfg = k.bwd_config(M, N, cuda)
         finally:
-            k._max_row_programs = orig
+            k.max_programs = orig
         bcfg.pop("grid")
         nw = bcfg.pop("num_warps")
         for has_w, has_d in ((True, False), (True, True)):
@@ -273,8 +272,8 @@ def layer_norm_cases(dtype: str = "bf16"):
         for form, (norm, w, b, mod, res) in forms.items():
             yield (f"ln fwd N={N} {form}", k._layer_norm_fwd_kernel, fwd_sig,
                    dict(cfg, NORM=norm, HAS_W=w, HAS_B=b, HAS_MOD=mod, HAS_RES=res, INTERPRET=False), nw)
-        orig = k._max_programs
-        k._max_programs = lambda device: 4 * 132  # the grid only; the code does not depend on it
+        orig = k.max_programs
+        k.max_programs = lambda device: 4 * 132  # the grid only; the code does not depend on it
         try:
             for form, (norm, w, b, mod, res) in forms.items():
                 for ps in (False, True) if (mod or res) else (False,):
@@ -288,10 +287,10 @@ def layer_norm_cases(dtype: str = "bf16"):
                                          HAS_DXNEW=res, SHIFT_PS=ps and mod, SCALE_PS=ps and mod,
                                          GATE_PS=ps and res, INTERPRET=False), bnw)
         finally:
-            k._max_programs = orig
+            k.max_programs = orig
         if N > k.MAX_FULL_ROW_BWD:
             yield (f"ln rowstats N={N}", k._layer_norm_bwd_rowstats_kernel, stats_sig,
-                   dict(NORM=1, HAS_W=True, HAS_MOD=True, BLOCK_N=k.CHUNK_N), k._num_warps(k.CHUNK_N))
+                   dict(NORM=1, HAS_W=True, HAS_MOD=True, BLOCK_N=k.CHUNK_N), k.warps_for(k.CHUNK_N))
     # Rows wider than MAX_FULL_ROW_FWD: the chunked forward (its code does not depend on N; the
     # backward of these widths compiles to the N = 8192 column-block configs above).
     for N in (16384, 65536) if dtype == "bf16" else (65536,):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fastgen.kernels._common import max_programs
 from fastgen.cuda import dtype_code, load_extension
 from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
 
@@ -51,10 +52,6 @@ def _check(xs, wq, wk, cos, sin, D, R):
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.shape == sin.shape
     assert cos.device == q.device and sin.device == q.device
     assert R % 2 == 0 and 2 <= R <= D <= MAX_HEAD_DIM
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _num_partials(rows_q: int, rows_k: int, total: int) -> tuple[int, int]:
@@ -107,7 +104,7 @@ def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, 
     cos, sin = _tables(cos, sin, q.dtype)
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        pq, pk = _num_partials(T * hq, T * hk, 4 * _sm_count(q.device))
+        pq, pk = _num_partials(T * hq, T * hk, max_programs(q.device))
         partial = torch.empty((pq + pk, D), dtype=torch.float32, device=q.device)
         C.qk_norm_rope_bwd(
             dqo.data_ptr(), dko.data_ptr(), q.data_ptr(), k.data_ptr(), wq.data_ptr(), wk.data_ptr(),

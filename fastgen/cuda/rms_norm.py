@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from fastgen.kernels._common import max_programs
 from fastgen.cuda import dtype_code, load_extension
 
 __all__ = ["rms_norm_fwd", "rms_norm_bwd"]
@@ -34,10 +35,6 @@ def _no_overlap(t):
     if t is None or t.shape[0] <= 1 or t.stride(0) >= t.shape[1]:
         return t
     return t.contiguous()
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rms_norm_fwd(x, weight, residual, eps):
@@ -108,7 +105,7 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
     with torch.cuda.device(h.device):
         stream = torch.cuda.current_stream(h.device).cuda_stream
         if weight is not None:
-            num_partials = max(1, min(M, 2 * _sm_count(h.device)))
+            num_partials = max(1, min(M, max_programs(h.device, per_sm=2)))
             dw_partial = torch.empty((num_partials, N), dtype=torch.float32, device=h.device)
         else:
             num_partials, dw_partial = 0, None
