@@ -559,7 +559,7 @@ def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, m
     # The default (pointer loads) first; with TMA possible, the tuner keeps a TMA tile only where
     # it is faster on this GPU.
     key = tune_key("fwd", q, D, causal, varlen, H // HK, Sq, Sk, tma)
-    launch(autotune.pick(key, attention_fwd_candidates(D, tma), launch, fixed=deterministic))
+    launch(autotune.pick(key, lambda: attention_fwd_candidates(D, tma), launch, fixed=deterministic))
     return o, lse
 
 

@@ -19,6 +19,8 @@ the shape of ``lse``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -513,10 +515,11 @@ def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, 
         )
 
     tma = tma_ok(q, k, v, layout, varlen) and tma_ok(do, do, do, layout, varlen)
-    for name, launch, candidates in (("bwd_dkdv", launch_dkdv, attention_bwd_dkdv_candidates(D, tma)),
-                                     ("bwd_dq", launch_dq, attention_bwd_dq_candidates(D, tma))):
+    for name, launch, candidates in (("bwd_dkdv", launch_dkdv, attention_bwd_dkdv_candidates),
+                                     ("bwd_dq", launch_dq, attention_bwd_dq_candidates)):
+        candidates = functools.partial(candidates, D, tma)  # built only when the tuner needs them
         if _FORCED_TMA:  # tests: one path or the other, whatever the tuner would pick
-            launch(forced_tma_config(candidates, _FORCED_TMA[-1] and tma))
+            launch(forced_tma_config(candidates(), _FORCED_TMA[-1] and tma))
             continue
         key = tune_key(name, q, D, causal, varlen, H // HK, Sq, Sk, tma)
         launch(autotune.pick(key, candidates, launch, fixed=deterministic))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence, Union
 
 import torch
 
@@ -41,17 +41,23 @@ def _do_bench(fn: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20))
 
 
-def pick(key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], None], fixed: bool = False,
+def pick(key: Hashable, candidates: Union[Sequence[dict], Callable[[], Sequence[dict]]],
+         launch: Callable[[dict], None], fixed: bool = False,
          timer: Optional[Callable[[Callable[[], None]], float]] = None) -> dict:
     """The config to run for ``key``: ``candidates[0]`` when tuning is off (see the module
     docstring), else the fastest candidate by ``timer`` (``triton.testing.do_bench``), cached per
     key. A candidate that fails to compile or launch is skipped; if all fail, the default is used
     and the error of running it surfaces in the caller's own launch. The caller launches the
-    returned config afterwards, so its outputs are the winner's whatever the timing wrote."""
-    if fixed or len(candidates) == 1 or not enabled():
-        return dict(candidates[0])
-    if key in _CACHE:
+    returned config afterwards, so its outputs are the winner's whatever the timing wrote.
+    ``candidates`` may be a function making the list: a cache hit (every call after the first of
+    a shape class) then builds nothing."""
+    tuning = enabled() and not fixed
+    if tuning and key in _CACHE:
         return dict(_CACHE[key])
+    if callable(candidates):
+        candidates = candidates()
+    if not tuning or len(candidates) == 1:
+        return dict(candidates[0])
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return dict(candidates[0])
     timer = timer or _do_bench

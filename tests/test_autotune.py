@@ -128,3 +128,16 @@ def test_gpu_autotuned_attention_is_right(monkeypatch):
     monkeypatch.setenv("FASTGEN_AUTOTUNE", "0")
     assert torch.equal(o_fixed, attention(q, k, v, causal=True, backend="triton"))
     autotune.cache_clear()
+
+
+def test_candidates_are_built_only_on_a_miss(tuning_on):
+    built = []
+
+    def make():
+        built.append(1)
+        return [dict(c=0), dict(c=1)]
+
+    timer = lambda fn: (fn(), 1.0)[1]  # noqa: E731
+    assert autotune.pick("lazy", make, lambda cfg: None, timer=timer) == dict(c=0) and built == [1]
+    assert autotune.pick("lazy", make, lambda cfg: None, timer=timer) == dict(c=0) and built == [1]
+    assert autotune.pick("lazy", make, lambda cfg: None, fixed=True) == dict(c=0) and built == [1, 1]
