@@ -46,11 +46,20 @@ fi
 # Liger-Kernel peer of the benchmarks (its RoPE adapter is tested on CPU). Offline
 # (a GPU machine) they may be missing; what needs them then skips and says so.
 wanted=()
-for spec in pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm diffusers:diffusers liger_kernel:liger-kernel; do
+# The test references of the optimizers, adapters and quantizers (prodigyopt, schedulefree,
+# peft, vector-quantize-pytorch), the text encoders (transformers), safetensors for every
+# file, hypothesis for the bad-input fuzzing. torch stays pinned to the one installed
+# above, so no peer can pull another torch build.
+for spec in pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm diffusers:diffusers \
+    liger_kernel:liger-kernel safetensors:safetensors transformers:transformers peft:peft \
+    prodigyopt:prodigyopt schedulefree:schedulefree vector_quantize_pytorch:vector-quantize-pytorch \
+    hypothesis:hypothesis pytest_timeout:pytest-timeout; do
     have "${spec%%:*}" || wanted+=("${spec#*:}")
 done
 if [ ${#wanted[@]} -gt 0 ]; then
-    "$VPY" -m pip install "${quiet[@]}" "${wanted[@]}" \
+    pin=$(mktemp)
+    "$VPY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$pin"
+    "$VPY" -m pip install "${quiet[@]}" -c "$pin" "${wanted[@]}" \
         || echo "setup.sh: could not install ${wanted[*]} (offline?); continuing without them" >&2
 fi
 if [ -n "${FASTGEN_WHEELS:-}" ]; then
