@@ -56,6 +56,7 @@ AUTO_ON_CUDA: dict[str, str] = {
 }
 
 _override: list[str] = []  # stack of `with fastgen.backend(...)` values
+_traces: list[list[tuple[str, str]]] = []  # open `with fastgen.backend.trace()` blocks
 
 
 class BackendUnavailableError(RuntimeError):
@@ -88,6 +89,29 @@ def use(name: str) -> Iterator[None]:
         yield
     finally:
         _override.pop()
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[tuple[str, str]]]:
+    """Record which implementation each op resolved to inside the block::
+
+        with fastgen.backend.trace() as ran:
+            y = fastgen.ops.rms_norm(x, w)
+        print(ran)  # [("rms_norm", "torch")]
+
+    The GPU test tier uses it to prove that the implementation a test names is the one that ran."""
+    record: list[tuple[str, str]] = []
+    _traces.append(record)
+    try:
+        yield record
+    finally:
+        _traces.remove(record)
+
+
+def _record(op: str, impl: str) -> str:
+    for record in _traces:
+        record.append((op, impl))
+    return impl
 
 
 def _triton_import_error() -> str | None:
@@ -144,14 +168,14 @@ def resolve(op: str, requested: str | None, device: torch.device, unsupported: s
     name = default() if requested in (None, "auto") else _check_name(requested, f"{op}(backend=...)")
     if name == "auto":
         if device.type != "cuda":
-            return "torch"
+            return _record(op, "torch")
         choice = AUTO_ON_CUDA.get(op, "torch")
         ok = choice == "torch" or (choice not in unsupported and unavailable_reason(choice, device) is None)
-        return choice if ok else "torch"
+        return _record(op, choice if ok else "torch")
     reason = unavailable_reason(name, device) or unsupported.get(name)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend={name!r} cannot run: {reason}")
-    return name
+    return _record(op, name)
 
 
 def launchers(module: str, impl: str):

@@ -8,6 +8,7 @@ machine lacks skips with a reason.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -45,6 +46,42 @@ def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
     """torch.testing.assert_close with the per-dtype tolerance table (``scale`` widens it)."""
     atol, rtol = TOL[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol * scale, msg=msg or None)
+
+
+def max_err(actual, expected) -> float:
+    """Largest |actual - expected| in float64; ``inf`` wherever ``actual`` is NaN or infinite and
+    ``expected`` is not the same value (so a kernel that returns NaN can never look close).
+    Infinities equal in both (an lse of -inf for a row that sees no key) count as agreement."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    agree = a == e  # NaN never agrees
+    if bool((~torch.isfinite(a) & ~agree).any()) or bool((~torch.isfinite(e) & ~agree).any()):
+        return math.inf
+    if a.numel() == 0:
+        return 0.0
+    return torch.where(agree, torch.zeros_like(a), a - e).abs().max().item()
+
+
+def assert_fa_rule(name, out, lowp, ref, atol):
+    """The FlashAttention rule (DESIGN.md): ``|out - ref| <= 2 * |lowp - ref| + atol`` where ``ref``
+    is the fp32/fp64 truth and ``lowp`` plain torch in the kernel's dtype: no worse than PyTorch
+    itself. Fails on NaN / inf in ``out`` where ``ref`` is finite (``max_err``)."""
+    err, base = max_err(out, ref), max_err(lowp, ref)
+    assert math.isfinite(base), f"{name}: the torch baseline itself is not finite"
+    assert err <= 2 * base + atol, f"{name}: max error {err:.3g} > 2 * {base:.3g} (torch in the same dtype) + {atol}"
+
+
+def run_auto_as(monkeypatch, op, impl, fn):
+    """Run ``fn()`` with ``backend="auto"`` standing for ``impl`` on CUDA tensors (as a recorded
+    run would set ``AUTO_ON_CUDA``), and fail unless ``op`` really resolved to ``impl``."""
+    from fastgen import backend
+
+    monkeypatch.setitem(backend.AUTO_ON_CUDA, op, impl)
+    with backend.trace() as ran:
+        out = fn()
+    assert (op, impl) in ran, f"backend='auto' was to run {op} with {impl!r}; it ran {ran}"
+    return out
 
 
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -9,9 +9,12 @@ from conftest import TRITON_DEVICE, assert_close
 
 import fastgen
 
-normalization = pytest.importorskip(
-    "diffusers.models.normalization", reason="diffusers is needed to compare with its AdaLN modules"
-)
+
+
+def _diffusers():
+    """diffusers' AdaLN modules, the reference of the comparisons; skips the single test without it."""
+    return pytest.importorskip("diffusers.models.normalization",
+                               reason="diffusers is needed to compare with its AdaLN modules")
 
 
 def _compare(theirs, ours, inputs, dtype, backend):
@@ -44,7 +47,7 @@ def _compare(theirs, ours, inputs, dtype, backend):
 def test_ada_layer_norm_zero(backend, dtype, norm_type):
     torch.manual_seed(0)
     N = 32
-    theirs = normalization.AdaLayerNormZero(N, norm_type=norm_type)
+    theirs = _diffusers().AdaLayerNormZero(N, norm_type=norm_type)
     ours = fastgen.nn.AdaLayerNormZero(N, norm_type=norm_type)
     x, emb = torch.randn(2, 5, N), torch.randn(2, N)
 
@@ -67,7 +70,7 @@ def test_ada_layer_norm_zero(backend, dtype, norm_type):
 def test_ada_layer_norm_continuous(backend, dtype, norm_type, affine, bias):
     torch.manual_seed(1)
     N, C = 24, 20
-    theirs = normalization.AdaLayerNormContinuous(N, C, elementwise_affine=affine, eps=1e-6, bias=bias,
+    theirs = _diffusers().AdaLayerNormContinuous(N, C, elementwise_affine=affine, eps=1e-6, bias=bias,
                                                   norm_type=norm_type)
     for p in theirs.norm.parameters():
         torch.nn.init.normal_(p)
@@ -85,9 +88,37 @@ def test_constructor_errors_match_diffusers():
 
 def test_ada_layer_norm_zero_with_class_embeddings():
     torch.manual_seed(2)
-    theirs = normalization.AdaLayerNormZero(16, num_embeddings=10)
+    theirs = _diffusers().AdaLayerNormZero(16, num_embeddings=10)
     ours = fastgen.nn.AdaLayerNormZero(16, num_embeddings=10)
     ours.load_state_dict(theirs.state_dict())
     x, t, c = torch.randn(2, 3, 16), torch.tensor([1, 500]), torch.tensor([3, 7])
     for o, r in zip(ours(x, t, c, hidden_dtype=torch.float32), theirs(x, t, c, hidden_dtype=torch.float32)):
         torch.testing.assert_close(o, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernels_match_the_torch_backend_without_diffusers(dtype):
+    """The Triton path of both AdaLN modules against their own torch path (no diffusers needed)."""
+    torch.manual_seed(3)
+    for make, inputs in ((lambda: fastgen.nn.AdaLayerNormContinuous(24, 20, eps=1e-6), (torch.randn(3, 7, 24),
+                                                                                        torch.randn(3, 20))),
+                         (lambda: fastgen.nn.AdaLayerNormZero(32), (torch.randn(2, 5, 32), None))):
+        ref = make().to(TRITON_DEVICE, dtype)
+        ker = make().to(TRITON_DEVICE, dtype)
+        ker.load_state_dict(ref.state_dict())
+        for m in ker.modules():
+            if hasattr(m, "backend"):
+                m.backend = "triton"
+        x = inputs[0].to(TRITON_DEVICE, dtype)
+        if inputs[1] is None:  # AdaLayerNormZero(x, emb=...) returns a tuple
+            emb = torch.randn(2, 32).to(TRITON_DEVICE, dtype)
+            call = lambda m: m(x, emb=emb)  # noqa: E731
+        else:
+            c = inputs[1].to(TRITON_DEVICE, dtype)
+            call = lambda m: (m(x, c),)  # noqa: E731
+        refs = call(ref)
+        with fastgen.backend.trace() as ran:
+            outs = call(ker)
+        assert ran and all(impl == "triton" for _, impl in ran), ran
+        for o, r in zip(outs, refs):
+            assert_close(o, r, scale=2)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from conftest import TRITON_DEVICE, requires_gpu
+from conftest import TRITON_DEVICE, assert_fa_rule, max_err, requires_gpu
 
 import fastgen
 from fastgen.backend import BackendUnavailableError
@@ -79,14 +79,8 @@ def _attention64(q, k, v, causal, scale):
     return torch.einsum("bhij,bhjd->bhid", w / w.sum(-1, keepdim=True), v), torch.logsumexp(s, -1)
 
 
-def _err(a, b):
-    return (a.double() - b.double()).nan_to_num(posinf=1e9, neginf=-1e9).abs().max().item()
-
-
-def _fa_rule(name, out, lowp, ref, atol):
-    """FlashAttention rule: no worse than twice plain torch in the same dtype, plus atol."""
-    err, base = _err(out, ref), _err(lowp, ref)
-    assert err <= 2 * base + atol, f"{name}: max error {err:.3g} > 2 * {base:.3g} (torch in the same dtype) + {atol}"
+_err = max_err  # NaN / inf where the reference is finite is an infinite error
+_fa_rule = assert_fa_rule
 
 
 def _check_against_references(q, k, v, causal, layout, backend="triton", scale=None, blocks=(32, 32)):
@@ -624,8 +618,17 @@ def test_tma_matches_pointer_loads(B, Sq, Sk, H, HK, D, causal, layout, dtype, m
                 ka.forced_tma_config(cands(D, True), True)["BLOCK_DR"] == cands(D)[0]["BLOCK_DR"] for cands in
                 (ka.attention_fwd_candidates, kb.attention_bwd_dkdv_candidates, kb.attention_bwd_dq_candidates))
     assert len(made) == expected  # pointer loads: no descriptors
-    if not ON_GPU and same_blocks:  # same loads, same math: bit-identical in the interpreter
-        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    if same_blocks:
+        # Same blocks, same math, but not bit-identical on every machine: the interpreter's dots go
+        # through NumPy/BLAS, whose fp32 summation order depends on the BLAS build and on the layout
+        # of the loaded blocks (TMA and pointer loads lay them out differently); a GPU's two paths
+        # may schedule their MMAs differently too. Both round the same fp32 sums once, so they agree
+        # to an ulp or two of the dtype on values, plus fp32 summation noise near zero.
+        for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *runs):
+            eps = torch.finfo(a.dtype).eps
+            amax = b.detach().abs().max().item()
+            torch.testing.assert_close(a, b, rtol=2 * eps, atol=1e-4 * amax + 1e-6,
+                                       msg=lambda m, name=name: f"TMA vs pointer loads, {name}: {m}")
     o1, l1, *g1 = runs[0]
     ro, rlse = attention_ref(q, k, v, causal=causal, layout=layout, return_lse=True)
     rgrads = torch.autograd.grad(ro.float(), (q, k, v), do.float())

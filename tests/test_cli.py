@@ -37,7 +37,9 @@ def test_info_json(capsys):
     assert info["tuning"]["tma"] == any(float(g["capability"]) >= 9 for g in info["gpus"])
     for op, picks in info["auto"].items():
         assert picks["cpu"] == backend.resolve(op, "auto", torch.device("cpu"))
-        assert picks["cuda"] in ("torch", "triton", "cuda")
+        listed = backend.AUTO_ON_CUDA[op]
+        runnable = listed == "torch" or backend.unavailable_reason(listed, torch.device("cuda")) is None
+        assert picks["cuda"] == (listed if runnable else "torch")
 
 
 def test_info_text(capsys):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, TRITON_DEVICE, assert_close, requires_gpu
+from conftest import DTYPES, TRITON_DEVICE, assert_close, requires_gpu, run_auto_as
 
 import fastgen
 from fastgen.backend import BackendUnavailableError
@@ -598,7 +598,9 @@ def test_gpu_fp32_params_and_odd_layouts(backend):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_auto_matches_reference():
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_auto_matches_reference(impl, monkeypatch):
     x = torch.randn(2, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
-    assert_close(group_norm(x, 32, activation="silu"), group_norm_ref(x, 32, activation="silu"))
+    y = run_auto_as(monkeypatch, "group_norm", impl, lambda: group_norm(x, 32, activation="silu"))
+    assert_close(y, group_norm_ref(x, 32, activation="silu"))
 

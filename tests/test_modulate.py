@@ -209,7 +209,9 @@ def test_triton_wide_gated_residual_large_mean(dtype):
     y, gate, sh, sc = (0.5 * torch.randn(4, B, S, N, generator=g)).to(TRITON_DEVICE, dtype).unbind(0)
     h, x_new = gated_residual_layer_norm_modulate(x, y, gate, sh, sc, eps=EPS, backend="triton")
     hr, x_newr = gated_residual_layer_norm_modulate_ref(x, y, gate, sh, sc, eps=EPS)
-    assert torch.equal(x_new, x_newr)
+    # x + gate * y: one rounding of the fp32 sum in torch; a compiled kernel contracts it into an FMA,
+    # so the two may differ by one ulp of the stored dtype (never more).
+    torch.testing.assert_close(x_new, x_newr, rtol=torch.finfo(dtype).eps, atol=0)
     h64 = _ln64(x_newr, None, None, EPS) * (1 + sc.double()) + sh.double()
     atol = 1e-6 if dtype == torch.float32 else 1e-2
     assert (h.double() - h64).abs().max() <= 2 * (hr.double() - h64).abs().max() + atol

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, TRITON_DEVICE, assert_close, requires_gpu
+from conftest import DTYPES, TRITON_DEVICE, assert_close, requires_gpu, run_auto_as
 
 import fastgen
 from fastgen.backend import BackendUnavailableError
@@ -402,6 +402,7 @@ def test_gpu_deterministic_and_compiled(backend):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_auto_matches_reference():
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_auto_matches_reference(impl, monkeypatch):
     x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
-    assert_close(rms_norm(x), rms_norm_ref(x))
+    assert_close(run_auto_as(monkeypatch, "rms_norm", impl, lambda: rms_norm(x)), rms_norm_ref(x))

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, HAS_CUDA, TRITON_DEVICE, assert_close, requires_gpu
+from conftest import DTYPES, TRITON_DEVICE, assert_close, requires_gpu, run_auto_as
 
 import fastgen
 from fastgen.backend import BackendUnavailableError
@@ -432,11 +432,12 @@ def test_gpu_flux_qkv_views_inplace_and_compiled(backend):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_auto_matches_reference():
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_auto_matches_reference(impl, monkeypatch):
     q, k = _qk(2, 100, 4, 4, 64, torch.bfloat16, "bshd", "cuda")
     cos, sin = _tables(100, 64, False, "cuda")
-    assert_close(apply_rope(q, k, cos, sin)[0], apply_rope_ref(q, k, cos, sin)[0])
-    assert HAS_CUDA and fastgen.backend.resolve("apply_rope", "auto", q.device) in ("torch", "triton", "cuda")
+    out = run_auto_as(monkeypatch, "apply_rope", impl, lambda: apply_rope(q, k, cos, sin))
+    assert_close(out[0], apply_rope_ref(q, k, cos, sin)[0])
 
 
 # ----------------------------------------------------------------------------- benchmark suite
