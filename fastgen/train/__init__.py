@@ -1,0 +1,1 @@
+"""fastgen.train."""
