@@ -91,3 +91,43 @@ def check_grad(p, name: str) -> bool:
     if p.grad.is_sparse:
         raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam")
     return True
+
+
+def check_torch_flags(name: str, *, differentiable: bool = False, foreach=None, fused=None) -> None:
+    """The flags of ``torch.optim`` constructors that a fused optimizer takes for drop-in use.
+
+    ``foreach`` and ``fused`` pick between torch's own implementations; a fused optimizer has
+    one (its backend decides), so any value is accepted and does nothing. ``differentiable``
+    (autograd through the step) is not served: True raises."""
+    if differentiable:
+        raise ValueError(f"{name}: differentiable=True (autograd through the optimizer step) is not supported; "
+                         "use torch.optim with differentiable=True for that")
+    for flag, value in (("foreach", foreach), ("fused", fused)):
+        if value not in (None, True, False):
+            raise TypeError(f"{name}: {flag} must be None or a bool, got {value!r}")
+
+
+def check_state_kind(name: str, state_dict: dict, allowed: set, required: set, hint: str = "") -> None:
+    """Refuse a state dict whose per-parameter states are another optimizer's (an AdamW dict
+    into an 8-bit AdamW, a Lion dict into AdamW, ...): every state's keys must lie in
+    ``allowed`` and include ``required``. ``hint`` says how to convert, where there is a way."""
+    for pid, state in state_dict.get("state", {}).items():
+        keys = set(state)
+        if not keys:
+            continue
+        if not keys <= allowed or not required <= keys:
+            raise ValueError(
+                f"{name}.load_state_dict: the state of parameter {pid} has keys {sorted(keys)}, which are not "
+                f"{name}'s (expected {sorted(required)}, at most {sorted(allowed)}); this state dict comes from "
+                f"another optimizer kind{'. ' + hint if hint else ''}")
+
+
+def check_capture_ready(opt: torch.optim.Optimizer, group: dict, name: str) -> None:
+    """With ``capturable=True``: a step captured into a CUDA graph must find every state already
+    allocated (allocation and the launch tables' host-to-device copies belong to an eager step)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    for p in group["params"]:
+        if p.grad is not None and not opt.state.get(p):
+            raise RuntimeError(f"{name}: a CUDA graph capture found a parameter without optimizer state; "
+                               "run one eager step before capturing (it allocates the states)")

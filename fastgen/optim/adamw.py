@@ -26,10 +26,38 @@ from typing import Optional
 import torch
 
 from fastgen.backend import resolve
-from fastgen.optim._common import bucket, check_grad, load_states_without_cast, local, stochastic_round_bf16
+from fastgen.optim._common import (bucket, check_capture_ready, check_grad, check_state_kind, check_torch_flags,
+                                   load_states_without_cast, local, stochastic_round_bf16)
 
 
 class FusedAdamW(torch.optim.Optimizer):
+    r"""AdamW (decoupled weight decay) over whole parameter lists in one kernel launch per dtype mix.
+
+    A drop-in for ``torch.optim.AdamW``: the same arguments, defaults, update and state dict.
+    Per parameter, with ``t`` its step count and ``g`` its gradient (``-g`` if ``maximize``),
+    in fp32 whatever the storage dtypes::
+
+        p <- p * (1 - lr * weight_decay)
+        m <- lerp(m, g, 1 - beta1)                      = beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        v_hat = max(v_max, v)  (amsgrad; stored as v_max), else v
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v_hat) / sqrt(1 - beta2^t) + eps)
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+        lr: float or a 0-d fp32 tensor (read on the device: a tensor lr never syncs).
+        betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
+        foreach, fused: accepted for drop-in use and ignored (no-ops): the ``backend``
+            decides the implementation.
+        capturable: honoured — a step never syncs with the host (step counters live on the
+            parameters' device), so it can be captured in a CUDA graph; with ``capturable=True``
+            a capture before the states exist raises (run one eager step first).
+        differentiable: not supported; True raises ``ValueError``.
+        backend: ``"auto" | "triton" | "cuda" | "torch"``.
+        state_dtype: ``None`` / ``torch.float32`` (default) or ``torch.bfloat16`` moments.
+        stochastic_rounding: round bf16 parameters stochastically at the store.
+    """
+
     def __init__(
         self,
         params,
@@ -40,10 +68,16 @@ class FusedAdamW(torch.optim.Optimizer):
         amsgrad=False,
         maximize=False,
         *,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
     ):
+        check_torch_flags("FusedAdamW", differentiable=differentiable, foreach=foreach, fused=fused)
+        betas = tuple(float(b) for b in betas)  # tensor betas (torch allows them) become floats once, here
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError("FusedAdamW: a tensor lr must have one element")
@@ -57,7 +91,8 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"FusedAdamW: invalid weight_decay {weight_decay}")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"FusedAdamW: state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=False, fused=fused)
         super().__init__(params, defaults)
         self.backend = backend
         self.state_dtype = state_dtype or torch.float32
@@ -76,7 +111,11 @@ class FusedAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a FusedAdamW or torch.optim.AdamW state dict; states keep (or get) this optimizer's dtypes."""
+        """Load a FusedAdamW or torch.optim.AdamW state dict; states keep (or get) this optimizer's dtypes.
+        Another optimizer's states (Lion, 8-bit AdamW, ...) raise ``ValueError``."""
+        check_state_kind("FusedAdamW", state_dict, {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+                         {"step", "exp_avg", "exp_avg_sq"},
+                         "An 8-bit AdamW state converts with FusedAdamW8bit.adamw_state_dict().")
         load_states_without_cast(self, state_dict, lambda p, key: torch.float32 if key == "step" else self.state_dtype)
 
     @torch.no_grad()
@@ -87,6 +126,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
+            if group.get("capturable"):
+                check_capture_ready(self, group, "FusedAdamW")
             items = []
             for p in group["params"]:
                 if not check_grad(p, "FusedAdamW"):

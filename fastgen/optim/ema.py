@@ -5,7 +5,7 @@ Every ``update_every``-th call of :meth:`EMA.update` (the n-th averaging update)
     d      = min(decay, (1 + n) / (10 + n))     if warmup, else decay
     shadow <- shadow + (1 - d) * (param - shadow)
 
-for every floating-point parameter, in one multi-tensor launch per dtype pair
+for every tracked parameter (those with ``requires_grad``, by default), in one multi-tensor launch per dtype pair
 (``backend="triton"`` or the CUDA C++ launcher with ``"cuda"``; fp32 math, one rounding
 at the store) or with ``torch._foreach_lerp_`` (``backend="torch"``); buffers
 are copied as they are. The shadow is kept in fp32 by default (``dtype=``), so a bf16
@@ -28,20 +28,80 @@ _LAYOUT = "strided or float64 tensors"
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True, update_every: int = 1,
-                 *, dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
+    r"""An exponential moving average of a model's trainable weights.
+
+    Every ``update_every``-th call of :meth:`update` (the n-th averaging update), for every
+    tracked parameter::
+
+        d      = min(decay, (1 + n) / (10 + n))     if warmup, else decay
+        shadow <- shadow + (1 - d) * (param - shadow)
+
+    Args:
+        model_or_params: an ``nn.Module`` (its named parameters are tracked, its buffers
+            copied) or an iterable of parameters (named ``"0"``, ``"1"``, ... by position).
+        decay, warmup, update_every: the schedule above.
+        dtype: dtype of the shadow (fp32 by default, so a bf16 model's average does not stall
+            on bf16 rounding); ``None`` keeps each parameter's dtype.
+        backend: ``"auto" | "triton" | "cuda" | "torch"``.
+        trainable_only: track only parameters with ``requires_grad`` (the default: a LoRA's
+            frozen base gets no shadow); ``False`` tracks every floating-point parameter.
+
+    ``update()``, ``copy_to()`` and ``average_parameters()`` default to the module or
+    parameters given here; passing another model checks it parameter by parameter and names
+    the first one that differs (missing, or another shape).
+    """
+
+    def __init__(self, model_or_params, decay: float = 0.9999, warmup: bool = True, update_every: int = 1,
+                 *, dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto",
+                 trainable_only: bool = True):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA: decay must be in [0, 1], got {decay}")
         if update_every < 1:
             raise ValueError(f"EMA: update_every must be >= 1, got {update_every}")
         self.decay, self.warmup, self.update_every, self.backend = decay, warmup, update_every, backend
+        self.trainable_only = trainable_only
         self.num_updates = 0  # averaging updates made
         self.num_calls = 0  # calls of update()
-        self.shadow: dict[str, torch.Tensor] = {}
-        for name, p in model.named_parameters():
-            if p.is_floating_point():
-                self.shadow[name] = local(p).detach().to(dtype or p.dtype, copy=True)
-        self.buffers: dict[str, torch.Tensor] = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self._module = model_or_params if isinstance(model_or_params, torch.nn.Module) else None
+        named = self._named(model_or_params)
+        self.params: dict[str, torch.Tensor] = {
+            n: p for n, p in named.items() if p.is_floating_point() and (p.requires_grad or not trainable_only)}
+        if not self.params:
+            raise ValueError("EMA: no parameters to average" + (
+                " (none has requires_grad; pass trainable_only=False to average frozen ones)"
+                if trainable_only and named else ""))
+        self.shadow: dict[str, torch.Tensor] = {
+            n: local(p).detach().to(dtype or p.dtype, copy=True) for n, p in self.params.items()}
+        self.buffers: dict[str, torch.Tensor] = (
+            {n: b.detach().clone() for n, b in self._module.named_buffers()} if self._module is not None else {})
+
+    @staticmethod
+    def _named(model_or_params) -> dict:
+        if isinstance(model_or_params, torch.nn.Module):
+            return dict(model_or_params.named_parameters())
+        if isinstance(model_or_params, torch.Tensor):
+            model_or_params = [model_or_params]
+        return {str(i): p for i, p in enumerate(model_or_params)}
+
+    def _resolve(self, model) -> tuple[dict, Optional[torch.nn.Module]]:
+        """The tracked parameters of ``model`` (default: what this EMA was built on) by name,
+        after checking that each exists with the shadow's shape; and the module, if any."""
+        if model is None:
+            return self.params, self._module
+        named = self._named(model)
+        for name, s in self.shadow.items():
+            p = named.get(name)
+            if p is None:
+                raise ValueError(f"EMA: parameter {name!r} is averaged but the model given has no such parameter "
+                                 "(another architecture?)")
+            if p.shape != self.params[name].shape:
+                raise ValueError(f"EMA: parameter {name!r} has shape {tuple(p.shape)} in the model given but "
+                                 f"{tuple(self.params[name].shape)} in the average (another architecture?)")
+        for name, p in named.items():
+            if name not in self.shadow and p.is_floating_point() and (p.requires_grad or not self.trainable_only):
+                raise ValueError(f"EMA: parameter {name!r} of the model given has no average (another architecture, "
+                                 "or a parameter unfrozen after the EMA was built?)")
+        return {n: named[n] for n in self.shadow}, model if isinstance(model, torch.nn.Module) else None
 
     def current_decay(self) -> float:
         """The decay the next averaging update will use."""
@@ -49,14 +109,14 @@ class EMA:
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model=None) -> None:
         """Fold the model's current weights into the average (every ``update_every``-th call)."""
+        params, module = self._resolve(model)
         self.num_calls += 1
         if self.num_calls % self.update_every:
             return
         decay = self.current_decay()
         self.num_updates += 1
-        params = dict(model.named_parameters())
         groups = defaultdict(lambda: ([], []))
         for name, s in self.shadow.items():
             p = local(params[name]).detach()
@@ -76,36 +136,42 @@ class EMA:
                 ema_update_(shadows, ps, decay)
             else:
                 torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in ps], 1.0 - decay)
-        for name, b in model.named_buffers():
+        self._copy_buffers(module, into_model=False)
+
+    def _copy_buffers(self, module, into_model: bool) -> None:
+        if module is None:
+            return
+        for name, b in module.named_buffers():
             if name in self.buffers:
-                self.buffers[name].copy_(b)
+                (b if into_model else self.buffers[name]).copy_(self.buffers[name] if into_model else b)
 
     @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        """Write the averaged weights (and buffers) into ``model``."""
-        params = dict(model.named_parameters())
+    def copy_to(self, model=None) -> None:
+        """Write the averaged weights (and buffers) into ``model`` (default: the one averaged)."""
+        params, module = self._resolve(model)
         for name, s in self.shadow.items():
             local(params[name]).detach().copy_(s)
-        for name, b in model.named_buffers():
-            if name in self.buffers:
-                b.copy_(self.buffers[name])
+        self._copy_buffers(module, into_model=True)
 
     @contextlib.contextmanager
-    def average_parameters(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Evaluate ``model`` with the averaged weights inside the block; its own come back after."""
-        params = dict(model.named_parameters())
+    def average_parameters(self, model=None) -> Iterator:
+        """Evaluate ``model`` (default: the one averaged) with the averaged weights inside the
+        block; its own come back after."""
+        params, module = self._resolve(model)
         saved = {n: local(params[n]).detach().clone() for n in self.shadow}
-        saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if n in self.buffers}
+        saved_buffers = ({n: b.detach().clone() for n, b in module.named_buffers() if n in self.buffers}
+                         if module is not None else {})
         self.copy_to(model)
         try:
-            yield model
+            yield model if model is not None else (module if module is not None else list(params.values()))
         finally:
             with torch.no_grad():
                 for n, t in saved.items():
                     local(params[n]).detach().copy_(t)
-                for n, b in model.named_buffers():
-                    if n in saved_buffers:
-                        b.copy_(saved_buffers[n])
+                if module is not None:
+                    for n, b in module.named_buffers():
+                        if n in saved_buffers:
+                            b.copy_(saved_buffers[n])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "warmup": self.warmup, "update_every": self.update_every,

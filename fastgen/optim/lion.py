@@ -18,11 +18,36 @@ from typing import Optional
 import torch
 
 from fastgen.backend import resolve
-from fastgen.optim._common import bucket, check_grad, load_states_without_cast, local
+from fastgen.optim._common import (bucket, check_capture_ready, check_grad, check_state_kind, check_torch_flags,
+                                   load_states_without_cast, local)
 
 class FusedLion(torch.optim.Optimizer):
+    r"""Lion (Chen et al., 2023) over whole parameter lists in one kernel launch per dtype mix.
+
+    Per parameter, with ``g`` its gradient (``-g`` if ``maximize``), in fp32::
+
+        c <- beta1 * m + (1 - beta1) * g
+        p <- p * (1 - lr * weight_decay) - lr * sign(c)
+        m <- beta2 * m + (1 - beta2) * g
+
+    Takes the arguments Lion implementations commonly take (lion-pytorch, timm, the
+    ``torch.optim`` flags): ``lr``, ``betas``, ``weight_decay``, ``maximize``; ``foreach``,
+    ``fused`` and ``use_triton`` are accepted and ignored (the ``backend`` decides);
+    ``capturable`` is honoured (a step never syncs with the host; ``capturable=True`` refuses a
+    capture before the states exist); ``differentiable=True`` and
+    ``decoupled_weight_decay=True`` (lion-pytorch's weight decay divided by the initial lr)
+    raise ``ValueError``. State: ``exp_avg`` per parameter (fp32, or ``state_dtype``).
+    """
+
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, use_triton: bool = False, decoupled_weight_decay: bool = False,
                  backend: str = "auto", state_dtype: Optional[torch.dtype] = None):
+        check_torch_flags("FusedLion", differentiable=differentiable, foreach=foreach, fused=fused)
+        if decoupled_weight_decay:
+            raise ValueError("FusedLion: decoupled_weight_decay=True is not supported; pass "
+                             "weight_decay=wd / lr to get lion-pytorch's decoupled decay at a fixed lr")
+        betas = tuple(float(b) for b in betas)
         if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:
             raise ValueError(f"FusedLion: invalid learning rate {lr}")
         if not (0.0 <= betas[0] <= 1.0 and 0.0 <= betas[1] <= 1.0):
@@ -31,11 +56,14 @@ class FusedLion(torch.optim.Optimizer):
             raise ValueError(f"FusedLion: invalid weight_decay {weight_decay}")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"FusedLion: state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}")
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                                      foreach=foreach, capturable=capturable, differentiable=False, fused=fused))
         self.backend = backend
         self.state_dtype = state_dtype or torch.float32
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a FusedLion state dict (another optimizer's states raise ``ValueError``)."""
+        check_state_kind("FusedLion", state_dict, {"exp_avg"}, {"exp_avg"})
         load_states_without_cast(self, state_dict, lambda p, key: self.state_dtype)
 
     @torch.no_grad()
@@ -45,6 +73,8 @@ class FusedLion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if group.get("capturable"):
+                check_capture_ready(self, group, "FusedLion")
             items = []
             for p in group["params"]:
                 if not check_grad(p, "FusedLion"):
