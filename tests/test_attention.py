@@ -492,6 +492,34 @@ def test_bad_inputs(call, error, message):
         call()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cu_q, cu_k, max_q, message", [
+    ([0, 3, 10], [0, 3, 10], None, r"end at the packed length 8"),  # past the end: out-of-bounds writes
+    ([0, 6, 3, 8], [0, 6, 3, 8], None, r"never decrease"),
+    ([0, 3, 6], [0, 3, 6], None, r"end at the packed length 8"),  # short: rows left unwritten
+    ([1, 3, 8], [0, 3, 8], None, r"cu_seqlens_q must start at 0"),
+    ([0, 3, 8], [0, 3, 8], 4, r"max_seqlen_q=4 is smaller than the longest sequence \(5\)"),
+])
+def test_bad_cu_seqlens_are_refused_by_every_backend(backend, cu_q, cu_k, max_q, message):
+    """Index tensors the kernels trust: each backend gives the same clear error (before the check the
+    Triton path wrote out of bounds and the torch path returned another shape)."""
+    q = torch.randn(8, 2, 16, dtype=BF16, device=TRITON_DEVICE)
+    cq, ck = (torch.tensor(c, dtype=torch.int32, device=TRITON_DEVICE) for c in (cu_q, cu_k))
+    with pytest.raises(ValueError, match=message):
+        attention(q, q, q, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max_q, backend=backend)
+
+
+def test_varlen_max_seqlen_is_computed_and_a_larger_one_is_fine():
+    q = torch.randn(8, 2, 16, dtype=BF16, device=TRITON_DEVICE)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=TRITON_DEVICE)
+    ref = attention_ref(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with forced_blocks(16, 16) if not ON_GPU else contextlib.nullcontext():
+        for max_len in (None, 5, 9):
+            out = attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                            backend="triton")
+            assert max_err(out, ref) < 2e-2
+
+
 # ----------------------------------------------------------------------------- benchmark suite
 
 

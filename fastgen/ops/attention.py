@@ -149,8 +149,47 @@ def _validate(q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k) -> None:
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
-        if m is not None and (not isinstance(m, int) or m < 0):
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
             raise ValueError(f"attention: {name} must be a non-negative int or None, got {m!r}")
+    if varlen:
+        return _check_cu_seqlens(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    return max_q, max_k
+
+
+def _tracing() -> bool:
+    """Under torch.compile or CUDA-graph capture a device-to-host read is not allowed."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q, max_k):
+    """The kernels index q, k, v with cu_seqlens and max_seqlen as given: a wrong value reads and
+    writes out of bounds. Checked here with one device-to-host read of both tensors: each must
+    start at 0, never decrease and end at the packed length; max_seqlen must cover the longest
+    sequence. Returns (max_seqlen_q, max_seqlen_k), computed where not given.
+
+    Under torch.compile and CUDA-graph capture the values cannot be read: pass max_seqlen_q / _k
+    there (required), and cu_seqlens that were checked outside (an eager call checks them)."""
+    if _tracing():
+        if max_q is None or max_k is None:
+            raise ValueError("attention: under torch.compile or CUDA-graph capture pass max_seqlen_q and "
+                             "max_seqlen_k with cu_seqlens (they cannot be read from the device there)")
+        return max_q, max_k
+    both = torch.cat([cu_q, cu_k]).tolist()
+    n = cu_q.numel()
+    out = []
+    for name, vals, total, given in (("q", both[:n], total_q, max_q), ("k", both[n:], total_k, max_k)):
+        lens = [b - a for a, b in zip(vals, vals[1:])]
+        if vals[0] != 0 or vals[-1] != total or min(lens, default=0) < 0:
+            raise ValueError(f"attention: cu_seqlens_{name} must start at 0, never decrease and end at the "
+                             f"packed length {total} (the first dim of {name}), got {vals}")
+        longest = max(lens, default=0)
+        if given is not None and given < longest:
+            raise ValueError(f"attention: max_seqlen_{name}={given} is smaller than the longest sequence "
+                             f"({longest}) in cu_seqlens_{name}; pass at least {longest}, or omit it")
+        out.append(longest if given is None else given)
+    return tuple(out)
 
 
 def _unsupported(q: Tensor) -> Optional[str]:
@@ -281,27 +320,26 @@ def attention(
       may pick different configs in different processes; ``deterministic=True`` (or
       ``torch.use_deterministic_algorithms(True)``) takes the fixed default configs, so forward
       and gradients are bit-identical across processes too.
-    - ``max_seqlen_q`` / ``max_seqlen_k`` (varlen): the longest sequence (must not be smaller:
-      the kernels' grid covers ``max_seqlen_q`` rows per sequence); computed from cu_seqlens
-      (one device sync) when omitted — pass them under ``torch.compile``.
+    - ``max_seqlen_q`` / ``max_seqlen_k`` (varlen): at least the longest sequence (the kernels'
+      grid covers ``max_seqlen_q`` rows per sequence); computed when omitted. ``cu_seqlens``
+      must start at 0, never decrease and end at the packed length; both are checked with one
+      device-to-host read per call (a clear ``ValueError``, never an out-of-bounds access).
+      Under torch.compile / CUDA-graph capture that read is impossible: pass the max lengths,
+      and cu_seqlens that an eager call has checked.
 
     ``backend``: ``"auto"`` (default), ``"triton"`` or ``"torch"``. An explicit ``"triton"`` that
     cannot serve the call raises ``fastgen.backend.BackendUnavailableError``. Registered as
     ``torch.ops.fastgen.attention_fwd`` / ``attention_bwd`` (torch.compile ``fullgraph=True`` works).
     """
-    _validate(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    max_seqlen_q, max_seqlen_k = _validate(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
+                                           max_seqlen_q, max_seqlen_k)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     impl = resolve("attention", backend, q.device, {"triton": _unsupported(q), "cuda": "there is no CUDA C++ "
                                                     "attention in fastgen; use backend='triton' or 'torch'"})
     if impl == "torch" or q.numel() == 0 or k.numel() == 0:
         return attention_ref(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if cu_seqlens_q is not None:
-        if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-        if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item())
-    else:
+    if cu_seqlens_q is None:
         max_seqlen_q = max_seqlen_k = 0
     o, lse = _AttentionFunction.apply(q, k, v, bool(causal), scale, layout, cu_seqlens_q, cu_seqlens_k,
                                       max_seqlen_q, max_seqlen_k, deterministic)
