@@ -1,0 +1,416 @@
+"""Flux.1: the double-stream + single-stream MMDiT with rotary positions, on fastgen's fused ops.
+
+Same math and weights as diffusers' ``FluxTransformer2DModel``. Shapes (D = heads * d, Si
+packed image tokens, St text tokens, S = St + Si, R = sum(axes_dims_rope) = d)::
+
+    hidden_states          (B, Si, in_channels)   packed 2x2 latent patches
+    encoder_hidden_states  (B, St, joint_dim)     T5 token embeddings
+    pooled_projections     (B, pooled_dim)        pooled CLIP embedding
+    timestep, guidance     (B,)                   in [0, 1]; both scaled by 1000 (guidance: Flux-dev)
+    txt_ids, img_ids       (St, 3), (Si, 3)       rotary ids (0, row, col) per token
+
+    x = x_embedder(hidden_states), c = context_embedder(encoder_hidden_states)
+    temb = MLP_t(sin(1000 t)) [+ MLP_g(sin(1000 g))] + MLP_y(pooled);  e = silu(temb)
+    cos, sin = rope tables of [txt_ids; img_ids]  (S, d), interleaved pairs, per-axis frequencies
+
+    double block (per stream AdaLN-Zero, as SD3's, text tokens FIRST in the joint sequence):
+        h = LN(x)(1 + scale) + shift;  q, k, v = h Wqkv            one GEMM per stream
+        q, k = rope(RMSNorm(q)), rope(RMSNorm(k))                  qk_norm_rope (one pass per stream)
+        o = attention([q_c; q_x], [k_c; k_x], [v_c; v_x])          one call over S tokens
+        x, h = x + gate1 o Wo, LN(.)(1 + scale2) + shift2          gated_residual_layer_norm_modulate
+        x = x + gate2 FF(h)                                        gated_residual, fused FF
+    single block (on the joint sequence z = [c; x]):
+        h = LN(z)(1 + scale) + shift;  [q k v m] = h W1            one GEMM: QKV and the MLP input
+        q, k = rope(RMSNorm(q)), rope(RMSNorm(k));  o = attention(q, k, v)
+        z = z + gate ([o, gelu_tanh(m)] W2)                        W2 applied as o W2a + gelu(m) W2b
+    out = (LN(x)(1 + scale) + shift) W_out                          (B, Si, p^2 C_out)
+
+The single block never builds ``[o, gelu(m)]`` nor keeps ``gelu(m)`` for backward (it is
+recomputed from ``m``, a view of the W1 output that attention's v already keeps alive).
+
+Weights: fastgen fuses ``attn.to_q/k/v`` into ``attn.to_qkv``, ``add_q/k/v_proj`` into
+``attn.to_added_qkv`` and, in single blocks, q, k, v and ``proj_mlp`` into ``linear1`` (BFL's
+own layout). ``from_pretrained`` reads the diffusers layout and BFL's single files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.models.sd3 import (
+    AdaLN,
+    FeedForward,
+    ModelOutputMixin,
+    TimeTextEmbed,
+    _Weight,
+    check_tensor,
+    config_from_dict,
+    gelu_linear,
+    output,
+)
+from fastgen.ops import (
+    attention,
+    gated_residual,
+    gated_residual_layer_norm_modulate,
+    layer_norm_modulate,
+    qk_norm_rope,
+    rope_frequencies,
+)
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class FluxConfig:
+    """The fields of diffusers' ``FluxTransformer2DModel`` config (same names, same defaults)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: Optional[int] = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple = (16, 56, 56)
+
+    def __post_init__(self):
+        self.axes_dims_rope = tuple(self.axes_dims_rope)
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(f"FluxConfig: axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
+                             f"({self.attention_head_dim}): the rotation covers the whole head")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return 4 * self.inner_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.patch_size ** 2 * (self.out_channels or self.in_channels)
+
+    @classmethod
+    def preset(cls, name: str) -> "FluxConfig":
+        """A released configuration: ``"flux.1-dev"`` or ``"flux.1-schnell"``."""
+        if name not in FLUX_PRESETS:
+            raise ValueError(f"FluxConfig.preset: unknown preset {name!r}; known: {sorted(FLUX_PRESETS)}")
+        return cls(**FLUX_PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FluxConfig":
+        """From a diffusers ``config.json`` dict (``_class_name`` and other ``_`` keys ignored)."""
+        return config_from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+FLUX_PRESETS: dict[str, dict] = {
+    "flux.1-dev": dict(guidance_embeds=True),
+    "flux.1-schnell": dict(guidance_embeds=False),
+}
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class _QKNorms(nn.Module):
+    """The per-head RMSNorm weights of a single block's attention (keys ``attn.norm_q/k.weight``)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm_q, self.norm_k = _Weight(d), _Weight(d)
+
+
+class FluxAttention(nn.Module):
+    """The double block's joint attention: QKV per stream in one GEMM, ``qk_norm_rope`` per stream,
+    one ``fastgen.ops.attention`` over ``[text; image]``."""
+
+    def __init__(self, cfg: FluxConfig, backend: str):
+        super().__init__()
+        D, d = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.head_dim, self.backend = cfg.num_attention_heads, d, backend
+        self.to_qkv, self.to_added_qkv = nn.Linear(D, 3 * D), nn.Linear(D, 3 * D)
+        self.to_out, self.to_add_out = nn.Linear(D, D), nn.Linear(D, D)
+        self.norm_q, self.norm_k = _Weight(d), _Weight(d)
+        self.norm_added_q, self.norm_added_k = _Weight(d), _Weight(d)
+
+    def forward(self, h: Tensor, ch: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        St = ch.shape[1]
+        qkv = self.to_qkv(h).unflatten(-1, (3, self.heads, self.head_dim))  # (B, Si, 3, H, d)
+        cqkv = self.to_added_qkv(ch).unflatten(-1, (3, self.heads, self.head_dim))  # (B, St, 3, H, d)
+        q, k = qk_norm_rope(qkv[:, :, 0], qkv[:, :, 1], self.norm_q.weight, self.norm_k.weight, cos[St:], sin[St:],
+                            1e-6, "bshd", interleaved=True, backend=self.backend)
+        cq, ck = qk_norm_rope(cqkv[:, :, 0], cqkv[:, :, 1], self.norm_added_q.weight, self.norm_added_k.weight,
+                              cos[:St], sin[:St], 1e-6, "bshd", interleaved=True, backend=self.backend)
+        o = attention(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], 1),
+                      layout="bshd", backend=self.backend).flatten(2)  # (B, S, D)
+        return self.to_out(o[:, St:]), self.to_add_out(o[:, :St])
+
+
+class FluxTransformerBlock(nn.Module):
+    """Double-stream block (diffusers' ``FluxTransformerBlock``): ``(x, c) -> (c, x)``."""
+
+    def __init__(self, cfg: FluxConfig, backend: str):
+        super().__init__()
+        D = cfg.inner_dim
+        self.backend = backend
+        self.norm1, self.norm1_context = AdaLN(D, 6), AdaLN(D, 6)
+        self.attn = FluxAttention(cfg, backend)
+        self.ff, self.ff_context = FeedForward(D, 4 * D), FeedForward(D, 4 * D)
+
+    def forward(self, x: Tensor, c: Tensor, e: Tensor, cos: Tensor, sin: Tensor):
+        be = self.backend
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(e)
+        cshift1, cscale1, cgate1, cshift2, cscale2, cgate2 = self.norm1_context(e)
+        h = layer_norm_modulate(x, shift1, scale1, 1e-6, backend=be)
+        ch = layer_norm_modulate(c, cshift1, cscale1, 1e-6, backend=be)
+        o, co = self.attn(h, ch, cos, sin)
+        h, x = gated_residual_layer_norm_modulate(x, o, gate1, shift2, scale2, 1e-6, backend=be)
+        x = gated_residual(x, self.ff(h), gate2, backend=be)
+        ch, c = gated_residual_layer_norm_modulate(c, co, cgate1, cshift2, cscale2, 1e-6, backend=be)
+        c = gated_residual(c, self.ff_context(ch), cgate2, backend=be)
+        return _clip_fp16(c), _clip_fp16(x)
+
+
+class FluxSingleTransformerBlock(nn.Module):
+    """Single-stream block (diffusers' ``FluxSingleTransformerBlock``) on the joint sequence ``z = [c; x]``."""
+
+    def __init__(self, cfg: FluxConfig, backend: str):
+        super().__init__()
+        D, d = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.head_dim, self.dim, self.backend = cfg.num_attention_heads, d, D, backend
+        self.norm = AdaLN(D, 3)
+        self.linear1 = nn.Linear(D, 3 * D + cfg.mlp_hidden_dim)
+        self.attn = _QKNorms(d)
+        self.proj_out = nn.Linear(D + cfg.mlp_hidden_dim, D)
+
+    def forward(self, z: Tensor, e: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        be, D = self.backend, self.dim
+        shift, scale, gate = self.norm(e)
+        h = layer_norm_modulate(z, shift, scale, 1e-6, backend=be)
+        p = self.linear1(h)  # (B, S, 3D + mlp)
+        qkv, m = p[..., :3 * D].unflatten(-1, (3, self.heads, self.head_dim)), p[..., 3 * D:]
+        q, k = qk_norm_rope(qkv[:, :, 0], qkv[:, :, 1], self.attn.norm_q.weight, self.attn.norm_k.weight, cos, sin,
+                            1e-6, "bshd", interleaved=True, backend=be)
+        o = attention(q, k, qkv[:, :, 2], layout="bshd", backend=be).flatten(2)
+        w = self.proj_out.weight
+        y = F.linear(o, w[:, :D], self.proj_out.bias) + gelu_linear(m, w[:, D:], None)
+        return _clip_fp16(gated_residual(z, y, gate, backend=be))
+
+
+def _clip_fp16(x: Tensor) -> Tensor:
+    """diffusers clips the fp16 residual stream to the finite range after every block."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class Flux(ModelOutputMixin, nn.Module):
+    """Flux.1 transformer (diffusers ``FluxTransformer2DModel`` math and weights).
+
+    ``Flux(config | preset name, backend="auto")``; ``backend`` goes to every fastgen op call.
+    """
+
+    config_class = FluxConfig
+
+    def __init__(self, config: "FluxConfig | str | None" = None, backend: str = "auto", **overrides):
+        super().__init__()
+        if config is None or isinstance(config, str):
+            config = FluxConfig.preset(config) if config else FluxConfig()
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = cfg = config
+        self.backend = backend
+        self.gradient_checkpointing = False
+        D = cfg.inner_dim
+        self.time_text_embed = TimeTextEmbed(D, cfg.pooled_projection_dim, guidance=cfg.guidance_embeds)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
+        self.x_embedder = nn.Linear(cfg.in_channels, D)
+        self.transformer_blocks = nn.ModuleList([FluxTransformerBlock(cfg, backend) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList(
+            [FluxSingleTransformerBlock(cfg, backend) for _ in range(cfg.num_single_layers)]
+        )
+        self.norm_out = AdaLN(D, 2)
+        self.proj_out = nn.Linear(D, cfg.out_dim)
+
+    def rope_tables(self, txt_ids: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin ``(St + Si, d)`` fp32 of ``[txt_ids; img_ids]`` (diffusers' ``FluxPosEmbed(10000, axes)``)."""
+        return rope_frequencies(torch.cat([txt_ids, img_ids], 0), self.config.axes_dims_rope, 10000.0,
+                                interleaved=True)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        pooled_projections: Optional[Tensor] = None,
+        timestep: Optional[Tensor] = None,
+        img_ids: Optional[Tensor] = None,
+        txt_ids: Optional[Tensor] = None,
+        guidance: Optional[Tensor] = None,
+        joint_attention_kwargs: Optional[dict] = None,
+        controlnet_block_samples=None,
+        controlnet_single_block_samples=None,
+        return_dict: bool = True,
+        controlnet_blocks_repeat: bool = False,
+    ):
+        """Arguments and result as ``FluxTransformer2DModel.forward`` (see the module docstring for shapes)."""
+        txt_ids, img_ids = self._validate(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                          img_ids, txt_ids, guidance)
+        self._check_joint_kwargs(joint_attention_kwargs)
+        x = self.x_embedder(hidden_states)
+        t = timestep.to(x.dtype) * 1000
+        g = guidance.to(x.dtype) * 1000 if guidance is not None else None
+        e = F.silu(self.time_text_embed(t, pooled_projections, g))
+        c = self.context_embedder(encoder_hidden_states)
+        cos, sin = self.rope_tables(txt_ids, img_ids)
+        cos, sin = cos.to(x.device), sin.to(x.device)
+        for i, block in enumerate(self.transformer_blocks):
+            c, x = self._run_block(block, x, c, e, cos, sin)
+            if controlnet_block_samples is not None:
+                n = len(controlnet_block_samples)
+                every = -(-len(self.transformer_blocks) // n)
+                x = x + controlnet_block_samples[i % n if controlnet_blocks_repeat else i // every]
+        St = c.shape[1]
+        z = torch.cat([c, x], 1)
+        for i, block in enumerate(self.single_transformer_blocks):
+            z = self._run_block(block, z, e, cos, sin)
+            if controlnet_single_block_samples is not None:
+                every = -(-len(self.single_transformer_blocks) // len(controlnet_single_block_samples))
+                z = torch.cat([z[:, :St], z[:, St:] + controlnet_single_block_samples[i // every]], 1)
+        x = z[:, St:]
+        scale, shift = self.norm_out(e.to(x.dtype))
+        x = layer_norm_modulate(x, shift, scale, 1e-6, backend=self.backend)
+        return output(self.proj_out(x), return_dict)
+
+    def _validate(self, x, ctx, pooled, t, img_ids, txt_ids, guidance):
+        cfg, name = self.config, "Flux"
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"{name}: hidden_states must be packed latent tokens (B, Si, {cfg.in_channels}), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        B, Si, C = x.shape
+        if C != cfg.in_channels:
+            raise ValueError(f"{name}: hidden_states has {C} channels, the config expects in_channels={cfg.in_channels}"
+                             " (Flux packs 2x2 patches of a 16-channel latent into 64)")
+        check_tensor(name, "encoder_hidden_states", ctx, 3, cfg.joint_attention_dim, B)
+        check_tensor(name, "pooled_projections", pooled, 2, cfg.pooled_projection_dim, B)
+        if t is None:
+            raise ValueError(f"{name}: timestep is required")
+        if cfg.guidance_embeds and guidance is None:
+            raise ValueError(f"{name}: guidance is required: this config has guidance_embeds=True (Flux.1-dev)")
+        if not cfg.guidance_embeds and guidance is not None:
+            raise ValueError(f"{name}: guidance was given but this config has guidance_embeds=False (Flux.1-schnell)")
+        ids = []
+        for nm, v, n in (("txt_ids", txt_ids, ctx.shape[1]), ("img_ids", img_ids, Si)):
+            if v is None:
+                raise ValueError(f"{name}: {nm} is required ({n}, {len(cfg.axes_dims_rope)}) rotary ids")
+            v = v[0] if v.dim() == 3 else v  # diffusers' deprecated batched ids
+            if v.shape != (n, len(cfg.axes_dims_rope)):
+                raise ValueError(f"{name}: {nm} must have shape ({n}, {len(cfg.axes_dims_rope)}), got {tuple(v.shape)}")
+            ids.append(v)
+        return ids[0], ids[1]
+
+    # ------------------------------------------------------------------ weights
+
+    @staticmethod
+    def fused_parts(cfg: FluxConfig) -> dict[str, list[tuple[str, int]]]:
+        """fastgen key -> [(diffusers key, rows)] for the fused tensors (concatenated along dim 0)."""
+        D, parts = cfg.inner_dim, {}
+        for kind in ("weight", "bias"):
+            for i in range(cfg.num_layers):
+                pre = f"transformer_blocks.{i}.attn."
+                parts[f"{pre}to_qkv.{kind}"] = [(f"{pre}to_{n}.{kind}", D) for n in "qkv"]
+                parts[f"{pre}to_added_qkv.{kind}"] = [(f"{pre}add_{n}_proj.{kind}", D) for n in "qkv"]
+            for i in range(cfg.num_single_layers):
+                pre = f"single_transformer_blocks.{i}."
+                parts[f"{pre}linear1.{kind}"] = [(f"{pre}attn.to_{n}.{kind}", D) for n in "qkv"] + [
+                    (f"{pre}proj_mlp.{kind}", cfg.mlp_hidden_dim)]
+        return parts
+
+    @staticmethod
+    def rename(key: str) -> str:
+        """fastgen key -> diffusers key of every tensor that is not fused."""
+        return (key.replace(".to_out.", ".to_out.0.").replace(".fc1.", ".net.0.proj.").replace(".fc2.", ".net.2."))
+
+    @classmethod
+    def from_diffusers(cls, model, backend: str = "auto") -> "Flux":
+        """The fastgen model with the weights of a diffusers ``FluxTransformer2DModel``, on its device and in its
+        dtype. Unfused weights share storage with ``model``; the fused ones are new tensors."""
+        from fastgen.models._original_layout import load_fused
+
+        return load_fused(cls, FluxConfig.from_dict(dict(model.config)), model.state_dict(), backend=backend)
+
+    def to_diffusers_state_dict(self) -> dict:
+        """A state dict that ``FluxTransformer2DModel(**config).load_state_dict(sd, strict=True)`` accepts."""
+        from fastgen.models._original_layout import split_fused
+
+        return split_fused(self.state_dict(), self.fused_parts(self.config), self.rename)
+
+    def to_original_state_dict(self) -> dict:
+        """The weights in BFL's original single-file layout (``double_blocks.N...``, ``single_blocks.N...``)."""
+        from fastgen.models._original_layout import diffusers_to_original, flux_table
+
+        return diffusers_to_original(self.to_diffusers_state_dict(), flux_table(self.config))
+
+    @classmethod
+    def from_pretrained(cls, path, torch_dtype: Optional[torch.dtype] = None, device=None,
+                        config: "FluxConfig | str | dict | None" = None, backend: str = "auto",
+                        subfolder: Optional[str] = None) -> "Flux":
+        """Load safetensors in diffusers layout (a model folder with ``config.json``, a pipeline folder with
+        ``transformer/``, a single or a sharded file) or BFL's original single file (``double_blocks.N...``,
+        optionally under ``model.diffusion_model.``). Without ``config`` (a FluxConfig, a dict or a preset
+        name) it is read from ``config.json`` or inferred from the tensor shapes. The model is built on the
+        meta device and each tensor materialised once, on ``device`` in ``torch_dtype``."""
+        from fastgen.models import _original_layout as lay
+
+        return lay.from_pretrained(cls, path, torch_dtype, device, config, backend, subfolder,
+                                   original_table=lay.flux_table, infer_config=infer_flux_config,
+                                   original_marker="double_blocks.", diffusers_marker="transformer_blocks.")
+
+
+def infer_flux_config(sd: dict, layout: str) -> FluxConfig:
+    """The FluxConfig of a state dict in the original or diffusers layout, from its keys and shapes. The
+    rotary axes are Flux's (d/8, 7d/16, 7d/16) split of the head dim d (16, 56, 56 at d = 128)."""
+    from fastgen.models._original_layout import PREFIX
+
+    sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
+    orig = layout == "original"
+    names = dict(
+        x="img_in.weight" if orig else "x_embedder.weight",
+        ctx="txt_in.weight" if orig else "context_embedder.weight",
+        pooled="vector_in.in_layer.weight" if orig else "time_text_embed.text_embedder.linear_1.weight",
+        out="final_layer.linear.weight" if orig else "proj_out.weight",
+        qn="double_blocks.0.img_attn.norm.query_norm.scale" if orig else "transformer_blocks.0.attn.norm_q.weight",
+    )
+    absent = [k for k in names.values() if k not in sd]
+    if absent:
+        raise ValueError(f"Flux.from_pretrained: cannot infer the config, the checkpoint lacks {absent}; "
+                         "pass config= (a FluxConfig, a dict or a preset name)")
+    double, single = ("double_blocks.", "single_blocks.") if orig else ("transformer_blocks.", "single_transformer_blocks.")
+    D, C = sd[names["x"]].shape
+    d = sd[names["qn"]].shape[0]
+    out = sd[names["out"]].shape[0]
+    guidance = any(k.startswith("guidance_in." if orig else "time_text_embed.guidance_embedder.") for k in sd)
+    return FluxConfig(
+        in_channels=C, out_channels=None if out == C else out, num_attention_heads=D // d, attention_head_dim=d,
+        num_layers=len({int(k.split(".")[1]) for k in sd if k.startswith(double)}),
+        num_single_layers=len({int(k.split(".")[1]) for k in sd if k.startswith(single)}),
+        joint_attention_dim=sd[names["ctx"]].shape[1], pooled_projection_dim=sd[names["pooled"]].shape[1],
+        guidance_embeds=guidance, axes_dims_rope=(d // 8, 7 * d // 16, d - d // 8 - 7 * d // 16),
+    )
