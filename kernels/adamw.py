@@ -15,6 +15,10 @@ can be captured in a CUDA graph. Parameters and states are stored in their own d
 (states fp32 or bf16) with one rounding per store; ``STOCHASTIC`` rounds bf16
 parameters stochastically (add 16 random bits below the bf16 mantissa, truncate), which
 keeps tiny updates from vanishing in expectation.
+
+Division and square roots are ``tl.math.div_rn`` / ``tl.math.sqrt_rn`` (IEEE round to
+nearest, in Triton 3.6 and 3.9 alike): compiled Triton's ``/`` and ``sqrt`` are approximate
+and flush denormals, and the step is memory-bound, so exactness costs nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def _one_minus_pow(t, ln_beta):
     ``u`` is near 1; below 0.5 there is no cancellation to fix). ``beta = 0``: ``ln_beta = -inf``."""
     x = t * ln_beta
     u = tl.exp(x)
-    em1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
+    em1 = tl.where(u == 1.0, x, tl.math.div_rn((u - 1.0) * x, tl.log(u)))
     return -tl.where(u < 0.5, u - 1.0, em1)
 
 
@@ -98,7 +102,7 @@ def _adamw_kernel(
     else:
         lr = LR
     bias1 = _one_minus_pow(step, ln_beta1)
-    bias2_sqrt = tl.sqrt(_one_minus_pow(step, ln_beta2))
+    bias2_sqrt = tl.math.sqrt_rn(_one_minus_pow(step, ln_beta2))
 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
@@ -116,8 +120,9 @@ def _adamw_kernel(
         vmax_ptr = tensor_ptr(VMAX_PTRS, t, S_DTYPE)
         v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
         tl.store(vmax_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
-    denom = tl.sqrt(v) / bias2_sqrt + eps
-    p = p - (lr / bias1) * (m / denom)
+    # IEEE-rounded division and square root (compiled Triton's `/` and `sqrt` are approximate).
+    denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
+    p = p - tl.math.div_rn(lr, bias1) * tl.math.div_rn(m, denom)
     if STOCHASTIC:
         tl.store(p_ptr + offs, _stochastic_bf16(p, seed, offs), mask=mask)
     else:

@@ -11,11 +11,15 @@ and program ``c`` of the grid handles elements ``[chunk_offs[c], chunk_offs[c] +
 of tensor ``chunk_ids[c]``, casting the address with ``.to(tl.pointer_type(...))``.
 So a step over hundreds of parameters is one launch per dtype combination, not
 one per tensor. Tables are cached on the tensors' addresses, which stay fixed
-from step to step, so the host work of a step is a lookup.
+from step to step, so the host work of a step is a lookup. The cache is least-recently-used
+with one exception: a table used while a CUDA graph is captured is never evicted (the graph
+replays its address), and tables are copied to the device from page-locked memory (a
+pageable host-to-device copy cannot be captured).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -52,23 +56,52 @@ class ChunkTable:
         return self.chunk_ids.numel()
 
 
-_cache: dict = {}
+# Launch tables, least recently used first. A table that was handed out while a CUDA graph
+# was being captured is "pinned": the graph holds its device address, so it is never evicted
+# (evicting it would free memory that every replay of the graph reads).
+_cache: "OrderedDict" = OrderedDict()
+_pinned: set = set()
 _CACHE_LIMIT = 256
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _remember(key, make):
+    capture = capturing()
     value = _cache.get(key)
     if value is None:
-        if len(_cache) >= _CACHE_LIMIT:
-            _cache.clear()
+        evictable = [k for k in _cache if k not in _pinned]
+        while len(_cache) >= _CACHE_LIMIT and evictable:
+            del _cache[evictable.pop(0)]  # the least recently used table no graph uses
         value = _cache[key] = make()
+    else:
+        _cache.move_to_end(key)
+    if capture:
+        _pinned.add(key)
     return value
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A device tensor of host ``values``. For a CUDA device the host side is page-locked and
+    the copy asynchronous: a pageable host-to-device copy is illegal while a graph is being
+    captured, and a pinned source is what a captured copy may read. The host tensor is kept
+    with the device one (``_host``), so it lives as long as any table built from it."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    host = host.pin_memory()
+    out = host.to(device, non_blocking=True)
+    out._host = host  # noqa: SLF001 - keeps the pinned source alive with the table
+    return out
 
 
 def pointer_table(tensors: list[torch.Tensor]) -> torch.Tensor:
     """int64 device tensor of the tensors' addresses (all on one device)."""
     key = ("ptrs", tensors[0].device, tuple(t.data_ptr() for t in tensors))
-    return _remember(key, lambda: torch.tensor(key[2], dtype=torch.int64).to(tensors[0].device))
+    return _remember(key, lambda: to_device(key[2], torch.int64, tensors[0].device))
 
 
 def chunk_table(tensors: list[torch.Tensor], block: int) -> ChunkTable:
@@ -83,10 +116,7 @@ def chunk_table(tensors: list[torch.Tensor], block: int) -> ChunkTable:
             ids.extend([k] * len(starts))
             offs.extend(starts)
         dev = tensors[0].device
-        return ChunkTable(
-            torch.tensor(numels, dtype=torch.int64).to(dev),
-            torch.tensor(ids, dtype=torch.int32).to(dev),
-            torch.tensor(offs, dtype=torch.int64).to(dev),
-        )
+        return ChunkTable(to_device(numels, torch.int64, dev), to_device(ids, torch.int32, dev),
+                          to_device(offs, torch.int64, dev))
 
     return _remember(key, make)
