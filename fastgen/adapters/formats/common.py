@@ -1,0 +1,71 @@
+"""Shared pieces of the adapter file formats: tensor-name suffixes, grouping keys by layer,
+fastgen's own metadata entry."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from fastgen.adapters.state import AdapterWeights, ModuleWeights
+
+FASTGEN_META = "fastgen_adapter"
+
+# LyCORIS / PEFT tensor names of LoHa and LoKr -> fastgen's
+HADA = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b"}
+LOKR = {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a", "lokr_w2_b": "w2b"}
+
+
+class UnmappableKeyError(KeyError):
+    """A key of an adapter file that no format rule (or no layer of the model) maps."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0])
+
+
+def group(items: list[tuple[str, str, str, torch.Tensor]], fmt: str) -> dict[str, ModuleWeights]:
+    """``(layer, canonical tensor name or 'alpha', family, tensor)`` rows -> ModuleWeights by layer;
+    family is "lora", "loha" or "lokr"."""
+    raw: dict[str, dict] = {}
+    for layer, what, family, t in items:
+        entry = raw.setdefault(layer, {"tensors": {}, "alpha": None, "family": None})
+        if what == "alpha":
+            entry["alpha"] = float(t.float().reshape(-1)[0]) if torch.is_tensor(t) else float(t)
+            continue
+        if family != "any":
+            if entry["family"] not in (None, family):
+                raise UnmappableKeyError(f"layer {layer!r} mixes {entry['family']} and {family} tensors in one {fmt} file")
+            entry["family"] = family
+        entry["tensors"][what] = t
+    out = {}
+    for layer, e in raw.items():
+        t, fam = e["tensors"], e["family"] or "lora"
+        need = {"lora": ("down", "up"), "loha": ("w1a", "w1b", "w2a", "w2b")}.get(fam)
+        if fam == "lokr":
+            ok = ("w1" in t or {"w1a", "w1b"} <= t.keys()) and ("w2" in t or {"w2a", "w2b"} <= t.keys())
+        else:
+            ok = all(k in t for k in need)
+        if not ok:
+            raise UnmappableKeyError(f"layer {layer!r} of the {fmt} file has an incomplete {fam} ({sorted(t)} only)")
+        kind = "dora" if fam == "lora" and "magnitude" in t else fam
+        out[layer] = ModuleWeights(kind, t, e["alpha"])
+    return out
+
+
+def fastgen_metadata(w: AdapterWeights) -> dict[str, str]:
+    return {FASTGEN_META: json.dumps({"base": w.base, "base_class": w.base_class, "rslora": w.rslora,
+                                      "kinds": sorted(w.kinds)})}
+
+
+def read_fastgen_metadata(meta: dict, w: AdapterWeights) -> None:
+    if meta and FASTGEN_META in meta:
+        info = json.loads(meta[FASTGEN_META])
+        w.base, w.base_class = info.get("base"), info.get("base_class")
+        w.rslora = bool(info.get("rslora", w.rslora))
+
+
+def effective_alpha(m: ModuleWeights, rslora: bool) -> float | None:
+    """The alpha that gives the same scale without rank-stabilisation (alpha_eff / r = alpha / sqrt(r))."""
+    if m.alpha is None:
+        return None
+    return m.alpha * m.rank**0.5 if rslora and m.kind in ("lora", "dora") else m.alpha

@@ -1,0 +1,75 @@
+"""``lora_add(y, x, down, up, s)``: the linear LoRA branch ``y + s * (x @ down^T) @ up^T``.
+
+Shapes: ``x (..., K)``, ``y (..., N)`` (the base layer's output for ``x``), ``down (R, K)``,
+``up (N, R)``; returns a tensor shaped like ``y``.
+
+- ``backend="torch"`` (and ``"auto"``, which resolves to it until a recorded GPU run says
+  otherwise): the plain composition, out of place.
+- ``backend="triton"``: ``kernels/lora.py`` adds the branch **into ``y`` in place** in one
+  kernel (no ``(tokens x N)`` temporary) and the autograd function below runs its backward
+  (``t = x @ down^T`` and ``dt = s * dy @ up`` in one pass, then rank-R matmuls). ``y`` must not be
+  needed by anything else (a base layer's fresh output is not).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.backend import launchers, resolve
+
+MAX_RANK = 128
+
+
+def lora_add_ref(y: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """The torch reference: ``y + scale * (x @ down^T) @ up^T``."""
+    return y + scale * F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+
+
+def _unsupported(y: Tensor, x: Tensor, down: Tensor) -> Optional[str]:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the fused LoRA kernel covers fp32/fp16/bf16 inputs, got {x.dtype}"
+    if y.dtype != x.dtype:
+        return f"the fused LoRA kernel needs the base output in the input dtype ({y.dtype} vs {x.dtype})"
+    if down.shape[0] > MAX_RANK:
+        return f"the fused LoRA kernel covers ranks up to {MAX_RANK}, got {down.shape[0]}"
+    if not y.is_contiguous():
+        return "the fused LoRA kernel adds into a contiguous base output"
+    return None
+
+
+class _LoRAAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, x, down, up, scale):
+        lk = launchers("lora", "triton")
+        x2 = x.reshape(-1, x.shape[-1])
+        lk.lora_fwd_(y.view(-1, y.shape[-1]), x2, down.t(), up.t(), scale)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x2, down, up)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, down, up = ctx.saved_tensors
+        lk = launchers("lora", "triton")
+        dx, da, db = lk.lora_bwd(dy.reshape(-1, dy.shape[-1]), x2, down.t(), up.t(), ctx.scale)
+        return dy, dx.reshape(ctx.x_shape), da.t(), db.t(), None
+
+
+def lora_add(y: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float, backend: Optional[str] = "auto") -> Tensor:
+    """``y + scale * (x @ down^T) @ up^T`` (see the module docstring for shapes and backends)."""
+    if down.dim() != 2 or up.dim() != 2 or down.shape[1] != x.shape[-1] or up.shape != (y.shape[-1], down.shape[0]):
+        raise ValueError(
+            f"lora_add: x {tuple(x.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)}, y {tuple(y.shape)} "
+            "do not fit y (..., N) = x (..., K) @ down (R, K)^T @ up (N, R)^T"
+        )
+    reasons = {"triton": _unsupported(y, x, down), "cuda": "the LoRA branch has no CUDA C++ kernel; use backend='triton'"}
+    impl = resolve("lora", backend, x.device, reasons)
+    if impl == "torch":
+        return lora_add_ref(y, x, down, up, scale)
+    return _LoRAAdd.apply(y, x, down.to(x.dtype), up.to(x.dtype), float(scale))
