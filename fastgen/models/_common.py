@@ -15,6 +15,9 @@ Embeddings::
         (state-dict keys of diffusers' TimestepEmbedding / PixArtAlphaTextProjection: linear_1, linear_2)
     PatchEmbed2d(in_channels, dim, patch_size, base_size, interpolation_scale=1.0)
         (B, C, H, W) -> (B, H/p * W/p, dim) = conv_p(x) + sincos_pos_embed_2d(...)   (key: proj.weight/bias)
+    GeluFeedForward(dim, inner_dim, approximate="tanh", bias=True)   fc2(gelu(fc1(x))), keys fc1 / fc2;
+        the GELU is recomputed in the backward (gelu_linear): saves fc1's output only, not also gelu's
+    gelu_linear(u, weight, bias, approximate="tanh")     linear(gelu(u)) saving only u for backward
     check_latent(model, x, in_channels, patch_size)      clear errors for bad latents
     unpatchify(x, h, w, p, c)    (B, h*w, p*p*c) -> (B, c, h*p, w*p)  (diffusers' "nhwpqc->nchpwq")
 
@@ -124,6 +127,56 @@ class TimestepMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(_ACTS[self.act](self.linear_1(x)))
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``y = gelu(u) @ W^T + b`` saving ``u`` (not also ``gelu(u)``); gelu(u) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, approximate):
+        ctx.save_for_backward(u, weight)
+        ctx.approximate, ctx.has_bias = approximate, bias is not None
+        return F.linear(F.gelu(u, approximate=approximate), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, weight = ctx.saved_tensors
+        du = dw = db = None
+        if ctx.needs_input_grad[0]:
+            du = torch.ops.aten.gelu_backward(dy @ weight, u, approximate=ctx.approximate)
+        if ctx.needs_input_grad[1]:
+            g = F.gelu(u, approximate=ctx.approximate)
+            dw = dy.reshape(-1, dy.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return du, dw, db, None
+
+
+def gelu_linear(u: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "tanh") -> Tensor:
+    """``F.linear(F.gelu(u, approximate), weight, bias)``, keeping only ``u`` for the backward pass.
+
+    ``u`` (..., K), ``weight`` (M, K), ``bias`` (M,) -> (..., M). Same gradients as autograd of the
+    two ops (``aten.gelu_backward``); the activation memory of the pair halves (one K-wide tensor
+    saved instead of two), at the price of one elementwise GELU in the backward.
+    """
+    if torch.is_grad_enabled() and (u.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return _GeluLinear.apply(u, weight, bias, approximate)
+    return F.linear(F.gelu(u, approximate=approximate), weight, bias)
+
+
+class GeluFeedForward(nn.Module):
+    """``fc2(gelu(fc1(x)))`` (diffusers' FeedForward with "gelu" / "gelu-approximate"), via gelu_linear."""
+
+    def __init__(self, dim: int, inner_dim: int, approximate: str = "tanh", bias: bool = True,
+                 out_dim: Optional[int] = None):
+        super().__init__()
+        self.approximate = approximate
+        self.fc1 = nn.Linear(dim, inner_dim, bias=bias)
+        self.fc2 = nn.Linear(inner_dim, dim if out_dim is None else out_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias, self.approximate)
 
 
 def check_latent(model: str, x: Tensor, in_channels: int, patch_size: int) -> None:
