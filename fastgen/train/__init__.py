@@ -1,1 +1,23 @@
-"""fastgen.train."""
+"""fastgen.train: a diffusion and flow trainer on fastgen's fused optimizer, clipping and EMA.
+
+    from fastgen.train import Config, Trainer
+    Trainer(Config.from_toml("configs/train/dit_shapes.toml")).fit()
+
+Parts (each usable alone): ``objectives`` (denoising and flow-matching losses, timestep
+sampling, weightings, condition dropout), ``config`` (the TOML config), ``data`` (image folder,
+buckets, resumable sharded order), ``checkpoint`` (atomic, verified checkpoints), ``sampling``
+(validation samples), ``loop`` (the Trainer). See docs/train.md.
+"""
+
+from fastgen.train.config import Config, ConfigError
+from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
+
+__all__ = ["Config", "ConfigError", "DenoisingObjective", "FlowMatchingObjective", "Trainer", "drop_conditions"]
+
+
+def __getattr__(name: str):
+    if name == "Trainer":  # imported on first use: the loop pulls in the optimizers and tqdm
+        from fastgen.train.loop import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'fastgen.train' has no attribute {name!r}")

@@ -1,0 +1,288 @@
+"""The trainer's configuration: dataclasses loaded from TOML, validated, every default documented.
+
+A config file has one table per section below (``[model]``, ``[objective]``, ``[data]``,
+``[optim]``, ``[train]``, ``[checkpoint]``, ``[validation]``) plus top-level ``output_dir``.
+Every key is optional; an unknown key is an error that names it (and the closest known key).
+``Config.from_toml(path)`` loads, ``config.to_toml()`` writes the resolved config with each
+field's documentation as a comment (what ``fastgen train CONFIG --print-config`` prints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: an unknown key, a wrong type or a value out of range."""
+
+
+def _f(default, doc: str):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    factory: Union[str, Callable] = _f("fastgen.models:DiT", "what builds the model: 'module:callable' (a class "
+                                       "or function), called with `kwargs`; in Python also a callable")
+    kwargs: dict = _f({}, "keyword arguments of the factory (e.g. sample_size, patch_size, num_layers)")
+    weights: str = _f("", "optional safetensors file loaded into the model before training (strict)")
+    compile: bool = _f(False, "torch.compile the model")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = _f("flow", "'flow' (flow matching / rectified flow, velocity target) or 'denoising' (DDPM family)")
+    prediction: str = _f("epsilon", "denoising: 'epsilon', 'v_prediction' or 'sample'")
+    beta_schedule: str = _f("linear", "denoising: 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
+    num_train_timesteps: int = _f(1000, "denoising: number of discrete steps T; flow: the model timestep is T * sigma")
+    beta_start: float = _f(1e-4, "denoising: first beta")
+    beta_end: float = _f(0.02, "denoising: last beta")
+    loss_weighting: str = _f("none", "denoising: none | snr | min_snr_gamma | debiased; "
+                                     "flow: none | sigma_sqrt | cosmap")
+    snr_gamma: float = _f(5.0, "denoising: gamma of min_snr_gamma")
+    timestep_sampling: str = _f("uniform", "flow: uniform | logit_normal | mode | sigmoid | shifted")
+    logit_mean: float = _f(0.0, "flow: mean of logit_normal")
+    logit_std: float = _f(1.0, "flow: std of logit_normal")
+    mode_scale: float = _f(1.29, "flow: scale of mode")
+    sigmoid_scale: float = _f(1.0, "flow: scale of sigmoid")
+    shift: float = _f(1.0, "flow: time shift s (sigma = s u / (1 + (s - 1) u)); 1 = none")
+    resolution_shift: bool = _f(False, "flow: Flux's shift from the image token count (overrides shift)")
+    cond_dropout: float = _f(0.1, "probability of replacing a class label by the null class (classifier-free guidance)")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "image folder: one subfolder per class (sorted names = class ids), or images directly "
+                       "(one class); captions in <image>.txt next to each image")
+    resolution: int = _f(16, "side of the square training size; buckets keep about this area")
+    channels: int = _f(3, "image channels the model sees (3 = RGB, 1 = grayscale)")
+    bucketing: bool = _f(False, "aspect-ratio buckets of about resolution^2 pixels; every batch from one bucket")
+    bucket_step: int = _f(8, "bucket sides are multiples of this")
+    max_aspect: float = _f(2.0, "largest bucket aspect ratio (long side / short side)")
+    captions: str = _f("optional", "'optional', 'required' (a missing caption is bad data) or 'ignore'")
+    on_bad: str = _f("error", "bad data (unreadable image, missing required caption, image smaller than its "
+                              "bucket): 'error' refuses to start and lists the files, 'skip' reports and skips them")
+    num_workers: int = _f(0, "DataLoader worker processes")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, "peak learning rate of FusedAdamW")
+    betas: list = _f([0.9, 0.999], "Adam betas")
+    eps: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    grad_clip: float = _f(1.0, "max gradient norm (fastgen.optim.clip_grad_norm_); 0 = no clipping")
+    lr_scheduler: str = _f("constant", "diffusers get_scheduler name: constant | constant_with_warmup | linear | "
+                                       "cosine (others when diffusers is installed)")
+    warmup_steps: int = _f(0, "learning-rate warm-up steps")
+    ema_decay: float = _f(0.999, "EMA decay (fastgen.optim.EMA, with warm-up); 0 = no EMA")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "optimizer steps to train for")
+    batch_size: int = _f(16, "samples per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    seed: int = _f(0, "seed of the model init, the data order and the noise (each rank adds its rank)")
+    precision: str = _f("fp32", "'fp32' or 'bf16' (autocast of the forward pass; weights stay fp32)")
+    device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'")
+    log_every: int = _f(10, "steps between rows of log.csv")
+    progress: bool = _f(True, "tqdm progress bar on stderr (rank 0)")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(500, "steps between checkpoints (the last step always gets one); 0 = only the last")
+    keep_last: int = _f(3, "keep the newest N checkpoints (at least 1)")
+    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of K; 0 = none")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = _f(0, "steps between validation sample grids (samples/step-N.png); 0 = none")
+    per_class: int = _f(4, "samples per class in a grid (one row per class, at most 16 classes)")
+    sampler: str = _f("auto", "'auto' (diffusers FlowMatchEuler / DDIM when installed, else the built-in "
+                              "Euler / DDIM), 'builtin', or a diffusers scheduler class name")
+    num_steps: int = _f(20, "sampling steps")
+    guidance_scale: float = _f(1.0, "classifier-free guidance scale; 1 = none")
+    use_ema: bool = _f(True, "sample with the EMA weights when there are some")
+    seed: int = _f(0, "seed of the sampling noise (the training RNG is untouched)")
+
+
+SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig,
+            "train": TrainConfig, "checkpoint": CheckpointConfig, "validation": ValidationConfig}
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/train", "folder for checkpoints/, log.csv, loss.png and samples/")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        _reject_unknown("", d, ["output_dir", *SECTIONS])
+        kw: dict[str, Any] = {}
+        if "output_dir" in d:
+            kw["output_dir"] = _typed("output_dir", d["output_dir"], "")
+        for name, section in SECTIONS.items():
+            sub = d.get(name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"[{name}] must be a table, got {type(sub).__name__}")
+            fields = {f.name: f for f in dataclasses.fields(section)}
+            _reject_unknown(name + ".", sub, list(fields))
+            defaults = section()
+            kw[name] = section(**{k: _typed(f"{name}.{k}", v, getattr(defaults, k)) for k, v in sub.items()})
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str) -> "Config":
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if callable(self.model.factory):
+            f = self.model.factory
+            d["model"]["factory"] = f"{f.__module__}:{f.__qualname__}"
+        return d
+
+    def to_toml(self, comments: bool = True) -> str:
+        """The resolved config as TOML (with each field's documentation as a comment)."""
+        d = self.to_dict()
+        lines = []
+        top = {f.name: f for f in dataclasses.fields(self)}
+        if comments:
+            lines.append(f"# {top['output_dir'].metadata['doc']}")
+        lines.append(f"output_dir = {_toml_value(d['output_dir'])}")
+        for name, section in SECTIONS.items():
+            lines.append(f"\n[{name}]")
+            for f in dataclasses.fields(section):
+                if comments:
+                    lines.append(f"# {f.metadata['doc']}")
+                lines.append(f"{f.name} = {_toml_value(d[name][f.name])}")
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        o, da, op, t, c, v = self.objective, self.data, self.optim, self.train, self.checkpoint, self.validation
+        _one_of("objective.kind", o.kind, ("flow", "denoising"))
+        if o.kind == "flow":
+            _one_of("objective.loss_weighting", o.loss_weighting, ("none", "sigma_sqrt", "cosmap"), "flow")
+            _one_of("objective.timestep_sampling", o.timestep_sampling,
+                    ("uniform", "logit_normal", "mode", "sigmoid", "shifted"))
+            if o.timestep_sampling == "shifted" and o.shift == 1.0 and not o.resolution_shift:
+                raise ConfigError("objective.timestep_sampling = 'shifted' needs objective.shift != 1 "
+                                  "or objective.resolution_shift = true")
+        else:
+            _one_of("objective.loss_weighting", o.loss_weighting, ("none", "snr", "min_snr_gamma", "debiased"),
+                    "denoising")
+            _one_of("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample"))
+            _one_of("objective.beta_schedule", o.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        _positive(objective_num_train_timesteps=o.num_train_timesteps, objective_logit_std=o.logit_std,
+                  objective_shift=o.shift, objective_snr_gamma=o.snr_gamma, objective_sigmoid_scale=o.sigmoid_scale,
+                  data_resolution=da.resolution, data_channels=da.channels, data_bucket_step=da.bucket_step,
+                  optim_lr=op.lr, train_steps=t.steps, train_batch_size=t.batch_size, train_grad_accum=t.grad_accum,
+                  train_log_every=t.log_every, checkpoint_keep_last=c.keep_last,
+                  validation_num_steps=v.num_steps, validation_per_class=v.per_class)
+        if not 0.0 <= o.cond_dropout < 1.0:
+            raise ConfigError(f"objective.cond_dropout must be in [0, 1), got {o.cond_dropout}")
+        _one_of("data.captions", da.captions, ("optional", "required", "ignore"))
+        _one_of("data.on_bad", da.on_bad, ("error", "skip"))
+        if da.max_aspect < 1.0:
+            raise ConfigError(f"data.max_aspect must be >= 1, got {da.max_aspect}")
+        if da.resolution % da.bucket_step:
+            raise ConfigError(f"data.resolution ({da.resolution}) must be a multiple of data.bucket_step "
+                              f"({da.bucket_step})")
+        if len(op.betas) != 2 or not all(0.0 <= b < 1.0 for b in op.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {op.betas}")
+        if not 0.0 <= op.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {op.ema_decay}")
+        for name, value in (("optim.weight_decay", op.weight_decay), ("optim.grad_clip", op.grad_clip),
+                            ("optim.warmup_steps", op.warmup_steps), ("data.num_workers", da.num_workers),
+                            ("checkpoint.every", c.every), ("checkpoint.keep_every", c.keep_every),
+                            ("validation.every", v.every), ("optim.eps", op.eps)):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        _one_of("train.precision", t.precision, ("fp32", "bf16"))
+        _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+        if isinstance(self.model.factory, str) and ":" not in self.model.factory:
+            raise ConfigError(f"model.factory must look like 'module:callable', got {self.model.factory!r}")
+
+
+def _reject_unknown(prefix: str, d: dict, known: list) -> None:
+    for key in d:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+
+
+def _typed(name: str, value, default):
+    """``value`` checked against the type of the field's default (ints are accepted as floats)."""
+    if callable(value) and not isinstance(value, (str, dict, list)) and name == "model.factory":
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{name} must be {type(default).__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _one_of(name: str, value, allowed, when: str = "") -> None:
+    if value not in allowed:
+        extra = f" for {when}" if when else ""
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}{extra}, got {value!r}")
+
+
+def _positive(**values) -> None:
+    for key, value in values.items():
+        if not value > 0:
+            section, name = key.split("_", 1)
+            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise ConfigError(f"cannot write {type(v).__name__} to TOML")

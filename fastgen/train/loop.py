@@ -1,0 +1,428 @@
+"""``Trainer(config).fit()``: the training loop on fastgen's fused optimizer, clipping and EMA.
+
+One optimizer step (``train.grad_accum = A`` micro-batches of ``train.batch_size`` per rank)::
+
+    for a in 1..A:   batch <- next bucket batch;  y <- drop_conditions(labels, p, null)
+                     loss_a = objective.loss(model, x, y)      (bf16 autocast if asked)
+                     (loss_a / A).backward()                   (DDP: gradient all-reduce on the last)
+    clip_grad_norm_(params, optim.grad_clip);  FusedAdamW.step();  lr_scheduler.step();  EMA.update()
+
+Randomness: the model is initialised from ``train.seed`` (the same on every rank); training noise,
+timesteps and label dropout then come from the global generators seeded with ``seed + rank``.
+Checkpoints store those generator states and the number of batches consumed, so a resumed run
+draws exactly what the uninterrupted run would have (bit-identical weights on the same machine).
+Validation sampling uses its own generator and never touches them.
+
+Outputs under ``output_dir``: ``checkpoints/`` (see :mod:`fastgen.train.checkpoint`),
+``log.csv`` (step, loss, lr, grad_norm, seconds), ``loss.png`` (at every checkpoint),
+``samples/step-N.png`` (validation grids, one row per class). Rank 0 writes them.
+Multi-process: launch with ``torchrun``; the process group is created from its environment
+(gloo on CPU, NCCL on CUDA, a 10-minute timeout so a dead rank fails the others).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import importlib
+import math
+import os
+import random
+import time
+from typing import Optional
+
+import torch
+
+from fastgen.optim import EMA, FusedAdamW, clip_grad_norm_
+from fastgen.train import checkpoint as ckpt
+from fastgen.train.config import Config, ConfigError
+from fastgen.train.data import BucketBatchSampler, build_dataset
+from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
+from fastgen.train.sampling import sample, save_grid
+
+BUILTIN_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+# --------------------------------------------------------------------------- builders
+
+def resolve_factory(factory):
+    """``'module:attr.path'`` -> the object (callables pass through)."""
+    if callable(factory):
+        return factory
+    module, _, attr = factory.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model.factory {factory!r} cannot be imported: {exc}") from None
+    return obj
+
+
+def build_model(mc) -> torch.nn.Module:
+    """The model a :class:`ModelConfig` describes. A class with a ``config_class`` (fastgen.models)
+    gets ``config_class(**kwargs)``, or its ``preset(kwargs["preset"])`` with the other kwargs on top."""
+    obj = resolve_factory(mc.factory)
+    kwargs = dict(mc.kwargs)
+    config_class = getattr(obj, "config_class", None)
+    if config_class is not None:
+        preset = kwargs.pop("preset", None)
+        base = dataclasses.asdict(config_class.preset(preset)) if preset else {}
+        try:
+            model = obj(config_class(**{**base, **kwargs}))
+        except TypeError as exc:
+            raise ConfigError(f"model.kwargs do not fit {config_class.__name__}: {exc}") from None
+    else:
+        model = obj(**kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model.factory returned {type(model).__name__}, not a torch.nn.Module")
+    if mc.weights:
+        model.load_state_dict(ckpt.load_tensors(mc.weights))
+    return model
+
+
+def build_objective(oc):
+    if oc.kind == "flow":
+        return FlowMatchingObjective(oc.timestep_sampling, oc.logit_mean, oc.logit_std, oc.mode_scale, oc.sigmoid_scale,
+                                     oc.shift, oc.resolution_shift, loss_weighting=oc.loss_weighting,
+                                     num_train_timesteps=oc.num_train_timesteps)
+    return DenoisingObjective(oc.prediction, oc.beta_schedule, oc.num_train_timesteps, oc.beta_start, oc.beta_end,
+                              oc.loss_weighting, oc.snr_gamma)
+
+
+def builtin_lr_lambda(name: str, warmup: int, total: int):
+    """The multiplier diffusers' ``get_scheduler(name)`` applies at step ``s`` (for the four common names)."""
+    def warm(s):
+        return s / max(1, warmup)
+
+    if name == "constant":
+        return lambda s: 1.0
+    if name == "constant_with_warmup":
+        return lambda s: warm(s) if s < warmup else 1.0
+    if name == "linear":
+        return lambda s: warm(s) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    if name == "cosine":
+        return lambda s: warm(s) if s < warmup else max(
+            0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * (s - warmup) / max(1, total - warmup))))
+    raise ConfigError(f"optim.lr_scheduler {name!r} needs diffusers (built in: {', '.join(BUILTIN_SCHEDULES)})")
+
+
+def make_lr_scheduler(name: str, optimizer, warmup: int, total: int):
+    """diffusers' ``get_scheduler`` when installed, else the built-in equivalent of the common names."""
+    try:
+        from diffusers.optimization import get_scheduler
+    except ImportError:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, builtin_lr_lambda(name, warmup, total))
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    except ValueError as exc:
+        raise ConfigError(f"optim.lr_scheduler: {exc}") from None
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# --------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """Train the model of ``config`` (see the module docstring).
+
+    ``model=`` and ``dataset=`` replace the ones the config would build (an ``nn.Module`` called as
+    ``model(x, t, class_labels=y)``; a dataset with ``bucket_ids``, ``num_classes`` and items
+    ``{"image", "label"}`` such as :class:`fastgen.train.data.TensorImageDataset`).
+    ``resume=True`` continues from the newest good checkpoint in ``output_dir``.
+    """
+
+    def __init__(self, config: Config, *, model: Optional[torch.nn.Module] = None, dataset=None,
+                 resume: bool = False, log=print):
+        config.validate()
+        self.cfg, self.log = config, log
+        t = config.train
+        want = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device = 'cuda' but torch sees no CUDA GPU")
+        self.rank, self.world = _init_distributed(torch.device(want))
+        if want == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank)))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.out = config.output_dir
+        self.ckpt_root = os.path.join(self.out, "checkpoints")
+
+        _seed_all(t.seed)
+        self.dataset = dataset if dataset is not None else build_dataset(config.data)
+        if self.rank == 0:
+            counts = ", ".join(f"{w}x{h}: {n}" for (h, w), n in self.dataset.bucket_counts().items())
+            log(f"fastgen.train: {len(self.dataset)} images, {self.dataset.num_classes} classes, buckets {counts}")
+        self.model = (model if model is not None else build_model(config.model)).to(self.device)
+        mcfg = getattr(self.model, "config", None)
+        n_model = getattr(mcfg, "num_embeds_ada_norm", None)
+        if n_model is not None and n_model < self.dataset.num_classes:
+            raise ConfigError(f"the model has {n_model} classes, the data {self.dataset.num_classes}")
+        self.null_label = n_model if n_model is not None else self.dataset.num_classes
+        if getattr(mcfg, "class_dropout_prob", 0) and config.objective.cond_dropout:
+            log("fastgen.train: note: the model drops labels itself (class_dropout_prob) and "
+                "objective.cond_dropout drops them again; set one of them to 0")
+        self.objective = build_objective(config.objective)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        o = config.optim
+        self.optimizer = FusedAdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.lr_scheduler = make_lr_scheduler(o.lr_scheduler, self.optimizer, o.warmup_steps, t.steps)
+        self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
+        self.forward_model = self.model
+        if config.model.compile:
+            self.forward_model = torch.compile(self.model)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.sampler = BucketBatchSampler(self.dataset.bucket_ids, t.batch_size, t.seed, self.rank, self.world)
+        self.step, self.batches = 0, 0
+        _seed_all(t.seed + 1 + self.rank)  # the training noise stream of this rank
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batch(self, batch, sync: bool):
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = drop_conditions(batch["label"].to(self.device), self.cfg.objective.cond_dropout, self.null_label)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+        ctx = self.forward_model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
+        with ctx:
+            with amp:
+                loss = self.objective.loss(self.forward_model, x, y)
+            (loss / self.cfg.train.grad_accum).backward()
+        return loss.detach()
+
+    def train_step(self, batches) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns ``(loss, grad_norm)``."""
+        A = self.cfg.train.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for a in range(A):
+            total += self._micro_batch(next(batches), sync=a == A - 1)
+            self.batches += 1
+        gn = float("nan")
+        if self.cfg.optim.grad_clip > 0:
+            gn = float(clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return float(total) / A, gn
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, stop_at: Optional[int] = None) -> dict:
+        """Train to ``train.steps`` (or stop early at step ``stop_at`` with a checkpoint there, as an
+        interrupted run would); returns ``{"step", "losses": [(step, loss)], "checkpoint"}``."""
+        cfg, t = self.cfg, self.cfg.train
+        end = t.steps if stop_at is None else min(stop_at, t.steps)
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+        self.sampler.set_position(self.batches)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
+                                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress or self.rank != 0, desc="train",
+                   dynamic_ncols=True)
+        losses, window, last_path, t0 = [], [], None, time.time()
+        try:
+            while self.step < end:
+                loss, gn = self.train_step(batches)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"fastgen.train: loss is {loss} at step {self.step}")
+                losses.append((self.step, loss))
+                window.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                if self.step % t.log_every == 0 or self.step == end:
+                    self._log_row(sum(window) / len(window), gn, time.time() - t0)
+                    window = []
+                v = cfg.validation
+                if v.every and self.step % v.every == 0:
+                    self.validate()
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
+                    last_path = self.save()
+        finally:
+            bar.close()
+        return {"step": self.step, "losses": losses, "checkpoint": last_path}
+
+    # ------------------------------------------------------------------ logs
+    def _log_row(self, loss: float, gn: float, seconds: float) -> None:
+        if self.rank != 0:
+            return
+        path = os.path.join(self.out, "log.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new:
+                w.writerow(["step", "loss", "lr", "grad_norm", "seconds"])
+            w.writerow([self.step, f"{loss:.6g}", f"{self.lr_scheduler.get_last_lr()[0]:.6g}", f"{gn:.6g}",
+                        f"{seconds:.1f}"])
+
+    def _truncate_log(self) -> None:
+        path = os.path.join(self.out, "log.csv")
+        if self.rank != 0 or not os.path.exists(path):
+            return
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        keep = rows[:1] + [r for r in rows[1:] if int(r[0]) <= self.step]
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+
+    def plot_loss(self) -> Optional[str]:
+        """``loss.png`` from ``log.csv`` (rank 0)."""
+        path = os.path.join(self.out, "log.csv")
+        if self.rank != 0 or not os.path.exists(path):
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"training loss (step {self.step})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = os.path.join(self.out, "loss.png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def generate(self, labels: torch.Tensor, use_ema: Optional[bool] = None, seed: Optional[int] = None,
+                 bucket: Optional[tuple] = None) -> torch.Tensor:
+        """Samples ``(B, C, H, W)`` in about [-1, 1] for ``labels`` with the validation settings."""
+        v = self.cfg.validation
+        use_ema = v.use_ema if use_ema is None else use_ema
+        h, w = bucket or self.dataset.buckets[0]
+        c = self.dataset[0]["image"].shape[0] if len(self.dataset) else self.cfg.data.channels
+        g = torch.Generator().manual_seed(v.seed if seed is None else seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with (self.ema.average_parameters(self.model) if (use_ema and self.ema) else contextlib.nullcontext()):
+                return sample(self.model, self.objective, labels.to(self.device), (c, h, w), v.num_steps, g,
+                              v.sampler, v.guidance_scale, self.null_label, self.device)
+        finally:
+            self.model.train(was_training)
+
+    def validate(self) -> Optional[str]:
+        """``samples/step-N.png``: one row per class (at most 16), ``validation.per_class`` each."""
+        if self.rank != 0:
+            return None
+        v = self.cfg.validation
+        n_cls = min(self.dataset.num_classes, 16)
+        labels = torch.arange(n_cls).repeat_interleave(v.per_class)
+        images = self.generate(labels)
+        os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+        path = os.path.join(self.out, "samples", f"step-{self.step:08d}.png")
+        save_grid(images, path, v.per_class)
+        return path
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        """Write the checkpoint of this step (all ranks take part); returns its folder."""
+        c = self.cfg.checkpoint
+        if self.rank == 0:
+            ckpt.begin(self.ckpt_root, self.step)
+        _barrier(self.world)
+        tmp = ckpt.step_dir(self.ckpt_root, self.step) + ".tmp"
+        rt, rm = ckpt.rng_state()
+        ckpt.save_tensors(os.path.join(tmp, f"rng-rank{self.rank}.safetensors"), rt)
+        ckpt.write_json(tmp, f"rng-rank{self.rank}.json", rm)
+        _barrier(self.world)
+        final = ckpt.step_dir(self.ckpt_root, self.step)
+        if self.rank == 0:
+            ckpt.save_tensors(os.path.join(tmp, "model.safetensors"), self.model.state_dict())
+            state = {"step": self.step, "batches": self.batches, "world_size": self.world,
+                     "lr_scheduler": self.lr_scheduler.state_dict()}
+            if self.ema is not None:
+                es = self.ema.state_dict()
+                ckpt.save_tensors(os.path.join(tmp, "ema.safetensors"),
+                                  {**{f"shadow.{k}": v for k, v in es["shadow"].items()},
+                                   **{f"buffer.{k}": v for k, v in es["buffers"].items()}})
+                state["ema"] = {k: es[k] for k in ("decay", "warmup", "update_every", "num_updates", "num_calls")}
+            ot, om = ckpt.optimizer_to_files(self.optimizer.state_dict())
+            ckpt.save_tensors(os.path.join(tmp, "optimizer.safetensors"), ot)
+            state["optimizer"] = om
+            ckpt.write_json(tmp, "state.json", state)
+            with open(os.path.join(tmp, "config.toml"), "w") as fh:
+                fh.write(self.cfg.to_toml())
+            ckpt.commit(self.ckpt_root, self.step, c.keep_last, c.keep_every)
+            self.plot_loss()
+        _barrier(self.world)
+        return final
+
+    def _resume(self) -> None:
+        path, problems = ckpt.find_resume(self.ckpt_root)
+        if self.rank == 0:
+            for p in problems:
+                self.log(f"fastgen.train: {p}")
+        if path is None:
+            if problems:
+                raise ckpt.CheckpointError(f"no good checkpoint to resume from in {self.ckpt_root}:\n  "
+                                           + "\n  ".join(problems))
+            if self.rank == 0:
+                self.log(f"fastgen.train: no checkpoint in {self.ckpt_root}; starting from step 0")
+            return
+        state = ckpt.read_json(path, "state.json")
+        self.model.load_state_dict(ckpt.load_tensors(os.path.join(path, "model.safetensors")))
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ckpt.CheckpointError(f"{path} has no EMA but optim.ema_decay > 0")
+            et = ckpt.load_tensors(os.path.join(path, "ema.safetensors"))
+            self.ema.load_state_dict({**state["ema"],
+                                      "shadow": {k[7:]: v for k, v in et.items() if k.startswith("shadow.")},
+                                      "buffers": {k[7:]: v for k, v in et.items() if k.startswith("buffer.")}})
+        self.optimizer.load_state_dict(ckpt.optimizer_from_files(
+            ckpt.load_tensors(os.path.join(path, "optimizer.safetensors")), state["optimizer"]))
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step, self.batches = state["step"], state["batches"]
+        rng = os.path.join(path, f"rng-rank{self.rank}.safetensors")
+        if state["world_size"] == self.world and os.path.exists(rng):
+            ckpt.set_rng_state(ckpt.load_tensors(rng), ckpt.read_json(path, f"rng-rank{self.rank}.json"))
+        else:
+            _seed_all(self.cfg.train.seed + 1 + self.rank + 7919 * self.step)
+            if self.rank == 0:
+                self.log(f"fastgen.train: the checkpoint was written by {state['world_size']} process(es), this run "
+                         f"has {self.world}: the noise streams are reseeded (the data order continues)")
+            if state["world_size"] != self.world:
+                self.batches = self.batches * state["world_size"] // self.world
+        self._truncate_log()
+        if self.rank == 0:
+            self.log(f"fastgen.train: resuming from {path} (step {self.step})")
