@@ -1,0 +1,638 @@
+"""UNet2DCondition: the Stable Diffusion 1.x / 2.x / SDXL denoiser on fastgen's fused ops.
+
+Same math and weights as diffusers' ``UNet2DConditionModel`` (the configurations SD 1.5 and
+SDXL base use: ``CrossAttnDownBlock2D`` / ``DownBlock2D``, ``UNetMidBlock2DCrossAttn``,
+``CrossAttnUpBlock2D`` / ``UpBlock2D``, positional time embedding, SDXL's ``text_time``
+addition embedding). Shapes, with ``C_i = block_out_channels[i]``::
+
+    sample                 (B, in_channels, H, W)          the noisy latent (any H, W)
+    timestep               scalar or (B,)
+    encoder_hidden_states  (B, L, cross_attention_dim)     text tokens (L = 77 for CLIP)
+    added_cond_kwargs      SDXL: text_embeds (B, P), time_ids (B, 6)
+    -> sample              (B, out_channels, H, W)
+
+    temb  = MLP(sinusoid(t)) [+ MLP([text_embeds, sinusoid(time_ids)])]          (B, 4 C_0)
+    ResNet(x)       = x' + conv2(GNSiLU(conv1(GNSiLU(x)) + W silu(temb)))     x' = x or a 1x1 conv of x
+    Transformer(x)  = x + proj_out(blocks(proj_in(GN(x))))  over the H*W tokens
+    block(h):  h += Wo attn(qkv(LN1 h))                     self-attention, one GEMM for q, k, v
+               h += Wo attn(Wq LN2 h, Wk ctx, Wv ctx)       cross-attention to the text
+               h += W2 (a * gelu(g)),  [a, g] = W1 LN3 h     GEGLU feed-forward
+
+Fused ops: every ``GroupNorm -> SiLU`` pair is one ``fastgen.ops.group_norm(...,
+activation="silu")`` (it saves only its input for backward, not the normalized tensor
+nor the SiLU output); LayerNorm is ``fastgen.ops.layer_norm``; the one attention call site
+is ``fastgen.ops.attention`` (q, k, v read in place from the fused projection); GEGLU and
+the linear after it are one autograd node (:func:`glu_linear`) that keeps only the
+projection output and recomputes ``a * gelu(g)`` in the backward pass (``fastgen.ops.glu``
+kernels on the Triton backend), so the 4x-wide GEGLU output is never stored.
+
+Parameter names are diffusers' except the fused ``attn1.to_qkv`` and ``proj_in`` /
+``proj_out``, which are linear layers here (diffusers keeps 1x1 convs when
+``use_linear_projection=False``); ``from_diffusers`` / ``to_diffusers_state_dict`` convert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.backend import resolve
+from fastgen.models._common import FastgenModel, ModelConfig, TimestepMLP, timestep_embedding
+from fastgen.ops import attention, glu, group_norm, layer_norm
+from fastgen.ops._checks import kernel_dtype_reason
+
+try:  # what diffusers pipelines expect back with return_dict=True
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+except Exception:  # diffusers absent
+
+    @dataclasses.dataclass
+    class UNet2DConditionOutput:  # type: ignore[no-redef]
+        """``.sample``: (B, out_channels, H, W)."""
+
+        sample: Tensor
+
+        def __getitem__(self, i):
+            return (self.sample,)[i]
+
+        def to_tuple(self):
+            return (self.sample,)
+
+
+DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+# diffusers config keys this file implements only at one value: {key: accepted values}.
+_FIXED = {
+    "class_embed_type": (None,), "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
+    "time_embedding_type": ("positional",), "resnet_time_scale_shift": ("default",),
+    "dual_cross_attention": (False,), "only_cross_attention": (False,), "attention_type": ("default",),
+    "num_attention_heads": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "cross_attention_norm": (None,), "class_embeddings_concat": (False,), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0, 1), "mid_block_only_cross_attention": (None, False),
+    "reverse_transformer_layers_per_block": (None,), "time_embedding_dim": (None,), "act_fn": ("silu", "swish"),
+    "addition_embed_type": (None, "text_time"), "num_class_embeds": (None,),
+}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class UNet2DConditionConfig(ModelConfig):
+    """diffusers' ``UNet2DConditionModel`` config fields (same names, same meaning).
+
+    As in diffusers, ``attention_head_dim`` is the number of attention **heads** per block
+    (the head dim is ``channels // attention_head_dim``).
+    """
+
+    sample_size: Optional[int] = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: Union[int, tuple] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: Union[int, tuple] = 768
+    transformer_layers_per_block: Union[int, tuple] = 1
+    attention_head_dim: Union[int, tuple] = 8
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+    time_cond_proj_dim: Optional[int] = None  # read by the pipelines; must stay None here
+
+    @classmethod
+    def preset(cls, name: str) -> "UNet2DConditionConfig":
+        """``"sd15"`` (Stable Diffusion 1.5) or ``"sdxl"`` (SDXL base 1.0)."""
+        key = name.lower().replace("-", "").replace("_", "").replace(".", "")
+        if key not in _PRESETS:
+            raise ValueError(f"UNet2DConditionConfig.preset: unknown preset {name!r}; one of {sorted(_PRESETS)}")
+        return cls(**_PRESETS[key])
+
+    # per-block lists (diffusers accepts an int for all blocks)
+    def _per_block(self, value) -> list:
+        n = len(self.down_block_types)
+        return [value] * n if isinstance(value, (int, float)) or value is None else list(value)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+
+_PRESETS = {
+    "sd15": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+    "sdxl": dict(
+        sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ),
+}
+_PRESETS["stablediffusion15"] = _PRESETS["sd15"]
+_PRESETS["sdxlbase"] = _PRESETS["sdxl"]
+
+
+def _layers_per_transformer(spec, num_layers: int) -> list:
+    return [spec] * num_layers if isinstance(spec, int) else list(spec)
+
+
+# ----------------------------------------------------------------------------- GEGLU + linear
+
+
+class _GLULinear(torch.autograd.Function):
+    """``y = glu(u) @ W^T + b`` keeping only ``u`` for backward (``glu(u)`` is recomputed).
+
+    u (M, 2N) -> glu(u) = a * act(g) (M, N), W (O, N). Saving ``u`` (which the projection
+    before produced anyway) instead of ``glu(u)`` removes an (M, N) tensor (4x the model
+    width in a GEGLU feed-forward) from what the block keeps for backward. Backward:
+    ``h = glu(u)``; ``dW = dy^T h``, ``db = sum dy``, ``du = glu'(u) (dy W)``. On the torch
+    path the derivative is a closed form in fp32; on a kernel backend the
+    ``fastgen::glu_fwd`` / ``glu_bwd`` kernels run.
+    """
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, activation, impl):
+        ctx.save_for_backward(u, weight)
+        ctx.activation, ctx.impl, ctx.has_bias = activation, impl, bias is not None
+        return F.linear(_glu(u, activation, impl), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = None
+        if ctx.needs_input_grad[1]:
+            h = _glu(u, ctx.activation, ctx.impl)
+            dw = dy2.t().mm(h.reshape(-1, h.shape[-1]))
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        du = _glu_grad(dy.matmul(weight), u, ctx.activation, ctx.impl) if ctx.needs_input_grad[0] else None
+        return du, dw, db, None, None
+
+
+def _glu(u: Tensor, activation: str, impl: str) -> Tensor:
+    if impl == "torch":
+        return glu(u, activation, backend="torch")
+    from fastgen.ops.glu import _as_rows, _glu_fwd_op
+
+    return _glu_fwd_op(_as_rows(u), activation, impl).view(*u.shape[:-1], u.shape[-1] // 2)
+
+
+def _glu_grad(da: Tensor, u: Tensor, activation: str, impl: str) -> Tensor:
+    if impl != "torch":
+        from fastgen.ops.glu import _as_rows, _glu_bwd_op
+
+        rows = _as_rows(u)
+        return _glu_bwd_op(da.reshape(rows.shape[0], -1).contiguous(), rows, activation, impl).view(u.shape)
+    x, g = u.float().chunk(2, dim=-1)
+    d = da.float()
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(g * (1.0 / math.sqrt(2.0))))
+        act, dact = g * cdf, cdf + g * torch.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
+    elif activation == "silu":
+        s = torch.sigmoid(g)
+        act, dact = g * s, s * (1.0 + g * (1.0 - s))
+    else:
+        raise ValueError(f"glu_linear: activation {activation!r} not supported (gelu = GEGLU, silu = SwiGLU)")
+    return torch.cat([d * act, d * x * dact], dim=-1).to(u.dtype)
+
+
+def glu_linear(u: Tensor, linear: nn.Linear, activation: str = "gelu", backend: Optional[str] = "auto") -> Tensor:
+    """``linear(fastgen.ops.glu(u, activation))`` without storing the GLU output for backward.
+
+    ``u`` (..., 2N) -> (..., linear.out_features); ``activation`` "gelu" (GEGLU) or "silu" (SwiGLU).
+    """
+    impl = resolve("glu", backend, u.device, {"triton": kernel_dtype_reason(u), "cuda": "glu has no CUDA kernel"})
+    if not torch.is_grad_enabled() or not (u.requires_grad or linear.weight.requires_grad):
+        return F.linear(glu(u, activation, backend=impl), linear.weight, linear.bias)
+    return _GLULinear.apply(u, linear.weight, linear.bias, activation, impl)
+
+
+# ----------------------------------------------------------------------------- resnet / sampling
+
+
+class ResnetBlock2D(nn.Module):
+    """``x' + conv2(GNSiLU(conv1(GNSiLU(x)) + time_emb_proj(silu(temb))))`` (diffusers keys)."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, eps: float, scale: float = 1.0,
+                 backend: Optional[str] = "auto"):
+        super().__init__()
+        self.groups, self.eps, self.scale, self.backend = groups, eps, float(scale), backend
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
+        """x (B, cin, H, W), temb_act = silu(temb) (B, temb_dim) -> (B, cout, H, W)."""
+        h = group_norm(x, self.groups, self.norm1.weight, self.norm1.bias, self.eps, "silu", self.backend)
+        h = self.conv1(h) + self.time_emb_proj(temb_act)[:, :, None, None]
+        h = group_norm(h, self.groups, self.norm2.weight, self.norm2.bias, self.eps, "silu", self.backend)
+        h = self.conv2(h)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = skip + h
+        return out if self.scale == 1.0 else out / self.scale
+
+
+class _Conv(nn.Module):
+    """Holds ``conv`` (diffusers' ``downsamplers.0.conv`` / ``upsamplers.0.conv`` keys)."""
+
+    def __init__(self, c: int, stride: int = 1, padding: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=stride, padding=padding)
+
+
+class Downsample2D(_Conv):
+    def __init__(self, c: int, padding: int):
+        super().__init__(c, stride=2, padding=padding)
+        self.pad = padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pad == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(_Conv):
+    def forward(self, x: Tensor, size=None) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
+            F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+class Attention(nn.Module):
+    """Self-attention (fused ``to_qkv``) or cross-attention (``to_q``, ``to_k``, ``to_v``)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int], backend: Optional[str] = "auto"):
+        super().__init__()
+        self.heads, self.backend, self.cross = heads, backend, context_dim is not None
+        if self.cross:
+            self.to_q = nn.Linear(dim, dim, bias=False)
+            self.to_k = nn.Linear(context_dim, dim, bias=False)
+            self.to_v = nn.Linear(context_dim, dim, bias=False)
+        else:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        B, S, C = x.shape
+        H = self.heads
+        if self.cross:
+            q = self.to_q(x).view(B, S, H, C // H)
+            k = self.to_k(context).view(B, context.shape[1], H, C // H)
+            v = self.to_v(context).view(B, context.shape[1], H, C // H)
+        else:
+            q, k, v = self.to_qkv(x).view(B, S, 3, H, C // H).unbind(2)
+        o = attention(q, k, v, layout="bshd", backend=self.backend)
+        return self.to_out[0](o.reshape(B, S, C))
+
+
+class _GEGLUProj(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward, keys ``net.0.proj`` and ``net.2`` as diffusers' FeedForward."""
+
+    def __init__(self, dim: int, backend: Optional[str] = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.net = nn.ModuleList([_GEGLUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return glu_linear(self.net[0].proj(x), self.net[2], "gelu", self.backend)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int, backend: Optional[str] = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, None, backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim, backend)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, backend)
+
+    def _ln(self, norm: nn.LayerNorm, h: Tensor) -> Tensor:
+        return layer_norm(h, norm.weight, norm.bias, norm.eps, backend=self.backend)
+
+    def forward(self, h: Tensor, context: Tensor) -> Tensor:
+        h = self.attn1(self._ln(self.norm1, h)) + h
+        h = self.attn2(self._ln(self.norm2, h), context) + h
+        return self.ff(self._ln(self.norm3, h)) + h
+
+
+class Transformer2DModel(nn.Module):
+    """``x + proj_out(blocks(proj_in(GroupNorm(x))))`` over the H*W tokens of x."""
+
+    def __init__(self, channels: int, heads: int, layers: int, context_dim: int, groups: int,
+                 backend: Optional[str] = "auto"):
+        super().__init__()
+        self.groups, self.backend = groups, backend
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, heads, context_dim, backend) for _ in range(layers)])
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, context: Tensor, ckpt) -> Tensor:
+        B, C, H, W = x.shape
+        h = group_norm(x, self.groups, self.norm.weight, self.norm.bias, 1e-6, None, self.backend)
+        h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))
+        for blk in self.transformer_blocks:
+            h = ckpt(blk, h, context)
+        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+        return h + x
+
+
+# ----------------------------------------------------------------------------- U-Net blocks
+
+
+class _Stage(nn.Module):
+    """One down / up block or the mid block: resnets, optional transformers, optional resampler."""
+
+    def __init__(self, resnets, attentions, sampler=None, kind="down"):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        if sampler is not None:
+            setattr(self, "downsamplers" if kind == "down" else "upsamplers", nn.ModuleList([sampler]))
+
+
+class UNet2DCondition(FastgenModel):
+    """The SD / SDXL U-Net. ``UNet2DCondition(UNet2DConditionConfig.preset("sdxl"))``, or
+    ``UNet2DCondition.from_diffusers(pipe.unet)`` / ``.from_pretrained(dir)``; ``backend`` is
+    passed to every op."""
+
+    config_class = UNet2DConditionConfig
+
+    def __init__(self, config: Optional[UNet2DConditionConfig] = None, backend: Optional[str] = "auto"):
+        config = UNet2DConditionConfig() if config is None else config
+        _validate_config(config)
+        super().__init__(config, backend)
+        c = config
+        ch = list(c.block_out_channels)
+        n = len(ch)
+        heads = c._per_block(c.attention_head_dim)
+        ctx = c._per_block(c.cross_attention_dim)
+        lpb = c._per_block(c.layers_per_block)
+        tlpb = c._per_block(c.transformer_layers_per_block)
+        G, eps, T = c.norm_num_groups, c.norm_eps, c.time_embed_dim
+
+        def res(cin, cout, scale=1.0):
+            return ResnetBlock2D(cin, cout, T, G, eps, scale, backend)
+
+        def tf(chn, i, layers):
+            return Transformer2DModel(chn, heads[i], layers, ctx[i], G, backend)
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepMLP(ch[0], T)
+        if c.addition_embed_type == "text_time":
+            self.add_embedding = TimestepMLP(c.projection_class_embeddings_input_dim, T)
+        self.down_blocks = nn.ModuleList()
+        cout = ch[0]
+        for i, kind in enumerate(c.down_block_types):
+            cin, cout = cout, ch[i]
+            layers = _layers_per_transformer(tlpb[i], lpb[i])
+            resnets = [res(cin if j == 0 else cout, cout) for j in range(lpb[i])]
+            attns = [tf(cout, i, layers[j]) for j in range(lpb[i])] if kind == "CrossAttnDownBlock2D" else None
+            down = Downsample2D(cout, c.downsample_padding) if i < n - 1 else None
+            self.down_blocks.append(_Stage(resnets, attns, down, "down"))
+        self.mid_block = None
+        if c.mid_block_type is not None:
+            layers = tlpb[-1] if isinstance(tlpb[-1], int) else tlpb[-1][0]
+            self.mid_block = _Stage([res(ch[-1], ch[-1], c.mid_block_scale_factor),
+                                     res(ch[-1], ch[-1], c.mid_block_scale_factor)],
+                                    [tf(ch[-1], n - 1, layers)])
+        self.up_blocks = nn.ModuleList()
+        rch, rheads, rctx = ch[::-1], heads[::-1], ctx[::-1]
+        rlpb, rtlpb = lpb[::-1], tlpb[::-1]
+        cout = rch[0]
+        for i, kind in enumerate(c.up_block_types):
+            prev, cout = cout, rch[i]
+            cin = rch[min(i + 1, n - 1)]
+            nl = rlpb[i] + 1
+            layers = _layers_per_transformer(rtlpb[i], nl)
+            resnets = [res((prev if j == 0 else cout) + (cin if j == nl - 1 else cout), cout) for j in range(nl)]
+            attns = None
+            if kind == "CrossAttnUpBlock2D":
+                attns = [Transformer2DModel(cout, rheads[i], layers[j], rctx[i], G, backend) for j in range(nl)]
+            up = Upsample2D(cout) if i < n - 1 else None
+            self.up_blocks.append(_Stage(resnets, attns, up, "up"))
+        self.conv_norm_out = nn.GroupNorm(G, ch[0], eps=eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Union[Tensor, float, int],
+        encoder_hidden_states: Tensor,
+        class_labels: Optional[Tensor] = None,
+        timestep_cond: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        cross_attention_kwargs: Optional[dict] = None,
+        added_cond_kwargs: Optional[dict] = None,
+        down_block_additional_residuals: Optional[tuple] = None,
+        mid_block_additional_residual: Optional[Tensor] = None,
+        down_intrablock_additional_residuals: Optional[tuple] = None,
+        encoder_attention_mask: Optional[Tensor] = None,
+        return_dict: bool = True,
+    ):
+        """diffusers' ``UNet2DConditionModel.forward`` arguments; returns ``UNet2DConditionOutput``
+        (``return_dict=True``) or ``(sample,)``. Masks, ControlNet / adapter residuals, class
+        labels and attention-processor kwargs are not supported (a clear error)."""
+        c = self.config
+        unsupported = dict(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
+                           encoder_attention_mask=encoder_attention_mask,
+                           down_block_additional_residuals=down_block_additional_residuals,
+                           mid_block_additional_residual=mid_block_additional_residual,
+                           down_intrablock_additional_residuals=down_intrablock_additional_residuals)
+        given = [k for k, v in unsupported.items() if v is not None]
+        if cross_attention_kwargs:
+            given.append(f"cross_attention_kwargs={sorted(cross_attention_kwargs)}")
+        if given:
+            raise NotImplementedError(f"UNet2DCondition.forward: {', '.join(given)} not supported by the fastgen "
+                                      "U-Net (use the diffusers model for masks, ControlNet / adapter residuals, "
+                                      "class labels, LoRA scales or custom attention processors)")
+        self._check_inputs(sample, encoder_hidden_states)
+        B = sample.shape[0]
+        up_factor = 2 ** sum(1 for b in self.up_blocks if hasattr(b, "upsamplers"))
+        forward_size = any(s % up_factor for s in sample.shape[-2:])
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # time (+ SDXL addition) embedding
+        t = timestep
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], dtype=torch.float64 if isinstance(t, float) else torch.int64, device=sample.device)
+        elif t.dim() == 0:
+            t = t[None].to(sample.device)
+        t = t.expand(B)
+        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
+                                                     c.freq_shift).to(sample.dtype))
+        if c.addition_embed_type == "text_time":
+            emb = emb + self.add_embedding(self._add_embeds(added_cond_kwargs, B).to(emb.dtype))
+        temb = F.silu(emb)  # every resnet's time_emb_proj reads silu(temb)
+        ctx = encoder_hidden_states
+        ckpt = self._maybe_checkpoint
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for blk in self.down_blocks:
+            for j, r in enumerate(blk.resnets):
+                h = ckpt(r, h, temb)
+                if blk.attentions is not None:
+                    h = blk.attentions[j](h, ctx, ckpt)
+                skips.append(h)
+            if hasattr(blk, "downsamplers"):
+                h = blk.downsamplers[0](h)
+                skips.append(h)
+        if self.mid_block is not None:
+            h = ckpt(self.mid_block.resnets[0], h, temb)
+            h = self.mid_block.attentions[0](h, ctx, ckpt)
+            h = ckpt(self.mid_block.resnets[1], h, temb)
+        for i, blk in enumerate(self.up_blocks):
+            for j, r in enumerate(blk.resnets):
+                h = ckpt(r, torch.cat([h, skips.pop()], dim=1), temb)
+                if blk.attentions is not None:
+                    h = blk.attentions[j](h, ctx, ckpt)
+            if hasattr(blk, "upsamplers"):
+                size = skips[-1].shape[2:] if forward_size else None
+                h = blk.upsamplers[0](h, size)
+        h = group_norm(h, c.norm_num_groups, self.conv_norm_out.weight, self.conv_norm_out.bias, c.norm_eps,
+                       "silu", self.backend)
+        out = self.conv_out(h)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _check_inputs(self, sample: Tensor, ctx: Tensor) -> None:
+        c = self.config
+        if not isinstance(sample, Tensor) or sample.dim() != 4:
+            raise ValueError(f"UNet2DCondition: sample must be a 4-D latent (B, C, H, W), got "
+                             f"{tuple(sample.shape) if isinstance(sample, Tensor) else type(sample).__name__}")
+        if sample.shape[1] != c.in_channels:
+            raise ValueError(f"UNet2DCondition: sample has {sample.shape[1]} channels but the model takes "
+                             f"in_channels={c.in_channels} (sample shape {tuple(sample.shape)})")
+        if not isinstance(ctx, Tensor) or ctx.dim() != 3:
+            raise ValueError("UNet2DCondition: encoder_hidden_states must be (B, L, cross_attention_dim), got "
+                             f"{tuple(ctx.shape) if isinstance(ctx, Tensor) else type(ctx).__name__}")
+        dims = set(c._per_block(c.cross_attention_dim))
+        if ctx.shape[-1] not in dims or len(dims) != 1:
+            raise ValueError(f"UNet2DCondition: encoder_hidden_states has {ctx.shape[-1]} features but the model's "
+                             f"cross_attention_dim is {c.cross_attention_dim} (shape {tuple(ctx.shape)})")
+        if ctx.shape[0] != sample.shape[0]:
+            raise ValueError(f"UNet2DCondition: encoder_hidden_states batch {ctx.shape[0]} != sample batch "
+                             f"{sample.shape[0]}")
+
+    def _add_embeds(self, added: Optional[dict], B: int) -> Tensor:
+        c = self.config
+        if not added or "text_embeds" not in added or "time_ids" not in added:
+            have = sorted(added) if added else added
+            raise ValueError("UNet2DCondition: this config has addition_embed_type='text_time' (SDXL) and needs "
+                             "added_cond_kwargs={'text_embeds': (B, pooled_dim), 'time_ids': (B, 6)}; got "
+                             f"{have}")
+        text, ids = added["text_embeds"], added["time_ids"]
+        time = timestep_embedding(ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+        add = torch.cat([text, time.reshape(text.shape[0], -1).to(text.dtype)], dim=-1)
+        if add.shape[-1] != c.projection_class_embeddings_input_dim:
+            raise ValueError(f"UNet2DCondition: text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} give "
+                             f"{add.shape[-1]} addition features; the model takes "
+                             f"projection_class_embeddings_input_dim={c.projection_class_embeddings_input_dim}")
+        return add
+
+    # ------------------------------------------------------------------ interchange
+
+    @classmethod
+    def config_from_diffusers(cls, config) -> UNet2DConditionConfig:
+        config = dict(config)
+        bad = {k: config[k] for k, ok in _FIXED.items() if k in config and config[k] not in ok}
+        if bad:
+            raise NotImplementedError(f"UNet2DCondition: diffusers config values not supported: {bad} (supported: "
+                                      f"{ {k: _FIXED[k] for k in bad} })")
+        names = {f.name for f in dataclasses.fields(UNet2DConditionConfig)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in names}
+        for k in ("transformer_layers_per_block",):
+            if isinstance(kw.get(k), tuple):
+                kw[k] = tuple(tuple(v) if isinstance(v, list) else v for v in kw[k])
+        return UNet2DConditionConfig(**kw)
+
+    @classmethod
+    def state_dict_from_diffusers(cls, sd: dict) -> dict:
+        out = {}
+        for k, v in sd.items():
+            if ".attn1.to_k." in k or ".attn1.to_v." in k:
+                continue
+            if ".attn1.to_q." in k:
+                out[k.replace(".to_q.", ".to_qkv.")] = torch.cat(
+                    [v, sd[k.replace(".to_q.", ".to_k.")], sd[k.replace(".to_q.", ".to_v.")]], dim=0)
+            elif (k.endswith(".proj_in.weight") or k.endswith(".proj_out.weight")) and v.dim() == 4:
+                out[k] = v.reshape(v.shape[0], v.shape[1])
+            else:
+                out[k] = v
+        return out
+
+    def to_diffusers_state_dict(self) -> dict:
+        out = {}
+        conv = not self.config.use_linear_projection
+        for k, v in self.state_dict().items():
+            if ".attn1.to_qkv." in k:
+                for name, part in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):
+                    out[k.replace("to_qkv", name)] = part
+            elif conv and (k.endswith(".proj_in.weight") or k.endswith(".proj_out.weight")):
+                out[k] = v.reshape(*v.shape, 1, 1)
+            else:
+                out[k] = v
+        return out
+
+
+def _validate_config(c: UNet2DConditionConfig) -> None:
+    n = len(c.down_block_types)
+    bad = [t for t in c.down_block_types if t not in DOWN_TYPES] + [t for t in c.up_block_types if t not in UP_TYPES]
+    if bad or c.mid_block_type not in MID_TYPES:
+        raise NotImplementedError(f"UNet2DCondition: block types {bad or [c.mid_block_type]} not supported; down "
+                                  f"blocks {DOWN_TYPES}, up blocks {UP_TYPES}, mid block {MID_TYPES}")
+    if len(c.up_block_types) != n or len(c.block_out_channels) != n:
+        raise ValueError(f"UNet2DCondition: down_block_types ({n}), up_block_types ({len(c.up_block_types)}) and "
+                         f"block_out_channels ({len(c.block_out_channels)}) must have the same length")
+    for name in ("attention_head_dim", "cross_attention_dim", "layers_per_block", "transformer_layers_per_block"):
+        if len(c._per_block(getattr(c, name))) != n:
+            raise ValueError(f"UNet2DCondition: {name}={getattr(c, name)} must be an int or {n} values")
+    for ch, h in zip(c.block_out_channels, c._per_block(c.attention_head_dim)):
+        if ch % c.norm_num_groups or ch % h:
+            raise ValueError(f"UNet2DCondition: block channels {ch} must be divisible by norm_num_groups="
+                             f"{c.norm_num_groups} and by the head count {h} (attention_head_dim)")
+    if c.addition_embed_type == "text_time" and (c.addition_time_embed_dim is None
+                                                 or c.projection_class_embeddings_input_dim is None):
+        raise ValueError("UNet2DCondition: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                         "projection_class_embeddings_input_dim")
+    if c.addition_embed_type not in (None, "text_time") or c.time_cond_proj_dim is not None:
+        raise NotImplementedError("UNet2DCondition: only addition_embed_type None or 'text_time' and "
+                                  "time_cond_proj_dim=None are supported")
