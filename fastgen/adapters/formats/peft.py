@@ -122,6 +122,8 @@ def write(w: AdapterWeights, prefix: str | None) -> tuple[dict[str, torch.Tensor
             m = _fold(m, w.rslora)
         table = lokr_names if m.kind == "lokr" else names
         for k, t in m.tensors.items():
+            if k == "magnitude" and m.tensors["down"].dim() == 4:
+                t = t.reshape(1, -1, 1, 1)  # PEFT's conv DoRA magnitude layout
             sd[f"{p}{layer}.{table[k]}"] = t.detach().contiguous()
     meta = {}
     if lora_like:
