@@ -249,8 +249,11 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
         self.sampler.set_position(self.batches)
+        # its own generator: a DataLoader iterator otherwise draws its worker seed from the global RNG,
+        # which would shift the noise stream of a resumed run
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
-                                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(t.seed))
         batches = iter(loader)
         from tqdm.auto import tqdm
 
