@@ -4,7 +4,8 @@
 
     import fastgen.patch
     report = fastgen.patch(model)          # or a diffusers pipeline; returns a PatchReport
-    print(report)                          # every replacement and every module left alone
+    print(report)                          # every replacement, fused child and module left alone
+    fastgen.patch.is_patched(model)        # True: any module in it runs fastgen code
     fastgen.patch.unpatch(model)           # the original classes and processors back
 
 The package is callable (``fastgen.patch(model)`` is :func:`patch`) while
@@ -15,8 +16,9 @@ the diffusers rules load on the first ``patch`` call. See ``docs/patch.md``.
 import sys
 import types
 
-from fastgen.patch.core import PatchError, PatchReport, Replacement, Skipped, is_patched, patch, unpatch
+from fastgen.patch.core import Fused, PatchError, PatchReport, Replacement, Skipped, is_patched, patch, unpatch
 from fastgen.patch.sdpa import sdpa
+from fastgen.patch.serve import PatchFallbackWarning
 
 
 def known_processors() -> list:
@@ -25,8 +27,8 @@ def known_processors() -> list:
 
     return names()
 
-__all__ = ["patch", "unpatch", "PatchReport", "Replacement", "Skipped", "PatchError", "is_patched",
-           "known_processors", "sdpa"]
+__all__ = ["patch", "unpatch", "PatchReport", "Replacement", "Skipped", "Fused", "PatchError",
+           "PatchFallbackWarning", "is_patched", "known_processors", "sdpa"]
 
 
 class _CallableModule(types.ModuleType):

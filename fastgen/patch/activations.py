@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from fastgen.ops import glu
-from fastgen.patch.core import Replacement, Skipped, backend_of, orig_forward, qualname, supported_float, swap_forward
+from fastgen.patch.core import Replacement, Skipped, orig_forward, qualname, run, site, supported_float, swap_forward
+from fastgen.patch.serve import mark, param_dtype
 
 try:  # diffusers is optional
     from diffusers.models import activations as _da
@@ -26,16 +27,18 @@ UNFUSED_REASON = ("a Linear then one elementwise activation, which PyTorch alrea
                   "fusing further needs a GEMM epilogue (not in fastgen)")
 
 
-def _glu_forward(activation: str):
-    def forward(self, hidden_states, *args, **kwargs):
-        if args or kwargs or not isinstance(hidden_states, torch.Tensor) or not supported_float(hidden_states):
-            return orig_forward(self)(hidden_states, *args, **kwargs)
-        return glu(self.proj(hidden_states), activation, backend=backend_of(self))
-    return forward
+def _glu(self, activation: str, hidden_states, args, kwargs):
+    if args or kwargs or not isinstance(hidden_states, torch.Tensor) or not supported_float(hidden_states):
+        return orig_forward(self)(hidden_states, *args, **kwargs)
+    return run(self, "glu", glu, self.proj(hidden_states), activation)
 
 
-_geglu_forward = _glu_forward("gelu")
-_swiglu_forward = _glu_forward("silu")
+def _geglu_forward(self, hidden_states, *args, **kwargs):
+    return _glu(self, "gelu", hidden_states, args, kwargs)
+
+
+def _swiglu_forward(self, hidden_states, *args, **kwargs):
+    return _glu(self, "silu", hidden_states, args, kwargs)
 
 
 def _rules() -> dict:
@@ -53,7 +56,7 @@ def _unfused_classes() -> tuple:
     return tuple(getattr(_da, n) for n in ("GELU", "ApproximateGELU", "LinearActivation") if hasattr(_da, n))
 
 
-def patch_module(module, path: str, report, backend: str) -> None:
+def patch_module(module, path: str, report, backend: str, strict: bool = False) -> None:
     """Swap in the fused GLU forward when ``module`` is a known gated unit; note the others."""
     cls = type(module)
     rule = _rules().get(cls)
@@ -63,7 +66,11 @@ def patch_module(module, path: str, report, backend: str) -> None:
             return
         forward, after = rule
         before = qualname(cls)
+        reference = site(path, report, backend, cls.__name__, {"glu": dict(dtype=param_dtype(module.proj))})
+        if reference is None:
+            return
         swap_forward(module, forward, after, backend)
-        report.replaced.append(Replacement(path, before, after))
+        mark(module, backend, path, reference, strict)
+        report.replaced.append(Replacement(path, before, after, tuple(reference.items())))
     elif cls in _unfused_classes():
         report.skipped.append(Skipped(path, cls.__name__, UNFUSED_REASON))

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from fastgen.ops import apply_rope, qk_norm_rope, scaled_dot_product_attention
-from fastgen.patch.core import ORIG_CLASS, ORIG_PROCESSOR, PatchError, Replacement, Skipped
+from fastgen.patch.core import ORIG_CLASS, ORIG_PROCESSOR, Replacement, Skipped, run, site
+from fastgen.patch.serve import mark, param_dtype
 
 try:
     from diffusers.models import attention_processor as _ap
@@ -39,8 +40,8 @@ def _heads(t, attn):
 
 
 def _sdpa(proc, q, k, v, attn_mask=None):
-    return scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                        backend=proc.fastgen_backend)
+    return run(proc, "attention", scaled_dot_product_attention, q, k, v, attn_mask=attn_mask, dropout_p=0.0,
+               is_causal=False)
 
 
 def _tables(rot, q):
@@ -55,21 +56,42 @@ def _tables(rot, q):
     return cos.to(q.device), sin.to(q.device)
 
 
-def _rms_weight(norm, x):
-    """``(weight, eps)`` of an RMSNorm (torch's or diffusers', patched or not) that
-    ``qk_norm_rope`` reproduces exactly on ``x``, else None."""
+def _rms_static(norm):
+    """``(eps,)`` of an RMSNorm (torch's or diffusers', patched or not) whose function
+    ``qk_norm_rope`` has (one dim, a weight, no bias), else None. ``eps`` None: dtype's eps."""
+    if norm is None:
+        return None
     cls = norm.__dict__.get(ORIG_CLASS, type(norm))
     if cls is torch.nn.RMSNorm:
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        ok = len(norm.normalized_shape) == 1
+        eps, ok = norm.eps, len(norm.normalized_shape) == 1
     elif _dn_rms is not None and cls is _dn_rms:
         eps, ok = norm.eps, len(norm.dim) == 1 and norm.bias is None
     else:
         return None
-    w = norm.weight
-    if not ok or w is None or w.dtype != x.dtype or w.shape != (x.shape[-1],):
+    return (eps,) if ok and norm.weight is not None else None
+
+
+def _rms_weight(norm, x):
+    """``(weight, eps)`` of an RMSNorm that ``qk_norm_rope`` reproduces exactly on ``x``, else None."""
+    static = _rms_static(norm)
+    w = norm.weight if static is not None else None
+    if w is None or w.dtype != x.dtype or w.shape != (x.shape[-1],):
         return None
+    eps = static[0] if static[0] is not None else torch.finfo(x.dtype).eps
     return w, float(eps)
+
+
+def _fusable_children(attn) -> list:
+    """The q / k norms a Flux processor runs inside ``qk_norm_rope`` (known before any call:
+    plain RMSNorms with one eps per pair), else []."""
+    pairs = [(attn.norm_q, attn.norm_k)]
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        pairs.append((getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)))
+    for nq, nk in pairs:
+        sq, sk = _rms_static(nq), _rms_static(nk)
+        if sq is None or sk is None or sq != sk:
+            return []
+    return [n for pair in pairs for n in pair]
 
 
 def _fusable(norm_q, norm_k, x):
@@ -82,8 +104,8 @@ def _fusable(norm_q, norm_k, x):
 
 def _norm_rope(proc, q, k, fusable, cos, sin):
     wq, wk, eps = fusable
-    return qk_norm_rope(q, k, wq, wk, cos, sin, eps=eps, layout="bshd", interleaved=True,
-                        backend=proc.fastgen_backend)
+    return run(proc, "qk_norm_rope", qk_norm_rope, q, k, wq, wk, cos, sin, eps=eps, layout="bshd",
+               interleaved=True)
 
 
 _CLASSES: dict = {}
@@ -203,8 +225,8 @@ if _ap is not None:
                 tables = _tables(image_rotary_emb, query) if self.fastgen_rope else None
                 t = text_seq_length
                 if tables is not None and not attn.is_cross_attention:
-                    q_img, k_img = apply_rope(query[:, :, t:], key[:, :, t:], *tables, layout="bhsd",
-                                              interleaved=True, backend=self.fastgen_backend)
+                    q_img, k_img = run(self, "apply_rope", apply_rope, query[:, :, t:], key[:, :, t:], *tables,
+                                       layout="bhsd", interleaved=True)
                     query = torch.cat([query[:, :, :t], q_img], dim=2)
                     key = torch.cat([key[:, :, :t], k_img], dim=2)
                 else:
@@ -282,8 +304,8 @@ if _flux is not None:
                     key = torch.cat([attn.norm_added_k(ek), key], dim=1)
                     value = torch.cat([ev, value], dim=1)
                 if tables is not None:
-                    query, key = apply_rope(query, key, *tables, layout="bshd", interleaved=True,
-                                            backend=self.fastgen_backend)
+                    query, key = run(self, "apply_rope", apply_rope, query, key, *tables, layout="bshd",
+                                     interleaved=True)
                 elif image_rotary_emb is not None:
                     query = _flux.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
                     key = _flux.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -307,7 +329,19 @@ def known_processors() -> list:
     return sorted(c.__name__ for c in _CLASSES)
 
 
-def patch_attention(module, path: str, report, backend: str, rope: bool, strict: bool) -> None:
+def _facts(attn) -> dict:
+    """What the patcher knows of a module's attention calls: the head dim and the dtype."""
+    heads = getattr(attn, "heads", None)
+    to_q = getattr(attn, "to_q", None)
+    head_dim = getattr(attn, "head_dim", None)
+    if head_dim is None and heads and to_q is not None and hasattr(to_q, "out_features"):
+        head_dim = to_q.out_features // heads
+    return dict(dtype=param_dtype(to_q), head_dim=head_dim)
+
+
+def patch_attention(module, path: str, report, backend: str, rope: bool, strict: bool) -> tuple:
+    """Give ``module`` the fastgen processor of its processor's class; returns ``(children, kernel)``:
+    the child norms that processor runs inside a fused kernel (reported as fused), and that kernel."""
     proc = module.processor
     cls = type(proc)
     entry = _CLASSES.get(cls)
@@ -318,15 +352,25 @@ def patch_attention(module, path: str, report, backend: str, rope: bool, strict:
     elif getattr(proc, "_attention_backend", None) is not None or getattr(proc, "_parallel_config", None) is not None:
         reason = f"{cls.__name__} has a diffusers attention backend or parallel config set; kept"
     if reason is not None:
-        if strict:
-            raise PatchError(f"fastgen.patch(strict=True): {path or '<root>'}: {reason}")
-        report.skipped.append(Skipped(path, cls.__name__, reason))
-        return
+        report.skipped.append(Skipped(path, cls.__name__, reason, strict_error=True))
+        return [], ""
     new_cls, after = entry
     rotary = "rope" in after
-    new = new_cls(backend, rope) if rotary else new_cls(backend)
     if rotary and not rope:
         after = after.split(" + ")[0]
+    facts = _facts(module)
+    ops = {"attention": facts}
+    if rotary and rope:
+        ops.update({"qk_norm_rope": facts, "apply_rope": facts} if "qk_norm_rope" in after else {"apply_rope": facts})
+    reference = site(path, report, backend, cls.__name__, ops)
+    if reference is None:
+        return [], ""
+    new = new_cls(backend, rope) if rotary else new_cls(backend)
+    mark(new, backend, path, reference, strict)
     module.__dict__[ORIG_PROCESSOR] = proc
     module.processor = new
-    report.replaced.append(Replacement(path, cls.__name__, after))
+    report.replaced.append(Replacement(path, cls.__name__, after, tuple(reference.items())))
+    if rotary and rope and "qk_norm_rope" in after:
+        kids = _fusable_children(module)
+        return kids, "fastgen.ops.qk_norm_rope"
+    return [], ""

@@ -16,17 +16,28 @@ function for these inputs (dtypes, ranks, optional arguments) and otherwise call
 the original forward, so a patched model never returns a different kind of answer.
 After ``unpatch`` the model runs the original code again: its outputs are
 bit-identical to those before patching.
+
+``backend="triton" | "cuda"``: each site's ops are checked at patch time
+(``fastgen/patch/serve.py``); what the family cannot serve runs the reference and is
+reported, and a call that turns out unservable runs the reference with a warning
+once per module. ``strict=True`` raises instead, naming every site.
+
+Pickling: a patched module pickles (``torch.save(model)``, ``copy.deepcopy``) as the
+patched module: its fastgen subclass is rebuilt on load from the original class and
+the patched forward's importable name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from fastgen.backend import BACKENDS
+from fastgen.patch import serve
 
 ORIG_CLASS = "_fastgen_orig_class"
 ORIG_PROCESSOR = "_fastgen_orig_processor"
@@ -42,6 +53,15 @@ class Replacement:
     path: str      # module path in the model ("" for the root), pipeline components prefixed
     before: str    # what ran before ("torch.nn.LayerNorm", "AttnProcessor2_0")
     after: str     # what runs now ("fastgen.ops.layer_norm")
+    reference: tuple = ()  # ((op, why), ...): ops of this site that run the torch reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    path: str      # a child module whose work a patched parent does
+    what: str      # its class name ("RMSNorm")
+    kernel: str    # the fastgen op that does it ("fastgen.ops.qk_norm_rope")
+    by: str        # the patched parent's path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +69,7 @@ class Skipped:
     path: str
     what: str      # class name of the module or processor left alone
     reason: str
+    strict_error: bool = False  # what strict=True raises on (unknown classes, sites the backend cannot serve)
 
 
 @dataclasses.dataclass
@@ -58,9 +79,18 @@ class PatchReport:
     backend: str = "auto"
     replaced: list = dataclasses.field(default_factory=list)   # [Replacement]
     skipped: list = dataclasses.field(default_factory=list)    # [Skipped]
+    fused: list = dataclasses.field(default_factory=list)      # [Fused]
+    notes: list = dataclasses.field(default_factory=list)      # [str]: about the whole model
 
     def paths(self) -> list:
         return [r.path for r in self.replaced]
+
+    def on_reference(self) -> dict:
+        """``{path: why}`` for every site that runs (some of) its ops on the torch reference
+        because the backend cannot serve them: sites left unpatched and partly served ones."""
+        out = {s.path: s.reason for s in self.skipped if s.reason.startswith(ON_REFERENCE)}
+        out.update({r.path: serve.describe(dict(r.reference)) for r in self.replaced if r.reference})
+        return out
 
     def count(self, after_contains: str = "") -> int:
         """How many replacements name ``after_contains`` in their ``after`` (all if empty)."""
@@ -71,10 +101,17 @@ class PatchReport:
 
     def __str__(self) -> str:
         lines = [f"fastgen.patch (backend={self.backend!r}): {len(self.replaced)} replaced, "
-                 f"{len(self.skipped)} left alone"]
-        width = max([len(r.path or "<root>") for r in self.replaced + self.skipped] + [4])
+                 f"{len(self.fused)} fused into a parent, {len(self.skipped)} left alone"]
+        lines += [f"note: {n}" for n in self.notes]
+        width = max([len(r.path or "<root>") for r in self.replaced + self.skipped + self.fused] + [4])
         for r in self.replaced:
             lines.append(f"  {(r.path or '<root>'):<{width}}  {r.before} -> {r.after}")
+            for op, why in r.reference:
+                lines.append(f"  {'':<{width}}    {op} runs the reference here: {why}")
+        if self.fused:
+            lines.append("fused into a patched parent:")
+            for f in self.fused:
+                lines.append(f"  {f.path:<{width}}  {f.what} -> {f.kernel} (in {f.by or '<root>'})")
         if self.skipped:
             lines.append("left alone:")
             for s in self.skipped:
@@ -84,24 +121,67 @@ class PatchReport:
     __repr__ = __str__
 
 
+ON_REFERENCE = "stays on the reference"
+
+
+def site(path: str, report: PatchReport, backend: str, what: str, ops: dict) -> Optional[dict]:
+    """Check a site's ops against ``backend`` (``ops``: ``{op: facts}``, see ``serve.plan``).
+
+    Returns ``{op: why}`` for the ops that will run the reference there (empty: all served),
+    or None when none can be served: then the site is reported as left alone, with the
+    reasons, and must not be patched."""
+    reference = serve.plan(backend, ops)
+    if ops and len(reference) == len(ops):
+        report.skipped.append(Skipped(path, what, f"{ON_REFERENCE} (backend={backend!r}): "
+                                                  f"{serve.describe(reference)}", strict_error=True))
+        return None
+    return reference
+
+
 # ----------------------------------------------------------------------------- class swap
 
 _SUBCLASSES: dict = {}
 
 
-def swap_forward(module: nn.Module, forward: Callable, tag: str, backend: str) -> None:
-    """Give ``module`` a fastgen subclass of its class whose ``forward`` is ``forward``
-    (``forward(self, *args)`` may call ``orig_forward(self, *args)`` to fall back)."""
-    cls = type(module)
+def _forward_ref(forward: Callable) -> tuple:
+    """``(module, name)`` under which ``forward`` can be imported again (for pickling)."""
+    ref = (forward.__module__, forward.__qualname__)
+    if getattr(importlib.import_module(ref[0]), ref[1], None) is not forward:
+        raise ValueError(f"fastgen.patch: forward {ref[0]}.{ref[1]} is not importable by that name")
+    return ref
+
+
+def _subclass(cls: type, forward: Callable, tag: str) -> type:
     key = (cls, tag)
     sub = _SUBCLASSES.get(key)
     if sub is None:
         sub = type(f"Fastgen{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__,
-                                                     "_fastgen_tag": tag})
+                                                     "_fastgen_tag": tag, "__reduce_ex__": _reduce_ex})
         _SUBCLASSES[key] = sub
+    return sub
+
+
+def _reduce_ex(self, protocol):
+    """Pickle a class-swapped module as (original class, patched forward's name, state)."""
+    cls = type(self)
+    return (_rebuild, (self.__dict__[ORIG_CLASS], cls._fastgen_tag, _forward_ref(cls.forward)),
+            self.__getstate__())
+
+
+def _rebuild(orig_cls: type, tag: str, ref: tuple):
+    forward = getattr(importlib.import_module(ref[0]), ref[1])
+    sub = _subclass(orig_cls, forward, tag)
+    return sub.__new__(sub)
+
+
+def swap_forward(module: nn.Module, forward: Callable, tag: str, backend: str) -> None:
+    """Give ``module`` a fastgen subclass of its class whose ``forward`` is ``forward``
+    (``forward(self, *args)`` may call ``orig_forward(self, *args)`` to fall back)."""
+    _forward_ref(forward)
+    cls = type(module)
     module.__dict__[ORIG_CLASS] = cls
     module.__dict__[BACKEND_ATTR] = backend
-    module.__class__ = sub
+    module.__class__ = _subclass(cls, forward, tag)
 
 
 def orig_forward(module: nn.Module):
@@ -109,8 +189,14 @@ def orig_forward(module: nn.Module):
     return module.__dict__[ORIG_CLASS].forward.__get__(module)
 
 
-def is_patched(module: nn.Module) -> bool:
+def _own_patch(module) -> bool:
     return ORIG_CLASS in module.__dict__ or ORIG_PROCESSOR in module.__dict__
+
+
+def is_patched(obj) -> bool:
+    """True when ``obj`` (any module of a model, the model itself, or a diffusers pipeline)
+    or any module inside it runs fastgen code put there by :func:`patch`."""
+    return any(_own_patch(m) for _, root in _components(obj) for m in root.modules())
 
 
 def qualname(cls: type) -> str:
@@ -142,6 +228,23 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
+def _device_note(comps, backend: str) -> Optional[str]:
+    """What the model's current device means for ``backend`` (it may still move: a note, not a skip)."""
+    if backend not in serve.FAMILIES or serve.family_reason(backend) is not None:
+        return None
+    from fastgen.backend import unavailable_reason
+
+    for _, root in comps:
+        p = next(root.parameters(), None)
+        if p is not None:
+            why = None if p.device.type == "meta" else unavailable_reason(backend, p.device)
+            if why is None:
+                return None
+            return (f"the model is on {p.device.type}: {serve.short(why)}; until it moves, its patched calls "
+                    f"run the reference (a warning once per module)")
+    return None
+
+
 def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, activations: bool = True,
           backend: str = "auto", strict: bool = False) -> PatchReport:
     """Swap fastgen's fused ops into ``obj`` (an ``nn.Module`` or a diffusers pipeline), in place.
@@ -161,16 +264,26 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
         attention=True    diffusers AttnProcessor2_0, JointAttnProcessor2_0, FluxAttnProcessor
                                                                       -> fastgen processors on
                                                                          fastgen.ops.scaled_dot_product_attention
-        rope=True         inside the Flux processor: fastgen.ops.apply_rope (interleaved)
+        rope=True         inside the Flux processor: fastgen.ops.qk_norm_rope (norm_q / norm_k fused
+                          into it) or apply_rope (interleaved)
 
     Parameters, buffers and ``state_dict`` keys are untouched; ``unpatch(obj)`` restores the
-    original classes and processors exactly. ``backend`` ("auto" | "triton" | "cuda" | "torch")
-    is passed to every fastgen op (an op without that implementation raises
-    ``fastgen.backend.BackendUnavailableError`` when called). A module already patched is
-    re-patched with the new options. Attention processors and norm modules the patcher does
-    not know (another diffusers norm, a subclass of ``nn.LayerNorm``) are left alone and listed
-    in the report; ``strict=True`` raises :class:`PatchError` instead (and leaves the model
-    unpatched).
+    original classes and processors exactly. A module already patched is re-patched with the
+    new options.
+
+    ``backend``: ``"auto"`` (default) and ``"torch"`` are passed to every fastgen op.
+    ``"triton"`` / ``"cuda"`` mean "this kernel family wherever it can serve": each site's ops
+    are checked at patch time (the op's implementations, parameter dtypes, head dims, channels
+    per group); an op the family cannot serve runs the torch reference at that site, a site
+    none of whose ops it can serve is left unpatched, and the report says why for each. A call
+    the family turns out unable to serve (CPU tensors, a dtype changed after patching) runs
+    the reference and warns once per module (``fastgen.patch.PatchFallbackWarning``).
+
+    Attention processors and norm modules the patcher does not know (another diffusers norm, a
+    subclass of ``nn.LayerNorm``) are left alone and listed in the report. ``strict=True``
+    raises :class:`PatchError` instead, naming every such site and every site the backend
+    cannot serve (and leaves the model unpatched); its patched ops then raise at a call the
+    backend cannot serve, as ``backend=`` on an op always does.
     Returns a :class:`PatchReport`.
     """
     from fastgen.patch import activations as act_rules
@@ -182,27 +295,36 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
     comps = _components(obj)
     unpatch(obj)
     report = PatchReport(backend=backend)
-    try:
-        for prefix, root in comps:
-            absorbed: dict = {}  # id(child) -> the parent path whose fused forward does the child's work
-            for name, module in root.named_modules():
-                path = _join(prefix, name)
-                if id(module) in absorbed:
-                    parent = absorbed[id(module)] or "<root>"
-                    report.skipped.append(Skipped(path, type(module).__name__,
-                                                  f"fused into the patched forward of {parent}"))
-                    continue
-                if norms or activations:
-                    for child in norm_rules.patch_module(module, path, report, backend, norms=norms,
-                                                         activations=activations, strict=strict):
-                        absorbed[id(child)] = path
-                if activations:
-                    act_rules.patch_module(module, path, report, backend)
-                if attention and hasattr(module, "processor") and hasattr(module, "set_processor"):
-                    attn_rules.patch_attention(module, path, report, backend, rope=rope, strict=strict)
-    except PatchError:
-        unpatch(obj)  # all or nothing
-        raise
+    note = _device_note(comps, backend)
+    if note is not None:
+        report.notes.append(note)
+    for prefix, root in comps:
+        absorbed: dict = {}  # id(child) -> (the parent path whose fused forward does its work, the kernel)
+        for name, module in root.named_modules():
+            path = _join(prefix, name)
+            if id(module) in absorbed:
+                parent, kernel = absorbed[id(module)]
+                report.fused.append(Fused(path, type(module).__name__, kernel, parent))
+                continue
+            if norms or activations:
+                kids, kernel = norm_rules.patch_module(module, path, report, backend, norms=norms,
+                                                       activations=activations, strict=strict)
+                for child in kids:
+                    absorbed[id(child)] = (path, kernel)
+            if activations:
+                act_rules.patch_module(module, path, report, backend, strict=strict)
+            if attention and hasattr(module, "processor") and hasattr(module, "set_processor"):
+                kids, kernel = attn_rules.patch_attention(module, path, report, backend, rope=rope, strict=strict)
+                for child in kids:
+                    absorbed[id(child)] = (path, kernel)
+    if strict:
+        errors = [f"{s.path or '<root>'}: {s.reason}" for s in report.skipped if s.strict_error]
+        errors += [f"{r.path or '<root>'}: {ON_REFERENCE} for {serve.describe(dict(r.reference))}"
+                   for r in report.replaced if r.reference]
+        if errors:
+            unpatch(obj)  # all or nothing
+            raise PatchError(f"fastgen.patch(strict=True, backend={backend!r}): {len(errors)} site(s) cannot "
+                             f"be patched as asked:\n  " + "\n  ".join(errors))
     return report
 
 
@@ -218,10 +340,18 @@ def unpatch(obj) -> None:
                 if hasattr(module.processor, "fastgen_backend"):  # not replaced by the user since
                     module.processor = original
             d.pop(BACKEND_ATTR, None)
+            serve.unmark(module)
 
 
 def backend_of(module) -> Optional[str]:
     return module.__dict__.get(BACKEND_ATTR)
+
+
+def run(module, op: str, fn: Callable, *args, **kwargs):
+    """Call fastgen op ``fn`` (named ``op``) as the patched ``module`` (or processor) runs it:
+    its backend, the reference where the patch or the call decides so (``serve.run_op``)."""
+    b = module.fastgen_backend if hasattr(module, "fastgen_backend") else backend_of(module)
+    return serve.run_op(module, b, op, fn, *args, **kwargs)
 
 
 def supported_float(t: torch.Tensor) -> bool:

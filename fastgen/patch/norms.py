@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from fastgen.ops import group_norm, layer_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
-from fastgen.patch.core import (PatchError, Replacement, Skipped, backend_of, orig_forward, qualname, supported_float,
-                                swap_forward)
+from fastgen.patch.core import Replacement, Skipped, orig_forward, qualname, run, site, supported_float, swap_forward
+from fastgen.patch.serve import mark, param_dtype
 
 try:  # diffusers is optional: without it only the torch rules apply
     from diffusers.models import normalization as _dn
@@ -47,7 +47,7 @@ def _param_ok(p, x: torch.Tensor, allow_fp32: bool) -> bool:
 def _layer_norm_forward(self, x):
     if (isinstance(x, torch.Tensor) and supported_float(x) and x.dim() >= 1
             and _param_ok(self.weight, x, False) and _param_ok(self.bias, x, False)):
-        return layer_norm(x, self.weight, self.bias, self.eps, backend=backend_of(self))
+        return run(self, "layer_norm", layer_norm, x, self.weight, self.bias, self.eps)
     return orig_forward(self)(x)
 
 
@@ -55,14 +55,14 @@ def _fp32_layer_norm_forward(self, x):
     # diffusers FP32LayerNorm: F.layer_norm(x.float(), ..., w.float(), b.float()).to(x.dtype)
     if (isinstance(x, torch.Tensor) and supported_float(x) and x.dim() >= 1
             and _param_ok(self.weight, x, True) and _param_ok(self.bias, x, True)):
-        return layer_norm(x, self.weight, self.bias, self.eps, backend=backend_of(self))
+        return run(self, "layer_norm", layer_norm, x, self.weight, self.bias, self.eps)
     return orig_forward(self)(x)
 
 
 def _torch_rms_norm_forward(self, x):
     if isinstance(x, torch.Tensor) and supported_float(x) and _param_ok(self.weight, x, False):
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return rms_norm(x, self.weight, eps, backend=backend_of(self))
+        return run(self, "rms_norm", rms_norm, x, self.weight, eps)
     return orig_forward(self)(x)
 
 
@@ -72,7 +72,7 @@ def _diffusers_rms_norm_forward(self, x):
     # exactly when weight is None or has x's dtype; other mixes keep the original forward.
     if isinstance(x, torch.Tensor) and supported_float(x) and _param_ok(self.weight, x, False) \
             and (self.bias is None or self.bias.dtype == x.dtype):
-        y = rms_norm(x, self.weight, self.eps, backend=backend_of(self))
+        y = run(self, "rms_norm", rms_norm, x, self.weight, self.eps)
         return y if self.bias is None else y + self.bias
     return orig_forward(self)(x)
 
@@ -80,7 +80,7 @@ def _diffusers_rms_norm_forward(self, x):
 def _group_norm_forward(self, x):
     if (isinstance(x, torch.Tensor) and supported_float(x) and 3 <= x.dim() <= 5
             and _param_ok(self.weight, x, True) and _param_ok(self.bias, x, True)):
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, backend=backend_of(self))
+        return run(self, "group_norm", group_norm, x, self.num_groups, self.weight, self.bias, self.eps)
     return orig_forward(self)(x)
 
 
@@ -90,16 +90,15 @@ def _modulated(self, x, shift, scale):
     if not (isinstance(x, torch.Tensor) and x.dim() == 3 and supported_float(x)
             and shift.dtype == x.dtype and scale.dtype == x.dtype and shift.dim() == 2):
         return None
-    b = backend_of(self)
     if isinstance(norm, nn.LayerNorm):
         fp32 = _dn is not None and isinstance(norm, _dn.FP32LayerNorm)
         if not (_param_ok(norm.weight, x, fp32) and _param_ok(norm.bias, x, fp32)):
             return None
-        return layer_norm_modulate(x, shift, scale, norm.eps, norm.weight, norm.bias, backend=b)
+        return run(self, "layer_norm_modulate", layer_norm_modulate, x, shift, scale, norm.eps, norm.weight, norm.bias)
     if _dn is not None and isinstance(norm, _dn.RMSNorm):
         if norm.bias is not None or not _param_ok(norm.weight, x, False):
             return None
-        return rms_norm_modulate(x, shift, scale, norm.eps, norm.weight, backend=b)
+        return run(self, "rms_norm_modulate", rms_norm_modulate, x, shift, scale, norm.eps, norm.weight)
     return None
 
 
@@ -148,17 +147,17 @@ def _ada_continuous_forward(self, x, conditioning_embedding):
     return out
 
 
-def _group_norm_silu(norm: nn.GroupNorm, x, backend):
+def _group_norm_silu(block, norm: nn.GroupNorm, x):
     if (supported_float(x) and 3 <= x.dim() <= 5
             and _param_ok(norm.weight, x, True) and _param_ok(norm.bias, x, True)):
-        return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu", backend=backend)
+        return run(block, "group_norm", group_norm, x, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                   activation="silu")
     return torch.nn.functional.silu(norm(x))
 
 
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers ResnetBlock2D.forward with silu(norm(x)) fused (SiLU blocks only)."""
-    b = backend_of(self)
-    hidden_states = _group_norm_silu(self.norm1, input_tensor, b)
+    hidden_states = _group_norm_silu(self, self.norm1, input_tensor)
     if self.upsample is not None:
         if hidden_states.shape[0] >= 64:
             input_tensor = input_tensor.contiguous()
@@ -183,7 +182,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     else:
         if self.time_embedding_norm == "default" and temb is not None:
             hidden_states = hidden_states + temb
-        hidden_states = _group_norm_silu(self.norm2, hidden_states, b)
+        hidden_states = _group_norm_silu(self, self.norm2, hidden_states)
     hidden_states = self.dropout(hidden_states)
     hidden_states = self.conv2(hidden_states)
     if self.conv_shortcut is not None:
@@ -267,40 +266,67 @@ def _unknown_norm_reason(module) -> str | None:
     return None
 
 
+def _ops(module, after: str) -> dict:
+    """The fastgen ops a patched norm module calls, with what the patcher knows of their calls."""
+    op = after.split("fastgen.ops.")[1].split(" ")[0]
+    if op == "group_norm":
+        return {op: dict(dtype=param_dtype(module), channels=module.num_channels, groups=module.num_groups)}
+    return {op: dict(dtype=param_dtype(module))}
+
+
+def _resnet_ops(module) -> dict:
+    dtype = param_dtype(module.norm1, module.conv1)
+    return {"group_norm": [dict(dtype=dtype, channels=n.num_channels, groups=n.num_groups)
+                           for n in (module.norm1, module.norm2)]}
+
+
+def _swap(module, path, report, backend, strict, forward, after, tag, ops) -> bool:
+    """Check the site's ops against the backend, then swap its forward; False if left alone."""
+    before = qualname(type(module))
+    reference = site(path, report, backend, type(module).__name__, ops)
+    if reference is None:
+        return False
+    swap_forward(module, forward, tag, backend)
+    mark(module, backend, path, reference, strict)
+    report.replaced.append(Replacement(path, before, after, tuple(reference.items())))
+    return True
+
+
 def patch_module(module, path: str, report, backend: str, norms: bool, activations: bool,
-                 strict: bool = False) -> list:
-    """Patch ``module`` if a rule knows it; returns the child modules its new forward absorbs
-    (their work is fused into the parent's op; the walk leaves them alone and says so)."""
+                 strict: bool = False) -> tuple:
+    """Patch ``module`` if a rule knows it; returns ``(children, kernel)``: the child modules its
+    new forward absorbs (their work is fused into the parent's op; the walk reports them as
+    fused, with ``kernel``, and leaves them alone)."""
     if activations and _ResnetBlock2D is not None and type(module) is _ResnetBlock2D:
         reason = _resnet_reason(module)
         if reason is not None:
             report.skipped.append(Skipped(path, type(module).__name__, reason))
-            return []
-        before = qualname(type(module))
-        swap_forward(module, _resnet_forward, "resnet_silu", backend)
+            return [], ""
         fused = ["norm1"] + ([] if module.time_embedding_norm == "scale_shift" else ["norm2"])
-        report.replaced.append(Replacement(path, before, f"fastgen.ops.group_norm(activation='silu') for "
-                                                         f"{' and '.join(fused)} + SiLU"))
-        return [getattr(module, n) for n in fused]
+        kernel = "fastgen.ops.group_norm(activation='silu')"
+        after = f"{kernel} for {' and '.join(fused)} + SiLU"
+        if not _swap(module, path, report, backend, strict, _resnet_forward, after, "resnet_silu",
+                     _resnet_ops(module)):
+            return [], ""
+        return [getattr(module, n) for n in fused], kernel
     if not norms:
-        return []
+        return [], ""
     rule = _rule(module)
     if rule is None:
         reason = _known_skip_reason(module)
         if reason is not None:
             report.skipped.append(Skipped(path, type(module).__name__, reason))
-            return []
+            return [], ""
         reason = _unknown_norm_reason(module)
         if reason is not None:
-            if strict:
-                raise PatchError(f"fastgen.patch(strict=True): {path or '<root>'}: {reason}")
-            report.skipped.append(Skipped(path, type(module).__name__, reason))
-        return []
+            report.skipped.append(Skipped(path, type(module).__name__, reason, strict_error=True))
+        return [], ""
     forward, after, reason = rule
     if reason is not None:
         report.skipped.append(Skipped(path, type(module).__name__, reason))
-        return []
-    before = qualname(type(module))
-    swap_forward(module, forward, after, backend)
-    report.replaced.append(Replacement(path, before, after))
-    return [module.norm] if "_modulate" in after else []
+        return [], ""
+    if not _swap(module, path, report, backend, strict, forward, after, after, _ops(module, after)):
+        return [], ""
+    if "_modulate" in after:
+        return [module.norm], after.split(" ")[0]
+    return [], ""
