@@ -1,14 +1,16 @@
 """Fused optimizers, gradient clipping and EMA, with multi-tensor kernels.
 
 - ``FusedAdamW``: drop-in for ``torch.optim.AdamW`` (same state dict).
+- ``FusedAdamW8bit``: AdamW with block-wise 8-bit moments (2.03 state bytes per parameter).
 - ``FusedLion``: the Lion optimizer.
 - ``clip_grad_norm_``: same result and return value as ``torch.nn.utils.clip_grad_norm_``.
 - ``EMA``: moving average of a model's weights, with a swap-in context manager.
 """
 
 from fastgen.optim.adamw import FusedAdamW
+from fastgen.optim.adamw8bit import FusedAdamW8bit
 from fastgen.optim.clip import clip_grad_norm_
 from fastgen.optim.ema import EMA
 from fastgen.optim.lion import FusedLion
 
-__all__ = ["EMA", "FusedAdamW", "FusedLion", "clip_grad_norm_"]
+__all__ = ["EMA", "FusedAdamW", "FusedAdamW8bit", "FusedLion", "clip_grad_norm_"]

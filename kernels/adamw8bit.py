@@ -1,0 +1,159 @@
+"""Multi-tensor 8-bit AdamW in Triton: dequantize -> AdamW update in fp32 -> requantize, one pass.
+
+Per 256-element quantization block of each parameter (``fastgen.optim.quant8``: block-wise
+dynamic maps, fp32 absmax per block), with ``t`` the parameter's step count::
+
+    m = SMAP[cm] * am          v = UMAP[cv] * av               (dequantize, fp32)
+    p = p * (1 - lr * wd)
+    m = lerp(m, g, 1 - beta1)  v = beta2 * v + (1 - beta2) * g^2
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    am = max |m| over the block,  cm = #{i : SBOUND[i] < m / am}   (0 if am = 0)
+    av = max  v  over the block,  cv = #{i : UBOUND[i] < v / av}
+
+The code is found by an 8-step binary search of the 256-entry boundary table (L1-resident).
+Bytes per element: p (2 or 4) and g (2 or 4) read, p written; 1 + 1 code bytes read and
+written; absmax 2 x 4 bytes per 256 elements read and written.
+
+A program owns ``QB`` whole quantization blocks (``BLOCK = QB * 256`` elements), so a block
+never straddles two programs and its absmax is a local reduction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels.adamw import _lerp, _one_minus_pow, _stochastic_bf16
+from fastgen.kernels.multi_tensor import TL_DTYPES, chunk_table, pointer_table, tensor_ptr
+
+QBLOCK = 256
+QB = 8  # quantization blocks per program: 2048 elements
+
+
+@triton.jit
+def _quantize(x, absmax, BOUND):
+    """uint8 codes of ``x / absmax`` ([QB, QBLOCK] fp32, absmax [QB, 1]): #{i : BOUND[i] < x}."""
+    scaled = tl.where(absmax > 0.0, tl.math.div_rn(x, tl.where(absmax > 0.0, absmax, 1.0)), 0.0)
+    code = tl.zeros(x.shape, dtype=tl.int32)
+    for k in tl.static_range(8):
+        b = tl.load(BOUND + code + ((128 >> k) - 1))
+        code = code + tl.where(b < scaled, 128 >> k, 0)
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def _adamw8bit_kernel(
+    P_PTRS,  # [T] int64 addresses of the parameters (P_DTYPE)
+    G_PTRS,  # [T] int64 addresses of the gradients (G_DTYPE)
+    QM_PTRS,  # [T] int64 addresses of the first-moment codes (uint8, numel)
+    AM_PTRS,  # [T] int64 addresses of the first-moment absmax (fp32, ceil(numel / 256))
+    QV_PTRS,  # [T] int64 addresses of the second-moment codes (uint8)
+    AV_PTRS,  # [T] int64 addresses of the second-moment absmax (fp32)
+    STEP_PTRS,  # [T] int64 addresses of the fp32 step counts (0-d, already incremented)
+    NUMELS,  # [T] int64
+    CHUNK_IDS,  # [C] int32 tensor of each program
+    CHUNK_OFFS,  # [C] int64 first element of each program (a multiple of QB * QBLOCK)
+    SMAP,  # [256] fp32 signed dynamic map
+    SBOUND,  # [256] fp32 its boundaries (+inf last)
+    UMAP,  # [256] fp32 unsigned dynamic map
+    UBOUND,  # [256] fp32 its boundaries
+    LR,  # fp32 scalar, or pointer to an fp32 device scalar when LR_IS_PTR
+    beta1,
+    beta2,
+    ln_beta1,
+    ln_beta2,
+    eps,
+    weight_decay,
+    seed,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    LR_IS_PTR: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    QB: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(CHUNK_IDS + pid)
+    start = tl.load(CHUNK_OFFS + pid)
+    numel = tl.load(NUMELS + t)
+    rows = tl.arange(0, QB)
+    offs = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # [QB, QBLOCK]
+    mask = offs < numel
+    blk = start // QBLOCK + rows  # [QB] quantization block index
+    bmask = blk * QBLOCK < numel
+
+    p_ptr = tensor_ptr(P_PTRS, t, P_DTYPE)
+    qm_ptr = tensor_ptr(QM_PTRS, t, tl.uint8)
+    qv_ptr = tensor_ptr(QV_PTRS, t, tl.uint8)
+    am_ptr = tensor_ptr(AM_PTRS, t, tl.float32)
+    av_ptr = tensor_ptr(AV_PTRS, t, tl.float32)
+    step = tl.load(tensor_ptr(STEP_PTRS, t, tl.float32))
+    if LR_IS_PTR:
+        lr = tl.load(LR)
+    else:
+        lr = LR
+    bias1 = _one_minus_pow(step, ln_beta1)
+    bias2_sqrt = tl.math.sqrt_rn(_one_minus_pow(step, ln_beta2))
+
+    g = tl.load(tensor_ptr(G_PTRS, t, G_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cm = tl.load(qm_ptr + offs, mask=mask, other=0).to(tl.int32)
+    cv = tl.load(qv_ptr + offs, mask=mask, other=0).to(tl.int32)
+    am = tl.load(am_ptr + blk, mask=bmask, other=0.0)
+    av = tl.load(av_ptr + blk, mask=bmask, other=0.0)
+    m = tl.load(SMAP + cm) * am[:, None]
+    v = tl.load(UMAP + cv) * av[:, None]
+    m = tl.where(mask, m, 0.0)
+    v = tl.where(mask, v, 0.0)
+
+    p = p * (1.0 - lr * weight_decay)
+    m = _lerp(m, g, 1.0 - beta1)
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
+    p = p - tl.math.div_rn(lr, bias1) * tl.math.div_rn(m, denom)
+    if STOCHASTIC:
+        tl.store(p_ptr + offs, _stochastic_bf16(p, seed, offs), mask=mask)
+    else:
+        tl.store(p_ptr + offs, round_to(p, P_DTYPE, INTERPRET), mask=mask)
+
+    new_am = tl.max(tl.abs(m), axis=1)  # masked lanes hold 0: they never raise a block's max
+    new_av = tl.max(v, axis=1)
+    tl.store(qm_ptr + offs, _quantize(m, new_am[:, None], SBOUND), mask=mask)
+    tl.store(qv_ptr + offs, _quantize(v, new_av[:, None], UBOUND), mask=mask)
+    tl.store(am_ptr + blk, new_am, mask=bmask)
+    tl.store(av_ptr + blk, new_av, mask=bmask)
+
+
+def adamw8bit_config() -> dict:
+    """Launch parameters of _adamw8bit_kernel (the static tests compile these)."""
+    return dict(QB=QB, QBLOCK=QBLOCK, num_warps=8)
+
+
+def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta1, beta2, eps, weight_decay,
+                   maximize, stochastic_rounding=False, seed=0):
+    """Update lists of parameters and their 8-bit states in place, one launch (shared dtypes and
+    device, all contiguous). ``tables``: (SMAP, SBOUND, UMAP, UBOUND) fp32 [256] on the device."""
+    if not params:
+        return
+    cfg = adamw8bit_config()
+    table = chunk_table(params, cfg["QB"] * cfg["QBLOCK"])
+    lr_is_ptr = isinstance(lr, torch.Tensor)
+    p_dtype = params[0].dtype
+    _adamw8bit_kernel[(table.num_chunks,)](
+        pointer_table(params), pointer_table(grads), pointer_table(qms), pointer_table(ams), pointer_table(qvs),
+        pointer_table(avs), pointer_table(steps), table.numels, table.chunk_ids, table.chunk_offs, *tables,
+        lr if lr_is_ptr else float(lr), float(beta1), float(beta2),
+        math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
+        float(eps), float(weight_decay), int(seed),
+        P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[grads[0].dtype], LR_IS_PTR=lr_is_ptr,
+        MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
+        INTERPRET=interpreting(), **cfg,
+    )
