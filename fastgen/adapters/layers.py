@@ -184,6 +184,8 @@ class LoKr(Branch):
         else:
             self.w2 = nn.Parameter(torch.zeros(out_k, in_n, *kernel))
         self.kernel = kernel
+        if not self.factored_w1 and not self.factored_w2:
+            self.alpha = float(rank)  # full matrices: no alpha scaling (LyCORIS / ComfyUI)
         for name, p in self.named_parameters():
             if name in ("w1", "w1a", "w1b", "w2b"):
                 nn.init.normal_(p, std=0.1)

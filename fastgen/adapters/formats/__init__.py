@@ -73,7 +73,7 @@ def to_state_dict(w: AdapterWeights, format: str = "peft", prefix: str | None = 
         sd, meta = comfyui.write(w)
     else:
         raise ValueError(f"unknown adapter format {format!r}; expected one of {FORMATS}")
-    meta = {"format": "pt", **meta, **fastgen_metadata(w)}
+    meta = {"format": "pt", **meta, **fastgen_metadata(w, w.rslora and format in ("peft", "diffusers"))}
     return sd, meta
 
 

@@ -52,8 +52,9 @@ def group(items: list[tuple[str, str, str, torch.Tensor]], fmt: str) -> dict[str
     return out
 
 
-def fastgen_metadata(w: AdapterWeights) -> dict[str, str]:
-    return {FASTGEN_META: json.dumps({"base": w.base, "base_class": w.base_class, "rslora": w.rslora,
+def fastgen_metadata(w: AdapterWeights, rslora: bool) -> dict[str, str]:
+    """``rslora``: whether the file's alphas are rank-stabilised (False where alpha_eff was written)."""
+    return {FASTGEN_META: json.dumps({"base": w.base, "base_class": w.base_class, "rslora": rslora,
                                       "kinds": sorted(w.kinds)})}
 
 

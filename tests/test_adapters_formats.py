@@ -1,0 +1,176 @@
+"""Adapter file formats: round trips through every format for every kind, format detection,
+errors that name keys, and the independent reference — diffusers' own loaders (the path
+``load_lora_weights`` takes: ``lora_state_dict`` then ``load_lora_into_unet``) and diffusers'
+own saver, on a tiny UNet2DConditionModel in fp32 on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_adapters import Block, _inputs, _randomize
+
+import fastgen.adapters as A
+
+KINDS = [("lora", {}), ("lora", {"rslora": True}), ("dora", {}), ("loha", {}), ("lokr", {}), ("lokr", {"full_matrix": True})]
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "comfyui"])
+@pytest.mark.parametrize("kind,kw", KINDS, ids=[k + "".join(kw) for k, kw in KINDS])
+def test_round_trip_every_format(tmp_path, fmt, kind, kw):
+    torch.manual_seed(0)
+    base = Block().eval()
+    model = copy.deepcopy(base)
+    A.add_adapter(model, "a", kind=kind, rank=2, alpha=3.0, targets="all", **kw)
+    _randomize(model, "a")
+    x, img = _inputs()
+    want = model(x, img)
+    path = tmp_path / f"a_{fmt}.safetensors"
+    A.save(model, path, format=fmt, name="a")
+    w = A.load(path)
+    assert w.format == fmt and w.kinds == {kind}
+    assert w.base == A.fingerprint(base) and w.base_class == "Block"
+    fresh = copy.deepcopy(base)
+    A.apply(fresh, w, name="b", scale=1.0)
+    got = fresh(x, img)
+    for g, t in zip(got, want):
+        torch.testing.assert_close(g, t, atol=2e-6, rtol=1e-5)
+    assert (got[0] - base(x, img)[0]).abs().max() > 1e-2
+    # and once more from the re-saved file: a fixed point
+    A.save(fresh, tmp_path / "again.safetensors", format=fmt, name="b")
+    one, two = load_file(path), load_file(tmp_path / "again.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-6)
+
+
+def test_key_names_per_format(tmp_path):
+    model = Block()
+    A.add_adapter(model, "a", rank=2, alpha=4.0, targets=["to_q"])
+    A.add_adapter(model, "d", kind="dora", rank=2, targets=["ff.0"])
+    names = {}
+    for fmt in ("peft", "kohya", "comfyui"):
+        A.save(model, tmp_path / f"{fmt}.safetensors", format=fmt, name="a")
+        A.save(model, tmp_path / f"{fmt}_d.safetensors", format=fmt, name="d")
+        names[fmt] = sorted(load_file(tmp_path / f"{fmt}.safetensors")) + sorted(load_file(tmp_path / f"{fmt}_d.safetensors"))
+    assert names["peft"] == ["to_q.lora_A.weight", "to_q.lora_B.weight",
+                             "ff.0.lora_A.weight", "ff.0.lora_B.weight", "ff.0.lora_magnitude_vector"]
+    assert names["kohya"] == ["lora_unet_to_q.alpha", "lora_unet_to_q.lora_down.weight", "lora_unet_to_q.lora_up.weight",
+                              "lora_unet_ff_0.alpha", "lora_unet_ff_0.dora_scale", "lora_unet_ff_0.lora_down.weight",
+                              "lora_unet_ff_0.lora_up.weight"]
+    assert names["comfyui"][:3] == ["diffusion_model.to_q.alpha", "diffusion_model.to_q.lora_A.weight",
+                                    "diffusion_model.to_q.lora_B.weight"]
+    assert load_file(tmp_path / "kohya.safetensors")["lora_unet_to_q.alpha"].item() == 4.0
+
+
+def test_unmappable_keys_are_named(tmp_path):
+    save_file({"lora_unet_to_q.lora_down.weight": torch.zeros(2, 12), "lora_unet_to_q.lora_up.weight": torch.zeros(12, 2),
+               "lora_unet_to_q.lora_mid.weight": torch.zeros(2, 2)}, tmp_path / "odd.safetensors")
+    with pytest.raises(A.UnmappableKeyError, match="lora_unet_to_q.lora_mid.weight"):
+        A.load(tmp_path / "odd.safetensors")
+    save_file({"some.weight": torch.zeros(2)}, tmp_path / "none.safetensors")
+    with pytest.raises(A.UnmappableKeyError, match="not an adapter file"):
+        A.load(tmp_path / "none.safetensors")
+    # a kohya file for another model: every unmatched key is listed
+    save_file({"lora_unet_mid_block_attn_to_q.lora_down.weight": torch.zeros(2, 12),
+               "lora_unet_mid_block_attn_to_q.lora_up.weight": torch.zeros(12, 2),
+               "lora_unet_to_q.lora_down.weight": torch.zeros(2, 12), "lora_unet_to_q.lora_up.weight": torch.zeros(12, 2),
+               "lora_te_text_model_fc1.lora_down.weight": torch.zeros(2, 4),
+               "lora_te_text_model_fc1.lora_up.weight": torch.zeros(4, 2)}, tmp_path / "other.safetensors")
+    w = A.load(tmp_path / "other.safetensors")
+    assert w.format == "kohya" and set(w.extra) == {"text_encoder"}
+    with pytest.raises(A.UnmappableKeyError, match="text_encoder.*lora_te_text_model_fc1"):
+        A.apply(Block(), w)
+    w.extra.clear()
+    with pytest.raises(A.UnmappableKeyError, match="1 of the file's 2 layers.*lora_unet_mid_block_attn_to_q"):
+        A.apply(Block(), w)
+
+
+def test_mixing_adapters_of_different_base_models(tmp_path):
+    small, wide = Block(), Block(d=16)
+    A.add_adapter(small, "a", rank=2, targets=["to_q"])
+    A.save(small, tmp_path / "small.safetensors", name="a")
+    with pytest.raises(ValueError, match="different base model"):
+        A.apply(wide, tmp_path / "small.safetensors")
+
+
+def test_rslora_written_as_equivalent_alpha(tmp_path):
+    model = Block()
+    A.add_adapter(model, "a", rank=4, alpha=2.0, rslora=True, targets=["to_q"])
+    A.save(model, tmp_path / "k.safetensors", format="kohya", name="a")
+    assert load_file(tmp_path / "k.safetensors")["lora_unet_to_q.alpha"].item() == pytest.approx(4.0)  # 2 * sqrt(4)
+
+
+# --- diffusers as the independent reference ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([3]), torch.randn(1, 3, 8, generator=g))
+    return unet, inputs
+
+
+def _sd_pipeline_class():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_fastgen_file_loads_in_diffusers(tmp_path, tiny_unet, fmt):
+    """fastgen saves; diffusers' own loader (load_lora_weights' path) reads it into a clean UNet."""
+    unet, inputs = tiny_unet
+    ours = copy.deepcopy(unet)
+    A.add_adapter(ours, "a", rank=2, alpha=6.0, targets="attention+ff")
+    A.add_adapter(ours, "tweak", rank=1, alpha=1.0, targets=["attn1.to_q"])  # not saved: stays out of the file
+    A.remove(ours, "tweak")
+    _randomize(ours, "a")
+    with torch.no_grad():
+        want = ours(*inputs).sample
+    path = tmp_path / f"fastgen_{fmt}.safetensors"
+    A.save(ours, path, format=fmt, name="a")
+    pipe_cls = _sd_pipeline_class()
+    theirs = copy.deepcopy(unet)
+    sd, alphas, meta = pipe_cls.lora_state_dict(str(path), return_lora_metadata=True)
+    pipe_cls.load_lora_into_unet(sd, alphas, unet=theirs, adapter_name="a", metadata=meta)
+    with torch.no_grad():
+        got = theirs(*inputs).sample
+        plain = unet(*inputs).sample
+    assert (want - plain).abs().max() > 1e-3, "the adapter must move the output"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_diffusers_file_loads_in_fastgen(tmp_path, tiny_unet):
+    """diffusers (peft) trains and saves with save_lora_weights; fastgen loads it into a clean UNet."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet, inputs = tiny_unet
+    theirs = copy.deepcopy(unet)
+    cfg = LoraConfig(r=2, lora_alpha=5, init_lora_weights=False,
+                     target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"])
+    theirs.add_adapter(cfg, adapter_name="x")
+    _sd_pipeline_class().save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(theirs, adapter_name="x"),
+                                           unet_lora_adapter_metadata=cfg.to_dict())
+    with torch.no_grad():
+        want = theirs(*inputs).sample
+    w = A.load(tmp_path / "pytorch_lora_weights.safetensors")
+    assert w.format == "peft" and {m.alpha for m in w.modules.values()} == {5.0}
+    assert any(".conv1" in n for n in w.modules), "LoCoN layers (conv1) are in the file"
+    ours = copy.deepcopy(unet)
+    A.apply(ours, w, name="x")
+    with torch.no_grad():
+        got = ours(*inputs).sample
+        plain = unet(*inputs).sample
+    assert (want - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
