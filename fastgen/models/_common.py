@@ -16,8 +16,13 @@ Embeddings::
     PatchEmbed2d(in_channels, dim, patch_size, base_size, interpolation_scale=1.0)
         (B, C, H, W) -> (B, H/p * W/p, dim) = conv_p(x) + sincos_pos_embed_2d(...)   (key: proj.weight/bias)
     GeluFeedForward(dim, inner_dim, approximate="tanh", bias=True)   fc2(gelu(fc1(x))), keys fc1 / fc2;
+        .project(u) = fc2(gelu(u)) (the part after fc1, for callers that fused fc1 with a norm);
         the GELU is recomputed in the backward (gelu_linear): saves fc1's output only, not also gelu's
     gelu_linear(u, weight, bias, approximate="tanh")     linear(gelu(u)) saving only u for backward
+    modulated_norm_linear(x, shift, scale, weight, bias=None, eps=1e-6, backend="auto")
+        linear(LN(x)(1 + scale) + shift): the normed tensor is recomputed in backward, not saved
+    gated_modulated_norm_linear(x, y, gate, shift, scale, weight, bias=None, eps=1e-6, backend="auto")
+        x1 = x + gate y;  (linear(LN(x1)(1 + scale) + shift), x1), the normed tensor recomputed
     check_latent(model, x, in_channels, patch_size)      clear errors for bad latents
     unpatchify(x, h, w, p, c)    (B, h*w, p*p*c) -> (B, c, h*p, w*p)  (diffusers' "nhwpqc->nchpwq")
 
@@ -176,7 +181,136 @@ class GeluFeedForward(nn.Module):
         self.fc2 = nn.Linear(inner_dim, dim if out_dim is None else out_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias, self.approximate)
+        return self.project(self.fc1(x))
+
+    def project(self, u: Tensor) -> Tensor:
+        """The rest after the FC1 GEMM: ``fc2(gelu(u))`` saving only ``u``."""
+        return gelu_linear(u, self.fc2.weight, self.fc2.bias, self.approximate)
+
+
+# --------------------------------------------------------------- norm + linear, norm recomputed
+#
+# A block's norm output h = LN(x)(1 + scale) + shift only feeds a linear layer, whose weight
+# gradient needs h. Keeping h costs one (B, S, N) tensor per norm; recomputing it in the
+# backward pass from x (which is saved anyway: it is the residual stream) costs one
+# elementwise pass (what TransformerEngine's LayerNormLinear and Megatron's selective
+# recompute do). Under torch.compile the plain composition is used: the partitioner already
+# decides what to recompute.
+
+
+def _mod_grad(g: Tensor, like: Tensor, x: Tensor) -> Tensor:
+    """Reduce an (B, S, N) gradient to the shape of a gate/shift/scale (B, N), (B, 1, N) or (B, S, N)."""
+    if like.dim() == 2:
+        return g.sum(1, dtype=torch.float32).to(like.dtype)
+    if like.shape[1] == 1 and x.shape[1] != 1:
+        return g.sum(1, keepdim=True, dtype=torch.float32).to(like.dtype)
+    return g.to(like.dtype)
+
+
+def _linear_backward(dy: Tensor, h: Tensor, weight: Tensor, has_bias: bool, needs):
+    dh = dy @ weight
+    dw = db = None
+    if needs[0]:
+        dw = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+    if has_bias and needs[1]:
+        db = dy.reshape(-1, dy.shape[-1]).sum(0)
+    return dh, dw, db
+
+
+def _renorm(x, shift, scale, eps, backend, needs):
+    """h = layer_norm_modulate(x, shift, scale) recomputed with a graph to the inputs in ``needs``."""
+    from fastgen.ops.modulate import layer_norm_modulate
+
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip((x, shift, scale), needs)]
+        h = layer_norm_modulate(*leaves, eps=eps, backend=backend)
+    return h, leaves
+
+
+def _norm_grads(h, leaves, needs, dh):
+    wrt = [t for t, n in zip(leaves, needs) if n]
+    got = iter(torch.autograd.grad(h, wrt, dh) if wrt else ())
+    return tuple(next(got) if n else None for n in needs)
+
+
+class _ModulatedNormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, weight, bias, eps, backend):
+        from fastgen.ops.modulate import layer_norm_modulate
+
+        h = layer_norm_modulate(x, shift, scale, eps=eps, backend=backend)
+        ctx.save_for_backward(x, shift, scale, weight)
+        ctx.eps, ctx.backend, ctx.has_bias = eps, backend, bias is not None
+        return F.linear(h, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, shift, scale, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        h, leaves = _renorm(x, shift, scale, ctx.eps, ctx.backend, need[:3])
+        dh, dw, db = _linear_backward(dy, h.detach(), weight, ctx.has_bias, need[3:5])
+        dx, dshift, dscale = _norm_grads(h, leaves, need[:3], dh) if any(need[:3]) else (None,) * 3
+        return dx, dshift, dscale, dw, db, None, None
+
+
+class _GatedModulatedNormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, gate, shift, scale, weight, bias, eps, backend):
+        from fastgen.ops.modulate import gated_residual_layer_norm_modulate
+
+        h, x1 = gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps=eps, backend=backend)
+        ctx.save_for_backward(x1, y, gate, shift, scale, weight)
+        ctx.eps, ctx.backend, ctx.has_bias = eps, backend, bias is not None
+        return F.linear(h, weight, bias), x1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dx1):
+        x1, y, gate, shift, scale, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx_norm = dshift = dscale = dw = db = None
+        if dout is not None:
+            needs = (True, need[3], need[4])
+            h, leaves = _renorm(x1, shift, scale, ctx.eps, ctx.backend, needs)
+            dh, dw, db = _linear_backward(dout, h.detach(), weight, ctx.has_bias, need[5:7])
+            dx_norm, dshift, dscale = _norm_grads(h, leaves, needs, dh)
+        parts = [g for g in (dx1, dx_norm) if g is not None]
+        d = (parts[0] + parts[1] if len(parts) == 2 else parts[0]) if parts else torch.zeros_like(x1)
+        g = gate.unsqueeze(1) if gate.dim() == 2 else gate
+        dy = (d.float() * g.float()).to(y.dtype) if need[1] else None
+        dgate = _mod_grad(d.float() * y.float(), gate, x1) if need[2] else None
+        return d, dy, dgate, dshift, dscale, dw, db, None, None
+
+
+def _wants_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def modulated_norm_linear(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                          eps: float = 1e-6, backend: Optional[str] = "auto") -> Tensor:
+    """``F.linear(layer_norm_modulate(x, shift, scale, eps), weight, bias)`` without saving the normed
+    tensor for backward (recomputed there from ``x``). x (B, S, N); shift / scale (B, N) | (B, 1, N) |
+    (B, S, N); weight (M, N) -> (B, S, M). Same gradients as the composition."""
+    from fastgen.ops.modulate import layer_norm_modulate
+
+    if torch.compiler.is_compiling() or not _wants_grad(x, shift, scale, weight, bias):
+        return F.linear(layer_norm_modulate(x, shift, scale, eps=eps, backend=backend), weight, bias)
+    return _ModulatedNormLinear.apply(x, shift, scale, weight, bias, eps, backend)
+
+
+def gated_modulated_norm_linear(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, weight: Tensor,
+                                bias: Optional[Tensor] = None, eps: float = 1e-6,
+                                backend: Optional[str] = "auto") -> tuple[Tensor, Tensor]:
+    """``x1 = x + gate * y;  (F.linear(LN(x1)(1 + scale) + shift, weight, bias), x1)`` — one fused
+    ``gated_residual_layer_norm_modulate`` kernel and a GEMM; the normed tensor is recomputed in the
+    backward pass from ``x1`` instead of saved."""
+    from fastgen.ops.modulate import gated_residual_layer_norm_modulate
+
+    if torch.compiler.is_compiling() or not _wants_grad(x, y, gate, shift, scale, weight, bias):
+        h, x1 = gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps=eps, backend=backend)
+        return F.linear(h, weight, bias), x1
+    return _GatedModulatedNormLinear.apply(x, y, gate, shift, scale, weight, bias, eps, backend)
 
 
 def check_latent(model: str, x: Tensor, in_channels: int, patch_size: int) -> None:

@@ -11,6 +11,12 @@ Shapes, for a latent ``(B, C, H, W)``, patch ``p``, ``S = (H/p)(W/p)`` tokens of
         a    = Out(attention(QKV(h)))                            one GEMM for Q, K, V
         x    = x + gate1 a;  h = LN(x) (1 + scale2) + shift2     gated_residual_layer_norm_modulate (eps norm_eps)
         x    = x + gate2 FC2(gelu_tanh(FC1(h)))                  gelu_linear + gated_residual
+
+Saved for backward per block (the point of writing the block by hand): the residual stream
+(shared with the neighbouring blocks), Q K V (one tensor), the attention output, the attention
+projection, the mid-block stream, FC1's output (4N) and the FF output: 12 x (B, S, N) against
+diffusers' 20. The two normed tensors are recomputed in backward (``modulated_norm_linear``,
+``gated_modulated_norm_linear``) and GELU's output too (``gelu_linear``).
     final: shift, scale = Linear(silu(c_0)).chunk(2);  out = Proj(LN(x)(1 + scale) + shift)
     unpatchify -> (B, out_channels, H, W)
 
@@ -37,11 +43,13 @@ from fastgen.models._common import (
     PatchEmbed2d,
     TimestepMLP,
     check_latent,
+    gated_modulated_norm_linear,
+    modulated_norm_linear,
     timestep_embedding,
     unpatchify,
 )
 from fastgen.ops.attention import attention
-from fastgen.ops.modulate import gated_residual, gated_residual_layer_norm_modulate, layer_norm_modulate
+from fastgen.ops.modulate import gated_residual, layer_norm_modulate
 
 # ----------------------------------------------------------------------------- config
 
@@ -105,8 +113,12 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, S, _ = x.shape
-        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim))  # (B, S, 3, H, D), a view
+        return self.attend(self.to_qkv(x))
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        """The rest after the QKV GEMM: ``qkv`` (B, S, 3 * H * D) -> (B, S, dim)."""
+        B, S, _ = qkv.shape
+        qkv = qkv.unflatten(-1, (3, self.heads, self.head_dim))  # (B, S, 3, H, D), a view
         o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], layout="bshd", backend=self.backend)
         return self.to_out(o.reshape(B, S, self.heads * self.head_dim))
 
@@ -164,10 +176,14 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(t, labels, x.dtype)
-        h = layer_norm_modulate(x, shift1, scale1, eps=1e-6, backend=self.backend)
-        h, x = gated_residual_layer_norm_modulate(x, self.attn1(h), gate1, shift2, scale2, eps=self.eps,
-                                                  backend=self.backend)
-        return gated_residual(x, self.ff(h), gate2, backend=self.backend)
+        qkv, fc1 = self.attn1.to_qkv, self.ff.fc1
+        # LN-modulate + QKV GEMM; the normed tensor is recomputed in backward, not kept
+        a = self.attn1.attend(modulated_norm_linear(x, shift1, scale1, qkv.weight, qkv.bias, eps=1e-6,
+                                                    backend=self.backend))
+        # x += gate1 * a; LN-modulate; FC1 GEMM (one fused kernel before the GEMM)
+        u, x = gated_modulated_norm_linear(x, a, gate1, shift2, scale2, fc1.weight, fc1.bias, eps=self.eps,
+                                           backend=self.backend)
+        return gated_residual(x, self.ff.project(u), gate2, backend=self.backend)
 
 
 # ----------------------------------------------------------------------------- model
