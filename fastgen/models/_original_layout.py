@@ -21,10 +21,8 @@ that name them.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -168,138 +166,106 @@ def diffusers_to_original(sd: dict, table: Table) -> dict:
 def _raise_key_errors(what: str, missing: list, unexpected: list, shapes: list) -> None:
     if not (missing or unexpected or shapes):
         return
-    lines = [f"{what} does not match the model:"]
+    from fastgen.models._common import CheckpointMismatchError
+
+    lines = [f"{what} does not match the model (a checkpoint of another model or size?):"]
     if missing:
-        lines.append(f"  {len(missing)} missing keys, first: {missing[:8]}")
+        lines.append(f"{len(missing)} missing key(s), first: {missing[:5]}")
     if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected keys, first: {unexpected[:8]}")
-    for k, want, got in shapes[:8]:
-        lines.append(f"  {k}: the model has shape {tuple(want)}, the checkpoint {tuple(got)}")
-    if shapes:
-        lines.append(f"  ({len(shapes)} mismatched shapes; a checkpoint of another model or size?)")
-    raise ValueError("\n".join(lines))
+        lines.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
+    raise CheckpointMismatchError(" ".join(lines))
 
 
-def fuse(sd: dict, expected: dict, fused_parts: dict, rename: Callable[[str], str],
-         convert: Callable[[Tensor], Tensor] = lambda t: t) -> dict:
-    """Diffusers-layout ``sd`` -> fastgen layout for a model whose state dict (shapes) is ``expected``.
-
-    ``fused_parts``: fastgen key -> [(diffusers key, rows)], concatenated along dim 0; every other
-    fastgen key is ``sd[rename(key)]``. ``convert`` is applied to each tensor before fusing (the
-    device / dtype cast, so each is materialised once)."""
-    out, used, missing, shapes = {}, set(), [], []
-    for key, want in expected.items():
-        srcs = [k for k, _ in fused_parts[key]] if key in fused_parts else [rename(key)]
-        absent = [k for k in srcs if k not in sd]
-        if absent:
-            missing += absent
-            continue
-        used.update(srcs)
-        parts = [convert(sd[k]) for k in srcs]
-        x = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        if tuple(x.shape) != tuple(want.shape):
-            shapes.append((srcs[0] if len(srcs) == 1 else f"{key} (from {srcs})", want.shape, x.shape))
-            continue
-        out[key] = x
-    _raise_key_errors("diffusers-layout checkpoint", missing, sorted(set(sd) - used), shapes)
+def fuse_blocks(sd: dict, fused: tuple, unrename: Callable[[str], str]) -> dict:
+    """Diffusers-layout ``sd`` -> fastgen layout. ``fused``: ``(scope, name, parts)`` triples; under every
+    key prefix ``<scope><i>.`` the tensors ``<part>.weight`` / ``.bias`` of all parts, concatenated on
+    dim 0, become ``<name>.weight`` / ``.bias``. Every other key is renamed by ``unrename``. Incomplete
+    groups are left unfused (the model's key check then names them)."""
+    out, used = {}, set()
+    for scope, name, parts in fused:
+        for key in sd:
+            for kind in ("weight", "bias"):
+                tail = f".{parts[0]}.{kind}"
+                if not (key.startswith(scope) and key.endswith(tail)):
+                    continue
+                pre = key[: -len(tail)] + "."
+                if pre.count(".") != scope.count(".") + 1:  # <scope><i>. exactly
+                    continue
+                srcs = [f"{pre}{p}.{kind}" for p in parts]
+                if all(k in sd for k in srcs):
+                    out[f"{pre}{name}.{kind}"] = torch.cat([sd[k] for k in srcs], dim=0)
+                    used.update(srcs)
+    for key, t in sd.items():
+        if key not in used:
+            out[unrename(key)] = t
     return out
 
 
-def split_fused(sd: dict, fused_parts: dict, rename: Callable[[str], str]) -> dict:
-    """fastgen-layout ``sd`` -> diffusers layout (the inverse of ``fuse``)."""
+def split_blocks(sd: dict, fused: tuple, rename: Callable[[str], str], rows: dict) -> dict:
+    """fastgen-layout ``sd`` -> diffusers layout (the inverse of ``fuse_blocks``; ``rows``: the size of each
+    part along dim 0, by fused name)."""
     out = {}
     for key, x in sd.items():
-        if key in fused_parts:
-            names, rows = zip(*fused_parts[key])
-            for k, part in zip(names, torch.split(x, list(rows), dim=0)):
-                out[k] = part.clone()
+        for scope, name, parts in fused:
+            for kind in ("weight", "bias"):
+                tail = f".{name}.{kind}"
+                if key.startswith(scope) and key.endswith(tail):
+                    pre = key[: -len(tail)] + "."
+                    for p, part in zip(parts, torch.split(x, rows[name], dim=0)):
+                        out[f"{pre}{p}.{kind}"] = part.clone()
+                    break
+            else:
+                continue
+            break
         else:
             out[rename(key)] = x
     return out
 
 
-def load_fused(cls, cfg, sd: dict, backend: str = "auto", device=None, dtype: Optional[torch.dtype] = None):
-    """A ``cls(cfg)`` built on the meta device and given the diffusers-layout ``sd`` (materialised
-    on ``device`` in ``dtype``: floating tensors only are cast)."""
-    with torch.device("meta"):
-        model = cls(cfg, backend=backend)
-
-    def convert(t: Tensor) -> Tensor:
-        t = t.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t.to(device) if device is not None else t
-
-    fused = fuse(sd, model.state_dict(), cls.fused_parts(cfg), cls.rename, convert)
-    model.load_state_dict(fused, strict=True, assign=True)
-    return model
+# ----------------------------------------------------------------------------- loading
 
 
-# ----------------------------------------------------------------------------- files
+def _strip(k: str) -> str:
+    return k[len(PREFIX):] if k.startswith(PREFIX) else k
 
 
-def _files(path: Path, subfolder: Optional[str]) -> tuple[list, Optional[Path]]:
-    """(safetensors files, config.json or None) of a file, model folder or pipeline folder."""
-    if subfolder:
-        path = path / subfolder
-    if path.is_file():
-        cfg = path.parent / "config.json"
-        return [path], None if not cfg.is_file() else cfg
-    if not path.is_dir():
-        raise FileNotFoundError(f"from_pretrained: {path} is neither a file nor a folder")
-    if not (path / "config.json").is_file() and (path / "transformer").is_dir():
-        path = path / "transformer"
-    cfg = path / "config.json" if (path / "config.json").is_file() else None
-    index = path / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards], cfg
-    single = path / "diffusion_pytorch_model.safetensors"
-    if single.is_file():
-        return [single], cfg
-    found = sorted(path.glob("*.safetensors"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"from_pretrained: expected diffusion_pytorch_model.safetensors (or its sharded index) "
-                                f"or one .safetensors file in {path}, found {[f.name for f in found]}")
-    return found, cfg
+def from_pretrained(cls, path, torch_dtype=None, device="cpu", backend="auto", config=None, subfolder=None):
+    """The body of ``SD3.from_pretrained`` / ``Flux.from_pretrained``: original layout here, diffusers
+    layout through ``FastgenModel.from_pretrained``."""
+    from fastgen.models._common import (
+        CheckpointMismatchError,
+        FastgenModel,
+        _read_tensors,
+        check_state_dict,
+        load_safetensors_dir,
+    )
 
-
-def read_safetensors(files: list, device) -> dict:
-    """All tensors of the files, read straight onto ``device`` (CPU when None)."""
-    from safetensors import safe_open
-
-    sd = {}
-    dev = str(torch.device(device)) if device is not None else "cpu"
-    for f in files:
-        with safe_open(str(f), framework="pt", device=dev) as fh:
-            for k in fh.keys():
-                sd[k] = fh.get_tensor(k)
-    return sd
-
-
-def from_pretrained(cls, path, torch_dtype=None, device=None, config=None, backend="auto", subfolder=None,
-                    original_table=None, infer_config=None, original_marker: str = "", diffusers_marker: str = ""):
-    """Shared body of ``SD3.from_pretrained`` / ``Flux.from_pretrained`` (see there)."""
-    files, cfg_file = _files(Path(os.fspath(path)), subfolder)
-    sd = read_safetensors(files, "cpu" if device is None or torch.device(device).type == "meta" else device)
-    keys = [k[len(PREFIX):] if k.startswith(PREFIX) else k for k in sd]
+    p = os.fspath(path)
+    if subfolder is None and os.path.isdir(p) and not os.path.exists(os.path.join(p, "config.json")) \
+            and os.path.isdir(os.path.join(p, "transformer")):
+        subfolder = "transformer"  # a pipeline folder
+    raw, where = load_safetensors_dir(p, subfolder)
+    keys = [_strip(k) for k in where]
     name = cls.__name__
-    if any(k.startswith(original_marker) for k in keys):
-        layout = "original"
-    elif any(k.startswith(diffusers_marker) for k in keys):
-        layout = "diffusers"
-    else:
-        raise ValueError(f"{name}.from_pretrained: {files[0]} is not a {name} checkpoint: no key starts with "
-                         f"{original_marker!r} (original layout) or {diffusers_marker!r} (diffusers layout); "
-                         f"first keys: {sorted(sd)[:6]}")
-    if config is None and cfg_file is not None and layout == "diffusers":
-        config = json.loads(cfg_file.read_text())
-    if isinstance(config, dict):
-        config = cls.config_class.from_dict(config)
+    if any(k.startswith("transformer_blocks.") for k in keys) and not any(
+            k.startswith(cls.ORIGINAL_MARKER) for k in keys):
+        return FastgenModel.from_pretrained.__func__(cls, p, torch_dtype, device, backend, config, subfolder)
+    if not any(k.startswith(cls.ORIGINAL_MARKER) for k in keys):
+        raise CheckpointMismatchError(
+            f"{name}.from_pretrained: {p} is not a {name} checkpoint: no key starts with "
+            f"{cls.ORIGINAL_MARKER!r} (original layout) or 'transformer_blocks.' (diffusers layout); "
+            f"first keys: {sorted(where)[:5]}")
+    shapes = {_strip(k): s for k, (_, s) in where.items()}
+    if config is None:
+        config = cls.infer_config(shapes)
     elif isinstance(config, str):
         config = cls.config_class.preset(config)
-    elif config is None:
-        config = infer_config(sd, layout)
-    if layout == "original":
-        sd = original_to_diffusers(sd, original_table(config))
-    return load_fused(cls, config, sd, backend=backend, device=device, dtype=torch_dtype)
+    elif isinstance(config, dict):
+        config = cls.config_from_diffusers(config)
+    model = cls._skeleton(config, backend)
+    table = cls.original_table(config)
+    expected = {k: tuple(v.shape) for k, v in diffusers_to_original(model.to_diffusers_state_dict(), table).items()}
+    check_state_dict(expected, shapes, f"{name}.from_pretrained (original layout)")
+    sd = {_strip(k): v for k, v in _read_tensors(where, device, torch_dtype).items()}
+    model._assign(cls.state_dict_from_diffusers(original_to_diffusers(sd, table)))
+    return model.eval()

@@ -37,24 +37,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.models.sd3 import (
-    AdaLN,
-    FeedForward,
-    ModelOutputMixin,
-    TimeTextEmbed,
-    _Weight,
-    check_tensor,
-    config_from_dict,
-    gelu_linear,
-    output,
-)
+from fastgen.models._common import GeluFeedForward, ModelConfig, ModelOutput, gelu_linear
+from fastgen.models.sd3 import AdaLN, MMDiTModel, TimeTextEmbed, _shapes, _Weight, check_tensor, config_from_dict
 from fastgen.ops import (
     attention,
     gated_residual,
@@ -68,7 +59,7 @@ from fastgen.ops import (
 
 
 @dataclass
-class FluxConfig:
+class FluxConfig(ModelConfig):
     """The fields of diffusers' ``FluxTransformer2DModel`` config (same names, same defaults)."""
 
     patch_size: int = 1
@@ -113,15 +104,6 @@ class FluxConfig:
         """From a diffusers ``config.json`` dict (``_class_name`` and other ``_`` keys ignored)."""
         return config_from_dict(cls, d)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
 
 FLUX_PRESETS: dict[str, dict] = {
     "flux.1-dev": dict(guidance_embeds=True),
@@ -155,14 +137,16 @@ class FluxAttention(nn.Module):
 
     def forward(self, h: Tensor, ch: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         St = ch.shape[1]
-        qkv = self.to_qkv(h).unflatten(-1, (3, self.heads, self.head_dim))  # (B, Si, 3, H, d)
-        cqkv = self.to_added_qkv(ch).unflatten(-1, (3, self.heads, self.head_dim))  # (B, St, 3, H, d)
-        q, k = qk_norm_rope(qkv[:, :, 0], qkv[:, :, 1], self.norm_q.weight, self.norm_k.weight, cos[St:], sin[St:],
-                            1e-6, "bshd", interleaved=True, backend=self.backend)
-        cq, ck = qk_norm_rope(cqkv[:, :, 0], cqkv[:, :, 1], self.norm_added_q.weight, self.norm_added_k.weight,
+        shape = (3, self.heads, self.head_dim)
+        # one joint copy of [text; image] qkv: the norms read it in place and attention reads v from it,
+        # so backward keeps this tensor and the normed q, k only
+        j = torch.cat([self.to_added_qkv(ch).unflatten(-1, shape), self.to_qkv(h).unflatten(-1, shape)], 1)
+        cq, ck = qk_norm_rope(j[:, :St, 0], j[:, :St, 1], self.norm_added_q.weight, self.norm_added_k.weight,
                               cos[:St], sin[:St], 1e-6, "bshd", interleaved=True, backend=self.backend)
-        o = attention(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], 1),
-                      layout="bshd", backend=self.backend).flatten(2)  # (B, S, D)
+        q, k = qk_norm_rope(j[:, St:, 0], j[:, St:, 1], self.norm_q.weight, self.norm_k.weight, cos[St:], sin[St:],
+                            1e-6, "bshd", interleaved=True, backend=self.backend)
+        o = attention(torch.cat([cq, q], 1), torch.cat([ck, k], 1), j[:, :, 2], layout="bshd",
+                      backend=self.backend).flatten(2)  # (B, S, D)
         return self.to_out(o[:, St:]), self.to_add_out(o[:, :St])
 
 
@@ -175,7 +159,7 @@ class FluxTransformerBlock(nn.Module):
         self.backend = backend
         self.norm1, self.norm1_context = AdaLN(D, 6), AdaLN(D, 6)
         self.attn = FluxAttention(cfg, backend)
-        self.ff, self.ff_context = FeedForward(D, 4 * D), FeedForward(D, 4 * D)
+        self.ff, self.ff_context = GeluFeedForward(D, 4 * D), GeluFeedForward(D, 4 * D)
 
     def forward(self, x: Tensor, c: Tensor, e: Tensor, cos: Tensor, sin: Tensor):
         be = self.backend
@@ -222,24 +206,25 @@ def _clip_fp16(x: Tensor) -> Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-class Flux(ModelOutputMixin, nn.Module):
+class Flux(MMDiTModel):
     """Flux.1 transformer (diffusers ``FluxTransformer2DModel`` math and weights).
 
     ``Flux(config | preset name, backend="auto")``; ``backend`` goes to every fastgen op call.
     """
 
     config_class = FluxConfig
+    FUSED = (("transformer_blocks.", "attn.to_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+             ("transformer_blocks.", "attn.to_added_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+             ("single_transformer_blocks.", "linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")))
+    ORIGINAL_MARKER = "double_blocks."
 
-    def __init__(self, config: "FluxConfig | str | None" = None, backend: str = "auto", **overrides):
-        super().__init__()
+    def __init__(self, config: "FluxConfig | str | None" = None, backend: Optional[str] = "auto", **overrides):
         if config is None or isinstance(config, str):
             config = FluxConfig.preset(config) if config else FluxConfig()
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        self.config = cfg = config
-        self.backend = backend
-        self.gradient_checkpointing = False
-        D = cfg.inner_dim
+        super().__init__(config, backend)
+        cfg, D = config, config.inner_dim
         self.time_text_embed = TimeTextEmbed(D, cfg.pooled_projection_dim, guidance=cfg.guidance_embeds)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
         self.x_embedder = nn.Linear(cfg.in_channels, D)
@@ -282,7 +267,7 @@ class Flux(ModelOutputMixin, nn.Module):
         cos, sin = self.rope_tables(txt_ids, img_ids)
         cos, sin = cos.to(x.device), sin.to(x.device)
         for i, block in enumerate(self.transformer_blocks):
-            c, x = self._run_block(block, x, c, e, cos, sin)
+            c, x = self._maybe_checkpoint(block, x, c, e, cos, sin)
             if controlnet_block_samples is not None:
                 n = len(controlnet_block_samples)
                 every = -(-len(self.transformer_blocks) // n)
@@ -290,14 +275,15 @@ class Flux(ModelOutputMixin, nn.Module):
         St = c.shape[1]
         z = torch.cat([c, x], 1)
         for i, block in enumerate(self.single_transformer_blocks):
-            z = self._run_block(block, z, e, cos, sin)
+            z = self._maybe_checkpoint(block, z, e, cos, sin)
             if controlnet_single_block_samples is not None:
                 every = -(-len(self.single_transformer_blocks) // len(controlnet_single_block_samples))
                 z = torch.cat([z[:, :St], z[:, St:] + controlnet_single_block_samples[i // every]], 1)
         x = z[:, St:]
         scale, shift = self.norm_out(e.to(x.dtype))
         x = layer_norm_modulate(x, shift, scale, 1e-6, backend=self.backend)
-        return output(self.proj_out(x), return_dict)
+        sample = self.proj_out(x)
+        return ModelOutput(sample=sample) if return_dict else (sample,)
 
     def _validate(self, x, ctx, pooled, t, img_ids, txt_ids, guidance):
         cfg, name = self.config, "Flux"
@@ -326,91 +312,35 @@ class Flux(ModelOutputMixin, nn.Module):
             ids.append(v)
         return ids[0], ids[1]
 
-    # ------------------------------------------------------------------ weights
+    # ------------------------------------------------------------------ layouts
 
     @staticmethod
-    def fused_parts(cfg: FluxConfig) -> dict[str, list[tuple[str, int]]]:
-        """fastgen key -> [(diffusers key, rows)] for the fused tensors (concatenated along dim 0)."""
-        D, parts = cfg.inner_dim, {}
-        for kind in ("weight", "bias"):
-            for i in range(cfg.num_layers):
-                pre = f"transformer_blocks.{i}.attn."
-                parts[f"{pre}to_qkv.{kind}"] = [(f"{pre}to_{n}.{kind}", D) for n in "qkv"]
-                parts[f"{pre}to_added_qkv.{kind}"] = [(f"{pre}add_{n}_proj.{kind}", D) for n in "qkv"]
-            for i in range(cfg.num_single_layers):
-                pre = f"single_transformer_blocks.{i}."
-                parts[f"{pre}linear1.{kind}"] = [(f"{pre}attn.to_{n}.{kind}", D) for n in "qkv"] + [
-                    (f"{pre}proj_mlp.{kind}", cfg.mlp_hidden_dim)]
-        return parts
+    def fused_rows(cfg: FluxConfig) -> dict:
+        """Rows of each part of a fused tensor, by fused name."""
+        D = cfg.inner_dim
+        return {"attn.to_qkv": [D] * 3, "attn.to_added_qkv": [D] * 3, "linear1": [D, D, D, cfg.mlp_hidden_dim]}
 
     @staticmethod
-    def rename(key: str) -> str:
-        """fastgen key -> diffusers key of every tensor that is not fused."""
-        return (key.replace(".to_out.", ".to_out.0.").replace(".fc1.", ".net.0.proj.").replace(".fc2.", ".net.2."))
+    def original_table(cfg: FluxConfig):
+        from fastgen.models._original_layout import flux_table
 
-    @classmethod
-    def from_diffusers(cls, model, backend: str = "auto") -> "Flux":
-        """The fastgen model with the weights of a diffusers ``FluxTransformer2DModel``, on its device and in its
-        dtype. Unfused weights share storage with ``model``; the fused ones are new tensors."""
-        from fastgen.models._original_layout import load_fused
+        return flux_table(cfg)
 
-        return load_fused(cls, FluxConfig.from_dict(dict(model.config)), model.state_dict(), backend=backend)
-
-    def to_diffusers_state_dict(self) -> dict:
-        """A state dict that ``FluxTransformer2DModel(**config).load_state_dict(sd, strict=True)`` accepts."""
-        from fastgen.models._original_layout import split_fused
-
-        return split_fused(self.state_dict(), self.fused_parts(self.config), self.rename)
-
-    def to_original_state_dict(self) -> dict:
-        """The weights in BFL's original single-file layout (``double_blocks.N...``, ``single_blocks.N...``)."""
-        from fastgen.models._original_layout import diffusers_to_original, flux_table
-
-        return diffusers_to_original(self.to_diffusers_state_dict(), flux_table(self.config))
-
-    @classmethod
-    def from_pretrained(cls, path, torch_dtype: Optional[torch.dtype] = None, device=None,
-                        config: "FluxConfig | str | dict | None" = None, backend: str = "auto",
-                        subfolder: Optional[str] = None) -> "Flux":
-        """Load safetensors in diffusers layout (a model folder with ``config.json``, a pipeline folder with
-        ``transformer/``, a single or a sharded file) or BFL's original single file (``double_blocks.N...``,
-        optionally under ``model.diffusion_model.``). Without ``config`` (a FluxConfig, a dict or a preset
-        name) it is read from ``config.json`` or inferred from the tensor shapes. The model is built on the
-        meta device and each tensor materialised once, on ``device`` in ``torch_dtype``."""
-        from fastgen.models import _original_layout as lay
-
-        return lay.from_pretrained(cls, path, torch_dtype, device, config, backend, subfolder,
-                                   original_table=lay.flux_table, infer_config=infer_flux_config,
-                                   original_marker="double_blocks.", diffusers_marker="transformer_blocks.")
-
-
-def infer_flux_config(sd: dict, layout: str) -> FluxConfig:
-    """The FluxConfig of a state dict in the original or diffusers layout, from its keys and shapes. The
-    rotary axes are Flux's (d/8, 7d/16, 7d/16) split of the head dim d (16, 56, 56 at d = 128)."""
-    from fastgen.models._original_layout import PREFIX
-
-    sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
-    orig = layout == "original"
-    names = dict(
-        x="img_in.weight" if orig else "x_embedder.weight",
-        ctx="txt_in.weight" if orig else "context_embedder.weight",
-        pooled="vector_in.in_layer.weight" if orig else "time_text_embed.text_embedder.linear_1.weight",
-        out="final_layer.linear.weight" if orig else "proj_out.weight",
-        qn="double_blocks.0.img_attn.norm.query_norm.scale" if orig else "transformer_blocks.0.attn.norm_q.weight",
-    )
-    absent = [k for k in names.values() if k not in sd]
-    if absent:
-        raise ValueError(f"Flux.from_pretrained: cannot infer the config, the checkpoint lacks {absent}; "
-                         "pass config= (a FluxConfig, a dict or a preset name)")
-    double, single = ("double_blocks.", "single_blocks.") if orig else ("transformer_blocks.", "single_transformer_blocks.")
-    D, C = sd[names["x"]].shape
-    d = sd[names["qn"]].shape[0]
-    out = sd[names["out"]].shape[0]
-    guidance = any(k.startswith("guidance_in." if orig else "time_text_embed.guidance_embedder.") for k in sd)
-    return FluxConfig(
-        in_channels=C, out_channels=None if out == C else out, num_attention_heads=D // d, attention_head_dim=d,
-        num_layers=len({int(k.split(".")[1]) for k in sd if k.startswith(double)}),
-        num_single_layers=len({int(k.split(".")[1]) for k in sd if k.startswith(single)}),
-        joint_attention_dim=sd[names["ctx"]].shape[1], pooled_projection_dim=sd[names["pooled"]].shape[1],
-        guidance_embeds=guidance, axes_dims_rope=(d // 8, 7 * d // 16, d - d // 8 - 7 * d // 16),
-    )
+    @staticmethod
+    def infer_config(sd: dict) -> FluxConfig:
+        """The FluxConfig of a BFL-layout state dict (tensors or shapes), from its keys and shapes. The
+        rotary axes are Flux's (d/8, 7d/16, 7d/16) split of the head dim d ((16, 56, 56) at d = 128)."""
+        need = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight",
+                "double_blocks.0.img_attn.norm.query_norm.scale"]
+        shape = _shapes(sd, need, "Flux")
+        D, C = shape["img_in.weight"]
+        d = shape["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        out = shape["final_layer.linear.weight"][0]
+        return FluxConfig(
+            in_channels=C, out_channels=None if out == C else out, num_attention_heads=D // d, attention_head_dim=d,
+            num_layers=len({int(k.split(".")[1]) for k in sd if k.startswith("double_blocks.")}),
+            num_single_layers=len({int(k.split(".")[1]) for k in sd if k.startswith("single_blocks.")}),
+            joint_attention_dim=shape["txt_in.weight"][1], pooled_projection_dim=shape["vector_in.in_layer.weight"][1],
+            guidance_embeds=any(k.startswith("guidance_in.") for k in sd),
+            axes_dims_rope=(d // 8, 7 * d // 16, d - d // 8 - 7 * d // 16),
+        )

@@ -39,23 +39,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from fastgen.ops import attention, gated_residual, gated_residual_layer_norm_modulate, layer_norm_modulate, rms_norm
+from fastgen.models._common import (
+    FastgenModel,
+    GeluFeedForward,
+    ModelConfig,
+    ModelOutput,
+    TimestepMLP,
+    check_latent,
+    sincos_pos_embed_2d,
+    timestep_embedding,
+    unpatchify,
+)
+from fastgen.ops import attention, gated_residual, gated_residual_layer_norm_modulate, layer_norm_modulate, qk_norm_rope
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
-class SD3Config:
+class SD3Config(ModelConfig):
     """The fields of diffusers' ``SD3Transformer2DModel`` config (same names, same defaults)."""
 
     sample_size: int = 128
@@ -99,15 +108,6 @@ class SD3Config:
         """From a diffusers ``config.json`` dict (``_class_name`` and other ``_`` keys ignored)."""
         return config_from_dict(cls, d)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def get(self, key: str, default: Any = None) -> Any:  # diffusers pipelines read configs as dicts too
-        return getattr(self, key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
 
 SD3_PRESETS: dict[str, dict] = {
     "sd3-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
@@ -129,47 +129,29 @@ def config_from_dict(cls, d: dict):
 # ----------------------------------------------------------------------------- shared MMDiT pieces (SD3, Flux)
 
 
-def timestep_sinusoid(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """``[cos(t f), sin(t f)]`` with ``f_i = max_period ** (-i / (dim/2))``: (B,) -> (B, dim) fp32
-    (diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``)."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    ang = t[:, None].float() * torch.exp(exponent)[None, :]
-    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
-
-
-class MLPEmbedder(nn.Module):
-    """``linear_2(silu(linear_1(x)))`` (diffusers' ``TimestepEmbedding`` / ``PixArtAlphaTextProjection``)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeTextEmbed(nn.Module):
-    """``temb = MLP_t(sinusoid(t)) [+ MLP_g(sinusoid(guidance))] + MLP_y(pooled)``  -> (B, D)."""
+    """``temb = MLP_t(sinusoid(t)) [+ MLP_g(sinusoid(guidance))] + MLP_y(pooled)``  -> (B, D)
+    (diffusers' ``CombinedTimestep[Guidance]TextProjEmbeddings``: 256 sinusoids, cos first)."""
 
     def __init__(self, dim: int, pooled_dim: int, guidance: bool = False):
         super().__init__()
-        self.timestep_embedder = MLPEmbedder(256, dim)
-        self.guidance_embedder = MLPEmbedder(256, dim) if guidance else None
-        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+        self.timestep_embedder = TimestepMLP(256, dim)
+        self.guidance_embedder = TimestepMLP(256, dim) if guidance else None
+        self.text_embedder = TimestepMLP(pooled_dim, dim)
 
     def forward(self, timestep: Tensor, pooled: Tensor, guidance: Optional[Tensor] = None) -> Tensor:
-        temb = self.timestep_embedder(timestep_sinusoid(timestep).to(pooled.dtype))
+        def sinusoid(t: Tensor) -> Tensor:
+            return timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0).to(pooled.dtype)
+
+        temb = self.timestep_embedder(sinusoid(timestep))
         if self.guidance_embedder is not None:
-            temb = temb + self.guidance_embedder(timestep_sinusoid(guidance).to(pooled.dtype))
+            temb = temb + self.guidance_embedder(sinusoid(guidance))
         return temb + self.text_embedder(pooled)
 
 
 class AdaLN(nn.Module):
-    """The modulation projection of an AdaLN(-Zero) norm: ``silu(temb) @ W -> n chunks of (B, D)``.
-
-    The model computes ``e = silu(temb)`` once and passes it to every block."""
+    """The modulation projection of an AdaLN(-Zero) norm: ``silu(temb) @ W -> n chunks of (B, D)``,
+    read in place by the fused modulate ops. The model computes ``e = silu(temb)`` once for all blocks."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
@@ -180,74 +162,23 @@ class AdaLN(nn.Module):
         return self.linear(e).chunk(self.n, dim=1)
 
 
-class _GeluLinearFunction(torch.autograd.Function):
-    """``y = gelu_tanh(m) @ w^T + b`` saving only ``m`` (the GELU is recomputed in backward)."""
+class _Weight(nn.Module):
+    """A norm's weight alone (key ``<name>.weight``, as diffusers' ``RMSNorm``)."""
 
-    @staticmethod
-    def forward(ctx, m, w, b):
-        ctx.save_for_backward(m, w)
-        return F.linear(F.gelu(m, approximate="tanh"), w, b)
-
-    @staticmethod
-    def backward(ctx, dy):
-        m, w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dm = dw = db = None
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if need[0]:
-            dm = torch.ops.aten.gelu_backward(dy @ w.to(dy.dtype), m, approximate="tanh")
-        if need[1]:
-            a = F.gelu(m, approximate="tanh")
-            dw = (dy2.t() @ a.reshape(-1, a.shape[-1])).to(w.dtype)
-        if need[2]:
-            db = dy2.sum(0)
-        return dm, dw, db
-
-
-def gelu_linear(m: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """``F.linear(F.gelu(m, approximate="tanh"), w, b)`` that saves ``m`` instead of ``gelu(m)``."""
-    return _GeluLinearFunction.apply(m, w, b)
-
-
-class FeedForward(nn.Module):
-    """``gelu_tanh(x W1 + b1) W2 + b2`` (diffusers' ``FeedForward(activation_fn="gelu-approximate")``);
-    saves ``x`` and the pre-activation for backward, not the activation."""
-
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, d: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+        self.weight = nn.Parameter(torch.ones(d))
 
 
-class ModelOutputMixin:
-    """What diffusers pipelines read from a transformer besides its forward."""
+class MMDiTModel(FastgenModel):
+    """FastgenModel plus what the SD3 / Flux pipelines call and the fused-QKV state-dict conversion."""
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute each block in backward (``torch.utils.checkpoint``, non-reentrant)."""
-        self.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = False
+    # (scope, fused name, [diffusers names]) per block: fastgen's tensor = the parts concatenated on dim 0
+    FUSED: tuple = ()
 
     @contextlib.contextmanager
     def cache_context(self, name: str):  # FluxPipeline wraps its calls in it; fastgen keeps no cache
         yield
-
-    def _run_block(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def _check_joint_kwargs(self, joint_attention_kwargs: Optional[dict]) -> None:
         if joint_attention_kwargs:
@@ -256,21 +187,49 @@ class ModelOutputMixin:
                 "(no attention processors, IP-adapters or LoRA scales); run the diffusers model for those"
             )
 
+    @classmethod
+    def config_from_diffusers(cls, config) -> ModelConfig:
+        return cls.config_class.from_dict(dict(config))
 
-def output(sample: Tensor, return_dict: bool):
-    """``(sample,)`` or diffusers' ``Transformer2DModelOutput`` (a dataclass with ``.sample`` without diffusers)."""
-    if not return_dict:
-        return (sample,)
-    try:
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-    except Exception:  # diffusers is optional
-        return TransformerOutput(sample=sample)
-    return Transformer2DModelOutput(sample=sample)
+    @staticmethod
+    def rename(key: str) -> str:
+        """fastgen key -> diffusers key of every tensor that is not fused."""
+        return key.replace(".to_out.", ".to_out.0.").replace(".fc1.", ".net.0.proj.").replace(".fc2.", ".net.2.")
 
+    @staticmethod
+    def unrename(key: str) -> str:
+        return key.replace(".to_out.0.", ".to_out.").replace(".net.0.proj.", ".fc1.").replace(".net.2.", ".fc2.")
 
-@dataclass
-class TransformerOutput:
-    sample: Tensor
+    @classmethod
+    def state_dict_from_diffusers(cls, sd: dict) -> dict:
+        from fastgen.models._original_layout import fuse_blocks
+
+        return fuse_blocks(sd, cls.FUSED, cls.unrename)
+
+    def to_diffusers_state_dict(self) -> dict:
+        """A state dict that the diffusers class loads with ``strict=True``."""
+        from fastgen.models._original_layout import split_blocks
+
+        return split_blocks(self.state_dict(), self.FUSED, self.rename, self.fused_rows(self.config))
+
+    def to_original_state_dict(self) -> dict:
+        """The weights in the reference repository's single-file layout."""
+        from fastgen.models._original_layout import diffusers_to_original
+
+        return diffusers_to_original(self.to_diffusers_state_dict(), self.original_table(self.config))
+
+    @classmethod
+    def from_pretrained(cls, path, torch_dtype: Optional[torch.dtype] = None, device="cpu",
+                        backend: Optional[str] = "auto", config=None, subfolder: Optional[str] = None):
+        """Load safetensors in diffusers layout (a model folder with ``config.json``, a pipeline folder with
+        ``transformer/``, a single or a sharded file) or the reference repository's original single file
+        (optionally under ``model.diffusion_model.``). Without ``config`` (a config, a dict or a preset
+        name) it is read from ``config.json`` or inferred from the tensor shapes. The model is built on the
+        meta device, keys and shapes are checked before any tensor is read, and each tensor is
+        materialised once, on ``device`` in ``torch_dtype``."""
+        from fastgen.models._original_layout import from_pretrained
+
+        return from_pretrained(cls, path, torch_dtype, device, backend, config, subfolder)
 
 
 def check_tensor(model: str, name: str, t, dims: int, last: Optional[int] = None, batch: Optional[int] = None):
@@ -297,7 +256,7 @@ class PatchEmbed(nn.Module):
         self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
         base = cfg.sample_size // cfg.patch_size
-        self.register_buffer("pos_embed", sincos_2d(cfg.inner_dim, cfg.pos_embed_max_size, base)[None])
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.inner_dim, cfg.pos_embed_max_size, cfg.pos_embed_max_size, base)[None])
 
     def forward(self, latent: Tensor) -> Tensor:
         h, w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
@@ -305,20 +264,6 @@ class PatchEmbed(nn.Module):
         top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
         pos = self.pos_embed.reshape(1, self.max_size, self.max_size, -1)[:, top:top + h, left:left + w]
         return (x + pos.reshape(1, h * w, -1)).to(x.dtype)
-
-
-def sincos_2d(dim: int, grid: int, base_size: int) -> Tensor:
-    """The (grid * grid, dim) 2-D sin-cos table of MAE / DiT (diffusers' ``get_2d_sincos_pos_embed``,
-    interpolation scale 1): half the features encode the column, half the row."""
-    coords = torch.arange(grid, dtype=torch.float32) / (grid / base_size)
-    col, row = torch.meshgrid(coords, coords, indexing="xy")  # col[i, j] = coords[j], row[i, j] = coords[i]
-
-    def one(pos: Tensor, d: int) -> Tensor:
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
-        out = torch.outer(pos.reshape(-1).double(), omega)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-    return torch.cat([one(col, dim // 2), one(row, dim // 2)], dim=1).float()
 
 
 class JointAttention(nn.Module):
@@ -340,33 +285,29 @@ class JointAttention(nn.Module):
         self.norm_added_q = _Weight(d) if qk and joint else None
         self.norm_added_k = _Weight(d) if qk and joint else None
 
-    def _qkv(self, lin: nn.Linear, x: Tensor, nq, nk):
-        qkv = lin(x).unflatten(-1, (3, self.heads, self.head_dim))  # (B, S, 3, H, d)
-        q, k, v = qkv.unbind(2)
-        if nq is not None:
-            q = rms_norm(q, nq.weight, 1e-6, backend=self.backend)
-            k = rms_norm(k, nk.weight, 1e-6, backend=self.backend)
-        return q, k, v
+    def _qk_norm(self, q: Tensor, k: Tensor, nq: "_Weight", nk: "_Weight") -> tuple[Tensor, Tensor]:
+        """RMSNorm of q and k over the head dim: ``qk_norm_rope`` with a zero-angle rotation (cos 1, sin 0
+        on two dims), which is exactly the identity, so the op is the plain per-head RMSNorm."""
+        cos = torch.ones(q.shape[1], 2, device=q.device)
+        return qk_norm_rope(q, k, nq.weight, nk.weight, cos, torch.zeros_like(cos), 1e-6, "bshd",
+                            backend=self.backend)
 
     def forward(self, x: Tensor, c: Optional[Tensor] = None):
-        q, k, v = self._qkv(self.to_qkv, x, self.norm_q, self.norm_k)
-        Si = x.shape[1]
-        if c is not None:
-            cq, ck, cv = self._qkv(self.to_added_qkv, c, self.norm_added_q, self.norm_added_k)
-            q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        shape, Si = (3, self.heads, self.head_dim), x.shape[1]
+        j = self.to_qkv(x).unflatten(-1, shape)  # (B, Si, 3, H, d)
+        if c is not None:  # one joint copy of [image; text] qkv, read in place by the norms and attention
+            j = torch.cat([j, self.to_added_qkv(c).unflatten(-1, shape)], 1)
+        q, k, v = j.unbind(2)
+        if self.norm_q is not None:  # per-head RMSNorm of q and k, one pass per stream, read in place
+            q, k = self._qk_norm(j[:, :Si, 0], j[:, :Si, 1], self.norm_q, self.norm_k)
+            if c is not None:
+                cq, ck = self._qk_norm(j[:, Si:, 0], j[:, Si:, 1], self.norm_added_q, self.norm_added_k)
+                q, k = torch.cat([q, cq], 1), torch.cat([k, ck], 1)
         o = attention(q, k, v, layout="bshd", backend=self.backend).flatten(2)  # (B, Si + St, D)
         out = self.to_out(o[:, :Si])
         if c is None:
             return out, None
         return out, (self.to_add_out(o[:, Si:]) if self.to_add_out is not None else None)
-
-
-class _Weight(nn.Module):
-    """A norm's weight alone (key ``<name>.weight``, as diffusers' ``RMSNorm``)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
 
 
 class JointTransformerBlock(nn.Module):
@@ -383,8 +324,8 @@ class JointTransformerBlock(nn.Module):
         self.norm1_context = AdaLN(D, 2 if self.context_pre_only else 6)
         self.attn = JointAttention(cfg, joint=True, context_out=not self.context_pre_only, backend=backend)
         self.attn2 = JointAttention(cfg, joint=False, context_out=False, backend=backend) if self.dual else None
-        self.ff = FeedForward(D, 4 * D)
-        self.ff_context = None if self.context_pre_only else FeedForward(D, 4 * D)
+        self.ff = GeluFeedForward(D, 4 * D)
+        self.ff_context = None if self.context_pre_only else GeluFeedForward(D, 4 * D)
 
     def forward(self, x: Tensor, c: Tensor, e: Tensor):
         be = self.backend
@@ -413,22 +354,24 @@ class JointTransformerBlock(nn.Module):
         return c, x
 
 
-class SD3(ModelOutputMixin, nn.Module):
+class SD3(MMDiTModel):
     """SD3 / SD3.5 MMDiT transformer (diffusers ``SD3Transformer2DModel`` math and weights).
 
     ``SD3(config | preset name, backend="auto")``; ``backend`` goes to every fastgen op call.
     """
 
-    def __init__(self, config: "SD3Config | str | None" = None, backend: str = "auto", **overrides):
-        super().__init__()
+    config_class = SD3Config
+    FUSED = (("transformer_blocks.", "attn.to_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+             ("transformer_blocks.", "attn.to_added_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+             ("transformer_blocks.", "attn2.to_qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v")))
+
+    def __init__(self, config: "SD3Config | str | None" = None, backend: Optional[str] = "auto", **overrides):
         if config is None or isinstance(config, str):
             config = SD3Config.preset(config) if config else SD3Config()
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        self.config = cfg = config
-        self.backend = backend
-        self.gradient_checkpointing = False
-        D = cfg.inner_dim
+        super().__init__(config, backend)
+        cfg, D = config, config.inner_dim
         self.pos_embed = PatchEmbed(cfg)
         self.time_text_embed = TimeTextEmbed(D, cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
@@ -460,29 +403,21 @@ class SD3(ModelOutputMixin, nn.Module):
         skip = set(skip_layers or ())
         for i, block in enumerate(self.transformer_blocks):
             if i not in skip:
-                c, x = self._run_block(block, x, c, e)
+                c, x = self._maybe_checkpoint(block, x, c, e)
             if block_controlnet_hidden_states is not None and not block.context_pre_only:
                 every = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
                 x = x + block_controlnet_hidden_states[int(i / every)]
         scale, shift = self.norm_out(e.to(x.dtype))
-        x = layer_norm_modulate(x, shift, scale, 1e-6, backend=self.backend)
-        x = self.proj_out(x)
-        p, C = cfg.patch_size, cfg.out_channels
-        x = x.reshape(x.shape[0], H // p, W // p, p, p, C)
-        sample = torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, H, W)
-        return output(sample, return_dict)
+        x = self.proj_out(layer_norm_modulate(x, shift, scale, 1e-6, backend=self.backend))
+        p = cfg.patch_size
+        sample = unpatchify(x, H // p, W // p, p, cfg.out_channels)
+        return ModelOutput(sample=sample) if return_dict else (sample,)
 
     def _validate(self, x, ctx, pooled, t) -> SD3Config:
         cfg, name = self.config, "SD3"
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError(f"{name}: hidden_states must be a (B, C, H, W) latent, got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        B, C, H, W = x.shape
-        if C != cfg.in_channels:
-            raise ValueError(f"{name}: hidden_states has {C} channels, the config expects in_channels={cfg.in_channels}")
+        check_latent(name, x, cfg.in_channels, cfg.patch_size)
+        B, _, H, W = x.shape
         p = cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"{name}: latent size {H}x{W} is not divisible by the patch size {p}")
         if H // p > cfg.pos_embed_max_size or W // p > cfg.pos_embed_max_size:
             raise ValueError(f"{name}: latent size {H}x{W} is {H // p}x{W // p} patches, more than "
                              f"pos_embed_max_size={cfg.pos_embed_max_size}")
@@ -492,95 +427,53 @@ class SD3(ModelOutputMixin, nn.Module):
             raise ValueError(f"{name}: timestep is required")
         return cfg
 
-    # ------------------------------------------------------------------ weights
-
-    config_class = SD3Config
+    # ------------------------------------------------------------------ layouts
 
     @staticmethod
-    def fused_parts(cfg: SD3Config) -> dict[str, list[tuple[str, int]]]:
-        """fastgen key -> [(diffusers key, rows)] for the fused QKV tensors (concatenated along dim 0)."""
+    def fused_rows(cfg: SD3Config) -> dict:
+        """Rows of each part of a fused tensor, by fused name."""
         D = cfg.inner_dim
-        parts: dict[str, list[tuple[str, int]]] = {}
-        for i in range(cfg.num_layers):
-            for attn in ["attn", "attn2"] if i in cfg.dual_attention_layers else ["attn"]:
-                pre = f"transformer_blocks.{i}.{attn}."
-                for kind in ("weight", "bias"):
-                    parts[f"{pre}to_qkv.{kind}"] = [(f"{pre}to_{n}.{kind}", D) for n in "qkv"]
-                    if attn == "attn":
-                        parts[f"{pre}to_added_qkv.{kind}"] = [(f"{pre}add_{n}_proj.{kind}", D) for n in "qkv"]
-        return parts
+        return {"attn.to_qkv": [D] * 3, "attn.to_added_qkv": [D] * 3, "attn2.to_qkv": [D] * 3}
 
     @staticmethod
-    def rename(key: str) -> str:
-        """fastgen key -> diffusers key of every tensor that is not fused."""
-        return (key.replace(".to_out.", ".to_out.0.").replace(".fc1.", ".net.0.proj.").replace(".fc2.", ".net.2."))
+    def original_table(cfg: SD3Config):
+        from fastgen.models._original_layout import sd3_table
 
-    @classmethod
-    def from_diffusers(cls, model, backend: str = "auto") -> "SD3":
-        """The fastgen model with the weights of a diffusers ``SD3Transformer2DModel``, on its device and in its
-        dtype. Unfused weights share storage with ``model``; the fused QKV weights are new tensors."""
-        from fastgen.models._original_layout import load_fused
+        return sd3_table(cfg)
 
-        cfg = SD3Config.from_dict(dict(model.config))
-        return load_fused(cls, cfg, model.state_dict(), backend=backend)
+    ORIGINAL_MARKER = "joint_blocks."
 
-    def to_diffusers_state_dict(self) -> dict:
-        """A state dict that ``SD3Transformer2DModel(**config).load_state_dict(sd, strict=True)`` accepts."""
-        from fastgen.models._original_layout import split_fused
-
-        return split_fused(self.state_dict(), self.fused_parts(self.config), self.rename)
-
-    def to_original_state_dict(self) -> dict:
-        """The weights in Stability's original single-file layout (``joint_blocks.N...``)."""
-        from fastgen.models._original_layout import diffusers_to_original, sd3_table
-
-        return diffusers_to_original(self.to_diffusers_state_dict(), sd3_table(self.config))
-
-    @classmethod
-    def from_pretrained(cls, path, torch_dtype: Optional[torch.dtype] = None, device=None,
-                        config: "SD3Config | str | dict | None" = None, backend: str = "auto",
-                        subfolder: Optional[str] = None) -> "SD3":
-        """Load safetensors in diffusers layout (a model folder with ``config.json``, a pipeline folder with
-        ``transformer/``, a single or a sharded file) or Stability's original single file (``joint_blocks.N...``,
-        optionally under ``model.diffusion_model.``). Without ``config`` (an SD3Config, a dict or a preset name)
-        it is read from ``config.json`` or inferred from the tensor shapes. The model is built on the meta
-        device and each tensor materialised once, on ``device`` in ``torch_dtype``."""
-        from fastgen.models import _original_layout as lay
-
-        return lay.from_pretrained(cls, path, torch_dtype, device, config, backend, subfolder,
-                                   original_table=lay.sd3_table, infer_config=infer_sd3_config,
-                                   original_marker="joint_blocks.", diffusers_marker="transformer_blocks.")
+    @staticmethod
+    def infer_config(sd: dict) -> SD3Config:
+        """The SD3Config of an original-layout state dict (tensors or shapes), from its keys and shapes
+        (head dim: the qk-norm weight's size, else 64 as in every released SD3)."""
+        need = ["x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
+                "final_layer.linear.weight"]
+        shape = _shapes(sd, need, "SD3")
+        layers = {int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks.")}
+        D, C, p = shape["x_embedder.proj.weight"][:2] + shape["x_embedder.proj.weight"][-1:]
+        qk_key = next((k for k in sd if ".ln_q." in k), None)
+        head = _shape(sd[qk_key])[0] if qk_key else 64
+        ctx = shape["context_embedder.weight"]
+        return SD3Config(
+            patch_size=p, in_channels=C, num_layers=len(layers), attention_head_dim=head,
+            num_attention_heads=D // head, joint_attention_dim=ctx[1], caption_projection_dim=ctx[0],
+            pooled_projection_dim=shape["y_embedder.mlp.0.weight"][1],
+            out_channels=shape["final_layer.linear.weight"][0] // (p * p),
+            pos_embed_max_size=int(round(shape["pos_embed"][1] ** 0.5)),
+            dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in sd
+                                                if k.startswith("joint_blocks.") and ".attn2." in k})),
+            qk_norm="rms_norm" if qk_key else None,
+        )
 
 
-def infer_sd3_config(sd: dict, layout: str) -> SD3Config:
-    """The SD3Config of a state dict in the original or the diffusers layout, from its keys and shapes
-    (head dim: the qk-norm weight's size, else 64 as in every released SD3)."""
-    from fastgen.models._original_layout import PREFIX
+def _shape(v) -> tuple:
+    return tuple(v.shape) if isinstance(v, Tensor) else tuple(v)
 
-    sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
-    orig = layout == "original"
-    names = dict(
-        proj="x_embedder.proj.weight" if orig else "pos_embed.proj.weight",
-        pos="pos_embed" if orig else "pos_embed.pos_embed",
-        ctx="context_embedder.weight",
-        pooled="y_embedder.mlp.0.weight" if orig else "time_text_embed.text_embedder.linear_1.weight",
-        out="final_layer.linear.weight" if orig else "proj_out.weight",
-    )
-    absent = [k for k in names.values() if k not in sd]
+
+def _shapes(sd: dict, need: list, model: str) -> dict:
+    absent = [k for k in need if k not in sd]
     if absent:
-        raise ValueError(f"SD3.from_pretrained: cannot infer the config, the checkpoint lacks {absent}; "
-                         "pass config= (an SD3Config, a dict or a preset name)")
-    blocks, attn2, qk = "joint_blocks." if orig else "transformer_blocks.", ".attn2.", ".ln_q." if orig else ".norm_q."
-    layers = sorted({int(k.split(".")[1]) for k in sd if k.startswith(blocks)})
-    proj = sd[names["proj"]]
-    D, C, p = proj.shape[0], proj.shape[1], proj.shape[-1]
-    qk_key = next((k for k in sd if qk in k), None)
-    head = sd[qk_key].shape[0] if qk_key else 64
-    return SD3Config(
-        patch_size=p, in_channels=C, num_layers=len(layers), attention_head_dim=head, num_attention_heads=D // head,
-        joint_attention_dim=sd[names["ctx"]].shape[1], caption_projection_dim=sd[names["ctx"]].shape[0],
-        pooled_projection_dim=sd[names["pooled"]].shape[1], out_channels=sd[names["out"]].shape[0] // (p * p),
-        pos_embed_max_size=int(round(sd[names["pos"]].shape[1] ** 0.5)),
-        dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in sd if k.startswith(blocks) and attn2 in k})),
-        qk_norm="rms_norm" if qk_key else None,
-    )
+        raise ValueError(f"{model}.from_pretrained: cannot infer the config, the checkpoint lacks {absent}; "
+                         "pass config= (a config, a dict or a preset name)")
+    return {k: _shape(sd[k]) for k in need}
