@@ -1,0 +1,181 @@
+"""``fastgen.optim.FusedProdigy``: Prodigy (Mishchenko & Defazio, 2023), the update of the
+``prodigyopt`` package's ``Prodigy``, with no host sync and deterministic reductions.
+
+Prodigy is Adam whose step size ``d`` estimates the distance to the solution. Per step,
+with ``k`` the step index, ``lr`` the (usually 1.0) scale and ``bc`` the optional bias
+correction ``sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))``::
+
+    dlr = d * lr * bc
+    g  <- g + weight_decay * p                                (decouple=False only)
+    m  <- beta1 * m + d (1 - beta1) g                         v <- beta2 * v + d^2 (1 - beta2) g^2
+    s  <- beta3 * s + (d / d0) * (d if safeguard_warmup else dlr) * g[::slice_p]
+    num <- beta3 * num + (d / d0) * dlr * <g[::slice_p], p0 - p[::slice_p]>     (sum over parameters)
+    den  = sum |s|
+    d_hat = d_coef * num / den;  d <- max(d, d_hat) at d = d0;  d_max <- max(d_max, d_hat);
+    d <- min(d_max, d * growth_rate)
+    p  <- p - weight_decay * dlr * p                          (decouple=True)
+    p  <- p - dlr * m / (sqrt(v) + d * eps)                   (beta1 = 0: dlr * d * g instead of m)
+
+(``beta3 = sqrt(beta2)`` by default; ``p0`` is the parameter at the first step; a step with
+``den = 0`` leaves ``p``, ``d`` and ``num`` as they were; unlike ``prodigyopt``, the step
+counts still advance, since the test is made on the device.) ``d``, ``d_max`` and ``num`` are fp64
+0-d tensors on the parameters' device, so a step never waits for the GPU (``prodigyopt``
+calls ``.item()`` twice per parameter). The dot products and ``|s|`` sums are per-tensor fp32
+reductions added in fp64 in a fixed order: deterministic. The elementwise updates are
+``torch._foreach_*`` multi-tensor launches (one per operation over the whole list).
+
+State per parameter, as ``prodigyopt``: ``step``, ``s``, ``p0``, ``exp_avg`` (if beta1 > 0),
+``exp_avg_sq``; the group holds ``d``, ``d_max``, ``d_numerator``, ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastgen.optim._common import check_grad, check_state_kind
+
+_SCALARS = ("d", "d_max", "d_numerator")
+
+
+class FusedProdigy(torch.optim.Optimizer):
+    r"""Prodigy with the ``prodigyopt.Prodigy`` arguments and update (see the module docstring)::
+
+        m <- beta1 m + d (1 - beta1) g        v <- beta2 v + d^2 (1 - beta2) g^2
+        d <- min(d_max, growth_rate * max(d, d_coef * num / sum|s|))
+        p <- p - d lr m / (sqrt(v) + d eps)
+
+    Args: ``lr`` (1.0), ``betas``, ``beta3``, ``eps``, ``weight_decay``, ``decouple``,
+    ``use_bias_correction``, ``safeguard_warmup``, ``d0``, ``d_coef``, ``growth_rate``,
+    ``slice_p`` as ``prodigyopt``; ``fsdp_in_use=True`` is refused (use ``prodigyopt``).
+    """
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
+                 use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float("inf"),
+                 fsdp_in_use=False, slice_p=1):
+        if not 0.0 < d0:
+            raise ValueError(f"FusedProdigy: invalid d0 {d0}")
+        if not 0.0 < lr:
+            raise ValueError(f"FusedProdigy: invalid learning rate {lr}")
+        if not 0.0 < eps:
+            raise ValueError(f"FusedProdigy: invalid epsilon {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"FusedProdigy: invalid betas {betas}; each must be in [0, 1)")
+        if not (isinstance(slice_p, int) and slice_p >= 1):
+            raise ValueError(f"FusedProdigy: slice_p must be an int >= 1, got {slice_p!r}")
+        if fsdp_in_use:
+            raise ValueError("FusedProdigy: fsdp_in_use=True (an all-reduce of d's sums) is not supported")
+        defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, d=d0, d0=d0, d_max=d0,
+                        d_numerator=0.0, d_coef=d_coef, k=0, growth_rate=growth_rate,
+                        use_bias_correction=use_bias_correction, decouple=decouple,
+                        safeguard_warmup=safeguard_warmup, fsdp_in_use=False, slice_p=slice_p)
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a FusedProdigy or ``prodigyopt.Prodigy`` state dict (another kind raises)."""
+        check_state_kind("FusedProdigy", state_dict, {"step", "s", "p0", "exp_avg", "exp_avg_sq"},
+                         {"step", "s", "p0", "exp_avg_sq"})
+        super().load_state_dict(state_dict)
+
+    def _scalars(self, device) -> dict:
+        """d, d_max, d_numerator of the first group as fp64 device tensors (floats from a
+        prodigyopt checkpoint are converted once)."""
+        g0 = self.param_groups[0]
+        for key in _SCALARS:
+            if not isinstance(g0[key], torch.Tensor) or g0[key].device != device:
+                g0[key] = torch.as_tensor(g0[key], dtype=torch.float64).to(device)
+        return {key: g0[key] for key in _SCALARS}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        first = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if first is None:
+            return loss
+        device = first.device
+        g0 = self.param_groups[0]
+        sc = self._scalars(device)
+        beta1, beta2 = g0["betas"]
+        beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)
+        k = g0["k"]
+        d, d_max, d0 = sc["d"], sc["d_max"], g0["d0"]
+        lr = max(group["lr"] for group in self.param_groups)
+        bc = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1.0
+        dlr = d * (lr * bc)
+        d_numerator = sc["d_numerator"] * beta3
+        f32 = lambda x: x.to(torch.float32)  # noqa: E731 - a coefficient, as torch casts an fp64 alpha
+        dots, abs_sums, active = [], [], []
+        for group in self.param_groups:
+            if group["lr"] not in (lr, 0.0):
+                raise RuntimeError("FusedProdigy: different lr values in different parameter groups are only "
+                                   "supported for values of 0 (as prodigyopt)")
+            params = [p for p in group["params"] if check_grad(p, "FusedProdigy")]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            decay, slice_p = group["weight_decay"], group["slice_p"]
+            if decay != 0 and not group["decouple"]:
+                torch._foreach_add_(grads, params, alpha=decay)
+            for p in params:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    state["s"] = torch.zeros_like(p.flatten()[::slice_p]).detach()
+                    state["p0"] = (p.flatten()[::slice_p].detach().clone() if p.any()
+                                   else torch.tensor(0, device=p.device, dtype=p.dtype))
+                    if beta1 > 0:
+                        state["exp_avg"] = torch.zeros_like(p).detach()
+                    state["exp_avg_sq"] = torch.zeros_like(p).detach()
+            active.append((group, params, grads))
+            if group["lr"] == 0.0:
+                continue
+            sg = [g.flatten()[::slice_p] for g in grads]
+            for p, g in zip(params, sg):
+                dots.append(torch.dot(g, self.state[p]["p0"] - p.flatten()[::slice_p]))
+            if beta1 > 0:
+                ms = [self.state[p]["exp_avg"] for p in params]
+                torch._foreach_mul_(ms, beta1)
+                torch._foreach_add_(ms, torch._foreach_mul(grads, f32(d * (1 - beta1))))
+            vs = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, torch._foreach_mul(grads, f32(d * d * (1 - beta2))), grads)
+            ss = [self.state[p]["s"] for p in params]
+            torch._foreach_mul_(ss, beta3)
+            torch._foreach_add_(ss, torch._foreach_mul(sg, f32((d / d0) * (d if group["safeguard_warmup"] else dlr))))
+            abs_sums += [s.abs().sum() for s in ss]
+        # fixed-order fp64 sums of the per-tensor fp32 reductions: deterministic, no host sync
+        delta = (d / d0) * dlr * (torch.stack(dots).double().sum() if dots else torch.zeros((), device=device,
+                                                                                               dtype=torch.float64))
+        d_denom = torch.stack(abs_sums).double().sum() if abs_sums else torch.zeros((), dtype=torch.float64,
+                                                                                    device=device)
+        ok = d_denom > 0  # prodigyopt returns before touching p, d and the numerator when the sum is 0
+        global_num = d_numerator + delta
+        d_hat = torch.where(ok, g0["d_coef"] * global_num / torch.where(ok, d_denom, 1.0), d)
+        new_d = torch.where(d == d0, torch.maximum(d, d_hat), d)
+        new_d_max = torch.maximum(d_max, d_hat)
+        new_d = torch.minimum(new_d_max, new_d * g0["growth_rate"])  # d > 0: inf growth gives d_max
+        new_d = torch.where(ok, new_d, d)
+        new_d_max = torch.where(ok, new_d_max, d_max)
+        global_num = torch.where(ok, global_num, sc["d_numerator"])
+        step_dlr = torch.where(ok, dlr, 0.0)
+        for group in self.param_groups:
+            group.update(d=new_d, d_max=new_d_max, d_numerator=global_num, d_denom=d_denom, d_hat=d_hat)
+        for group, params, grads in active:
+            decay = group["weight_decay"]
+            vs = [self.state[p]["exp_avg_sq"] for p in params]
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, f32(new_d * group["eps"]))
+            if decay != 0 and group["decouple"]:
+                torch._foreach_add_(params, torch._foreach_mul(params, f32(-decay * step_dlr)))
+            num = [self.state[p]["exp_avg"] for p in params] if beta1 > 0 else grads
+            scale = -step_dlr if beta1 > 0 else -step_dlr * new_d
+            torch._foreach_add_(params, torch._foreach_mul(torch._foreach_div(num, denom), f32(scale)))
+            for p in params:
+                self.state[p]["step"] += 1
+        for group in self.param_groups:
+            group["k"] = group["k"] + 1
+        return loss

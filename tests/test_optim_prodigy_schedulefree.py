@@ -1,0 +1,165 @@
+"""FusedProdigy against prodigyopt.Prodigy and FusedAdamWScheduleFree against
+schedulefree.AdamWScheduleFree: 100 steps on a small model, the same parameters within fp32
+rounding (the packages are test dependencies; each test skips alone when its package is missing)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids the thread pool's overhead on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 5))
+
+
+def _loss(model, step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 12, generator=g)
+    y = torch.randn(16, 5, generator=g)
+    return (model(x) - y).square().mean()
+
+
+def _close(a, b, rtol):
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=rtol, rtol=rtol)
+
+
+PRODIGY_CONFIGS = {
+    "default": dict(),
+    "decoupled-wd": dict(weight_decay=0.1),
+    "coupled-wd-bias-correction": dict(weight_decay=0.05, decouple=False, use_bias_correction=True),
+    "safeguard-dcoef-growth": dict(safeguard_warmup=True, d_coef=2.0, growth_rate=1.05, betas=(0.9, 0.99)),
+    "slice-beta3": dict(slice_p=3, beta3=0.95, lr=0.5),
+    "beta1-zero": dict(betas=(0.0, 0.999)),
+}
+
+
+@pytest.mark.parametrize("cfg", PRODIGY_CONFIGS.values(), ids=PRODIGY_CONFIGS.keys())
+def test_prodigy_matches_prodigyopt_for_100_steps(cfg, capsys):
+    prodigyopt = pytest.importorskip("prodigyopt")
+    from fastgen.optim import FusedProdigy
+
+    ours, theirs = _model(), _model()
+    opt = FusedProdigy(ours.parameters(), **cfg)
+    ref = prodigyopt.Prodigy(theirs.parameters(), **cfg)
+    for step in range(100):
+        for m, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+        if step % 25 == 24:
+            _close(ours, theirs, 2e-5)
+            torch.testing.assert_close(float(opt.param_groups[0]["d"]), ref.param_groups[0]["d"], rtol=1e-5, atol=0)
+    _close(ours, theirs, 2e-5)
+    assert float(opt.param_groups[0]["d"]) > 10 * 1e-6  # d grew from d0: the estimate is exercised
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        for key, value in ref.state[q].items():
+            if isinstance(value, torch.Tensor):  # s sums terms of both signs: tolerance on its scale
+                torch.testing.assert_close(opt.state[p][key], value, atol=1e-5 * float(value.abs().max()), rtol=2e-5)
+            else:
+                assert opt.state[p][key] == value
+
+
+def test_prodigy_loads_a_prodigyopt_checkpoint_and_refuses_others():
+    prodigyopt = pytest.importorskip("prodigyopt")
+    from fastgen.optim import FusedAdamW, FusedProdigy
+
+    ours, theirs = _model(), _model()
+    ref = prodigyopt.Prodigy(theirs.parameters())
+    for step in range(10):
+        ref.zero_grad()
+        _loss(theirs, step).backward()
+        ref.step()
+    ours.load_state_dict(theirs.state_dict())
+    opt = FusedProdigy(ours.parameters())
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for step in range(10, 20):
+        for m, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+    _close(ours, theirs, 2e-5)
+    adamw = FusedAdamW(ours.parameters(), backend="torch")
+    _loss(ours, 0).backward()
+    adamw.step()
+    with pytest.raises(ValueError, match="another optimizer kind"):
+        opt.load_state_dict(adamw.state_dict())
+    with pytest.raises(ValueError, match="fsdp_in_use"):
+        FusedProdigy(ours.parameters(), fsdp_in_use=True)
+
+
+SF_CONFIGS = {
+    "default": dict(lr=1e-2),
+    "warmup-wd": dict(lr=1e-2, warmup_steps=20, weight_decay=0.05),
+    "r-power-betas": dict(lr=5e-3, r=0.5, weight_lr_power=1.0, betas=(0.8, 0.99), eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("cfg", SF_CONFIGS.values(), ids=SF_CONFIGS.keys())
+def test_schedulefree_matches_the_package_for_100_steps_with_train_eval(cfg):
+    schedulefree = pytest.importorskip("schedulefree")
+    from fastgen.optim import FusedAdamWScheduleFree
+
+    ours, theirs = _model(), _model()
+    opt = FusedAdamWScheduleFree(ours.parameters(), **cfg)
+    ref = schedulefree.AdamWScheduleFree(theirs.parameters(), foreach=True, **cfg)
+    for o in (opt, ref):
+        o.train()
+    for step in range(100):
+        for m, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+        if step % 25 == 24:  # evaluate at x, then back to y
+            opt.eval()
+            ref.eval()
+            _close(ours, theirs, 1e-5)
+            with torch.no_grad():
+                torch.testing.assert_close(_loss(ours, -1), _loss(theirs, -1), atol=1e-6, rtol=1e-5)
+            opt.train()
+            ref.train()
+    _close(ours, theirs, 1e-5)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(opt.state[p]["z"], ref.state[q]["z"], atol=1e-5, rtol=1e-5)
+    assert opt.param_groups[0]["weight_sum"] == pytest.approx(ref.param_groups[0]["weight_sum"], rel=1e-12)
+
+
+def test_schedulefree_eval_mode_step_and_checkpoint():
+    schedulefree = pytest.importorskip("schedulefree")
+    from fastgen.optim import FusedAdamWScheduleFree, FusedLion
+
+    ours, theirs = _model(), _model()
+    opt = FusedAdamWScheduleFree(ours.parameters(), lr=1e-2)
+    _loss(ours, 0).backward()
+    with pytest.raises(RuntimeError, match=r"call optimizer.train\(\)"):
+        opt.step()
+    ref = schedulefree.AdamWScheduleFree(theirs.parameters(), lr=1e-2)
+    ref.train()
+    for step in range(5):
+        ref.zero_grad()
+        _loss(theirs, step).backward()
+        ref.step()
+    ours.load_state_dict(theirs.state_dict())
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # a package checkpoint, in train mode
+    for step in range(5, 10):
+        for m, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+    _close(ours, theirs, 1e-5)
+    lion = FusedLion(ours.parameters(), backend="torch")
+    lion.step()
+    with pytest.raises(ValueError, match="another optimizer kind"):
+        opt.load_state_dict(lion.state_dict())
