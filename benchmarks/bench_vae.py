@@ -202,6 +202,88 @@ def plot_sweep(rows: list[dict], path: str) -> str | None:
     return None
 
 
+class _LiveBytes:
+    """A dispatch mode that counts the bytes of live tensor storages created inside it, and their peak.
+
+    On the ``meta`` device nothing is computed or allocated, so this measures the allocated-bytes
+    peak of a decode of any size in seconds (what the device's caching allocator would report as
+    ``max_memory_allocated`` above the inputs, less kernel workspaces). Storages made while
+    ``skip`` is set (activations staged in host memory) are not counted.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(t, torch.Tensor):
+                        outer._track(t)
+                return out
+
+        self.mode, self.live, self.peak, self.skip = Mode(), 0, 0, False
+        self._refs: dict = {}
+
+    def _track(self, t: torch.Tensor) -> None:
+        import weakref
+
+        key = t.untyped_storage()._cdata
+        if key not in self._refs:
+            nbytes = 0 if self.skip else t.untyped_storage().nbytes()
+            self._refs[key] = [0, nbytes]
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self._refs[key][0] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key) -> None:
+        entry = self._refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._refs[key]
+
+
+def meta_peak(image: int, mode: str, tile: int = 64, config=None, dtype=torch.bfloat16) -> dict:
+    """Allocated-bytes peak of a decode of an ``image`` px square (SDXL config unless given), on ``meta``.
+
+    ``mode``: ``"full"`` (``vae.decode``), ``"lossless"`` (``tiled_decode(consistent_colors=True)``,
+    staged activations on the device) or ``"lossless-offload"`` (the same, staged in host memory:
+    what ``offload=True`` leaves on the GPU). Returns GiB figures: the peak above the weights and
+    the latent, and the weights.
+    """
+    import fastgen.vae.halo as halo
+
+    cfg = config or sdxl_config()
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg).to(dtype).eval()
+    f = cfg.downsample_factor
+    z = torch.empty(1, cfg.latent_channels, image // f, image // f, device="meta", dtype=dtype)
+    counter = _LiveBytes()
+    new = halo._Staging.new
+
+    def staged(self, shape, dt, force_device=False):
+        counter.skip = mode == "lossless-offload" and not force_device
+        try:
+            return new(self, shape, dt, force_device)
+        finally:
+            counter.skip = False
+
+    halo._Staging.new = staged
+    try:
+        with counter.mode, torch.no_grad():
+            out = vae.decode(z) if mode == "full" else tiled_decode(vae, z, tile_size=tile, consistent_colors=True,
+                                                                      progress=False)
+        assert out.shape == (1, 3, image, image)
+    finally:
+        halo._Staging.new = new
+    weights = sum(p.numel() * p.element_size() for p in vae.decoder.parameters())
+    return {"image": image, "mode": mode, "tile": tile, "peak_gib": counter.peak / 2**30, "weights_gib": weights / 2**30}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="latent sides")

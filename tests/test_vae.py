@@ -18,22 +18,28 @@ import fastgen
 from fastgen.vae import AutoencoderKL, AutoencoderKLConfig, flux_config, sd_config, sdxl_config, tiled_decode, tiled_encode
 from fastgen.vae.tiling import _merge, _group_stats, _parts, _run_consistent, decoder_steps, encoder_steps
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference for fastgen.vae (pip install diffusers)")
-
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16)
 TILE = 8  # latent positions (diffusers: tile_latent_min_size = sample_size // f = 8)
 
 
-def _diffusers_vae(seed=0, **overrides):
-    cfg = dict(TINY, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(**cfg).eval()
+def _diffusers():
+    return pytest.importorskip("diffusers", reason="diffusers is the reference for fastgen.vae (pip install diffusers)")
+
+
+def _perturb_biases(vae):
     with torch.no_grad():  # larger biases than the init, so GroupNorm statistics differ between tiles
         for p in vae.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return vae
+
+
+def _diffusers_vae(seed=0, **overrides):
+    diffusers = _diffusers()
+    cfg = dict(TINY, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return _perturb_biases(diffusers.AutoencoderKL(**cfg).eval())
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +50,16 @@ def _torch_groupnorm():
 
 @pytest.fixture(scope="module")
 def pair():
+    """(diffusers VAE, fastgen copy): the tests that compare against diffusers (skipped without it)."""
     dv = _diffusers_vae()
     return dv, AutoencoderKL.from_diffusers(dv)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """A fastgen VAE alone (random weights, larger biases): the tests that need no diffusers."""
+    torch.manual_seed(0)
+    return _perturb_biases(AutoencoderKL(AutoencoderKLConfig(**TINY)).eval())
 
 
 def _latents(n, h, w, c=4, seed=1, dtype=torch.float32):
@@ -134,9 +148,9 @@ def test_from_diffusers_rejects_other_blocks():
         AutoencoderKL.config_from_diffusers(dict(TINY, up_block_types=("AttnUpDecoderBlock2D",)))
 
 
-def test_decode_triton_groupnorm(pair):
+def test_decode_triton_groupnorm(ours):
     """The fused Triton GroupNorm+SiLU kernels inside the decoder (interpreter on CPU): same image."""
-    dv, m = pair
+    m = ours
     z = _latents(1, 3, 2).to(TRITON_DEVICE)
     m = m.to(TRITON_DEVICE)
     try:
@@ -149,9 +163,9 @@ def test_decode_triton_groupnorm(pair):
         m.cpu()
 
 
-def test_decode_torch_compile_fullgraph(pair):
+def test_decode_torch_compile_fullgraph(ours):
     """The decoder traces into one graph (fastgen's GroupNorm is a registered custom op)."""
-    dv, m = pair
+    m = ours
     z = _latents(1, 4, 3)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -205,17 +219,20 @@ def test_consistent_colors_beat_diffusers_tiling(pair):
     with torch.no_grad():
         full = m.decode(z)
         theirs = dv.tiled_decode(z).sample
-    ours = tiled_decode(m, z, tile_size=TILE, consistent_colors=True, progress=False)
-    ours_cos = tiled_decode(dv, z, tile_size=TILE, consistent_colors=True, blend="cosine", progress=False)
-    ours_ga = tiled_decode(m, z, tile_size=TILE, consistent_colors=True, global_attention=True, progress=False)
-    assert ours.shape == theirs.shape == full.shape
+    kw = dict(tile_size=TILE, consistent_colors=True, halo=False, progress=False)  # the blended layout
+    ours = tiled_decode(m, z, **kw)
+    ours_cos = tiled_decode(dv, z, blend="cosine", **kw)
+    ours_ga = tiled_decode(m, z, global_attention=True, **kw)
+    lossless = tiled_decode(dv, z, tile_size=TILE, consistent_colors=True, progress=False)  # the default: halo
+    assert ours.shape == theirs.shape == full.shape == lossless.shape
     p_theirs, p_ours, p_cos, p_ga = psnr(theirs, full), psnr(ours, full), psnr(ours_cos, full), psnr(ours_ga, full)
     print(f"\nPSNR vs full decode, latent 29x19, tile {TILE}, overlap 0.25: diffusers tiled_decode "
-          f"{p_theirs:.2f} dB; fastgen consistent_colors: linear {p_ours:.2f} dB, cosine {p_cos:.2f} dB, "
-          f"linear + global_attention {p_ga:.2f} dB")
+          f"{p_theirs:.2f} dB; fastgen consistent_colors, halo=False: linear {p_ours:.2f} dB, cosine {p_cos:.2f} dB, "
+          f"linear + global_attention {p_ga:.2f} dB; halo=True (default) {psnr(lossless, full):.2f} dB")
     assert p_ours > p_theirs + 1.0
     assert p_cos > p_theirs + 1.0
     assert p_ga > p_ours
+    assert psnr(lossless, full) >= 60
 
 
 def test_consistent_colors_encode(pair):
@@ -225,11 +242,14 @@ def test_consistent_colors_encode(pair):
     with torch.no_grad():
         full = m.encode(x).mean
         theirs = DiagonalGaussian(dv._tiled_encode(x)).mean
-    ours = tiled_encode(m, x, tile_size=16, consistent_colors=True, progress=False).mean
-    print(f"\nencode PSNR vs full: diffusers tiled {psnr(theirs, full):.2f} dB, consistent {psnr(ours, full):.2f} dB")
+    ours = tiled_encode(m, x, tile_size=16, consistent_colors=True, halo=False, progress=False).mean
+    lossless = tiled_encode(m, x, tile_size=16, consistent_colors=True, progress=False).mean
+    print(f"\nencode PSNR vs full: diffusers tiled {psnr(theirs, full):.2f} dB, consistent (blend) "
+          f"{psnr(ours, full):.2f} dB, lossless {psnr(lossless, full):.2f} dB")
     assert psnr(ours, full) > psnr(theirs, full)
+    assert psnr(lossless, full) >= 60
     with pytest.raises(ValueError, match="multiples"):
-        tiled_encode(m, x[:, :, :39], tile_size=16, consistent_colors=True)
+        tiled_encode(m, x[:, :, :39], tile_size=16, consistent_colors=True, halo=False)
 
 
 def DiagonalGaussian(moments):
@@ -255,11 +275,11 @@ def test_layer_by_layer_engine_is_exact_on_one_tile(pair, global_attention):
             assert_close(mom, m.encode(x).parameters, scale=5)
 
 
-def test_global_attention_is_the_full_attention(pair):
+def test_global_attention_is_the_full_attention(ours):
     """With whole-image keys / values, every tile's attention output is the full image's, exactly."""
     from fastgen.vae.tiling import _attn_core, _tokens
 
-    dv, m = pair
+    m = ours
     a = m.decoder.mid_block.attentions[0]
     h = torch.randn(2, 64, 7, 6)
     with torch.no_grad():
@@ -303,8 +323,8 @@ def test_stats_merge_is_whole_image_float64():
 
 
 @pytest.mark.parametrize("consistent", [False, True])
-def test_batch_is_per_sample(pair, consistent):
-    dv, m = pair
+def test_batch_is_per_sample(ours, consistent):
+    m = ours
     z = _latents(2, 14, 11)
     out = tiled_decode(m, z, tile_size=TILE, consistent_colors=consistent, progress=False)
     for i in range(2):
@@ -335,68 +355,106 @@ def test_group_norm_apply_kernel_with_given_stats(dtype, channels_last):
         assert y.stride() == x.reshape(2, 16, -1).stride()
 
 
-def test_consistent_tiling_triton_apply(pair, monkeypatch):
+@pytest.mark.parametrize("kind", ["fastgen", "diffusers"])
+def test_consistent_tiling_triton_apply(ours, kind, monkeypatch):
     """Colour-consistent decode with the Triton GroupNorm kernels (the apply pass given whole-image
-    statistics included): the same image as on the torch backend."""
+    statistics included): the same image as on the torch backend. Both layouts (halo and blend);
+    fastgen's VAE, and a diffusers VAE (plain nn.GroupNorm modules: the fastgen.backend default)."""
     import fastgen.kernels.group_norm as kgn
 
-    dv, m = pair
+    m = ours
+    vae = m
+    if kind == "diffusers":
+        vae = _diffusers_vae()
+        vae.load_state_dict(m.state_dict())
     z = _latents(1, 10, 9).to(TRITON_DEVICE)
-    ref = tiled_decode(m, z.cpu(), tile_size=TILE, consistent_colors=True, progress=False)
     real = kgn.group_norm_apply
-    # fastgen's VAE, and a diffusers VAE (plain nn.GroupNorm modules: the fastgen.backend default)
-    for vae in (m, dv):
+    for halo in (True, False):
+        ref = tiled_decode(m, z.cpu(), tile_size=TILE, consistent_colors=True, halo=halo, progress=False)
         calls = []
         monkeypatch.setattr(kgn, "group_norm_apply", lambda *a: calls.append(a[0].shape) or real(*a))
         try:
             with fastgen.backend("triton"):
-                out = tiled_decode(vae.to(TRITON_DEVICE), z, tile_size=TILE, consistent_colors=True, progress=False)
+                out = tiled_decode(vae.to(TRITON_DEVICE), z, tile_size=TILE, consistent_colors=True, halo=halo,
+                                   progress=False)
         finally:
             vae.cpu()
         assert len(calls) > 0  # the GroupNorms with whole-image statistics ran the fused apply
         assert_close(out.cpu(), ref, scale=10)
 
 
-def test_bf16_tiling(pair):
-    dv, m = pair
+def test_bf16_tiling(ours):
+    import copy
+
+    m = ours
     z = _latents(1, 14, 11)
-    ref = tiled_decode(m, z, tile_size=TILE, consistent_colors=True, progress=False)
-    mb = AutoencoderKL.from_diffusers(dv).to(torch.bfloat16)
-    out = tiled_decode(mb, z.bfloat16(), tile_size=TILE, consistent_colors=True, blend="cosine", progress=False)
+    ref = tiled_decode(m, z, tile_size=TILE, consistent_colors=True, blend="cosine", halo=False, progress=False)
+    mb = copy.deepcopy(m).to(torch.bfloat16)
+    out = tiled_decode(mb, z.bfloat16(), tile_size=TILE, consistent_colors=True, blend="cosine", halo=False,
+                       progress=False)
+    with torch.no_grad():
+        full, full_bf16 = m.decode(z), mb.decode(z.bfloat16())
+    lossless = tiled_decode(mb, z.bfloat16(), tile_size=TILE, consistent_colors=True, progress=False)
+    assert lossless.dtype == torch.bfloat16
+    # bf16 lossless tiling: no further from the fp32 full decode than bf16's own full decode (+ margin)
+    assert psnr(lossless, full) > psnr(full_bf16, full) - 3
     assert out.dtype == torch.bfloat16
     lin = tiled_decode(mb, z.bfloat16(), tile_size=TILE, progress=False)
     assert lin.dtype == torch.bfloat16 and lin.shape == ref.shape
     assert psnr(out, ref) > 25
 
 
-def test_tiling_errors(pair):
-    dv, m = pair
+def test_tiling_errors(ours):
+    m = ours
     bad = torch.randn(1, 16, 20, 20)
-    for vae in (m, dv):
-        with pytest.raises(ValueError, match="latent_channels=4"):
-            tiled_decode(vae, bad, tile_size=TILE)
+    with pytest.raises(ValueError, match="latent_channels=4"):
+        tiled_decode(m, bad, tile_size=TILE)
+    with pytest.raises(ValueError, match="latent_channels=4"):
+        tiled_decode(m, bad, tile_size=TILE, consistent_colors=True)
     with pytest.raises(ValueError, match="in_channels=3"):
         tiled_encode(m, torch.randn(1, 4, 40, 40))
     with pytest.raises(ValueError, match="blend"):
         tiled_decode(m, _latents(1, 20, 20), tile_size=TILE, blend="gaussian")
-    with pytest.raises(ValueError, match="overlap"):
-        tiled_decode(m, _latents(1, 20, 20), tile_size=TILE, overlap=0.6)
+    for overlap in (0.6, 0.5, -0.1):
+        for consistent in (False, True):
+            with pytest.raises(ValueError, match=r"overlap .*\[0, 0.5\)"):
+                tiled_decode(m, _latents(1, 20, 20), tile_size=TILE, overlap=overlap, consistent_colors=consistent)
     with pytest.raises(ValueError, match="line up"):
         tiled_decode(m, _latents(1, 20, 20), tile_size=5)
     with pytest.raises(ValueError, match="weights are torch.float32"):
         tiled_decode(m, _latents(1, 20, 20).bfloat16(), tile_size=TILE)
     with pytest.raises(ValueError, match="offload"):
         tiled_decode(m, _latents(1, 20, 20), tile_size=TILE, consistent_colors=True, offload="host")
+    for offload in (True, 2.0, 0):  # a host-staging budget means nothing for CPU tensors
+        with pytest.raises(ValueError, match="only means something for CUDA tensors"):
+            tiled_decode(m, _latents(1, 20, 20), tile_size=TILE, consistent_colors=True, offload=offload)
+        with pytest.raises(ValueError, match="only means something for CUDA tensors"):
+            tiled_encode(m, torch.randn(1, 3, 40, 40), tile_size=16, consistent_colors=True, offload=offload)
+    # the halo layout: a tile must hold a core of 1 plus the halo on each side (3 latent positions; 3 f px)
+    with pytest.raises(ValueError, match="smaller than the halo it needs.*at least 3 latent positions"):
+        tiled_decode(m, _latents(1, 20, 20), tile_size=2, consistent_colors=True)
+    with pytest.raises(ValueError, match="smaller than the halo it needs.*at least 6 px"):
+        tiled_encode(m, torch.randn(1, 3, 40, 40), tile_size=5, consistent_colors=True)
+    assert tiled_decode(m, _latents(1, 5, 4), tile_size=3, consistent_colors=True).shape == (1, 3, 10, 8)
     with pytest.raises(ValueError, match="line up"):
         tiled_encode(m, torch.randn(1, 3, 40, 40), tile_size=18)
+    # issue 13: a 37x30 image in the blended layouts is the size rule, not a raw conv error
+    with pytest.raises(ValueError, match="multiples of the VAE's factor 2.*37x30"):
+        tiled_encode(m, torch.randn(1, 3, 37, 30), tile_size=16)
     with pytest.raises(TypeError, match="AutoencoderKL"):
         tiled_decode(torch.nn.Linear(2, 2), _latents(1, 20, 20))
     with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
         m.decode(bad)
 
 
-def test_progress_bar(pair, capsys):
+def test_tiling_errors_diffusers_vae(pair):
     dv, m = pair
+    with pytest.raises(ValueError, match="latent_channels=4"):
+        tiled_decode(dv, torch.randn(1, 16, 20, 20), tile_size=TILE)
+
+
+def test_progress_bar(ours, capsys):
+    m = ours
     z = _latents(1, 16, 16)  # 6 x 6 = 36 tiles > 16: a bar by default
     tiled_decode(m, z, tile_size=4, overlap=0.25)
     assert "tiled_decode" in capsys.readouterr().err

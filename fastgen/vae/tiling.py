@@ -466,10 +466,17 @@ AUTO_BUDGET_FRACTION = 0.1  # offload=None: activations stay on the GPU up to th
 
 
 def _budget(offload: Any, device: torch.device, what: str) -> float:
-    """Bytes of tile activations allowed to stay on the device between segments."""
+    """Bytes of staged activations allowed to stay on the device between segments."""
     if not (offload is None or isinstance(offload, bool) or (isinstance(offload, (int, float)) and offload >= 0)):
         raise ValueError(f"{what}: offload must be None, True, False or a budget in GiB >= 0, got {offload!r}")
-    if device.type != "cuda" or offload is False:
+    if device.type != "cuda":
+        if offload is not None and offload is not False:
+            raise ValueError(
+                f"{what}: offload={offload!r} stages activations in host memory, which only means something for "
+                f"CUDA tensors; these are on {device}. Leave offload=None (or False) here"
+            )
+        return float("inf")
+    if offload is False:
         return float("inf")
     if offload is True:
         return 0.0
@@ -478,10 +485,25 @@ def _budget(offload: Any, device: torch.device, what: str) -> float:
     return float(offload) * 2**30
 
 
+def _check_halo_tile(what: str, tile: int, unit: int, unit_name: str) -> None:
+    from fastgen.vae.halo import HALO, min_tile
+
+    if tile < min_tile() * unit:
+        raise ValueError(
+            f"{what}: tile_size={tile} is smaller than the halo it needs: the lossless layout (consistent_colors=True, "
+            f"halo=True) reads {HALO} latent position(s) around each tile's core at every conv, so tile_size must be "
+            f"at least {min_tile() * unit} {unit_name} (a core of 1 latent position plus the halo on each side)"
+        )
+
+
+def _global(global_attention: Optional[bool], halo: bool) -> bool:
+    return halo if global_attention is None else bool(global_attention)
+
+
 @torch.no_grad()
 def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, overlap: float = 0.25,
                  blend: str = "linear", consistent_colors: bool = False, progress: Optional[bool] = None,
-                 offload: Any = None, global_attention: bool = False) -> Tensor:
+                 offload: Any = None, global_attention: Optional[bool] = None, halo: bool = True) -> Tensor:
     """Decode ``latents (N, latent_channels, h, w)`` -> images ``(N, out_channels, h * f, w * f)`` tile by tile.
 
     Args:
@@ -489,36 +511,51 @@ def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, ove
         latents: unscaled latents, as ``vae.decode`` takes them (divide by ``scaling_factor``
             and add ``shift_factor`` first). Any ``h``, ``w``; batch > 1; the VAE's dtype.
         tile_size: tile side in latent positions; default ``sample_size // f`` (diffusers' ``tile_latent_min_size``).
+            The lossless layout needs at least 3 (a core of 1 plus a halo of 1 on each side).
         overlap: fraction of the tile shared with a neighbour, in [0, 0.5); default 0.25 (diffusers').
+            Used by the blended layouts; the lossless layout has no overlap (cores partition the image).
         blend: ``"linear"`` (diffusers' ramps: with ``consistent_colors=False`` the result is
-            diffusers' ``tiled_decode``) or ``"cosine"`` (a smoother window).
-        consistent_colors: GroupNorm statistics over the whole image, not per tile (layout 2 of the
-            module docstring): no tone shifts between tiles.
+            diffusers' ``tiled_decode``) or ``"cosine"`` (a smoother window). Blended layouts only.
+        consistent_colors: GroupNorm statistics over the whole image, not per tile. With
+            ``halo=True`` (the default) the **lossless** layout of :mod:`fastgen.vae.halo`: tile
+            cores partition the image at every layer, halos are exchanged before every conv, and
+            the result equals the full decode up to floating-point summation order.
         progress: a tqdm bar; ``None`` shows one when there are more than 16 tiles.
-        offload: (``consistent_colors`` only, CUDA only) where tile activations wait between
-            GroupNorm segments: ``False`` all on the GPU (fastest, memory grows with the image),
-            ``True`` all in pinned host memory (GPU memory bounded by one tile), a number: up to
-            that many GiB on the GPU and the rest on the host; ``None``: 10 % of the GPU's memory.
+        offload: (``consistent_colors`` only, CUDA tensors only: an error on others) where
+            activations wait between GroupNorm segments: ``False`` all on the GPU (fastest, memory
+            grows with the image), ``True`` all in pinned host memory (GPU memory bounded by one
+            tile and the output), a number: up to that many GiB on the GPU and the rest on the host;
+            ``None``: 10 % of the GPU's memory.
         global_attention: (``consistent_colors`` only) the mid-block attention attends over the
-            whole image (keys and values of every tile's core gathered first, queries in chunks)
-            instead of within the tile: closer still to the full decode, at the cost of
-            ``O((h w)^2)`` attention work.
+            whole image (keys and values of every core gathered first, queries in chunks) instead
+            of within the tile. Default: on with ``halo=True`` (needed to be lossless), off with ``halo=False``.
+        halo: (``consistent_colors`` only) ``True``: the lossless halo layout; ``False``: the
+            older layout (tiles with a margin of ``overlap / 2`` and blended outputs).
 
     A latent no larger than one tile is decoded whole (exactly ``vae.decode``).
-    Raises ``ValueError`` for a latent whose channel count is not the VAE's ``latent_channels``.
+    Raises ``ValueError`` for a latent whose channel count is not the VAE's ``latent_channels``,
+    an overlap outside [0, 0.5), a tile smaller than the halo needs, or ``offload`` on CPU tensors.
     """
     what = "tiled_decode"
     p = _parts(vae)
     _check_input(latents, p.latent_channels, what, "latents", p.decoder)
     tile = p.sample_size // p.factor if tile_size is None else tile_size
     _check_options(what, tile, overlap, blend)
+    budget = _budget(offload, latents.device, what)
     H, W = latents.shape[-2:]
+    if consistent_colors and halo:
+        _check_halo_tile(what, tile, 1, "latent positions")
     if H <= tile and W <= tile:
         z = p.post_quant_conv(latents) if p.post_quant_conv is not None else latents
         return p.decoder(z)
+    if consistent_colors and halo:
+        from fastgen.vae.halo import core_bounds, run_halo
+
+        return run_halo(decoder_steps(p), latents, (H, W), core_bounds(H, tile), core_bounds(W, tile), budget,
+                        progress, what, _global(global_attention, True))
     if consistent_colors:
         return _run_consistent(decoder_steps(p), latents, (H, W), 1, p.factor, tile, overlap, blend,
-                               _budget(offload, latents.device, what), progress, what, global_attention)
+                               budget, progress, what, _global(global_attention, False))
     step = int(tile * (1 - overlap))
     extent = int(tile * p.factor * overlap)
     limit = tile * p.factor - extent
@@ -541,25 +578,41 @@ def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, ove
             bar.close()
 
 
+def _encoded_size(size: int, downs: int) -> int:
+    for _ in range(downs):
+        size = (size - 2) // 2 + 1  # diffusers' Downsample2D: pad (0, 1), 3x3 stride 2
+    return size
+
+
 @torch.no_grad()
 def tiled_encode(vae: Any, images: Tensor, tile_size: Optional[int] = None, overlap: float = 0.25,
                  blend: str = "linear", consistent_colors: bool = False, progress: Optional[bool] = None,
-                 offload: Any = None, global_attention: bool = False) -> DiagonalGaussianDistribution:
+                 offload: Any = None, global_attention: Optional[bool] = None,
+                 halo: bool = True) -> DiagonalGaussianDistribution:
     """Encode ``images (N, in_channels, H, W)`` tile by tile -> the posterior over ``(N, latent_channels, H / f, W / f)``.
 
     ``tile_size`` is in **pixels** (default ``sample_size``, diffusers' ``tile_sample_min_size``);
     the other arguments are those of :func:`tiled_decode`. With ``blend="linear"`` and
     ``consistent_colors=False`` the moments equal diffusers' ``_tiled_encode``.
-    ``consistent_colors=True`` needs ``H``, ``W`` and ``tile_size`` multiples of ``f`` (tiles
-    must sit on the latent grid). An image no larger than one tile is encoded whole.
-    Returns a :class:`DiagonalGaussianDistribution` (``.mean``, ``.logvar``, ``.sample()``, ``.mode()``).
+
+    Size rules: the lossless layout (``consistent_colors=True``, ``halo=True``) takes any image
+    size (the latent is what the full encoder gives, ``ceil``-halved per downsample) and a
+    ``tile_size`` of at least ``3 f`` px. The blended layouts need ``H`` and ``W`` multiples of
+    ``f`` (so that no tile is thinner than the encoder can take), and ``consistent_colors=True,
+    halo=False`` also ``tile_size`` a multiple of ``f``. An image no larger than one tile is
+    encoded whole. Returns a :class:`DiagonalGaussianDistribution` (``.mean``, ``.logvar``,
+    ``.sample()``, ``.mode()``).
     """
     what = "tiled_encode"
     p = _parts(vae)
     _check_input(images, p.in_channels, what, "images", p.encoder)
     tile = p.sample_size if tile_size is None else tile_size
     _check_options(what, tile, overlap, blend)
+    budget = _budget(offload, images.device, what)
     H, W = images.shape[-2:]
+    f = p.factor
+    if consistent_colors and halo:
+        _check_halo_tile(what, tile, f, "px")
 
     def fn(x: Tensor) -> Tensor:
         h = p.encoder(x)
@@ -567,15 +620,24 @@ def tiled_encode(vae: Any, images: Tensor, tile_size: Optional[int] = None, over
 
     if H <= tile and W <= tile:
         return DiagonalGaussianDistribution(fn(images))
-    f = p.factor
+    if consistent_colors and halo:
+        from fastgen.vae.halo import core_bounds, run_halo
+
+        downs = len(p.encoder.down_blocks) - 1
+        h, w = _encoded_size(H, downs), _encoded_size(W, downs)
+        moments = run_halo(encoder_steps(p), images, (h, w), core_bounds(h, tile // f), core_bounds(w, tile // f),
+                           budget, progress, what, _global(global_attention, True))
+        return DiagonalGaussianDistribution(moments)
+    if H % f or W % f or (consistent_colors and tile % f):
+        raise ValueError(
+            f"{what}: this layout needs the image size{' and tile_size' if consistent_colors else ''} to be "
+            f"multiples of the VAE's factor {f} (a thinner edge tile cannot go through the encoder's "
+            f"downsampling), got image {H}x{W}{f' and tile_size={tile}' if consistent_colors else ''}; "
+            "pad or crop the image, or use consistent_colors=True (the lossless layout takes any size)"
+        )
     if consistent_colors:
-        if H % f or W % f or tile % f:
-            raise ValueError(
-                f"{what}: consistent_colors=True needs the image size and tile_size to be multiples of the "
-                f"VAE's factor {f}, got image {H}x{W} and tile_size={tile}; pad or crop the image first"
-            )
         moments = _run_consistent(encoder_steps(p), images, (H // f, W // f), f, 1, tile // f, overlap, blend,
-                                  _budget(offload, images.device, what), progress, what, global_attention)
+                                  budget, progress, what, _global(global_attention, False))
         return DiagonalGaussianDistribution(moments)
     step = int(tile * (1 - overlap))
     extent = int(tile // f * overlap)
