@@ -183,8 +183,12 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(META, "{}"))
         sd = {k: f.get_tensor(k) for k in f.keys()}
+    modules = dict(model.named_modules())
+    absent = sorted(n for n in meta if n not in modules)
+    if absent:
+        raise KeyError(f"quantized checkpoint does not match the model: missing layers {absent[:10]}")
     for n, info in meta.items():
-        old = model.get_submodule(n)
+        old = modules[n]
         if not isinstance(old, (nn.Linear, QuantLinear)):
             raise KeyError(f"quantized layer {n!r} of the file is a {type(old).__name__} in this model")
         dev = next(iter(old.buffers() if isinstance(old, QuantLinear) else old.parameters())).device

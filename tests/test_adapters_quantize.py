@@ -1,0 +1,110 @@
+"""Weight-only quantized bases (fastgen.adapters.quantize): the stated per-weight error bound and
+the output bound it implies, adapter gradients equal to those through a dequantized copy, the
+base's bytes measured, safetensors save/load, and the refusal to quantize a training base."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_adapters import Block, _inputs, _randomize
+from torch import nn
+
+import fastgen.adapters as A
+from fastgen.adapters.quantize import QuantLinear, base_nbytes, dequantize_weight, quantize_weight
+
+
+def _bound(w, scale, scheme):
+    """Per-weight error bound of the module docstring, broadcast to w's shape."""
+    out_f, in_f = w.shape
+    s = scale.repeat_interleave(in_f // scale.shape[1], dim=1)
+    if scheme == "int8":
+        return s / 2 * (1 + 1e-6)
+    return torch.maximum(w.abs() * 2.0**-4, s * 2.0**-10) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_weight_and_output_error_within_bound(scheme, block_size):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 32, generator=g, dtype=torch.float64).float() * torch.logspace(-3, 1, 24)[:, None]
+    w[3] = 0.0  # an all-zero row
+    q, scale = quantize_weight(w, scheme, block_size)
+    assert q.dtype == {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}[scheme]
+    assert scale.shape == (24, 1 if block_size is None else 4)
+    w_hat = dequantize_weight(q, scale)
+    bound = _bound(w, scale, scheme)
+    err = (w_hat - w).abs()
+    assert torch.isfinite(w_hat).all() and (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+    assert (w_hat - w).abs().max() > 0, "quantization must actually round something"
+
+    lin = nn.Linear(32, 24).requires_grad_(False)
+    lin.weight.data.copy_(w)
+    ql = QuantLinear.from_linear(lin, scheme, block_size)
+    x = torch.randn(5, 32, generator=g)
+    y_bound = x.abs().double() @ bound.double().t()
+    assert ((ql(x) - lin(x)).abs().double() <= y_bound + 1e-6).all()
+
+
+def test_adapter_grads_match_dequantized_copy_and_bytes_shrink():
+    torch.manual_seed(0)
+    model = Block()
+    A.add_adapter(model, "a", rank=2, targets="all")
+    _randomize(model, "a")
+    before = base_nbytes(model)
+    A.quantize(model, "int8")
+    after = base_nbytes(model)
+    assert isinstance(model.to_q, QuantLinear) and model.to_q.fastgen_adapters is not None
+    assert after <= 0.5 * before, f"base bytes {before} -> {after}"
+    twin = A.dequantize(copy.deepcopy(model))
+    assert isinstance(twin.to_q, nn.Linear)
+    x, img = _inputs()
+    x.requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    for m, inp in ((model, x), (twin, x2)):
+        out = m(inp, img)
+        (out[0].square().mean() + out[1].square().mean()).backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-5)
+    for p, q in zip(A.adapter_parameters(model), A.adapter_parameters(twin)):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".fastgen_adapters." not in n)
+
+
+def test_bf16_base_bytes():
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 512)).to(torch.bfloat16).requires_grad_(False)
+    before = base_nbytes(model)
+    A.quantize(model, "fp8_e4m3")
+    after = base_nbytes(model)
+    # 1 byte per weight + 4 bytes per output-channel scale, against 2 bytes per weight
+    assert before == 2 * (256 * 256 + 256 * 512)
+    assert after == (256 * 256 + 256 * 512) + 4 * (256 + 512)
+    assert after < 0.51 * before
+
+
+def test_save_load_quantized(tmp_path):
+    torch.manual_seed(0)
+    model = Block().requires_grad_(False)
+    A.quantize(model, "fp8_e4m3", block_size=4)
+    A.save_quantized(model, tmp_path / "q.safetensors")
+    fresh = Block().requires_grad_(False)
+    A.load_quantized(fresh, tmp_path / "q.safetensors")
+    assert isinstance(fresh.ff[0], QuantLinear) and fresh.ff[0].qweight.dtype == torch.float8_e4m3fn
+    x, img = _inputs()
+    for a, b in zip(fresh(x, img), model(x, img)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(KeyError, match="missing"):
+        A.load_quantized(nn.Sequential(nn.Linear(3, 3)), tmp_path / "q.safetensors")
+
+
+def test_quantizing_a_training_base_is_an_error():
+    with pytest.raises(RuntimeError, match="training its base weights"):
+        A.quantize(Block(), "int8")
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        A.quantize(Block().requires_grad_(False), "int4")
+    model = Block()
+    A.add_adapter(model, "a", rank=2, targets=["to_q"])
+    A.quantize(model, "int8")
+    with pytest.raises(RuntimeError, match="quantized"):
+        A.merge(model)
