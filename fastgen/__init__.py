@@ -15,6 +15,7 @@ Public entry points:
 from fastgen import backend  # noqa: F401  (module, callable as a context manager)
 from fastgen import models, nn, ops, optim, patch, vae  # noqa: F401  (patch: package, callable: fastgen.patch(model))
 from fastgen.patch import unpatch  # noqa: F401
+from fastgen import adapters  # noqa: F401,E402  (LoRA/LoCoN/LoHa/LoKr/DoRA, their file formats, quantized bases)
 
 __version__ = "0.1.0"
 __all__ = ["backend", "models", "nn", "ops", "optim", "patch", "unpatch", "vae", "__version__"]
