@@ -42,6 +42,7 @@ from fastgen.models._common import (
     PatchEmbed2d,
     TimestepMLP,
     check_latent,
+    modulated_norm_linear,
     timestep_embedding,
     unpatchify,
 )
@@ -195,11 +196,14 @@ class PixArtBlock(nn.Module):
     def forward(self, x: Tensor, mod: Tensor, context: Tensor, keep: Optional[Tensor]) -> Tensor:
         B, N = x.shape[0], x.shape[-1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + mod.view(B, 6, N)).chunk(6, 1)
-        h = layer_norm_modulate(x, shift1, scale1, eps=self.eps, backend=self.backend)
-        x = gated_residual(x, self.attn1(h), gate1, backend=self.backend)
+        qkv, fc1 = self.attn1.to_qkv, self.ff.fc1
+        # LN-modulate + QKV GEMM, the normed tensor recomputed in backward (not kept)
+        a = self.attn1.attend(modulated_norm_linear(x, shift1, scale1, qkv.weight, qkv.bias, eps=self.eps,
+                                                    backend=self.backend))
+        x = gated_residual(x, a, gate1, backend=self.backend)
         x = x + self.attn2(x, context, keep)
-        h = layer_norm_modulate(x, shift2, scale2, eps=self.eps, backend=self.backend)
-        return gated_residual(x, self.ff(h), gate2, backend=self.backend)
+        u = modulated_norm_linear(x, shift2, scale2, fc1.weight, fc1.bias, eps=self.eps, backend=self.backend)
+        return gated_residual(x, self.ff.project(u), gate2, backend=self.backend)
 
 
 # ----------------------------------------------------------------------------- model
