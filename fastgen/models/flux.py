@@ -336,11 +336,15 @@ class Flux(MMDiTModel):
         D, C = shape["img_in.weight"]
         d = shape["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         out = shape["final_layer.linear.weight"][0]
+        axes = (d // 8, 7 * d // 16, d - d // 8 - 7 * d // 16)
+        if any(a % 2 for a in axes):
+            raise ValueError(f"Flux.from_pretrained: cannot infer axes_dims_rope for head dim {d} (Flux's split "
+                             f"{axes} has odd parts); pass config= (a FluxConfig, a dict or a preset name)")
         return FluxConfig(
             in_channels=C, out_channels=None if out == C else out, num_attention_heads=D // d, attention_head_dim=d,
             num_layers=len({int(k.split(".")[1]) for k in sd if k.startswith("double_blocks.")}),
             num_single_layers=len({int(k.split(".")[1]) for k in sd if k.startswith("single_blocks.")}),
             joint_attention_dim=shape["txt_in.weight"][1], pooled_projection_dim=shape["vector_in.in_layer.weight"][1],
             guidance_embeds=any(k.startswith("guidance_in.") for k in sd),
-            axes_dims_rope=(d // 8, 7 * d // 16, d - d // 8 - 7 * d // 16),
+            axes_dims_rope=axes,
         )
