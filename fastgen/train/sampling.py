@@ -6,9 +6,10 @@ Flow models (velocity ``v``, sigma from 1 to 0)::
     sigmas = shift(linspace(1, 1/T, n)) ++ [0]         (FlowMatchEulerDiscreteScheduler's grid)
     x <- x + (sigma_next - sigma) v(x, T sigma)
 
-Denoising models (DDIM, eta = 0, "leading" spacing ``t_i = i * T / n``, final alpha 1)::
+Denoising models (DDIM, eta = 0, "leading" spacing ``t_i = i * T / n``, final alpha 1, x0 clipped
+to [-1, 1] like diffusers' DDIMScheduler default ``clip_sample``)::
 
-    x0^ = (x - sqrt(1 - a_t) eps^) / sqrt(a_t)  (eps^, x0^ from the model's prediction type)
+    x0^, eps^ from the model's prediction, then x0^ <- clip(x0^, -1, 1)
     x   <- sqrt(a_prev) x0^ + sqrt(1 - a_prev) eps^
 
 Guidance: ``out = out_uncond + g (out_cond - out_uncond)``, both halves in one batch.
@@ -52,7 +53,7 @@ def _diffusers_scheduler(name: str, objective):
     kw = dict(num_train_timesteps=T, trained_betas=objective.betas.numpy(),
               prediction_type=objective.prediction)
     if name == "DDIMScheduler":
-        kw.update(clip_sample=False, set_alpha_to_one=True)
+        kw.update(clip_sample=True, set_alpha_to_one=True)
     return cls(**kw)
 
 
@@ -75,14 +76,12 @@ def _builtin_ddim(model, objective, x, labels, n, g, null_label):
         a = abar[t]
         a_prev = abar[t - step] if t - step >= 0 else torch.tensor(1.0)
         if objective.prediction == "epsilon":
-            eps = out
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
         elif objective.prediction == "sample":
-            x0 = out
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            x0, eps = out, (x - a.sqrt() * out) / (1 - a).sqrt()
         else:
-            x0 = a.sqrt() * x - (1 - a).sqrt() * out
-            eps = a.sqrt() * out + (1 - a).sqrt() * x
+            x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
+        x0 = x0.clamp(-1, 1)  # clip_sample, as diffusers' DDIMScheduler by default (eps is not recomputed)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x
 
