@@ -31,12 +31,12 @@ from fastgen.adapters.inject import (
     get_weights, merge, set_scale, unmerge, use_backend,
 )
 from fastgen.adapters.inject import remove as _remove
-from fastgen.adapters.quantize import dequantize, load_quantized, quantize, save_quantized
+from fastgen.adapters.quantize import base_nbytes, dequantize, load_quantized, quantize, save_quantized
 from fastgen.adapters.state import AdapterWeights, ModuleWeights
 
 __all__ = [
     "AdapterWeights", "FORMATS", "ModuleWeights", "UnmappableKeyError", "adapter_names", "adapter_parameters",
-    "add_adapter", "add_weights", "apply", "dequantize", "detect", "disable", "disabled", "enable", "fingerprint",
+    "add_adapter", "add_weights", "apply", "base_nbytes", "dequantize", "detect", "disable", "disabled", "enable", "fingerprint",
     "get_weights", "load", "load_quantized", "merge", "quantize", "remove", "save", "save_quantized", "set_scale",
     "unmerge", "use_backend",
 ]
