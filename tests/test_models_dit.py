@@ -146,6 +146,12 @@ def test_bad_inputs():
         m(x, t)
     with pytest.raises(ValueError, match=r"timestep must be a scalar or of shape \(2,\)"):
         m(x, torch.zeros(3), y)
+    with pytest.raises(TypeError, match=r"hidden_states is torch.bfloat16 but the model's weights are torch.float32"):
+        m(x.bfloat16(), t, y)
+    from fastgen.backend import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match=r"backend='triton' runs the attention kernels in bfloat16"):
+        DiT(DiTConfig(**TINY), backend="triton")(x, t, y)
 
 
 def test_presets_parameter_counts():

@@ -149,6 +149,10 @@ def test_bad_inputs():
         m(x, **kw, encoder_attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="other additive biases are not supported"):
         m(x, **kw, encoder_attention_mask=torch.full((2, 1, 3), -0.5))
+    from fastgen.backend import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match=r"backend='triton' runs the attention kernels in bfloat16"):
+        PixArt(PixArtConfig(**TINY, use_additional_conditions=True), backend="triton")(x, **kw)
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -24,6 +24,8 @@ Embeddings::
     gated_modulated_norm_linear(x, y, gate, shift, scale, weight, bias=None, eps=1e-6, backend="auto")
         x1 = x + gate y;  (linear(LN(x1)(1 + scale) + shift), x1), the normed tensor recomputed
     check_latent(model, x, in_channels, patch_size)      clear errors for bad latents
+    check_dtype(model, x, weight_dtype, backend)         latent vs weight dtype; a dtype the explicit
+                                                         backend's kernels do not serve (fp32 on "triton")
     unpatchify(x, h, w, p, c)    (B, h*w, p*p*c) -> (B, c, h*p, w*p)  (diffusers' "nhwpqc->nchpwq")
 
 Model plumbing::
@@ -326,6 +328,24 @@ def check_latent(model: str, x: Tensor, in_channels: int, patch_size: int) -> No
         raise ValueError(f"{model}: latent height and width ({H} x {W}) must be multiples of the patch size "
                          f"{patch_size}; crop or pad the latent (image size a multiple of "
                          f"{patch_size} x the VAE factor)")
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_dtype(model: str, x: Tensor, weight_dtype: torch.dtype, backend: Optional[str]) -> None:
+    """Clear errors before any kernel runs: a latent in another dtype than the weights, and a model
+    dtype that an explicitly requested kernel backend cannot serve (the attention kernels take
+    bfloat16 / float16 only; ``"auto"`` falls back to the reference instead)."""
+    if x.dtype != weight_dtype:
+        raise TypeError(f"{model}: hidden_states is {x.dtype} but the model's weights are {weight_dtype}; "
+                        f"cast the latent (x.to(model.dtype)) or the model")
+    if backend in ("triton", "cuda") and weight_dtype not in KERNEL_DTYPES:
+        from fastgen.backend import BackendUnavailableError
+
+        raise BackendUnavailableError(f"{model}: backend={backend!r} runs the attention kernels in bfloat16 / "
+                                      f"float16, the model is {weight_dtype}; use model.to(torch.bfloat16), "
+                                      f"or backend='auto' / 'torch'")
 
 
 class PatchEmbed2d(nn.Module):

@@ -42,6 +42,7 @@ from fastgen.models._common import (
     ModelOutput,
     PatchEmbed2d,
     TimestepMLP,
+    check_dtype,
     check_latent,
     gated_modulated_norm_linear,
     modulated_norm_linear,
@@ -211,6 +212,7 @@ class DiT(FastgenModel):
                 cross_attention_kwargs: Optional[dict] = None, return_dict: bool = True):
         cfg = self.config
         check_latent("DiT", hidden_states, cfg.in_channels, cfg.patch_size)
+        check_dtype("DiT", hidden_states, self.pos_embed.proj.weight.dtype, self.backend)
         B = hidden_states.shape[0]
         if class_labels is None:
             raise ValueError(f"DiT: class_labels (B,) int64 are required (0..{cfg.num_embeds_ada_norm - 1}, or "

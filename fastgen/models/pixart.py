@@ -41,6 +41,7 @@ from fastgen.models._common import (
     ModelOutput,
     PatchEmbed2d,
     TimestepMLP,
+    check_dtype,
     check_latent,
     modulated_norm_linear,
     timestep_embedding,
@@ -259,6 +260,7 @@ class PixArt(FastgenModel):
                 return_dict: bool = True):
         cfg = self.config
         check_latent("PixArt", hidden_states, cfg.in_channels, cfg.patch_size)
+        check_dtype("PixArt", hidden_states, self.pos_embed.proj.weight.dtype, self.backend)
         B, dev = hidden_states.shape[0], hidden_states.device
         if attention_mask is not None:
             raise NotImplementedError("PixArt: attention_mask (a mask on the image self-attention) is not "
