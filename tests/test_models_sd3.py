@@ -245,7 +245,7 @@ def test_torch_compile_fullgraph():
     model = randomize(SD3(SD3Config(**dict(SD35, num_layers=2, dual_attention_layers=(0,))), backend="torch"))
     kw = _inputs(1, 4, 4, 3, SD35)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(**kw, return_dict=False)[0]
     out.square().sum().backward()
     with torch.no_grad():
@@ -302,5 +302,5 @@ def test_saved_activations_per_block_vs_diffusers():
         theirs = saved_bytes(lambda: ref.transformer_blocks[i](x, c, temb), params)
         ours = saved_bytes(lambda: model.transformer_blocks[i](x, c, torch.nn.functional.silu(temb)), params)
         ratios[kind] = ours / theirs
-    # measured 0.62 (dual) and 0.63 (plain) at this shape; the target is 0.7
+    # measured 0.62 (dual) and 0.60 (plain) at this shape; the target is 0.7
     assert ratios["dual"] <= 0.7 and ratios["plain"] <= 0.7, ratios
