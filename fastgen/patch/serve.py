@@ -103,7 +103,7 @@ def op_reason(backend: str, op: str, dtype=None, head_dim=None, channels=None, g
     if backend not in FAMILIES:
         return None
     if backend == "cuda" and not _has_cuda(op):
-        return f"{op} has no CUDA C++ implementation (Triton only)"
+        return "no CUDA C++ implementation (Triton only)"
     why = family_reason(backend)
     if why is not None:
         return why
