@@ -207,7 +207,7 @@ def test_fused_kernel_inside_model_matches_torch_path():
     model = nn.Sequential(nn.Linear(10, 9), nn.Linear(9, 7)).to(TRITON_DEVICE)
     A.add_adapter(model, "a", rank=3, alpha=5.0, targets="all")
     _randomize(model, "a")
-    x = torch.randn(6, 10, device=TRITON_DEVICE, requires_grad=True)
+    x = torch.randn(2, 3, 10, device=TRITON_DEVICE, requires_grad=True)
     outs, grads = [], []
     for backend in ("torch", "triton"):
         A.use_backend(model, backend)

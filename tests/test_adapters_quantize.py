@@ -108,3 +108,59 @@ def test_quantizing_a_training_base_is_an_error():
     A.quantize(model, "int8")
     with pytest.raises(RuntimeError, match="quantized"):
         A.merge(model)
+
+
+# --- the Triton dequantize-GEMM -----------------------------------------------------------------
+
+from conftest import INTERPRET, TRITON_DEVICE  # noqa: E402
+
+from fastgen.adapters.quant_linear import quant_linear  # noqa: E402
+
+needs_triton = pytest.mark.skipif(TRITON_DEVICE == "cpu" and not INTERPRET, reason="needs a GPU or TRITON_INTERPRET=1")
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@needs_triton
+@pytest.mark.parametrize("scheme,block_size", [("int8", None), ("fp8_e4m3", 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequant_gemm_kernel_matches_torch(scheme, block_size, dtype):
+    """Forward and input gradient of the kernel against float64 math on W_hat, with the FA rule
+    (at most twice torch's own error in the same dtype), odd sizes, a bias."""
+    g = torch.Generator().manual_seed(0)
+    q, s = quantize_weight(torch.randn(37, 40, generator=g), scheme, block_size)
+    q, s = q.to(TRITON_DEVICE), s.to(TRITON_DEVICE)
+    bias = torch.randn(37, generator=g).to(TRITON_DEVICE, dtype)
+    x = torch.randn(3, 7, 40, generator=g).to(TRITON_DEVICE, dtype)
+    dy = torch.randn(3, 7, 37, generator=g).to(TRITON_DEVICE, dtype)
+    w64 = dequantize_weight(q, s, torch.float64)
+    outs = {}
+    for impl in ("triton", "torch", "ref"):
+        xi = (x.double() if impl == "ref" else x.clone()).requires_grad_(True)
+        y = (xi @ w64.t() + bias.double()) if impl == "ref" else quant_linear(xi, q, s, bias, backend=impl)
+        y.backward(dy.double() if impl == "ref" else dy)
+        outs[impl] = (y.detach(), xi.grad)
+    for i, name in enumerate(("y", "dx")):
+        out, tch, ref = outs["triton"][i], outs["torch"][i], outs["ref"][i]
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        err = (out.double() - ref).abs().max().item()
+        bar = 2 * (tch.double() - ref).abs().max().item() + ATOL[dtype] * ref.abs().max().item()
+        assert err <= bar, f"{name}: {err:.3g} > {bar:.3g}"
+
+
+@needs_triton
+def test_quantized_model_on_the_kernel_trains_its_adapter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 20), nn.GELU(), nn.Linear(20, 9)).to(TRITON_DEVICE)
+    A.add_adapter(model, "a", rank=3, targets="all")
+    _randomize(model, "a")
+    A.quantize(model, "int8")
+    x = torch.randn(2, 3, 24, device=TRITON_DEVICE)  # 3-D: the outputs the fused LoRA adds into are no views
+    grads = []
+    for backend in ("torch", "triton"):
+        A.use_backend(model, backend)
+        for p in A.adapter_parameters(model):
+            p.grad = None
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in A.adapter_parameters(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

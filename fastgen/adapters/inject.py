@@ -297,9 +297,13 @@ def remove(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
 
 
 def use_backend(model: nn.Module, backend: str) -> None:
-    """Which implementation runs the linear LoRA branches: "auto" | "triton" | "torch"."""
+    """Which implementation runs the linear LoRA branches and the quantized base layers:
+    "auto" | "triton" | "torch"."""
     for _, layer in adapted_layers(model):
         layer.fastgen_adapters.fused = backend
+    for layer in model.modules():
+        if getattr(layer, "fastgen_quantized", False):
+            layer.backend = backend
 
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

@@ -13,9 +13,11 @@ mantissa bits) ``|W - W_hat| <= max(|W| * 2^-4, scale * 2^-10)`` (relative half-
 numbers, half the subnormal spacing below 2^-6). An output ``y = x W_hat^T`` is then within
 ``|x| @ bound^T`` of the full-precision one.
 
-The forward dequantizes one layer's weight at a time to the input dtype and calls ``F.linear``;
-autograd then gives the input gradient through ``W_hat`` (adapters upstream keep training) and
-no weight gradient (the base is frozen). Bytes per weight: 1 (+ 4 per scale) instead of 2 or 4.
+The forward is :func:`fastgen.adapters.quant_linear.quant_linear`: with the torch backend it
+dequantizes one layer's weight at a time to the input dtype and calls ``F.linear``; with the
+Triton backend a dequantize-GEMM (``kernels/quant_matmul.py``) serves the forward and the input
+gradient without a full-precision weight. Gradients reach the input (adapters upstream keep
+training), never the frozen quantized weight. Bytes per weight: 1 (+ 4 per scale) instead of 2 or 4.
 
 ``save_quantized`` / ``load_quantized`` write the quantized model (without adapters) as one
 safetensors file, the scheme of each layer in its metadata.
@@ -27,13 +29,13 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from fastgen.adapters import targets as _targets
 from fastgen.adapters.layers import forward_hook
+from fastgen.adapters.quant_linear import dequantize_weight, quant_linear
 
 SCHEMES = {"int8": (torch.int8, 127.0), "fp8_e4m3": (torch.float8_e4m3fn, 448.0)}
 META = "fastgen_quantized"
@@ -56,12 +58,6 @@ def quantize_weight(w: torch.Tensor, scheme: str, block_size: int | None = None)
     return q.reshape(out_f, in_f), scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    out_f, in_f = q.shape
-    nb = scale.shape[1]
-    return (q.float().reshape(out_f, nb, in_f // nb) * scale[..., None]).reshape(out_f, in_f).to(dtype)
-
-
 class QuantLinear(nn.Module):
     """A frozen Linear with a weight-only quantized weight (see the module docstring)."""
 
@@ -71,6 +67,7 @@ class QuantLinear(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features, self.scheme, self.compute_dtype = in_features, out_features, scheme, dtype
+        self.backend = "auto"  # who runs the dequantize-GEMM: "auto" | "triton" | "torch" (fastgen.adapters.use_backend)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=SCHEMES[scheme][0], device=device))
         self.register_buffer("scale", torch.ones(out_features, n_blocks, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
@@ -94,8 +91,7 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scale, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize_weight(self.qweight, self.scale, x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return quant_linear(x, self.qweight, self.scale, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, block_size={self.block_size}"

@@ -1,0 +1,81 @@
+"""``quant_linear(x, q, scale, bias)``: a Linear layer on a weight-only quantized weight.
+
+Shapes: ``x (..., K)``, ``q (N, K)`` int8 or float8_e4m3fn, ``scale (N, KB)`` fp32 with ``KB``
+dividing ``K`` (``W_hat[n, k] = q[n, k] * scale[n, k // (K / KB)]``), ``bias (N,)`` or None;
+returns ``(..., N)`` in x's dtype. The gradient flows to ``x`` (``dy @ W_hat``) and to a bias
+that requires grad; the quantized weight is frozen.
+
+- ``backend="torch"`` (and ``"auto"`` until a recorded GPU run says otherwise): dequantize the
+  weight to x's dtype, then ``F.linear`` (the transient is one layer's weight).
+- ``backend="triton"``: ``kernels/quant_matmul.py`` dequantizes tiles in registers inside the GEMM,
+  forward and input gradient; no full-precision weight is written.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.backend import launchers, resolve
+
+
+def dequantize_weight(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    out_f, in_f = q.shape
+    nb = scale.shape[1]
+    return (q.float().reshape(out_f, nb, in_f // nb) * scale[..., None]).reshape(out_f, in_f).to(dtype)
+
+
+def quant_linear_ref(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return F.linear(x, dequantize_weight(q, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _unsupported(x: Tensor, q: Tensor) -> Optional[str]:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the dequantize-GEMM kernel covers fp32/fp16/bf16 inputs, got {x.dtype}"
+    if q.dtype == torch.float8_e4m3fn and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        return "float8_e4m3 weights need an sm_89+ GPU in the Triton kernel"
+    return None
+
+
+class _QuantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q, scale, bias):
+        lk = launchers("quant_matmul", "triton")
+        x2 = x.reshape(-1, x.shape[-1])
+        # allocated in its final shape: the output is no view (the fused LoRA adds into it in place)
+        y = torch.empty(*x.shape[:-1], q.shape[0], device=x.device, dtype=x.dtype)
+        lk.qmm_fwd(x2, q, scale, None if bias is None else bias.to(x.dtype), out=y.view(-1, q.shape[0]))
+        ctx.save_for_backward(q, scale)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, scale = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(ctx.x_shape, device=dy.device, dtype=dy.dtype)
+            launchers("quant_matmul", "triton").qmm_dx(dy2.contiguous(), q, scale, out=dx.view(-1, q.shape[1]))
+        db = dy2.float().sum(0).to(dy.dtype) if ctx.needs_input_grad[3] else None
+        return dx, None, None, db
+
+
+def quant_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                 backend: Optional[str] = "auto") -> Tensor:
+    """A Linear on a quantized weight (see the module docstring for shapes and backends)."""
+    if q.dim() != 2 or x.shape[-1] != q.shape[1] or scale.shape[0] != q.shape[0] or q.shape[1] % scale.shape[1]:
+        raise ValueError(
+            f"quant_linear: x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)} do not fit "
+            "x (..., K), q (N, K), scale (N, KB) with KB dividing K"
+        )
+    reasons = {"triton": _unsupported(x, q), "cuda": "the dequantize-GEMM has no CUDA C++ kernel; use backend='triton'"}
+    impl = resolve("quant_linear", backend, x.device, reasons)
+    if impl == "torch":
+        return quant_linear_ref(x, q, scale, bias)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return _QuantLinear.apply(x, q, scale, bias)
