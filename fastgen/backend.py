@@ -172,9 +172,11 @@ def resolve(op: str, requested: str | None, device: torch.device, unsupported: s
         choice = AUTO_ON_CUDA.get(op, "torch")
         ok = choice == "torch" or (choice not in unsupported and unavailable_reason(choice, device) is None)
         return _record(op, choice if ok else "torch")
-    reason = unavailable_reason(name, device) or unsupported.get(name)
-    if reason is not None:
-        raise BackendUnavailableError(f"{op}: backend={name!r} cannot run: {reason}")
+    # Every reason at once (tensors on the wrong device *and* a dtype the kernels lack, say), so
+    # that fixing the first does not just reveal the next.
+    reasons = [r for r in (unavailable_reason(name, device), unsupported.get(name)) if r is not None]
+    if reasons:
+        raise BackendUnavailableError(f"{op}: backend={name!r} cannot run: {'; and '.join(reasons)}")
     return _record(op, name)
 
 

@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.add_argument("--fail-on-error", action="store_true",
                    help="exit 1 when any row ends in an error (skipped rows do not count)")
+    b.add_argument("--apply-auto", metavar="RUN",
+                   help="read a recorded scripts/gpu_suite.sh run (its folder: tests.xml + headline.jsonl) and "
+                        "print the AUTO_ON_CUDA table it justifies, with the evidence; measures nothing")
+    b.add_argument("--write", action="store_true", help="with --apply-auto: also edit fastgen/backend.py")
 
     i = sub.add_parser("info", help="versions, GPU, CUDA extension and backend choices")
     i.add_argument("--json", action="store_true", help="print the dict as JSON")
@@ -80,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> int:
+    if args.apply_auto:
+        from fastgen.recorded_run import apply_auto
+
+        try:
+            apply_auto(args.apply_auto, write=args.write)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"fastgen bench --apply-auto: {exc}", file=sys.stderr)
+            return 2
+        return 0
     pkg = _benchmarks_package()
     harness = importlib.import_module(pkg.__name__ + ".harness")
     known = harness.available_ops()

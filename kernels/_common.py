@@ -29,6 +29,35 @@ def max_programs(device: torch.device, per_sm: int = 4, interpreted: int = 4) ->
     return interpreted
 
 
+def _cuda_device(args, kwargs) -> torch.device | None:
+    """The device of the first CUDA tensor among the arguments (or inside a list / tuple of them)."""
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                return t.device
+    return None
+
+
+def device_guard(launcher):
+    """Run ``launcher`` with its tensors' GPU as the current device.
+
+    Triton launches on (and takes the stream of) the *current* device, not the tensors': a call
+    with tensors on ``cuda:1`` while ``cuda:0`` is current would run on the wrong GPU. Every
+    public launcher in ``fastgen/kernels`` carries this decorator (a test checks it); autotune
+    timings happen inside the launcher, so they are guarded too."""
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        device = _cuda_device(args, kwargs)
+        if device is None or device.index is None or device.index == torch.cuda.current_device():
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+
+    guarded.device_guarded = True
+    return guarded
+
+
 def warps_for(elements: int) -> int:
     """num_warps for a tile of ``elements``: about 8 elements of each live tensor per thread, 1 to 32 warps."""
     return max(1, min(32, elements // 256))

@@ -88,7 +88,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import autotune
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 
 LOG2E = 1.4426950408889634
 
@@ -156,6 +156,16 @@ def _desc_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, DOT
 
 
 @triton.jit
+def _block_and_head(S, BLOCK: tl.constexpr):
+    """(block index along the sequence, batch * head index) of this program. Both live on grid
+    axis 0 (blocks fastest, so the programs of one head run together): axes 1 and 2 stop at
+    65,535 programs, which batch * heads passes (varlen: 4,096 sequences x 24 heads)."""
+    pid = tl.program_id(0)
+    n = tl.cdiv(S, BLOCK)
+    return pid % n, pid // n
+
+
+@triton.jit
 def _seq_bounds(CU, b, S, VARLEN: tl.constexpr):
     """(start offset in the packed token dim, length) of sequence ``b``."""
     if VARLEN:
@@ -201,8 +211,7 @@ def _attn_fwd_kernel(
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
     TMA: tl.constexpr,  # q / k / v tiles through the tensor descriptors (not with VARLEN)
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _block_and_head(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -216,6 +225,7 @@ def _attn_fwd_kernel(
     LSE += b64 * slb + h.to(tl.int64) * slh + q_start
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
     cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
@@ -223,14 +233,14 @@ def _attn_fwd_kernel(
     if TMA:
         q = _desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
     else:
-        q = _load(Q + rows[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
+        q = _load(Q + rows64[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
     if BLOCK_DR > 0:  # the head-dim remainder, e.g. D = 80 = 64 + 16
         dr = BLOCK_D + tl.arange(0, BLOCK_DR)
         dr_ok = dr < D
         if TMA:
             q_r = _desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
         else:
-            q_r = _load(Q + rows[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
+            q_r = _load(Q + rows64[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
         acc_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -247,17 +257,18 @@ def _attn_fwd_kernel(
         hi = tl.cdiv(tl.maximum(hi_k, 0), BLOCK_N)
     for nb in range(0, hi):
         kcols = nb * BLOCK_N + cols
+        kcols64 = kcols.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
         col_ok = kcols < seqlen_k
         if TMA:
             kt = tl.trans(_desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
         else:
-            kt = _load(K + kcols[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
+            kt = _load(K + kcols64[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
         s = _dot(q, kt, DOT_F32)
         if BLOCK_DR > 0:
             if TMA:
                 kt_r = tl.trans(_desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
             else:
-                kt_r = _load(K + kcols[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
+                kt_r = _load(K + kcols64[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
             s += _dot(q_r, kt_r, DOT_F32)
         s = s * qk_scale
         ok = col_ok[None, :]
@@ -272,13 +283,13 @@ def _attn_fwd_kernel(
         if TMA:
             v = _desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
         else:
-            v = _load(V + kcols[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
+            v = _load(V + kcols64[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
         if BLOCK_DR > 0:
             if TMA:
                 v_r = _desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
             else:
-                v_r = _load(V + kcols[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
+                v_r = _load(V + kcols64[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
             acc_r = acc_r * alpha[:, None] + _dot(p.to(v_r.dtype), v_r, DOT_F32)
         m_i = m_new
 
@@ -286,11 +297,11 @@ def _attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(LSE + rows, lse, mask=row_ok)
-    tl.store(O + rows[:, None] * sos + dd[None, :], round_to(out, O.dtype.element_ty, INTERPRET),
+    tl.store(O + rows64[:, None] * sos + dd[None, :], round_to(out, O.dtype.element_ty, INTERPRET),
              mask=row_ok[:, None] & d_ok[None, :])
     if BLOCK_DR > 0:
         out_r = acc_r / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(O + rows[:, None] * sos + dr[None, :], round_to(out_r, O.dtype.element_ty, INTERPRET),
+        tl.store(O + rows64[:, None] * sos + dr[None, :], round_to(out_r, O.dtype.element_ty, INTERPRET),
                  mask=row_ok[:, None] & dr_ok[None, :])
 
 
@@ -514,6 +525,7 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
+@device_guard
 def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0,
                   deterministic=False):
     """o, lse = attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_q, max_k).
@@ -542,7 +554,7 @@ def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, m
             if br:
                 descs[3:] = [_descriptor(q, layout, bm, br), _descriptor(k, layout, bn, br),
                              _descriptor(v, layout, bn, br)]
-        _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
+        _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]) * B * H,)](
             q, k, v, o, lse, cu_q_arg, cu_k_arg, *descs,
             *_bhs_strides(q, layout, varlen), *_bhs_strides(k, layout, varlen), *_bhs_strides(v, layout, varlen),
             *_bhs_strides(o, layout, varlen), *_lse_strides(lse, varlen),

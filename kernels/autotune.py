@@ -19,6 +19,7 @@ Every candidate is compiled for sm_90 by the static tier (tests/sm90.py) and mus
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Callable, Hashable, Optional, Sequence, Union
@@ -28,6 +29,9 @@ import torch
 from fastgen.kernels._common import interpreting
 
 _CACHE: dict = {}
+# Candidates that failed to compile or launch, per key: [(config, "ExceptionType: message")].
+FAILED: dict = {}
+log = logging.getLogger("fastgen.autotune")
 
 
 def enabled() -> bool:
@@ -46,7 +50,8 @@ def pick(key: Hashable, candidates: Union[Sequence[dict], Callable[[], Sequence[
          timer: Optional[Callable[[Callable[[], None]], float]] = None) -> dict:
     """The config to run for ``key``: ``candidates[0]`` when tuning is off (see the module
     docstring), else the fastest candidate by ``timer`` (``triton.testing.do_bench``), cached per
-    key. A candidate that fails to compile or launch is skipped; if all fail, the default is used
+    key. A candidate that fails to compile or launch is skipped, logged on the ``fastgen.autotune``
+    logger with the reason and recorded in ``FAILED[key]``; if all fail, the default is used
     and the error of running it surfaces in the caller's own launch. The caller launches the
     returned config afterwards, so its outputs are the winner's whatever the timing wrote.
     ``candidates`` may be a function making the list: a cache hit (every call after the first of
@@ -65,7 +70,10 @@ def pick(key: Hashable, candidates: Union[Sequence[dict], Callable[[], Sequence[
     for cfg in candidates:
         try:
             times.append(timer(lambda cfg=cfg: launch(dict(cfg))))
-        except Exception:  # out of resources / shared memory for this config on this GPU
+        except Exception as exc:  # out of resources / shared memory for this config on this GPU
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            FAILED.setdefault(key, []).append((dict(cfg), reason))
+            log.warning("autotune %s: candidate %s failed to compile or launch and is skipped (%s)", key, cfg, reason)
             times.append(math.inf)
     best = candidates[min(range(len(candidates)), key=times.__getitem__)] if min(times) < math.inf else candidates[0]
     _CACHE[key] = dict(best)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 
 ACTIVATIONS = ("sigmoid", "silu", "gelu", "gelu_tanh")
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -141,6 +141,7 @@ def _check(x: torch.Tensor, activation: str) -> int:
     return x.shape[1] // 2
 
 
+@device_guard
 def glu_fwd(x: torch.Tensor, activation: str) -> torch.Tensor:
     """y (M, N) = x[:, :N] * act(x[:, N:]) for x (M, 2N) with a contiguous last dim."""
     N = _check(x, activation)
@@ -154,6 +155,7 @@ def glu_fwd(x: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
+@device_guard
 def glu_bwd(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
     """dx (M, 2N) contiguous from dy (M, N) contiguous and the forward's x."""
     N = _check(x, activation)

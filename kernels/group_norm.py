@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to, warps_for
+from fastgen.kernels._common import device_guard, interpreting, round_to, warps_for
 
 # Elements (K * chunk_s) one program covers: a group with more elements is split along S
 # over several programs. Tests lower it to force the split path on small shapes.
@@ -536,6 +536,7 @@ def channels_last_layout(x: torch.Tensor) -> bool:
     return False
 
 
+@device_guard
 def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
     """y, mean, rstd = group_norm_fwd(x [N, C, S], weight [C] | None, bias [C] | None, num_groups, eps, silu).
 
@@ -572,6 +573,7 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
     return y, mean, rstd
 
 
+@device_guard
 def group_norm_apply(x, weight, bias, mean, rstd, num_groups, silu):
     """y = act((x - mean) * rstd * w + b) for x [N, C, S] with given statistics mean, rstd
     [N * num_groups] fp32 (computed elsewhere, e.g. over a whole image by the tiled VAE decode).
@@ -594,6 +596,7 @@ def group_norm_apply(x, weight, bias, mean, rstd, num_groups, silu):
     return y
 
 
+@device_guard
 def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
     """dx, dw, db = group_norm_bwd(dy [N, C, S], x [N, C, S], weight [C] | None, bias [C] | None,
     mean [N*G], rstd [N*G], num_groups, silu).

@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, max_programs, round_to, warps_for
+from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to, warps_for
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
@@ -500,6 +500,7 @@ def _s(t, dim):
     return 0 if t is None or t.shape[dim] == 1 else t.stride(dim)
 
 
+@device_guard
 def layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm):
     """out, x_new, mean, rstd = layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm).
 
@@ -545,6 +546,7 @@ def layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm):
     return out, x_new, mean, rstd
 
 
+@device_guard
 def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm):
     """Gradients of layer_norm_fwd: dh, dy, dgate, dshift, dscale, dw, db.
 

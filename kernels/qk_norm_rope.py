@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, max_programs, round_to
+from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to
 from fastgen.kernels.rope import (
     MAX_HEAD_DIM,
     _load_pairs,
@@ -259,6 +259,7 @@ def qk_norm_rope_bwd_config(T: int, hq: int, hk: int, D: int, R: int, max_t_prog
     return cfg
 
 
+@device_guard
 def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
     """q_out, k_out = qk_norm_rope_fwd(q, k, wq (D,), wk (D,), cos, sin, eps, layout, interleaved).
 
@@ -282,6 +283,7 @@ def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleave
     return qo, ko
 
 
+@device_guard
 def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
     """dq, dk, dwq, dwk = qk_norm_rope_bwd(dq_out, dk_out, q, k, wq, wk, cos, sin, eps, layout, interleaved).
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, max_programs, round_to, warps_for
+from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to, warps_for
 
 # Widest row kept in registers by one program; wider rows take the chunked path.
 # Chosen so that no config spills registers on sm_90 with Triton 3.6 or 3.9
@@ -248,6 +248,7 @@ def bwd_config(M: int, N: int, device: torch.device) -> dict:
                 num_warps=warps_for(block_m * block_n))
 
 
+@device_guard
 def rms_norm_fwd(x, weight, residual, eps):
     """y, h, rstd = rms_norm_fwd(x [M, N], weight [N] | None, residual [M, N] | None, eps).
 
@@ -285,6 +286,7 @@ def rms_norm_fwd(x, weight, residual, eps):
     return y, h, rstd
 
 
+@device_guard
 def rms_norm_bwd(dy, h, weight, rstd, dh_out):
     """dx, dw = rms_norm_bwd(dy [M, N], h [M, N], weight [N] | None, rstd [M], dh_out [M, N] | None).
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 
 # Elements of one tensor's tile (tokens x heads x padded head dim) per program:
 # about 8 per thread of each live tile (tests/test_static_sm90.py checks no spills).
@@ -229,6 +229,7 @@ def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
     )
 
 
+@device_guard
 def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, inplace: bool = False):
     """q_out, k_out = apply_rope_fwd(q, k, cos, sin, layout, interleaved, inplace).
 
@@ -245,6 +246,7 @@ def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, inplace: bool
     return qo, ko
 
 
+@device_guard
 def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool):
     """dq, dk = apply_rope_bwd(dq_out, dk_out, cos, sin, layout, interleaved): the inverse rotation
     (transpose of the forward map), into new contiguous tensors."""

@@ -21,12 +21,27 @@ if [ ! -x "$VENV/bin/python" ]; then
     # Let the venv see the packages of the interpreter it was made from (a GPU
     # image's torch and Triton, say); packages installed in the venv come first.
     site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    "$PY" -c 'import site; ds = site.getsitepackages() + [site.getusersitepackages()]; print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in ds))' \
+    # Every site-packages folder the parent sees, including those of a parent that is itself a
+    # venv (its own base's, added by its .pth files), not only site.getsitepackages().
+    "$PY" -c 'import site, sys; ds = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))] + site.getsitepackages() + [site.getusersitepackages()]; ds = list(dict.fromkeys(ds)); print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in ds))' \
         >"$site/_fastgen_parent_site.pth"
 fi
 VPY="$VENV/bin/python"
 
 have() { "$VPY" -c "import $1" >/dev/null 2>&1; }
+# Offline (a GPU machine): FASTGEN_OFFLINE=1, or no answer from the package index within 3 s.
+# Then nothing is downloaded: what is missing and only wanted is skipped at once, and pip
+# never waits on the network.
+if [ -z "${FASTGEN_OFFLINE:-}" ]; then
+    if "$VPY" -c 'import socket; socket.create_connection(("pypi.org", 443), timeout=3).close()' >/dev/null 2>&1; then
+        FASTGEN_OFFLINE=0
+    else
+        FASTGEN_OFFLINE=1
+    fi
+fi
+if [ "$FASTGEN_OFFLINE" = 1 ]; then
+    quiet+=(--no-index)
+fi
 
 if ! have torch; then
     "$VPY" -m pip install "${quiet[@]}" torch==2.13.0
@@ -56,7 +71,9 @@ for spec in pytest_benchmark:pytest-benchmark matplotlib:matplotlib tqdm:tqdm di
     hypothesis:hypothesis pytest_timeout:pytest-timeout; do
     have "${spec%%:*}" || wanted+=("${spec#*:}")
 done
-if [ ${#wanted[@]} -gt 0 ]; then
+if [ ${#wanted[@]} -gt 0 ] && [ "$FASTGEN_OFFLINE" = 1 ]; then
+    echo "setup.sh: offline; not installing ${wanted[*]} (what needs them skips and says so)" >&2
+elif [ ${#wanted[@]} -gt 0 ]; then
     pin=$(mktemp)
     "$VPY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$pin"
     "$VPY" -m pip install "${quiet[@]}" -c "$pin" "${wanted[@]}" \
@@ -76,5 +93,15 @@ if ! "$VPY" -c 'import fastgen, fastgen.kernels, fastgen.benchmarks' >/dev/null 
     || [ -n "$(find csrc -newer "$VENV/.fastgen-installed" -print -quit 2>/dev/null)" ]; then
     "$VPY" -m pip install "${quiet[@]}" --no-build-isolation --no-deps -e .
     touch "$VENV/.fastgen-installed"
+fi
+# nvcc found and the build not skipped: fastgen._C must import, or the CUDA tier would only skip.
+skip_cuda=$(echo "${FASTGEN_SKIP_CUDA_BUILD:-0}" | tr '[:upper:]' '[:lower:]')
+if { [ -x "${CUDA_HOME:-/nonexistent}/bin/nvcc" ] || command -v nvcc >/dev/null 2>&1; } \
+    && ! [[ "$skip_cuda" =~ ^(1|true|yes|on)$ ]] && ! "$VPY" -c 'import fastgen._C' 2>/dev/null; then
+    echo "setup.sh: nvcc is present but fastgen._C did not build or does not import:" >&2
+    "$VPY" -c 'import fastgen._C' >&2 || true
+    echo "setup.sh: rebuild with '$VPY -m pip install --no-build-isolation --no-deps -e .' and read its errors," >&2
+    echo "          or set FASTGEN_SKIP_CUDA_BUILD=1 to go on without the CUDA C++ backend" >&2
+    exit 1
 fi
 "$VPY" -c 'import fastgen, torch, triton; print(f"fastgen {fastgen.__version__} ready: torch {torch.__version__}, triton {triton.__version__}")'

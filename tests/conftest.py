@@ -87,9 +87,23 @@ def run_auto_as(monkeypatch, op, impl, fn):
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """pytest-xdist workers share one GPU: none may keep the tens of GB its float64 references
+    cached once its test is done."""
+    yield
+    if HAS_CUDA and torch.cuda.memory_reserved() > (2 << 30):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by scripts/gpu_suite.sh)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")
+    config.addinivalue_line("markers", "candidates: GPU tier, every autotune / TMA launch config once "
+                                       "(scripts/gpu_suite.sh runs them after the rest of the GPU tier)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -141,3 +141,80 @@ def test_candidates_are_built_only_on_a_miss(tuning_on):
     assert autotune.pick("lazy", make, lambda cfg: None, timer=timer) == dict(c=0) and built == [1]
     assert autotune.pick("lazy", make, lambda cfg: None, timer=timer) == dict(c=0) and built == [1]
     assert autotune.pick("lazy", make, lambda cfg: None, fixed=True) == dict(c=0) and built == [1, 1]
+
+
+def test_failing_candidates_are_logged_with_the_reason(tuning_on, caplog):
+    autotune.FAILED.clear()
+
+    def launch(cfg):
+        if cfg["c"] == 1:
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+    with caplog.at_level("WARNING", logger="fastgen.autotune"):
+        assert autotune.pick("k", [dict(c=0), dict(c=1)], launch, timer=lambda fn: (fn(), 1.0)[1]) == dict(c=0)
+    assert autotune.FAILED["k"] == [({"c": 1}, "RuntimeError: out of resource: shared memory, Required: 262144, "
+                                               "Hardware limit: 232448")]
+    assert "candidate {'c': 1} failed to compile or launch" in caplog.text and "shared memory" in caplog.text
+    autotune.FAILED.clear()
+
+
+_CANDIDATES = {"fwd": ka.attention_fwd_candidates, "bwd_dkdv": kb.attention_bwd_dkdv_candidates,
+               "bwd_dq": kb.attention_bwd_dq_candidates}
+
+
+@pytest.mark.gpu
+@pytest.mark.candidates
+@requires_gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("D", [40, 64, 72, 80, 96, 128, 160, 192, 256])
+@pytest.mark.parametrize("kernel", list(_CANDIDATES))
+def test_gpu_every_candidate_matches_the_reference(kernel, D, tma, monkeypatch):
+    """Every launch config the tuner may ship (alternative tiles, TMA tiles), each forced once at a
+    small odd shape, against the fp32 reference by the FlashAttention rule: a fast but wrong tile
+    can never win the tuner."""
+    import math
+
+    from conftest import assert_fa_rule
+
+    from fastgen.ops import attention, attention_ref
+
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA tiles need a Hopper-class GPU")
+    cands = _CANDIDATES[kernel](D, tma)
+    if tma:
+        cands = [c for c in cands if c.get("TMA")]
+        if not cands:
+            pytest.skip(f"no TMA candidate of {kernel} at D = {D}")
+    g = torch.Generator(device="cuda").manual_seed(D)
+    q = torch.randn(2, 203, 4, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 150, 2, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))
+    do = torch.randn_like(q)
+    ro = attention_ref(q, k, v, causal=True)
+    rgrads = torch.autograd.grad(ro.float(), (q, k, v), do.float())
+    lq, lk, lv = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))  # plain torch in bf16
+    mask = torch.ones(203, 150, dtype=torch.bool, device="cuda").tril(150 - 203)
+    lo = torch.nn.functional.scaled_dot_product_attention(lq, lk, lv, attn_mask=mask, enable_gqa=True,
+                                                          scale=1 / math.sqrt(D))
+    lgrads = [t.transpose(1, 2) for t in torch.autograd.grad(lo, (lq, lk, lv), do.transpose(1, 2))]
+    lo = lo.transpose(1, 2)
+    real_pick = autotune.pick
+    for i, cfg in enumerate(cands):
+        ran = []
+
+        def pick(key, candidates, launch, fixed=False, timer=None):
+            if key[0] != kernel:
+                return real_pick(key, candidates, launch, fixed=True)
+            ran.append(key)
+            return dict(cfg)
+
+        monkeypatch.setattr(autotune, "pick", pick)
+        o = attention(q, k, v, causal=True, backend="triton")
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        assert ran, f"{kernel} candidate {cfg} did not run"
+        name = f"{kernel} candidate {i} {cfg}"
+        if kernel == "fwd":
+            assert_fa_rule(f"{name}: out", o, lo, ro.float(), 1e-3)
+        for n, gr, lg, rg in zip(("dq", "dk", "dv"), grads, lgrads, rgrads):
+            if kernel == "fwd" or (kernel == "bwd_dq") == (n == "dq"):
+                assert_fa_rule(f"{name}: {n}", gr, lg, rg, 1e-3)
