@@ -442,11 +442,24 @@ def tma_ok(q, k, v, layout: str, varlen: bool) -> bool:
         return False
     for t in (q, k, v):
         e = t.element_size()
-        if t.data_ptr() % 16:
+        if t.data_ptr() % 16 or t.stride(-1) != 1:
             return False
-        if any((st * e) % 16 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        # A descriptor's strides must be positive multiples of 16 bytes: a broadcast (stride-0,
+        # expanded) dim longer than 1 takes pointer loads.
+        if any(st <= 0 or (st * e) % 16 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
             return False
     return True
+
+
+# cuTensorMapEncodeTiled's limits on a tile (the descriptor's box): at most 256 elements per
+# dim, the inner dim a multiple of 16 bytes.
+TMA_BOX_MAX = 256
+
+
+def tma_box_ok(rows: int, cols: int, element_size: int) -> bool:
+    """Whether a [rows, cols] tile of ``element_size``-byte elements is a legal TMA box. Every TMA
+    candidate's q / k / v / do tiles are checked against it (tests/test_attention.py)."""
+    return 0 < rows <= TMA_BOX_MAX and 0 < cols <= TMA_BOX_MAX and (cols * element_size) % 16 == 0
 
 
 def _descriptor(t, layout: str, rows: int, col_block: int):

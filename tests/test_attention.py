@@ -703,3 +703,25 @@ def test_gpu_tma_real_sizes(B, S, H, D, causal):
     q, k, v = _qkv(B, S, S, H, H, D, BF16, device="cuda")
     with forced_tma(True):
         _check_against_references(q, k, v, causal, "bshd")
+
+
+def test_tma_refuses_broadcast_and_every_tma_tile_is_a_legal_box():
+    from fastgen.kernels import attention_bwd as kb
+    from fastgen.kernels.attention import attention_fwd_candidates, tma_box_ok, tma_ok
+
+    if ON_GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper-class GPU")
+    q = torch.zeros(2, 8, 2, 64, dtype=BF16, device=TRITON_DEVICE)
+    k = torch.zeros(1, 8, 2, 64, dtype=BF16, device=TRITON_DEVICE).expand(2, -1, -1, -1)  # stride 0 over B
+    assert k.stride(0) == 0 and not tma_ok(q, k, k, "bshd", False)
+    assert tma_ok(q, q, q, "bshd", False)
+    assert not tma_box_ok(128, 512, 2) and not tma_box_ok(300, 64, 2) and not tma_box_ok(64, 4, 2)
+    for D in range(16, 257, 8):
+        for kernel, cands in (("fwd", attention_fwd_candidates), ("dkdv", kb.attention_bwd_dkdv_candidates),
+                              ("dq", kb.attention_bwd_dq_candidates)):
+            for c in cands(D, True):
+                if not c.get("TMA"):
+                    continue
+                for rows in (c["BLOCK_M"], c["BLOCK_N"]):
+                    for cols in (c["BLOCK_D"], c["BLOCK_DR"]):
+                        assert cols == 0 or tma_box_ok(rows, cols, 2), (kernel, D, c)
