@@ -13,11 +13,16 @@ Variants (``case.variant``), GPU sizes:
 - ``sd3-medium``: ``SD3Transformer2DModel`` with SD3-medium's config (24 layers, 24 x 64),
   1024 px: 4096 image + 333 text tokens;
 - ``sdxl-unet``: ``UNet2DConditionModel`` with SDXL's config, 1024 px (128 x 128 latent);
-- ``sdxl-vae``: ``AutoencoderKL`` with SDXL's VAE config, decode at 1024 px and 2048 px.
+- ``sdxl-vae``: ``AutoencoderKL`` with SDXL's VAE config, decode at 1024 px and 2048 px;
+- ``dit-xl2``: ``DiTTransformer2DModel`` with DiT-XL/2's config, 512 px (64 x 64 latent, 1024 tokens);
+- ``pixart-alpha``: ``PixArtTransformer2DModel`` with PixArt-α's 1024 px config (4096 image tokens,
+  120 T5 tokens, resolution / aspect-ratio conditions).
 
 Providers: ``torch`` (the unpatched model, eager), ``torch.compile`` (the unpatched model
 compiled), ``fastgen-triton`` (``fastgen.patch(model, backend="triton")``, eager) and
-``fastgen-triton+compile`` (patched, then compiled). Modes: ``fwd`` (inference, no grad)
+``fastgen-triton+compile`` (patched, then compiled), ``fastgen-models`` (the variant's own
+``fastgen.models`` class, ``from_diffusers(model, backend="triton")``: fused across module
+boundaries) and ``fastgen-models+compile``. Modes: ``fwd`` (inference, no grad)
 and ``fwd+bwd`` (a training step without the optimizer: forward, ``mean(out^2)``,
 backward into every parameter; the VAE rows are decode-only).
 """
@@ -32,8 +37,11 @@ from fastgen.backend import interpreter_enabled
 from .harness import Case, Unavailable, fastgen_backend
 
 OP = "models"
-PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-triton+compile")
-GPU_ONLY = ("fastgen-triton", "fastgen-triton+compile")
+PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-triton+compile", "fastgen-models",
+             "fastgen-models+compile")
+GPU_ONLY = ("fastgen-triton", "fastgen-triton+compile", "fastgen-models", "fastgen-models+compile")
+# variant -> its fastgen.models class (the fastgen-models providers); others are "unavailable" rows
+FASTGEN_MODELS = {"dit-xl2": "DiT", "pixart-alpha": "PixArt"}
 MODES = ("fwd", "fwd+bwd")
 PLOT_X = "px"
 ON_REQUEST = True
@@ -81,6 +89,17 @@ def _spec(variant: str, tiny: bool):
                   **(dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4) if tiny else
                      dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)))
         return "AutoencoderKL", kw
+    if variant == "dit-xl2":
+        kw = (dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8, num_embeds_ada_norm=10,
+                   out_channels=8) if tiny else
+              dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=64, out_channels=8))
+        return "DiTTransformer2DModel", kw
+    if variant == "pixart-alpha":
+        kw = (dict(num_attention_heads=2, attention_head_dim=24, num_layers=1, sample_size=8, caption_channels=20,
+                   cross_attention_dim=48, use_additional_conditions=True) if tiny else
+              dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=128,
+                   caption_channels=4096, cross_attention_dim=1152, use_additional_conditions=True))
+        return "PixArtTransformer2DModel", kw
     raise ValueError(f"unknown model variant {variant!r}")
 
 
@@ -112,6 +131,8 @@ def cases(device: str, quick: bool) -> list[Case]:
         return [Case({"B": 1, "px": px}, dt, "flux-stack")]
     out = [Case({"B": 1, "px": px}, dt, v) for v in ("flux-stack", "sd3-medium", "sdxl-unet", "sdxl-vae")]
     out.append(Case({"B": 1, "px": 2 * px}, dt, "sdxl-vae"))
+    out.append(Case({"B": 1, "px": px // 2}, dt, "dit-xl2"))  # DiT-XL/2 at 512 px
+    out.append(Case({"B": 1, "px": px}, dt, "pixart-alpha"))
     return out
 
 
@@ -144,6 +165,15 @@ def _inputs(variant: str, B: int, px: int, device: str, dtype: torch.dtype, mode
         return dict(sample=rnd(B, cfg.in_channels, lat, lat), timestep=t,
                     encoder_hidden_states=rnd(B, 77, cfg.cross_attention_dim),
                     added_cond_kwargs={"text_embeds": rnd(B, text_embeds), "time_ids": rnd(B, 6)})
+    if variant == "dit-xl2":
+        return dict(hidden_states=rnd(B, cfg.in_channels, lat, lat), timestep=t,
+                    class_labels=torch.arange(B, device=device) % cfg.num_embeds_ada_norm)
+    if variant == "pixart-alpha":
+        text = 120 if device == "cuda" else 7
+        return dict(hidden_states=rnd(B, cfg.in_channels, lat, lat), timestep=t,
+                    encoder_hidden_states=rnd(B, text, cfg.caption_channels),
+                    added_cond_kwargs={"resolution": torch.tensor([[px, px]] * B, device=device, dtype=dtype),
+                                       "aspect_ratio": torch.ones(B, 1, device=device, dtype=dtype)})
     return dict(z=rnd(B, cfg.latent_channels, lat, lat))
 
 
@@ -167,14 +197,21 @@ def setup(provider: str, case: Case, mode: str, device: str):
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
     if case.variant == "sdxl-vae" and mode != "fwd":
         raise Unavailable("the VAE rows are decode-only (inference)")
+    native = provider.startswith("fastgen-models")
     patched = provider.startswith("fastgen")
     if patched:
         if device == "cuda" and interpreter_enabled():
             raise Unavailable("TRITON_INTERPRET=1 is set: interpreter timings mean nothing; unset it")
         fastgen_backend("fastgen-triton", device)  # Unavailable without a GPU
+        if native and case.variant not in FASTGEN_MODELS:
+            raise Unavailable(f"no fastgen.models class for {case.variant} yet")
     model = _model(case.variant, device, case.dtype)
     fp.unpatch(model)
-    if patched:
+    if native:
+        import fastgen.models
+
+        model = getattr(fastgen.models, FASTGEN_MODELS[case.variant]).from_diffusers(model, backend="triton")
+    elif patched:
         fp.patch(model, backend="triton")
     call = model.decode if case.variant == "sdxl-vae" else model.forward
     if provider.endswith("compile"):
