@@ -75,7 +75,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = _f(1e-4, "peak learning rate of FusedAdamW")
-    betas: list = _f([0.9, 0.999], "Adam betas")
+    betas: list = _f([0.9, 0.999], "Adam betas (beta1, beta2)")
     eps: float = _f(1e-8, "Adam epsilon")
     weight_decay: float = _f(0.0, "decoupled weight decay")
     grad_clip: float = _f(1.0, "max gradient norm (fastgen.optim.clip_grad_norm_); 0 = no clipping")
