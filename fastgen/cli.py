@@ -4,6 +4,7 @@
                   [--providers torch,fastgen-triton,...] [--modes fwd,bwd,fwd+bwd]
                   [--no-progress] [--fail-on-error]
     fastgen info [--json]
+    fastgen train CONFIG.toml [--resume] [--print-config]
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, GPU, CUDA extension and backend choices")
     i.add_argument("--json", action="store_true", help="print the dict as JSON")
+
+    from fastgen.train.cli import add_parser as _add_train_parser
+
+    _add_train_parser(sub)
     return p
 
 
@@ -146,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "info":
         return _info(args)
+    if args.command == "train":
+        from fastgen.train.cli import run as _train
+
+        return _train(args)
     parser.print_help()
     return 2
 
