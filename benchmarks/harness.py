@@ -42,6 +42,16 @@ torch eager and over torch.compile for the same case and mode.
 Timing: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed between
 calls); on CPU a ``time.perf_counter`` loop with warm-up. Triton's CPU
 interpreter is never used here: its timings mean nothing.
+
+Suspect rows are flagged (``row["flags"]``, a ``flags`` column in the table and the
+Markdown) and left out of the plots: a spread ``p80 / p20`` above ``SPREAD_LIMIT`` for
+the device (the machine was busy: the median means little), or GB/s above the copy
+bandwidth measured in the same run (no kernel moves its bytes faster than a copy; the
+data sat in a cache, or the byte formula is wrong).
+
+Output: ``./fastgen-bench/<device>/`` under the current directory by default (never into
+the installed package); ``--out DIR`` elsewhere. The repository's recorded GPU runs
+live under ``benchmarks/results/<device>/`` (``--out benchmarks/results/<device>``).
 """
 
 from __future__ import annotations
@@ -64,7 +74,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(PACKAGE_DIR, "results")
+RESULTS_DIR = os.path.join(PACKAGE_DIR, "results")  # recorded runs in the repository (written only with --out)
+DEFAULT_OUT = "fastgen-bench"                        # under the current directory: ./fastgen-bench/<device>/
+
+# p80 / p20 above this flags a row as noisy (CPU timings on a shared machine wander more)
+SPREAD_LIMIT = {"cuda": 1.5, "cpu": 2.0}
 
 STATUS_OK = "ok"
 
@@ -340,7 +354,8 @@ def device_slug(device: str) -> str:
 
 
 def default_out_dir(device: str) -> str:
-    return os.path.join(RESULTS_DIR, device_slug(device))
+    """``./fastgen-bench/<device>/`` under the current directory."""
+    return os.path.join(os.getcwd(), DEFAULT_OUT, device_slug(device))
 
 
 def git_commit(path: str = PACKAGE_DIR) -> str | None:
@@ -487,6 +502,22 @@ def _add_speedups(rows: list[dict[str, Any]], copy_gbps: float | None) -> None:
             r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
 
 
+def flag_rows(rows: list[dict[str, Any]], copy_gbps: float | None, spread_limit: float) -> int:
+    """Set ``row["flags"]`` (a list of short reasons, empty when clean) on every row; returns
+    how many were flagged. A flagged row stays in the table and the JSON, not in the plots."""
+    n = 0
+    for r in rows:
+        flags = []
+        p20, p80 = r.get("ms_p20"), r.get("ms_p80")
+        if r["status"] == STATUS_OK and p20 and p80 and p80 / p20 > spread_limit:
+            flags.append(f"noisy: p80/p20 {p80 / p20:.1f} > {spread_limit:g}")
+        if r["status"] == STATUS_OK and copy_gbps and r.get("gbps") is not None and r["gbps"] > copy_gbps:
+            flags.append(f"GB/s above the measured copy ({100.0 * r['gbps'] / copy_gbps:.0f}%)")
+        r["flags"] = flags
+        n += bool(flags)
+    return n
+
+
 def run(
     ops: Iterable[str] | None = None,
     *,
@@ -498,11 +529,14 @@ def run(
     suites: Sequence[Any] | None = None,
     progress: bool = True,
     stream=None,
+    spread_limit: float | None = None,
 ) -> dict[str, Any]:
     """Run the suites of ``ops`` (default: all) on ``device`` and write the reports.
 
     ``suites`` may pass suite modules (or objects with the same attributes)
     directly instead of names. ``providers`` / ``modes`` restrict what runs.
+    ``out``: the folder for the reports (default :func:`default_out_dir`).
+    ``spread_limit``: the p80 / p20 ratio above which a row is flagged (default ``SPREAD_LIMIT``).
     Returns ``{"header": ..., "rows": [...], "files": [...]}``.
     """
     stream = stream if stream is not None else sys.stdout
@@ -560,12 +594,18 @@ def run(
         bar.close()
 
     _add_speedups(rows, copy_gbps)
+    limit = SPREAD_LIMIT[device] if spread_limit is None else float(spread_limit)
+    flagged = flag_rows(rows, copy_gbps, limit)
     result = {"header": header(device, [s.OP for s in suites], quick, copy_gbps, matmul_tflops),
               "rows": rows}
+    result["header"]["spread_limit"] = limit
     print(format_table(rows), file=stream)
     counts = {k: sum(1 for r in rows if r["status"].split(":")[0] == k) for k in ("ok", "skipped", "error")}
     print(f"{len(rows)} rows: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors",
           file=stream)
+    if flagged:
+        print(f"{flagged} rows flagged (p80/p20 spread above {limit:g}, or GB/s above the measured copy): "
+              f"see the flags column; they are left out of the plots", file=stream)
 
     out = out or default_out_dir(device)
     result["files"] = write_reports(result, out, suites, stream=stream)
@@ -578,7 +618,7 @@ _COLUMNS = [
     ("op", "op"), ("mode", "mode"), ("shape", "shape"), ("dtype", "dtype"),
     ("provider", "provider"), ("ms", "ms"), ("p20-p80", "spread"), ("GB/s", "gbps"),
     ("%copy", "pct"), ("TFLOP/s", "tflops"), ("peak MiB", "mem"), ("host ms", "host"), ("x eager", "xe"),
-    ("x compile", "xc"),
+    ("x compile", "xc"), ("flags", "flags"),
     ("status", "status"),
 ]
 
@@ -594,7 +634,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
             "-" if r["ms"] is None else f"{r['ms']:.4g}", spread, f(r["gbps"], ".1f"),
             f(r["pct_copy_bw"], ".0f"), f(r.get("tflops"), ".1f"), f(mem, ".1f"), f(r.get("host_ms"), ".3g"),
             f(r["speedup_vs_torch"], ".2f"),
-            f(r["speedup_vs_compile"], ".2f"), r["status"]]
+            f(r["speedup_vs_compile"], ".2f"), "; ".join(r.get("flags") or []) or "-", r["status"]]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -636,7 +676,9 @@ def format_markdown(result: dict[str, Any]) -> str:
               "ops) comes from the bench file's `flops` formula; peak MiB is one "
               "call's peak CUDA memory above its inputs; host ms is the CPU time of issuing one call "
               "(CUDA only); x eager / x compile are speedups over "
-              "torch eager / torch.compile on the same case.", ""]
+              "torch eager / torch.compile on the same case. flags: a p80/p20 spread above "
+              f"{h.get('spread_limit', '-')} or GB/s above the measured copy; flagged rows are left out "
+              "of the plots.", ""]
     heads = [h for h, _ in _COLUMNS]
     lines.append("| " + " | ".join(heads) + " |")
     lines.append("|" + "|".join("---:" if i in {5, 6, 7, 8, 9, 10, 11, 12, 13} else "---"
@@ -644,6 +686,11 @@ def format_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plottable(r: dict[str, Any]) -> bool:
+    """A plain-variant ok row with a GB/s figure and no flags."""
+    return not r["variant"] and r["status"] == STATUS_OK and r["gbps"] is not None and not r.get("flags")
 
 
 def plot(result: dict[str, Any], suite, path: str) -> str | None:
@@ -670,7 +717,7 @@ def plot(result: dict[str, Any], suite, path: str) -> str | None:
                 (r["shape"].get(xkey, 0) if xkey else i, r["gbps"])
                 for i, r in enumerate(rows)
                 if r["mode"] == mode and r["provider"] == provider and r["dtype"] == dtype
-                and not r["variant"] and r["status"] == STATUS_OK and r["gbps"] is not None
+                and plottable(r)
             )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)

@@ -5,6 +5,7 @@
                   [--no-progress] [--fail-on-error]
     fastgen info [--json]
     fastgen train CONFIG.toml [--resume] [--print-config]
+    fastgen --version
 """
 
 from __future__ import annotations
@@ -55,8 +56,15 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _version() -> str:
+    from fastgen import __version__
+
+    return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen", description="fastgen: fused kernels for generative models")
+    p.add_argument("--version", action="version", version=f"fastgen {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     b = sub.add_parser("bench", help="benchmark ops against torch eager, torch.compile and peers",
@@ -65,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ops", help="comma-separated ops (default: every benchmarks/bench_<op>.py but the "
                    "whole-model suites, which run only when named, e.g. --ops models)")
     b.add_argument("--quick", action="store_true", help="a few shapes only")
-    b.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
+    b.add_argument("--out", help="output folder (default: ./fastgen-bench/<device>/ under the current directory)")
     b.add_argument("--device", choices=("cuda", "cpu"),
                    help="default: cuda when a GPU is visible, else cpu")
     b.add_argument("--providers", help="comma-separated subset of providers "

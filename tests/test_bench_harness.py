@@ -51,9 +51,58 @@ def test_quantile_matches_linear_rule():
     assert harness._quantile([7.0], 0.8) == 7.0
 
 
-def test_device_slug_cpu():
+def test_device_slug_cpu_and_default_out_dir_is_not_the_package(tmp_path, monkeypatch):
     assert harness.device_slug("cpu") == "cpu"
-    assert harness.default_out_dir("cpu").endswith("results/cpu")
+    monkeypatch.chdir(tmp_path)
+    out = harness.default_out_dir("cpu")
+    assert out == str(tmp_path / "fastgen-bench" / "cpu")
+    assert not out.startswith(harness.PACKAGE_DIR)
+
+
+def _row(**kw):
+    row = dict(op="rms_norm", provider="torch", mode="fwd", shape={"M": 1, "N": 2}, shape_str="1x2",
+               variant="", dtype="bf16", status="ok", ms=1.5, ms_p20=1.0, ms_p80=1.2, bytes=10,
+               gbps=50.0, pct_copy_bw=50.0, peak_mem_bytes=None, mem_note=None,
+               speedup_vs_torch=1.0, speedup_vs_compile=None)
+    row.update(kw)
+    return row
+
+
+def test_flag_rows_noisy_and_above_copy():
+    rows = [_row(), _row(provider="a", ms_p20=1.0, ms_p80=117.0), _row(provider="b", gbps=205.0),
+            _row(provider="c", status="skipped: needs a CUDA GPU", ms=None, ms_p20=None, ms_p80=None, gbps=None)]
+    assert harness.flag_rows(rows, copy_gbps=100.0, spread_limit=2.0) == 2
+    assert rows[0]["flags"] == [] and rows[3]["flags"] == []
+    assert rows[1]["flags"] == ["noisy: p80/p20 117.0 > 2"]
+    assert rows[2]["flags"] == ["GB/s above the measured copy (205%)"]
+    assert [harness.plottable(r) for r in rows] == [True, False, False, False]
+    table = harness.format_table(rows).splitlines()
+    assert "flags" in table[0] and "noisy: p80/p20 117.0 > 2" in table[3] and "above the measured copy" in table[4]
+
+
+def test_flagged_rows_in_json_and_table_not_in_plots(tmp_path, capsys, monkeypatch):
+    """A suite whose byte count is absurd: every ok row is above the measured copy bandwidth."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    plotted = []
+    real_plot = Axes.plot
+
+    def spy(self, x, y, *args, **kwargs):
+        plotted.extend(y)
+        return real_plot(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    suite = _tiny_suite()
+    suite.bytes_moved = lambda case, mode: 10**15
+    result = harness.run(suites=[suite], device="cpu", out=str(tmp_path), progress=False,
+                         providers=["torch"], modes=["fwd"])
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows and all(any("above the measured copy" in f for f in r["flags"]) for r in rows)
+    assert "rows flagged" in printed and "above the measured copy" in printed
+    assert "above the measured copy" in (tmp_path / "results.md").read_text()
+    assert not plotted and result["header"]["spread_limit"] == harness.SPREAD_LIMIT["cpu"]
 
 
 def test_ops_discovered():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastgen.cli import main
@@ -83,6 +84,35 @@ def test_bench_quick_cpu(tmp_path, capsys):
     assert data["header"]["device"] == "cpu"
     assert (out / "results.md").exists()
     assert (out / "rms_norm.png").exists()
+
+
+def test_bench_default_out_is_the_current_directory(tmp_path, capsys, monkeypatch):
+    """Without --out: ./fastgen-bench/<device>/, never the installed package's folder."""
+    from fastgen.cli import _benchmarks_package
+    import importlib
+
+    harness = importlib.import_module(_benchmarks_package().__name__ + ".harness")
+
+    def snapshot():
+        return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+                for d, _, fs in os.walk(harness.PACKAGE_DIR) for f in fs if not f.endswith(".pyc")}
+
+    before = snapshot()
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", "--ops", "rms_norm", "--device", "cpu", "--providers", "torch",
+                 "--modes", "fwd", "--no-progress"]) == 0
+    assert (tmp_path / "fastgen-bench" / "cpu" / "results.json").exists()
+    assert str(tmp_path / "fastgen-bench" / "cpu") in capsys.readouterr().out
+    assert snapshot() == before
+
+
+def test_version(capsys):
+    import fastgen
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastgen {fastgen.__version__}"
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
