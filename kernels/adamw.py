@@ -16,6 +16,10 @@ can be captured in a CUDA graph. Parameters and states are stored in their own d
 parameters stochastically (add 16 random bits below the bf16 mantissa, truncate), which
 keeps tiny updates from vanishing in expectation.
 
+The one-pass step (``CLIP``, ``EMA``): ``g = coef * grad`` with the global clip coefficient
+read on the device, and after the store ``shadow = shadow + w (p - shadow)`` from the stored
+parameter. Bytes per element: p, g, m, v read; p, m, v written (+ shadow read and written).
+
 Division and square roots are ``tl.math.div_rn`` / ``tl.math.sqrt_rn`` (IEEE round to
 nearest, in Triton 3.6 and 3.9 alike): compiled Triton's ``/`` and ``sqrt`` are approximate
 and flush denormals, and the step is memory-bound, so exactness costs nothing.
@@ -81,6 +85,9 @@ def _adamw_kernel(
     eps,
     weight_decay,
     seed,  # stochastic-rounding seed of this step
+    COEF,  # [1] fp32 device scalar: the gradient clip coefficient (read iff CLIP)
+    SH_PTRS,  # [T] int64 addresses of the EMA shadows (SH_DTYPE; read and written iff EMA)
+    ema_weight,  # 1 - EMA decay
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
@@ -88,6 +95,9 @@ def _adamw_kernel(
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    CLIP: tl.constexpr,
+    EMA: tl.constexpr,
+    SH_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -105,6 +115,8 @@ def _adamw_kernel(
     bias2_sqrt = tl.math.sqrt_rn(_one_minus_pow(step, ln_beta2))
 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CLIP:
+        g = g * tl.load(COEF)
     if MAXIMIZE:
         g = -g
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -124,9 +136,20 @@ def _adamw_kernel(
     denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
     p = p - tl.math.div_rn(lr, bias1) * tl.math.div_rn(m, denom)
     if STOCHASTIC:
-        tl.store(p_ptr + offs, _stochastic_bf16(p, seed, offs), mask=mask)
+        p_out = _stochastic_bf16(p, seed, offs)
     else:
-        tl.store(p_ptr + offs, round_to(p, P_DTYPE, INTERPRET), mask=mask)
+        p_out = round_to(p, P_DTYPE, INTERPRET)
+    tl.store(p_ptr + offs, p_out, mask=mask)
+    if EMA:  # the EMA kernel's update, from the parameter as stored
+        _ema_fold(SH_PTRS, t, offs, mask, p_out.to(tl.float32), ema_weight, SH_DTYPE, INTERPRET)
+
+
+@triton.jit
+def _ema_fold(SH_PTRS, t, offs, mask, p, weight, SH_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """shadow <- shadow + weight * (p - shadow), as kernels/ema.py computes it."""
+    s_ptr = tensor_ptr(SH_PTRS, t, SH_DTYPE) + offs
+    s = tl.load(s_ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(s_ptr, round_to(s + weight * (p - s), SH_DTYPE, INTERPRET), mask=mask)
 
 
 def adamw_config() -> dict:
@@ -135,11 +158,15 @@ def adamw_config() -> dict:
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-               weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0):
+               weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0, coef=None, shadows=None,
+               ema_decay=0.0):
     """Update lists of parameters in place, one launch (all share dtypes and a device; all contiguous).
 
     ``steps``: fp32 0-d tensors, already incremented. ``lr``: float or fp32 0-d device tensor.
-    ``stochastic_rounding`` applies to bf16 parameters.
+    ``stochastic_rounding`` applies to bf16 parameters. The one-pass step: ``coef`` (fp32 [1]
+    device tensor) multiplies every gradient as it is read (they are not written), and
+    ``shadows`` (one dtype, dense like the parameters) get the EMA update
+    ``s <- s + (1 - ema_decay) (p - s)`` from the parameters as stored.
     """
     if not params:
         return
@@ -165,6 +192,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         float(eps),
         float(weight_decay),
         int(seed),
+        coef if coef is not None else table.numels,
+        pointer_table(shadows) if shadows is not None else table.numels,
+        1.0 - float(ema_decay),
         P_DTYPE=TL_DTYPES[p_dtype],
         G_DTYPE=TL_DTYPES[grads[0].dtype],
         S_DTYPE=TL_DTYPES[exp_avgs[0].dtype],
@@ -172,6 +202,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize),
         STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
+        CLIP=coef is not None,
+        EMA=shadows is not None,
+        SH_DTYPE=TL_DTYPES[shadows[0].dtype] if shadows is not None else tl.float32,
         INTERPRET=interpreting(),
         **cfg,
     )

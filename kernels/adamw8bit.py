@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import interpreting, round_to
-from fastgen.kernels.adamw import _lerp, _one_minus_pow, _stochastic_bf16
+from fastgen.kernels.adamw import _ema_fold, _lerp, _one_minus_pow, _stochastic_bf16
 from fastgen.kernels.multi_tensor import TL_DTYPES, chunk_table, pointer_table, tensor_ptr
 
 QBLOCK = 256
@@ -69,11 +69,17 @@ def _adamw8bit_kernel(
     eps,
     weight_decay,
     seed,
+    COEF,  # [1] fp32 device scalar: the gradient clip coefficient (read iff CLIP)
+    SH_PTRS,  # [T] int64 addresses of the EMA shadows (SH_DTYPE; iff EMA)
+    ema_weight,  # 1 - EMA decay
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    CLIP: tl.constexpr,
+    EMA: tl.constexpr,
+    SH_DTYPE: tl.constexpr,
     QB: tl.constexpr,
     QBLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -102,6 +108,8 @@ def _adamw8bit_kernel(
     bias2_sqrt = tl.math.sqrt_rn(_one_minus_pow(step, ln_beta2))
 
     g = tl.load(tensor_ptr(G_PTRS, t, G_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    if CLIP:
+        g = g * tl.load(COEF)
     if MAXIMIZE:
         g = -g
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -120,9 +128,12 @@ def _adamw8bit_kernel(
     denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
     p = p - tl.math.div_rn(lr, bias1) * tl.math.div_rn(m, denom)
     if STOCHASTIC:
-        tl.store(p_ptr + offs, _stochastic_bf16(p, seed, offs), mask=mask)
+        p_out = _stochastic_bf16(p, seed, offs)
     else:
-        tl.store(p_ptr + offs, round_to(p, P_DTYPE, INTERPRET), mask=mask)
+        p_out = round_to(p, P_DTYPE, INTERPRET)
+    tl.store(p_ptr + offs, p_out, mask=mask)
+    if EMA:
+        _ema_fold(SH_PTRS, t, offs, mask, p_out.to(tl.float32), ema_weight, SH_DTYPE, INTERPRET)
 
     new_am = tl.max(tl.abs(m), axis=1)  # masked lanes hold 0: they never raise a block's max
     new_av = tl.max(v, axis=1)
@@ -138,9 +149,10 @@ def adamw8bit_config() -> dict:
 
 
 def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta1, beta2, eps, weight_decay,
-                   maximize, stochastic_rounding=False, seed=0):
+                   maximize, stochastic_rounding=False, seed=0, coef=None, shadows=None, ema_decay=0.0):
     """Update lists of parameters and their 8-bit states in place, one launch (shared dtypes and
-    device, all contiguous). ``tables``: (SMAP, SBOUND, UMAP, UBOUND) fp32 [256] on the device."""
+    device, all contiguous). ``tables``: (SMAP, SBOUND, UMAP, UBOUND) fp32 [256] on the device.
+    ``coef`` / ``shadows`` / ``ema_decay``: the one-pass step, as ``fastgen.kernels.adamw.adamw_step``."""
     if not params:
         return
     cfg = adamw8bit_config()
@@ -153,7 +165,10 @@ def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta
         lr if lr_is_ptr else float(lr), float(beta1), float(beta2),
         math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
         float(eps), float(weight_decay), int(seed),
+        coef if coef is not None else table.numels, pointer_table(shadows) if shadows is not None else table.numels,
+        1.0 - float(ema_decay),
         P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[grads[0].dtype], LR_IS_PTR=lr_is_ptr,
         MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
-        INTERPRET=interpreting(), **cfg,
+        CLIP=coef is not None, EMA=shadows is not None,
+        SH_DTYPE=TL_DTYPES[shadows[0].dtype] if shadows is not None else tl.float32, INTERPRET=interpreting(), **cfg,
     )

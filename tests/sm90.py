@@ -204,13 +204,15 @@ def optim_cases(dtype: str = "bf16"):
     tables = {"NUMELS": "*i64", "CHUNK_IDS": "*i32", "CHUNK_OFFS": "*i64"}
     adamw_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", "V_PTRS": "*i64", "VMAX_PTRS": "*i64",
                  "STEP_PTRS": "*i64", **tables, "LR": "*fp32", "beta1": "fp32", "beta2": "fp32",
-                 "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32"}
+                 "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32",
+                 "COEF": "*fp32", "SH_PTRS": "*i64", "ema_weight": "fp32"}
     cfg = adamw.adamw_config()
     nw = cfg.pop("num_warps")
-    for ams, sr in ((False, False), (True, dtype == "bf16")):
-        yield (f"adamw amsgrad={ams} stochastic={sr}", adamw._adamw_kernel, adamw_sig,
-               dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=True, AMSGRAD=ams, MAXIMIZE=False,
-                    STOCHASTIC=sr, INTERPRET=False, **cfg), nw)
+    for ams, sr, one_pass in ((False, False, False), (True, dtype == "bf16", False), (False, dtype == "bf16", True)):
+        yield (f"adamw amsgrad={ams} stochastic={sr}" + (" clip+ema" if one_pass else ""), adamw._adamw_kernel,
+               adamw_sig, dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=True, AMSGRAD=ams,
+                               MAXIMIZE=False, STOCHASTIC=sr, CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32,
+                               INTERPRET=False, **cfg), nw)
     lion_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", **tables, "LR": "fp32", "beta1": "fp32",
                 "beta2": "fp32", "weight_decay": "fp32"}
     cfg = lion.lion_config()

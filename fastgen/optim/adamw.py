@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from fastgen.backend import resolve
+from fastgen.optim._one_pass import OnePass, check_one_pass
 from fastgen.optim._common import (bucket, check_capture_ready, check_grad, check_state_kind, check_torch_flags,
                                    load_states_without_cast, local, stochastic_round_bf16)
 
@@ -56,6 +57,13 @@ class FusedAdamW(torch.optim.Optimizer):
         backend: ``"auto" | "triton" | "cuda" | "torch"``.
         state_dtype: ``None`` / ``torch.float32`` (default) or ``torch.bfloat16`` moments.
         stochastic_rounding: round bf16 parameters stochastically at the store.
+        max_grad_norm, ema: the one-pass step. ``max_grad_norm=c`` first computes the global
+            gradient 2-norm (one deterministic read of the gradients, no host sync; kept as
+            ``opt.grad_norm``), then each parameter's update reads ``g * min(1, c / (norm + 1e-6))``
+            (the gradients themselves are not written); ``ema=EMA(...)`` (over parameters this
+            optimizer owns) folds each updated parameter into its average in the same pass.
+            The result equals ``clip_grad_norm_(params, c)``, ``step()``, ``ema.update()`` with the
+            same backend, exactly for fp32 gradients.
     """
 
     def __init__(
@@ -75,6 +83,8 @@ class FusedAdamW(torch.optim.Optimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
+        max_grad_norm: Optional[float] = None,
+        ema=None,
     ):
         check_torch_flags("FusedAdamW", differentiable=differentiable, foreach=foreach, fused=fused)
         betas = tuple(float(b) for b in betas)  # tensor betas (torch allows them) become floats once, here
@@ -98,6 +108,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.state_dtype = state_dtype or torch.float32
         self.stochastic_rounding = stochastic_rounding
         self._seed = torch.Generator().manual_seed(0x5EED)
+        self.max_grad_norm, self.ema = check_one_pass(self, type(self).__name__, max_grad_norm, ema)
+        self.grad_norm: Optional[torch.Tensor] = None  # the total gradient norm of the last step (max_grad_norm)
 
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
@@ -124,6 +136,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        one_pass = OnePass(self)
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
             if group.get("capturable"):
@@ -134,15 +147,24 @@ class FusedAdamW(torch.optim.Optimizer):
                     continue
                 state = self._init_state(p, amsgrad)
                 items.append((local(p), local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
-                              local(state["max_exp_avg_sq"]) if amsgrad else None, state["step"]))
-            buckets, fallback = bucket(items)
-            for (device, _, _), lists in buckets.items():
-                self._update(group, device, *lists)
-            for item in fallback:  # strided or float64: the reference path, tensor by tensor
-                self._update(group, item[0].device, *([t] for t in item), force_torch=True)
+                              local(state["max_exp_avg_sq"]) if amsgrad else None, state["step"],
+                              one_pass.shadow(p)))
+            self._update_items(group, items, one_pass)
+        one_pass.finish()
         return loss
 
-    def _update(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, force_torch=False):
+    def _update_items(self, group, items, one_pass) -> None:
+        """Bucket ``(param, grad, states..., shadow)`` tuples and update each bucket in one launch."""
+        for with_shadow in (False, True):
+            buckets, fallback = bucket([it for it in items if (it[-1] is not None) == with_shadow])
+            for (device, _, _), lists in buckets.items():
+                self._update(group, device, *lists[:-1], **one_pass.kwargs(lists[-1] if with_shadow else None))
+            for item in fallback:  # strided or float64: the reference path, tensor by tensor
+                self._update(group, item[0].device, *([t] for t in item[:-1]), force_torch=True,
+                             **one_pass.kwargs([item[-1]] if with_shadow else None))
+
+    def _update(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, force_torch=False,
+                coef=None, shadows=None, ema_decay=0.0):
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
         impl = "torch" if force_torch else resolve("adamw", self.backend, device)
@@ -152,19 +174,30 @@ class FusedAdamW(torch.optim.Optimizer):
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       amsgrad=group["amsgrad"], maximize=group["maximize"])
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed)) if self.stochastic_rounding else 0
-        if impl in ("triton", "cuda"):
-            if impl == "triton":
-                from fastgen.kernels.adamw import adamw_step
-            else:
-                from fastgen.cuda.optim import adamw_step
+        if impl == "triton":
+            from fastgen.kernels.adamw import adamw_step
+
+            adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       stochastic_rounding=self.stochastic_rounding, seed=seed, coef=coef, shadows=shadows,
+                       ema_decay=ema_decay, **kwargs)
+            return
+        if impl == "cuda":  # no one-pass CUDA C++ functor yet: scale, step and average as three launches
+            from fastgen.cuda.optim import adamw_step, ema_update_, scale_
+
+            if coef is not None:
+                scale_(grads, coef)
             adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                        stochastic_rounding=self.stochastic_rounding, seed=seed, **kwargs)
+            if shadows is not None:
+                ema_update_(shadows, params, ema_decay)
             return
         gen = torch.Generator(device=device).manual_seed(seed) if self.stochastic_rounding else None
         for i, p in enumerate(params):
-            adamw_reference(p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+            adamw_reference(p, grads[i] if coef is None else grads[i].float() * coef, exp_avgs[i], exp_avg_sqs[i],
                             max_exp_avg_sqs[i] if group["amsgrad"] else None, steps[i],
                             stochastic_rounding=self.stochastic_rounding, generator=gen, **kwargs)
+        if shadows is not None:  # EMA's torch path
+            torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in params], 1.0 - ema_decay)
 
 
 def adamw_reference(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay,

@@ -30,6 +30,7 @@ import torch
 from fastgen.backend import resolve
 from fastgen.optim import quant8
 from fastgen.optim._common import KERNEL_DTYPES, check_capture_ready, check_grad, load_states_without_cast, local
+from fastgen.optim._one_pass import OnePass
 from fastgen.optim.adamw import FusedAdamW, adamw_reference
 
 Q_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
@@ -47,7 +48,8 @@ class FusedAdamW8bit(FusedAdamW):
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
         am, cm = max|m|, nearest(SMAP, m / am)    av, cv = max v, nearest(UMAP, v / av)
 
-    Args: as :class:`FusedAdamW` (``foreach`` / ``fused`` ignored, ``capturable`` honoured,
+    Args: as :class:`FusedAdamW` (``foreach`` / ``fused`` ignored, ``capturable`` honoured, the
+    one-pass ``max_grad_norm`` / ``ema`` folded into the 8-bit pass too,
     ``differentiable`` and ``amsgrad`` refused: the 8-bit states hold no running max), plus
     ``min_8bit_size``: parameters with fewer elements keep fp32 moments (default 4096, as
     bitsandbytes). Parameters must be fp32, fp16 or bf16 and contiguous to get 8-bit states;
@@ -58,7 +60,8 @@ class FusedAdamW8bit(FusedAdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  maximize=False, *, foreach: Optional[bool] = None, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None, min_8bit_size: int = 4096,
-                 backend: str = "auto", stochastic_rounding: bool = False):
+                 backend: str = "auto", stochastic_rounding: bool = False, max_grad_norm: Optional[float] = None,
+                 ema=None):
         if amsgrad:
             raise ValueError("FusedAdamW8bit: amsgrad=True is not served (8-bit states keep no running maximum "
                              "of v); use FusedAdamW(amsgrad=True)")
@@ -66,7 +69,7 @@ class FusedAdamW8bit(FusedAdamW):
             raise ValueError(f"FusedAdamW8bit: min_8bit_size must be >= 0, got {min_8bit_size}")
         super().__init__(params, lr, betas, eps, weight_decay, False, maximize, foreach=foreach, capturable=capturable,
                          differentiable=differentiable, fused=fused, backend=backend, state_dtype=torch.float32,
-                         stochastic_rounding=stochastic_rounding)
+                         stochastic_rounding=stochastic_rounding, max_grad_norm=max_grad_norm, ema=ema)
         self.min_8bit_size = int(min_8bit_size)
 
     # --------------------------------------------------------------------------- states
@@ -104,6 +107,7 @@ class FusedAdamW8bit(FusedAdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        one_pass = OnePass(self)
         for group in self.param_groups:
             if group.get("capturable"):
                 check_capture_ready(self, group, "FusedAdamW8bit")
@@ -114,24 +118,24 @@ class FusedAdamW8bit(FusedAdamW):
                 state = self._init_state(p)
                 if "exp_avg_q" not in state:
                     full.append((local(p), local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), None,
-                                 state["step"]))
+                                 state["step"], one_pass.shadow(p)))
                     continue
                 g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-                key = (p.device, p.dtype, g.dtype)
-                q8.setdefault(key, []).append((p, g, *(state[k] for k in Q_KEYS), state["step"]))
-            if full:
-                from fastgen.optim._common import bucket
-
-                buckets, fallback = bucket(full)
-                for (device, _, _), lists in buckets.items():
-                    self._update(group, device, *lists)
-                for item in fallback:
-                    self._update(group, item[0].device, *([t] for t in item), force_torch=True)
-            for (device, _, _), items in q8.items():
-                self._update8(group, device, *map(list, zip(*items)))
+                shadow = one_pass.shadow(p)
+                if shadow is not None and not shadow.is_contiguous():
+                    shadow = None
+                    one_pass.give_back(p)
+                key = (p.device, p.dtype, g.dtype, shadow is not None)
+                q8.setdefault(key, []).append((p, g, *(state[k] for k in Q_KEYS), state["step"], shadow))
+            self._update_items(group, full, one_pass)
+            for (device, _, _, with_shadow), items in q8.items():
+                *lists, shadows = map(list, zip(*items))
+                self._update8(group, device, *lists, **one_pass.kwargs(shadows if with_shadow else None))
+        one_pass.finish()
         return loss
 
-    def _update8(self, group, device, params, grads, qms, ams, qvs, avs, steps):
+    def _update8(self, group, device, params, grads, qms, ams, qvs, avs, steps, coef=None, shadows=None,
+                 ema_decay=0.0):
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
         lr = group["lr"]
@@ -148,12 +152,16 @@ class FusedAdamW8bit(FusedAdamW):
             smap, sbound = quant8.tables(True, device)
             umap, ubound = quant8.tables(False, device)
             adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, tables=(smap, sbound, umap, ubound),
-                           stochastic_rounding=self.stochastic_rounding, seed=seed, **kwargs)
+                           stochastic_rounding=self.stochastic_rounding, seed=seed, coef=coef, shadows=shadows,
+                           ema_decay=ema_decay, **kwargs)
             return
         gen = torch.Generator(device=device).manual_seed(seed) if self.stochastic_rounding else None
         for i, p in enumerate(params):
-            adamw8bit_reference(p, grads[i], qms[i], ams[i], qvs[i], avs[i], steps[i],
-                                stochastic_rounding=self.stochastic_rounding, generator=gen, **kwargs)
+            adamw8bit_reference(p, grads[i] if coef is None else grads[i].float() * coef, qms[i], ams[i], qvs[i],
+                                avs[i], steps[i], stochastic_rounding=self.stochastic_rounding, generator=gen,
+                                **kwargs)
+        if shadows is not None:  # EMA's torch path
+            torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in params], 1.0 - ema_decay)
 
     # --------------------------------------------------------------------------- state dicts
 

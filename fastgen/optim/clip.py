@@ -55,27 +55,54 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     if impl == "torch":
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
 
-    by_dtype = defaultdict(list)
-    for g in grads:
-        by_dtype[g.dtype].append(g)
-    if impl == "cuda":
-        from fastgen.cuda.optim import clip_coef, scale_
-
-        total, coef = clip_coef(list(by_dtype.values()), norm_type, max_norm)
-    else:
-        from fastgen.kernels.clip_grad import scale_, sum_squares
-
-        total = torch.stack([sum_squares(gs) for gs in by_dtype.values()]).sum().sqrt()
-        coef = None
+    by_dtype, total, coef = _kernel_total(grads, impl, norm_type, max_norm)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
-    if coef is None:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).reshape(1)
+    if impl == "cuda":
+        from fastgen.cuda.optim import scale_
+    else:
+        from fastgen.kernels.clip_grad import scale_
     for gs in by_dtype.values():
         scale_(gs, coef)
     # torch stacks the per-tensor norms, which promotes mixed dtypes
     return total.to(functools.reduce(torch.promote_types, by_dtype))
+
+
+def _kernel_total(grads, impl: str, norm_type: float, max_norm: float):
+    """(grads by dtype, total norm, fp32 [1] clip coefficient) on the kernel paths (no host sync,
+    fixed-order sums: deterministic)."""
+    by_dtype = defaultdict(list)
+    for g in grads:
+        by_dtype[g.dtype].append(g)
+    if impl == "cuda":
+        from fastgen.cuda.optim import clip_coef
+
+        total, coef = clip_coef(list(by_dtype.values()), norm_type, max_norm)
+    else:
+        from fastgen.kernels.clip_grad import sum_squares
+
+        total = torch.stack([sum_squares(gs) for gs in by_dtype.values()]).sum().sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).reshape(1)
+    return by_dtype, total, coef
+
+
+def grad_norm_and_coef(grads: list, max_norm: float, *, backend: str = "auto"):
+    """``(total, coef)``: the global 2-norm of ``grads`` (local tensors) and the fp32 ``[1]`` device
+    tensor ``min(1, max_norm / (total + 1e-6))`` — exactly what ``clip_grad_norm_`` computes with
+    the same backend, without scaling anything (the one-pass optimizer step applies ``coef``
+    inside its update). ``total`` has ``clip_grad_norm_``'s dtype (the gradients' promoted one)."""
+    device = grads[0].device
+    if not all(g.device == device and g.dtype in KERNEL_DTYPES and dense_alike(g) for g in grads):
+        unsupported = {"triton": _LAYOUT, "cuda": _LAYOUT}
+    else:
+        unsupported = None
+    impl = resolve("clip_grad_norm_", backend, device, unsupported)
+    if impl == "torch":  # torch.nn.utils.clip_grad_norm_'s two halves
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        return total, torch.clamp(max_norm / (total + 1e-6), max=1.0).to(device=device, dtype=torch.float32).reshape(1)
+    by_dtype, total, coef = _kernel_total(grads, impl, 2.0, max_norm)
+    return total.to(functools.reduce(torch.promote_types, by_dtype)), coef

@@ -112,14 +112,30 @@ class EMA:
     def update(self, model=None) -> None:
         """Fold the model's current weights into the average (every ``update_every``-th call)."""
         params, module = self._resolve(model)
+        decay = self.begin_update()
+        if decay is None:
+            return
+        self.fold({n: params[n] for n in self.shadow}, decay)
+        self._copy_buffers(module, into_model=False)
+
+    def begin_update(self) -> Optional[float]:
+        """Count one call of ``update``; the decay of this averaging update, or None on the calls
+        that ``update_every`` skips. (The one-pass optimizer step calls this, then folds the
+        parameters it updates inside its own kernel and hands the others to :meth:`fold`.)"""
         self.num_calls += 1
         if self.num_calls % self.update_every:
-            return
+            return None
         decay = self.current_decay()
         self.num_updates += 1
+        return decay
+
+    @torch.no_grad()
+    def fold(self, params: dict, decay: float) -> None:
+        """``shadow <- lerp(shadow, param, 1 - decay)`` for the named parameters given."""
         groups = defaultdict(lambda: ([], []))
-        for name, s in self.shadow.items():
-            p = local(params[name]).detach()
+        for name, param in params.items():
+            s = self.shadow[name]
+            p = local(param).detach()
             key = (s.device, s.dtype, p.dtype)
             groups[key][0].append(s)
             groups[key][1].append(p)
@@ -136,7 +152,10 @@ class EMA:
                 ema_update_(shadows, ps, decay)
             else:
                 torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in ps], 1.0 - decay)
-        self._copy_buffers(module, into_model=False)
+
+    def copy_buffers_from_model(self) -> None:
+        """Copy the averaged module's buffers (what ``update`` does besides averaging)."""
+        self._copy_buffers(self._module, into_model=False)
 
     def _copy_buffers(self, module, into_model: bool) -> None:
         if module is None:
