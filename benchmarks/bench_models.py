@@ -90,7 +90,7 @@ def _spec(variant: str, tiny: bool):
                      dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)))
         return "AutoencoderKL", kw
     if variant == "dit-xl2":
-        kw = (dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8, num_embeds_ada_norm=10,
+        kw = (dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, sample_size=8, num_embeds_ada_norm=10,
                    out_channels=8) if tiny else
               dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=64, out_channels=8))
         return "DiTTransformer2DModel", kw
