@@ -195,10 +195,10 @@ def group_norm_cases(dtype: str = "bf16"):
 
 
 def optim_cases(dtype: str = "bf16"):
-    """The multi-tensor optimizer kernels (AdamW, Lion, EMA, clipping) for ``dtype`` parameters."""
+    """The multi-tensor optimizer kernels (AdamW, 8-bit AdamW, Lion, EMA, clipping) for ``dtype`` parameters."""
     import triton.language as tl
 
-    from fastgen.kernels import adamw, clip_grad, ema, lion
+    from fastgen.kernels import adamw, adamw8bit, clip_grad, ema, lion
 
     pdt = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     tables = {"NUMELS": "*i64", "CHUNK_IDS": "*i32", "CHUNK_OFFS": "*i64"}
@@ -213,6 +213,17 @@ def optim_cases(dtype: str = "bf16"):
                adamw_sig, dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=True, AMSGRAD=ams,
                                MAXIMIZE=False, STOCHASTIC=sr, CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32,
                                INTERPRET=False, **cfg), nw)
+    q8_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "QM_PTRS": "*i64", "AM_PTRS": "*i64", "QV_PTRS": "*i64",
+              "AV_PTRS": "*i64", "STEP_PTRS": "*i64", **tables, "SMAP": "*fp32", "SBOUND": "*fp32", "UMAP": "*fp32",
+              "UBOUND": "*fp32", "LR": "*fp32", "beta1": "fp32", "beta2": "fp32", "ln_beta1": "fp32",
+              "ln_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32", "COEF": "*fp32",
+              "SH_PTRS": "*i64", "ema_weight": "fp32"}
+    cfg = adamw8bit.adamw8bit_config()
+    nw = cfg.pop("num_warps")
+    for one_pass in (False, True):
+        yield (f"adamw8bit{' clip+ema' if one_pass else ''}", adamw8bit._adamw8bit_kernel, q8_sig,
+               dict(P_DTYPE=pdt, G_DTYPE=pdt, LR_IS_PTR=True, MAXIMIZE=False, STOCHASTIC=dtype == "bf16",
+                    CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw)
     lion_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", **tables, "LR": "fp32", "beta1": "fp32",
                 "beta2": "fp32", "weight_decay": "fp32"}
     cfg = lion.lion_config()
