@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels.adamw import _ema_fold
 from fastgen.kernels.multi_tensor import TL_DTYPES, chunk, chunk_table, pointer_table, tensor_ptr
 
 BLOCK = 2048
@@ -34,11 +35,17 @@ def _lion_kernel(
     beta1,
     beta2,
     weight_decay,
+    COEF,  # [1] fp32 device scalar: the gradient clip coefficient (read iff CLIP)
+    SH_PTRS,  # [T] int64 addresses of the EMA shadows (SH_DTYPE; iff EMA)
+    ema_weight,  # 1 - EMA decay
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    CLIP: tl.constexpr,
+    EMA: tl.constexpr,
+    SH_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -50,6 +57,8 @@ def _lion_kernel(
     else:
         lr = LR
     g = tl.load(tensor_ptr(G_PTRS, t, G_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    if CLIP:
+        g = g * tl.load(COEF)
     if MAXIMIZE:
         g = -g
     p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -58,16 +67,21 @@ def _lion_kernel(
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
     p = p * (1.0 - lr * weight_decay) - lr * sign
     m = beta2 * m + (1.0 - beta2) * g
-    tl.store(p_ptr, round_to(p, P_DTYPE, INTERPRET), mask=mask)
+    p_out = round_to(p, P_DTYPE, INTERPRET)
+    tl.store(p_ptr, p_out, mask=mask)
     tl.store(m_ptr, round_to(m, S_DTYPE, INTERPRET), mask=mask)
+    if EMA:  # the one-pass step: fold the stored parameter into its average
+        _ema_fold(SH_PTRS, t, offs, mask, p_out.to(tl.float32), ema_weight, SH_DTYPE, INTERPRET)
 
 
 def lion_config() -> dict:
     return dict(BLOCK=BLOCK, num_warps=8)
 
 
-def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
-    """Update lists of parameters in place, one launch (shared dtypes and device, all dense alike)."""
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, coef=None, shadows=None,
+              ema_decay=0.0):
+    """Update lists of parameters in place, one launch (shared dtypes and device, all dense alike).
+    ``coef`` / ``shadows`` / ``ema_decay``: the one-pass step, as ``fastgen.kernels.adamw.adamw_step``."""
     cfg = lion_config()
     table = chunk_table(params, cfg["BLOCK"])
     lr_is_ptr = isinstance(lr, torch.Tensor)
@@ -75,7 +89,11 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
         pointer_table(params), pointer_table(grads), pointer_table(exp_avgs),
         table.numels, table.chunk_ids, table.chunk_offs,
         lr if lr_is_ptr else float(lr), float(beta1), float(beta2), float(weight_decay),
+        coef if coef is not None else table.numels, pointer_table(shadows) if shadows is not None else table.numels,
+        1.0 - float(ema_decay),
         P_DTYPE=TL_DTYPES[params[0].dtype], G_DTYPE=TL_DTYPES[grads[0].dtype],
         S_DTYPE=TL_DTYPES[exp_avgs[0].dtype], LR_IS_PTR=lr_is_ptr, MAXIMIZE=bool(maximize),
+        CLIP=coef is not None, EMA=shadows is not None,
+        SH_DTYPE=TL_DTYPES[shadows[0].dtype] if shadows is not None else tl.float32,
         INTERPRET=interpreting(), **cfg,
     )

@@ -225,11 +225,13 @@ def optim_cases(dtype: str = "bf16"):
                dict(P_DTYPE=pdt, G_DTYPE=pdt, LR_IS_PTR=True, MAXIMIZE=False, STOCHASTIC=dtype == "bf16",
                     CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw)
     lion_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", **tables, "LR": "fp32", "beta1": "fp32",
-                "beta2": "fp32", "weight_decay": "fp32"}
+                "beta2": "fp32", "weight_decay": "fp32", "COEF": "*fp32", "SH_PTRS": "*i64", "ema_weight": "fp32"}
     cfg = lion.lion_config()
     nw = cfg.pop("num_warps")
-    yield ("lion", lion._lion_kernel, lion_sig, dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=False,
-                                                    MAXIMIZE=False, INTERPRET=False, **cfg), nw)
+    for one_pass in (False, True):
+        yield ("lion" + (" clip+ema" if one_pass else ""), lion._lion_kernel, lion_sig,
+               dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=False, MAXIMIZE=False, CLIP=one_pass,
+                    EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw)
     cfg = ema.ema_config()
     nw = cfg.pop("num_warps")
     yield ("ema", ema._ema_kernel, {"S_PTRS": "*i64", "P_PTRS": "*i64", **tables, "weight": "fp32"},

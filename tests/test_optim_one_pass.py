@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import INTERPRET, TRITON_DEVICE
 
-from fastgen.optim import EMA, FusedAdamW, FusedAdamW8bit, clip_grad_norm_
+from fastgen.optim import EMA, FusedAdamW, FusedAdamW8bit, FusedLion, clip_grad_norm_
 
 DEV = TRITON_DEVICE
 BACKENDS = ["torch"] + (["triton"] if (INTERPRET or DEV == "cuda") else [])
@@ -50,8 +50,8 @@ def _run(cls, backend, dtype, one_pass, steps, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls, kw", [(FusedAdamW, {}), (FusedAdamW8bit, dict(min_8bit_size=64))],
-                         ids=["adamw", "adamw8bit"])
+@pytest.mark.parametrize("cls, kw", [(FusedAdamW, {}), (FusedAdamW8bit, dict(min_8bit_size=64)), (FusedLion, {})],
+                         ids=["adamw", "adamw8bit", "lion"])
 def test_one_pass_equals_separate_calls_in_fp32(backend, cls, kw):
     steps = 4 if backend == "torch" else 3
     a_model, a_opt, a_ema, a_norms = _run(cls, backend, torch.float32, True, steps, **kw)
@@ -110,5 +110,7 @@ def test_bad_inputs():
         FusedAdamW(params, ema=EMA(other))
     with pytest.raises(ValueError, match="does not own"):
         FusedAdamW8bit(params[:1], ema=EMA(model))
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        FusedLion(params, max_grad_norm=-2.0)
     with pytest.raises(TypeError, match="ema must be a fastgen.optim.EMA"):
         FusedAdamW(params, ema=object())

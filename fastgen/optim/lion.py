@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from fastgen.backend import resolve
+from fastgen.optim._one_pass import OnePass, check_one_pass
 from fastgen.optim._common import (bucket, check_capture_ready, check_grad, check_state_kind, check_torch_flags,
                                    load_states_without_cast, local)
 
@@ -37,12 +38,14 @@ class FusedLion(torch.optim.Optimizer):
     capture before the states exist); ``differentiable=True`` and
     ``decoupled_weight_decay=True`` (lion-pytorch's weight decay divided by the initial lr)
     raise ``ValueError``. State: ``exp_avg`` per parameter (fp32, or ``state_dtype``).
+    ``max_grad_norm`` / ``ema``: the one-pass step, as :class:`FusedAdamW`'s.
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, use_triton: bool = False, decoupled_weight_decay: bool = False,
-                 backend: str = "auto", state_dtype: Optional[torch.dtype] = None):
+                 backend: str = "auto", state_dtype: Optional[torch.dtype] = None,
+                 max_grad_norm: Optional[float] = None, ema=None):
         check_torch_flags("FusedLion", differentiable=differentiable, foreach=foreach, fused=fused)
         if decoupled_weight_decay:
             raise ValueError("FusedLion: decoupled_weight_decay=True is not supported; pass "
@@ -60,6 +63,8 @@ class FusedLion(torch.optim.Optimizer):
                                       foreach=foreach, capturable=capturable, differentiable=False, fused=fused))
         self.backend = backend
         self.state_dtype = state_dtype or torch.float32
+        self.max_grad_norm, self.ema = check_one_pass(self, "FusedLion", max_grad_norm, ema)
+        self.grad_norm: Optional[torch.Tensor] = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a FusedLion state dict (another optimizer's states raise ``ValueError``)."""
@@ -72,6 +77,7 @@ class FusedLion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        one_pass = OnePass(self)
         for group in self.param_groups:
             if group.get("capturable"):
                 check_capture_ready(self, group, "FusedLion")
@@ -82,30 +88,43 @@ class FusedLion(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
-                items.append((local(p), local(p.grad), local(state["exp_avg"])))
-            buckets, fallback = bucket(items)
-            for (device, _, _), lists in buckets.items():
-                self._update(group, device, *lists)
-            for item in fallback:
-                self._update(group, item[0].device, *([t] for t in item), force_torch=True)
+                items.append((local(p), local(p.grad), local(state["exp_avg"]), one_pass.shadow(p)))
+            for with_shadow in (False, True):
+                buckets, fallback = bucket([it for it in items if (it[-1] is not None) == with_shadow])
+                for (device, _, _), lists in buckets.items():
+                    self._update(group, device, *lists[:-1], **one_pass.kwargs(lists[-1] if with_shadow else None))
+                for item in fallback:
+                    self._update(group, item[0].device, *([t] for t in item[:-1]), force_torch=True,
+                                 **one_pass.kwargs([item[-1]] if with_shadow else None))
+        one_pass.finish()
         return loss
 
-    def _update(self, group, device, params, grads, exp_avgs, force_torch=False):
+    def _update(self, group, device, params, grads, exp_avgs, force_torch=False, coef=None, shadows=None,
+                ema_decay=0.0):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             lr = lr.to(device=device, dtype=torch.float32)
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"])
         impl = "torch" if force_torch else resolve("lion", self.backend, device)
-        if impl in ("triton", "cuda"):
-            if impl == "triton":
-                from fastgen.kernels.lion import lion_step
-            else:
-                from fastgen.cuda.optim import lion_step
+        if impl == "triton":
+            from fastgen.kernels.lion import lion_step
+
+            lion_step(params, grads, exp_avgs, coef=coef, shadows=shadows, ema_decay=ema_decay, **kwargs)
+            return
+        if impl == "cuda":  # no one-pass CUDA C++ functor yet: scale, step and average as three launches
+            from fastgen.cuda.optim import ema_update_, lion_step, scale_
+
+            if coef is not None:
+                scale_(grads, coef)
             lion_step(params, grads, exp_avgs, **kwargs)
+            if shadows is not None:
+                ema_update_(shadows, params, ema_decay)
             return
         for p, g, m in zip(params, grads, exp_avgs):
-            lion_reference(p, g, m, **kwargs)
+            lion_reference(p, g if coef is None else g.float() * coef, m, **kwargs)
+        if shadows is not None:  # EMA's torch path
+            torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in params], 1.0 - ema_decay)
 
 
 def lion_reference(p, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize):
