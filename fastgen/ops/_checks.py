@@ -30,9 +30,14 @@ def check_param(op: str, name: str, p, x: Tensor, dim: int = -1, what: Optional[
     if p.device != x.device:
         raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}; put both on one device")
     if p.dtype not in (x.dtype, torch.float32):
-        raise TypeError(
-            f"{op}: {name} dtype {p.dtype} does not match x dtype {x.dtype}; use {x.dtype} or torch.float32"
-        )
+        raise TypeError(f"{op}: {name} dtype {p.dtype} does not match x dtype {x.dtype}; {param_dtype_remedy(name, x)}")
+
+
+def param_dtype_remedy(name: str, x: Tensor) -> str:
+    """What to do about a parameter of the wrong dtype: the dtypes the op takes for it, once each."""
+    if x.dtype == torch.float32:
+        return f"cast {name} to torch.float32 ({name}.float())"
+    return f"cast {name} to {x.dtype} or torch.float32 ({name}.to(x.dtype) or {name}.float())"
 
 
 def kernel_dtype_reason(x: Tensor) -> Optional[str]:
