@@ -21,8 +21,9 @@ the 1.5 layout with a temporal patch ``patch_size_t``). Shapes, ``N = heads * he
 
 Fused ops: each AdaLN is ``fastgen.ops.layer_norm_modulate``; the gated residual after
 attention and the next AdaLN are one ``gated_residual_layer_norm_modulate``; the gated
-residual after the feed-forward is ``gated_residual``; q / k LayerNorm is ``layer_norm``
-over the heads of the fused QKV projection (read in place); RoPE is ``apply_rope``
+residual after the feed-forward is one ``torch.addcmul`` (it keeps less for backward than
+``gated_residual``); q / k LayerNorm is fastgen's LayerNorm kernel over the heads of the
+fused QKV projection (read in place, no copy); RoPE is ``apply_rope``
 (interleaved pairs) over the whole sequence with identity rows (cos 1, sin 0) for the text
 tokens, so no slicing and re-assembly; one attention call site ``fastgen.ops.attention``;
 the feed-forward's GELU(tanh) and second linear are one autograd node that keeps only the
@@ -54,11 +55,14 @@ from fastgen.models._common import (
 from fastgen.ops import (
     apply_rope,
     attention,
-    gated_residual,
     gated_residual_layer_norm_modulate,
     layer_norm,
     layer_norm_modulate,
+    rope_frequencies,
+    rope_grid_ids,
 )
+from fastgen.ops.layer_norm import NORM_LAYER, NormModulateFunction
+from fastgen.ops.layer_norm import resolve as _ln_resolve
 
 _FIXED = {"activation_fn": ("gelu-approximate",), "timestep_activation_fn": ("silu",), "dropout": (0.0, 0)}
 
@@ -220,12 +224,29 @@ class Attention(nn.Module):
         L = T + x.shape[1]
         H = self.heads
         q, k, v = self.to_qkv(torch.cat([e, x], dim=1)).view(B, L, 3, H, N // H).unbind(2)
-        q = layer_norm(q, self.norm_q.weight, self.norm_q.bias, self.norm_q.eps, backend=self.backend)
-        k = layer_norm(k, self.norm_k.weight, self.norm_k.bias, self.norm_k.eps, backend=self.backend)
+        q, k = _head_norm(q, self.norm_q, self.backend), _head_norm(k, self.norm_k, self.backend)
         if rope is not None:
             q, k = apply_rope(q, k, rope[0], rope[1], layout="bshd", interleaved=True, backend=self.backend)
         o = self.to_out[0](attention(q, k, v, layout="bshd", backend=self.backend).reshape(B, L, N))
         return o[:, :T], o[:, T:]
+
+
+def _head_norm(x: Tensor, norm: nn.LayerNorm, backend) -> Tensor:
+    """LayerNorm over the head dim of q or k, read in place from the fused QKV output.
+
+    x (B, L, H, D) is a strided view of the (B, L, 3, H, D) projection; ``fastgen.ops.layer_norm``
+    would copy it into rows first (and keep that copy for backward), so the kernel's autograd
+    function gets the (B * L, H, D) view directly: rows of a 3-D tensor may have any strides.
+    """
+    impl = _ln_resolve("layer_norm", backend, x)
+    if impl == "torch" or x.numel() == 0:
+        return layer_norm(x, norm.weight, norm.bias, norm.eps, backend="torch")
+    B, L, H, D = x.shape
+    w = None if norm.weight is None else norm.weight.contiguous()
+    b = None if norm.bias is None else norm.bias.contiguous()
+    y = NormModulateFunction.apply(x.reshape(B * L, H, D), None, None, None, None, w, b, float(norm.eps),
+                                   NORM_LAYER, impl)
+    return y.reshape(B, L, H, D)
 
 
 class _FeedForward(nn.Module):
@@ -263,8 +284,10 @@ class CogVideoXBlock(nn.Module):
         ae, ax = self.attn1(en, xn, rope)
         xn, x = gated_residual_layer_norm_modulate(x, ax, g, sh2, sc2, n2.eps, n2.weight, n2.bias, backend=be)
         en, e = gated_residual_layer_norm_modulate(e, ae, eg, esh2, esc2, n2.eps, n2.weight, n2.bias, backend=be)
-        x = gated_residual(x, self.ff(xn), g2, backend=be)
-        e = gated_residual(e, self.ff(en), eg2, backend=be)
+        # x + gate * ff: addcmul keeps only ff's output and the gate for backward (fastgen's
+        # gated_residual would also keep x_new, which a residual add does not need).
+        x = torch.addcmul(x, g2.unsqueeze(1), self.ff(xn))
+        e = torch.addcmul(e, eg2.unsqueeze(1), self.ff(en))
         return x, e
 
 
@@ -381,6 +404,19 @@ class CogVideoX(FastgenModel):
         if text.shape[0] != B:
             raise ValueError(f"CogVideoX: encoder_hidden_states batch {text.shape[0]} != hidden_states batch {B}")
         return B, Fr, C, H, W
+
+    def rotary_tables(self, frames: int, height: int, width: int, device=None) -> tuple[Tensor, Tensor]:
+        """3-D RoPE ``(cos, sin)``, each ``(F' * height/p * width/p, head_dim)`` fp32, for a latent of
+        ``frames`` x ``height`` x ``width`` (F' = frames / patch_size_t): angles of the (t, i, j) patch ids
+        over ``head_dim / 4, 3 head_dim / 8, 3 head_dim / 8`` dims, interleaved pairs. Equal (to an ulp) to
+        the tables CogVideoX pipelines pass as ``image_rotary_emb`` when the latent fills the model's base
+        grid (``get_3d_rotary_pos_embed`` with the crop covering the grid)."""
+        c, D = self.config, self.config.attention_head_dim
+        if D % 8:
+            raise ValueError(f"CogVideoX.rotary_tables: head_dim must be a multiple of 8, got {D}")
+        p, pt = c.patch_size, c.patch_size_t or 1
+        ids = rope_grid_ids(frames // pt, height // p, width // p, device=device)
+        return rope_frequencies(ids, (D // 4, 3 * D // 8, 3 * D // 8), interleaved=True)
 
     @staticmethod
     def _rope_tables(rope, T: int, S: int, dtype):
