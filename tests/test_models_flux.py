@@ -128,6 +128,11 @@ def test_clear_errors(tmp_path):
         dev(**{**kw, "img_ids": torch.zeros(5, 3)})
     with pytest.raises(ValueError, match="axes_dims_rope"):
         FluxConfig(**dict(DEV, axes_dims_rope=(4, 4, 4)))
+    from fastgen.backend import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        Flux(FluxConfig(**DEV), backend="triton").double()(**{k: v.double() if v.is_floating_point() else v
+                                                               for k, v in kw.items()})
     save_file({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "sd3.safetensors"))
     with pytest.raises(CheckpointMismatchError, match="joint_blocks.0.x_block.attn.qkv.weight"):
         Flux.from_pretrained(tmp_path / "sd3.safetensors")

@@ -15,7 +15,7 @@ p = patch size, h = H / p, w = W / p, Si = h * w image tokens, St text tokens)::
     block (AdaLN-Zero on both streams, one joint attention over [x; c]):
         shift1, scale1, gate1, shift2, scale2, gate2 = Linear(e)        (per stream)
         h  = LN(x) * (1 + scale1) + shift1                              layer_norm_modulate
-        q, k, v = h @ Wqkv  (one GEMM per stream), optional RMSNorm on q, k (SD3.5)
+        q, k, v = h @ Wqkv  (one GEMM per stream), optional RMSNorm on q, k (SD3.5)   qk_norm_rope
         o  = softmax(q k^T / sqrt(d)) v  over the St + Si tokens        attention (one call)
         x, h = x + gate1 * o Wo,  LN(x) * (1 + scale2) + shift2         gated_residual_layer_norm_modulate
         x  = x + gate2 * FF(h),  FF(h) = gelu_tanh(h W1) W2             gated_residual, fused FF
@@ -25,9 +25,10 @@ p = patch size, h = H / p, w = W / p, Si = h * w image tokens, St text tokens)::
 
     out  = (LN(x) * (1 + scale) + shift) W_out  -> unpatchify           (B, C_out, H, W)
 
-The fused FF (``_GeluLinearFunction``) keeps only the pre-activation for backward and
-recomputes the GELU there, so a block saves about half of what the diffusers block
-saves (measured in tests/test_models_sd3.py).
+For backward a block keeps the joint ``[image; text]`` QKV once (the norms and attention
+read q, k, v from it in place), and the FF (``_common.GeluFeedForward``) keeps its
+pre-activation and recomputes the GELU: with the kernel backends a block saves about 0.6x
+of what the diffusers block saves (measured in tests/test_models_sd3.py).
 
 Weights: the QKV projections are stored fused (``attn.to_qkv``, ``attn.to_added_qkv``, the
 names diffusers uses for its own fused projections); ``from_diffusers`` /
@@ -255,8 +256,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
-        base = cfg.sample_size // cfg.patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.inner_dim, cfg.pos_embed_max_size, cfg.pos_embed_max_size, base)[None])
+        n, base = cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.inner_dim, n, n, base)[None])  # (1, n*n, D)
 
     def forward(self, latent: Tensor) -> Tensor:
         h, w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
