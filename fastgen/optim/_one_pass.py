@@ -9,14 +9,13 @@
    states, stores the parameter (stochastically rounded if asked) and folds the stored value
    into the EMA shadow: ``s <- s + (1 - d) (p - s)``.
 
-Bytes per parameter element of a step (fp32 states ``S = 4``, parameter and gradient ``P``
-bytes, EMA shadow ``E`` bytes), against the separate calls::
+Bytes per parameter element (``P`` parameter = gradient bytes, AdamW states and EMA shadow fp32)::
 
-    one pass:  norm  P            + update  4P + 4S (AdamW: p, g, m, v read; p, m, v written) + 2E
-    separate:  norm  P  + scale 2P + update 4P + 4S            + EMA  P + 2E
+    one pass:        P (norm) + 3P + 16 (update: p, g, m, v read; p, m, v written) + 8 (shadow)  = 4P + 24
+    separate calls:  P (norm) + 2P (scale) + 3P + 16 (update) + P + 8 (EMA reads p)           = 7P + 24
 
-so for bf16 parameters with fp32 states and shadow: 2 + 8 + 16 + 8 = 34 bytes against
-2 + 4 + 8 + 16 + 2 + 8 = 40 (``benchmarks/bench_adamw.py`` prints the formula's rows).
+so 32 against 38 bytes for bf16 parameters (``benchmarks/bench_adamw.py``, mode
+``clip+step+ema``, uses this count).
 """
 
 from __future__ import annotations
