@@ -110,11 +110,15 @@ def builtin_lr_lambda(name: str, warmup: int, total: int):
 
 
 def make_lr_scheduler(name: str, optimizer, warmup: int, total: int):
-    """diffusers' ``get_scheduler`` when installed, else the built-in equivalent of the common names."""
+    """The four common names built in (the same multipliers as diffusers' ``get_scheduler``, tested
+    against it; no diffusers import at start-up); any other name through diffusers' ``get_scheduler``."""
+    if name in BUILTIN_SCHEDULES:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, builtin_lr_lambda(name, warmup, total))
     try:
         from diffusers.optimization import get_scheduler
     except ImportError:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, builtin_lr_lambda(name, warmup, total))
+        raise ConfigError(f"optim.lr_scheduler {name!r} needs diffusers (built in: "
+                          f"{', '.join(BUILTIN_SCHEDULES)})") from None
     try:
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     except ValueError as exc:
