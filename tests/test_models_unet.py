@@ -309,3 +309,61 @@ def test_activation_memory_vs_diffusers():
     assert block <= 0.75, block
     assert resnet <= 0.70, resnet
     assert math.isfinite(block) and math.isfinite(resnet)
+
+
+# ----------------------------------------------------------------------------- inside diffusers pipelines
+
+
+def _tiny_clip(tmp_path, projection: bool):
+    """A CLIP tokenizer built offline from a 54-entry character vocabulary, and a 1-layer text encoder."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
+    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1, projection_dim=8)
+    enc = (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(cfg)
+    return tok, enc.eval()
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_pipeline_swap_same_images(kind, tmp_path):
+    """StableDiffusion(XL)Pipeline with tiny random components (CFG-doubled batches, 2 DDIM steps):
+    the same images with ``pipe.unet = UNet2DCondition.from_diffusers(pipe.unet)``."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    tok, enc = _tiny_clip(tmp_path, projection=False)
+    vae = diffusers.AutoencoderKL(block_out_channels=(32,), norm_num_groups=8, sample_size=8,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    clip_sample=False, steps_offset=1)
+    if kind == "sd15":
+        unet = diffusers.UNet2DConditionModel(**{**_kwargs("sd15"), "cross_attention_dim": 16})
+        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=enc, tokenizer=tok, unet=unet, scheduler=sched,
+                                                 safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    else:  # text tokens = [encoder 1 ; encoder 2] features (16 + 16), pooled projection (8) + 6 time ids
+        _, enc2 = _tiny_clip(tmp_path, projection=True)
+        unet = diffusers.UNet2DConditionModel(**{**_kwargs("sdxl"), "cross_attention_dim": 32,
+                                                 "projection_class_embeddings_input_dim": 8 + 6 * 8})
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=enc, text_encoder_2=enc2, tokenizer=tok,
+                                                   tokenizer_2=tok, unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    want = images()
+    pipe.unet = UNet2DCondition.from_diffusers(pipe.unet, backend="torch")
+    assert isinstance(pipe.unet, UNet2DCondition)
+    got = images()
+    assert got.shape == want.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
