@@ -48,6 +48,16 @@ def _torch_groupnorm():
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions: one intra-op thread (several spin-waiting threads on a shared 2-core machine
+    made these tests ~50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pair():
     """(diffusers VAE, fastgen copy): the tests that compare against diffusers (skipped without it)."""

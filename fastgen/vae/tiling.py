@@ -249,7 +249,7 @@ def encoder_steps(p: _Parts) -> list:
     return steps + ([("conv", p.quant_conv)] if p.quant_conv is not None else [])
 
 
-ATTN_CHUNK_ELEMENTS = 2**28  # queries per chunk x keys: bounds the score matrix of a non-fused SDPA
+ATTN_CHUNK_ELEMENTS = 2**26  # queries per chunk x keys: bounds the score matrix of a non-fused SDPA (256 MiB fp32)
 
 
 def _tokens(lin: Any, h: Tensor, heads: int) -> Tensor:
@@ -462,7 +462,7 @@ def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, 
 # ----------------------------------------------------------------------------- public API
 
 
-AUTO_BUDGET_FRACTION = 0.1  # offload=None: activations stay on the GPU up to this share of its memory
+AUTO_BUDGET_FRACTION = 0.05  # offload=None: activations stay on the GPU up to this share of its memory
 
 
 def _budget(offload: Any, device: torch.device, what: str) -> float:
@@ -525,7 +525,7 @@ def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, ove
             activations wait between GroupNorm segments: ``False`` all on the GPU (fastest, memory
             grows with the image), ``True`` all in pinned host memory (GPU memory bounded by one
             tile and the output), a number: up to that many GiB on the GPU and the rest on the host;
-            ``None``: 10 % of the GPU's memory.
+            ``None``: 5 % of the GPU's memory.
         global_attention: (``consistent_colors`` only) the mid-block attention attends over the
             whole image (keys and values of every core gathered first, queries in chunks) instead
             of within the tile. Default: on with ``halo=True`` (needed to be lossless), off with ``halo=False``.
