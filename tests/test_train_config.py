@@ -77,6 +77,16 @@ def test_shipped_config_is_valid():
     assert cfg.model.factory == "fastgen.models:DiT" and cfg.train.steps == 300
 
 
+def test_the_config_in_docs_train_md_is_valid():
+    import re
+
+    text = (ROOT / "docs" / "train.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 11
+    cfg = Config.from_dict(tomllib.loads(block))
+    assert cfg.model.factory == "fastgen.models:DiT" and cfg.data.path == "data/shapes"
+
+
 def test_cli_print_config_and_errors(tmp_path, capsys):
     from fastgen.cli import main
 

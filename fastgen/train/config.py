@@ -54,7 +54,9 @@ class ObjectiveConfig:
     sigmoid_scale: float = _f(1.0, "flow: scale of sigmoid")
     shift: float = _f(1.0, "flow: time shift s (sigma = s u / (1 + (s - 1) u)); 1 = none")
     resolution_shift: bool = _f(False, "flow: Flux's shift from the image token count (overrides shift)")
-    cond_dropout: float = _f(0.1, "probability of replacing a class label by the null class (classifier-free guidance)")
+    cond_dropout: float = _f(0.0, "probability of replacing a class label by the null class (classifier-free "
+                                  "guidance), e.g. 0.1 for a model that does not drop labels itself "
+                                  "(fastgen.models.DiT does: its class_dropout_prob)")
 
 
 @dataclass
