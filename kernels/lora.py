@@ -127,15 +127,23 @@ def _lora_bwd_kernel(
     tl.store(DT + offs, dt * scale, mask=omask)
 
 
-def _blocks(M: int, R: int, device: torch.device):
-    interp = interpreting() or device.type != "cuda"
+def blocks(R: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R) the launchers use; spill-free on sm_90 (static tier)."""
     block_r = max(16, triton.next_power_of_2(R))
-    block_m = 16 if interp else (64 if block_r <= 64 else 32)
-    return block_m, 64, (32 if interp else 64), block_r
+    if interpreting() or device.type != "cuda":
+        return 16, 64, 32, block_r
+    if dtype == torch.float32:  # IEEE fp32 dots (no tensor cores) hold far more registers
+        return (32 if block_r <= 32 else 16), 64, 32, block_r
+    return (64 if block_r <= 64 else 32), 64, 64, block_r
 
 
 def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     return interpreting() or device.type != "cuda" or dtype == torch.float32
+
+
+def num_warps(dtype: torch.dtype, device: torch.device) -> int:
+    """Warps per program: 8 for the half-precision tiles on a GPU (4 leave them at the 255-register cap)."""
+    return 8 if device.type == "cuda" and not interpreting() and dtype != torch.float32 else 4
 
 
 def lora_fwd_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -146,7 +154,7 @@ def lora_fwd_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     assert y.shape == (M, N) and a.shape == (K, R) and y.stride(1) == 1, "lora_fwd_: shape or layout mismatch"
     if M == 0 or N == 0:
         return y
-    bm, bn, bk, br = _blocks(M, R, x.device)
+    bm, bn, bk, br = blocks(R, x.dtype, x.device)
     m_tiles, n_tiles = triton.cdiv(M, bm), triton.cdiv(N, bn)
     n_groups = max(1, min(n_tiles, max_programs(x.device, per_sm=8, interpreted=1) // m_tiles))
     tiles = triton.cdiv(n_tiles, n_groups)
@@ -157,7 +165,7 @@ def lora_fwd_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         float(scale),
         N_TILES=tiles, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=triton.cdiv(K, bk),
         DTYPE=TL_DTYPES[y.dtype], DOT_FP32=_dot_fp32(x.dtype, x.device), INTERPRET=interpreting(),
-        num_warps=4,
+        num_warps=num_warps(x.dtype, x.device),
     )
     return y
 
@@ -170,14 +178,14 @@ def lora_bwd(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     t = torch.empty(M, R, device=x.device, dtype=torch.float32)
     dt = torch.empty(M, R, device=x.device, dtype=torch.float32)
     if M > 0:
-        bm, bn, bk, br = _blocks(M, R, x.device)
+        bm, bn, bk, br = blocks(R, x.dtype, x.device)
         _lora_bwd_kernel[(triton.cdiv(M, bm),)](
             x, dy, a, b, t, dt, M, N, K, R,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             float(scale),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=triton.cdiv(K, bk), N_TILES=triton.cdiv(N, bn),
             DTYPE=TL_DTYPES[x.dtype], DOT_FP32=_dot_fp32(x.dtype, x.device),
-            num_warps=4,
+            num_warps=num_warps(x.dtype, x.device),
         )
     dx = (dt.to(x.dtype) @ a.t()) if x.dtype != torch.float32 else dt @ a.t()
     da = (x.t().float() @ dt).to(a.dtype)

@@ -53,14 +53,17 @@ def _qmm_kernel(
         kmask = rs < R
         a = tl.load(A + rows[:, None] * stride_am + rs[None, :] * stride_ar,
                     mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        bmask = kmask[:, None] & cmask[None, :]
-        if TRANS_W:  # B[r, p] = W_hat[p, r]: n = p, k = r
-            q = tl.load(Q + cols[None, :] * stride_qn + rs[:, None] * stride_qk, mask=bmask).to(tl.float32)
-            s = tl.load(S + cols[None, :] * stride_sn + (rs[:, None] // QB) * stride_sb, mask=bmask, other=0.0)
+        if TRANS_W:  # B[r, p] = W_hat[p, r]: load the (p, r) tile along W's rows, then transpose
+            wmask = cmask[:, None] & kmask[None, :]
+            q = tl.load(Q + cols[:, None] * stride_qn + rs[None, :] * stride_qk, mask=wmask).to(tl.float32)
+            s = tl.load(S + cols[:, None] * stride_sn + (rs[None, :] // QB) * stride_sb, mask=wmask, other=0.0)
+            b = tl.where(wmask, q * s, 0.0)  # masked fp8 lanes are undefined (could be NaN): zero them
+            b = tl.trans(b if DOT_FP32 else b.to(DTYPE))  # transposed in the dot's dtype (half the registers)
         else:  # B[r, p] = W_hat[r, p]: n = r, k = p
+            bmask = kmask[:, None] & cmask[None, :]
             q = tl.load(Q + rs[:, None] * stride_qn + cols[None, :] * stride_qk, mask=bmask).to(tl.float32)
             s = tl.load(S + rs[:, None] * stride_sn + (cols[None, :] // QB) * stride_sb, mask=bmask, other=0.0)
-        b = tl.where(bmask, q * s, 0.0)  # masked fp8 lanes are undefined (could be NaN): zero them
+            b = tl.where(bmask, q * s, 0.0)
         if DOT_FP32:
             acc += tl.dot(a, b, input_precision="ieee")
         else:
@@ -69,6 +72,15 @@ def _qmm_kernel(
         acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(C + rows[:, None] * stride_cm + cols[None, :], round_to(acc, DTYPE, INTERPRET),
              mask=rmask[:, None] & cmask[None, :])
+
+
+def blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_P, BLOCK_R) the launchers use; spill-free on sm_90 (static tier)."""
+    if interpreting() or device.type != "cuda":
+        return 16, 32, 32
+    if dtype == torch.float32:  # IEEE fp32 dots (no tensor cores)
+        return 32, 32, 16
+    return 64, 64, 32
 
 
 def _launch(a: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias, trans_w: bool, out=None) -> torch.Tensor:
@@ -80,7 +92,7 @@ def _launch(a: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias, trans_w: bo
     if M == 0 or P == 0:
         return c
     interp = interpreting() or a.device.type != "cuda"
-    bm, bp, br = (16, 32, 32) if interp else (64, 64, 64)
+    bm, bp, br = blocks(a.device, a.dtype)
     _qmm_kernel[(triton.cdiv(M, bm), triton.cdiv(P, bp))](
         c, a, q, s, bias if bias is not None else c, M, P, R,
         c.stride(0), a.stride(0), a.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),

@@ -6,9 +6,20 @@ own error in the same dtype, plus a small atol."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import INTERPRET, TRITON_DEVICE
+import triton
+
+if __name__ != "__main__":  # run as a script, this file is the static tier's child: no interpreter
+    from conftest import HAS_CUDA, INTERPRET, TRITON_DEVICE
+else:
+    HAS_CUDA, INTERPRET, TRITON_DEVICE = False, False, "cuda"
 
 from fastgen.adapters.fused import lora_add, lora_add_ref
 
@@ -71,3 +82,92 @@ def test_lora_kernel_in_place_and_batched_shapes():
 def test_lora_add_rejects_bad_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         lora_add(torch.zeros(3, 5), torch.zeros(3, 4), torch.zeros(2, 4), torch.zeros(6, 2), 1.0)
+
+
+# --- GPU tier: real sizes, the kernel must be what ran ----------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R", [16, 128])
+def test_lora_kernel_gpu_sizes(dtype, R):
+    """Flux-width projection (3072 -> 3072), 4096 tokens."""
+    M, K, N = 4096, 3072, 3072
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+    y = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+    down = (torch.randn(R, K, device="cuda", generator=g) / K**0.5).to(dtype).requires_grad_()
+    up = (torch.randn(N, R, device="cuda", generator=g) / R**0.5).to(dtype).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+    y_k = y.clone()
+    out = lora_add(y_k, x, down, up, 0.5, backend="triton")
+    assert out.data_ptr() == y_k.data_ptr(), "the Triton kernel (in place) must have run"
+    ref = lora_add_ref(y.double(), x.double(), down.double(), up.double(), 0.5)
+    tch = lora_add(y.clone(), x, down.detach(), up.detach(), 0.5, backend="torch")
+    _fa_close(out, tch, ref, dtype, "y")
+    out.backward(dy)
+    assert down.grad is not None and torch.isfinite(down.grad).all() and torch.isfinite(up.grad).all()
+
+
+# --- static tier: the launch configs compile for sm_90 without spilling ----------------------
+
+STATIC_CASES = ["lora:fwd:bf16:32", "lora:bwd:fp16:64", "lora:fwd:fp32:128", "qmm:fp8e4nv:T:bf16"]
+SPILL_BYTES_ALLOWED = 0 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9) else 16
+
+
+def _static_usage(cases):  # runs in a child process without the interpreter
+    import triton.language as tl
+    from sm90 import resource_usage
+
+    from fastgen.kernels import lora as k
+    from fastgen.kernels import quant_matmul as qm
+
+    cuda = torch.device("cuda")
+    tl_dt = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    th_dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    rows = []
+    for case in cases:
+        c = case.split(":")
+        if c[0] == "lora":
+            kind, dt, R = c[1], c[2], int(c[3])
+            bm, bn, bk, br = k.blocks(R, th_dt[dt], cuda)
+            p = f"*{dt}"
+            if kind == "fwd":
+                fn, names = k._lora_fwd_kernel, ("stride_ym", "stride_xm", "stride_xk", "stride_ak", "stride_ar", "stride_br", "stride_bn")
+                sig = {"Y": p, "X": p, "A": p, "B": p}
+                ce = dict(N_TILES=4, INTERPRET=False)
+            else:
+                fn, names = k._lora_bwd_kernel, ("stride_xm", "stride_xk", "stride_dym", "stride_dyn", "stride_ak", "stride_ar", "stride_br", "stride_bn")
+                sig = {"X": p, "DY": p, "A": p, "B": p, "T": "*fp32", "DT": "*fp32"}
+                ce = dict(N_TILES=48)
+            sig.update({"M": "i32", "N": "i32", "K": "i32", "R": "i32", **{n: "i64" for n in names}, "scale": "fp32"})
+            ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=48, DTYPE=tl_dt[dt], DOT_FP32=dt == "fp32")
+            rows.append(dict(name=case, num_warps=k.num_warps(th_dt[dt], cuda), **resource_usage(fn, sig, ce, k.num_warps(th_dt[dt], cuda))))
+        else:
+            q, trans, dt = c[1], c[2] == "T", c[3]
+            bm, bp, br = qm.blocks(cuda, th_dt[dt])
+            names = ("stride_cm", "stride_am", "stride_ar", "stride_qn", "stride_qk", "stride_sn", "stride_sb")
+            sig = {"C": f"*{dt}", "A": f"*{dt}", "Q": f"*{q}", "S": "*fp32", "BIAS": f"*{dt}", "M": "i32", "P": "i32",
+                   "R": "i32", **{n: "i64" for n in names}, "QB": "i32"}
+            ce = dict(TRANS_W=trans, HAS_BIAS=trans, BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, R_TILES=48, DTYPE=tl_dt[dt],
+                      DOT_FP32=dt == "fp32", INTERPRET=False)
+            rows.append(dict(name=case, num_warps=4, **resource_usage(qm._qmm_kernel, sig, ce, 4)))
+    return rows
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the static tier runs where there is no GPU to test on")
+def test_adapter_kernels_compile_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, __file__, *STATIC_CASES], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["name"] for r in rows] == STATIC_CASES
+    for r in rows:
+        assert max(r["spill_stores"], r["spill_loads"]) <= SPILL_BYTES_ALLOWED, r
+        assert r["registers"] <= 65536 // (32 * r["num_warps"]), r
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    print(json.dumps(_static_usage(sys.argv[1:])))

@@ -164,3 +164,22 @@ def test_quantized_model_on_the_kernel_trains_its_adapter():
         grads.append([p.grad.clone() for p in A.adapter_parameters(model)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,block_size", [("int8", None), ("fp8_e4m3", 128)])
+def test_dequant_gemm_gpu_sizes(scheme, block_size):
+    """Flux-width projection (3072 -> 12288), 4096 tokens, bf16; the Triton path must have run
+    (its backward node is the custom function's)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, s = quantize_weight(torch.randn(12288, 3072, device="cuda", generator=g), scheme, block_size)
+    x = torch.randn(4096, 3072, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    y = quant_linear(x, q, s, None, backend="triton")
+    assert type(y.grad_fn).__name__ == "_QuantLinearBackward"
+    w64 = dequantize_weight(q, s, torch.float64)
+    ref = x.detach().double() @ w64.t()
+    tch = quant_linear(x.detach(), q, s, None, backend="torch")
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 2 * (tch.double() - ref).abs().max().item() + 2e-2 * ref.abs().max().item()
+    y.backward(torch.ones_like(y))
+    assert torch.isfinite(x.grad).all()
