@@ -258,7 +258,7 @@ def test_saved_activation_bytes_per_block():
     print(f"DiT saved bytes per block: fastgen {ours / 3 / (B * S * N * 2):.2f} x (B, S, N) bf16, diffusers "
           f"{theirs / 3 / (B * S * N * 2):.2f} x; ratio {ratio:.3f}")
     assert torch.isfinite(out).all()
-    assert ratio <= 0.70
+    assert ratio <= 0.65  # issue target 0.7; measured 0.632 here (12 vs 20 (B, S, N) tensors at large S)
 
 
 def test_dit_pipeline_swap():

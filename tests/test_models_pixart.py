@@ -252,7 +252,7 @@ def test_saved_activation_bytes_per_block():
     print(f"PixArt saved bytes per block: fastgen {ours / unit:.2f} x (B, S, N) bf16, diffusers "
           f"{theirs / unit:.2f} x; ratio {ratio:.3f}")
     assert torch.isfinite(out).all()
-    assert ratio <= 0.70
+    assert ratio <= 0.70  # the target; measured 0.676 here, 0.668 at 256 tokens
 
 
 def _tiny_t5_tokenizer(tmp_path):

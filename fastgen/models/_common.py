@@ -46,6 +46,9 @@ Model plumbing::
             to_diffusers_state_dict(self) -> sd
             _init_buffers(self)                        optional: rebuild non-persistent buffers after a
                                                        meta-device load
+    rename_keys(sd, [(ours, diffusers'), ...], to_diffusers)   substring renames, either direction
+    fuse_qkv(sd, prefix, names=("to_q", "to_k", "to_v"), fused="to_qkv")   concatenate projections (dim 0)
+    split_qkv(sd, prefix, names=..., fused=...)                            the inverse (copies)
     CheckpointMismatchError(ValueError)
     load_safetensors_dir(path, subfolder=None) -> (config dict or None, {key: (file, shape)})
     check_state_dict(expected, found, what)       missing / unexpected / shape errors naming the first keys
@@ -422,6 +425,38 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+def rename_keys(sd: dict, renames, to_diffusers: bool) -> dict:
+    """Rename by substring pairs (ours, diffusers'), in either direction."""
+    out = {}
+    for k, v in sd.items():
+        for ours, theirs in renames:
+            a, b = (ours, theirs) if to_diffusers else (theirs, ours)
+            if a in k:
+                k = k.replace(a, b)
+                break
+        out[k] = v
+    return out
+
+
+def fuse_qkv(sd: dict, prefix: str, names=("to_q", "to_k", "to_v"), fused: str = "to_qkv") -> dict:
+    """diffusers' separate projections under ``prefix`` -> one concatenated ``fused`` projection."""
+    for p in ("weight", "bias"):
+        keys = [f"{prefix}{n}.{p}" for n in names]
+        if all(k in sd for k in keys):
+            sd[f"{prefix}{fused}.{p}"] = torch.cat([sd.pop(k) for k in keys], dim=0)
+    return sd
+
+
+def split_qkv(sd: dict, prefix: str, names=("to_q", "to_k", "to_v"), fused: str = "to_qkv") -> dict:
+    """Inverse of :func:`fuse_qkv` (equal chunks, copied: safetensors refuses shared storage)."""
+    for p in ("weight", "bias"):
+        k = f"{prefix}{fused}.{p}"
+        if k in sd:
+            for n, part in zip(names, sd.pop(k).chunk(len(names), dim=0)):
+                sd[f"{prefix}{n}.{p}"] = part.clone()
+    return sd
 
 
 class CheckpointMismatchError(ValueError):

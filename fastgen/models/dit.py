@@ -45,7 +45,10 @@ from fastgen.models._common import (
     check_dtype,
     check_latent,
     gated_modulated_norm_linear,
+    fuse_qkv,
     modulated_norm_linear,
+    rename_keys,
+    split_qkv,
     timestep_embedding,
     unpatchify,
 )
@@ -271,38 +274,6 @@ class DiT(FastgenModel):
 
 # (fastgen suffix, diffusers suffix) inside each transformer block
 _RENAMES = (("attn1.to_out.", "attn1.to_out.0."), ("ff.fc1.", "ff.net.0.proj."), ("ff.fc2.", "ff.net.2."))
-
-
-def rename_keys(sd: dict, renames, to_diffusers: bool) -> dict:
-    """Rename by substring pairs (ours, diffusers'), in either direction."""
-    out = {}
-    for k, v in sd.items():
-        for ours, theirs in renames:
-            a, b = (ours, theirs) if to_diffusers else (theirs, ours)
-            if a in k:
-                k = k.replace(a, b)
-                break
-        out[k] = v
-    return out
-
-
-def fuse_qkv(sd: dict, prefix: str, names=("to_q", "to_k", "to_v"), fused: str = "to_qkv") -> dict:
-    """diffusers' separate projections under ``prefix`` -> one concatenated ``fused`` projection."""
-    for p in ("weight", "bias"):
-        keys = [f"{prefix}{n}.{p}" for n in names]
-        if all(k in sd for k in keys):
-            sd[f"{prefix}{fused}.{p}"] = torch.cat([sd.pop(k) for k in keys], dim=0)
-    return sd
-
-
-def split_qkv(sd: dict, prefix: str, names=("to_q", "to_k", "to_v"), fused: str = "to_qkv") -> dict:
-    """Inverse of :func:`fuse_qkv` (equal chunks, copied: safetensors refuses shared storage)."""
-    for p in ("weight", "bias"):
-        k = f"{prefix}{fused}.{p}"
-        if k in sd:
-            for n, part in zip(names, sd.pop(k).chunk(len(names), dim=0)):
-                sd[f"{prefix}{n}.{p}"] = part.clone()
-    return sd
 
 
 def _block_prefixes(sd: dict) -> list:

@@ -43,11 +43,14 @@ from fastgen.models._common import (
     TimestepMLP,
     check_dtype,
     check_latent,
+    fuse_qkv,
     modulated_norm_linear,
+    rename_keys,
+    split_qkv,
     timestep_embedding,
     unpatchify,
 )
-from fastgen.models.dit import SelfAttention, fuse_qkv, rename_keys, split_qkv
+from fastgen.models.dit import SelfAttention
 from fastgen.ops.attention import attention
 from fastgen.ops.modulate import gated_residual, layer_norm_modulate
 
