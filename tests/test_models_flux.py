@@ -160,7 +160,7 @@ def test_torch_compile_fullgraph():
     model = randomize(Flux(FluxConfig(**SCHNELL), backend="torch"))
     kw = _inputs(1, 2, 3, 3, SCHNELL)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # no graph break
     out = compiled(**kw, return_dict=False)[0]
     out.square().sum().backward()
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_flux_pipeline_same_images_with_fastgen_transformer(tmp_path):
                                   tokenizer_2=t5_tok)
 
     def images():
-        return pipe("a photo of a red cat", height=16, width=24, num_inference_steps=2, guidance_scale=3.5,
+        return pipe("a photo of a red cat", height=16, width=24, num_inference_steps=1, guidance_scale=3.5,
                     max_sequence_length=8, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     want = images()

@@ -151,7 +151,8 @@ def test_state_dict_loads_strict_and_round_trips():
 
 def test_from_pretrained_diffusers_folder(tmp_path):
     model, ref = _pair(SD35)
-    ref.save_pretrained(tmp_path / "transformer")  # a pipeline folder layout
+    ref.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")  # a pipeline folder, sharded
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
     loaded = SD3.from_pretrained(tmp_path, backend="torch")
     assert loaded.config == model.config
     kw = _inputs(2, 4, 6, 3, SD35)
@@ -252,7 +253,7 @@ def test_torch_compile_fullgraph():
     model = randomize(SD3(SD3Config(**cfg), backend="torch"))
     kw = _inputs(1, 4, 4, 3, SD35)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # no graph break
     out = compiled(**kw, return_dict=False)[0]
     out.square().sum().backward()
     with torch.no_grad():
@@ -269,8 +270,8 @@ def _skip_unless_kernels():
 
 def test_bf16_triton_fa_rule():
     _skip_unless_kernels()
-    cfg = dict(SD35, attention_head_dim=16, caption_projection_dim=32, num_layers=2, dual_attention_layers=(0,))
-    model32, ref32 = _pair(cfg, backend="torch")
+    cfg = dict(SD35, attention_head_dim=16, caption_projection_dim=32, num_layers=1, dual_attention_layers=(0,))
+    model32, ref32 = _pair(cfg, backend="torch")  # one block: dual attention, qk-norm, text pre-only
     ref16 = randomize(type(ref32)(**cfg), 0).to(torch.bfloat16)
     model = SD3.from_diffusers(ref16, backend="triton").to(TRITON_DEVICE)
     kw32 = _inputs(1, 4, 6, 5, cfg)
@@ -287,7 +288,7 @@ def test_bf16_triton_fa_rule():
     for t in (out, truth, lowp):
         t.float().square().mean().backward()
     for name in ("transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn2.to_out.0.weight",
-                 "transformer_blocks.1.ff.net.0.proj.weight", "transformer_blocks.0.norm1.linear.weight"):
+                 "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.norm1.linear.weight"):
         got = param_grads_diffusers_layout(model)[name].cpu()
         assert_fa_rule(f"grad {name}", got, dict(ref16.named_parameters())[name].grad,
                        dict(ref32.named_parameters())[name].grad, atol=1e-2)
@@ -371,7 +372,7 @@ def test_sd3_pipeline_same_images_with_fastgen_transformer(tmp_path):
         text_encoder_3=t5, tokenizer_3=t5_tok)
 
     def images():
-        return pipe("a photo of a red cat", negative_prompt="a dog", height=16, width=24, num_inference_steps=2,
+        return pipe("a photo of a red cat", negative_prompt="a dog", height=16, width=24, num_inference_steps=1,
                      guidance_scale=4.0, max_sequence_length=8, generator=torch.Generator().manual_seed(0),
                      output_type="pt").images
 

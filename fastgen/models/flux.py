@@ -172,7 +172,7 @@ class FluxTransformerBlock(nn.Module):
         x = gated_residual(x, self.ff(h), gate2, backend=be)
         ch, c = gated_residual_layer_norm_modulate(c, co, cgate1, cshift2, cscale2, 1e-6, backend=be)
         c = gated_residual(c, self.ff_context(ch), cgate2, backend=be)
-        return _clip_fp16(c), _clip_fp16(x)
+        return _clip_fp16(c), x  # as diffusers: only the text stream is clipped here
 
 
 class FluxSingleTransformerBlock(nn.Module):
@@ -202,7 +202,8 @@ class FluxSingleTransformerBlock(nn.Module):
 
 
 def _clip_fp16(x: Tensor) -> Tensor:
-    """diffusers clips the fp16 residual stream to the finite range after every block."""
+    """diffusers clips fp16 residual streams to the finite range (the text stream after a double block,
+    the joint stream after a single block)."""
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
