@@ -181,6 +181,46 @@ def test_cuda_backend_on_dit_reports_every_site_and_runs():
         fp.patch(m, backend="cuda", strict=True)
 
 
+def test_cuda_backend_on_flux_serves_part_of_a_site():
+    """Flux's processor under backend="cuda": qk_norm_rope has CUDA C++ kernels, attention does not,
+    so the processor is patched with attention on the reference (said on its report line). With no
+    GPU the CUDA calls fall back at call time, once per module; the output is the model's own."""
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel
+
+    from fastgen.cuda import extension_info
+
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                               pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    inputs = dict(hidden_states=torch.randn(1, 16, 4), encoder_hidden_states=torch.randn(1, 4, 16),
+                  pooled_projections=torch.randn(1, 16), timestep=torch.tensor([0.5]),
+                  img_ids=img_ids.reshape(16, 3), txt_ids=torch.zeros(4, 3))
+    with torch.no_grad():
+        ref = m(**inputs).sample
+    r = fp.patch(m, backend="cuda")
+    procs = [x for x in r.replaced if x.before == "FluxAttnProcessor"]
+    if not extension_info()["built"]:  # then nothing CUDA can serve: every site says why
+        assert not procs and "fastgen._C" in r.on_reference()["transformer_blocks.0.attn"]
+        return
+    assert len(procs) == 2 and all(dict(x.reference) == {"attention": "no CUDA C++ implementation (Triton only)"}
+                                   for x in procs)
+    assert r.on_reference()["single_transformer_blocks.0.attn"] == "attention: no CUDA C++ implementation (Triton only)"
+    assert "attention runs the reference here: no CUDA C++ implementation" in str(r)
+    assert r.count("qk_norm_rope") == 2 and r.count("scaled_dot_product_attention") == 0
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        out = m(**inputs).sample
+    msgs = sorted(str(w.message).split(":")[1].strip() for w in seen
+                  if issubclass(w.category, fp.PatchFallbackWarning))
+    assert "transformer_blocks.0.attn" in msgs and "single_transformer_blocks.0.attn" in msgs
+    assert len(msgs) == len(set(msgs))  # once per module
+    torch.testing.assert_close(out, ref, **TOL)
+    fp.unpatch(m)
+
+
 def test_call_that_cannot_be_served_runs_reference_and_warns_once_per_module(monkeypatch):
     """CPU tensors without the interpreter: the Triton kernels cannot serve any call. Non-strict: the
     reference runs, one PatchFallbackWarning per module; strict: the op raises as op-level backend= does."""

@@ -350,7 +350,8 @@ def backend_of(module) -> Optional[str]:
 def run(module, op: str, fn: Callable, *args, **kwargs):
     """Call fastgen op ``fn`` (named ``op``) as the patched ``module`` (or processor) runs it:
     its backend, the reference where the patch or the call decides so (``serve.run_op``)."""
-    b = module.fastgen_backend if hasattr(module, "fastgen_backend") else backend_of(module)
+    d = module.__dict__
+    b = d[BACKEND_ATTR] if BACKEND_ATTR in d else d.get("fastgen_backend")  # class-swapped module / processor
     return serve.run_op(module, b, op, fn, *args, **kwargs)
 
 
