@@ -68,7 +68,7 @@ def test_image_folder_reads_classes_captions_and_pixels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    ref = torch.from_numpy(np.asarray(Image.open(ds.items[0].path).convert("RGB"), dtype=np.float32))
+    ref = torch.from_numpy(np.array(Image.open(ds.items[0].path).convert("RGB"), dtype=np.float32))
     ref = ref.permute(2, 0, 1) / 127.5 - 1
     torch.testing.assert_close(item["image"], ref)
     assert ds.bucket_counts() == {(16, 16): 8}

@@ -65,7 +65,7 @@ def _train_and_measure(tmp_path, kind: str, steps: int):
     first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
     dist = lambda s: (s - ref).norm(dim=1)  # noqa: E731
     cross = torch.cdist(after[:, :3], ref[:, :3])  # generated class i's mean colour vs data class j's
-    assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "log.csv").exists()
+    assert (tmp_path / "run" / "log.csv").exists()
     return first, last, dist(before), dist(after), cross
 
 

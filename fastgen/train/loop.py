@@ -313,7 +313,10 @@ class Trainer:
         path = os.path.join(self.out, "log.csv")
         if self.rank != 0 or not os.path.exists(path):
             return None
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # the CSV log is the record; the plot is a convenience
+            return None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

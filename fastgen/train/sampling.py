@@ -118,12 +118,7 @@ def sample(model, objective, labels: torch.Tensor, shape: tuple, num_steps: int 
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
-    """``images (N, C, H, W)`` in [-1, 1] as one PNG, ``nrow`` images per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``images (N, C, H, W)`` in [-1, 1] as one PNG, ``nrow`` images per row (Pillow or matplotlib)."""
     n, c, h, w = images.shape
     rows = math.ceil(n / nrow)
     grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
@@ -131,6 +126,17 @@ def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     for i in range(n):
         r, k = divmod(i, nrow)
         grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    plt.imsave(path, arr[..., 0] if c == 1 else arr[..., :3], cmap="gray" if c == 1 else None)
+    arr = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    arr = arr[..., 0] if c == 1 else arr[..., :3]
+    try:
+        from PIL import Image
+
+        Image.fromarray(arr).save(path)
+    except ImportError:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.imsave(path, arr, cmap="gray" if c == 1 else None)
 
