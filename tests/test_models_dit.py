@@ -122,6 +122,14 @@ def test_from_pretrained(tmp_path, shard):
     assert rel_err(m(x, t, y).sample, ref(x, timestep=t, class_labels=y).sample) <= 1e-5
     mb = DiT.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16)
     assert mb.dtype == torch.bfloat16 and not any(p.is_meta for p in mb.parameters())
+    if not shard:  # one .safetensors file with an explicit config; a pipeline folder's subfolder
+        f = str(tmp_path / "diffusion_pytorch_model.safetensors")
+        one = DiT.from_pretrained(f, config=DiTConfig(**TINY), backend="torch")
+        assert rel_err(one(x, t, y).sample, m(x, t, y).sample) == 0
+        with pytest.raises(ValueError, match="no config.json"):
+            DiT.from_pretrained(f)
+        sub = DiT.from_pretrained(str(tmp_path.parent), subfolder=tmp_path.name, backend="torch")
+        assert rel_err(sub(x, t, y).sample, m(x, t, y).sample) == 0
 
 
 def test_from_pretrained_wrong_size_names_keys(tmp_path):
@@ -137,6 +145,9 @@ def test_from_pretrained_wrong_size_names_keys(tmp_path):
 
 def test_bad_inputs():
     m = DiT(DiTConfig(**TINY), backend="torch")
+    m.fuse_qkv_projections()  # already fused: a no-op, as pipelines may call it
+    with pytest.raises(NotImplementedError, match="attention processors are not supported"):
+        m.set_attn_processor(None)
     x, t, y = _inputs(2, 4, 4)
     with pytest.raises(ValueError, match=r"multiples of the patch size 2"):
         m(torch.randn(2, 4, 5, 4), t, y)

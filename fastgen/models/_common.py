@@ -35,6 +35,9 @@ Model plumbing::
     FastgenModel(nn.Module)   mixin for the models:
         .config, .dtype, .device, .gradient_checkpointing, enable_/disable_gradient_checkpointing(),
         _maybe_checkpoint(fn, *args)                  per-block activation checkpointing when enabled
+        fuse_qkv_projections() / unfuse_qkv_projections()   no-ops (fused already)
+        set_attn_processor / set_default_attn_processor / enable_xformers_memory_efficient_attention
+                                                      NotImplementedError saying why
         from_diffusers(m, backend="auto")             same weights (parameters share storage where the
                                                       layouts agree; fused QKV etc. are new tensors)
         to_diffusers_state_dict()                     loads into the diffusers class with strict=True
@@ -595,6 +598,23 @@ class FastgenModel(nn.Module):
 
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+    # -- diffusers hooks that pipelines or users may call
+    def fuse_qkv_projections(self) -> None:
+        """No-op: the projections are fused already (one QKV GEMM)."""
+
+    def unfuse_qkv_projections(self) -> None:
+        """No-op: the fused projections are this model's layout (see ``to_diffusers_state_dict``)."""
+
+    def _no_processors(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__}: attention processors are not supported: the model has "
+                                  f"one attention call site, fastgen.ops.attention, chosen by backend= "
+                                  f"(flash attention, memory-efficient already); use the diffusers model for "
+                                  f"custom processors")
+
+    set_attn_processor = _no_processors
+    set_default_attn_processor = _no_processors
+    enable_xformers_memory_efficient_attention = _no_processors
 
     # -- interchange (subclasses provide the key maps)
     @classmethod
