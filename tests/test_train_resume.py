@@ -53,7 +53,8 @@ def _cfg(out, steps=6, accum=1, kind="flow", **data):
                       "loss_weighting": "none" if kind == "flow" else "min_snr_gamma"},
         "optim": {"lr": 1e-3, "lr_scheduler": "cosine", "warmup_steps": 2, "grad_clip": 0.5, "ema_decay": 0.9,
                   "weight_decay": 0.01},
-        "train": {"steps": steps, "batch_size": 4, "grad_accum": accum, "progress": False, "log_every": 2},
+        "train": {"steps": steps, "batch_size": 4, "grad_accum": accum, "progress": False, "log_every": 2,
+                  "device": "cpu"},  # the bit-exact contract is a CPU one (cuDNN backward may use atomics)
         "checkpoint": {"every": 2, "keep_last": 2},
         "data": data,
     })
