@@ -74,7 +74,9 @@ class Skipped:
 
 @dataclasses.dataclass
 class PatchReport:
-    """What ``fastgen.patch`` replaced and what it left alone (with the reason)."""
+    """What ``fastgen.patch`` replaced (and which of a site's ops still run the reference there),
+    which children a patched parent's kernel absorbed (``fused``), what it left alone (with the
+    reason), and notes about the whole model."""
 
     backend: str = "auto"
     replaced: list = dataclasses.field(default_factory=list)   # [Replacement]
