@@ -174,3 +174,47 @@ def test_diffusers_file_loads_in_fastgen(tmp_path, tiny_unet):
         plain = unet(*inputs).sample
     assert (want - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_kohya_flux_original_layout_with_fused_qkv(tmp_path):
+    """A kohya Flux LoRA in BFL's layout (one LoRA on the fused img/txt qkv) applied to a diffusers
+    FluxTransformer2DModel: each of to_q / to_k / to_v gets its third of ``up`` (independent math
+    check), and the output equals diffusers' own FluxPipeline loader on the same file."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    D, r = 16, 2
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for blk, out_mult, alpha in (("img_attn_qkv", 3, 1.0), ("txt_attn_qkv", 3, 2.0), ("img_attn_proj", 1, 2.0)):
+        base = f"lora_unet_double_blocks_0_{blk}"
+        sd[f"{base}.lora_down.weight"] = torch.randn(r, D, generator=g)
+        sd[f"{base}.lora_up.weight"] = torch.randn(out_mult * D, r, generator=g) * 0.3
+        sd[f"{base}.alpha"] = torch.tensor(alpha)
+    path = tmp_path / "flux_kohya.safetensors"
+    save_file(sd, path)
+
+    ours = copy.deepcopy(flux)
+    w = A.apply(ours, path)
+    assert w.format == "kohya"
+    attn = ours.transformer_blocks[0].attn
+    up, down = sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    for i, proj in enumerate((attn.to_q, attn.to_k, attn.to_v)):
+        br = proj.fastgen_adapters["default"]
+        torch.testing.assert_close(br.scale * br.delta_weight(), (1.0 / r) * up[i * D:(i + 1) * D] @ down, atol=1e-5, rtol=1e-5)
+
+    theirs = copy.deepcopy(flux)
+    conv = diffusers.FluxPipeline.lora_state_dict(str(path))
+    diffusers.FluxPipeline.load_lora_into_transformer(conv, None, transformer=theirs, adapter_name="k")
+    S, T = 4, 3
+    inputs = dict(hidden_states=torch.randn(1, S, 4, generator=g), encoder_hidden_states=torch.randn(1, T, 8, generator=g),
+                  pooled_projections=torch.randn(1, 8, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(S, 3), txt_ids=torch.zeros(T, 3))
+    with torch.no_grad():
+        want, got, plain = theirs(**inputs).sample, ours(**inputs).sample, flux(**inputs).sample
+    assert (want - plain).abs().max() > 1e-4
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

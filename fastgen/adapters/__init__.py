@@ -26,6 +26,7 @@ from torch import nn
 from fastgen.adapters import formats
 from fastgen.adapters.formats import FORMATS, UnmappableKeyError, detect
 from fastgen.adapters.formats import kohya as _kohya
+from fastgen.adapters.formats import via_diffusers as _via_diffusers
 from fastgen.adapters.inject import (
     adapter_names, adapter_parameters, add_adapter, add_weights, disable, disabled, enable, fingerprint,
     get_weights, merge, set_scale, unmerge, use_backend,
@@ -84,10 +85,23 @@ def apply(target, adapter: str | os.PathLike | AdapterWeights, name: str = "defa
         if not part.modules:
             continue
         model = comps[comp]
-        part = _kohya.resolve(part, model)
+        part = _resolve(part, w, model, comp)
         add_weights(model, part, name=name, check_base=check_base and comp == "denoiser")
         set_scale(model, name, scale)
     return w
+
+
+def _resolve(part: AdapterWeights, whole: AdapterWeights, model: nn.Module, comp: str) -> AdapterWeights:
+    """Map kohya's flattened names onto the model; names in the model's original layout (Flux's
+    fused qkv, SDXL's SGM blocks) go through diffusers' own converter when it is installed."""
+    try:
+        return _kohya.resolve(part, model)
+    except UnmappableKeyError as exc:
+        conv = _via_diffusers.convert(whole.source, model) if comp == "denoiser" and whole.source else None
+        if conv is None or not conv.modules:
+            raise UnmappableKeyError(f"{exc} (diffusers' converter could not map it either, or is not installed)") from exc
+        conv.extra, conv.base, conv.base_class = {}, part.base, part.base_class
+        return conv
 
 
 def remove(target, names=None) -> None:

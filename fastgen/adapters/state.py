@@ -65,6 +65,8 @@ class AdapterWeights:
     extra: dict = dataclasses.field(default_factory=dict)
     # the file's own key for each layer (for error messages)
     keys: dict = dataclasses.field(default_factory=dict)
+    # the state dict it was read from (for conversions that need the raw file, formats/via_diffusers.py)
+    source: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def kinds(self) -> set[str]:

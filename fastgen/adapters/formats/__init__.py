@@ -50,6 +50,7 @@ def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict | None = None) -
     w = reader(sd, metadata or {})
     read_fastgen_metadata(metadata or {}, w)
     w.metadata = dict(metadata or {})
+    w.source = sd
     return w
 
 
