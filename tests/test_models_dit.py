@@ -178,6 +178,23 @@ def test_presets_parameter_counts():
         assert round((n - 27 * per_block_embed) / 1e6) == 675
 
 
+def test_requires_grad_on_a_subset():
+    """Frozen base, a few trainable tensors (how adapters train): only those get gradients, and
+    they equal diffusers' gradients for the same tensors."""
+    ref = _diffusers()
+    m = DiT.from_diffusers(ref, backend="torch")
+    train = {"transformer_blocks.0.ff.fc1.weight", "transformer_blocks.1.attn1.to_qkv.bias", "proj_out_2.weight"}
+    for n, p in m.named_parameters():
+        p.requires_grad_(n in train)
+    x, t, y = _inputs(2, 4, 4)
+    m(x, t, y).sample.square().sum().backward()
+    ref(x, timestep=t, class_labels=y).sample.square().sum().backward()
+    want = DiT.state_dict_from_diffusers({n: p.grad for n, p in ref.named_parameters()})
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == train
+    for n in train:
+        assert rel_err(m.get_parameter(n).grad, want[n]) <= 1e-5, n
+
+
 def test_gradient_checkpointing_same_gradients():
     ref = _diffusers()
     x, t, y = _inputs(2, 4, 4)

@@ -155,6 +155,24 @@ def test_bad_inputs():
         PixArt(PixArtConfig(**TINY, use_additional_conditions=True), backend="triton")(x, **kw)
 
 
+def test_requires_grad_on_a_subset():
+    """Frozen base, a few trainable tensors: only those get gradients, equal to diffusers'."""
+    ref = _diffusers(use_additional_conditions=False)
+    m = PixArt.from_diffusers(ref, backend="torch")
+    train = {"transformer_blocks.0.attn2.to_kv.weight", "transformer_blocks.1.scale_shift_table",
+             "transformer_blocks.1.ff.fc1.bias"}
+    for n, p in m.named_parameters():
+        p.requires_grad_(n in train)
+    x, kw = _inputs(2, 4, 4, 3, False)
+    kw["encoder_attention_mask"] = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    m(x, **kw).sample.square().sum().backward()
+    ref(x, **kw).sample.square().sum().backward()
+    want = PixArt.state_dict_from_diffusers({n: p.grad for n, p in ref.named_parameters()})
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == train
+    for n in train:
+        assert rel_err(m.get_parameter(n).grad, want[n]) <= 1e-5, n
+
+
 def test_gradient_checkpointing_same_gradients():
     ref = _diffusers(use_additional_conditions=False)
     x, kw = _inputs(2, 4, 4, 3, False)
