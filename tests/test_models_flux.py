@@ -113,9 +113,7 @@ def test_state_dict_strict_and_layouts(tmp_path):
         assert rel_err(from_bfl(**kw).sample, want) <= 1e-6  # BLAS may round differently
 
 
-def test_clear_errors(tmp_path):
-    from safetensors.torch import save_file
-
+def test_clear_errors():
     dev = Flux(FluxConfig(**DEV), backend="torch")
     kw = _inputs(1, 2, 2, 3)
     with pytest.raises(ValueError, match="guidance is required"):
@@ -133,12 +131,21 @@ def test_clear_errors(tmp_path):
     with pytest.raises(BackendUnavailableError, match="float64"):
         Flux(FluxConfig(**DEV), backend="triton").double()(**{k: v.double() if v.is_floating_point() else v
                                                                for k, v in kw.items()})
+
+
+def test_checkpoint_errors_name_the_keys(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    dev = Flux(FluxConfig(**DEV), backend="torch")
     save_file({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "sd3.safetensors"))
     with pytest.raises(CheckpointMismatchError, match="joint_blocks.0.x_block.attn.qkv.weight"):
         Flux.from_pretrained(tmp_path / "sd3.safetensors")
     save_file({k: v.contiguous() for k, v in dev.to_original_state_dict().items()}, str(tmp_path / "f.safetensors"))
     with pytest.raises(CheckpointMismatchError, match=r"img_in\.weight"):
         Flux.from_pretrained(tmp_path / "f.safetensors", config=FluxConfig(**dict(DEV, num_attention_heads=3)))
+    with pytest.raises(ValueError, match="cannot infer axes_dims_rope"):
+        Flux.from_pretrained(tmp_path / "f.safetensors")  # head dim 16: Flux's split (2, 7, 7) is odd
 
 
 # ----------------------------------------------------------------------------- training features
@@ -179,7 +186,7 @@ def test_bf16_triton_fa_rule():
     _skip_unless_kernels()
     diffusers = pytest.importorskip("diffusers")
     cfg = dict(DEV, num_layers=1, num_single_layers=1)
-    model32, ref32 = _pair(cfg)
+    _, ref32 = _pair(cfg)
     ref16 = randomize(diffusers.FluxTransformer2DModel(**cfg), 0).to(torch.bfloat16)
     model = Flux.from_diffusers(ref16, backend="triton").to(TRITON_DEVICE)
     import fastgen
@@ -204,13 +211,13 @@ def test_saved_activations_per_block_vs_diffusers():
     _skip_unless_kernels()
     diffusers = pytest.importorskip("diffusers")
     cfg = dict(DEV, num_layers=1, num_single_layers=1, guidance_embeds=False)
-    ref = diffusers.FluxTransformer2DModel(**cfg).to(torch.bfloat16)
+    ref = diffusers.FluxTransformer2DModel(**cfg).to(TRITON_DEVICE, torch.bfloat16)
     model = Flux.from_diffusers(ref, backend="triton")
     g = torch.Generator().manual_seed(0)
     St, h, w = 16, 8, 8
-    x, c, temb = (torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in
+    x, c, temb = (torch.randn(*s, generator=g).to(TRITON_DEVICE, torch.bfloat16).requires_grad_() for s in
                   ((1, h * w, 32), (1, St, 32), (1, 32)))
-    txt_ids, img_ids = _ids(St, h, w)
+    txt_ids, img_ids = (t.to(TRITON_DEVICE) for t in _ids(St, h, w))
     cos, sin = model.rope_tables(txt_ids, img_ids)
     rot = ref.pos_embed(torch.cat([txt_ids, img_ids]))
     e = torch.nn.functional.silu(temb)

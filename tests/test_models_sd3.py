@@ -188,9 +188,7 @@ def test_original_layout_round_trip(tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_clear_errors(tmp_path):
-    from safetensors.torch import save_file
-
+def test_clear_errors():
     model = SD3(SD3Config(**TINY), backend="torch")
     kw = _inputs(1, 4, 4, 2)
     with pytest.raises(ValueError, match="multiples of the patch size"):
@@ -205,6 +203,21 @@ def test_clear_errors(tmp_path):
         model(**{**kw, "hidden_states": torch.randn(1, 4, 18, 4)})
     with pytest.raises(NotImplementedError, match="joint_attention_kwargs"):
         model(**kw, joint_attention_kwargs={"ip_adapter_image_embeds": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        SD3Config.preset("sd4")
+    # a dtype the kernels do not serve, with an explicit kernel backend
+    from fastgen.backend import BackendUnavailableError
+
+    f64 = SD3(SD3Config(**TINY), backend="triton").double()
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        f64(**{k: v.double() for k, v in kw.items()})
+
+
+def test_checkpoint_errors_name_the_keys(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    model = SD3(SD3Config(**TINY), backend="torch")
     # a Flux checkpoint is not an SD3 one: the error names the keys it saw
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "flux.safetensors"))
     with pytest.raises(CheckpointMismatchError, match="double_blocks.0.img_attn.qkv.weight"):
@@ -214,14 +227,6 @@ def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"shape mismatch.*x_embedder\.proj\.weight"):
         SD3.from_pretrained(tmp_path / "s.safetensors", config=SD3Config(**dict(TINY, num_attention_heads=4,
                                                                                  caption_projection_dim=32)))
-    with pytest.raises(ValueError, match="unknown preset"):
-        SD3Config.preset("sd4")
-    # a dtype the kernels do not serve, with an explicit kernel backend
-    from fastgen.backend import BackendUnavailableError
-
-    f64 = SD3(SD3Config(**TINY), backend="triton").double()
-    with pytest.raises(BackendUnavailableError, match="float64"):
-        f64(**{k: v.double() for k, v in kw.items()})
 
 
 # ----------------------------------------------------------------------------- training features
@@ -271,7 +276,7 @@ def _skip_unless_kernels():
 def test_bf16_triton_fa_rule():
     _skip_unless_kernels()
     cfg = dict(SD35, attention_head_dim=16, caption_projection_dim=32, num_layers=1, dual_attention_layers=(0,))
-    model32, ref32 = _pair(cfg, backend="torch")  # one block: dual attention, qk-norm, text pre-only
+    _, ref32 = _pair(cfg, backend="torch")  # one block: dual attention, qk-norm, text pre-only
     ref16 = randomize(type(ref32)(**cfg), 0).to(torch.bfloat16)
     model = SD3.from_diffusers(ref16, backend="triton").to(TRITON_DEVICE)
     kw32 = _inputs(1, 4, 6, 5, cfg)
@@ -299,10 +304,10 @@ def test_saved_activations_per_block_vs_diffusers():
     _skip_unless_kernels()
     diffusers = pytest.importorskip("diffusers")
     cfg = dict(SD35, attention_head_dim=16, caption_projection_dim=32, num_layers=3, dual_attention_layers=(0,))
-    ref = diffusers.SD3Transformer2DModel(**cfg).to(torch.bfloat16)
+    ref = diffusers.SD3Transformer2DModel(**cfg).to(TRITON_DEVICE, torch.bfloat16)
     model = SD3.from_diffusers(ref, backend="triton")
     g = torch.Generator().manual_seed(0)
-    x, c, temb = (torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in
+    x, c, temb = (torch.randn(*s, generator=g).to(TRITON_DEVICE, torch.bfloat16).requires_grad_() for s in
                   ((1, 64, 32), (1, 16, 32), (1, 32)))
     params = list(ref.parameters()) + list(model.parameters())
     ratios = {}
