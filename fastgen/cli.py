@@ -96,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unwritable(out: str) -> str | None:
+    """Why the report folder ``out`` cannot be created or written, or None."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if os.access(out, os.W_OK) else "permission denied"
+
+
 def _bench(args) -> int:
     if args.apply_auto:
         from fastgen.recorded_run import apply_auto
@@ -132,7 +141,16 @@ def _bench(args) -> int:
             print(f"fastgen bench: unknown provider(s) {', '.join(bad)} (known: {', '.join(sorted(valid))})",
                   file=sys.stderr)
             return 2
-    result = harness.run(suites=suites, device=device, quick=args.quick, out=args.out,
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out or harness.default_out_dir(device)
+    why = _unwritable(out)
+    if why is not None:  # say so before measuring, not with a traceback after it
+        print(f"fastgen bench: cannot write the reports to {out}: {why}; pass --out DIR", file=sys.stderr)
+        return 2
+    result = harness.run(suites=suites, device=device, quick=args.quick, out=out,
                          providers=_csv(args.providers), modes=_csv(args.modes),
                          progress=not args.no_progress)
     if args.fail_on_error and any(r["status"].startswith("error") for r in result["rows"]):

@@ -106,6 +106,15 @@ def test_bench_default_out_is_the_current_directory(tmp_path, capsys, monkeypatc
     assert snapshot() == before
 
 
+def test_bench_unwritable_out_is_a_message_not_a_traceback(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["bench", "--quick", "--ops", "rms_norm", "--device", "cpu", "--providers", "torch",
+                 "--out", str(blocker / "res"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the reports to {blocker / 'res'}" in err and "--out DIR" in err
+
+
 def test_version(capsys):
     import fastgen
 
