@@ -53,6 +53,7 @@ CASES = {
     "odd-tokens-mask-additional": (3, 6, 6, 7, [[1, 1, 1, 0, 0, 0, 0], [1] * 7, [0, 1, 0, 1, 0, 1, 1]], True),
     "non-square-text-1": (2, 4, 10, 1, None, False),
     "bias-mask-cfg-batch": (4, 4, 4, 5, "bias", False),
+    "text-77-mask": (2, 4, 4, 77, [[1] * 10 + [0] * 67, [1] * 77], False),
 }
 
 
@@ -326,6 +327,7 @@ def test_gpu_pixart_alpha_width_triton():
             "aspect_ratio": torch.ones(2, 1, device="cuda")}
     t = torch.tensor([20.0, 800.0], device="cuda")
     runs = []
+    # baseline: the reference path in bf16 (bf16 GEMMs and residual stream, attention in fp32 inside)
     for dt, bk in ((torch.float32, "torch"), (torch.bfloat16, "torch"), (torch.bfloat16, "triton")):
         m = PixArt(cfg, backend=bk).cuda().eval().to(dt)
         m.load_state_dict(ref.state_dict())
@@ -341,4 +343,4 @@ def test_gpu_pixart_alpha_width_triton():
         blk = m.transformer_blocks[1]
         runs.append((out.float(), xi.grad.float(), blk.attn2.to_kv.weight.grad.float()))
     for i, name in enumerate(("out", "dx", "dW_kv_cross")):
-        assert_fa_rule(name, runs[2][i], runs[1][i], runs[0][i], atol=1e-3 * runs[0][i].abs().max().item())
+        assert_fa_rule(name, runs[2][i], runs[1][i], runs[0][i], atol=1e-2 * runs[0][i].abs().max().item())
