@@ -38,7 +38,8 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = _f("flow", "'flow' (flow matching / rectified flow, velocity target) or 'denoising' (DDPM family)")
+    kind: str = _f("flow", "'flow' (flow matching / rectified flow, velocity target), 'denoising' (DDPM family) "
+                           "or 'consistency' (improved consistency training, pseudo-Huber)")
     prediction: str = _f("epsilon", "denoising: 'epsilon', 'v_prediction' or 'sample'")
     beta_schedule: str = _f("linear", "denoising: 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
     num_train_timesteps: int = _f(1000, "denoising: number of discrete steps T; flow: the model timestep is T * sigma")
@@ -54,6 +55,10 @@ class ObjectiveConfig:
     sigmoid_scale: float = _f(1.0, "flow: scale of sigmoid")
     shift: float = _f(1.0, "flow: time shift s (sigma = s u / (1 + (s - 1) u)); 1 = none")
     resolution_shift: bool = _f(False, "flow: Flux's shift from the image token count (overrides shift)")
+    ct_s0: int = _f(10, "consistency: initial number of discretization steps s0 (doubles over training)")
+    ct_s1: int = _f(1280, "consistency: final number of discretization steps s1")
+    ct_sigma_max: float = _f(80.0, "consistency: largest noise level (smallest: 0.002)")
+    ct_sigma_data: float = _f(0.5, "consistency: data standard deviation of the EDM parametrization")
     cond_dropout: float = _f(0.0, "probability of replacing a class label by the null class (classifier-free "
                                   "guidance), e.g. 0.1 for a model that does not drop labels itself "
                                   "(fastgen.models.DiT does: its class_dropout_prob)")
@@ -190,7 +195,7 @@ class Config:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         o, da, op, t, c, v = self.objective, self.data, self.optim, self.train, self.checkpoint, self.validation
-        _one_of("objective.kind", o.kind, ("flow", "denoising"))
+        _one_of("objective.kind", o.kind, ("flow", "denoising", "consistency"))
         if o.kind == "flow":
             _one_of("objective.loss_weighting", o.loss_weighting, ("none", "sigma_sqrt", "cosmap"), "flow")
             _one_of("objective.timestep_sampling", o.timestep_sampling,
@@ -198,6 +203,12 @@ class Config:
             if o.timestep_sampling == "shifted" and o.shift == 1.0 and not o.resolution_shift:
                 raise ConfigError("objective.timestep_sampling = 'shifted' needs objective.shift != 1 "
                                   "or objective.resolution_shift = true")
+        elif o.kind == "consistency":
+            _one_of("objective.loss_weighting", o.loss_weighting, ("none",), "consistency (its weight is "
+                    "1 / (sigma_{i+1} - sigma_i))")
+            if not 1 <= o.ct_s0 <= o.ct_s1:
+                raise ConfigError(f"objective.ct_s0 and ct_s1 need 1 <= ct_s0 <= ct_s1, got {o.ct_s0}, {o.ct_s1}")
+            _positive(objective_ct_sigma_max=o.ct_sigma_max, objective_ct_sigma_data=o.ct_sigma_data)
         else:
             _one_of("objective.loss_weighting", o.loss_weighting, ("none", "snr", "min_snr_gamma", "debiased"),
                     "denoising")

@@ -38,6 +38,7 @@ import torch
 from fastgen.optim import EMA, FusedAdamW, clip_grad_norm_
 from fastgen.train import checkpoint as ckpt
 from fastgen.train.config import Config, ConfigError
+from fastgen.train.consistency import ConsistencyTrainingObjective
 from fastgen.train.data import BucketBatchSampler, build_dataset
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
 from fastgen.train.sampling import sample, save_grid
@@ -83,7 +84,10 @@ def build_model(mc) -> torch.nn.Module:
     return model
 
 
-def build_objective(oc):
+def build_objective(oc, total_steps: int = 1):
+    if oc.kind == "consistency":
+        return ConsistencyTrainingObjective(total_steps, oc.ct_s0, oc.ct_s1, sigma_max=oc.ct_sigma_max,
+                                            sigma_data=oc.ct_sigma_data)
     if oc.kind == "flow":
         return FlowMatchingObjective(oc.timestep_sampling, oc.logit_mean, oc.logit_std, oc.mode_scale, oc.sigmoid_scale,
                                      oc.shift, oc.resolution_shift, loss_weighting=oc.loss_weighting,
@@ -194,7 +198,7 @@ class Trainer:
         if getattr(mcfg, "class_dropout_prob", 0) and config.objective.cond_dropout:
             log("fastgen.train: note: the model drops labels itself (class_dropout_prob) and "
                 "objective.cond_dropout drops them again; set one of them to 0")
-        self.objective = build_objective(config.objective)
+        self.objective = build_objective(config.objective, t.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
         self.optimizer = FusedAdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -230,6 +234,8 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns ``(loss, grad_norm)``."""
         A = self.cfg.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.objective, "set_step"):  # consistency training: the discretization curriculum
+            self.objective.set_step(self.step)
         total = torch.zeros((), device=self.device)
         for a in range(A):
             total += self._micro_batch(next(batches), sync=a == A - 1)

@@ -12,6 +12,9 @@ to [-1, 1] like diffusers' DDIMScheduler default ``clip_sample``)::
     x0^, eps^ from the model's prediction, then x0^ <- clip(x0^, -1, 1)
     x   <- sqrt(a_prev) x0^ + sqrt(1 - a_prev) eps^
 
+Consistency models: ``f(sigma_max z)``, then re-noise and denoise down the Karras grid
+(``num_steps`` points, :meth:`ConsistencyTrainingObjective.sample`).
+
 Guidance: ``out = out_uncond + g (out_cond - out_uncond)``, both halves in one batch.
 ``sampler`` is ``"auto"`` (diffusers when importable), ``"builtin"``, or a diffusers scheduler
 class name (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler,
@@ -25,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from fastgen.train.consistency import ConsistencyTrainingObjective, karras_sigmas
 from fastgen.train.objectives import FlowMatchingObjective, _model_output, shift_sigmas
 
 
@@ -93,6 +97,10 @@ def sample(model, objective, labels: torch.Tensor, shape: tuple, num_steps: int 
     """``(B, C, H, W)`` samples for ``labels (B,)``, ``shape = (C, H, W)``."""
     device = device or labels.device
     x = torch.randn((labels.shape[0], *shape), generator=generator).to(device)
+    if isinstance(objective, ConsistencyTrainingObjective):  # sigma_max, then the Karras grid down
+        sig = karras_sigmas(num_steps + 1, objective.sigma_min, objective.sigma_max, objective.rho)
+        return objective.sample(lambda xx, t, class_labels=None: _guided(model, xx, t, labels, guidance_scale, null_label),
+                                x, labels, sig[1:].flip(0).tolist(), generator)
     use_diffusers = sampler not in ("builtin",)
     if sampler == "auto":
         try:

@@ -1,0 +1,125 @@
+"""Consistency training (Song et al. 2023) with the improved recipe of Song & Dhariwal 2023 (iCT).
+
+Shapes: ``x0`` ``(B, C, H, W)``; per-sample sigmas and weights ``(B,)``.
+
+Consistency function (EDM parametrization, ``sigma_data = 0.5``, boundary ``f(x, sigma_min) = x``)::
+
+    f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s))
+    c_skip  = sigma_data^2 / ((s - sigma_min)^2 + sigma_data^2)
+    c_out   = (s - sigma_min) sigma_data / sqrt(s^2 + sigma_data^2)
+    c_in    = 1 / sqrt(s^2 + sigma_data^2),   c_noise = 250 ln(s)  (the model's timestep)
+
+Discretization (Karras et al. 2022, rho = 7) with N(k) points at training step k of K::
+
+    sigma_i = (sigma_min^(1/rho) + (i-1)/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho,  i = 1..N
+    N(k)    = min(s0 2^floor(k / K'), s1) + 1,   K' = floor(K / (log2 floor(s1 / s0) + 1))
+
+Noise levels: ``i`` in 1..N-1 with ``p(i) ~ erf((ln sigma_{i+1} - P_mean) / (sqrt 2 P_std)) -
+erf((ln sigma_i - P_mean) / (sqrt 2 P_std))`` (lognormal, ``P_mean = -1.1``, ``P_std = 2``).
+
+Loss (no EMA teacher in iCT: the teacher is the same network without gradient)::
+
+    z ~ N(0, I)
+    L = lambda(sigma_i) d(f_theta(x0 + sigma_{i+1} z, sigma_{i+1}), stopgrad f_theta(x0 + sigma_i z, sigma_i))
+    lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i),   d(a, b) = sqrt(||a - b||^2 + c^2) - c,  c = 0.00054 sqrt(dim)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from fastgen.train.objectives import _model_output, _per_sample
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """``(n,)`` float64 sigmas, ascending from ``sigma_min`` to ``sigma_max``."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + ramp * (hi - lo)) ** rho
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: Optional[float] = None) -> torch.Tensor:
+    """``(B,)``: ``sqrt(||a_b - b_b||^2 + c^2) - c`` in fp32, ``c = 0.00054 sqrt(dim)`` by default."""
+    dim = a[0].numel()
+    c = 0.00054 * math.sqrt(dim) if c is None else c
+    sq = (a.float() - b.float()).pow(2).flatten(1).sum(1)
+    return torch.sqrt(sq + c * c) - c
+
+
+class ConsistencyTrainingObjective:
+    """Improved consistency training (see the module docstring). ``set_step(k)`` before ``loss``."""
+
+    def __init__(self, total_steps: int, s0: int = 10, s1: int = 1280, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, rho: float = 7.0, p_mean: float = -1.1, p_std: float = 2.0,
+                 sigma_data: float = 0.5, huber_c: Optional[float] = None):
+        if total_steps < 1 or s0 < 1 or s1 < s0:
+            raise ValueError(f"consistency: need total_steps >= 1 and 1 <= s0 <= s1, got {total_steps}, {s0}, {s1}")
+        self.total_steps, self.s0, self.s1 = total_steps, s0, s1
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.p_mean, self.p_std, self.sigma_data, self.huber_c = p_mean, p_std, sigma_data, huber_c
+        self.step = 0
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def num_scales(self, step: Optional[int] = None) -> int:
+        """``N(k)``: the number of discretization points at training step ``k``."""
+        k = self.step if step is None else step
+        k_prime = max(1, math.floor(self.total_steps / (math.log2(math.floor(self.s1 / self.s0)) + 1)))
+        return min(self.s0 * 2 ** (k // k_prime), self.s1) + 1
+
+    def sigmas(self, n: Optional[int] = None) -> torch.Tensor:
+        return karras_sigmas(n or self.num_scales(), self.sigma_min, self.sigma_max, self.rho)
+
+    def index_probabilities(self, n: Optional[int] = None) -> torch.Tensor:
+        """``(N-1,)`` float64: the probability of each pair ``(sigma_i, sigma_{i+1})``."""
+        log_s = self.sigmas(n).log()
+        cdf = torch.erf((log_s - self.p_mean) / (math.sqrt(2) * self.p_std))
+        p = cdf[1:] - cdf[:-1]
+        return p / p.sum()
+
+    def sample_indices(self, batch: int, n: Optional[int] = None, generator=None) -> torch.Tensor:
+        """``(B,)`` int64 indices ``i`` (0-based) into ``sigmas``; the pair is ``(i, i + 1)``."""
+        return torch.multinomial(self.index_probabilities(n).float(), batch, replacement=True, generator=generator)
+
+    def scalings(self, sigma: torch.Tensor):
+        sd, smin = self.sigma_data, self.sigma_min
+        c_skip = sd ** 2 / ((sigma - smin) ** 2 + sd ** 2)
+        c_out = (sigma - smin) * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
+        return c_skip, c_out, c_in
+
+    def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 250.0 * sigma.log()
+
+    def denoise(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        """``f(x, sigma)``: the consistency function (``f(x, sigma_min) = x`` whatever the model)."""
+        c_skip, c_out, c_in = (_per_sample(c.float(), x) for c in self.scalings(sigma))
+        out = _model_output(model((c_in * x.float()).to(x.dtype), self.model_timestep(sigma).float(),
+                                  class_labels=cond), x.shape[1])
+        return c_skip * x.float() + c_out * out.float()
+
+    def loss(self, model: Callable, x0: torch.Tensor, cond=None, generator=None) -> torch.Tensor:
+        sig = self.sigmas().to(x0.device)
+        i = self.sample_indices(x0.shape[0], len(sig), generator).to(x0.device)
+        s_lo, s_hi = sig[i].float(), sig[i + 1].float()
+        z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        student = self.denoise(model, x0 + _per_sample(s_hi, x0) * z, s_hi, cond)
+        with torch.no_grad():
+            teacher = self.denoise(model, x0 + _per_sample(s_lo, x0) * z, s_lo, cond)
+        weight = 1.0 / (s_hi - s_lo)
+        return (weight * pseudo_huber(student, teacher, self.huber_c)).mean()
+
+    @torch.no_grad()
+    def sample(self, model: Callable, noise: torch.Tensor, cond=None, sigmas=(80.0,), generator=None) -> torch.Tensor:
+        """Multistep consistency sampling: ``x = f(sigma_max z)``, then for each further sigma
+        ``x = f(x + sqrt(s^2 - sigma_min^2) z', s)``. One sigma is one-step generation."""
+        x = self.denoise(model, noise * sigmas[0], torch.full((noise.shape[0],), float(sigmas[0]), device=noise.device), cond)
+        for s in sigmas[1:]:
+            z = torch.randn(noise.shape, generator=generator).to(noise.device)
+            x_t = x + math.sqrt(s * s - self.sigma_min ** 2) * z
+            x = self.denoise(model, x_t, torch.full((noise.shape[0],), float(s), device=noise.device), cond)
+        return x
