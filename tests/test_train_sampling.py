@@ -20,7 +20,8 @@ def _oracle(objective):
             return (x - x0) / s
         a = objective.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        return {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[objective.prediction]
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        return {"epsilon": eps, "sample": x0, "v_prediction": v}[objective.prediction]
     return model
 
 

@@ -117,9 +117,11 @@ class ConsistencyTrainingObjective:
     def sample(self, model: Callable, noise: torch.Tensor, cond=None, sigmas=(80.0,), generator=None) -> torch.Tensor:
         """Multistep consistency sampling: ``x = f(sigma_max z)``, then for each further sigma
         ``x = f(x + sqrt(s^2 - sigma_min^2) z', s)``. One sigma is one-step generation."""
-        x = self.denoise(model, noise * sigmas[0], torch.full((noise.shape[0],), float(sigmas[0]), device=noise.device), cond)
+        def level(s):
+            return torch.full((noise.shape[0],), float(s), device=noise.device)
+
+        x = self.denoise(model, noise * sigmas[0], level(sigmas[0]), cond)
         for s in sigmas[1:]:
             z = torch.randn(noise.shape, generator=generator).to(noise.device)
-            x_t = x + math.sqrt(s * s - self.sigma_min ** 2) * z
-            x = self.denoise(model, x_t, torch.full((noise.shape[0],), float(s), device=noise.device), cond)
+            x = self.denoise(model, x + math.sqrt(s * s - self.sigma_min ** 2) * z, level(s), cond)
         return x

@@ -236,7 +236,8 @@ class FlowMatchingObjective:
         if logit_std <= 0 or shift <= 0 or sigmoid_scale <= 0:
             raise ValueError("logit_std, shift and sigmoid_scale must be > 0")
         self.timestep_sampling, self.loss_weighting = timestep_sampling, loss_weighting
-        self.logit_mean, self.logit_std, self.mode_scale, self.sigmoid_scale = logit_mean, logit_std, mode_scale, sigmoid_scale
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.mode_scale, self.sigmoid_scale = mode_scale, sigmoid_scale
         self.shift, self.resolution_shift, self.patch_size = shift, resolution_shift, patch_size
         self.mu_args = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
                             max_shift=max_shift)

@@ -99,8 +99,10 @@ def sample(model, objective, labels: torch.Tensor, shape: tuple, num_steps: int 
     x = torch.randn((labels.shape[0], *shape), generator=generator).to(device)
     if isinstance(objective, ConsistencyTrainingObjective):  # sigma_max, then the Karras grid down
         sig = karras_sigmas(num_steps + 1, objective.sigma_min, objective.sigma_max, objective.rho)
-        return objective.sample(lambda xx, t, class_labels=None: _guided(model, xx, t, labels, guidance_scale, null_label),
-                                x, labels, sig[1:].flip(0).tolist(), generator)
+        def guided(xx, t, class_labels=None):
+            return _guided(model, xx, t, labels, guidance_scale, null_label)
+
+        return objective.sample(guided, x, labels, sig[1:].flip(0).tolist(), generator)
     use_diffusers = sampler not in ("builtin",)
     if sampler == "auto":
         try:
