@@ -4,16 +4,18 @@
     Trainer(Config.from_toml("configs/train/dit_shapes.toml")).fit()
 
 Parts (each usable alone): ``objectives`` (denoising and flow-matching losses, timestep
-sampling, weightings, condition dropout), ``consistency`` (improved consistency training), ``config`` (the TOML config), ``data`` (image folder,
-buckets, resumable sharded order), ``checkpoint`` (atomic, verified checkpoints), ``sampling``
-(validation samples), ``loop`` (the Trainer). See docs/train.md.
+sampling, weightings, condition dropout), ``consistency`` (improved consistency training),
+``config`` (the TOML config), ``data`` (image folder, buckets, resumable sharded order),
+``checkpoint`` (atomic, verified checkpoints), ``sampling`` (validation samples), ``loop``
+(the Trainer). See docs/train.md.
 """
 
 from fastgen.train.config import Config, ConfigError
 from fastgen.train.consistency import ConsistencyTrainingObjective
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
 
-__all__ = ["Config", "ConfigError", "ConsistencyTrainingObjective", "DenoisingObjective", "FlowMatchingObjective", "Trainer", "drop_conditions"]
+__all__ = ["Config", "ConfigError", "ConsistencyTrainingObjective", "DenoisingObjective", "FlowMatchingObjective",
+           "Trainer", "drop_conditions"]
 
 
 def __getattr__(name: str):
