@@ -163,6 +163,9 @@ def test_bad_inputs():
 
     with pytest.raises(BackendUnavailableError, match=r"backend='triton' runs the attention kernels in bfloat16"):
         DiT(DiTConfig(**TINY), backend="triton")(x, t, y)
+    m2 = DiT(DiTConfig(**TINY), backend="triton").eval().set_backend("torch")
+    assert all(mod.backend == "torch" for mod in m2.modules() if hasattr(mod, "backend"))
+    assert m2(x, t, y).sample.shape == (2, 8, 4, 4)
 
 
 def test_presets_parameter_counts():

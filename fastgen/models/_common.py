@@ -33,7 +33,8 @@ Model plumbing::
     ModelConfig           base of the config dataclasses: cfg["key"], cfg.get, cfg.keys(), cfg.to_dict(),
                           attribute access (what diffusers pipelines read: transformer.config.sample_size)
     FastgenModel(nn.Module)   mixin for the models:
-        .config, .dtype, .device, .gradient_checkpointing, enable_/disable_gradient_checkpointing(),
+        .config, .dtype, .device, .backend, set_backend(name) (every submodule's ``backend``),
+        .gradient_checkpointing, enable_/disable_gradient_checkpointing(),
         _maybe_checkpoint(fn, *args)                  per-block activation checkpointing when enabled
         fuse_qkv_projections() / unfuse_qkv_projections()   no-ops (fused already)
         set_attn_processor / set_default_attn_processor / enable_xformers_memory_efficient_attention
@@ -581,6 +582,13 @@ class FastgenModel(nn.Module):
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
+
+    def set_backend(self, backend: Optional[str]) -> "FastgenModel":
+        """Switch every op of the model to ``backend`` ("auto" | "triton" | "torch" | "cuda")."""
+        for mod in self.modules():
+            if hasattr(mod, "backend"):
+                mod.backend = backend
+        return self
 
     # -- training
     def enable_gradient_checkpointing(self) -> "FastgenModel":
