@@ -66,6 +66,11 @@ class AutoencoderKLConfig:
     mid_block_add_attention: bool = True
     # Image size the VAE was trained on; diffusers' default tile size (in pixels) for tiling.
     sample_size: int = 512
+    # Read by diffusers pipelines (SDXL upcasts an fp16 VAE when force_upcast; some VAEs carry
+    # per-channel latent statistics); kept as given, unused by the model itself.
+    force_upcast: bool = True
+    latents_mean: Optional[tuple] = None
+    latents_std: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -135,11 +140,51 @@ class DiagonalGaussianDistribution:
     def mode(self) -> Tensor:
         return self.mean
 
+    @property
+    def latent_dist(self) -> "DiagonalGaussianDistribution":
+        """Itself: so ``vae.encode(x).latent_dist.sample()`` (diffusers' pipelines) works as well."""
+        return self
+
     def kl(self) -> Tensor:
         """``KL(q || N(0, 1))`` per sample, summed over (C, h, w)."""
         if self.deterministic:
             return torch.zeros(self.mean.shape[0], device=self.mean.device)
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- outputs, diffusers-style
+
+
+class DecodedImage(Tensor):
+    """What ``AutoencoderKL.decode(z)`` returns: a plain tensor (ops on it give plain tensors) that
+    also answers diffusers' ``.sample``, so ``vae.decode(z).sample`` in a pipeline works unchanged."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def sample(self) -> Tensor:
+        return self.as_subclass(Tensor)
+
+
+@dataclass
+class DecoderOutput:
+    """``decode(z, return_dict=True)``: diffusers' ``DecoderOutput`` fields (``sample``), ``out[0]`` too."""
+
+    sample: Tensor
+
+    def __getitem__(self, i: Any) -> Tensor:
+        if i in (0, "sample"):
+            return self.sample
+        raise KeyError(i)
+
+    def to_tuple(self) -> tuple:
+        return (self.sample,)
+
+
+def _as_decoded(x: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        return x
+    return x.as_subclass(DecodedImage)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -333,6 +378,38 @@ class AutoencoderKL(nn.Module):
         lc = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lc, lc, 1) if cfg.use_post_quant_conv else None
+        # diffusers' tiling / slicing switches (enable_tiling / enable_slicing), same names and defaults
+        self.use_tiling = False
+        self.use_slicing = False
+        self.tile_sample_min_size = cfg.sample_size
+        self.tile_latent_min_size = cfg.sample_size // cfg.downsample_factor
+        self.tile_overlap_factor = 0.25
+
+    # -- what diffusers pipelines read besides config: dtype, device, the tiling / slicing switches
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def enable_tiling(self, use_tiling: bool = True) -> None:
+        """Decode / encode inputs larger than one tile with fastgen's **lossless** tiling
+        (:func:`fastgen.vae.tiled_decode` with ``consistent_colors=True``: equal to the full pass up
+        to summation order), tiles of ``tile_latent_min_size`` latent positions / ``tile_sample_min_size`` px."""
+        self.use_tiling = use_tiling
+
+    def disable_tiling(self) -> None:
+        self.enable_tiling(False)
+
+    def enable_slicing(self) -> None:
+        """Decode / encode a batch one sample at a time (lower peak memory, same result)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
 
     # -- factors, as diffusers exposes them (vae.config.scaling_factor; here also as attributes)
 
@@ -366,25 +443,58 @@ class AutoencoderKL(nn.Module):
     def moments(self, x: Tensor) -> Tensor:
         """``(N, in_channels, H, W)`` -> ``(N, 2 * latent_channels, H / f, W / f)``: mean and logvar, stacked."""
         self._check(x, self.config.in_channels, "encode")
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([self._moments(xi) for xi in x.split(1)])
+        return self._moments(x)
+
+    def _moments(self, x: Tensor) -> Tensor:
+        t = self.tile_sample_min_size
+        if self.use_tiling and (x.shape[-1] > t or x.shape[-2] > t):
+            from fastgen.vae.tiling import tiled_encode
+
+            return tiled_encode(self, x, tile_size=t, consistent_colors=True, progress=False).parameters
         h = self.encoder(x)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
-    def encode(self, x: Tensor) -> DiagonalGaussianDistribution:
-        """Images -> the posterior (``.mean``, ``.logvar``, ``.sample(generator)``, ``.mode()``)."""
-        return DiagonalGaussianDistribution(self.moments(x))
+    def encode(self, x: Tensor, return_dict: bool = True) -> Any:
+        """Images -> the posterior (``.mean``, ``.logvar``, ``.sample(generator)``, ``.mode()``; also
+        ``.latent_dist`` as diffusers' output has it). ``return_dict=False``: ``(posterior,)``."""
+        post = DiagonalGaussianDistribution(self.moments(x))
+        return post if return_dict else (post,)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Latents ``(N, latent_channels, h, w)`` -> images ``(N, out_channels, h * f, w * f)`` (no scaling)."""
+    def decode(self, z: Tensor, return_dict: Optional[bool] = None, generator: Any = None) -> Any:
+        """Latents ``(N, latent_channels, h, w)`` -> images ``(N, out_channels, h * f, w * f)`` (no scaling).
+
+        Returns a tensor (a :class:`DecodedImage`: ``.sample`` gives the same tensor, as diffusers'
+        ``vae.decode(z).sample`` expects); ``return_dict=True``: a :class:`DecoderOutput`;
+        ``return_dict=False``: ``(images,)`` as diffusers. After :meth:`enable_tiling`, latents larger
+        than one tile go through the lossless tiled decode; after :meth:`enable_slicing`, one sample
+        at a time. ``generator`` is accepted for diffusers' signature and unused.
+        """
         self._check(z, self.config.latent_channels, "decode")
+        if self.use_slicing and z.shape[0] > 1:
+            out = torch.cat([self._decode(zi) for zi in z.split(1)])
+        else:
+            out = self._decode(z)
+        if return_dict is None:
+            return _as_decoded(out)
+        return DecoderOutput(out) if return_dict else (out,)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        t = self.tile_latent_min_size
+        if self.use_tiling and (z.shape[-1] > t or z.shape[-2] > t):
+            from fastgen.vae.tiling import tiled_decode
+
+            return tiled_decode(self, z, tile_size=t, consistent_colors=True, progress=False)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x: Tensor, sample_posterior: bool = False,
-                generator: Optional[torch.Generator] = None) -> Tensor:
-        """Reconstruction: ``decode(encode(x).sample())`` or ``.mode()``."""
+    def forward(self, x: Tensor, sample_posterior: bool = False, return_dict: Optional[bool] = None,
+                generator: Optional[torch.Generator] = None) -> Any:
+        """Reconstruction: ``decode(encode(x).sample())`` or ``.mode()`` (``return_dict`` as in :meth:`decode`)."""
         post = self.encode(x)
-        return self.decode(post.sample(generator) if sample_posterior else post.mode())
+        return self.decode(post.sample(generator) if sample_posterior else post.mode(), return_dict=return_dict)
 
     def tiled_decode(self, z: Tensor, **kwargs: Any) -> Tensor:
         """:func:`fastgen.vae.tiled_decode` on this VAE."""
@@ -424,7 +534,8 @@ class AutoencoderKL(nn.Module):
 
 
 __all__ = [
-    "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution", "Encoder", "Decoder",
+    "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution", "DecodedImage", "DecoderOutput",
+    "Encoder", "Decoder",
     "ResnetBlock", "Attention", "MidBlock", "DownBlock", "UpBlock", "Downsample", "Upsample",
     "attention", "sd_config", "sdxl_config", "flux_config",
 ]
