@@ -203,6 +203,9 @@ def test_clear_errors():
         model(**{**kw, "hidden_states": torch.randn(1, 4, 18, 4)})
     with pytest.raises(NotImplementedError, match="joint_attention_kwargs"):
         model(**kw, joint_attention_kwargs={"ip_adapter_image_embeds": 1})
+    with pytest.raises(NotImplementedError, match="SD3.load_lora_adapter: fastgen models have no"):
+        model.load_lora_adapter({})
+    model.fuse_qkv_projections()  # already fused: a no-op
     with pytest.raises(ValueError, match="unknown preset"):
         SD3Config.preset("sd4")
     # a dtype the kernels do not serve, with an explicit kernel backend

@@ -181,6 +181,32 @@ class MMDiTModel(FastgenModel):
     def cache_context(self, name: str):  # FluxPipeline wraps its calls in it; fastgen keeps no cache
         yield
 
+    def fuse_qkv_projections(self) -> None:
+        """No-op: fastgen stores the QKV projections fused (``attn.to_qkv``, ``attn.to_added_qkv``)."""
+
+    def unfuse_qkv_projections(self) -> None:
+        """No-op: the fused QKV weights compute the same function; ``to_diffusers_state_dict()`` splits them."""
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(
+            f"{type(self).__name__}.{what}: fastgen models have no attention processors, forward chunking or "
+            "PEFT / LoRA adapter hooks; run the diffusers model for this (weights: to_diffusers_state_dict())")
+
+    def set_attn_processor(self, *args, **kwargs):
+        self._unsupported("set_attn_processor")
+
+    def set_default_attn_processor(self, *args, **kwargs):
+        self._unsupported("set_default_attn_processor")
+
+    def enable_forward_chunking(self, *args, **kwargs):
+        self._unsupported("enable_forward_chunking")
+
+    def load_lora_adapter(self, *args, **kwargs):
+        self._unsupported("load_lora_adapter")
+
+    def set_adapters(self, *args, **kwargs):
+        self._unsupported("set_adapters")
+
     def _check_joint_kwargs(self, joint_attention_kwargs: Optional[dict]) -> None:
         if joint_attention_kwargs:
             raise NotImplementedError(
