@@ -175,7 +175,9 @@ def test_original_layout_round_trip(tmp_path):
     for k, v in theirs.items():
         torch.testing.assert_close(v, ours[k], rtol=0, atol=0, msg=k)
     path = tmp_path / "sd3_original.safetensors"
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in orig.items()}, str(path))
+    others = {"first_stage_model.decoder.conv_in.weight": torch.zeros(2),  # a full single file also holds
+              "text_encoders.clip_l.transformer.x": torch.zeros(2)}      # the VAE and the text encoders
+    save_file({**others, **{"model.diffusion_model." + k: v.contiguous() for k, v in orig.items()}}, str(path))
     loaded = SD3.from_pretrained(path, backend="torch")  # config inferred from the shapes
     assert loaded.config.dual_attention_layers == (0, 1) and loaded.config.qk_norm == "rms_norm"
     loaded16 = SD3.from_pretrained(path, torch_dtype=torch.bfloat16, backend="torch")

@@ -245,6 +245,8 @@ def from_pretrained(cls, path, torch_dtype=None, device="cpu", backend="auto", c
             and os.path.isdir(os.path.join(p, "transformer")):
         subfolder = "transformer"  # a pipeline folder
     raw, where = load_safetensors_dir(p, subfolder)
+    if any(k.startswith(PREFIX) for k in where):  # a full single-file checkpoint: keep the denoiser only
+        where = {k: v for k, v in where.items() if k.startswith(PREFIX)}  # (not its VAE / text encoders)
     keys = [_strip(k) for k in where]
     name = cls.__name__
     if any(k.startswith("transformer_blocks.") for k in keys) and not any(
