@@ -126,18 +126,19 @@ def _sd_pipeline_class():
     return StableDiffusionPipeline
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_fastgen_file_loads_in_diffusers(tmp_path, tiny_unet, fmt):
-    """fastgen saves; diffusers' own loader (load_lora_weights' path) reads it into a clean UNet."""
+@pytest.mark.parametrize("fmt,kind", [("diffusers", "lora"), ("kohya", "lora"), ("diffusers", "dora"), ("diffusers", "lokr")])
+def test_fastgen_file_loads_in_diffusers(tmp_path, tiny_unet, fmt, kind):
+    """fastgen saves; diffusers' own loader (load_lora_weights' path) reads it into a clean UNet.
+    (diffusers drops kohya's dora_scale and has no LoHa loader; fastgen reads both itself.)"""
     unet, inputs = tiny_unet
     ours = copy.deepcopy(unet)
-    A.add_adapter(ours, "a", rank=2, alpha=6.0, targets="attention+ff")
+    A.add_adapter(ours, "a", kind=kind, rank=2, alpha=6.0, targets="attention+ff" if kind == "lora" else "attention")
     A.add_adapter(ours, "tweak", rank=1, alpha=1.0, targets=["attn1.to_q"])  # not saved: stays out of the file
     A.remove(ours, "tweak")
     _randomize(ours, "a")
     with torch.no_grad():
         want = ours(*inputs).sample
-    path = tmp_path / f"fastgen_{fmt}.safetensors"
+    path = tmp_path / f"fastgen_{fmt}_{kind}.safetensors"
     A.save(ours, path, format=fmt, name="a")
     pipe_cls = _sd_pipeline_class()
     theirs = copy.deepcopy(unet)

@@ -29,7 +29,7 @@ ATTENTION = [
 ]
 FEED_FORWARD = [
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    "proj_mlp", "proj_out", "mlp.fc1", "mlp.fc2", "mlp.0", "mlp.2", "fc1", "fc2",
+    "proj_mlp", "single_transformer_blocks.*.proj_out", "mlp.fc1", "mlp.fc2", "mlp.0", "mlp.2", "fc1", "fc2",
     "ff.proj_in", "ff.proj_out", "ff.linear_in", "ff.linear_out", "ff.fc1", "ff.fc2", "mlp.proj_in", "mlp.proj_out",
 ]
 PRESETS = {
