@@ -345,7 +345,9 @@ class Trainer:
         """Samples ``(B, C, H, W)`` in about [-1, 1] for ``labels`` with the validation settings."""
         v = self.cfg.validation
         use_ema = v.use_ema if use_ema is None else use_ema
-        h, w = bucket or self.dataset.buckets[0]
+        if bucket is None:  # the most populated bucket
+            bucket = max(self.dataset.bucket_counts().items(), key=lambda kv: kv[1])[0]
+        h, w = bucket
         c = self.dataset[0]["image"].shape[0] if len(self.dataset) else self.cfg.data.channels
         g = torch.Generator().manual_seed(v.seed if seed is None else seed)
         was_training = self.model.training
