@@ -235,9 +235,9 @@ def saved_bytes(fn, module) -> int:
 @KERNELS
 def test_activation_memory_vs_diffusers():
     """Bytes one block keeps for backward, bf16 on the Triton kernels vs diffusers' CogVideoXBlock
-    (head dim 64, 5b layout): ~0.71x. Saved: no LayerNorm / modulation outputs beyond what the next
-    GEMM needs, no GELU output (recomputed), q / k normalized in place of the fused projection, the
-    post-FF residual without x_new."""
+    (head dim 64, 5b layout): ~0.64x. Not saved: the AdaLN outputs (recomputed in the backward of the
+    QKV / feed-forward projections that read them), the GELU output (recomputed), a copy of q / k
+    (normalized in place of the fused projection), the post-FF residual's x_new."""
     diffusers = pytest.importorskip("diffusers")
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
@@ -255,4 +255,4 @@ def test_activation_memory_vs_diffusers():
     ours = saved_bytes(lambda: fb(h, e, F.silu(temb), m._rope_tables((cos, sin), T, S, h.dtype)), fb)
     ratio = ours / theirs
     print(f"saved-for-backward ratio fastgen / diffusers: CogVideoX block {ratio:.3f}")
-    assert math.isfinite(ratio) and ratio <= 0.75, ratio
+    assert math.isfinite(ratio) and ratio <= 0.68, ratio

@@ -47,9 +47,9 @@ from torch import Tensor
 
 from fastgen.backend import resolve
 from fastgen.models._common import FastgenModel, ModelConfig, TimestepMLP, timestep_embedding
-from fastgen.ops import attention, glu, group_norm, layer_norm
+from fastgen.ops import attention, gated_residual, glu, group_norm, layer_norm, layer_norm_modulate
 from fastgen.ops._checks import kernel_dtype_reason
-from fastgen.ops.layer_norm import NORM_LAYER, _layer_norm_bwd_op, _layer_norm_fwd_op, _opt, as_rows3
+from fastgen.ops.layer_norm import NORM_LAYER, _layer_norm_bwd_op, _layer_norm_fwd_op, _opt, as_rows3, unit_last
 from fastgen.ops.layer_norm import resolve as _ln_resolve
 
 try:  # what diffusers pipelines expect back with return_dict=True
@@ -234,72 +234,136 @@ def glu_linear(u: Tensor, linear: nn.Linear, activation: str = "gelu", backend: 
 # ----------------------------------------------------------------------------- LayerNorm + linear
 
 
-class _LayerNormLinear(torch.autograd.Function):
-    """``y = LN(x) @ W^T + b`` keeping ``x`` (and the per-row statistics) for backward, not ``LN(x)``.
+def _b(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Per-sample modulation (B, N) -> (B, 1, N) with a unit last stride (the kernels' form)."""
+    return None if t is None else unit_last(t.unsqueeze(1) if t.dim() == 2 else t)
 
-    x (..., N), LN affine (N,), W (O, N). The normalized tensor is recomputed in the backward
-    (one pass over x) for ``dW = dy^T LN(x)``; then ``dn = dy W`` goes through the LayerNorm
-    backward. The torch path is F.layer_norm in fp32 (one rounding) and the closed-form
-    backward ``dx = rstd (g - mean(g) - xhat mean(g xhat))``, ``g = dn * w``; a kernel
-    backend runs the ``fastgen::layer_norm_fwd`` / ``layer_norm_bwd`` kernels.
+
+class _NormLinear(torch.autograd.Function):
+    """``[x_new = x + gate * r;]  n = LN(x_new) [* (1 + scale) + shift];  out = n W^T + b``.
+
+    One autograd node for what starts a pre-norm sublayer: the optional gated residual of the
+    previous sublayer, the LayerNorm (optionally AdaLN-modulated, per sample) and the projection.
+    Forward: one fused LayerNorm kernel (``fastgen::layer_norm_fwd``: residual, norm and
+    modulation in one pass) and the GEMM. Saved for backward: ``x_new`` (or ``x``), ``r``, the
+    per-row statistics and the small per-sample vectors — not ``n``, which the backward
+    recomputes (one normalization pass) for ``dW = dout^T n``. Returns ``out`` or ``(out, x_new)``.
+
+    Shapes: x, r (B, S, N) (x may be any (..., N) without modulation); gate / shift / scale (B, N);
+    W (O, N). The torch path is fp32 math with one rounding per output (``x_new`` rounded to x's
+    dtype before it is normalized, as the fused kernel does) and closed-form backward formulas.
     """
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, eps, weight, bias, impl):
+    def forward(ctx, x, r, gate, shift, scale, ln_w, ln_b, eps, weight, bias, impl):
         ctx.eps, ctx.impl, ctx.has_bias, ctx.shape = eps, impl, bias is not None, x.shape
+        ctx.has_res, ctx.mod_shapes = r is not None, [None if t is None else t.shape for t in (gate, shift, scale)]
         if impl == "torch":
-            n = layer_norm(x, ln_w, ln_b, eps, backend="torch")
-            ctx.save_for_backward(x, ln_w, ln_b, weight)
+            h = x if r is None else (x.float() + gate.float().unsqueeze(1) * r.float()).to(x.dtype)
+            n = _norm_mod_torch(h, shift, scale, ln_w, ln_b, eps)
+            ctx.save_for_backward(h, r, gate, shift, scale, ln_w, ln_b, weight)
         else:
-            x3 = as_rows3(x)
-            n, _, mean, rstd = _layer_norm_fwd_op(x3, None, None, None, None, ln_w, ln_b, eps, NORM_LAYER, impl)
-            n = n.view(x.shape)
-            ctx.save_for_backward(x3, ln_w, ln_b, weight, mean, rstd)
-        return F.linear(n, weight, bias)
+            x3 = as_rows3(x) if r is None and shift is None else unit_last(x)
+            n, x_new, mean, rstd = _layer_norm_fwd_op(x3, unit_last(r), _b(gate), _b(shift), _b(scale), ln_w, ln_b,
+                                                      eps, NORM_LAYER, impl)
+            h = x3 if r is None else x_new
+            ctx.save_for_backward(h, unit_last(r), _b(gate), _b(shift), _b(scale), ln_w, ln_b, weight, mean, rstd)
+            n, h = n.view(x.shape), h.view(x.shape)
+        ctx.set_materialize_grads(False)  # x_new's gradient may be absent
+        out = F.linear(n, weight, bias)
+        return out if r is None else (out, h)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dout, dxnew=None):
         need = ctx.needs_input_grad
         if ctx.impl == "torch":
-            x, ln_w, ln_b, weight = ctx.saved_tensors
-            n = layer_norm(x, ln_w, ln_b, ctx.eps, backend="torch")
+            h, r, gate, shift, scale, ln_w, ln_b, weight = ctx.saved_tensors
+            n = _norm_mod_torch(h, shift, scale, ln_w, ln_b, ctx.eps)
         else:
-            x, ln_w, ln_b, weight, mean, rstd = ctx.saved_tensors
-            n = _layer_norm_fwd_op(x, None, None, None, None, ln_w, ln_b, ctx.eps, NORM_LAYER, ctx.impl)[0]
-        N = x.shape[-1]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dw = dy2.t().mm(n.reshape(-1, N)) if need[4] else None
-        db = dy2.sum(0) if ctx.has_bias and need[5] else None
-        dn = dy.matmul(weight).reshape(-1, N)
+            h, r, gate, shift, scale, ln_w, ln_b, weight, mean, rstd = ctx.saved_tensors
+            n = _layer_norm_fwd_op(h, None, None, shift, scale, ln_w, ln_b, ctx.eps, NORM_LAYER, ctx.impl)[0]
+        N = h.shape[-1]
+        d2 = dout.reshape(-1, dout.shape[-1])
+        dw = d2.t().mm(n.reshape(-1, N)) if need[8] else None
+        db = d2.sum(0) if ctx.has_bias and need[9] else None
+        dn = dout.matmul(weight).reshape(h.shape)
         if ctx.impl == "torch":
-            xf = x.reshape(-1, N).float()
-            xc = xf - xf.mean(-1, keepdim=True)
-            r = torch.rsqrt(xc.square().mean(-1, keepdim=True) + ctx.eps)
-            xhat, dnf = xc * r, dn.float()
-            g = dnf if ln_w is None else dnf * ln_w.float()
-            dx = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-            dlw = None if ln_w is None else (dnf * xhat).sum(0).to(ln_w.dtype)
-            dlb = None if ln_b is None else dnf.sum(0).to(ln_b.dtype)
-            dx = dx.to(x.dtype)
+            dh, dg, dsh, dsc, dlw, dlb = _norm_mod_backward_torch(dn, dxnew, h, r, gate, scale, ln_w, ln_b, ctx.eps)
         else:
-            grads = _layer_norm_bwd_op(dn.view(x.shape).contiguous(), None, x, None, None, None, ln_w, ln_b, mean,
-                                       rstd, False, NORM_LAYER, ctx.impl)
-            dx, dlw, dlb = _opt(grads[0]), _opt(grads[5]), _opt(grads[6])
-        return (dx.view(ctx.shape) if need[0] else None, dlw if need[1] else None, dlb if need[2] else None,
-                None, dw, db, None)
+            grads = [_opt(g) for g in _layer_norm_bwd_op(
+                dn.contiguous(), None if dxnew is None else unit_last(dxnew.reshape(h.shape)), h, r, gate, scale,
+                ln_w, ln_b, mean, rstd, True, NORM_LAYER, ctx.impl)]
+            dh, dg, dsh, dsc, dlw, dlb = grads[0], grads[2], grads[3], grads[4], grads[5], grads[6]
+            if dh is None:
+                dh = dxnew
+            if scale is not None and dsh is None:
+                dsh = dn.sum(1, keepdim=True)
+        dr = None
+        if ctx.has_res and need[1]:
+            dr = (dh.float() * gate.float().reshape(gate.shape[0], 1, -1)).to(r.dtype) if ctx.impl == "torch" \
+                else _opt(grads[1])
+        gs, ss, cs = ctx.mod_shapes
+        return (dh.reshape(ctx.shape) if need[0] else None, dr,
+                dg.reshape(gs) if dg is not None and need[2] else None,
+                dsh.reshape(ss) if dsh is not None and need[3] else None,
+                dsc.reshape(cs) if dsc is not None and need[4] else None,
+                dlw if need[5] else None, dlb if need[6] else None, None, dw, db, None)
 
 
-def layer_norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear, backend: Optional[str] = "auto") -> Tensor:
-    """``linear(fastgen.ops.layer_norm(x))`` without storing the normalized tensor for backward.
+def _norm_mod_torch(h, shift, scale, ln_w, ln_b, eps):
+    if shift is None:
+        return layer_norm(h, ln_w, ln_b, eps, backend="torch")
+    return layer_norm_modulate(h, shift, scale, eps, ln_w, ln_b, backend="torch")
 
-    x (..., N) -> (..., linear.out_features). What a pre-norm transformer sublayer starts with.
+
+def _norm_mod_backward_torch(dn, dxnew, h, r, gate, scale, ln_w, ln_b, eps):
+    """Closed-form fp32 backward of x_new = x + gate r; n = (LN(x_new) w + b) (1 + scale) + shift."""
+    N = h.shape[-1]
+    hf = h.float()
+    xc = hf - hf.mean(-1, keepdim=True)
+    rs = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+    xhat, d = xc * rs, dn.float()
+    dsh = dsc = None
+    if scale is not None:
+        aff = xhat if ln_w is None else xhat * ln_w.float()
+        aff = aff if ln_b is None else aff + ln_b.float()
+        dsc, dsh = (d * aff).sum(1).to(scale.dtype), d.sum(1).to(scale.dtype)
+        d = d * (1 + scale.float().unsqueeze(1))
+    dlw = None if ln_w is None else (d * xhat).reshape(-1, N).sum(0).to(ln_w.dtype)
+    dlb = None if ln_b is None else d.reshape(-1, N).sum(0).to(ln_b.dtype)
+    g = d if ln_w is None else d * ln_w.float()
+    dh = rs * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    if dxnew is not None:
+        dh = dh + dxnew.float().reshape(dh.shape)
+    dg = None if r is None else (dh * r.float()).sum(1).to(gate.dtype)
+    return dh.to(h.dtype), dg, dsh, dsc, dlw, dlb
+
+
+def layer_norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear, backend: Optional[str] = "auto",
+                      shift: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                      residual: Optional[Tensor] = None, gate: Optional[Tensor] = None):
+    """``linear(LN(x_new) [* (1 + scale) + shift])`` without storing the normalized tensor for backward.
+
+    ::
+
+        x                  (..., N), or (B, S, N) with modulation / residual
+        shift, scale       (B, N) per-sample AdaLN modulation (optional, together)
+        residual, gate     (B, S, N), (B, N): x_new = x + gate * residual first (optional, together)
+        -> out (..., linear.out_features), or (out, x_new) when a residual is given
+
+    What a pre-norm transformer sublayer starts with; ``norm`` holds the LayerNorm's eps and
+    (optional) affine parameters. Kernel backends run fastgen's fused LayerNorm kernels.
     """
     impl = _ln_resolve("layer_norm", backend, x)
-    if not torch.is_grad_enabled():
-        return F.linear(layer_norm(x, norm.weight, norm.bias, norm.eps, backend=impl), linear.weight, linear.bias)
     w = None if norm.weight is None else norm.weight.contiguous()
     b = None if norm.bias is None else norm.bias.contiguous()
-    return _LayerNormLinear.apply(x, w, b, float(norm.eps), linear.weight, linear.bias, impl)
+    if not torch.is_grad_enabled():
+        h = x if residual is None else gated_residual(x, residual, gate, backend=impl)
+        n = layer_norm(h, w, b, norm.eps, backend=impl) if shift is None else \
+            layer_norm_modulate(h, shift, scale, norm.eps, w, b, backend=impl)
+        out = F.linear(n, linear.weight, linear.bias)
+        return out if residual is None else (out, h)
+    return _NormLinear.apply(x, residual, gate, shift, scale, w, b, float(norm.eps), linear.weight, linear.bias, impl)
 
 
 # ----------------------------------------------------------------------------- resnet / sampling
