@@ -126,6 +126,19 @@ def _swap_halves(x: Tensor) -> Tensor:
     return torch.cat([b, a], dim=0)
 
 
+def _raise_key_errors(what: str, missing: list, unexpected: list) -> None:
+    if not (missing or unexpected):
+        return
+    from fastgen.models._common import CheckpointMismatchError
+
+    lines = [f"{what} does not match the model (a checkpoint of another model or size?):"]
+    if missing:
+        lines.append(f"{len(missing)} missing key(s), first: {missing[:5]}")
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
+    raise CheckpointMismatchError(" ".join(lines))
+
+
 def original_to_diffusers(sd: dict, table: Table) -> dict:
     """Original-layout state dict -> diffusers layout (every key consumed, or an error naming the rest)."""
     sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
@@ -142,7 +155,7 @@ def original_to_diffusers(sd: dict, table: Table) -> dict:
         else:
             for k, part in zip(dkeys, torch.split(x, rows, dim=0)):
                 out[k] = part
-    _raise_key_errors("original-layout checkpoint", missing, sorted(sd), [])
+    _raise_key_errors("original-layout checkpoint", missing, sorted(sd))
     return out
 
 
@@ -156,24 +169,11 @@ def diffusers_to_original(sd: dict, table: Table) -> dict:
             continue
         x = torch.cat([sd.pop(k) for k in dkeys], dim=0) if len(dkeys) > 1 else sd.pop(dkeys[0])
         out[okey] = _swap_halves(x) if swap else x
-    _raise_key_errors("diffusers-layout state dict", missing, sorted(sd), [])
+    _raise_key_errors("diffusers-layout state dict", missing, sorted(sd))
     return out
 
 
 # ----------------------------------------------------------------------------- diffusers <-> fastgen
-
-
-def _raise_key_errors(what: str, missing: list, unexpected: list, shapes: list) -> None:
-    if not (missing or unexpected or shapes):
-        return
-    from fastgen.models._common import CheckpointMismatchError
-
-    lines = [f"{what} does not match the model (a checkpoint of another model or size?):"]
-    if missing:
-        lines.append(f"{len(missing)} missing key(s), first: {missing[:5]}")
-    if unexpected:
-        lines.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
-    raise CheckpointMismatchError(" ".join(lines))
 
 
 def fuse_blocks(sd: dict, fused: tuple, unrename: Callable[[str], str]) -> dict:
