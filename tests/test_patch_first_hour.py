@@ -58,3 +58,19 @@ def test_patch_triton_on_cpu_without_interpreter_runs(monkeypatch):
     assert len([w for w in seen if issubclass(w.category, fp.PatchFallbackWarning)]) == 1  # the LayerNorm
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     fp.unpatch(m)
+
+
+def test_auto_report_says_when_it_runs_the_references(monkeypatch):
+    """On a GPU the default patch runs the references until a GPU run is recorded: the report says so."""
+    from fastgen.backend import AUTO_ON_CUDA
+
+    monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
+    from fastgen.patch.serve import PATCH_OPS
+
+    m = nn.Sequential(nn.LayerNorm(8))
+    text = str(fp.patch(m))
+    fp.unpatch(m)
+    all_reference = all(AUTO_ON_CUDA.get(op, "torch") == "torch" for op in PATCH_OPS)
+    assert ("backend='auto' runs the torch reference" in text) == all_reference
+    assert "backend='auto'" not in str(fp.patch(m, backend="torch"))
+    fp.unpatch(m)

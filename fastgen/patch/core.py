@@ -327,7 +327,23 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
             unpatch(obj)  # all or nothing
             raise PatchError(f"fastgen.patch(strict=True, backend={backend!r}): {len(errors)} site(s) cannot "
                              f"be patched as asked:\n  " + "\n  ".join(errors))
+    note = _auto_note(report)
+    if note is not None:
+        report.notes.append(note)
     return report
+
+
+def _auto_note(report: PatchReport) -> Optional[str]:
+    """With ``backend="auto"``: say so when auto runs the reference for every op the patch uses."""
+    if report.backend != "auto" or not report.replaced:
+        return None
+    from fastgen.backend import AUTO_ON_CUDA, default
+
+    if default() != "auto" or any(AUTO_ON_CUDA.get(op, "torch") != "torch" for op in serve.PATCH_OPS):
+        return None
+    return ("backend='auto' runs the torch reference for these ops on every device until a recorded GPU run "
+            "lists a kernel in fastgen/backend.py (AUTO_ON_CUDA); fastgen.patch(model, backend='triton') runs "
+            "the Triton kernels wherever they can serve")
 
 
 def unpatch(obj) -> None:

@@ -45,6 +45,7 @@ _LAUNCHERS = {
     "rms_norm_modulate": "rms_norm_modulate", "group_norm": "group_norm", "apply_rope": "rope",
     "qk_norm_rope": "qk_norm_rope", "glu": "glu", "attention": "attention",
 }
+PATCH_OPS = tuple(_LAUNCHERS)  # the ops a patched model calls
 
 
 class PatchFallbackWarning(UserWarning):
