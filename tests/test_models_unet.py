@@ -368,3 +368,76 @@ def test_pipeline_swap_same_images(kind, tmp_path):
     got = images()
     assert got.shape == want.shape == (1, 3, 16, 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the recompute nodes
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_linear_and_glu_linear_gradients_float64(affine):
+    """The autograd nodes that recompute LN(x) / glu(u) in the backward against plain autograd in
+    float64: every input gradient, with and without the gated residual and the AdaLN modulation,
+    with x_new also used downstream, and LayerNorm without affine parameters."""
+    from fastgen.models.unet import glu_linear, layer_norm_linear
+
+    torch.manual_seed(0)
+    B, S, N, O = 2, 5, 12, 7
+    norm = torch.nn.LayerNorm(N, eps=1e-5, elementwise_affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    lin = torch.nn.Linear(N, O).double()
+    x, r = torch.randn(B, S, N, dtype=torch.float64), torch.randn(B, S, N, dtype=torch.float64)
+    gate, shift, scale = (torch.randn(B, N, dtype=torch.float64) for _ in range(3))
+    leaves = [x, r, gate, shift, scale, lin.weight, lin.bias] + list(norm.parameters())
+    w_out, w_new = torch.randn(B, S, O, dtype=torch.float64), torch.randn(B, S, N, dtype=torch.float64)
+
+    def grads(loss):
+        for t in leaves:
+            t.grad = None
+            t.requires_grad_(True)
+        loss().backward()
+        return [None if t.grad is None else t.grad.clone() for t in leaves]
+
+    def ours():
+        out, x_new = layer_norm_linear(x, norm, lin, "torch", shift, scale, residual=r, gate=gate)
+        return (out * w_out).sum() + (x_new * w_new).sum()
+
+    def plain():
+        x_new = x + gate[:, None] * r
+        n = F.layer_norm(x_new, (N,), norm.weight, norm.bias, 1e-5) * (1 + scale[:, None]) + shift[:, None]
+        return (lin(n) * w_out).sum() + (x_new * w_new).sum()
+
+    for a, b in zip(grads(ours), grads(plain)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # plain LayerNorm + linear on (..., N) rows (the U-Net form)
+    a = grads(lambda: (layer_norm_linear(x, norm, lin, "torch") * w_out).sum())
+    b = grads(lambda: (lin(F.layer_norm(x, (N,), norm.weight, norm.bias, 1e-5)) * w_out).sum())
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None)
+        if u is not None:
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    # GEGLU + linear
+    u = torch.randn(B, S, 2 * N, dtype=torch.float64, requires_grad=True)
+    lin2 = torch.nn.Linear(N, O).double()
+    (glu_linear(u, lin2, "gelu", "torch") * w_out).sum().backward()
+    got = [u.grad.clone(), lin2.weight.grad.clone(), lin2.bias.grad.clone()]
+    u.grad = lin2.weight.grad = lin2.bias.grad = None
+    a_, g_ = u.chunk(2, -1)
+    (lin2(a_ * F.gelu(g_)) * w_out).sum().backward()
+    for p, q in zip(got, [u.grad, lin2.weight.grad, lin2.bias.grad]):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+
+
+@KERNELS
+def test_explicit_backend_refuses_float64():
+    """A dtype the kernels do not serve, with an explicit backend: a clear error, not a silent fallback."""
+    from fastgen.backend import BackendUnavailableError
+
+    m = UNet2DCondition(UNet2DConditionConfig(**_kwargs("sd15")), backend="triton").double()
+    x, t, ctx, _ = _inputs("sd15", dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float64|dtype"):
+        m(x, t, ctx)

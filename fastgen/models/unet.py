@@ -193,6 +193,11 @@ class _GLULinear(torch.autograd.Function):
         return du, dw, db, None, None
 
 
+def _acc(t: Tensor) -> torch.dtype:
+    """fp32 math, float64 for float64 tensors."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _glu(u: Tensor, activation: str, impl: str) -> Tensor:
     if impl == "torch":
         return glu(u, activation, backend="torch")
@@ -207,8 +212,8 @@ def _glu_grad(da: Tensor, u: Tensor, activation: str, impl: str) -> Tensor:
 
         rows = _as_rows(u)
         return _glu_bwd_op(da.reshape(rows.shape[0], -1).contiguous(), rows, activation, impl).view(u.shape)
-    x, g = u.float().chunk(2, dim=-1)
-    d = da.float()
+    x, g = u.to(_acc(u)).chunk(2, dim=-1)
+    d = da.to(x.dtype)
     if activation == "gelu":
         cdf = 0.5 * (1.0 + torch.erf(g * (1.0 / math.sqrt(2.0))))
         act, dact = g * cdf, cdf + g * torch.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
@@ -259,7 +264,8 @@ class _NormLinear(torch.autograd.Function):
         ctx.eps, ctx.impl, ctx.has_bias, ctx.shape = eps, impl, bias is not None, x.shape
         ctx.has_res, ctx.mod_shapes = r is not None, [None if t is None else t.shape for t in (gate, shift, scale)]
         if impl == "torch":
-            h = x if r is None else (x.float() + gate.float().unsqueeze(1) * r.float()).to(x.dtype)
+            cd = _acc(x)
+            h = x if r is None else (x.to(cd) + gate.to(cd).unsqueeze(1) * r.to(cd)).to(x.dtype)
             n = _norm_mod_torch(h, shift, scale, ln_w, ln_b, eps)
             ctx.save_for_backward(h, r, gate, shift, scale, ln_w, ln_b, weight)
         else:
@@ -300,7 +306,7 @@ class _NormLinear(torch.autograd.Function):
                 dsh = dn.sum(1, keepdim=True)
         dr = None
         if ctx.has_res and need[1]:
-            dr = (dh.float() * gate.float().reshape(gate.shape[0], 1, -1)).to(r.dtype) if ctx.impl == "torch" \
+            dr = (dh.to(_acc(dh)) * gate.to(_acc(dh)).reshape(gate.shape[0], 1, -1)).to(r.dtype) if ctx.impl == "torch" \
                 else _opt(grads[1])
         gs, ss, cs = ctx.mod_shapes
         return (dh.reshape(ctx.shape) if need[0] else None, dr,
@@ -318,24 +324,24 @@ def _norm_mod_torch(h, shift, scale, ln_w, ln_b, eps):
 
 def _norm_mod_backward_torch(dn, dxnew, h, r, gate, scale, ln_w, ln_b, eps):
     """Closed-form fp32 backward of x_new = x + gate r; n = (LN(x_new) w + b) (1 + scale) + shift."""
-    N = h.shape[-1]
-    hf = h.float()
+    N, cd = h.shape[-1], _acc(h)
+    hf = h.to(cd)
     xc = hf - hf.mean(-1, keepdim=True)
     rs = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
-    xhat, d = xc * rs, dn.float()
+    xhat, d = xc * rs, dn.to(cd)
     dsh = dsc = None
     if scale is not None:
-        aff = xhat if ln_w is None else xhat * ln_w.float()
-        aff = aff if ln_b is None else aff + ln_b.float()
+        aff = xhat if ln_w is None else xhat * ln_w.to(cd)
+        aff = aff if ln_b is None else aff + ln_b.to(cd)
         dsc, dsh = (d * aff).sum(1).to(scale.dtype), d.sum(1).to(scale.dtype)
-        d = d * (1 + scale.float().unsqueeze(1))
+        d = d * (1 + scale.to(cd).unsqueeze(1))
     dlw = None if ln_w is None else (d * xhat).reshape(-1, N).sum(0).to(ln_w.dtype)
     dlb = None if ln_b is None else d.reshape(-1, N).sum(0).to(ln_b.dtype)
-    g = d if ln_w is None else d * ln_w.float()
+    g = d if ln_w is None else d * ln_w.to(cd)
     dh = rs * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     if dxnew is not None:
-        dh = dh + dxnew.float().reshape(dh.shape)
-    dg = None if r is None else (dh * r.float()).sum(1).to(gate.dtype)
+        dh = dh + dxnew.to(cd).reshape(dh.shape)
+    dg = None if r is None else (dh * r.to(cd)).sum(1).to(gate.dtype)
     return dh.to(h.dtype), dg, dsh, dsc, dlw, dlb
 
 
