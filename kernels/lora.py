@@ -12,6 +12,11 @@ Backward, with ``dy (M, N)``::
     t  = x @ A            (M, R)        dt = s * dy @ B^T   (M, R)
     dA = x^T @ dt         (K, R)        dB = s * t^T @ dy   (R, N)        dx = dt @ A^T  (M, K)
 
+DoRA's row norm, ``n[i] = || W[i, :] + s * up[i, :] @ down ||_2`` for ``W (N, K)``, ``up (N, R)``,
+``down (R, K)`` (a conv weight flattened to ``(out, in kh kw)``), is ``_dora_norm_kernel``: one
+program per ``BLOCK_N`` rows keeps its ``up`` rows in registers and walks K, adding the squares of
+``W + s up down`` tile by tile, so the ``(N, K)`` adapted weight is never written.
+
 ``_lora_bwd_kernel`` computes ``t`` and ``dt`` in one pass over ``x`` and ``dy`` (rank-wide
 outputs, no ``(M, N)`` temporary); the three rank-R matmuls that remain are skinny GEMMs that
 the launcher leaves to torch (cuBLAS): deterministic, no atomics.
@@ -125,6 +130,62 @@ def _lora_bwd_kernel(
     offs = rows[:, None] * R + rr[None, :]
     tl.store(T + offs, t, mask=omask)
     tl.store(DT + offs, dt * scale, mask=omask)
+
+
+@triton.jit
+def _dora_norm_kernel(
+    W,  # (N, K) base weight; strides stride_wn, stride_wk
+    UP,  # (N, R) up; strides stride_un, stride_ur
+    DOWN,  # (R, K) down; strides stride_dr, stride_dk
+    OUT,  # (N,) fp32 row norms
+    N, K, R,
+    stride_wn, stride_wk, stride_un, stride_ur, stride_dr, stride_dk,
+    scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rr = tl.arange(0, BLOCK_R)
+    u = tl.load(UP + rows[:, None] * stride_un + rr[None, :] * stride_ur,
+                mask=rmask[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kt in range(K_TILES):
+        ks = kt * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        kmask = ks < K
+        d = tl.load(DOWN + rr[:, None] * stride_dr + ks[None, :] * stride_dk,
+                    mask=(rr[:, None] < R) & kmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(W + rows[:, None] * stride_wn + ks[None, :] * stride_wk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        v = w + scale * _dot(u, d, DOT_FP32, DTYPE)
+        acc += tl.sum(v * v, axis=1)
+    tl.store(OUT + rows, tl.sqrt(acc), mask=rmask)
+
+
+def dora_row_norm(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """``||w + scale * up @ down||`` per row, fp32 ``(N,)``; ``w (N, K)``, ``up (N, R)``, ``down (R, K)``."""
+    N, K = w.shape
+    R = up.shape[1]
+    out = torch.empty(N, device=w.device, dtype=torch.float32)
+    bn, bk, br = dora_blocks(R, w.dtype, w.device)
+    _dora_norm_kernel[(triton.cdiv(N, bn),)](
+        w, up, down, out, N, K, R,
+        w.stride(0), w.stride(1), up.stride(0), up.stride(1), down.stride(0), down.stride(1), float(scale),
+        BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=triton.cdiv(K, bk),
+        DTYPE=TL_DTYPES[w.dtype], DOT_FP32=_dot_fp32(w.dtype, w.device), num_warps=4,
+    )
+    return out
+
+
+def dora_blocks(R: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_R) of the DoRA norm; spill-free on sm_90 (static tier)."""
+    br = max(16, triton.next_power_of_2(R))
+    if interpreting() or device.type != "cuda":
+        return 16, 32, br
+    if dtype == torch.float32:  # IEEE fp32 dots (no tensor cores)
+        return 16, (32 if br <= 32 else 16), br
+    return 32, 64, br
 
 
 def blocks(R: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:

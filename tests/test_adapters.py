@@ -206,7 +206,9 @@ def test_fused_kernel_inside_model_matches_torch_path():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 9), nn.Linear(9, 7)).to(TRITON_DEVICE)
     A.add_adapter(model, "a", rank=3, alpha=5.0, targets="all")
+    A.add_adapter(model, "d", kind="dora", rank=2, alpha=1.0, targets=["1"])  # its row norm on the kernel too
     _randomize(model, "a")
+    _randomize(model, "d", 2)
     x = torch.randn(2, 3, 10, device=TRITON_DEVICE, requires_grad=True)
     outs, grads = [], []
     for backend in ("torch", "triton"):

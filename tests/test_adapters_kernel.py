@@ -21,7 +21,7 @@ if __name__ != "__main__":  # run as a script, this file is the static tier's ch
 else:
     HAS_CUDA, INTERPRET, TRITON_DEVICE = False, False, "cuda"
 
-from fastgen.adapters.fused import lora_add, lora_add_ref
+from fastgen.adapters.fused import dora_row_norm, dora_row_norm_ref, lora_add, lora_add_ref
 
 needs_triton = pytest.mark.skipif(TRITON_DEVICE == "cpu" and not INTERPRET, reason="needs a GPU or TRITON_INTERPRET=1")
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -84,6 +84,22 @@ def test_lora_add_rejects_bad_shapes():
         lora_add(torch.zeros(3, 5), torch.zeros(3, 4), torch.zeros(2, 4), torch.zeros(6, 2), 1.0)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,R", [((23, 37), 1), ((9, 70), 17), ((6, 5, 3, 3), 3)])
+def test_dora_row_norm_kernel(shape, R, dtype):
+    """||W + s up @ down|| per output row (Linear and Conv2d weights) against float64."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g).to(TRITON_DEVICE, dtype)
+    down = torch.randn(R, *shape[1:], generator=g).to(TRITON_DEVICE, dtype)
+    up = (torch.randn(shape[0], R, *([1] * (len(shape) - 2)), generator=g) * 0.5).to(TRITON_DEVICE, dtype)
+    out = dora_row_norm(w, up, down, 0.7, backend="triton")
+    ref = dora_row_norm_ref(w.double(), up.double(), down.double(), 0.7)
+    tch = dora_row_norm(w, up, down, 0.7, backend="torch")
+    assert out.shape == (shape[0],) and out.dtype == dtype
+    _fa_close(out, tch, ref, dtype, "row norm")
+
+
 # --- GPU tier: real sizes, the kernel must be what ran ----------------------------------------
 
 @pytest.mark.gpu
@@ -110,7 +126,7 @@ def test_lora_kernel_gpu_sizes(dtype, R):
 
 # --- static tier: the launch configs compile for sm_90 without spilling ----------------------
 
-STATIC_CASES = ["lora:fwd:bf16:32", "lora:bwd:fp16:64", "lora:fwd:fp32:128", "qmm:fp8e4nv:T:bf16"]
+STATIC_CASES = ["lora:fwd:bf16:32", "lora:bwd:fp16:64", "lora:fwd:fp32:128", "qmm:fp8e4nv:T:bf16", "dora:bf16:128"]
 SPILL_BYTES_ALLOWED = 0 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9) else 16
 
 
@@ -142,6 +158,14 @@ def _static_usage(cases):  # runs in a child process without the interpreter
             sig.update({"M": "i32", "N": "i32", "K": "i32", "R": "i32", **{n: "i64" for n in names}, "scale": "fp32"})
             ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=48, DTYPE=tl_dt[dt], DOT_FP32=dt == "fp32")
             rows.append(dict(name=case, num_warps=k.num_warps(th_dt[dt], cuda), **resource_usage(fn, sig, ce, k.num_warps(th_dt[dt], cuda))))
+        elif c[0] == "dora":
+            dt = c[1]
+            bn, bk, br = k.dora_blocks(int(c[2]), th_dt[dt], cuda)
+            names = ("stride_wn", "stride_wk", "stride_un", "stride_ur", "stride_dr", "stride_dk")
+            sig = {"W": f"*{dt}", "UP": f"*{dt}", "DOWN": f"*{dt}", "OUT": "*fp32", "N": "i32", "K": "i32", "R": "i32",
+                   **{n: "i64" for n in names}, "scale": "fp32"}
+            ce = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=48, DTYPE=tl_dt[dt], DOT_FP32=dt == "fp32")
+            rows.append(dict(name=case, num_warps=4, **resource_usage(k._dora_norm_kernel, sig, ce, 4)))
         else:
             q, trans, dt = c[1], c[2] == "T", c[3]
             bm, bp, br = qm.blocks(cuda, th_dt[dt])

@@ -1,5 +1,8 @@
 """``lora_add(y, x, down, up, s)``: the linear LoRA branch ``y + s * (x @ down^T) @ up^T``.
 
+``dora_row_norm(w, up, down, s)``: DoRA's ``||W + s up @ down||`` per output row (a constant in
+backward), without writing the adapted weight on the Triton path.
+
 Shapes: ``x (..., K)``, ``y (..., N)`` (the base layer's output for ``x``), ``down (R, K)``,
 ``up (N, R)``; returns a tensor shaped like ``y``.
 
@@ -73,3 +76,28 @@ def lora_add(y: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float, backe
     if impl == "torch":
         return lora_add_ref(y, x, down, up, scale)
     return _LoRAAdd.apply(y, x, down.to(x.dtype), up.to(x.dtype), float(scale))
+
+
+def dora_row_norm_ref(w: Tensor, up: Tensor, down: Tensor, scale: float) -> Tensor:
+    """``||w + scale * up @ down||_2`` over every axis but the first: ``(out,)``, in w's dtype."""
+    r = down.shape[0]
+    dw = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)).to(w.dtype)
+    return (w.reshape(w.shape[0], -1) + scale * dw).norm(dim=1)
+
+
+def dora_row_norm(w: Tensor, up: Tensor, down: Tensor, scale: float, backend: Optional[str] = "auto") -> Tensor:
+    """DoRA's row norm (see the module docstring); a Linear or Conv2d weight, ``up (out, r[, 1, 1])``,
+    ``down (r, in[, kh, kw])``. No gradient flows (DoRA detaches it)."""
+    reasons = {
+        "triton": None if w.dtype in (torch.float32, torch.float16, torch.bfloat16) and down.shape[0] <= MAX_RANK
+        else f"the DoRA norm kernel covers fp32/fp16/bf16 weights and ranks <= {MAX_RANK}",
+        "cuda": "the DoRA norm has no CUDA C++ kernel; use backend='triton'",
+    }
+    impl = resolve("dora_row_norm", backend, w.device, reasons)
+    with torch.no_grad():
+        if impl == "torch":
+            return dora_row_norm_ref(w, up, down, scale)
+        r = down.shape[0]
+        out = launchers("lora", "triton").dora_row_norm(
+            w.reshape(w.shape[0], -1), up.reshape(up.shape[0], r), down.reshape(r, -1), scale)
+        return out.to(w.dtype)

@@ -267,8 +267,11 @@ def forward_hook(layer: nn.Module, args, output):
         plain = isinstance(branch.dropout, nn.Identity) or not branch.training
         xd = x if plain else branch.dropout(x)
         if getattr(branch, "magnitude", None) is not None:
+            from fastgen.adapters.fused import dora_row_norm
+
             w = base_weight(layer).to(x.dtype)
-            norm = row_norm(w + s * branch.delta_weight().detach().to(x.dtype)).detach()
+            norm = dora_row_norm(w, branch.up.detach().to(x.dtype), branch.down.detach().to(x.dtype), s,
+                                 backend=adapters.fused)
             factor = branch.magnitude.to(x.dtype) / norm
             factor = factor.view(1, -1, 1, 1) if conv else factor
             if plain:
