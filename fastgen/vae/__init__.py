@@ -4,20 +4,28 @@
   :func:`flux_config`): loads a diffusers ``AutoencoderKL`` state dict as it is.
 - :func:`tiled_decode` / :func:`tiled_encode`: any image size, linear (diffusers-identical) or
   cosine blending, and ``consistent_colors=True`` for GroupNorm statistics over the whole image.
-  They also take a diffusers ``AutoencoderKL`` directly.
+  They also take a diffusers ``AutoencoderKL`` directly. ``consistent_colors=True`` is lossless
+  (halo exchange, :mod:`fastgen.vae.halo`): equal to the full pass up to summation order.
+- :class:`VectorQuantizer` (nearest code with a fused Triton search, commitment loss,
+  straight-through, EMA codebooks, residual VQ, LFQ) and :class:`VQModel` (diffusers' ``VQModel``).
 """
 
 from fastgen.vae.autoencoder_kl import (
     AutoencoderKL,
     AutoencoderKLConfig,
+    DecodedImage,
+    DecoderOutput,
     DiagonalGaussianDistribution,
     flux_config,
     sd_config,
     sdxl_config,
 )
+from fastgen.vae.quantizer import VectorQuantizer, VQOutput, nearest_code
 from fastgen.vae.tiling import tiled_decode, tiled_encode
+from fastgen.vae.vq_model import VQModel, VQModelConfig
 
 __all__ = [
     "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution",
     "sd_config", "sdxl_config", "flux_config", "tiled_decode", "tiled_encode",
+    "DecodedImage", "DecoderOutput", "VectorQuantizer", "VQOutput", "nearest_code", "VQModel", "VQModelConfig",
 ]
