@@ -244,3 +244,23 @@ def test_resume_is_bit_exact_with_two_gloo_processes(tmp_path):
     # each rank saved its own generator states, and they differ (different noise per rank)
     ck = tmp_path / "b" / "checkpoints" / "step-00000004"
     assert (ck / "rng-rank0.safetensors").read_bytes() != (ck / "rng-rank1.safetensors").read_bytes()
+
+
+def test_pure_bf16_with_stochastic_rounding_resumes_bit_exact(tmp_path):
+    """bf16 weights, FusedAdamW stochastic rounding (its generator is checkpointed), a fastgen DiT
+    with gradient checkpointing, built by the config's factory."""
+    def make(o):
+        cfg = _cfg(o, steps=4)
+        cfg.model.factory = "fastgen.models:DiT"
+        cfg.model.kwargs = dict(in_channels=3, sample_size=8, patch_size=4, num_attention_heads=1,
+                                attention_head_dim=8, num_layers=1, num_embeds_ada_norm=4, class_dropout_prob=0.1)
+        cfg.model.gradient_checkpointing = True
+        cfg.objective.cond_dropout = 0.0
+        cfg.train.precision = "bf16-pure"
+        return cfg
+
+    straight, resumed, _ = _straight_and_resumed(tmp_path, make, _tensor_data)
+    assert straight.model.gradient_checkpointing
+    assert all(p.dtype == torch.bfloat16 for p in straight.model.parameters())
+    assert all(s.dtype == torch.float32 for s in straight.ema.shadow.values())
+    _assert_identical(_state(straight), _state(resumed))

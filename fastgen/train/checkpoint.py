@@ -5,7 +5,8 @@ Layout of one checkpoint, ``<output_dir>/checkpoints/step-00000100/``::
     model.safetensors        the model's state dict
     ema.safetensors          the EMA average (when there is one)
     optimizer.safetensors    every tensor of the optimizer state ("state.<param id>.<name>")
-    rng-rank<r>.safetensors  torch (and CUDA) generator states of rank r
+    rng-rank<r>.safetensors  torch (and CUDA) generator states of rank r (and FusedAdamW's
+                             stochastic-rounding generator)
     rng-rank<r>.json         Python and NumPy generator states of rank r
     state.json               step, data position, optimizer param groups and non-tensor state,
                              LR-scheduler and EMA counters, world size

@@ -34,6 +34,8 @@ class ModelConfig:
     kwargs: dict = _f({}, "keyword arguments of the factory (e.g. sample_size, patch_size, num_layers)")
     weights: str = _f("", "optional safetensors file loaded into the model before training (strict)")
     compile: bool = _f(False, "torch.compile the model")
+    gradient_checkpointing: bool = _f(False, "recompute blocks in the backward pass (models with "
+                                             "enable_gradient_checkpointing(), e.g. fastgen.models)")
 
 
 @dataclass
@@ -98,7 +100,8 @@ class TrainConfig:
     batch_size: int = _f(16, "samples per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     seed: int = _f(0, "seed of the model init, the data order and the noise (each rank adds its rank)")
-    precision: str = _f("fp32", "'fp32' or 'bf16' (autocast of the forward pass; weights stay fp32)")
+    precision: str = _f("fp32", "'fp32', 'bf16' (autocast of the forward pass; weights stay fp32) or 'bf16-pure' "
+                                "(bf16 weights, fp32 Adam moments, stochastic rounding in FusedAdamW, fp32 EMA)")
     device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'")
     log_every: int = _f(10, "steps between rows of log.csv")
     progress: bool = _f(True, "tqdm progress bar on stderr (rank 0)")
@@ -239,7 +242,7 @@ class Config:
                             ("validation.every", v.every), ("optim.eps", op.eps)):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
-        _one_of("train.precision", t.precision, ("fp32", "bf16"))
+        _one_of("train.precision", t.precision, ("fp32", "bf16", "bf16-pure"))
         _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
         if isinstance(self.model.factory, str) and ":" not in self.model.factory:
             raise ConfigError(f"model.factory must look like 'module:callable', got {self.model.factory!r}")

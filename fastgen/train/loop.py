@@ -198,10 +198,19 @@ class Trainer:
         if getattr(mcfg, "class_dropout_prob", 0) and config.objective.cond_dropout:
             log("fastgen.train: note: the model drops labels itself (class_dropout_prob) and "
                 "objective.cond_dropout drops them again; set one of them to 0")
+        if config.model.gradient_checkpointing:
+            if not hasattr(self.model, "enable_gradient_checkpointing"):
+                raise ConfigError(f"model.gradient_checkpointing: {type(self.model).__name__} has no "
+                                  "enable_gradient_checkpointing()")
+            self.model.enable_gradient_checkpointing()
+        pure = t.precision == "bf16-pure"
+        if pure:
+            self.model.to(torch.bfloat16)
         self.objective = build_objective(config.objective, t.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
-        self.optimizer = FusedAdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = FusedAdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                    stochastic_rounding=pure)
         self.lr_scheduler = make_lr_scheduler(o.lr_scheduler, self.optimizer, o.warmup_steps, t.steps)
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
         self.forward_model = self.model
@@ -221,6 +230,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _micro_batch(self, batch, sync: bool):
         x = batch["image"].to(self.device, non_blocking=True)
+        if self.cfg.train.precision == "bf16-pure":
+            x = x.to(torch.bfloat16)
         y = drop_conditions(batch["label"].to(self.device), self.cfg.objective.cond_dropout, self.null_label)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         ctx = self.forward_model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
@@ -381,6 +392,8 @@ class Trainer:
         _barrier(self.world)
         tmp = ckpt.step_dir(self.ckpt_root, self.step) + ".tmp"
         rt, rm = ckpt.rng_state()
+        if isinstance(getattr(self.optimizer, "_seed", None), torch.Generator):  # FusedAdamW's rounding seeds
+            rt["optimizer_seed"] = self.optimizer._seed.get_state()
         ckpt.save_tensors(os.path.join(tmp, f"rng-rank{self.rank}.safetensors"), rt)
         ckpt.write_json(tmp, f"rng-rank{self.rank}.json", rm)
         _barrier(self.world)
@@ -433,7 +446,10 @@ class Trainer:
         self.step, self.batches = state["step"], state["batches"]
         rng = os.path.join(path, f"rng-rank{self.rank}.safetensors")
         if state["world_size"] == self.world and os.path.exists(rng):
-            ckpt.set_rng_state(ckpt.load_tensors(rng), ckpt.read_json(path, f"rng-rank{self.rank}.json"))
+            rt = ckpt.load_tensors(rng)
+            ckpt.set_rng_state(rt, ckpt.read_json(path, f"rng-rank{self.rank}.json"))
+            if "optimizer_seed" in rt and isinstance(getattr(self.optimizer, "_seed", None), torch.Generator):
+                self.optimizer._seed.set_state(rt["optimizer_seed"])
         else:
             _seed_all(self.cfg.train.seed + 1 + self.rank + 7919 * self.step)
             if self.rank == 0:
