@@ -227,8 +227,8 @@ def test_saved_activations_per_block_vs_diffusers():
               / saved_bytes(lambda: ref.transformer_blocks[0](x, c, temb, image_rotary_emb=rot), params))
     single = (saved_bytes(lambda: model.single_transformer_blocks[0](z, e, cos, sin), params)
               / saved_bytes(lambda: ref.single_transformer_blocks[0](x, c, temb, image_rotary_emb=rot), params))
-    # measured 0.64 (double) and 0.59 (single) at this shape; the target is 0.7
-    assert double <= 0.7 and single <= 0.7, (double, single)
+    # measured 0.56 (double) and 0.55 (single) at this shape (the target: 0.7)
+    assert double <= 0.6 and single <= 0.6, (double, single)
 
 
 # ----------------------------------------------------------------------------- drop-in inside the diffusers pipeline

@@ -320,8 +320,8 @@ def test_saved_activations_per_block_vs_diffusers():
         theirs = saved_bytes(lambda: ref.transformer_blocks[i](x, c, temb), params)
         ours = saved_bytes(lambda: model.transformer_blocks[i](x, c, torch.nn.functional.silu(temb)), params)
         ratios[kind] = ours / theirs
-    # measured 0.62 (dual) and 0.60 (plain) at this shape; the target is 0.7
-    assert ratios["dual"] <= 0.7 and ratios["plain"] <= 0.7, ratios
+    # measured 0.54 (dual) and 0.52 (plain) at this shape (the target: 0.7)
+    assert ratios["dual"] <= 0.6 and ratios["plain"] <= 0.6, ratios
 
 
 # ----------------------------------------------------------------------------- drop-in inside the diffusers pipeline

@@ -14,11 +14,11 @@ p = patch size, h = H / p, w = W / p, Si = h * w image tokens, St text tokens)::
 
     block (AdaLN-Zero on both streams, one joint attention over [x; c]):
         shift1, scale1, gate1, shift2, scale2, gate2 = Linear(e)        (per stream)
-        h  = LN(x) * (1 + scale1) + shift1                              layer_norm_modulate
-        q, k, v = h @ Wqkv  (one GEMM per stream), optional RMSNorm on q, k (SD3.5)   qk_norm_rope
-        o  = softmax(q k^T / sqrt(d)) v  over the St + Si tokens        attention (one call)
-        x, h = x + gate1 * o Wo,  LN(x) * (1 + scale2) + shift2         gated_residual_layer_norm_modulate
-        x  = x + gate2 * FF(h),  FF(h) = gelu_tanh(h W1) W2             gated_residual, fused FF
+        q, k, v = (LN(x) * (1 + scale1) + shift1) @ Wqkv               modulated_norm_linear (one GEMM)
+        q, k = RMSNorm(q), RMSNorm(k)  (SD3.5 only)                     qk_norm_rope, zero angle
+        o  = softmax(q k^T / sqrt(d)) v  over the Si + St tokens        attention (one call)
+        x, m = x + gate1 * o Wo,  (LN(x) * (1 + scale2) + shift2) W1    gated_modulated_norm_linear
+        x  = x + gate2 * gelu_tanh(m) W2                                gelu_linear, gated_residual
     SD3.5 "dual attention" layers add a second, image-only attention with its own
     (shift, scale, gate) taken from the same LN(x); the last block updates only x
     (its text stream is "pre only": LN-modulate and QKV, no output).
@@ -26,9 +26,10 @@ p = patch size, h = H / p, w = W / p, Si = h * w image tokens, St text tokens)::
     out  = (LN(x) * (1 + scale) + shift) W_out  -> unpatchify           (B, C_out, H, W)
 
 For backward a block keeps the joint ``[image; text]`` QKV once (the norms and attention
-read q, k, v from it in place), and the FF (``_common.GeluFeedForward``) keeps its
-pre-activation and recomputes the GELU: with the kernel backends a block saves about 0.6x
-of what the diffusers block saves (measured in tests/test_models_sd3.py).
+read q, k, v from it in place); the modulated norms feeding a GEMM are recomputed from their
+input instead of saved, and the FF keeps its pre-activation and recomputes the GELU: with
+the kernel backends a block saves about 0.52-0.54x of what the diffusers block saves
+(measured in tests/test_models_sd3.py).
 
 Weights: the QKV projections are stored fused (``attn.to_qkv``, ``attn.to_added_qkv``, the
 names diffusers uses for its own fused projections); ``from_diffusers`` /
@@ -55,11 +56,14 @@ from fastgen.models._common import (
     ModelOutput,
     TimestepMLP,
     check_latent,
+    gated_modulated_norm_linear,
+    gelu_linear,
+    modulated_norm_linear,
     sincos_pos_embed_2d,
     timestep_embedding,
     unpatchify,
 )
-from fastgen.ops import attention, gated_residual, gated_residual_layer_norm_modulate, layer_norm_modulate, qk_norm_rope
+from fastgen.ops import attention, gated_residual, qk_norm_rope
 
 # ----------------------------------------------------------------------------- config
 
@@ -181,22 +185,10 @@ class MMDiTModel(FastgenModel):
     def cache_context(self, name: str):  # FluxPipeline wraps its calls in it; fastgen keeps no cache
         yield
 
-    def fuse_qkv_projections(self) -> None:
-        """No-op: fastgen stores the QKV projections fused (``attn.to_qkv``, ``attn.to_added_qkv``)."""
-
-    def unfuse_qkv_projections(self) -> None:
-        """No-op: the fused QKV weights compute the same function; ``to_diffusers_state_dict()`` splits them."""
-
     def _unsupported(self, what: str):
         raise NotImplementedError(
-            f"{type(self).__name__}.{what}: fastgen models have no attention processors, forward chunking or "
-            "PEFT / LoRA adapter hooks; run the diffusers model for this (weights: to_diffusers_state_dict())")
-
-    def set_attn_processor(self, *args, **kwargs):
-        self._unsupported("set_attn_processor")
-
-    def set_default_attn_processor(self, *args, **kwargs):
-        self._unsupported("set_default_attn_processor")
+            f"{type(self).__name__}.{what}: fastgen models have no forward chunking or PEFT / LoRA adapter hooks; "
+            "run the diffusers model for this (weights: to_diffusers_state_dict())")
 
     def enable_forward_chunking(self, *args, **kwargs):
         self._unsupported("enable_forward_chunking")
@@ -319,20 +311,22 @@ class JointAttention(nn.Module):
         return qk_norm_rope(q, k, nq.weight, nk.weight, cos, torch.zeros_like(cos), 1e-6, "bshd",
                             backend=self.backend)
 
-    def forward(self, x: Tensor, c: Optional[Tensor] = None):
-        shape, Si = (3, self.heads, self.head_dim), x.shape[1]
-        j = self.to_qkv(x).unflatten(-1, shape)  # (B, Si, 3, H, d)
-        if c is not None:  # one joint copy of [image; text] qkv, read in place by the norms and attention
-            j = torch.cat([j, self.to_added_qkv(c).unflatten(-1, shape)], 1)
+    def forward(self, qkv: Tensor, cqkv: Optional[Tensor] = None):
+        """``qkv`` (B, Si, 3D) = h @ to_qkv (and ``cqkv`` (B, St, 3D) = ch @ to_added_qkv), computed by the
+        block together with the modulated norm -> (image output, text output or None)."""
+        shape, Si = (3, self.heads, self.head_dim), qkv.shape[1]
+        j = qkv.unflatten(-1, shape)  # (B, Si, 3, H, d)
+        if cqkv is not None:  # one joint copy of [image; text] qkv, read in place by the norms and attention
+            j = torch.cat([j, cqkv.unflatten(-1, shape)], 1)
         q, k, v = j.unbind(2)
         if self.norm_q is not None:  # per-head RMSNorm of q and k, one pass per stream, read in place
             q, k = self._qk_norm(j[:, :Si, 0], j[:, :Si, 1], self.norm_q, self.norm_k)
-            if c is not None:
+            if cqkv is not None:
                 cq, ck = self._qk_norm(j[:, Si:, 0], j[:, Si:, 1], self.norm_added_q, self.norm_added_k)
                 q, k = torch.cat([q, cq], 1), torch.cat([k, ck], 1)
         o = attention(q, k, v, layout="bshd", backend=self.backend).flatten(2)  # (B, Si + St, D)
         out = self.to_out(o[:, :Si])
-        if c is None:
+        if cqkv is None:
             return out, None
         return out, (self.to_add_out(o[:, Si:]) if self.to_add_out is not None else None)
 
@@ -355,30 +349,42 @@ class JointTransformerBlock(nn.Module):
         self.ff_context = None if self.context_pre_only else GeluFeedForward(D, 4 * D)
 
     def forward(self, x: Tensor, c: Tensor, e: Tensor):
-        be = self.backend
+        be, attn = self.backend, self.attn
         mod = self.norm1(e)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod[:6]
-        h = layer_norm_modulate(x, shift1, scale1, 1e-6, backend=be)
+        qkv = norm_linear(x, shift1, scale1, attn.to_qkv, be)
         if self.context_pre_only:
             cscale, cshift = self.norm1_context(e)  # diffusers' AdaLayerNormContinuous order: scale, shift
-            ch = layer_norm_modulate(c, cshift, cscale, 1e-6, backend=be)
+            cqkv = norm_linear(c, cshift, cscale, attn.to_added_qkv, be)
         else:
             cshift1, cscale1, cgate1, cshift2, cscale2, cgate2 = self.norm1_context(e)
-            ch = layer_norm_modulate(c, cshift1, cscale1, 1e-6, backend=be)
-        o, co = self.attn(h, ch)
-        if self.dual:
+            cqkv = norm_linear(c, cshift1, cscale1, attn.to_added_qkv, be)
+        o, co = attn(qkv, cqkv)
+        if self.dual:  # a second, image-only attention on LN(x) of the block input, its own modulation
             shift3, scale3, gate3 = mod[6:]
-            h3 = layer_norm_modulate(x, shift3, scale3, 1e-6, backend=be)
+            qkv2 = norm_linear(x, shift3, scale3, self.attn2.to_qkv, be)
             x = gated_residual(x, o, gate1, backend=be)
-            o, _ = self.attn2(h3)
+            o, _ = self.attn2(qkv2)
             gate1 = gate3
-        h, x = gated_residual_layer_norm_modulate(x, o, gate1, shift2, scale2, 1e-6, backend=be)
-        x = gated_residual(x, self.ff(h), gate2, backend=be)
+        x = feed_forward(x, o, gate1, shift2, scale2, gate2, self.ff, be)
         if self.context_pre_only:
             return None, x
-        ch, c = gated_residual_layer_norm_modulate(c, co, cgate1, cshift2, cscale2, 1e-6, backend=be)
-        c = gated_residual(c, self.ff_context(ch), cgate2, backend=be)
-        return c, x
+        return feed_forward(c, co, cgate1, cshift2, cscale2, cgate2, self.ff_context, be), x
+
+
+def norm_linear(x: Tensor, shift: Tensor, scale: Tensor, lin: nn.Linear, backend) -> Tensor:
+    """``lin(LN(x) (1 + scale) + shift)``; the normed tensor is recomputed in backward, not saved."""
+    return modulated_norm_linear(x, shift, scale, lin.weight, lin.bias, 1e-6, backend)
+
+
+def feed_forward(x: Tensor, o: Tensor, gate1: Tensor, shift: Tensor, scale: Tensor, gate2: Tensor,
+                 ff: GeluFeedForward, backend) -> Tensor:
+    """The second half of an AdaLN-Zero block: ``x1 = x + gate1 o``;  ``x1 + gate2 FF(LN(x1)(1 + scale) + shift)``.
+
+    One fused gated-residual + modulated-norm kernel feeding fc1 (normed tensor recomputed in backward),
+    the GELU recomputed in backward (``gelu_linear``), one fused gated residual."""
+    m, x1 = gated_modulated_norm_linear(x, o, gate1, shift, scale, ff.fc1.weight, ff.fc1.bias, 1e-6, backend)
+    return gated_residual(x1, gelu_linear(m, ff.fc2.weight, ff.fc2.bias), gate2, backend=backend)
 
 
 class SD3(MMDiTModel):
@@ -435,7 +441,7 @@ class SD3(MMDiTModel):
                 every = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
                 x = x + block_controlnet_hidden_states[int(i / every)]
         scale, shift = self.norm_out(e.to(x.dtype))
-        x = self.proj_out(layer_norm_modulate(x, shift, scale, 1e-6, backend=self.backend))
+        x = norm_linear(x, shift, scale, self.proj_out, self.backend)
         p = cfg.patch_size
         sample = unpatchify(x, H // p, W // p, p, cfg.out_channels)
         return ModelOutput(sample=sample) if return_dict else (sample,)
