@@ -9,10 +9,17 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from test_adapters import Block, _inputs, _randomize
 
 import fastgen.adapters as A
+
+def load_file(path):
+    return pytest.importorskip("safetensors.torch").load_file(path)
+
+
+def save_file(sd, path):
+    return pytest.importorskip("safetensors.torch").save_file(sd, path)
+
 
 KINDS = [("lora", {}), ("lora", {"rslora": True}), ("dora", {}), ("loha", {}), ("lokr", {}), ("lokr", {"full_matrix": True})]
 
@@ -20,6 +27,7 @@ KINDS = [("lora", {}), ("lora", {"rslora": True}), ("dora", {}), ("loha", {}), (
 @pytest.mark.parametrize("fmt", ["peft", "kohya", "comfyui"])
 @pytest.mark.parametrize("kind,kw", KINDS, ids=[k + "".join(kw) for k, kw in KINDS])
 def test_round_trip_every_format(tmp_path, fmt, kind, kw):
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     torch.manual_seed(0)
     base = Block().eval()
     model = copy.deepcopy(base)
@@ -47,6 +55,7 @@ def test_round_trip_every_format(tmp_path, fmt, kind, kw):
 
 
 def test_key_names_per_format(tmp_path):
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     model = Block()
     A.add_adapter(model, "a", rank=2, alpha=4.0, targets=["to_q"])
     A.add_adapter(model, "d", kind="dora", rank=2, targets=["ff.0"])
@@ -66,6 +75,7 @@ def test_key_names_per_format(tmp_path):
 
 
 def test_unmappable_keys_are_named(tmp_path):
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     save_file({"lora_unet_to_q.lora_down.weight": torch.zeros(2, 12), "lora_unet_to_q.lora_up.weight": torch.zeros(12, 2),
                "lora_unet_to_q.lora_mid.weight": torch.zeros(2, 2)}, tmp_path / "odd.safetensors")
     with pytest.raises(A.UnmappableKeyError, match="lora_unet_to_q.lora_mid.weight"):
@@ -89,6 +99,7 @@ def test_unmappable_keys_are_named(tmp_path):
 
 
 def test_mixing_adapters_of_different_base_models(tmp_path):
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     small, wide = Block(), Block(d=16)
     A.add_adapter(small, "a", rank=2, targets=["to_q"])
     A.save(small, tmp_path / "small.safetensors", name="a")
@@ -97,6 +108,7 @@ def test_mixing_adapters_of_different_base_models(tmp_path):
 
 
 def test_rslora_written_as_equivalent_alpha(tmp_path):
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     model = Block()
     A.add_adapter(model, "a", rank=4, alpha=2.0, rslora=True, targets=["to_q"])
     A.save(model, tmp_path / "k.safetensors", format="kohya", name="a")
@@ -130,6 +142,7 @@ def _sd_pipeline_class():
 def test_fastgen_file_loads_in_diffusers(tmp_path, tiny_unet, fmt, kind):
     """fastgen saves; diffusers' own loader (load_lora_weights' path) reads it into a clean UNet.
     (diffusers drops kohya's dora_scale and has no LoHa loader; fastgen reads both itself.)"""
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     unet, inputs = tiny_unet
     ours = copy.deepcopy(unet)
     A.add_adapter(ours, "a", kind=kind, rank=2, alpha=6.0, targets="attention+ff" if kind == "lora" else "attention")
@@ -153,6 +166,7 @@ def test_fastgen_file_loads_in_diffusers(tmp_path, tiny_unet, fmt, kind):
 
 def test_diffusers_file_loads_in_fastgen(tmp_path, tiny_unet):
     """diffusers (peft) trains and saves with save_lora_weights; fastgen loads it into a clean UNet."""
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -181,6 +195,7 @@ def test_kohya_flux_original_layout_with_fused_qkv(tmp_path):
     """A kohya Flux LoRA in BFL's layout (one LoRA on the fused img/txt qkv) applied to a diffusers
     FluxTransformer2DModel: each of to_q / to_k / to_v gets its third of ``up`` (independent math
     check), and the output equals diffusers' own FluxPipeline loader on the same file."""
+    pytest.importorskip("safetensors")  # adapter files are safetensors
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     torch.manual_seed(0)

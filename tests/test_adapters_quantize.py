@@ -84,6 +84,7 @@ def test_bf16_base_bytes():
 
 
 def test_save_load_quantized(tmp_path):
+    pytest.importorskip("safetensors")
     torch.manual_seed(0)
     model = Block().requires_grad_(False)
     A.quantize(model, "fp8_e4m3", block_size=4)

@@ -29,8 +29,6 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from fastgen.adapters import targets as _targets
@@ -167,6 +165,8 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """The model's state (quantized weights, scales, everything else; adapters excluded) as safetensors."""
+    from safetensors.torch import save_file
+
     layers = {n: {"scheme": m.scheme, "n_blocks": m.scale.shape[1], "dtype": str(m.compute_dtype).replace("torch.", "")}
               for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     sd = {k: v.detach().contiguous() for k, v in _plain_state(model).items()}
@@ -176,6 +176,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a :func:`save_quantized` file into a model of the same architecture (quantizing the same
     layers first); every tensor must match. Returns the model."""
+    from safetensors import safe_open
+
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(META, "{}"))
         sd = {k: f.get_tensor(k) for k in f.keys()}

@@ -10,7 +10,8 @@ format         keys                                                    written b
 ``comfyui``    ``diffusion_model.<layer>.lora_A.weight``, ``alpha``     ComfyUI's own savers
 =============  ======================================================  ============================
 
-All files are safetensors. A key that no rule maps raises :class:`UnmappableKeyError` naming it.
+All files are safetensors (imported when a file is read or written, so ``import fastgen`` does
+not need it; ``to_state_dict`` / ``from_state_dict`` work in memory without it). A key that no rule maps raises :class:`UnmappableKeyError` naming it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fastgen.adapters.formats import comfyui, kohya, peft
 from fastgen.adapters.formats.common import UnmappableKeyError, fastgen_metadata, read_fastgen_metadata
@@ -56,6 +55,8 @@ def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict | None = None) -
 
 def read_file(path: str | os.PathLike) -> AdapterWeights:
     """Read a safetensors adapter file; ``.format`` says which format it was."""
+    from safetensors import safe_open  # imported here: fastgen imports without safetensors
+
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -80,6 +81,8 @@ def to_state_dict(w: AdapterWeights, format: str = "peft", prefix: str | None = 
 
 def write_file(w: AdapterWeights, path: str | os.PathLike, format: str = "peft", prefix: str | None = None,
                dtype: torch.dtype | None = None) -> None:
+    from safetensors.torch import save_file
+
     sd, meta = to_state_dict(w, format, prefix)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() and v.dim() else v for k, v in sd.items()}
