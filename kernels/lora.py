@@ -58,7 +58,7 @@ def _lora_fwd_kernel(
     M, N, K, R,
     stride_ym, stride_xm, stride_xk, stride_ak, stride_ar, stride_br, stride_bn,
     scale,
-    N_TILES: tl.constexpr,
+    N_TILES,  # column tiles per program (host-computed; a runtime value: no recompile per token count)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     K_TILES: tl.constexpr,
     DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr,
@@ -223,8 +223,8 @@ def lora_fwd_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     _lora_fwd_kernel[(m_tiles, n_groups)](
         y, x, a, b, M, N, K, R,
         y.stride(0), x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        float(scale),
-        N_TILES=tiles, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=triton.cdiv(K, bk),
+        float(scale), tiles,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=triton.cdiv(K, bk),
         DTYPE=TL_DTYPES[y.dtype], DOT_FP32=_dot_fp32(x.dtype, x.device), INTERPRET=interpreting(),
         num_warps=num_warps(x.dtype, x.device),
     )

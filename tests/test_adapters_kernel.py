@@ -150,12 +150,14 @@ def _static_usage(cases):  # runs in a child process without the interpreter
             if kind == "fwd":
                 fn, names = k._lora_fwd_kernel, ("stride_ym", "stride_xm", "stride_xk", "stride_ak", "stride_ar", "stride_br", "stride_bn")
                 sig = {"Y": p, "X": p, "A": p, "B": p}
-                ce = dict(N_TILES=4, INTERPRET=False)
+                ce = dict(INTERPRET=False)
             else:
                 fn, names = k._lora_bwd_kernel, ("stride_xm", "stride_xk", "stride_dym", "stride_dyn", "stride_ak", "stride_ar", "stride_br", "stride_bn")
                 sig = {"X": p, "DY": p, "A": p, "B": p, "T": "*fp32", "DT": "*fp32"}
                 ce = dict(N_TILES=48)
             sig.update({"M": "i32", "N": "i32", "K": "i32", "R": "i32", **{n: "i64" for n in names}, "scale": "fp32"})
+            if kind == "fwd":
+                sig["N_TILES"] = "i32"
             ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, K_TILES=48, DTYPE=tl_dt[dt], DOT_FP32=dt == "fp32")
             rows.append(dict(name=case, num_warps=k.num_warps(th_dt[dt], cuda), **resource_usage(fn, sig, ce, k.num_warps(th_dt[dt], cuda))))
         elif c[0] == "dora":
