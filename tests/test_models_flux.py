@@ -84,6 +84,18 @@ def test_cfg_doubled_batch_and_tuple_return():
     assert rel_err(out[:1], out[1:]) > 1e-3
 
 
+def test_controlnet_residuals():
+    model, ref = _pair(DEV)
+    kw = _inputs(2, 2, 3, 3)
+    g = torch.Generator().manual_seed(3)
+    for repeat in (False, True):
+        extra = dict(controlnet_block_samples=[torch.randn(2, 6, 32, generator=g)],
+                     controlnet_single_block_samples=[torch.randn(2, 6, 32, generator=g) for _ in range(2)],
+                     controlnet_blocks_repeat=repeat)
+        with torch.no_grad():
+            assert rel_err(model(**kw, **extra).sample, ref(**kw, **extra).sample) <= 1e-5
+
+
 def test_state_dict_strict_and_layouts(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from safetensors.torch import save_file

@@ -136,6 +136,16 @@ def test_cfg_doubled_batch_and_tuple_return():
     assert rel_err(out[:1], out[1:]) > 1e-3  # the two halves really differ
 
 
+def test_controlnet_residuals_and_skip_layers():
+    model, ref = _pair(TINY)
+    kw = _inputs(2, 4, 6, 3)
+    g = torch.Generator().manual_seed(3)
+    extra = dict(block_controlnet_hidden_states=[torch.randn(2, 6, 16, generator=g) for _ in range(2)],
+                 skip_layers=[1])
+    with torch.no_grad():
+        assert rel_err(model(**kw, **extra).sample, ref(**kw, **extra).sample) <= 1e-5
+
+
 def test_state_dict_loads_strict_and_round_trips():
     diffusers = pytest.importorskip("diffusers")
     model, ref = _pair(SD35)
