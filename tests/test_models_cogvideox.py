@@ -256,3 +256,49 @@ def test_activation_memory_vs_diffusers():
     ratio = ours / theirs
     print(f"saved-for-backward ratio fastgen / diffusers: CogVideoX block {ratio:.3f}")
     assert math.isfinite(ratio) and ratio <= 0.68, ratio
+
+
+# ----------------------------------------------------------------------------- inside a diffusers pipeline
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_pipeline_swap_same_video(rotary):
+    """CogVideoXPipeline with tiny random components (word-level tokenizer built offline, 1-layer T5,
+    tiny 3-D VAE, CFG, 2 DDIM steps): the same latents and frames with the transformer swapped for
+    ``CogVideoX.from_diffusers(pipe.transformer)`` (2b layout: sin-cos; 5b layout: the pipeline's RoPE)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    wl = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="<pad>", eos_token="</s>",
+                                               unk_token="<unk>")
+    torch.manual_seed(0)
+    enc = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=32,
+                                                            num_layers=1, num_heads=2)).eval()
+    vae = diffusers.AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                           up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8,) * 4,
+                                           latent_channels=4, layers_per_block=1, norm_num_groups=2)
+    tr = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, max_text_seq_length=8,
+        use_rotary_positional_embeddings=rotary)
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.normal_(0.0, 0.2)
+    pipe = diffusers.CogVideoXPipeline(tokenizer=tok, text_encoder=enc, vae=vae, transformer=tr,
+                                       scheduler=diffusers.CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(output_type):
+        return pipe("a cat", height=16, width=16, num_frames=9, max_sequence_length=8, num_inference_steps=2,
+                    guidance_scale=6.0, output_type=output_type, generator=torch.Generator().manual_seed(0)).frames
+
+    want_latents, want_frames = run("latent"), run("pt")
+    pipe.transformer = CogVideoX.from_diffusers(tr, backend="torch")
+    got_latents, got_frames = run("latent"), run("pt")
+    assert got_latents.shape == want_latents.shape == (1, 3, 4, 2, 2)
+    _close(got_latents, want_latents)
+    torch.testing.assert_close(got_frames, want_frames, rtol=1e-5, atol=1e-5)

@@ -39,6 +39,7 @@ Parameter names are diffusers' except ``attn1.to_qkv`` (q, k, v fused), which
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -280,7 +281,8 @@ class CogVideoXBlock(nn.Module):
         sh, sc, g, esh, esc, eg = self.norm1.linear(temb_act).chunk(6, dim=1)
         sh2, sc2, g2, esh2, esc2, eg2 = self.norm2.linear(temb_act).chunk(6, dim=1)
         qkv = self.attn1.to_qkv
-        ae, ax = self.attn1(layer_norm_linear(e, n1, qkv, be, esh, esc), layer_norm_linear(x, n1, qkv, be, sh, sc), rope)
+        ae, ax = self.attn1(layer_norm_linear(e, n1, qkv, be, esh, esc), layer_norm_linear(x, n1, qkv, be, sh, sc),
+                            rope)
         proj = self.ff.net[0].proj
         ux, x = layer_norm_linear(x, n2, proj, be, sh2, sc2, residual=ax, gate=g)
         ue, e = layer_norm_linear(e, n2, proj, be, esh2, esc2, residual=ae, gate=eg)
@@ -429,6 +431,23 @@ class CogVideoX(FastgenModel):
                              f"video tokens, got {tuple(cos.shape)} and {tuple(sin.shape)}")
         ones, zeros = cos.new_ones(T, cos.shape[1]), sin.new_zeros(T, sin.shape[1])
         return torch.cat([ones, cos], dim=0), torch.cat([zeros, sin], dim=0)
+
+    # ------------------------------------------------------------------ what pipelines may call
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """No-op (diffusers' cache hooks are not supported; CogVideoXPipeline enters this each step)."""
+        yield
+
+    def fuse_qkv_projections(self) -> None:
+        """No-op: q, k, v are always one projection here."""
+
+    def unfuse_qkv_projections(self) -> None:
+        """No-op: the fused projection computes what the separate ones would."""
+
+    def set_attn_processor(self, processor) -> None:
+        raise NotImplementedError("CogVideoX: custom attention processors are not supported; attention is "
+                                  "fastgen.ops.attention. Use the diffusers CogVideoXTransformer3DModel for them")
 
     # ------------------------------------------------------------------ interchange
 

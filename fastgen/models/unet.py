@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -306,8 +306,11 @@ class _NormLinear(torch.autograd.Function):
                 dsh = dn.sum(1, keepdim=True)
         dr = None
         if ctx.has_res and need[1]:
-            dr = (dh.to(_acc(dh)) * gate.to(_acc(dh)).reshape(gate.shape[0], 1, -1)).to(r.dtype) if ctx.impl == "torch" \
-                else _opt(grads[1])
+            if ctx.impl == "torch":
+                cd = _acc(dh)
+                dr = (dh.to(cd) * gate.to(cd).reshape(gate.shape[0], 1, -1)).to(r.dtype)
+            else:
+                dr = _opt(grads[1])
         gs, ss, cs = ctx.mod_shapes
         return (dh.reshape(ctx.shape) if need[0] else None, dr,
                 dg.reshape(gs) if dg is not None and need[2] else None,
@@ -710,6 +713,25 @@ class UNet2DCondition(FastgenModel):
                              f"{add.shape[-1]} addition features; the model takes "
                              f"projection_class_embeddings_input_dim={c.projection_class_embeddings_input_dim}")
         return add
+
+    # ------------------------------------------------------------------ what pipelines may call
+
+    def fuse_qkv_projections(self) -> None:
+        """No-op: self-attention q, k, v are always one projection here."""
+
+    def unfuse_qkv_projections(self) -> None:
+        """No-op: the fused projection computes what the separate ones would."""
+
+    def set_default_attn_processor(self) -> None:
+        """No-op: ``fastgen.ops.attention`` computes diffusers' default attention."""
+
+    def set_attn_processor(self, processor) -> None:
+        raise NotImplementedError("UNet2DCondition: custom attention processors (IP-adapter, LoRA processors, "
+                                  "attention slicing) are not supported; attention is fastgen.ops.attention. Use "
+                                  "the diffusers UNet2DConditionModel for them")
+
+    def enable_freeu(self, *args, **kwargs) -> None:
+        raise NotImplementedError("UNet2DCondition: FreeU is not supported; use the diffusers UNet2DConditionModel")
 
     # ------------------------------------------------------------------ interchange
 
