@@ -83,3 +83,20 @@ def test_save_grid(tmp_path):
     assert img.shape == (3, 2 * 10 + 2, 3 * 10 + 2)
     # image 4 (row 1, column 1) sits at (2 + 10, 2 + 10), back in [-1, 1] within 8-bit rounding
     torch.testing.assert_close(img[:, 12:20, 12:20] / 127.5 - 1, x[4], atol=1 / 127.5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler"])
+def test_named_diffusers_schedulers_with_an_oracle(name):
+    pytest.importorskip("diffusers")
+    obj = DenoisingObjective("epsilon", "scaled_linear", beta_start=0.00085, beta_end=0.012)
+    out = sample(_oracle(obj), obj, torch.zeros(3, dtype=torch.long), (3, 4, 4), num_steps=10,
+                 generator=torch.Generator().manual_seed(0), sampler=name)
+    # DDPM's stochastic steps re-noise, but its last step (t = 0) returns the predicted x0
+    torch.testing.assert_close(out, TARGET.expand(3, 3, 4, 4), atol=2e-3, rtol=0)
+
+
+def test_unknown_diffusers_scheduler_is_named():
+    pytest.importorskip("diffusers")
+    with pytest.raises(ValueError, match="diffusers has no scheduler 'NoSuchScheduler'"):
+        sample(lambda x, t, class_labels=None: x, FlowMatchingObjective(), torch.zeros(1, dtype=torch.long),
+               (1, 2, 2), 2, sampler="NoSuchScheduler")
