@@ -437,7 +437,7 @@ def test_explicit_backend_refuses_float64():
     """A dtype the kernels do not serve, with an explicit backend: a clear error, not a silent fallback."""
     from fastgen.backend import BackendUnavailableError
 
-    m = UNet2DCondition(UNet2DConditionConfig(**_kwargs("sd15")), backend="triton").double()
-    x, t, ctx, _ = _inputs("sd15", dtype=torch.float64)
-    with pytest.raises(BackendUnavailableError, match="float64|dtype"):
+    m = UNet2DCondition(UNet2DConditionConfig(**_kwargs("sd15")), backend="triton").to(TRITON_DEVICE, torch.float64)
+    x, t, ctx, _ = _inputs("sd15", dtype=torch.float64, device=TRITON_DEVICE)
+    with pytest.raises(BackendUnavailableError, match="dtype torch.float64 is not supported by the kernels"):
         m(x, t, ctx)
