@@ -244,6 +244,16 @@ def test_resume_is_bit_exact_with_two_gloo_processes(tmp_path):
     # each rank saved its own generator states, and they differ (different noise per rank)
     ck = tmp_path / "b" / "checkpoints" / "step-00000004"
     assert (ck / "rng-rank0.safetensors").read_bytes() != (ck / "rng-rank1.safetensors").read_bytes()
+    # 2 -> 1 process: the weights, EMA and optimizer continue; the noise streams are reseeded, said so
+    lines = []
+    cfg = _cfg(tmp_path / "b", steps=5, accum=2)
+    one = Trainer(cfg, dataset=_tensor_data(), resume=True, log=lines.append)
+    assert one.step == 4 and one.batches == 2 * 8  # 8 batches of each of 2 ranks = 16 of one
+    w, e, _ = _state(one)
+    assert all(torch.equal(w[k], r0["b"][0][k]) for k in w) and all(torch.equal(e[k], r0["b"][1][k]) for k in e)
+    assert any("written by 2 process(es), this run has 1" in line for line in lines)
+    one.fit()
+    assert one.step == 5
 
 
 def test_pure_bf16_with_stochastic_rounding_resumes_bit_exact(tmp_path):
