@@ -23,8 +23,8 @@ from fastgen.backend import BackendUnavailableError
 from conftest import INTERPRET, TRITON_DEVICE
 
 TOL = dict(atol=1e-2, rtol=1e-2)
-needs_triton_here = pytest.mark.skipif(TRITON_DEVICE == "cpu" and not INTERPRET,
-                                       reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+KERNELS_RUN = not (TRITON_DEVICE == "cpu" and not INTERPRET)  # else only the patch-time checks run
+needs_triton_here = pytest.mark.skipif(not KERNELS_RUN, reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 
 
 def _out(res):
@@ -84,7 +84,6 @@ def _attention_paths(m) -> list:
 # ----------------------------------------------------------------------------- kernels wherever they serve
 
 
-@needs_triton_here
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "flux"])
 def test_vae_head_dim_512_stays_on_reference_and_decodes(kind):
     """The real VAEs' mid-block attention (head dim 512) is beyond the flash kernels: that site keeps
@@ -92,7 +91,8 @@ def test_vae_head_dim_512_stays_on_reference_and_decodes(kind):
     pytest.importorskip("diffusers")
     m = _vae(kind, torch.float16)
     z = torch.randn(1, m.config.latent_channels, 4, 4, device=TRITON_DEVICE, dtype=torch.float16)
-    decode = kind == "flux" or TRITON_DEVICE == "cuda"  # the interpreter costs ~10 s per decode: one kind on CPU
+    # the interpreter costs ~10 s per decode: one kind on CPU
+    decode = KERNELS_RUN and (kind == "flux" or TRITON_DEVICE == "cuda")
     if decode:
         with torch.no_grad():
             ref = m.decode(z).sample
@@ -113,7 +113,6 @@ def test_vae_head_dim_512_stays_on_reference_and_decodes(kind):
     fp.unpatch(m)
 
 
-@needs_triton_here
 def test_unet_4_wide_heads_and_strict_names_every_site():
     pytest.importorskip("diffusers")
     m = _unet(torch.float16)
@@ -138,12 +137,12 @@ def test_unet_4_wide_heads_and_strict_names_every_site():
     resnets = sum(isinstance(mod, ResnetBlock2D) for mod in m.modules())
     assert sorted(x.path for x in r.replaced if "glu" in x.after) == gegl
     assert r.count("activation='silu'") == resnets
-    with torch.no_grad():
-        torch.testing.assert_close(m(**inputs).sample, ref, **TOL)
+    if KERNELS_RUN:
+        with torch.no_grad():
+            torch.testing.assert_close(m(**inputs).sample, ref, **TOL)
     fp.unpatch(m)
 
 
-@needs_triton_here
 def test_float32_dit_norms_on_triton_attention_on_reference():
     pytest.importorskip("diffusers")
     m, inputs = _dit(torch.float32)
@@ -153,8 +152,9 @@ def test_float32_dit_norms_on_triton_attention_on_reference():
     assert r.count("layer_norm_modulate") == 1 and r.count("scaled_dot_product_attention") == 0
     assert "float32 is not supported by the flash-attention kernels" in r.on_reference()["transformer_blocks.0.attn1"]
     assert "left alone" in str(r) and "stays on the reference" in str(r)
-    with torch.no_grad():
-        torch.testing.assert_close(_out(m(**inputs)), ref, **TOL)
+    if KERNELS_RUN:
+        with torch.no_grad():
+            torch.testing.assert_close(_out(m(**inputs)), ref, **TOL)
     fp.unpatch(m)
 
 
