@@ -725,3 +725,31 @@ def test_tma_refuses_broadcast_and_every_tma_tile_is_a_legal_box():
                 for rows in (c["BLOCK_M"], c["BLOCK_N"]):
                     for cols in (c["BLOCK_D"], c["BLOCK_DR"]):
                         assert cols == 0 or tma_box_ok(rows, cols, 2), (kernel, D, c)
+
+
+def test_batch_times_heads_is_on_grid_axis_0(monkeypatch):
+    """CUDA grid axes 1 and 2 stop at 65,535 blocks; batch x heads passes that (varlen: 4,096
+    sequences x 24 heads), so every attention kernel launches a 1-D grid."""
+    import fastgen.kernels.attention as ka
+    import fastgen.kernels.attention_bwd as kb
+
+    grids = {}
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            grids[self.name] = grid
+            return self.kernel[grid]
+
+    for mod, name in ((ka, "_attn_fwd_kernel"), (kb, "_attn_bwd_preprocess_kernel"), (kb, "_attn_bwd_dkdv_kernel"),
+                      (kb, "_attn_bwd_dq_kernel")):
+        monkeypatch.setattr(mod, name, Spy(name, getattr(mod, name)))
+    q, k, v = _qkv(3, 20, 20, 4, 2, 32, BF16)
+    with forced_blocks(16, 16) if not ON_GPU else contextlib.nullcontext():
+        o = attention(q, k, v, causal=True, backend="triton")
+        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert set(grids) == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                          "_attn_bwd_dq_kernel"}
+    assert all(len(g) == 1 for g in grids.values()), grids
