@@ -267,6 +267,8 @@ class Trainer:
         interrupted run would); returns ``{"step", "losses": [(step, loss)], "checkpoint"}``."""
         cfg, t = self.cfg, self.cfg.train
         end = t.steps if stop_at is None else min(stop_at, t.steps)
+        if self.step >= end and self.rank == 0:
+            self.log(f"fastgen.train: already at step {self.step} of {t.steps}; nothing to train")
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
         self.sampler.set_position(self.batches)
