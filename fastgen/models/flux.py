@@ -60,6 +60,7 @@ from fastgen.models.sd3 import (
 )
 from fastgen.ops import attention, gated_residual, qk_norm_rope, rope_frequencies
 
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -116,98 +117,7 @@ FLUX_PRESETS: dict[str, dict] = {
 }
 
 
-# ----------------------------------------------------------------------------- modules
-
-
-class _QKNorms(nn.Module):
-    """The per-head RMSNorm weights of a single block's attention (keys ``attn.norm_q/k.weight``)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.norm_q, self.norm_k = _Weight(d), _Weight(d)
-
-
-class FluxAttention(nn.Module):
-    """The double block's joint attention: QKV per stream in one GEMM, ``qk_norm_rope`` per stream,
-    one ``fastgen.ops.attention`` over ``[text; image]``."""
-
-    def __init__(self, cfg: FluxConfig, backend: str):
-        super().__init__()
-        D, d = cfg.inner_dim, cfg.attention_head_dim
-        self.heads, self.head_dim, self.backend = cfg.num_attention_heads, d, backend
-        self.to_qkv, self.to_added_qkv = nn.Linear(D, 3 * D), nn.Linear(D, 3 * D)
-        self.to_out, self.to_add_out = nn.Linear(D, D), nn.Linear(D, D)
-        self.norm_q, self.norm_k = _Weight(d), _Weight(d)
-        self.norm_added_q, self.norm_added_k = _Weight(d), _Weight(d)
-
-    def forward(self, qkv: Tensor, cqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """``qkv`` (B, Si, 3D), ``cqkv`` (B, St, 3D): the streams' projections (computed by the block with the
-        modulated norm) -> (image output, text output)."""
-        St = cqkv.shape[1]
-        shape = (3, self.heads, self.head_dim)
-        # one joint copy of [text; image] qkv: the norms read it in place and attention reads v from it,
-        # so backward keeps this tensor and the normed q, k only
-        j = torch.cat([cqkv.unflatten(-1, shape), qkv.unflatten(-1, shape)], 1)
-        cq, ck = qk_norm_rope(j[:, :St, 0], j[:, :St, 1], self.norm_added_q.weight, self.norm_added_k.weight,
-                              cos[:St], sin[:St], 1e-6, "bshd", interleaved=True, backend=self.backend)
-        q, k = qk_norm_rope(j[:, St:, 0], j[:, St:, 1], self.norm_q.weight, self.norm_k.weight, cos[St:], sin[St:],
-                            1e-6, "bshd", interleaved=True, backend=self.backend)
-        o = attention(torch.cat([cq, q], 1), torch.cat([ck, k], 1), j[:, :, 2], layout="bshd",
-                      backend=self.backend).flatten(2)  # (B, S, D)
-        return self.to_out(o[:, St:]), self.to_add_out(o[:, :St])
-
-
-class FluxTransformerBlock(nn.Module):
-    """Double-stream block (diffusers' ``FluxTransformerBlock``): ``(x, c) -> (c, x)``."""
-
-    def __init__(self, cfg: FluxConfig, backend: str):
-        super().__init__()
-        D = cfg.inner_dim
-        self.backend = backend
-        self.norm1, self.norm1_context = AdaLN(D, 6), AdaLN(D, 6)
-        self.attn = FluxAttention(cfg, backend)
-        self.ff, self.ff_context = GeluFeedForward(D, 4 * D), GeluFeedForward(D, 4 * D)
-
-    def forward(self, x: Tensor, c: Tensor, e: Tensor, cos: Tensor, sin: Tensor):
-        be, attn = self.backend, self.attn
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(e)
-        cshift1, cscale1, cgate1, cshift2, cscale2, cgate2 = self.norm1_context(e)
-        o, co = attn(norm_linear(x, shift1, scale1, attn.to_qkv, be),
-                     norm_linear(c, cshift1, cscale1, attn.to_added_qkv, be), cos, sin)
-        x = feed_forward(x, o, gate1, shift2, scale2, gate2, self.ff, be)
-        c = feed_forward(c, co, cgate1, cshift2, cscale2, cgate2, self.ff_context, be)
-        return _clip_fp16(c), x  # as diffusers: only the text stream is clipped here
-
-
-class FluxSingleTransformerBlock(nn.Module):
-    """Single-stream block (diffusers' ``FluxSingleTransformerBlock``) on the joint sequence ``z = [c; x]``."""
-
-    def __init__(self, cfg: FluxConfig, backend: str):
-        super().__init__()
-        D, d = cfg.inner_dim, cfg.attention_head_dim
-        self.heads, self.head_dim, self.dim, self.backend = cfg.num_attention_heads, d, D, backend
-        self.norm = AdaLN(D, 3)
-        self.linear1 = nn.Linear(D, 3 * D + cfg.mlp_hidden_dim)
-        self.attn = _QKNorms(d)
-        self.proj_out = nn.Linear(D + cfg.mlp_hidden_dim, D)
-
-    def forward(self, z: Tensor, e: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        be, D = self.backend, self.dim
-        shift, scale, gate = self.norm(e)
-        p = norm_linear(z, shift, scale, self.linear1, be)  # (B, S, 3D + mlp), LN(z) recomputed in backward
-        qkv, m = p[..., :3 * D].unflatten(-1, (3, self.heads, self.head_dim)), p[..., 3 * D:]
-        q, k = qk_norm_rope(qkv[:, :, 0], qkv[:, :, 1], self.attn.norm_q.weight, self.attn.norm_k.weight, cos, sin,
-                            1e-6, "bshd", interleaved=True, backend=be)
-        o = attention(q, k, qkv[:, :, 2], layout="bshd", backend=be).flatten(2)
-        w = self.proj_out.weight
-        y = F.linear(o, w[:, :D], self.proj_out.bias) + gelu_linear(m, w[:, D:], None)
-        return _clip_fp16(gated_residual(z, y, gate, backend=be))
-
-
-def _clip_fp16(x: Tensor) -> Tensor:
-    """diffusers clips fp16 residual streams to the finite range (the text stream after a double block,
-    the joint stream after a single block)."""
-    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+# ----------------------------------------------------------------------------- model
 
 
 class Flux(MMDiTModel):
@@ -351,3 +261,97 @@ class Flux(MMDiTModel):
             guidance_embeds=any(k.startswith("guidance_in.") for k in sd),
             axes_dims_rope=axes,
         )
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class FluxTransformerBlock(nn.Module):
+    """Double-stream block (diffusers' ``FluxTransformerBlock``): ``(x, c) -> (c, x)``."""
+
+    def __init__(self, cfg: FluxConfig, backend: str):
+        super().__init__()
+        D = cfg.inner_dim
+        self.backend = backend
+        self.norm1, self.norm1_context = AdaLN(D, 6), AdaLN(D, 6)
+        self.attn = FluxAttention(cfg, backend)
+        self.ff, self.ff_context = GeluFeedForward(D, 4 * D), GeluFeedForward(D, 4 * D)
+
+    def forward(self, x: Tensor, c: Tensor, e: Tensor, cos: Tensor, sin: Tensor):
+        be, attn = self.backend, self.attn
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(e)
+        cshift1, cscale1, cgate1, cshift2, cscale2, cgate2 = self.norm1_context(e)
+        o, co = attn(norm_linear(x, shift1, scale1, attn.to_qkv, be),
+                     norm_linear(c, cshift1, cscale1, attn.to_added_qkv, be), cos, sin)
+        x = feed_forward(x, o, gate1, shift2, scale2, gate2, self.ff, be)
+        c = feed_forward(c, co, cgate1, cshift2, cscale2, cgate2, self.ff_context, be)
+        return _clip_fp16(c), x  # as diffusers: only the text stream is clipped here
+
+
+class FluxSingleTransformerBlock(nn.Module):
+    """Single-stream block (diffusers' ``FluxSingleTransformerBlock``) on the joint sequence ``z = [c; x]``."""
+
+    def __init__(self, cfg: FluxConfig, backend: str):
+        super().__init__()
+        D, d = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.head_dim, self.dim, self.backend = cfg.num_attention_heads, d, D, backend
+        self.norm = AdaLN(D, 3)
+        self.linear1 = nn.Linear(D, 3 * D + cfg.mlp_hidden_dim)
+        self.attn = _QKNorms(d)
+        self.proj_out = nn.Linear(D + cfg.mlp_hidden_dim, D)
+
+    def forward(self, z: Tensor, e: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        be, D = self.backend, self.dim
+        shift, scale, gate = self.norm(e)
+        p = norm_linear(z, shift, scale, self.linear1, be)  # (B, S, 3D + mlp), LN(z) recomputed in backward
+        qkv, m = p[..., :3 * D].unflatten(-1, (3, self.heads, self.head_dim)), p[..., 3 * D:]
+        q, k = qk_norm_rope(qkv[:, :, 0], qkv[:, :, 1], self.attn.norm_q.weight, self.attn.norm_k.weight, cos, sin,
+                            1e-6, "bshd", interleaved=True, backend=be)
+        o = attention(q, k, qkv[:, :, 2], layout="bshd", backend=be).flatten(2)
+        w = self.proj_out.weight
+        y = F.linear(o, w[:, :D], self.proj_out.bias) + gelu_linear(m, w[:, D:], None)
+        return _clip_fp16(gated_residual(z, y, gate, backend=be))
+
+
+class FluxAttention(nn.Module):
+    """The double block's joint attention: QKV per stream in one GEMM, ``qk_norm_rope`` per stream,
+    one ``fastgen.ops.attention`` over ``[text; image]``."""
+
+    def __init__(self, cfg: FluxConfig, backend: str):
+        super().__init__()
+        D, d = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.head_dim, self.backend = cfg.num_attention_heads, d, backend
+        self.to_qkv, self.to_added_qkv = nn.Linear(D, 3 * D), nn.Linear(D, 3 * D)
+        self.to_out, self.to_add_out = nn.Linear(D, D), nn.Linear(D, D)
+        self.norm_q, self.norm_k = _Weight(d), _Weight(d)
+        self.norm_added_q, self.norm_added_k = _Weight(d), _Weight(d)
+
+    def forward(self, qkv: Tensor, cqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """``qkv`` (B, Si, 3D), ``cqkv`` (B, St, 3D): the streams' projections (computed by the block with the
+        modulated norm) -> (image output, text output)."""
+        St = cqkv.shape[1]
+        shape = (3, self.heads, self.head_dim)
+        # one joint copy of [text; image] qkv: the norms read it in place and attention reads v from it,
+        # so backward keeps this tensor and the normed q, k only
+        j = torch.cat([cqkv.unflatten(-1, shape), qkv.unflatten(-1, shape)], 1)
+        cq, ck = qk_norm_rope(j[:, :St, 0], j[:, :St, 1], self.norm_added_q.weight, self.norm_added_k.weight,
+                              cos[:St], sin[:St], 1e-6, "bshd", interleaved=True, backend=self.backend)
+        q, k = qk_norm_rope(j[:, St:, 0], j[:, St:, 1], self.norm_q.weight, self.norm_k.weight, cos[St:], sin[St:],
+                            1e-6, "bshd", interleaved=True, backend=self.backend)
+        o = attention(torch.cat([cq, q], 1), torch.cat([ck, k], 1), j[:, :, 2], layout="bshd",
+                      backend=self.backend).flatten(2)  # (B, S, D)
+        return self.to_out(o[:, St:]), self.to_add_out(o[:, :St])
+
+
+class _QKNorms(nn.Module):
+    """The per-head RMSNorm weights of a single block's attention (keys ``attn.norm_q/k.weight``)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm_q, self.norm_k = _Weight(d), _Weight(d)
+
+
+def _clip_fp16(x: Tensor) -> Tensor:
+    """diffusers clips fp16 residual streams to the finite range (the text stream after a double block,
+    the joint stream after a single block)."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x

@@ -65,6 +65,7 @@ from fastgen.models._common import (
 )
 from fastgen.ops import attention, gated_residual, qk_norm_rope
 
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -131,48 +132,7 @@ def config_from_dict(cls, d: dict):
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
 
-# ----------------------------------------------------------------------------- shared MMDiT pieces (SD3, Flux)
-
-
-class TimeTextEmbed(nn.Module):
-    """``temb = MLP_t(sinusoid(t)) [+ MLP_g(sinusoid(guidance))] + MLP_y(pooled)``  -> (B, D)
-    (diffusers' ``CombinedTimestep[Guidance]TextProjEmbeddings``: 256 sinusoids, cos first)."""
-
-    def __init__(self, dim: int, pooled_dim: int, guidance: bool = False):
-        super().__init__()
-        self.timestep_embedder = TimestepMLP(256, dim)
-        self.guidance_embedder = TimestepMLP(256, dim) if guidance else None
-        self.text_embedder = TimestepMLP(pooled_dim, dim)
-
-    def forward(self, timestep: Tensor, pooled: Tensor, guidance: Optional[Tensor] = None) -> Tensor:
-        def sinusoid(t: Tensor) -> Tensor:
-            return timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0).to(pooled.dtype)
-
-        temb = self.timestep_embedder(sinusoid(timestep))
-        if self.guidance_embedder is not None:
-            temb = temb + self.guidance_embedder(sinusoid(guidance))
-        return temb + self.text_embedder(pooled)
-
-
-class AdaLN(nn.Module):
-    """The modulation projection of an AdaLN(-Zero) norm: ``silu(temb) @ W -> n chunks of (B, D)``,
-    read in place by the fused modulate ops. The model computes ``e = silu(temb)`` once for all blocks."""
-
-    def __init__(self, dim: int, n: int):
-        super().__init__()
-        self.n = n
-        self.linear = nn.Linear(dim, n * dim)
-
-    def forward(self, e: Tensor) -> tuple[Tensor, ...]:
-        return self.linear(e).chunk(self.n, dim=1)
-
-
-class _Weight(nn.Module):
-    """A norm's weight alone (key ``<name>.weight``, as diffusers' ``RMSNorm``)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
+# ----------------------------------------------------------------------------- model
 
 
 class MMDiTModel(FastgenModel):
@@ -249,142 +209,6 @@ class MMDiTModel(FastgenModel):
         from fastgen.models._original_layout import from_pretrained
 
         return from_pretrained(cls, path, torch_dtype, device, backend, config, subfolder)
-
-
-def check_tensor(model: str, name: str, t, dims: int, last: Optional[int] = None, batch: Optional[int] = None):
-    if t is None:
-        raise ValueError(f"{model}: {name} is required")
-    if not isinstance(t, Tensor) or t.dim() != dims:
-        raise ValueError(f"{model}: {name} must be a {dims}-D tensor, got "
-                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if last is not None and t.shape[-1] != last:
-        raise ValueError(f"{model}: {name} must have {last} features in its last dim, got shape {tuple(t.shape)}")
-    if batch is not None and t.shape[0] != batch:
-        raise ValueError(f"{model}: {name} has batch {t.shape[0]}, hidden_states has {batch}")
-
-
-# ----------------------------------------------------------------------------- SD3 modules
-
-
-class PatchEmbed(nn.Module):
-    """``conv_p(latent)`` flattened to tokens plus the centre crop of a fixed 2-D sin-cos table
-    (diffusers' ``PatchEmbed(pos_embed_max_size=...)``; the table is a persistent buffer)."""
-
-    def __init__(self, cfg: SD3Config):
-        super().__init__()
-        self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
-        self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
-        n, base = cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.inner_dim, n, n, base)[None])  # (1, n*n, D)
-
-    def forward(self, latent: Tensor) -> Tensor:
-        h, w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
-        x = self.proj(latent).flatten(2).transpose(1, 2)
-        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
-        pos = self.pos_embed.reshape(1, self.max_size, self.max_size, -1)[:, top:top + h, left:left + w]
-        return (x + pos.reshape(1, h * w, -1)).to(x.dtype)
-
-
-class JointAttention(nn.Module):
-    """Attention over image tokens (and, when ``joint``, text tokens after them), one QKV GEMM per
-    stream, optional per-head RMSNorm of q and k (SD3.5), one ``fastgen.ops.attention`` call."""
-
-    def __init__(self, cfg: SD3Config, joint: bool, context_out: bool, backend: str):
-        super().__init__()
-        D = cfg.inner_dim
-        self.heads, self.head_dim, self.backend = cfg.num_attention_heads, cfg.attention_head_dim, backend
-        self.to_qkv = nn.Linear(D, 3 * D)
-        self.to_out = nn.Linear(D, D)
-        self.to_added_qkv = nn.Linear(D, 3 * D) if joint else None
-        self.to_add_out = nn.Linear(D, D) if joint and context_out else None
-        qk = cfg.qk_norm == "rms_norm"
-        d = self.head_dim
-        self.norm_q = _Weight(d) if qk else None
-        self.norm_k = _Weight(d) if qk else None
-        self.norm_added_q = _Weight(d) if qk and joint else None
-        self.norm_added_k = _Weight(d) if qk and joint else None
-
-    def _qk_norm(self, q: Tensor, k: Tensor, nq: "_Weight", nk: "_Weight") -> tuple[Tensor, Tensor]:
-        """RMSNorm of q and k over the head dim: ``qk_norm_rope`` with a zero-angle rotation (cos 1, sin 0
-        on two dims), which is exactly the identity, so the op is the plain per-head RMSNorm."""
-        cos = torch.ones(q.shape[1], 2, device=q.device)
-        return qk_norm_rope(q, k, nq.weight, nk.weight, cos, torch.zeros_like(cos), 1e-6, "bshd",
-                            backend=self.backend)
-
-    def forward(self, qkv: Tensor, cqkv: Optional[Tensor] = None):
-        """``qkv`` (B, Si, 3D) = h @ to_qkv (and ``cqkv`` (B, St, 3D) = ch @ to_added_qkv), computed by the
-        block together with the modulated norm -> (image output, text output or None)."""
-        shape, Si = (3, self.heads, self.head_dim), qkv.shape[1]
-        j = qkv.unflatten(-1, shape)  # (B, Si, 3, H, d)
-        if cqkv is not None:  # one joint copy of [image; text] qkv, read in place by the norms and attention
-            j = torch.cat([j, cqkv.unflatten(-1, shape)], 1)
-        q, k, v = j.unbind(2)
-        if self.norm_q is not None:  # per-head RMSNorm of q and k, one pass per stream, read in place
-            q, k = self._qk_norm(j[:, :Si, 0], j[:, :Si, 1], self.norm_q, self.norm_k)
-            if cqkv is not None:
-                cq, ck = self._qk_norm(j[:, Si:, 0], j[:, Si:, 1], self.norm_added_q, self.norm_added_k)
-                q, k = torch.cat([q, cq], 1), torch.cat([k, ck], 1)
-        o = attention(q, k, v, layout="bshd", backend=self.backend).flatten(2)  # (B, Si + St, D)
-        out = self.to_out(o[:, :Si])
-        if cqkv is None:
-            return out, None
-        return out, (self.to_add_out(o[:, Si:]) if self.to_add_out is not None else None)
-
-
-class JointTransformerBlock(nn.Module):
-    """One MMDiT block (diffusers' ``JointTransformerBlock``): returns ``(c, x)``, ``c`` None when
-    the text stream is pre-only (the last block)."""
-
-    def __init__(self, cfg: SD3Config, index: int, backend: str):
-        super().__init__()
-        D = cfg.inner_dim
-        self.dual = index in cfg.dual_attention_layers
-        self.context_pre_only = index == cfg.num_layers - 1
-        self.backend = backend
-        self.norm1 = AdaLN(D, 9 if self.dual else 6)
-        self.norm1_context = AdaLN(D, 2 if self.context_pre_only else 6)
-        self.attn = JointAttention(cfg, joint=True, context_out=not self.context_pre_only, backend=backend)
-        self.attn2 = JointAttention(cfg, joint=False, context_out=False, backend=backend) if self.dual else None
-        self.ff = GeluFeedForward(D, 4 * D)
-        self.ff_context = None if self.context_pre_only else GeluFeedForward(D, 4 * D)
-
-    def forward(self, x: Tensor, c: Tensor, e: Tensor):
-        be, attn = self.backend, self.attn
-        mod = self.norm1(e)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod[:6]
-        qkv = norm_linear(x, shift1, scale1, attn.to_qkv, be)
-        if self.context_pre_only:
-            cscale, cshift = self.norm1_context(e)  # diffusers' AdaLayerNormContinuous order: scale, shift
-            cqkv = norm_linear(c, cshift, cscale, attn.to_added_qkv, be)
-        else:
-            cshift1, cscale1, cgate1, cshift2, cscale2, cgate2 = self.norm1_context(e)
-            cqkv = norm_linear(c, cshift1, cscale1, attn.to_added_qkv, be)
-        o, co = attn(qkv, cqkv)
-        if self.dual:  # a second, image-only attention on LN(x) of the block input, its own modulation
-            shift3, scale3, gate3 = mod[6:]
-            qkv2 = norm_linear(x, shift3, scale3, self.attn2.to_qkv, be)
-            x = gated_residual(x, o, gate1, backend=be)
-            o, _ = self.attn2(qkv2)
-            gate1 = gate3
-        x = feed_forward(x, o, gate1, shift2, scale2, gate2, self.ff, be)
-        if self.context_pre_only:
-            return None, x
-        return feed_forward(c, co, cgate1, cshift2, cscale2, cgate2, self.ff_context, be), x
-
-
-def norm_linear(x: Tensor, shift: Tensor, scale: Tensor, lin: nn.Linear, backend) -> Tensor:
-    """``lin(LN(x) (1 + scale) + shift)``; the normed tensor is recomputed in backward, not saved."""
-    return modulated_norm_linear(x, shift, scale, lin.weight, lin.bias, 1e-6, backend)
-
-
-def feed_forward(x: Tensor, o: Tensor, gate1: Tensor, shift: Tensor, scale: Tensor, gate2: Tensor,
-                 ff: GeluFeedForward, backend) -> Tensor:
-    """The second half of an AdaLN-Zero block: ``x1 = x + gate1 o``;  ``x1 + gate2 FF(LN(x1)(1 + scale) + shift)``.
-
-    One fused gated-residual + modulated-norm kernel feeding fc1 (normed tensor recomputed in backward),
-    the GELU recomputed in backward (``gelu_linear``), one fused gated residual."""
-    m, x1 = gated_modulated_norm_linear(x, o, gate1, shift, scale, ff.fc1.weight, ff.fc1.bias, 1e-6, backend)
-    return gated_residual(x1, gelu_linear(m, ff.fc2.weight, ff.fc2.bias), gate2, backend=backend)
 
 
 class SD3(MMDiTModel):
@@ -498,6 +322,189 @@ class SD3(MMDiTModel):
                                                 if k.startswith("joint_blocks.") and ".attn2." in k})),
             qk_norm="rms_norm" if qk_key else None,
         )
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class JointTransformerBlock(nn.Module):
+    """One MMDiT block (diffusers' ``JointTransformerBlock``): returns ``(c, x)``, ``c`` None when
+    the text stream is pre-only (the last block)."""
+
+    def __init__(self, cfg: SD3Config, index: int, backend: str):
+        super().__init__()
+        D = cfg.inner_dim
+        self.dual = index in cfg.dual_attention_layers
+        self.context_pre_only = index == cfg.num_layers - 1
+        self.backend = backend
+        self.norm1 = AdaLN(D, 9 if self.dual else 6)
+        self.norm1_context = AdaLN(D, 2 if self.context_pre_only else 6)
+        self.attn = JointAttention(cfg, joint=True, context_out=not self.context_pre_only, backend=backend)
+        self.attn2 = JointAttention(cfg, joint=False, context_out=False, backend=backend) if self.dual else None
+        self.ff = GeluFeedForward(D, 4 * D)
+        self.ff_context = None if self.context_pre_only else GeluFeedForward(D, 4 * D)
+
+    def forward(self, x: Tensor, c: Tensor, e: Tensor):
+        be, attn = self.backend, self.attn
+        mod = self.norm1(e)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod[:6]
+        qkv = norm_linear(x, shift1, scale1, attn.to_qkv, be)
+        if self.context_pre_only:
+            cscale, cshift = self.norm1_context(e)  # diffusers' AdaLayerNormContinuous order: scale, shift
+            cqkv = norm_linear(c, cshift, cscale, attn.to_added_qkv, be)
+        else:
+            cshift1, cscale1, cgate1, cshift2, cscale2, cgate2 = self.norm1_context(e)
+            cqkv = norm_linear(c, cshift1, cscale1, attn.to_added_qkv, be)
+        o, co = attn(qkv, cqkv)
+        if self.dual:  # a second, image-only attention on LN(x) of the block input, its own modulation
+            shift3, scale3, gate3 = mod[6:]
+            qkv2 = norm_linear(x, shift3, scale3, self.attn2.to_qkv, be)
+            x = gated_residual(x, o, gate1, backend=be)
+            o, _ = self.attn2(qkv2)
+            gate1 = gate3
+        x = feed_forward(x, o, gate1, shift2, scale2, gate2, self.ff, be)
+        if self.context_pre_only:
+            return None, x
+        return feed_forward(c, co, cgate1, cshift2, cscale2, cgate2, self.ff_context, be), x
+
+
+def norm_linear(x: Tensor, shift: Tensor, scale: Tensor, lin: nn.Linear, backend) -> Tensor:
+    """``lin(LN(x) (1 + scale) + shift)``; the normed tensor is recomputed in backward, not saved."""
+    return modulated_norm_linear(x, shift, scale, lin.weight, lin.bias, 1e-6, backend)
+
+
+def feed_forward(x: Tensor, o: Tensor, gate1: Tensor, shift: Tensor, scale: Tensor, gate2: Tensor,
+                 ff: GeluFeedForward, backend) -> Tensor:
+    """The second half of an AdaLN-Zero block: ``x1 = x + gate1 o``;  ``x1 + gate2 FF(LN(x1)(1 + scale) + shift)``.
+
+    One fused gated-residual + modulated-norm kernel feeding fc1 (normed tensor recomputed in backward),
+    the GELU recomputed in backward (``gelu_linear``), one fused gated residual."""
+    m, x1 = gated_modulated_norm_linear(x, o, gate1, shift, scale, ff.fc1.weight, ff.fc1.bias, 1e-6, backend)
+    return gated_residual(x1, gelu_linear(m, ff.fc2.weight, ff.fc2.bias), gate2, backend=backend)
+
+
+class JointAttention(nn.Module):
+    """Attention over image tokens (and, when ``joint``, text tokens after them), one QKV GEMM per
+    stream, optional per-head RMSNorm of q and k (SD3.5), one ``fastgen.ops.attention`` call."""
+
+    def __init__(self, cfg: SD3Config, joint: bool, context_out: bool, backend: str):
+        super().__init__()
+        D = cfg.inner_dim
+        self.heads, self.head_dim, self.backend = cfg.num_attention_heads, cfg.attention_head_dim, backend
+        self.to_qkv = nn.Linear(D, 3 * D)
+        self.to_out = nn.Linear(D, D)
+        self.to_added_qkv = nn.Linear(D, 3 * D) if joint else None
+        self.to_add_out = nn.Linear(D, D) if joint and context_out else None
+        qk = cfg.qk_norm == "rms_norm"
+        d = self.head_dim
+        self.norm_q = _Weight(d) if qk else None
+        self.norm_k = _Weight(d) if qk else None
+        self.norm_added_q = _Weight(d) if qk and joint else None
+        self.norm_added_k = _Weight(d) if qk and joint else None
+
+    def _qk_norm(self, q: Tensor, k: Tensor, nq: "_Weight", nk: "_Weight") -> tuple[Tensor, Tensor]:
+        """RMSNorm of q and k over the head dim: ``qk_norm_rope`` with a zero-angle rotation (cos 1, sin 0
+        on two dims), which is exactly the identity, so the op is the plain per-head RMSNorm."""
+        cos = torch.ones(q.shape[1], 2, device=q.device)
+        return qk_norm_rope(q, k, nq.weight, nk.weight, cos, torch.zeros_like(cos), 1e-6, "bshd",
+                            backend=self.backend)
+
+    def forward(self, qkv: Tensor, cqkv: Optional[Tensor] = None):
+        """``qkv`` (B, Si, 3D) = h @ to_qkv (and ``cqkv`` (B, St, 3D) = ch @ to_added_qkv), computed by the
+        block together with the modulated norm -> (image output, text output or None)."""
+        shape, Si = (3, self.heads, self.head_dim), qkv.shape[1]
+        j = qkv.unflatten(-1, shape)  # (B, Si, 3, H, d)
+        if cqkv is not None:  # one joint copy of [image; text] qkv, read in place by the norms and attention
+            j = torch.cat([j, cqkv.unflatten(-1, shape)], 1)
+        q, k, v = j.unbind(2)
+        if self.norm_q is not None:  # per-head RMSNorm of q and k, one pass per stream, read in place
+            q, k = self._qk_norm(j[:, :Si, 0], j[:, :Si, 1], self.norm_q, self.norm_k)
+            if cqkv is not None:
+                cq, ck = self._qk_norm(j[:, Si:, 0], j[:, Si:, 1], self.norm_added_q, self.norm_added_k)
+                q, k = torch.cat([q, cq], 1), torch.cat([k, ck], 1)
+        o = attention(q, k, v, layout="bshd", backend=self.backend).flatten(2)  # (B, Si + St, D)
+        out = self.to_out(o[:, :Si])
+        if cqkv is None:
+            return out, None
+        return out, (self.to_add_out(o[:, Si:]) if self.to_add_out is not None else None)
+
+
+# ----------------------------------------------------------------------------- parts (Flux uses them too)
+
+
+class PatchEmbed(nn.Module):
+    """``conv_p(latent)`` flattened to tokens plus the centre crop of a fixed 2-D sin-cos table
+    (diffusers' ``PatchEmbed(pos_embed_max_size=...)``; the table is a persistent buffer)."""
+
+    def __init__(self, cfg: SD3Config):
+        super().__init__()
+        self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
+        n, base = cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.inner_dim, n, n, base)[None])  # (1, n*n, D)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        h, w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
+        x = self.proj(latent).flatten(2).transpose(1, 2)
+        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
+        pos = self.pos_embed.reshape(1, self.max_size, self.max_size, -1)[:, top:top + h, left:left + w]
+        return (x + pos.reshape(1, h * w, -1)).to(x.dtype)
+
+
+class TimeTextEmbed(nn.Module):
+    """``temb = MLP_t(sinusoid(t)) [+ MLP_g(sinusoid(guidance))] + MLP_y(pooled)``  -> (B, D)
+    (diffusers' ``CombinedTimestep[Guidance]TextProjEmbeddings``: 256 sinusoids, cos first)."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool = False):
+        super().__init__()
+        self.timestep_embedder = TimestepMLP(256, dim)
+        self.guidance_embedder = TimestepMLP(256, dim) if guidance else None
+        self.text_embedder = TimestepMLP(pooled_dim, dim)
+
+    def forward(self, timestep: Tensor, pooled: Tensor, guidance: Optional[Tensor] = None) -> Tensor:
+        def sinusoid(t: Tensor) -> Tensor:
+            return timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0).to(pooled.dtype)
+
+        temb = self.timestep_embedder(sinusoid(timestep))
+        if self.guidance_embedder is not None:
+            temb = temb + self.guidance_embedder(sinusoid(guidance))
+        return temb + self.text_embedder(pooled)
+
+
+class AdaLN(nn.Module):
+    """The modulation projection of an AdaLN(-Zero) norm: ``silu(temb) @ W -> n chunks of (B, D)``,
+    read in place by the fused modulate ops. The model computes ``e = silu(temb)`` once for all blocks."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, e: Tensor) -> tuple[Tensor, ...]:
+        return self.linear(e).chunk(self.n, dim=1)
+
+
+class _Weight(nn.Module):
+    """A norm's weight alone (key ``<name>.weight``, as diffusers' ``RMSNorm``)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_tensor(model: str, name: str, t, dims: int, last: Optional[int] = None, batch: Optional[int] = None):
+    if t is None:
+        raise ValueError(f"{model}: {name} is required")
+    if not isinstance(t, Tensor) or t.dim() != dims:
+        raise ValueError(f"{model}: {name} must be a {dims}-D tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if last is not None and t.shape[-1] != last:
+        raise ValueError(f"{model}: {name} must have {last} features in its last dim, got shape {tuple(t.shape)}")
+    if batch is not None and t.shape[0] != batch:
+        raise ValueError(f"{model}: {name} has batch {t.shape[0]}, hidden_states has {batch}")
 
 
 def _shape(v) -> tuple:
