@@ -202,8 +202,9 @@ class MMDiTModel(FastgenModel):
                         backend: Optional[str] = "auto", config=None, subfolder: Optional[str] = None):
         """Load safetensors in diffusers layout (a model folder with ``config.json``, a pipeline folder with
         ``transformer/``, a single or a sharded file) or the reference repository's original single file
-        (optionally under ``model.diffusion_model.``). Without ``config`` (a config, a dict or a preset
-        name) it is read from ``config.json`` or inferred from the tensor shapes. The model is built on the
+        (optionally under ``model.diffusion_model.``; its VAE and text encoders are ignored). Without
+        ``config`` (a config, a dict or a preset name) it is read from ``config.json`` (diffusers layout) or
+        inferred from the tensor shapes (original layout). The model is built on the
         meta device, keys and shapes are checked before any tensor is read, and each tensor is
         materialised once, on ``device`` in ``torch_dtype``."""
         from fastgen.models._original_layout import from_pretrained
