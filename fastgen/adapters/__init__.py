@@ -23,6 +23,7 @@ import os
 
 from torch import nn
 
+from fastgen.adapters import fastgen_models as _fgm
 from fastgen.adapters import formats
 from fastgen.adapters.formats import FORMATS, UnmappableKeyError, detect
 from fastgen.adapters.formats import kohya as _kohya
@@ -31,6 +32,7 @@ from fastgen.adapters.inject import (
     adapter_names, adapter_parameters, add_adapter, add_weights, disable, disabled, enable, fingerprint,
     get_weights, merge, set_scale, unmerge, use_backend,
 )
+from fastgen.adapters.inject import merge as _merge
 from fastgen.adapters.inject import remove as _remove
 from fastgen.adapters.quantize import base_nbytes, dequantize, load_quantized, quantize, save_quantized
 from fastgen.adapters.state import AdapterWeights, ModuleWeights
@@ -68,10 +70,12 @@ def load(path: str | os.PathLike) -> AdapterWeights:
 
 
 def apply(target, adapter: str | os.PathLike | AdapterWeights, name: str = "default", scale: float = 1.0,
-          check_base: bool = True) -> AdapterWeights:
-    """Add the adapter (a path or loaded weights) to a model or a diffusers pipeline, unmerged,
-    as adapter ``name`` with multiplier ``scale``. Every layer of the file must map to a layer of
-    the target, else the error names the unmatched keys. Returns the weights that were applied."""
+          check_base: bool = True, merge: bool = False) -> AdapterWeights:
+    """Add the adapter (a path or loaded weights) to a model or a diffusers pipeline as adapter
+    ``name`` with multiplier ``scale``, unmerged (``merge=True`` folds it into the weights). Every
+    layer of the file must map to a layer of the target, else the error names the unmatched keys.
+    fastgen.models take adapters merged only (their fused kernels bypass layer hooks); the file's
+    to_q / to_k / to_v land on the fused to_qkv rows. Returns the weights that were applied."""
     w = adapter if isinstance(adapter, AdapterWeights) else load(adapter)
     comps = _components(target)
     unplaced = [c for c in w.extra if c not in comps]
@@ -85,9 +89,16 @@ def apply(target, adapter: str | os.PathLike | AdapterWeights, name: str = "defa
         if not part.modules:
             continue
         model = comps[comp]
+        if _fgm.is_fastgen_model(model):
+            if not merge:
+                raise TypeError(_fgm.HOOK_ERROR.format(cls=type(model).__name__))
+            _fgm.merge_weights(model, _kohya.resolve(part, model, _fgm.diffusers_layer_names(model)), scale)
+            continue
         part = _resolve(part, w, model, comp)
         add_weights(model, part, name=name, check_base=check_base and comp == "denoiser")
         set_scale(model, name, scale)
+        if merge:
+            _merge(model, name)
     return w
 
 

@@ -78,6 +78,13 @@ def _freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+def _refuse_fastgen_model(model: nn.Module) -> None:
+    from fastgen.adapters.fastgen_models import HOOK_ERROR, is_fastgen_model
+
+    if is_fastgen_model(model):
+        raise TypeError(HOOK_ERROR.format(cls=type(model).__name__))
+
+
 def add_adapter(
     model: nn.Module,
     name: str = "default",
@@ -99,6 +106,7 @@ def add_adapter(
     unchanged (their last factor starts at zero; DoRA's magnitude starts at ``||W||``). With
     ``freeze_base`` every non-adapter parameter of the model stops requiring grad.
     """
+    _refuse_fastgen_model(model)
     if kind not in ("lora", "dora", "loha", "lokr"):
         raise ValueError(f"unknown adapter kind {kind!r}; expected 'lora', 'dora', 'loha' or 'lokr'")
     alpha = float(rank if alpha is None else alpha)
@@ -143,6 +151,7 @@ def add_adapter(
 def add_weights(model: nn.Module, weights: AdapterWeights, name: str = "default", check_base: bool = True) -> list[str]:
     """Add an adapter from loaded weights. Raises, naming them, when layers of the file are not
     in the model or do not fit, and when the file records a different base model."""
+    _refuse_fastgen_model(model)
     _check_new(model, name)
     here = fingerprint(model)
     modules = dict(model.named_modules())

@@ -77,12 +77,14 @@ def read(sd: dict[str, torch.Tensor], meta: dict) -> AdapterWeights:
     return main
 
 
-def resolve(w: AdapterWeights, model: nn.Module) -> AdapterWeights:
-    """Replace flattened layer names by the model's dotted ones; unmatched names are an error
-    that lists the file's keys."""
+def resolve(w: AdapterWeights, model: nn.Module, names: list[str] | None = None) -> AdapterWeights:
+    """Replace flattened layer names by the model's dotted ones (or by ``names``, when given);
+    unmatched names are an error that lists the file's keys."""
     if w.names != "flat":
         return w
-    table = {flat(n): n for n, m in model.named_modules() if n and _targets.adaptable(m)}
+    if names is None:
+        names = [n for n, m in model.named_modules() if n and _targets.adaptable(m)]
+    table = {flat(n): n for n in names}
     missing = [w.keys.get(n, n) for n in w.modules if n not in table]
     if missing:
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
