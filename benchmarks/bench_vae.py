@@ -14,8 +14,14 @@ weights (SDXL config, bf16, on a GPU; a tiny config in fp32 on CPU so the run ta
 - ``fastgen-tiled``: ``fastgen.vae.tiled_decode(..., blend="linear")`` at the same settings
   (diffusers' result, streaming the blend), GroupNorm backend ``auto``;
 - ``fastgen-tiled-triton``: the same with the Triton GroupNorm+SiLU kernels;
-- ``fastgen-consistent``: ``tiled_decode(..., consistent_colors=True)``, whole-image GroupNorm
-  statistics, tile activations staged in host memory when the image is large.
+- ``fastgen-consistent``: ``tiled_decode(..., consistent_colors=True)``: the lossless layout
+  (halo exchange, whole-image GroupNorm statistics, global attention; equal to the full decode
+  up to summation order), activations staged in host memory beyond the default budget;
+- ``fastgen-blend``: ``tiled_decode(..., consistent_colors=True, halo=False)``, the older
+  blended layout with whole-image statistics.
+
+The sweep also records each tiled provider's PSNR against the full decode (``torch``) where
+that one ran at the same size.
 
 Shape keys: ``N`` batch, ``h`` = ``w`` latent side (image side ``8 h`` on SDXL), ``T`` tile side in
 latent positions. Mode ``fwd`` only (inference).
@@ -37,7 +43,7 @@ from .harness import Case, Unavailable
 
 OP = "vae"
 PROVIDERS = ("torch", "diffusers", "fastgen-triton", "diffusers-tiled", "fastgen-tiled", "fastgen-tiled-triton",
-             "fastgen-consistent")
+             "fastgen-consistent", "fastgen-blend")
 GPU_ONLY = ("fastgen-triton", "fastgen-tiled-triton")
 MODES = ("fwd",)
 PLOT_X = "h"
@@ -138,9 +144,16 @@ def setup(provider: str, case: Case, mode: str, device: str):
             return theirs.tiled_decode(z).sample
         if provider in ("fastgen-tiled", "fastgen-tiled-triton"):
             return tiled_decode(ours, z, tile_size=tile, progress=False)
-        return tiled_decode(ours, z, tile_size=tile, consistent_colors=True, progress=False)
+        return tiled_decode(ours, z, tile_size=tile, consistent_colors=True, halo=provider != "fastgen-blend",
+                            progress=False)
 
     return fn
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """10 log10(range(ref)^2 / MSE) in float64 (inf when equal)."""
+    mse = (x.double() - ref.double()).square().mean()
+    return float(10 * torch.log10((ref.double().max() - ref.double().min()) ** 2 / mse))
 
 
 def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dtype=torch.bfloat16,
@@ -150,6 +163,7 @@ def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dty
     rows = [] if rows is None else rows
     for h in sizes:
         case = _case(h, tile, dtype)
+        full = None
         for p in providers:
             row = {"provider": p, "latent": h, "image": h * _config(device).downsample_factor, "tile": tile}
             try:
@@ -165,6 +179,10 @@ def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dty
                     torch.cuda.synchronize()
                     row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
                 row["ms"] = (time.perf_counter() - t0) * 1e3
+                if p == "torch":
+                    full = out
+                elif full is not None and out.shape == full.shape:
+                    row["psnr_db"] = psnr(out, full)
                 del out
             except Exception as exc:  # an OOM is a result here
                 row["status"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -301,11 +319,12 @@ def main(argv=None) -> None:
     try:
         sweep(args.sizes, args.tile, args.providers, device, dtype, rows)
     finally:  # an interrupted sweep (a time limit) still reports what it measured
-        print("\n| provider | latent | image | ms | peak GB | status |\n|---|---|---|---|---|---|")
+        print("\n| provider | latent | image | ms | peak GB | PSNR dB | status |\n|---|---|---|---|---|---|---|")
         for r in rows:
             pk = f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-"
             ms = f"{r['ms']:.0f}" if "ms" in r else "-"
-            print(f"| {r['provider']} | {r['latent']} | {r['image']} | {ms} | {pk} | {r.get('status', 'ok')} |")
+            db = f"{r['psnr_db']:.1f}" if "psnr_db" in r else "-"
+            print(f"| {r['provider']} | {r['latent']} | {r['image']} | {ms} | {pk} | {db} | {r.get('status', 'ok')} |")
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(rows, fh, indent=1)
