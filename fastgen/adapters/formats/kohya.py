@@ -24,7 +24,7 @@ from torch import nn
 
 from fastgen.adapters import targets as _targets
 from fastgen.adapters.formats.common import HADA, LOKR, UnmappableKeyError, effective_alpha, group
-from fastgen.adapters.state import AdapterWeights, ModuleWeights
+from fastgen.adapters.state import AdapterWeights
 
 PREFIXES = {"lora_unet_": "denoiser", "lora_transformer_": "denoiser", "lora_te_": "text_encoder",
             "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
