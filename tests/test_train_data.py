@@ -122,14 +122,16 @@ def test_bad_files_are_named_then_refused_or_skipped(tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "yellow_cross" / "tiny.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "stray.png")
     (tmp_path / "yellow_cross" / "tiny.txt").write_text("tiny")
     with pytest.raises(D.DataError) as e:
         D.ImageFolderDataset(str(tmp_path), resolution=16, captions="required")
     msg = str(e.value)
-    assert "3 bad file(s)" in msg and "broken.png: unreadable image" in msg
+    assert "4 bad file(s)" in msg and "broken.png: unreadable image" in msg
+    assert "stray.png: outside the class folders" in msg
     assert "001.png: missing caption 001.txt" in msg and "tiny.png: 8x8 has fewer pixels" in msg
     ds = D.ImageFolderDataset(str(tmp_path), resolution=16, captions="required", on_bad="skip")
-    assert len(ds) == 7 and "skipping 3 bad file(s)" in capsys.readouterr().out
+    assert len(ds) == 7 and "skipping 4 bad file(s)" in capsys.readouterr().out
     # optional captions: the caption-less image is fine
     assert len(D.ImageFolderDataset(str(tmp_path), resolution=16, on_bad="skip")) == 8
 

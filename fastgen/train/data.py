@@ -86,6 +86,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         folders = [os.path.join(path, d) for d in subdirs] or [path]
         self.items: list[Item] = []
         self.bad: list[tuple[str, str]] = []
+        if subdirs:  # with class folders, an image beside them belongs to no class
+            for name in sorted(os.listdir(path)):
+                if name.lower().endswith(IMAGE_EXTS):
+                    self.bad.append((os.path.join(path, name), "outside the class folders (no class)"))
         for label, folder in enumerate(folders):
             for name in sorted(os.listdir(folder)):
                 if name.lower().endswith(IMAGE_EXTS):
