@@ -273,3 +273,34 @@ def test_fastgen_flux_takes_diffusers_lora_merged_onto_fused_qkv(tmp_path):
         got = fast(**inputs).sample
     assert (want - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_pipeline_components_and_remove(fmt):
+    """A file with denoiser and text-encoder layers goes onto a pipeline's unet and text_encoder;
+    remove() restores both."""
+    import types
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    unet, te = Block(), nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    src_unet, src_te = copy.deepcopy(unet), copy.deepcopy(te)
+    A.add_adapter(src_unet, "a", rank=2, targets=["to_q"])
+    A.add_adapter(src_te, "a", rank=2, targets="all")
+    _randomize(src_unet, "a")
+    _randomize(src_te, "a", 2)
+    sd_u, meta = A.formats.to_state_dict(A.get_weights(src_unet, "a"), fmt, prefix="unet" if fmt == "peft" else "lora_unet")
+    sd_t, _ = A.formats.to_state_dict(A.get_weights(src_te, "a"), fmt, prefix="text_encoder" if fmt == "peft" else "lora_te")
+    w = A.formats.from_state_dict({**sd_u, **sd_t}, meta)
+    assert set(w.extra) == {"text_encoder"}
+    pipe = types.SimpleNamespace(unet=unet, text_encoder=te)
+    A.apply(pipe, w, name="a")
+    x, img = _inputs()
+    t = torch.randn(3, 6)
+    torch.testing.assert_close(pipe.unet(x, img)[0], src_unet(x, img)[0])
+    torch.testing.assert_close(pipe.text_encoder(t), src_te(t))
+    A.remove(pipe)
+    with A.disabled(src_te):
+        torch.testing.assert_close(pipe.text_encoder(t), src_te(t))
+    assert A.adapter_names(pipe.unet) == [] and A.adapter_names(pipe.text_encoder) == []
