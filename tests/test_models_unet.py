@@ -291,8 +291,8 @@ def test_activation_memory_vs_diffusers():
     """Bytes saved for backward in bf16 on the Triton kernels vs the same diffusers module:
     BasicTransformerBlock ~0.62x (the three LayerNorm outputs and the GEGLU output are recomputed in
     the backward of the GEMM that reads them; the attention tensors are kept like diffusers keeps
-    them), ResnetBlock2D ~0.67x (GroupNorm+SiLU keeps only its input, not the normalized tensor and
-    the SiLU output)."""
+    them), ResnetBlock2D ~0.34x (each GroupNorm+SiLU -> conv pair keeps only the GroupNorm input and
+    its statistics; the activated tensor is recomputed in the conv's backward)."""
     import copy
 
     ref = _reference("sd15").to(TRITON_DEVICE, torch.bfloat16)
@@ -308,7 +308,7 @@ def test_activation_memory_vs_diffusers():
     resnet = saved_bytes(lambda: fr(img, F.silu(temb)), fr) / saved_bytes(lambda: rr(img, temb), rr)
     print(f"saved-for-backward ratio fastgen / diffusers: transformer block {block:.3f}, resnet {resnet:.3f}")
     assert block <= 0.65, block
-    assert resnet <= 0.70, resnet
+    assert resnet <= 0.40, resnet
     assert math.isfinite(block) and math.isfinite(resnet)
 
 

@@ -18,15 +18,16 @@ addition embedding). Shapes, with ``C_i = block_out_channels[i]``::
                h += Wo attn(Wq LN2 h, Wk ctx, Wv ctx)       cross-attention to the text
                h += W2 (a * gelu(g)),  [a, g] = W1 LN3 h     GEGLU feed-forward
 
-Fused ops: every ``GroupNorm -> SiLU`` pair is one ``fastgen.ops.group_norm(...,
-activation="silu")`` (it saves only its input for backward, not the normalized tensor
-nor the SiLU output); each LayerNorm and the projection after it are one autograd node
+Fused ops: every ``GroupNorm -> SiLU -> conv`` is one autograd node
+(:func:`group_norm_silu_conv`: fastgen's fused GroupNorm+SiLU kernel, then the conv) that
+keeps the GroupNorm input and its statistics for backward, not the activated tensor; each LayerNorm and the projection after it are one autograd node
 (:func:`layer_norm_linear`, fastgen's LayerNorm kernels) that keeps the block input, not
 the normalized tensor; the one attention call site is ``fastgen.ops.attention`` (q, k, v
 read in place from the fused projection); GEGLU and the linear after it are one autograd
 node (:func:`glu_linear`, ``fastgen.ops.glu`` kernels) that keeps only the projection
 output. The recomputed tensors cost one elementwise / normalization pass each in the
-backward, and the block keeps ~0.62x of what diffusers' keeps for backward.
+backward; a transformer block keeps ~0.62x and a ResNet block ~0.34x of what diffusers'
+keeps for backward.
 
 Parameter names are diffusers' except the fused ``attn1.to_qkv`` and ``proj_in`` /
 ``proj_out``, which are linear layers here (diffusers keeps 1x1 convs when
@@ -49,6 +50,9 @@ from fastgen.backend import resolve
 from fastgen.models._common import FastgenModel, ModelConfig, TimestepMLP, timestep_embedding
 from fastgen.ops import attention, gated_residual, glu, group_norm, layer_norm, layer_norm_modulate
 from fastgen.ops._checks import kernel_dtype_reason
+from fastgen.ops.group_norm import _as_ncs, _group_norm_bwd_op, _group_norm_fwd_op
+from fastgen.ops.group_norm import _layout as _gn_layout
+from fastgen.ops.group_norm import _unsupported as _gn_unsupported
 from fastgen.ops.layer_norm import NORM_LAYER, _layer_norm_bwd_op, _layer_norm_fwd_op, _opt, as_rows3, unit_last
 from fastgen.ops.layer_norm import resolve as _ln_resolve
 
@@ -375,16 +379,101 @@ def layer_norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear, backend:
     return _NormLinear.apply(x, residual, gate, shift, scale, w, b, float(norm.eps), linear.weight, linear.bias, impl)
 
 
+# ----------------------------------------------------------------------------- GroupNorm + SiLU + conv
+
+
+class _GroupNormSiLUConv(torch.autograd.Function):
+    """``y = conv2d(silu(GroupNorm(x)), W, b)`` keeping ``x`` (and the per-group statistics) for
+    backward, not ``silu(GroupNorm(x))``, which the backward recomputes (one pass over x) for the
+    weight gradient ``dW = conv2d_weight(a, dy)``; ``da = conv2d_input(W, dy)`` then goes through the
+    GroupNorm+SiLU backward. x (N, C, H, W), W (O, C, k, k), stride 1. Torch path: fp32 math
+    (F.group_norm + SiLU, one rounding; closed-form backward); a kernel backend runs the
+    ``fastgen::group_norm_fwd`` / ``group_norm_bwd`` kernels (contiguous or channels-last x).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gn_w, gn_b, groups, eps, weight, bias, padding, impl):
+        ctx.groups, ctx.eps, ctx.padding, ctx.impl, ctx.has_bias = groups, eps, padding, impl, bias is not None
+        if impl == "torch":
+            a = group_norm(x, groups, gn_w, gn_b, eps, "silu", backend="torch")
+            ctx.save_for_backward(x, gn_w, gn_b, weight)
+        else:
+            ctx.fmt, ctx.shape = _gn_layout(x), x.shape
+            x3 = _as_ncs(x, ctx.fmt)
+            a, mean, rstd = _group_norm_fwd_op(x3, gn_w, gn_b, groups, eps, True, impl)
+            a = a.view(x.shape)
+            ctx.save_for_backward(x3, gn_w, gn_b, weight, mean, rstd)
+        return F.conv2d(a, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        if ctx.impl == "torch":
+            x, gn_w, gn_b, weight = ctx.saved_tensors
+            a = group_norm(x, ctx.groups, gn_w, gn_b, ctx.eps, "silu", backend="torch")
+        else:
+            x3, gn_w, gn_b, weight, mean, rstd = ctx.saved_tensors
+            x = x3.view(ctx.shape)
+            a = _group_norm_fwd_op(x3, gn_w, gn_b, ctx.groups, ctx.eps, True, ctx.impl)[0].view(ctx.shape)
+        dw = torch.nn.grad.conv2d_weight(a, weight.shape, dy, padding=ctx.padding) if need[5] else None
+        db = dy.sum((0, 2, 3)) if ctx.has_bias and need[6] else None
+        da = torch.nn.grad.conv2d_input(x.shape, weight, dy, padding=ctx.padding)
+        if ctx.impl == "torch":
+            dx, dgw, dgb = _gn_silu_backward_torch(da, x, gn_w, gn_b, ctx.groups, ctx.eps)
+        else:
+            da3 = _as_ncs(da, ctx.fmt)
+            if da3.stride() != x3.stride():
+                da3 = torch.empty_like(x3).copy_(da3)
+            dx, dgw, dgb = _group_norm_bwd_op(da3, x3, gn_w, gn_b, mean, rstd, ctx.groups, True, ctx.impl)
+            dx = dx.view(ctx.shape)
+        return (dx if need[0] else None, dgw if need[1] else None, dgb if need[2] else None, None, None,
+                dw, db, None, None)
+
+
+def _gn_silu_backward_torch(da: Tensor, x: Tensor, w: Tensor, b: Tensor, groups: int, eps: float):
+    """Closed-form backward of silu(GroupNorm(x) * w + b) in fp32 (float64 for float64)."""
+    cd = _acc(x)
+    N, C = x.shape[:2]
+    xg = x.to(cd).reshape(N, groups, -1)
+    xc = xg - xg.mean(-1, keepdim=True)
+    r = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+    xhat = (xc * r).reshape(x.shape)
+    shp = (1, C) + (1,) * (x.dim() - 2)
+    z = xhat * w.to(cd).view(shp) + b.to(cd).view(shp)
+    sg = torch.sigmoid(z)
+    dz = da.to(cd) * sg * (1 + z * (1 - sg))
+    red = [0] + list(range(2, x.dim()))
+    dw, db = (dz * xhat).sum(red), dz.sum(red)
+    g = (dz * w.to(cd).view(shp)).reshape(N, groups, -1)
+    xh = xhat.reshape(N, groups, -1)
+    dx = r * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+    return dx.reshape(x.shape).to(x.dtype), dw.to(w.dtype), db.to(b.dtype)
+
+
+def group_norm_silu_conv(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, backend: Optional[str] = "auto") -> Tensor:
+    """``conv(silu(norm(x)))`` (GroupNorm with affine parameters, a stride-1 conv) without storing the
+    normalized and activated tensor for backward. x (N, C, H, W) -> (N, conv.out_channels, H', W')."""
+    impl = resolve("group_norm", backend, x.device, _gn_unsupported(x, norm.num_groups))
+    if not torch.is_grad_enabled() or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
+        a = group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, "silu", backend=impl)
+        return conv(a)
+    return _GroupNormSiLUConv.apply(x, norm.weight, norm.bias, norm.num_groups, float(norm.eps), conv.weight,
+                                    conv.bias, conv.padding, impl)
+
+
 # ----------------------------------------------------------------------------- resnet / sampling
 
 
 class ResnetBlock2D(nn.Module):
-    """``x' + conv2(GNSiLU(conv1(GNSiLU(x)) + time_emb_proj(silu(temb))))`` (diffusers keys)."""
+    """``x' + conv2(GNSiLU(conv1(GNSiLU(x)) + time_emb_proj(silu(temb))))`` (diffusers keys).
+
+    Each ``conv(GNSiLU(.))`` is one :func:`group_norm_silu_conv` node: the block keeps x and the
+    conv1 output (+ temb) for backward, not the two normalized-and-activated tensors."""
 
     def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, eps: float, scale: float = 1.0,
                  backend: Optional[str] = "auto"):
         super().__init__()
-        self.groups, self.eps, self.scale, self.backend = groups, eps, float(scale), backend
+        self.scale, self.backend = float(scale), backend
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, cout)
@@ -394,10 +483,9 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         """x (B, cin, H, W), temb_act = silu(temb) (B, temb_dim) -> (B, cout, H, W)."""
-        h = group_norm(x, self.groups, self.norm1.weight, self.norm1.bias, self.eps, "silu", self.backend)
-        h = self.conv1(h) + self.time_emb_proj(temb_act)[:, :, None, None]
-        h = group_norm(h, self.groups, self.norm2.weight, self.norm2.bias, self.eps, "silu", self.backend)
-        h = self.conv2(h)
+        h = group_norm_silu_conv(x, self.norm1, self.conv1, self.backend)
+        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
+        h = group_norm_silu_conv(h, self.norm2, self.conv2, self.backend)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
         return out if self.scale == 1.0 else out / self.scale
@@ -674,9 +762,7 @@ class UNet2DCondition(FastgenModel):
             if hasattr(blk, "upsamplers"):
                 size = skips[-1].shape[2:] if forward_size else None
                 h = blk.upsamplers[0](h, size)
-        h = group_norm(h, c.norm_num_groups, self.conv_norm_out.weight, self.conv_norm_out.bias, c.norm_eps,
-                       "silu", self.backend)
-        out = self.conv_out(h)
+        out = group_norm_silu_conv(h, self.conv_norm_out, self.conv_out, self.backend)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     def _check_inputs(self, sample: Tensor, ctx: Tensor) -> None:
