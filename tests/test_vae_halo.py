@@ -174,3 +174,27 @@ def test_meta_peak_lossless_offload_bounds_memory():
     # full decode at 512 px: at least the 128-channel bf16 activations at full resolution
     assert full["peak_gib"] * 2**30 >= 2 * 128 * 512 * 512 * 2
     assert off["peak_gib"] < 0.5 * full["peak_gib"] and off["peak_gib"] < resident["peak_gib"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offload", [True, 0.05, False])
+def test_gpu_lossless_staging_sdxl_config(offload):
+    """On a GPU the staged activations go through pinned host memory (offload=True), a small device
+    budget (part host, part device) or stay on the device: each is the full decode (fp32, >= 60 dB),
+    and host staging really bounds the device's peak."""
+    torch.manual_seed(0)
+    m = AutoencoderKL(sdxl_config()).to("cuda").eval()
+    z = torch.randn(1, 4, 64, 48, device="cuda")
+    with torch.no_grad():
+        full = m.decode(z)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = tiled_decode(m, z, tile_size=24, consistent_colors=True, offload=offload, progress=False)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert out.device.type == "cuda" and psnr(out, full) >= 60, psnr(out, full)
+    if offload is True:
+        act = 128 * 512 * 384 * 4  # one 128-channel fp32 activation at full resolution
+        assert peak < 3 * act, (peak, act)
