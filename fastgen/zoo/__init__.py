@@ -1,0 +1,30 @@
+"""fastgen.zoo: the catalogue's smaller generative models on fastgen's fused ops.
+
+One readable file per model, ``fastgen/zoo/<name>.py``: a config dataclass at the top, the
+modules, the loss and the sampler. ``fastgen.zoo.data`` generates the datasets the tests and
+docs train on (16x16 coloured shapes, 2-D two moons and Gaussian mixtures). Pages: ``docs/zoo/``.
+
+Names are imported on first use, so ``import fastgen`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {
+    "VAE": "fastgen.zoo.vae",
+    "VAEConfig": "fastgen.zoo.vae",
+    "BetaVAE": "fastgen.zoo.vae",
+}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module 'fastgen.zoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULES[name]), name)
+
+
+def __dir__():
+    return __all__
