@@ -85,6 +85,7 @@ def test_save_grid(tmp_path):
     torch.testing.assert_close(img[:, 12:20, 12:20] / 127.5 - 1, x[4], atol=1 / 127.5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler"])
 def test_named_diffusers_schedulers_with_an_oracle(name):
     pytest.importorskip("diffusers")
