@@ -84,6 +84,10 @@ def test_issue_case_latent_37x29_tile_16():
     assert psnr(theirs, full) < 40  # the case does show the seams
     assert psnr(ours, full) >= 60 and psnr(ours_m, full) >= 60
     assert_close(ours, full, scale=10)
+    x = torch.randn(2, 3, 45, 38, generator=torch.Generator().manual_seed(3))  # encode: diffusers' modules too
+    with torch.no_grad():
+        ref = dv.encode(x).latent_dist.parameters
+    assert_close(tiled_encode(dv, x, tile_size=16, consistent_colors=True, progress=False).parameters, ref, scale=10)
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl", "flux"])

@@ -18,7 +18,12 @@ normalized with its own GroupNorm statistics, which is what makes tiles differ i
 Besides the output, only the current row of tiles and the bottom edges of the row above are
 kept (diffusers keeps every decoded tile until the end).
 
-**Layout 2, colour-consistent** (``consistent_colors=True``). The latent is cut into a grid of
+**Layout 3, lossless** (``consistent_colors=True``, the default ``halo=True``): tile cores that
+partition every level of the network, halos read from whole-image staged activations before
+every conv, whole-image GroupNorm statistics, global attention: equal to the full pass up to
+summation order. It lives in :mod:`fastgen.vae.halo`; this module dispatches to it.
+
+**Layout 2, colour-consistent with blending** (``consistent_colors=True, halo=False``). The latent is cut into a grid of
 cores (at most ``T - 2m`` wide, ``m = round(T * overlap / 2)``); a tile is its core plus a margin
 of ``m`` on every inner side. The network is run as a flat list of steps (conv, GroupNorm(+SiLU),
 push residual, add residual, attention, up/down-sample) over all tiles, segment by segment: a
