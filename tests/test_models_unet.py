@@ -441,3 +441,28 @@ def test_explicit_backend_refuses_float64():
     x, t, ctx, _ = _inputs("sd15", dtype=torch.float64, device=TRITON_DEVICE)
     with pytest.raises(BackendUnavailableError, match="dtype torch.float64 is not supported by the kernels"):
         m(x, t, ctx)
+
+
+def test_group_norm_silu_conv_gradients_float64():
+    """conv(silu(GroupNorm(x))) with the activation recomputed in the backward, against plain autograd
+    in float64: x, GroupNorm weight / bias, conv weight / bias gradients (3x3 padded and 1x1 convs)."""
+    from fastgen.models.unet import group_norm_silu_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    norm = torch.nn.GroupNorm(4, 8).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    for conv in (torch.nn.Conv2d(8, 6, 3, padding=1).double(), torch.nn.Conv2d(8, 3, 1).double()):
+        leaves = [x, norm.weight, norm.bias, conv.weight, conv.bias]
+        w = torch.randn(2, conv.out_channels, 5, 7, dtype=torch.float64)
+        got = []
+        for fn in (lambda: group_norm_silu_conv(x, norm, conv, "torch"), lambda: conv(F.silu(norm(x)))):
+            for t in leaves:
+                t.grad = None
+                t.requires_grad_(True)
+            (fn() * w).sum().backward()
+            got.append([t.grad.clone() for t in leaves])
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
