@@ -251,7 +251,7 @@ def _head_norm(x: Tensor, norm: nn.LayerNorm, backend) -> Tensor:
 class _FeedForward(nn.Module):
     """diffusers' FeedForward("gelu-approximate") parameters: ``net.0.proj`` and ``net.2``."""
 
-    def __init__(self, dim: int, backend):
+    def __init__(self, dim: int):
         super().__init__()
         self.net = nn.ModuleList([_Proj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
 
@@ -273,7 +273,7 @@ class CogVideoXBlock(nn.Module):
         self.norm1 = _AdaLNZero(c.time_embed_dim, c.inner_dim, c.norm_elementwise_affine, c.norm_eps)
         self.attn1 = Attention(c, backend)
         self.norm2 = _AdaLNZero(c.time_embed_dim, c.inner_dim, c.norm_elementwise_affine, c.norm_eps)
-        self.ff = _FeedForward(c.inner_dim, backend)
+        self.ff = _FeedForward(c.inner_dim)
 
     def forward(self, x: Tensor, e: Tensor, temb_act: Tensor, rope):
         """x (B, S, N) video stream, e (B, T, N) text stream, temb_act = silu(temb) -> (x, e)."""
