@@ -15,6 +15,8 @@ _MODULES = {
     "VAE": "fastgen.zoo.vae",
     "VAEConfig": "fastgen.zoo.vae",
     "BetaVAE": "fastgen.zoo.vae",
+    "GAN": "fastgen.zoo.gan",
+    "GANConfig": "fastgen.zoo.gan",
 }
 
 __all__ = sorted(_MODULES)
