@@ -6,6 +6,7 @@
   cosine blending, and ``consistent_colors=True`` for GroupNorm statistics over the whole image.
   They also take a diffusers ``AutoencoderKL`` directly. ``consistent_colors=True`` is lossless
   (halo exchange, :mod:`fastgen.vae.halo`): equal to the full pass up to summation order.
+- :class:`AutoencoderKLCogVideoX`: CogVideoX's causal 3-D video VAE (diffusers' weights and math).
 - :class:`VectorQuantizer` (nearest code with a fused Triton search, commitment loss,
   straight-through, EMA codebooks, residual VQ, LFQ) and :class:`VQModel` (diffusers' ``VQModel``).
 """
@@ -20,6 +21,7 @@ from fastgen.vae.autoencoder_kl import (
     sd_config,
     sdxl_config,
 )
+from fastgen.vae.cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
 from fastgen.vae.quantizer import VectorQuantizer, VQOutput, nearest_code
 from fastgen.vae.tiling import tiled_decode, tiled_encode
 from fastgen.vae.vq_model import VQModel, VQModelConfig
@@ -27,5 +29,6 @@ from fastgen.vae.vq_model import VQModel, VQModelConfig
 __all__ = [
     "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution",
     "sd_config", "sdxl_config", "flux_config", "tiled_decode", "tiled_encode",
+    "AutoencoderKLCogVideoX", "CogVideoXVAEConfig",
     "DecodedImage", "DecoderOutput", "VectorQuantizer", "VQOutput", "nearest_code", "VQModel", "VQModelConfig",
 ]
