@@ -107,3 +107,32 @@ def test_errors():
         m.encode(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="quant convs"):
         AutoencoderKLCogVideoX.config_from_diffusers(dict(TINY, use_quant_conv=True))
+
+
+def test_cogvideox_pipeline_same_frames():
+    """``CogVideoXPipeline(vae=<fastgen video VAE>)`` (reads ``vae.config`` and ``vae.decode(z).sample``),
+    prompt embeddings given: the same frames as with diffusers' VAE."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    cfg = dict(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+               temporal_compression_ratio=2)
+    dv = _perturb(diffusers.AutoencoderKLCogVideoX(**cfg, down_block_types=("CogVideoXDownBlock3D",) * 2,
+                                                   up_block_types=("CogVideoXUpBlock3D",) * 2))
+    tr = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=16,
+        num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=2,
+        max_text_seq_length=7).eval()
+    pe = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(vae):
+        pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tr,
+                                           scheduler=diffusers.CogVideoXDDIMScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt_embeds=pe, negative_prompt_embeds=torch.zeros_like(pe), height=16, width=16, num_frames=5,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    max_sequence_length=7).frames
+
+    ref, out = run(dv), run(AutoencoderKLCogVideoX.from_diffusers(dv))
+    assert out.shape == ref.shape == (1, 5, 3, 16, 16)
+    assert ((ref > 0) & (ref < 1)).float().mean() > 0.5
+    assert_close(out, ref)
