@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import interpreting, round_to
-from fastgen.kernels.multi_tensor import TL_DTYPES, chunk, chunk_table, pointer_table, tensor_ptr
+from fastgen.kernels.multi_tensor import (TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned,
+                                          st, tensor_ptr)
 
 BLOCK = 2048  # elements per program (8 per thread at 8 warps)
 
@@ -100,12 +101,9 @@ def _adamw_kernel(
     SH_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr = False,  # every per-element base in the tables is 16-byte aligned
 ):
     t, offs, mask = chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK)
-    p_ptr = tensor_ptr(P_PTRS, t, P_DTYPE)
-    g_ptr = tensor_ptr(G_PTRS, t, G_DTYPE)
-    m_ptr = tensor_ptr(M_PTRS, t, S_DTYPE)
-    v_ptr = tensor_ptr(V_PTRS, t, S_DTYPE)
     step = tl.load(tensor_ptr(STEP_PTRS, t, tl.float32))
     if LR_IS_PTR:
         lr = tl.load(LR)
@@ -113,25 +111,49 @@ def _adamw_kernel(
         lr = LR
     bias1 = _one_minus_pow(step, ln_beta1)
     bias2_sqrt = tl.math.sqrt_rn(_one_minus_pow(step, ln_beta2))
-
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CLIP:
-        g = g * tl.load(COEF)
+        coef = tl.load(COEF)
+    else:
+        coef = 1.0
+    # Full chunks load and store unmasked (16-byte accesses when ALIGNED); a tensor's last chunk masked.
+    if tl.load(CHUNK_OFFS + tl.program_id(0)) + BLOCK <= tl.load(NUMELS + t):
+        _adamw_body(P_PTRS, G_PTRS, M_PTRS, V_PTRS, VMAX_PTRS, SH_PTRS, t, offs, mask, lr, bias1, bias2_sqrt, coef,
+                    beta1, beta2, eps, weight_decay, seed, ema_weight, P_DTYPE, G_DTYPE, S_DTYPE, AMSGRAD, MAXIMIZE,
+                    STOCHASTIC, CLIP, EMA, SH_DTYPE, INTERPRET, ALIGNED, False)
+    else:
+        _adamw_body(P_PTRS, G_PTRS, M_PTRS, V_PTRS, VMAX_PTRS, SH_PTRS, t, offs, mask, lr, bias1, bias2_sqrt, coef,
+                    beta1, beta2, eps, weight_decay, seed, ema_weight, P_DTYPE, G_DTYPE, S_DTYPE, AMSGRAD, MAXIMIZE,
+                    STOCHASTIC, CLIP, EMA, SH_DTYPE, INTERPRET, ALIGNED, True)
+
+
+@triton.jit
+def _adamw_body(P_PTRS, G_PTRS, M_PTRS, V_PTRS, VMAX_PTRS, SH_PTRS, t, offs, mask, lr, bias1, bias2_sqrt, coef,
+                beta1, beta2, eps, weight_decay, seed, ema_weight, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                CLIP: tl.constexpr, EMA: tl.constexpr, SH_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+                ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """The per-element update of one chunk (see the module docstring)."""
+    p_ptr = block_ptr(P_PTRS, t, P_DTYPE, offs, ALIGNED)
+    m_ptr = block_ptr(M_PTRS, t, S_DTYPE, offs, ALIGNED)
+    v_ptr = block_ptr(V_PTRS, t, S_DTYPE, offs, ALIGNED)
+    g = ld(block_ptr(G_PTRS, t, G_DTYPE, offs, ALIGNED), mask, MASKED).to(tl.float32)
+    if CLIP:
+        g = g * coef
     if MAXIMIZE:
         g = -g
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = ld(p_ptr, mask, MASKED).to(tl.float32)
+    m = ld(m_ptr, mask, MASKED).to(tl.float32)
+    v = ld(v_ptr, mask, MASKED).to(tl.float32)
 
     p = p * (1.0 - lr * weight_decay)
     m = _lerp(m, g, 1.0 - beta1)
     v = v * beta2 + (1.0 - beta2) * (g * g)
-    tl.store(m_ptr + offs, round_to(m, S_DTYPE, INTERPRET), mask=mask)
-    tl.store(v_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
+    st(m_ptr, round_to(m, S_DTYPE, INTERPRET), mask, MASKED)
+    st(v_ptr, round_to(v, S_DTYPE, INTERPRET), mask, MASKED)
     if AMSGRAD:
-        vmax_ptr = tensor_ptr(VMAX_PTRS, t, S_DTYPE)
-        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-        tl.store(vmax_ptr + offs, round_to(v, S_DTYPE, INTERPRET), mask=mask)
+        vmax_ptr = block_ptr(VMAX_PTRS, t, S_DTYPE, offs, ALIGNED)
+        v = tl.maximum(ld(vmax_ptr, mask, MASKED).to(tl.float32), v)
+        st(vmax_ptr, round_to(v, S_DTYPE, INTERPRET), mask, MASKED)
     # IEEE-rounded division and square root (compiled Triton's `/` and `sqrt` are approximate).
     denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
     p = p - tl.math.div_rn(lr, bias1) * tl.math.div_rn(m, denom)
@@ -139,17 +161,18 @@ def _adamw_kernel(
         p_out = _stochastic_bf16(p, seed, offs)
     else:
         p_out = round_to(p, P_DTYPE, INTERPRET)
-    tl.store(p_ptr + offs, p_out, mask=mask)
+    st(p_ptr, p_out, mask, MASKED)
     if EMA:  # the EMA kernel's update, from the parameter as stored
-        _ema_fold(SH_PTRS, t, offs, mask, p_out.to(tl.float32), ema_weight, SH_DTYPE, INTERPRET)
+        _ema_fold(SH_PTRS, t, offs, mask, p_out.to(tl.float32), ema_weight, SH_DTYPE, INTERPRET, ALIGNED, MASKED)
 
 
 @triton.jit
-def _ema_fold(SH_PTRS, t, offs, mask, p, weight, SH_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def _ema_fold(SH_PTRS, t, offs, mask, p, weight, SH_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+              ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """shadow <- shadow + weight * (p - shadow), as kernels/ema.py computes it."""
-    s_ptr = tensor_ptr(SH_PTRS, t, SH_DTYPE) + offs
-    s = tl.load(s_ptr, mask=mask, other=0.0).to(tl.float32)
-    tl.store(s_ptr, round_to(s + weight * (p - s), SH_DTYPE, INTERPRET), mask=mask)
+    s_ptr = block_ptr(SH_PTRS, t, SH_DTYPE, offs, ALIGNED)
+    s = ld(s_ptr, mask, MASKED).to(tl.float32)
+    st(s_ptr, round_to(s + weight * (p - s), SH_DTYPE, INTERPRET), mask, MASKED)
 
 
 def adamw_config() -> dict:
@@ -171,40 +194,44 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
     if not params:
         return
     cfg = adamw_config()
-    table = chunk_table(params, cfg["BLOCK"])
     lr_is_ptr = isinstance(lr, torch.Tensor)
     p_dtype = params[0].dtype
-    _adamw_kernel[(table.num_chunks,)](
-        pointer_table(params),
-        pointer_table(grads),
-        pointer_table(exp_avgs),
-        pointer_table(exp_avg_sqs),
-        pointer_table(max_exp_avg_sqs) if amsgrad else pointer_table(exp_avgs),
-        pointer_table(steps),
-        table.numels,
-        table.chunk_ids,
-        table.chunk_offs,
-        lr if lr_is_ptr else float(lr),
-        float(beta1),
-        float(beta2),
-        math.log(beta1) if beta1 > 0 else -math.inf,
-        math.log(beta2) if beta2 > 0 else -math.inf,
-        float(eps),
-        float(weight_decay),
-        int(seed),
-        coef if coef is not None else table.numels,
-        pointer_table(shadows) if shadows is not None else table.numels,
-        1.0 - float(ema_decay),
-        P_DTYPE=TL_DTYPES[p_dtype],
-        G_DTYPE=TL_DTYPES[grads[0].dtype],
-        S_DTYPE=TL_DTYPES[exp_avgs[0].dtype],
-        LR_IS_PTR=lr_is_ptr,
-        AMSGRAD=bool(amsgrad),
-        MAXIMIZE=bool(maximize),
-        STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
-        CLIP=coef is not None,
-        EMA=shadows is not None,
-        SH_DTYPE=TL_DTYPES[shadows[0].dtype] if shadows is not None else tl.float32,
-        INTERPRET=interpreting(),
-        **cfg,
-    )
+    vmaxs = max_exp_avg_sqs if amsgrad else None
+    for aligned, (ps, gs, ms, vs, vms, shs, sts) in split_aligned(params, grads, exp_avgs, exp_avg_sqs, vmaxs,
+                                                                   shadows, steps, unchecked=1):
+        table = chunk_table(ps, cfg["BLOCK"])
+        _adamw_kernel[(table.num_chunks,)](
+            pointer_table(ps),
+            pointer_table(gs),
+            pointer_table(ms),
+            pointer_table(vs),
+            pointer_table(vms) if amsgrad else pointer_table(ms),
+            pointer_table(sts),
+            table.numels,
+            table.chunk_ids,
+            table.chunk_offs,
+            lr if lr_is_ptr else float(lr),
+            float(beta1),
+            float(beta2),
+            math.log(beta1) if beta1 > 0 else -math.inf,
+            math.log(beta2) if beta2 > 0 else -math.inf,
+            float(eps),
+            float(weight_decay),
+            int(seed),
+            coef if coef is not None else table.numels,
+            pointer_table(shs) if shs is not None else table.numels,
+            1.0 - float(ema_decay),
+            P_DTYPE=TL_DTYPES[p_dtype],
+            G_DTYPE=TL_DTYPES[gs[0].dtype],
+            S_DTYPE=TL_DTYPES[ms[0].dtype],
+            LR_IS_PTR=lr_is_ptr,
+            AMSGRAD=bool(amsgrad),
+            MAXIMIZE=bool(maximize),
+            STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
+            CLIP=coef is not None,
+            EMA=shs is not None,
+            SH_DTYPE=TL_DTYPES[shs[0].dtype] if shs is not None else tl.float32,
+            INTERPRET=interpreting(),
+            ALIGNED=aligned,
+            **cfg,
+        )

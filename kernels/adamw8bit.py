@@ -28,7 +28,8 @@ import triton.language as tl
 
 from fastgen.kernels._common import interpreting, round_to
 from fastgen.kernels.adamw import _ema_fold, _lerp, _one_minus_pow, _stochastic_bf16
-from fastgen.kernels.multi_tensor import TL_DTYPES, chunk_table, pointer_table, tensor_ptr
+from fastgen.kernels.multi_tensor import (TL_DTYPES, block_ptr, chunk_table, ld, pointer_table, split_aligned, st,
+                                          tensor_ptr)
 
 QBLOCK = 256
 QB = 8  # quantization blocks per program: 2048 elements
@@ -83,6 +84,7 @@ def _adamw8bit_kernel(
     QB: tl.constexpr,
     QBLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr = False,  # every per-element base in the tables is 16-byte aligned
 ):
     pid = tl.program_id(0)
     t = tl.load(CHUNK_IDS + pid)
@@ -94,11 +96,6 @@ def _adamw8bit_kernel(
     blk = start // QBLOCK + rows  # [QB] quantization block index
     bmask = blk * QBLOCK < numel
 
-    p_ptr = tensor_ptr(P_PTRS, t, P_DTYPE)
-    qm_ptr = tensor_ptr(QM_PTRS, t, tl.uint8)
-    qv_ptr = tensor_ptr(QV_PTRS, t, tl.uint8)
-    am_ptr = tensor_ptr(AM_PTRS, t, tl.float32)
-    av_ptr = tensor_ptr(AV_PTRS, t, tl.float32)
     step = tl.load(tensor_ptr(STEP_PTRS, t, tl.float32))
     if LR_IS_PTR:
         lr = tl.load(LR)
@@ -106,21 +103,51 @@ def _adamw8bit_kernel(
         lr = LR
     bias1 = _one_minus_pow(step, ln_beta1)
     bias2_sqrt = tl.math.sqrt_rn(_one_minus_pow(step, ln_beta2))
-
-    g = tl.load(tensor_ptr(G_PTRS, t, G_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     if CLIP:
-        g = g * tl.load(COEF)
+        coef = tl.load(COEF)
+    else:
+        coef = 1.0
+    # Full chunks load and store unmasked (16-byte accesses when ALIGNED); a tensor's last chunk masked.
+    if start + QB * QBLOCK <= numel:
+        _adamw8bit_body(P_PTRS, G_PTRS, QM_PTRS, AM_PTRS, QV_PTRS, AV_PTRS, SH_PTRS, SMAP, SBOUND, UMAP, UBOUND, t,
+                        offs, mask, blk, bmask, lr, bias1, bias2_sqrt, coef, beta1, beta2, eps, weight_decay, seed,
+                        ema_weight, P_DTYPE, G_DTYPE, MAXIMIZE, STOCHASTIC, CLIP, EMA, SH_DTYPE, INTERPRET, ALIGNED,
+                        False)
+    else:
+        _adamw8bit_body(P_PTRS, G_PTRS, QM_PTRS, AM_PTRS, QV_PTRS, AV_PTRS, SH_PTRS, SMAP, SBOUND, UMAP, UBOUND, t,
+                        offs, mask, blk, bmask, lr, bias1, bias2_sqrt, coef, beta1, beta2, eps, weight_decay, seed,
+                        ema_weight, P_DTYPE, G_DTYPE, MAXIMIZE, STOCHASTIC, CLIP, EMA, SH_DTYPE, INTERPRET, ALIGNED,
+                        True)
+
+
+@triton.jit
+def _adamw8bit_body(P_PTRS, G_PTRS, QM_PTRS, AM_PTRS, QV_PTRS, AV_PTRS, SH_PTRS, SMAP, SBOUND, UMAP, UBOUND, t,
+                    offs, mask, blk, bmask, lr, bias1, bias2_sqrt, coef, beta1, beta2, eps, weight_decay, seed,
+                    ema_weight, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, EMA: tl.constexpr, SH_DTYPE: tl.constexpr,
+                    INTERPRET: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """The per-element update of one chunk's [QB, QBLOCK] tile (see the module docstring)."""
+    p_ptr = block_ptr(P_PTRS, t, P_DTYPE, offs, ALIGNED)
+    qm_ptr = block_ptr(QM_PTRS, t, tl.uint8, offs, ALIGNED)
+    qv_ptr = block_ptr(QV_PTRS, t, tl.uint8, offs, ALIGNED)
+    am_ptr = tensor_ptr(AM_PTRS, t, tl.float32) + blk
+    av_ptr = tensor_ptr(AV_PTRS, t, tl.float32) + blk
+
+    g = ld(block_ptr(G_PTRS, t, G_DTYPE, offs, ALIGNED), mask, MASKED).to(tl.float32)
+    if CLIP:
+        g = g * coef
     if MAXIMIZE:
         g = -g
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    cm = tl.load(qm_ptr + offs, mask=mask, other=0).to(tl.int32)
-    cv = tl.load(qv_ptr + offs, mask=mask, other=0).to(tl.int32)
-    am = tl.load(am_ptr + blk, mask=bmask, other=0.0)
-    av = tl.load(av_ptr + blk, mask=bmask, other=0.0)
+    p = ld(p_ptr, mask, MASKED).to(tl.float32)
+    cm = ld(qm_ptr, mask, MASKED).to(tl.int32)
+    cv = ld(qv_ptr, mask, MASKED).to(tl.int32)
+    am = tl.load(am_ptr, mask=bmask, other=0.0)
+    av = tl.load(av_ptr, mask=bmask, other=0.0)
     m = tl.load(SMAP + cm) * am[:, None]
     v = tl.load(UMAP + cv) * av[:, None]
-    m = tl.where(mask, m, 0.0)
-    v = tl.where(mask, v, 0.0)
+    if MASKED:  # lanes past the tensor hold 0, so they never raise a block's max
+        m = tl.where(mask, m, 0.0)
+        v = tl.where(mask, v, 0.0)
 
     p = p * (1.0 - lr * weight_decay)
     m = _lerp(m, g, 1.0 - beta1)
@@ -131,21 +158,24 @@ def _adamw8bit_kernel(
         p_out = _stochastic_bf16(p, seed, offs)
     else:
         p_out = round_to(p, P_DTYPE, INTERPRET)
-    tl.store(p_ptr + offs, p_out, mask=mask)
+    st(p_ptr, p_out, mask, MASKED)
     if EMA:
-        _ema_fold(SH_PTRS, t, offs, mask, p_out.to(tl.float32), ema_weight, SH_DTYPE, INTERPRET)
+        _ema_fold(SH_PTRS, t, offs, mask, p_out.to(tl.float32), ema_weight, SH_DTYPE, INTERPRET, ALIGNED, MASKED)
 
-    new_am = tl.max(tl.abs(m), axis=1)  # masked lanes hold 0: they never raise a block's max
+    new_am = tl.max(tl.abs(m), axis=1)
     new_av = tl.max(v, axis=1)
-    tl.store(qm_ptr + offs, _quantize(m, new_am[:, None], SBOUND), mask=mask)
-    tl.store(qv_ptr + offs, _quantize(v, new_av[:, None], UBOUND), mask=mask)
-    tl.store(am_ptr + blk, new_am, mask=bmask)
-    tl.store(av_ptr + blk, new_av, mask=bmask)
+    st(qm_ptr, _quantize(m, new_am[:, None], SBOUND), mask, MASKED)
+    st(qv_ptr, _quantize(v, new_av[:, None], UBOUND), mask, MASKED)
+    tl.store(am_ptr, new_am, mask=bmask)
+    tl.store(av_ptr, new_av, mask=bmask)
 
 
-def adamw8bit_config() -> dict:
-    """Launch parameters of _adamw8bit_kernel (the static tests compile these)."""
-    return dict(QB=QB, QBLOCK=QBLOCK, num_warps=16)  # 8 warps spill 12 bytes with bf16 stochastic rounding (sm_90)
+def adamw8bit_config(aligned: bool = True) -> dict:
+    """Launch parameters of _adamw8bit_kernel (the static tests compile these). Aligned launches:
+    8 warps, 8 elements per thread, so bf16 parameters and gradients move in 16-byte accesses
+    (codes in 8-byte ones). Unaligned ones (scalar accesses) take 16 warps: at 8 they spill on
+    sm_90 with bf16 stochastic rounding."""
+    return dict(QB=QB, QBLOCK=QBLOCK, num_warps=8 if aligned else 16)
 
 
 def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta1, beta2, eps, weight_decay,
@@ -155,20 +185,23 @@ def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta
     ``coef`` / ``shadows`` / ``ema_decay``: the one-pass step, as ``fastgen.kernels.adamw.adamw_step``."""
     if not params:
         return
-    cfg = adamw8bit_config()
-    table = chunk_table(params, cfg["QB"] * cfg["QBLOCK"])
     lr_is_ptr = isinstance(lr, torch.Tensor)
     p_dtype = params[0].dtype
-    _adamw8bit_kernel[(table.num_chunks,)](
-        pointer_table(params), pointer_table(grads), pointer_table(qms), pointer_table(ams), pointer_table(qvs),
-        pointer_table(avs), pointer_table(steps), table.numels, table.chunk_ids, table.chunk_offs, *tables,
-        lr if lr_is_ptr else float(lr), float(beta1), float(beta2),
-        math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
-        float(eps), float(weight_decay), int(seed),
-        coef if coef is not None else table.numels, pointer_table(shadows) if shadows is not None else table.numels,
-        1.0 - float(ema_decay),
-        P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[grads[0].dtype], LR_IS_PTR=lr_is_ptr,
-        MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
-        CLIP=coef is not None, EMA=shadows is not None,
-        SH_DTYPE=TL_DTYPES[shadows[0].dtype] if shadows is not None else tl.float32, INTERPRET=interpreting(), **cfg,
-    )
+    for aligned, (ps, gs, cms, cvs, shs, ams_, avs_, sts) in split_aligned(
+            params, grads, qms, qvs, shadows, ams, avs, steps, unchecked=3):
+        cfg = adamw8bit_config(aligned)
+        table = chunk_table(ps, cfg["QB"] * cfg["QBLOCK"])
+        _adamw8bit_kernel[(table.num_chunks,)](
+            pointer_table(ps), pointer_table(gs), pointer_table(cms), pointer_table(ams_), pointer_table(cvs),
+            pointer_table(avs_), pointer_table(sts), table.numels, table.chunk_ids, table.chunk_offs, *tables,
+            lr if lr_is_ptr else float(lr), float(beta1), float(beta2),
+            math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
+            float(eps), float(weight_decay), int(seed),
+            coef if coef is not None else table.numels, pointer_table(shs) if shs is not None else table.numels,
+            1.0 - float(ema_decay),
+            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[gs[0].dtype], LR_IS_PTR=lr_is_ptr,
+            MAXIMIZE=bool(maximize), STOCHASTIC=bool(stochastic_rounding) and p_dtype == torch.bfloat16,
+            CLIP=coef is not None, EMA=shs is not None,
+            SH_DTYPE=TL_DTYPES[shs[0].dtype] if shs is not None else tl.float32, INTERPRET=interpreting(),
+            ALIGNED=aligned, **cfg,
+        )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import interpreting, round_to
-from fastgen.kernels.multi_tensor import TL_DTYPES, chunk, chunk_table, pointer_table, tensor_ptr
+from fastgen.kernels.multi_tensor import TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned, st
 
 BLOCK = 2048
 
@@ -29,9 +29,14 @@ def _sum_squares_kernel(
     PARTIAL,  # [C] fp32 out: sum of squares of each program's chunk
     G_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr = False,  # every base in the table is 16-byte aligned
 ):
     t, offs, mask = chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK)
-    g = tl.load(tensor_ptr(G_PTRS, t, G_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    g_ptr = block_ptr(G_PTRS, t, G_DTYPE, offs, ALIGNED)
+    if tl.load(CHUNK_OFFS + tl.program_id(0)) + BLOCK <= tl.load(NUMELS + t):  # a full chunk: unmasked
+        g = ld(g_ptr, mask, False).to(tl.float32)
+    else:
+        g = ld(g_ptr, mask, True).to(tl.float32)
     tl.store(PARTIAL + tl.program_id(0), tl.sum(g * g, axis=0))
 
 
@@ -45,11 +50,15 @@ def _scale_kernel(
     G_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr = False,  # every base in the table is 16-byte aligned
 ):
     t, offs, mask = chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK)
-    ptr = tensor_ptr(G_PTRS, t, G_DTYPE) + offs
-    g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * tl.load(COEF)
-    tl.store(ptr, round_to(g, G_DTYPE, INTERPRET), mask=mask)
+    ptr = block_ptr(G_PTRS, t, G_DTYPE, offs, ALIGNED)
+    coef = tl.load(COEF)
+    if tl.load(CHUNK_OFFS + tl.program_id(0)) + BLOCK <= tl.load(NUMELS + t):  # a full chunk: unmasked
+        st(ptr, round_to(ld(ptr, mask, False).to(tl.float32) * coef, G_DTYPE, INTERPRET), mask, False)
+    else:
+        st(ptr, round_to(ld(ptr, mask, True).to(tl.float32) * coef, G_DTYPE, INTERPRET), mask, True)
 
 
 def clip_config() -> dict:
@@ -59,20 +68,24 @@ def clip_config() -> dict:
 def sum_squares(grads: list[torch.Tensor]) -> torch.Tensor:
     """fp32 0-d tensor: the sum of squares of all elements (same dtype and device, all dense)."""
     cfg = clip_config()
-    table = chunk_table(grads, cfg["BLOCK"])
-    partial = torch.empty(table.num_chunks, dtype=torch.float32, device=grads[0].device)
-    _sum_squares_kernel[(table.num_chunks,)](
-        pointer_table(grads), table.numels, table.chunk_ids, table.chunk_offs, partial,
-        G_DTYPE=TL_DTYPES[grads[0].dtype], **cfg,
-    )
-    return partial.sum()
+    partials = []
+    for aligned, (gs,) in split_aligned(grads):
+        table = chunk_table(gs, cfg["BLOCK"])
+        partial = torch.empty(table.num_chunks, dtype=torch.float32, device=grads[0].device)
+        _sum_squares_kernel[(table.num_chunks,)](
+            pointer_table(gs), table.numels, table.chunk_ids, table.chunk_offs, partial,
+            G_DTYPE=TL_DTYPES[gs[0].dtype], ALIGNED=aligned, **cfg,
+        )
+        partials.append(partial)
+    return (partials[0] if len(partials) == 1 else torch.cat(partials)).sum()
 
 
 def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
     """grads *= coef (an fp32 device scalar), in place, one launch."""
     cfg = clip_config()
-    table = chunk_table(grads, cfg["BLOCK"])
-    _scale_kernel[(table.num_chunks,)](
-        pointer_table(grads), table.numels, table.chunk_ids, table.chunk_offs, coef,
-        G_DTYPE=TL_DTYPES[grads[0].dtype], INTERPRET=interpreting(), **cfg,
-    )
+    for aligned, (gs,) in split_aligned(grads):
+        table = chunk_table(gs, cfg["BLOCK"])
+        _scale_kernel[(table.num_chunks,)](
+            pointer_table(gs), table.numels, table.chunk_ids, table.chunk_offs, coef,
+            G_DTYPE=TL_DTYPES[gs[0].dtype], INTERPRET=interpreting(), ALIGNED=aligned, **cfg,
+        )

@@ -9,6 +9,10 @@ A list of same-dtype tensors is described to a kernel by device tables:
 
 and program ``c`` of the grid handles elements ``[chunk_offs[c], chunk_offs[c] + BLOCK)``
 of tensor ``chunk_ids[c]``, casting the address with ``.to(tl.pointer_type(...))``.
+Chunk starts are multiples of BLOCK (so of 16 bytes); a launch whose tables hold only
+16-byte-aligned bases carries ``hint``s that let the compiler use 16-byte accesses, and
+full chunks load and store without a mask (``ld`` / ``st``); the rest go to a launch
+without hints (``split_aligned``).
 So a step over hundreds of parameters is one launch per dtype combination, not
 one per tensor. Tables are cached on the tensors' addresses, which stay fixed
 from step to step, so the host work of a step is a lookup. The cache is least-recently-used
@@ -43,6 +47,65 @@ def chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK: tl.constexpr):
 def tensor_ptr(PTRS, t, DTYPE: tl.constexpr):
     """Pointer to element 0 of tensor ``t`` of an address table."""
     return tl.load(PTRS + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def block_ptr(PTRS, t, DTYPE: tl.constexpr, offs, ALIGNED: tl.constexpr):
+    """Pointers to elements ``offs`` of tensor ``t`` of an address table. With ``ALIGNED`` they
+    carry the hints that they come in runs of 16 contiguous elements whose first address is a
+    multiple of 16 bytes: true when the tensor's base is 16-byte aligned (the launcher checks:
+    the table of an aligned launch holds only such bases) and ``offs`` starts at a chunk start
+    (a multiple of BLOCK >= 16). The compiler can then emit 16-byte loads and stores
+    (``ld.global.v4.b32``). The hints must sit on the op that makes the pointers, so this
+    function makes them."""
+    ptrs = tl.load(PTRS + t).to(tl.pointer_type(DTYPE)) + offs
+    if ALIGNED:
+        if len(ptrs.shape) == 2:  # [rows, cols] of whole 16-byte runs (8-bit AdamW's quantization blocks)
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 16])
+        else:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, 16), 16)
+    return ptrs
+
+
+@triton.jit
+def ld(ptrs, mask, MASKED: tl.constexpr):
+    """``tl.load`` of a chunk, masked only for a tensor's last, partial chunk (a mask whose
+    bound is a runtime element count would keep the loads scalar)."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def st(ptrs, x, mask, MASKED: tl.constexpr):
+    """``tl.store`` of a chunk, masked only for a partial chunk."""
+    if MASKED:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.store(ptrs, x)
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def split_aligned(*lists, unchecked: int = 0):
+    """Split parallel tensor lists (None lists passed through) into the tensors whose every
+    operand has a 16-byte-aligned base and the others: ``[(aligned, lists), ...]`` with the
+    empty parts left out. An odd view (a slice starting mid-vector) gets its own launch
+    without alignment hints; it is never read with the wrong width. The last ``unchecked``
+    lists (scalars such as step counts) are split along without being checked."""
+    n = len(next(lst for lst in lists if lst is not None))
+    checked = lists[:len(lists) - unchecked]
+    ok = [all(is_aligned(lst[i]) for lst in checked if lst is not None) for i in range(n)]
+    out = []
+    for want in (True, False):
+        idx = [i for i in range(n) if ok[i] == want]
+        if idx:
+            out.append((want, tuple(None if lst is None else [lst[i] for i in idx] for lst in lists)))
+    return out
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections import Counter
 import tempfile
 from pathlib import Path
 
@@ -208,40 +209,114 @@ def optim_cases(dtype: str = "bf16"):
                  "COEF": "*fp32", "SH_PTRS": "*i64", "ema_weight": "fp32"}
     cfg = adamw.adamw_config()
     nw = cfg.pop("num_warps")
-    for ams, sr, one_pass in ((False, False, False), (True, dtype == "bf16", False), (False, dtype == "bf16", True)):
-        yield (f"adamw amsgrad={ams} stochastic={sr}" + (" clip+ema" if one_pass else ""), adamw._adamw_kernel,
-               adamw_sig, dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=True, AMSGRAD=ams,
-                               MAXIMIZE=False, STOCHASTIC=sr, CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32,
-                               INTERPRET=False, **cfg), nw)
+    adamw_cases = [(f" amsgrad={ams} stochastic={sr}" + (" clip+ema" if one_pass else ""), adamw._adamw_kernel,
+                    adamw_sig, dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=True, AMSGRAD=ams,
+                                    MAXIMIZE=False, STOCHASTIC=sr, CLIP=one_pass, EMA=one_pass,
+                                    SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw)
+                   for ams, sr, one_pass in ((False, False, False), (True, dtype == "bf16", False),
+                                             (False, dtype == "bf16", True))]
     q8_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "QM_PTRS": "*i64", "AM_PTRS": "*i64", "QV_PTRS": "*i64",
               "AV_PTRS": "*i64", "STEP_PTRS": "*i64", **tables, "SMAP": "*fp32", "SBOUND": "*fp32", "UMAP": "*fp32",
               "UBOUND": "*fp32", "LR": "*fp32", "beta1": "fp32", "beta2": "fp32", "ln_beta1": "fp32",
               "ln_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "seed": "i32", "COEF": "*fp32",
               "SH_PTRS": "*i64", "ema_weight": "fp32"}
-    cfg = adamw8bit.adamw8bit_config()
-    nw = cfg.pop("num_warps")
-    for one_pass in (False, True):
-        yield (f"adamw8bit{' clip+ema' if one_pass else ''}", adamw8bit._adamw8bit_kernel, q8_sig,
-               dict(P_DTYPE=pdt, G_DTYPE=pdt, LR_IS_PTR=True, MAXIMIZE=False, STOCHASTIC=dtype == "bf16",
-                    CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw)
+    for aligned in (True, False):
+        cfg = adamw8bit.adamw8bit_config(aligned)
+        nw = cfg.pop("num_warps")
+        for one_pass in (False, True):
+            yield (f"adamw8bit{' clip+ema' if one_pass else ''}{'' if aligned else ' unaligned'}",
+                   adamw8bit._adamw8bit_kernel, q8_sig,
+                   dict(P_DTYPE=pdt, G_DTYPE=pdt, LR_IS_PTR=True, MAXIMIZE=False, STOCHASTIC=dtype == "bf16",
+                        CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, ALIGNED=aligned,
+                        **cfg), nw)
     lion_sig = {"P_PTRS": "*i64", "G_PTRS": "*i64", "M_PTRS": "*i64", **tables, "LR": "fp32", "beta1": "fp32",
                 "beta2": "fp32", "weight_decay": "fp32", "COEF": "*fp32", "SH_PTRS": "*i64", "ema_weight": "fp32"}
     cfg = lion.lion_config()
     nw = cfg.pop("num_warps")
+    cases = [("adamw" + a, k, sig, c, n) for a, k, sig, c, n in adamw_cases]
     for one_pass in (False, True):
-        yield ("lion" + (" clip+ema" if one_pass else ""), lion._lion_kernel, lion_sig,
-               dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=False, MAXIMIZE=False, CLIP=one_pass,
-                    EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw)
+        cases.append(("lion" + (" clip+ema" if one_pass else ""), lion._lion_kernel, lion_sig,
+                      dict(P_DTYPE=pdt, G_DTYPE=pdt, S_DTYPE=tl.float32, LR_IS_PTR=False, MAXIMIZE=False,
+                           CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw))
     cfg = ema.ema_config()
     nw = cfg.pop("num_warps")
-    yield ("ema", ema._ema_kernel, {"S_PTRS": "*i64", "P_PTRS": "*i64", **tables, "weight": "fp32"},
-           dict(S_DTYPE=tl.float32, P_DTYPE=pdt, INTERPRET=False, **cfg), nw)
+    cases.append(("ema", ema._ema_kernel, {"S_PTRS": "*i64", "P_PTRS": "*i64", **tables, "weight": "fp32"},
+                  dict(S_DTYPE=tl.float32, P_DTYPE=pdt, INTERPRET=False, **cfg), nw))
     cfg = clip_grad.clip_config()
     nw = cfg.pop("num_warps")
-    yield ("clip sum_squares", clip_grad._sum_squares_kernel, {"G_PTRS": "*i64", **tables, "PARTIAL": "*fp32"},
-           dict(G_DTYPE=pdt, **cfg), nw)
-    yield ("clip scale", clip_grad._scale_kernel, {"G_PTRS": "*i64", **tables, "COEF": "*fp32"},
-           dict(G_DTYPE=pdt, INTERPRET=False, **cfg), nw)
+    cases.append(("clip sum_squares", clip_grad._sum_squares_kernel,
+                  {"G_PTRS": "*i64", **tables, "PARTIAL": "*fp32"}, dict(G_DTYPE=pdt, **cfg), nw))
+    cases.append(("clip scale", clip_grad._scale_kernel, {"G_PTRS": "*i64", **tables, "COEF": "*fp32"},
+                  dict(G_DTYPE=pdt, INTERPRET=False, **cfg), nw))
+    # What the launchers pass for contiguous tensors of ordinary shapes (16-byte-aligned bases):
+    # ALIGNED=True; an odd view goes to its own ALIGNED=False launch, compiled too.
+    for name, k, sig, consts, n in cases:
+        yield name, k, sig, dict(consts, ALIGNED=True), n
+        yield name + " unaligned", k, sig, dict(consts, ALIGNED=False), n
+
+
+def optim_hot_bytes(name: str, p_bytes: int) -> tuple[list[int], list[int]]:
+    """Bytes per element of each hot (per-element) tensor an optimizer kernel case loads and
+    stores, parameters and gradients ``p_bytes``, fp32 states and shadows, uint8 codes."""
+    P, one_pass = p_bytes, "clip+ema" in name
+    shadow = [4] if one_pass else []
+    if name.startswith("adamw8bit"):
+        return [P, P, 1, 1] + shadow, [P, 1, 1] + shadow
+    if name.startswith("adamw"):
+        vmax = [4] if "amsgrad=True" in name else []
+        return [P, P, 4, 4] + vmax + shadow, [P, 4, 4] + vmax + shadow
+    if name.startswith("lion"):
+        return [P, P, 4] + shadow, [P, 4] + shadow
+    if name.startswith("ema"):
+        return [4, P], [4]
+    if name.startswith("clip sum_squares"):
+        return [P], []
+    if name.startswith("clip scale"):
+        return [P], [P]
+    raise KeyError(name)
+
+
+WIDTH_EXCEPTIONS = {
+    "ld.global.b64": "address tables, element counts and chunk starts (one per program)",
+    "ld.global.b32 / b16 / b8": "scalars (step, lr, clip coefficient), 8-bit AdamW's per-block absmax and map "
+                                "lookups, and a tensor's last, partial chunk (masked, scalar on purpose)",
+}
+
+
+def _vectors(byte_list, per_thread: int) -> Counter:
+    """The 16-byte (v4.b32) and 8-byte (v2.b32) accesses that ``per_thread`` elements of each tensor need."""
+    out = Counter()
+    for b in byte_list:
+        total = per_thread * b
+        if total >= 16:
+            out["v4.b32"] += total // 16
+        elif total == 8:
+            out["v2.b32"] += 1
+    return out
+
+
+def widths(dtypes=("bf16", "fp32")) -> list[dict]:
+    """Global loads and stores by width of every aligned optimizer kernel case, compiled for sm_90
+    as its launcher specializes it, with the vector accesses its hot tensors need
+    (``optim_hot_bytes``): each hot tensor read once and written once per element block."""
+    rows = []
+    for dtype in dtypes:
+        p_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+        for name, fn, sig, consts, nw in optim_cases(dtype):
+            if name.endswith("unaligned"):
+                continue
+            s = dict(sig)
+            s.update({k: "constexpr" for k in consts})
+            ptx = triton.compile(ASTSource(fn, s, consts), target=TARGET, options={"num_warps": nw}).asm["ptx"]
+            count = lambda op: Counter(m.removeprefix(op + ".global.")  # noqa: E731
+                                       for m in re.findall(op + r"\.global\.[\w.]+", ptx))
+            elements = consts.get("BLOCK") or consts["QB"] * consts["QBLOCK"]
+            loads, stores = optim_hot_bytes(name, p_bytes)
+            per_thread = elements // (32 * nw)
+            rows.append(dict(name=f"{name} {dtype}", loads=dict(count("ld")), stores=dict(count("st")),
+                             want_loads=dict(_vectors(loads, per_thread)),
+                             want_stores=dict(_vectors(stores, per_thread))))
+    return rows
 
 
 def layer_norm_cases(dtype: str = "bf16"):
@@ -450,6 +525,21 @@ if __name__ == "__main__":
     import sys
 
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET unset"
+    if "--widths" in sys.argv:  # issue: 16-byte accesses in the memory-bound optimizer kernels
+        rows = widths()
+        if "--json" in sys.argv:
+            print(json.dumps(rows))
+        else:
+            print(f"{'kernel (aligned launch)':40s} {'global loads':55s} global stores")
+            for r in rows:
+                print(f"{r['name']:40s} {str(r['loads']):55s} {r['stores']}")
+            print("hot tensors need (v4 = 16 bytes):")
+            for r in rows:
+                print(f"  {r['name']:38s} loads {r['want_loads']} stores {r['want_stores']}")
+            print("exceptions (scalar on purpose):")
+            for k, v in WIDTH_EXCEPTIONS.items():
+                print(f"  {k}: {v}")
+        sys.exit(0)
     rows = report()
     if "--json" in sys.argv:
         print(json.dumps(rows))
