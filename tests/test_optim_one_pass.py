@@ -114,3 +114,64 @@ def test_bad_inputs():
         FusedLion(params, max_grad_norm=-2.0)
     with pytest.raises(TypeError, match="ema must be a fastgen.optim.EMA"):
         FusedAdamW(params, ema=object())
+
+
+def _capture_and_replay(make, replays=4):
+    """Warm up one eager step, capture one step, replay it; the same optimizer stepped eagerly
+    gives the same parameters (the kernels are deterministic)."""
+    torch.manual_seed(0)
+    init = [torch.randn(n, device="cuda") for n in (5000, 4096, 300, 7)]
+    grads = [torch.randn_like(x) * 10 for x in init]
+    runs = []
+    for captured in (True, False):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt, ema = make(params)
+        opt.step()
+        if captured:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), torch.cuda.graph(graph):
+                opt.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            for _ in range(replays):
+                graph.replay()
+        else:
+            for _ in range(replays):
+                opt.step()
+        torch.cuda.synchronize()
+        runs.append((params, ema))
+    (a, ema_a), (b, ema_b) = runs
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+    if ema_a is not None:
+        for n in ema_a.shadow:
+            torch.testing.assert_close(ema_a.shadow[n], ema_b.shadow[n], atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit", "lion"])
+def test_gpu_one_pass_step_captures_in_a_cuda_graph(kind):
+    """Tensor lr, device step counters and clip coefficient, constant EMA decay (warmup=False:
+    the warm-up decay is a host value): the whole one-pass step replays from a graph."""
+    cls = {"adamw": FusedAdamW, "adamw8bit": FusedAdamW8bit, "lion": FusedLion}[kind]
+
+    def make(params):
+        ema = EMA(params, decay=0.9, warmup=False, backend="triton")
+        kw = dict(min_8bit_size=256) if kind == "adamw8bit" else {}
+        return cls(params, lr=torch.tensor(1e-3, device="cuda"), backend="triton", max_grad_norm=1.0, ema=ema,
+                   capturable=True, **kw), ema
+
+    _capture_and_replay(make)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_prodigy_captures_in_a_cuda_graph():
+    """d, d_max and the numerator are device tensors updated in place: a captured step feeds its replay."""
+    from fastgen.optim import FusedProdigy
+
+    _capture_and_replay(lambda params: (FusedProdigy(params, weight_decay=0.01), None))

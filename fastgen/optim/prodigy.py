@@ -162,8 +162,13 @@ class FusedProdigy(torch.optim.Optimizer):
         new_d_max = torch.where(ok, new_d_max, d_max)
         global_num = torch.where(ok, global_num, sc["d_numerator"])
         step_dlr = torch.where(ok, dlr, 0.0)
+        # in place: the same device tensors every step (a captured step feeds its own next replay)
+        sc["d"].copy_(new_d)
+        sc["d_max"].copy_(new_d_max)
+        sc["d_numerator"].copy_(global_num)
+        new_d = sc["d"]
         for group in self.param_groups:
-            group.update(d=new_d, d_max=new_d_max, d_numerator=global_num, d_denom=d_denom, d_hat=d_hat)
+            group.update(d=sc["d"], d_max=sc["d_max"], d_numerator=sc["d_numerator"], d_denom=d_denom, d_hat=d_hat)
         for group, params, grads in active:
             decay = group["weight_decay"]
             vs = [self.state[p]["exp_avg_sq"] for p in params]
