@@ -16,6 +16,16 @@ from torch import nn
 import fastgen.adapters as A
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread (on a loaded 2-core machine, idle OpenMP threads spinning
+    for work cost these tests 5-10x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Block(nn.Module):
     """A tiny attention-style block with diffusers-like names and a conv."""
 

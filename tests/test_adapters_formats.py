@@ -13,8 +13,19 @@ from test_adapters import Block, _inputs, _randomize
 
 import fastgen.adapters as A
 
+
 def load_file(path):
     return pytest.importorskip("safetensors.torch").load_file(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread (on a loaded 2-core machine, idle OpenMP threads spinning
+    for work cost these tests 5-10x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def save_file(sd, path):
@@ -118,6 +129,7 @@ def test_rslora_written_as_equivalent_alpha(tmp_path):
 
 
 # --- diffusers as the independent reference ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_unet():

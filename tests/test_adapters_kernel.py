@@ -27,6 +27,16 @@ needs_triton = pytest.mark.skipif(TRITON_DEVICE == "cpu" and not INTERPRET, reas
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread (on a loaded 2-core machine, idle OpenMP threads spinning
+    for work cost these tests 5-10x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _fa_close(out, torch_out, ref, dtype, what):
     err = (out.double() - ref).abs().max().item()
     bar = 2 * (torch_out.double() - ref).abs().max().item() + ATOL[dtype] * max(1.0, ref.abs().max().item())
@@ -101,6 +111,7 @@ def test_dora_row_norm_kernel(shape, R, dtype):
 
 
 # --- GPU tier: real sizes, the kernel must be what ran ----------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -15,6 +15,16 @@ import fastgen.adapters as A
 from fastgen.adapters.quantize import QuantLinear, base_nbytes, dequantize_weight, quantize_weight
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread (on a loaded 2-core machine, idle OpenMP threads spinning
+    for work cost these tests 5-10x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _bound(w, scale, scheme):
     """Per-weight error bound of the module docstring, broadcast to w's shape."""
     out_f, in_f = w.shape

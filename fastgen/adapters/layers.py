@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.adapters.fused import dora_row_norm, lora_add
+
 KINDS = ("lora", "loha", "lokr", "dora")
 
 
@@ -267,8 +269,6 @@ def forward_hook(layer: nn.Module, args, output):
         plain = isinstance(branch.dropout, nn.Identity) or not branch.training
         xd = x if plain else branch.dropout(x)
         if getattr(branch, "magnitude", None) is not None:
-            from fastgen.adapters.fused import dora_row_norm
-
             w = base_weight(layer).to(x.dtype)
             norm = dora_row_norm(w, branch.up.detach().to(x.dtype), branch.down.detach().to(x.dtype), s,
                                  backend=adapters.fused)
@@ -280,8 +280,6 @@ def forward_hook(layer: nn.Module, args, output):
                 base = F.conv2d(xd, w, None, **_conv_args(layer)) if conv else F.linear(xd, w)
             output = output + (factor - 1) * base + factor * s * branch.apply_delta(xd, layer)
         elif isinstance(branch, LoRA) and not conv:
-            from fastgen.adapters.fused import lora_add
-
             output = lora_add(output, xd, branch.down, branch.up, s, backend=adapters.fused)
         else:
             output = output + s * branch.apply_delta(xd, layer)
