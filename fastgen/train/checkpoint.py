@@ -9,7 +9,10 @@ Layout of one checkpoint, ``<output_dir>/checkpoints/step-00000100/``::
                              stochastic-rounding generator)
     rng-rank<r>.json         Python and NumPy generator states of rank r
     state.json               step, data position, optimizer param groups and non-tensor state,
-                             LR-scheduler and EMA counters, world size
+                             LR-scheduler and EMA counters, world size, format
+    dcp/                     instead of the model, EMA and optimizer files when train.parallel =
+                             "fsdp": a torch.distributed.checkpoint folder (every rank's shards,
+                             .metadata with the global shapes; loads into any number of processes)
     config.toml              the resolved config
     index.json               {file: {size, sha256}} of every file above (written last)
 
@@ -132,12 +135,14 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 def write_index(folder: str) -> None:
     files = {}
-    for name in sorted(os.listdir(folder)):
-        if name == "index.json":
-            continue
-        p = os.path.join(folder, name)
-        _fsync(p)
-        files[name] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+    for sub, _, names in sorted(os.walk(folder)):  # sub-folders too: dcp/ of a sharded checkpoint
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(sub, name), folder).replace(os.sep, "/")
+            if rel == "index.json":
+                continue
+            p = os.path.join(folder, rel)
+            _fsync(p)
+            files[rel] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
     with open(os.path.join(folder, "index.json"), "w") as fh:
         json.dump({"files": files}, fh, indent=1)
         fh.flush()

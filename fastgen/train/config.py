@@ -103,6 +103,11 @@ class TrainConfig:
     precision: str = _f("fp32", "'fp32', 'bf16' (autocast of the forward pass; weights stay fp32) or 'bf16-pure' "
                                 "(bf16 weights, fp32 Adam moments, stochastic rounding in FusedAdamW, fp32 EMA)")
     device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'")
+    parallel: str = _f("ddp", "more than one process: 'ddp' (replicated weights, gradient all-reduce) or 'fsdp' "
+                              "(FSDP2 fully_shard: weights, gradients and optimizer state sharded; sharded DCP "
+                              "checkpoints that load into any number of processes)")
+    dist_timeout: float = _f(600.0, "seconds a collective waits before failing, so a dead or stalled process "
+                                    "fails the others with a clear message instead of a hang")
     log_every: int = _f(10, "steps between rows of log.csv")
     progress: bool = _f(True, "tqdm progress bar on stderr (rank 0)")
 
@@ -244,6 +249,8 @@ class Config:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
         _one_of("train.precision", t.precision, ("fp32", "bf16", "bf16-pure"))
         _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+        _one_of("train.parallel", t.parallel, ("ddp", "fsdp"))
+        _positive(train_dist_timeout=t.dist_timeout)
         if isinstance(self.model.factory, str) and ":" not in self.model.factory:
             raise ConfigError(f"model.factory must look like 'module:callable', got {self.model.factory!r}")
 

@@ -17,7 +17,9 @@ Outputs under ``output_dir``: ``checkpoints/`` (see :mod:`fastgen.train.checkpoi
 ``log.csv`` (step, loss, lr, grad_norm, seconds), ``loss.png`` (at every checkpoint),
 ``samples/step-N.png`` (validation grids, one row per class). Rank 0 writes them.
 Multi-process: launch with ``torchrun``; the process group is created from its environment
-(gloo on CPU, NCCL on CUDA, a 10-minute timeout so a dead rank fails the others).
+(gloo on CPU, NCCL on CUDA, ``train.dist_timeout`` seconds so a dead rank fails the others).
+``train.parallel = "fsdp"`` shards the model with FSDP2 and checkpoints through DCP
+(see :mod:`fastgen.train.distributed`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import datetime
 import importlib
 import math
 import os
@@ -40,6 +41,8 @@ from fastgen.train import checkpoint as ckpt
 from fastgen.train.config import Config, ConfigError
 from fastgen.train.consistency import ConsistencyTrainingObjective
 from fastgen.train.data import BucketBatchSampler, build_dataset
+from fastgen.train.distributed import (clip_sharded_grad_norm_, collective_failure, init_distributed, load_dcp,
+                                       save_dcp, shard_model)
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
 from fastgen.train.sampling import sample, save_grid
 
@@ -129,15 +132,12 @@ def make_lr_scheduler(name: str, optimizer, warmup: int, total: int):
         raise ConfigError(f"optim.lr_scheduler: {exc}") from None
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _is_collective_error(exc: BaseException) -> bool:
+    """A failed collective (a dead, stalled or unreachable peer), as gloo / NCCL / c10d report it."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    msg = str(exc).lower()
+    return any(s in msg for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket"))
 
 
 def _barrier(world: int) -> None:
@@ -175,7 +175,7 @@ class Trainer:
         want = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device = 'cuda' but torch sees no CUDA GPU")
-        self.rank, self.world = _init_distributed(torch.device(want))
+        self.rank, self.world = init_distributed(torch.device(want), t.dist_timeout)
         if want == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank)))
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -207,6 +207,10 @@ class Trainer:
         if pure:
             self.model.to(torch.bfloat16)
         self.objective = build_objective(config.objective, t.steps)
+        self.fsdp = t.parallel == "fsdp" and self.world > 1
+        if self.fsdp:  # before the optimizer and the EMA: they hold the (sharded) parameters
+            self.model.to(self.device)
+            shard_model(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
         self.optimizer = FusedAdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
@@ -216,7 +220,7 @@ class Trainer:
         self.forward_model = self.model
         if config.model.compile:
             self.forward_model = torch.compile(self.model)
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward_model = DistributedDataParallel(
@@ -234,7 +238,11 @@ class Trainer:
             x = x.to(torch.bfloat16)
         y = drop_conditions(batch["label"].to(self.device), self.cfg.objective.cond_dropout, self.null_label)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
-        ctx = self.forward_model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
+        ctx = contextlib.nullcontext()
+        if self.fsdp:  # FSDP2: skip the reduce-scatter on all but the last micro-batch
+            self.model.set_requires_gradient_sync(sync)
+        elif self.world > 1 and not sync:
+            ctx = self.forward_model.no_sync()
         with ctx:
             with amp:
                 loss = self.objective.loss(self.forward_model, x, y)
@@ -252,7 +260,9 @@ class Trainer:
             total += self._micro_batch(next(batches), sync=a == A - 1)
             self.batches += 1
         gn = float("nan")
-        if self.cfg.optim.grad_clip > 0:
+        if self.cfg.optim.grad_clip > 0 and self.fsdp:  # the norm over all shards
+            gn = clip_sharded_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        elif self.cfg.optim.grad_clip > 0:
             gn = float(clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -300,6 +310,10 @@ class Trainer:
                     self.validate()
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
                     last_path = self.save()
+        except RuntimeError as exc:  # a dead or stalled peer: one clear message, not a bare gloo / NCCL error
+            if self.world > 1 and _is_collective_error(exc):
+                raise collective_failure(exc, self.rank, self.world, self.step, t.dist_timeout) from exc
+            raise
         finally:
             bar.close()
         return {"step": self.step, "losses": losses, "checkpoint": last_path}
@@ -374,12 +388,14 @@ class Trainer:
 
     def validate(self) -> Optional[str]:
         """``samples/step-N.png``: one row per class (at most 16), ``validation.per_class`` each."""
-        if self.rank != 0:
+        if self.rank != 0 and not self.fsdp:
             return None
         v = self.cfg.validation
         n_cls = min(self.dataset.num_classes, 16)
         labels = torch.arange(n_cls).repeat_interleave(v.per_class)
-        images = self.generate(labels)
+        images = self.generate(labels)  # under FSDP every rank runs the (sharded) model; rank 0 writes
+        if self.rank != 0:
+            return None
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         path = os.path.join(self.out, "samples", f"step-{self.step:08d}.png")
         save_grid(images, path, v.per_class)
@@ -400,19 +416,26 @@ class Trainer:
         ckpt.write_json(tmp, f"rng-rank{self.rank}.json", rm)
         _barrier(self.world)
         final = ckpt.step_dir(self.ckpt_root, self.step)
+        dcp = self.cfg.train.parallel == "fsdp"
+        if dcp:  # every rank writes its shards of the model, optimizer and EMA
+            save_dcp(tmp, self.model, self.optimizer, self.ema)
+            _barrier(self.world)
         if self.rank == 0:
-            ckpt.save_tensors(os.path.join(tmp, "model.safetensors"), self.model.state_dict())
             state = {"step": self.step, "batches": self.batches, "world_size": self.world,
-                     "lr_scheduler": self.lr_scheduler.state_dict()}
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "format": "dcp" if dcp else "safetensors"}
+            if not dcp:
+                ckpt.save_tensors(os.path.join(tmp, "model.safetensors"), self.model.state_dict())
             if self.ema is not None:
                 es = self.ema.state_dict()
-                ckpt.save_tensors(os.path.join(tmp, "ema.safetensors"),
-                                  {**{f"shadow.{k}": v for k, v in es["shadow"].items()},
-                                   **{f"buffer.{k}": v for k, v in es["buffers"].items()}})
+                if not dcp:
+                    ckpt.save_tensors(os.path.join(tmp, "ema.safetensors"),
+                                      {**{f"shadow.{k}": v for k, v in es["shadow"].items()},
+                                       **{f"buffer.{k}": v for k, v in es["buffers"].items()}})
                 state["ema"] = {k: es[k] for k in ("decay", "warmup", "update_every", "num_updates", "num_calls")}
-            ot, om = ckpt.optimizer_to_files(self.optimizer.state_dict())
-            ckpt.save_tensors(os.path.join(tmp, "optimizer.safetensors"), ot)
-            state["optimizer"] = om
+            if not dcp:
+                ot, om = ckpt.optimizer_to_files(self.optimizer.state_dict())
+                ckpt.save_tensors(os.path.join(tmp, "optimizer.safetensors"), ot)
+                state["optimizer"] = om
             ckpt.write_json(tmp, "state.json", state)
             with open(os.path.join(tmp, "config.toml"), "w") as fh:
                 fh.write(self.cfg.to_toml())
@@ -434,16 +457,25 @@ class Trainer:
                 self.log(f"fastgen.train: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
         state = ckpt.read_json(path, "state.json")
-        self.model.load_state_dict(ckpt.load_tensors(os.path.join(path, "model.safetensors")))
-        if self.ema is not None:
-            if "ema" not in state:
-                raise ckpt.CheckpointError(f"{path} has no EMA but optim.ema_decay > 0")
-            et = ckpt.load_tensors(os.path.join(path, "ema.safetensors"))
-            self.ema.load_state_dict({**state["ema"],
-                                      "shadow": {k[7:]: v for k, v in et.items() if k.startswith("shadow.")},
-                                      "buffers": {k[7:]: v for k, v in et.items() if k.startswith("buffer.")}})
-        self.optimizer.load_state_dict(ckpt.optimizer_from_files(
-            ckpt.load_tensors(os.path.join(path, "optimizer.safetensors")), state["optimizer"]))
+        if self.ema is not None and "ema" not in state:
+            raise ckpt.CheckpointError(f"{path} has no EMA but optim.ema_decay > 0")
+        if state.get("format") == "dcp":  # sharded: resharded to this run's processes by DCP
+            load_dcp(path, self.model, self.optimizer, self.ema)
+            if self.ema is not None:
+                self.ema.load_state_dict({**state["ema"], "shadow": self.ema.shadow, "buffers": self.ema.buffers})
+        elif self.fsdp:
+            raise ckpt.CheckpointError(f"{path} is a one-file (DDP) checkpoint; resume it with train.parallel = "
+                                       "'ddp' or in one process, whose next checkpoint is sharded when "
+                                       "train.parallel = 'fsdp'")
+        else:
+            self.model.load_state_dict(ckpt.load_tensors(os.path.join(path, "model.safetensors")))
+            if self.ema is not None:
+                et = ckpt.load_tensors(os.path.join(path, "ema.safetensors"))
+                self.ema.load_state_dict({**state["ema"],
+                                          "shadow": {k[7:]: v for k, v in et.items() if k.startswith("shadow.")},
+                                          "buffers": {k[7:]: v for k, v in et.items() if k.startswith("buffer.")}})
+            self.optimizer.load_state_dict(ckpt.optimizer_from_files(
+                ckpt.load_tensors(os.path.join(path, "optimizer.safetensors")), state["optimizer"]))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.batches = state["step"], state["batches"]
         rng = os.path.join(path, f"rng-rank{self.rank}.safetensors")
