@@ -161,7 +161,7 @@ def test_fastgen_file_loads_in_diffusers(tmp_path, tiny_unet, fmt, kind):
     pytest.importorskip("safetensors")  # adapter files are safetensors
     unet, inputs, plain = tiny_unet
     ours = copy.deepcopy(unet)
-    A.add_adapter(ours, "a", kind=kind, rank=2, alpha=6.0, targets="attention+ff" if kind == "lora" else "attention")
+    A.add_adapter(ours, "a", kind=kind, rank=2, alpha=6.0, targets="all" if kind == "lora" else "attention")  # "all": LoCoN on every conv too
     A.add_adapter(ours, "tweak", rank=1, alpha=1.0, targets=["attn1.to_q"])  # not saved: stays out of the file
     A.remove(ours, "tweak")
     _randomize(ours, "a")
