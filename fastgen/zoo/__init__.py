@@ -17,6 +17,8 @@ _MODULES = {
     "BetaVAE": "fastgen.zoo.vae",
     "GAN": "fastgen.zoo.gan",
     "GANConfig": "fastgen.zoo.gan",
+    "RealNVP": "fastgen.zoo.realnvp",
+    "RealNVPConfig": "fastgen.zoo.realnvp",
 }
 
 __all__ = sorted(_MODULES)
