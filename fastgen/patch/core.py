@@ -197,7 +197,12 @@ def _own_patch(module) -> bool:
 
 def is_patched(obj) -> bool:
     """True when ``obj`` (any module of a model, the model itself, or a diffusers pipeline)
-    or any module inside it runs fastgen code put there by :func:`patch`."""
+    or any module inside it runs fastgen code put there by :func:`patch`: a patched module,
+    a component swapped by ``models=True`` or adapters put on by ``adapters=``."""
+    from fastgen.patch import adapter_files, components
+
+    if components.swapped(obj) or adapter_files.applied(obj):
+        return True
     return any(_own_patch(m) for _, root in _components(obj) for m in root.modules())
 
 
@@ -248,7 +253,8 @@ def _device_note(comps, backend: str) -> Optional[str]:
 
 
 def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, activations: bool = True,
-          backend: str = "auto", strict: bool = False) -> PatchReport:
+          backend: str = "auto", strict: bool = False, models: bool = False, adapters=None,
+          adapter_scale: float = 1.0) -> PatchReport:
     """Swap fastgen's fused ops into ``obj`` (an ``nn.Module`` or a diffusers pipeline), in place.
 
     ::
@@ -281,6 +287,18 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
     the family turns out unable to serve (CPU tensors, a dtype changed after patching) runs
     the reference and warns once per module (``fastgen.patch.PatchFallbackWarning``).
 
+    ``models=True`` (a diffusers pipeline only): first replace the pipeline's ``transformer`` /
+    ``unet`` by the matching ``fastgen.models`` class (``from_diffusers``, on ``backend``) and its
+    ``vae`` by ``fastgen.vae.AutoencoderKL`` (``AutoencoderKLCogVideoX``), the originals kept for
+    ``unpatch``; a component that cannot be swapped is reported with the reason and patched
+    module by module as usual (``fastgen/patch/components.py``).
+
+    ``adapters=PATH`` (a path, ``fastgen.adapters.AdapterWeights``, a list of them or
+    ``{name: either}``): run the adapter file(s) unmerged on the pipeline's (or model's)
+    layers through ``fastgen.adapters`` (fused LoRA kernel), with multiplier ``adapter_scale``;
+    ``unpatch`` removes them (``fastgen/patch/adapter_files.py``). Not together with
+    ``models=True``: fastgen's models take adapters only merged into their weights.
+
     Attention processors and norm modules the patcher does not know (another diffusers norm, a
     subclass of ``nn.LayerNorm``) are left alone and listed in the report. ``strict=True``
     raises :class:`PatchError` instead, naming every such site and every site the backend
@@ -289,18 +307,34 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
     Returns a :class:`PatchReport`.
     """
     from fastgen.patch import activations as act_rules
+    from fastgen.patch import adapter_files
     from fastgen.patch import attention as attn_rules
+    from fastgen.patch import components
     from fastgen.patch import norms as norm_rules
 
     if backend not in BACKENDS:
         raise ValueError(f"fastgen.patch: backend must be one of {BACKENDS}, got {backend!r}")
     comps = _components(obj)
+    if models and isinstance(obj, nn.Module):
+        raise TypeError("fastgen.patch(models=True) swaps a diffusers pipeline's components; for a single model "
+                        "use fastgen.models.<Model>.from_diffusers(model) (or fastgen.vae.AutoencoderKL.from_diffusers)")
+    if models and adapters is not None:
+        raise ValueError("fastgen.patch: adapters= runs adapter files unmerged on the diffusers components, and "
+                         "models=True replaces those by fastgen models, which take adapters only merged "
+                         "(fastgen.adapters.apply(model, path, merge=True)); pass one of the two")
     unpatch(obj)
     report = PatchReport(backend=backend)
+    if models:
+        components.swap(obj, report, backend)
+    comps = _components(obj)  # after unpatch / the swaps: the components that run now
+    if adapters is not None:
+        adapter_files.apply(obj, comps, adapters, report, backend, adapter_scale)
     note = _device_note(comps, backend)
     if note is not None:
         report.notes.append(note)
     for prefix, root in comps:
+        if components.is_fastgen_module(root):
+            continue  # fastgen's own model: its fused ops already
         absorbed: dict = {}  # id(child) -> (the parent path whose fused forward does its work, the kernel)
         for name, module in root.named_modules():
             path = _join(prefix, name)
@@ -347,8 +381,14 @@ def _auto_note(report: PatchReport) -> Optional[str]:
 
 
 def unpatch(obj) -> None:
-    """Undo :func:`patch`: original classes and attention processors back, exactly as they were."""
-    for _, root in _components(obj):
+    """Undo :func:`patch`: original classes and attention processors back, exactly as they were;
+    the adapters of ``adapters=`` removed and the components ``models=True`` swapped put back."""
+    from fastgen.patch import adapter_files, components
+
+    adapter_files.remove(obj)
+    comps = _components(obj)
+    components.restore(obj)
+    for _, root in comps + _components(obj):
         for module in root.modules():
             d = module.__dict__
             if ORIG_CLASS in d:
