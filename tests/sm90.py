@@ -196,10 +196,11 @@ def group_norm_cases(dtype: str = "bf16"):
 
 
 def optim_cases(dtype: str = "bf16"):
-    """The multi-tensor optimizer kernels (AdamW, 8-bit AdamW, Lion, EMA, clipping) for ``dtype`` parameters."""
+    """The multi-tensor optimizer kernels (AdamW, 8-bit AdamW, Lion, schedule-free AdamW, EMA, clipping) for
+    ``dtype`` parameters."""
     import triton.language as tl
 
-    from fastgen.kernels import adamw, adamw8bit, clip_grad, ema, lion
+    from fastgen.kernels import adamw, adamw8bit, clip_grad, ema, lion, schedulefree
 
     pdt = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     tables = {"NUMELS": "*i64", "CHUNK_IDS": "*i32", "CHUNK_OFFS": "*i64"}
@@ -242,6 +243,12 @@ def optim_cases(dtype: str = "bf16"):
     nw = cfg.pop("num_warps")
     cases.append(("ema", ema._ema_kernel, {"S_PTRS": "*i64", "P_PTRS": "*i64", **tables, "weight": "fp32"},
                   dict(S_DTYPE=tl.float32, P_DTYPE=pdt, INTERPRET=False, **cfg), nw))
+    cfg = schedulefree.schedulefree_config()
+    nw = cfg.pop("num_warps")
+    cases.append(("schedulefree", schedulefree._schedulefree_kernel,
+                  {"Y_PTRS": "*i64", "G_PTRS": "*i64", "Z_PTRS": "*i64", "V_PTRS": "*i64", **tables,
+                   **{k: "fp32" for k in ("beta2", "bias_correction2", "eps", "weight_decay", "ckp1", "y_coef", "lr")}},
+                  dict(P_DTYPE=pdt, G_DTYPE=pdt, INTERPRET=False, **cfg), nw))
     cfg = clip_grad.clip_config()
     nw = cfg.pop("num_warps")
     cases.append(("clip sum_squares", clip_grad._sum_squares_kernel,
@@ -269,6 +276,8 @@ def optim_hot_bytes(name: str, p_bytes: int) -> tuple[list[int], list[int]]:
         return [P, P, 4] + shadow, [P, 4] + shadow
     if name.startswith("ema"):
         return [4, P], [4]
+    if name.startswith("schedulefree"):  # y, g, z, v in the parameter's dtype
+        return [P, P, P, P], [P, P, P]
     if name.startswith("clip sum_squares"):
         return [P], []
     if name.startswith("clip scale"):

@@ -163,3 +163,32 @@ def test_schedulefree_eval_mode_step_and_checkpoint():
     lion.step()
     with pytest.raises(ValueError, match="another optimizer kind"):
         opt.load_state_dict(lion.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_schedulefree_triton_kernel_matches_the_torch_path(dtype):
+    from conftest import INTERPRET, TRITON_DEVICE
+
+    if not (INTERPRET or TRITON_DEVICE == "cuda"):
+        pytest.skip("runs the Triton kernel")
+    from fastgen.optim import FusedAdamWScheduleFree
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(n, generator=gen).to(dtype) for n in (2048, 2100, 5)]  # a full chunk, a tail, a tiny one
+    a = [torch.nn.Parameter(x.clone().to(TRITON_DEVICE)) for x in init]
+    b = [torch.nn.Parameter(x.clone().to(TRITON_DEVICE)) for x in init]
+    oa = FusedAdamWScheduleFree(a, lr=1e-2, weight_decay=0.1, warmup_steps=2, backend="torch")
+    ob = FusedAdamWScheduleFree(b, lr=1e-2, weight_decay=0.1, warmup_steps=2, backend="triton")
+    oa.train()
+    ob.train()
+    for _ in range(3):
+        for p, q in zip(a, b):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad = g.to(TRITON_DEVICE), g.to(TRITON_DEVICE).clone()
+        oa.step()
+        ob.step()
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, atol=tol, rtol=tol)
+        torch.testing.assert_close(oa.state[p]["z"], ob.state[q]["z"], atol=tol, rtol=tol)
+        torch.testing.assert_close(oa.state[p]["exp_avg_sq"], ob.state[q]["exp_avg_sq"], atol=tol, rtol=tol)

@@ -15,8 +15,10 @@ with ``k`` the step index (host scalars only: no host sync)::
 
     eval():  y <- lerp(y, z, 1 - 1 / beta1)   (= x)        train(): x <- lerp(x, z, 1 - beta1)  (= y)
 
-The elementwise update is ``torch._foreach_*`` multi-tensor launches over each group's
-list; unlike the package it leaves ``p.grad`` untouched (the package divides it in place).
+The elementwise update is one multi-tensor Triton pass per dtype mix (``backend="triton"``,
+``kernels/schedulefree.py``: y, g, z, v read, y, z, v written) or ``torch._foreach_*``
+launches (``backend="torch"``, the default on CPU); unlike the package it leaves ``p.grad``
+untouched (the package divides it in place).
 State per parameter as the package: ``z``, ``exp_avg_sq``; the group holds ``k``,
 ``train_mode``, ``weight_sum``, ``lr_max``, ``scheduled_lr``. Like the package, the optimizer
 starts in eval mode: call ``opt.train()`` before the first step (a step in eval mode raises).
@@ -28,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from fastgen.optim._common import check_grad, check_state_kind, check_torch_flags
+from fastgen.backend import resolve
+from fastgen.optim._common import bucket, check_grad, check_state_kind, check_torch_flags
 
 
 class FusedAdamWScheduleFree(torch.optim.Optimizer):
@@ -38,12 +41,13 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
         y <- lerp(y, z, c_k) + lr_k (beta1 (1 - c_k) - 1) u        z <- z - lr_k u
 
     Args: ``lr`` (0.0025), ``betas``, ``eps``, ``weight_decay``, ``warmup_steps``, ``r``,
-    ``weight_lr_power`` as the package; ``foreach`` accepted and ignored. Call ``train()``
+    ``weight_lr_power`` as the package; ``foreach`` accepted and ignored; ``backend``
+    ``"auto" | "triton" | "torch"`` (CUDA C++: none). Call ``train()``
     before training steps and ``eval()`` before evaluating or saving the model.
     """
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, r=0.0,
-                 weight_lr_power=2.0, foreach: Optional[bool] = True):
+                 weight_lr_power=2.0, foreach: Optional[bool] = True, *, backend: str = "auto"):
         check_torch_flags("FusedAdamWScheduleFree", foreach=foreach)
         if not 0.0 <= lr:
             raise ValueError(f"FusedAdamWScheduleFree: invalid learning rate {lr}")
@@ -53,6 +57,7 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, weight_lr_power=weight_lr_power,
                         weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
+        self.backend = backend
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a FusedAdamWScheduleFree or ``schedulefree.AdamWScheduleFree`` state dict."""
@@ -105,20 +110,36 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
                 if "z" not in self.state[p]:
                     self.state[p]["z"] = torch.clone(p, memory_format=torch.preserve_format)
                     self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if ys:
-                grads = [p.grad for p in ys]
-                zs = [self.state[p]["z"] for p in ys]
-                vs = [self.state[p]["exp_avg_sq"] for p in ys]
-                torch._foreach_mul_(vs, beta2)
-                torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-                denom = torch._foreach_div(vs, bias_correction2)
-                torch._foreach_sqrt_(denom)
-                torch._foreach_add_(denom, eps)
-                u = torch._foreach_div(grads, denom)
-                if decay != 0:
-                    torch._foreach_add_(u, ys, alpha=decay)
-                torch._foreach_lerp_(ys, zs, weight=ckp1)
-                torch._foreach_add_(ys, u, alpha=lr * (beta1 * (1 - ckp1) - 1))
-                torch._foreach_sub_(zs, u, alpha=lr)
+            scalars = dict(beta1=beta1, beta2=beta2, bias_correction2=bias_correction2, eps=eps, weight_decay=decay,
+                           ckp1=ckp1, lr=lr)
+            buckets, fallback = bucket([(p, p.grad, self.state[p]["z"], self.state[p]["exp_avg_sq"]) for p in ys])
+            for (device, _, _), lists in buckets.items():
+                same = all(t.dtype == lists[0][0].dtype for lst in (lists[2], lists[3]) for t in lst)
+                impl = resolve("schedulefree", self.backend, device,
+                               {"cuda": "schedule-free AdamW has no CUDA C++ kernel; use backend='triton'",
+                                "triton": None if same else "z and exp_avg_sq must have the parameter's dtype"})
+                if impl == "triton":
+                    from fastgen.kernels.schedulefree import schedulefree_step
+
+                    schedulefree_step(*lists, **scalars)
+                else:
+                    _foreach_step(*lists, **scalars)
+            for item in fallback:
+                _foreach_step(*([t] for t in item), **scalars)
             group["k"] = k + 1
         return loss
+
+
+def _foreach_step(ys, grads, zs, vs, *, beta1, beta2, bias_correction2, eps, weight_decay, ckp1, lr):
+    """The package's foreach update (torch multi-tensor ops), leaving the gradients untouched."""
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_div(vs, bias_correction2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    u = torch._foreach_div(grads, denom)
+    if weight_decay != 0:
+        torch._foreach_add_(u, ys, alpha=weight_decay)
+    torch._foreach_lerp_(ys, zs, weight=ckp1)
+    torch._foreach_add_(ys, u, alpha=lr * (beta1 * (1 - ckp1) - 1))
+    torch._foreach_sub_(zs, u, alpha=lr)
