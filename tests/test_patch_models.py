@@ -2,7 +2,7 @@
 
 Tiny random components built offline (the models tests' builders), CPU, fp32, same seed:
 
-- models=True: the DiT, Stable Diffusion and Flux pipelines give the same images with their
+- models=True: the DiT, Stable Diffusion, Flux and CogVideoX pipelines give the same images with their
   transformer / unet and VAE replaced by fastgen's models; the report names each swap and each
   component left alone (with why); ``unpatch`` puts the very same modules back and the images
   are the original ones again; ``is_patched`` follows.
@@ -207,6 +207,47 @@ def test_flux_pipeline_models_swap(tmp_path):
     assert rel_err(got, want) <= 1e-5
     fp.unpatch(pipe)
     assert pipe.transformer is ref and not fp.is_patched(pipe)
+
+
+def test_cogvideox_pipeline_models_swap():
+    """transformer -> fastgen.models.CogVideoX, vae -> fastgen.vae.AutoencoderKLCogVideoX (prompt
+    embeddings given, CFG, 2 steps): the same frames."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastgen.models import CogVideoX
+    from fastgen.vae import AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLCogVideoX(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1,
+                                           norm_num_groups=8, temporal_compression_ratio=2,
+                                           down_block_types=("CogVideoXDownBlock3D",) * 2,
+                                           up_block_types=("CogVideoXUpBlock3D",) * 2).eval()
+    tr = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=16,
+        num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=2,
+        max_text_seq_length=7).eval()
+    with torch.no_grad():
+        for p in list(tr.parameters()) + [p for p in vae.parameters() if p.dim() == 1]:
+            p.add_(0.1 * torch.randn_like(p))
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tr,
+                                       scheduler=diffusers.CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pe = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))
+
+    def frames():
+        return pipe(prompt_embeds=pe, negative_prompt_embeds=torch.zeros_like(pe), height=16, width=16, num_frames=5,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    max_sequence_length=7).frames
+
+    want = frames()
+    report = fastgen.patch(pipe, models=True, backend="torch")
+    assert isinstance(pipe.transformer, CogVideoX) and isinstance(pipe.vae, AutoencoderKLCogVideoX)
+    assert sorted(report.paths()) == ["transformer", "vae"]
+    got = frames()
+    assert got.shape == want.shape == (1, 5, 3, 16, 16)
+    assert ((want > 0) & (want < 1)).float().mean() > 0.5
+    assert rel_err(got, want) <= 1e-5
+    fp.unpatch(pipe)
+    assert pipe.transformer is tr and pipe.vae is vae and not fp.is_patched(pipe)
 
 
 # ----------------------------------------------------------------------------- adapters=PATH
