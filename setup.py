@@ -242,7 +242,7 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    install_requires=["torch>=2.11", "triton>=3.6"],
+    install_requires=["torch>=2.11", "triton>=3.6", "safetensors", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["matplotlib", "tqdm"],
