@@ -234,3 +234,50 @@ def test_fused_kernel_inside_model_matches_torch_path():
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert math.isfinite(outs[1].sum().item())
+
+
+def test_half_precision_base_with_fp32_adapters():
+    """A bf16 model: adapter parameters stay fp32, the branches run in bf16, the output matches the
+    fp32 model within bf16 rounding, and merging into bf16 weights works."""
+    torch.manual_seed(0)
+    model = Block()
+    for kind, name in (("lora", "a"), ("dora", "d"), ("loha", "h")):
+        A.add_adapter(model, name, kind=kind, rank=2, targets=["to_q", "ff.0", "conv"])
+        _randomize(model, name, ord(name))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    for _, layer in A.inject.adapted_layers(half):
+        layer.fastgen_adapters.float()  # adapters train in fp32 on a bf16 base
+    x, img = _inputs()
+    want = model(x, img)
+    got = half(x.bfloat16(), img.bfloat16())
+    assert all(p.dtype == torch.float32 for p in A.adapter_parameters(half))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, atol=0.1, rtol=0.05)
+    A.merge(half)
+    for g, w in zip(half(x.bfloat16(), img.bfloat16()), want):
+        torch.testing.assert_close(g.float(), w, atol=0.15, rtol=0.05)
+
+
+def test_merge_order_with_several_doras():
+    """LoRA and two DoRAs on one layer: merged in any order, and partly unmerged, the model computes
+    what the unmerged one did (each DoRA's norm is of the base weight plus its own update)."""
+    torch.manual_seed(0)
+    base = Block().eval()
+    model = copy.deepcopy(base)
+    A.add_adapter(model, "a", rank=2, targets=["to_q", "conv"])
+    A.add_adapter(model, "d", kind="dora", rank=2, targets=["to_q", "conv"])
+    A.add_adapter(model, "e", kind="dora", rank=1, alpha=3.0, targets=["to_q", "conv"])
+    for i, n in enumerate("ade"):
+        _randomize(model, n, i + 1)
+    A.set_scale(model, "e", 0.5)
+    x, img = _inputs()
+    live = model(x, img)
+    A.merge(model, ["a"])
+    A.merge(model, ["e", "d"])
+    _close(model(x, img), live, atol=2e-5, rtol=1e-4)
+    A.unmerge(model, ["d"])  # d runs through its hook again, a and e stay merged
+    _close(model(x, img), live, atol=2e-5, rtol=1e-4)
+    A.unmerge(model)
+    for n, p in base.named_parameters():
+        torch.testing.assert_close(model.get_parameter(n), p, atol=2e-6, rtol=1e-5)

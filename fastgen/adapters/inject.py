@@ -4,9 +4,9 @@ Every targeted layer gets ``layer.fastgen_adapters`` (an :class:`AdapterSet`) an
 hook, so the base model's own state-dict keys stay as they were; adapter parameters appear as
 ``<layer>.fastgen_adapters.<adapter>.<tensor>``. Several adapters can live on one layer:
 the layer computes ``base(x) + sum_i multiplier_i * scale_i * branch_i(x)`` over the enabled,
-unmerged ones. ``merge`` folds ``multiplier * scale * dW`` into the base weight (DoRA: replaces
-``W`` by ``m * (W + s dW) / ||W + s dW||``, remembering the row factor so ``unmerge`` is exact up to
-rounding).
+unmerged ones. ``merge`` folds ``multiplier * scale * dW`` into the base weight (DoRA: adds
+``(f - 1) W0 + f s dW`` with ``f = m / ||W0 + s dW||`` and ``W0`` the weight without merged adapters,
+remembering ``f`` so that ``unmerge`` is exact up to rounding, in any order).
 
 The model also carries ``model.fastgen_adapter_info[name]`` (kind, rank, alpha, targets, the base
 model's fingerprint), which the file formats write into their metadata.
@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from fastgen.adapters import targets as _targets
-from fastgen.adapters.layers import AdapterSet, LoHa, LoKr, LoRA, base_weight, forward_hook, layer_shape, row_norm
+from fastgen.adapters.layers import (
+    AdapterSet, LoHa, LoKr, LoRA, base_weight, forward_hook, layer_shape, row_norm, shape_rows, true_base,
+)
 from fastgen.adapters.state import AdapterWeights, branch_to_weights, weights_to_branch
 
 
@@ -251,7 +253,9 @@ def _weight_param(layer: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
-    """Fold enabled adapters into the base weights (they then cost nothing at run time)."""
+    """Fold enabled adapters into the base weights (they then cost nothing at run time). The
+    merged model computes what the unmerged one did, DoRA included (its norm is of the base
+    weight plus its own update only, as when unmerged)."""
     for n in _names(model, names):
         for _, layer in adapted_layers(model, n):
             s_ = layer.fastgen_adapters
@@ -259,34 +263,35 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
                 continue
             br = s_[n]
             w = _weight_param(layer)
-            s = br.scale * s_.multipliers.get(n, 1.0)
-            dw = br.delta_weight().to(torch.float32)
+            sdw = br.scale * s_.multipliers.get(n, 1.0) * br.delta_weight().float()
             if getattr(br, "magnitude", None) is not None:
-                new = w.float() + s * dw
-                factor = br.magnitude.float() / row_norm(new)
-                w.copy_(new * factor.view(-1, *([1] * (w.dim() - 1))))
+                w0 = true_base(layer)
+                factor = br.magnitude.float() / row_norm(w0 + sdw)
+                w.copy_(w.float() + (shape_rows(factor, w0) - 1) * w0 + shape_rows(factor, w0) * sdw)
                 s_.merged[n] = factor
             else:
-                w.copy_(w.float() + s * dw)
+                w.copy_(w.float() + sdw)
                 s_.merged[n] = None
 
 
 @torch.no_grad()
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
-    """Undo :func:`merge` (in reverse order of merging)."""
+    """Undo :func:`merge` (exact up to rounding, in any order)."""
     for n in reversed(_names(model, names)):
         for _, layer in adapted_layers(model, n):
             s_ = layer.fastgen_adapters
             if n not in s_.merged:
                 continue
-            factor = s_.merged.pop(n)
             br = s_[n]
             w = _weight_param(layer)
-            s = br.scale * s_.multipliers.get(n, 1.0)
-            base = w.float()
+            sdw = br.scale * s_.multipliers.get(n, 1.0) * br.delta_weight().float()
+            factor = s_.merged[n]
             if factor is not None:
-                base = base / factor.view(-1, *([1] * (w.dim() - 1)))
-            w.copy_(base - s * br.delta_weight().float())
+                w0 = true_base(layer)
+                w.copy_(w.float() - (shape_rows(factor, w0) - 1) * w0 - shape_rows(factor, w0) * sdw)
+            else:
+                w.copy_(w.float() - sdw)
+            del s_.merged[n]
 
 
 def remove(model: nn.Module, names: str | Iterable[str] | None = None) -> None:

@@ -235,6 +235,29 @@ def row_norm(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).norm(dim=1)
 
 
+def shape_rows(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A per-row vector ``(out,)`` shaped to broadcast over a weight like ``w``."""
+    return v.view(-1, *([1] * (w.dim() - 1)))
+
+
+def true_base(layer: nn.Module) -> torch.Tensor:
+    """The base weight without the layer's merged adapters, fp32. A merged plain adapter added
+    ``s dW``, a merged DoRA ``(f - 1) W0 + f s dW`` (``f`` kept per row), so
+    ``W0 = (W - sum_plain s dW - sum_dora f s dW) / (1 + sum_dora (f - 1))``."""
+    sset = layer.fastgen_adapters
+    w = base_weight(layer).float()
+    denom = torch.ones(w.shape[0], device=w.device)
+    for n, f in sset.merged.items():
+        br = sset[n]
+        sdw = br.scale * sset.multipliers.get(n, 1.0) * br.delta_weight().float()
+        if f is None:
+            w = w - sdw
+        else:
+            w = w - shape_rows(f, w) * sdw
+            denom = denom + (f - 1)
+    return w / shape_rows(denom, w)
+
+
 class AdapterSet(nn.ModuleDict):
     """The adapters of one base layer, by name, with their multipliers and enabled/merged state."""
 
@@ -260,16 +283,19 @@ def forward_hook(layer: nn.Module, args, output):
     x = args[0]
     conv = is_conv(layer)
     bias = getattr(layer, "bias", None)
-    base_nobias = None
+    base_nobias, w0 = None, None
     if any(getattr(b, "magnitude", None) is not None for _, b, _ in active):
-        # DoRA scales the base output without its bias; taken before any branch is added (in place)
-        base_nobias = output.clone() if bias is None else output - (bias.view(1, -1, 1, 1) if conv else bias)
+        if adapters.merged:  # DoRA sees the base alone: take the merged adapters back out
+            w0 = true_base(layer).to(x.dtype)
+            base_nobias = F.conv2d(x, w0, None, **_conv_args(layer)) if conv else F.linear(x, w0)
+        else:  # DoRA scales the base output without its bias; taken before any branch is added (in place)
+            base_nobias = output.clone() if bias is None else output - (bias.view(1, -1, 1, 1) if conv else bias)
     for name, branch, mult in active:
         s = branch.scale * mult
         plain = isinstance(branch.dropout, nn.Identity) or not branch.training
         xd = x if plain else branch.dropout(x)
         if getattr(branch, "magnitude", None) is not None:
-            w = base_weight(layer).to(x.dtype)
+            w = base_weight(layer).to(x.dtype) if w0 is None else w0
             norm = dora_row_norm(w, branch.up.detach().to(x.dtype), branch.down.detach().to(x.dtype), s,
                                  backend=adapters.fused)
             factor = branch.magnitude.to(x.dtype) / norm
