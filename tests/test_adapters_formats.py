@@ -316,3 +316,24 @@ def test_pipeline_components_and_remove(fmt):
     with A.disabled(src_te):
         torch.testing.assert_close(pipe.text_encoder(t), src_te(t))
     assert A.adapter_names(pipe.unet) == [] and A.adapter_names(pipe.text_encoder) == []
+
+
+def test_convert_between_formats(tmp_path):
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    base = Block().eval()
+    model = copy.deepcopy(base)
+    A.add_adapter(model, "a", kind="dora", rank=2, alpha=3.0, targets=["to_q", "ff.0", "conv"])
+    _randomize(model, "a")
+    x, img = _inputs()
+    want = model(x, img)
+    A.save(model, tmp_path / "a.safetensors", format="peft", name="a")
+    assert A.convert(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "kohya").format == "peft"
+    with pytest.raises(ValueError, match="need the model"):
+        A.convert(tmp_path / "b.safetensors", tmp_path / "c.safetensors", "comfyui")
+    assert A.convert(tmp_path / "b.safetensors", tmp_path / "c.safetensors", "comfyui", model=base).format == "kohya"
+    A.convert(tmp_path / "c.safetensors", tmp_path / "d.safetensors", "peft")
+    fresh = copy.deepcopy(base)
+    A.apply(fresh, tmp_path / "d.safetensors")
+    for g, w in zip(fresh(x, img), want):
+        torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-5)

@@ -39,7 +39,7 @@ from fastgen.adapters.state import AdapterWeights, ModuleWeights
 
 __all__ = [
     "AdapterWeights", "FORMATS", "ModuleWeights", "UnmappableKeyError", "adapter_names", "adapter_parameters",
-    "add_adapter", "add_weights", "apply", "base_nbytes", "dequantize", "detect", "disable", "disabled", "enable", "fingerprint",
+    "add_adapter", "add_weights", "apply", "base_nbytes", "convert", "dequantize", "detect", "disable", "disabled", "enable", "fingerprint",
     "get_weights", "load", "load_quantized", "merge", "quantize", "remove", "save", "save_quantized", "set_scale",
     "unmerge", "use_backend",
 ]
@@ -113,6 +113,25 @@ def _resolve(part: AdapterWeights, whole: AdapterWeights, model: nn.Module, comp
             raise UnmappableKeyError(f"{exc} (diffusers' converter could not map it either, or is not installed)") from exc
         conv.extra, conv.base, conv.base_class = {}, part.base, part.base_class
         return conv
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, format: str, model: nn.Module | None = None,
+            prefix: str | None = None) -> AdapterWeights:
+    """Rewrite adapter file ``src`` as ``dst`` in ``format``. A kohya file's flattened names need the
+    ``model`` they belong to (to put the dots back); other formats convert without it. Returns
+    the weights read from ``src`` (``.format`` is its format)."""
+    w = load(src)
+    out = w
+    if w.names == "flat":
+        if model is None:
+            raise ValueError(f"{os.fspath(src)} is a kohya file: its flattened layer names need the model "
+                             "(convert(src, dst, format, model=...))")
+        out = _resolve(w, w, _components(model)["denoiser"], "denoiser")
+        out.base, out.base_class = w.base, w.base_class
+    if out.extra:
+        raise ValueError(f"{os.fspath(src)} holds adapters for {sorted(out.extra)} too; convert writes the denoiser's only")
+    formats.write_file(out, dst, format=format, prefix=prefix)
+    return w
 
 
 def remove(target, names=None) -> None:
