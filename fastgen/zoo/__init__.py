@@ -19,6 +19,8 @@ _MODULES = {
     "GANConfig": "fastgen.zoo.gan",
     "RealNVP": "fastgen.zoo.realnvp",
     "RealNVPConfig": "fastgen.zoo.realnvp",
+    "WGANGP": "fastgen.zoo.wgangp",
+    "WGANGPConfig": "fastgen.zoo.wgangp",
 }
 
 __all__ = sorted(_MODULES)
