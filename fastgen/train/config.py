@@ -79,6 +79,12 @@ class DataConfig:
     on_bad: str = _f("error", "bad data (unreadable image, missing required caption, image smaller than its "
                               "bucket): 'error' refuses to start and lists the files, 'skip' reports and skips them")
     num_workers: int = _f(0, "DataLoader worker processes")
+    vae: str = _f("", "latent training: 'module:callable' returning the image encoder (a fastgen or diffusers "
+                      "AutoencoderKL, e.g. a function that loads pretrained weights, or any callable images -> "
+                      "latents), called with vae_kwargs; its latents are cached in cache_dir; '' = pixels")
+    vae_kwargs: dict = _f({}, "keyword arguments of the vae callable")
+    cache_dir: str = _f("", "folder of the latent / text-embedding caches, shared by runs (entries are keyed by "
+                            "content and encoder); '' = <output_dir>/cache")
 
 
 @dataclass
@@ -251,6 +257,8 @@ class Config:
         _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
         _one_of("train.parallel", t.parallel, ("ddp", "fsdp"))
         _positive(train_dist_timeout=t.dist_timeout)
+        if da.vae and ":" not in da.vae:
+            raise ConfigError(f"data.vae must look like 'module:callable', got {da.vae!r}")
         if isinstance(self.model.factory, str) and ":" not in self.model.factory:
             raise ConfigError(f"model.factory must look like 'module:callable', got {self.model.factory!r}")
 

@@ -161,7 +161,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             im = im.crop((left, top, left + bw, top + bh))
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         x = data.view(bh, bw, self.channels).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"image": x, "label": torch.tensor(it.label), "caption": it.caption}
+        return {"image": x, **self.meta(i)}
+
+    def meta(self, i: int) -> dict:
+        """Item ``i`` without its image: ``{"label", "caption"}``."""
+        it = self.items[i]
+        return {"label": torch.tensor(it.label), "caption": it.caption}
+
+    def content_key(self, i: int) -> str:
+        """SHA-256 of the image file and its preprocessing (bucket size, channels): the cache key."""
+        from fastgen.train.cache import file_key
+
+        it = self.items[i]
+        return file_key(it.path, "resize-crop-v1", self.buckets[it.bucket], self.channels)
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -190,7 +202,15 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": self.labels[i], "caption": ""}
+        return {"image": self.images[i], **self.meta(i)}
+
+    def meta(self, i: int) -> dict:
+        return {"label": self.labels[i], "caption": ""}
+
+    def content_key(self, i: int) -> str:
+        from fastgen.train.cache import tensor_key
+
+        return tensor_key(self.images[i])
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):

@@ -186,6 +186,19 @@ class Trainer:
 
         _seed_all(t.seed)
         self.dataset = dataset if dataset is not None else build_dataset(config.data)
+        self.vae = None
+        if config.data.vae:  # latent training: encode once into the cache (rank 0 first, then the others read)
+            from fastgen.train.cache import CachedLatentDataset
+
+            self.vae = resolve_factory(config.data.vae)(**config.data.vae_kwargs)
+            cache_dir = config.data.cache_dir or os.path.join(config.output_dir, "cache")
+            for r in range(min(self.world, 2)):
+                if (self.rank == 0) == (r == 0):
+                    self.dataset = CachedLatentDataset(self.dataset, self.vae, cache_dir)
+                _barrier(self.world)
+            if self.rank == 0:
+                c = self.dataset.cache
+                log(f"fastgen.train: latents of {c.folder}: {c.hits} cached, {c.misses} encoded")
         if self.rank == 0:
             counts = ", ".join(f"{w}x{h}: {n}" for (h, w), n in self.dataset.bucket_counts().items())
             log(f"fastgen.train: {len(self.dataset)} images, {self.dataset.num_classes} classes, buckets {counts}")
@@ -394,6 +407,14 @@ class Trainer:
         n_cls = min(self.dataset.num_classes, 16)
         labels = torch.arange(n_cls).repeat_interleave(v.per_class)
         images = self.generate(labels)  # under FSDP every rank runs the (sharded) model; rank 0 writes
+        if self.vae is not None and hasattr(self.vae, "decode"):  # latents -> images for the grid
+            cfg = self.vae.config
+            get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+            p = next(self.vae.parameters())
+            with torch.no_grad():
+                z = images.to(p.device, p.dtype) / get("scaling_factor") + (get("shift_factor") or 0.0)
+                out = self.vae.decode(z)
+            images = getattr(out, "sample", out).float().clamp(-1, 1)
         if self.rank != 0:
             return None
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
