@@ -21,7 +21,9 @@ weights (SDXL config, bf16, on a GPU; a tiny config in fp32 on CPU so the run ta
   blended layout with whole-image statistics.
 
 The sweep also records each tiled provider's PSNR against the full decode (``torch``) where
-that one ran at the same size.
+that one ran at the same size. ``--video`` decodes CogVideoX's video VAE instead (fastgen's
+``AutoencoderKLCogVideoX`` and diffusers', 49 x 480 x 720 on a GPU): :func:`video_sweep`.
+``meta_peak`` measures allocated-bytes peaks of large decodes without a GPU (the meta device).
 
 Shape keys: ``N`` batch, ``h`` = ``w`` latent side (image side ``8 h`` on SDXL), ``T`` tile side in
 latent positions. Mode ``fwd`` only (inference).
@@ -302,6 +304,67 @@ def meta_peak(image: int, mode: str, tile: int = 64, config=None, dtype=torch.bf
     return {"image": image, "mode": mode, "tile": tile, "peak_gib": counter.peak / 2**30, "weights_gib": weights / 2**30}
 
 
+VIDEO_PROVIDERS = ("fastgen-video", "diffusers-video")
+
+
+def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, height: int = 480,
+                width: int = 720, rows: list | None = None) -> list[dict]:
+    """CogVideoX's video VAE decode (``AutoencoderKLCogVideoX``): fastgen and diffusers on the same
+    random weights, one timed decode each after a warm-up, time and peak memory. On a GPU the
+    CogVideoX-2b config at ``frames x height x width`` (49 x 480 x 720: 13 latent frames of 60 x 90);
+    on CPU a tiny config so that the run takes seconds."""
+    from fastgen.vae import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+
+    rows = [] if rows is None else rows
+    cfg = CogVideoXVAEConfig() if device == "cuda" else CogVideoXVAEConfig(
+        block_out_channels=(16, 32, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8)
+    torch.manual_seed(0)
+    ours = AutoencoderKLCogVideoX(cfg).to(device=device, dtype=dtype).eval()
+    models = {"fastgen-video": lambda z: ours.decode(z).sample}
+    try:
+        import diffusers
+
+        n = len(cfg.block_out_channels)
+        theirs = diffusers.AutoencoderKLCogVideoX(
+            block_out_channels=cfg.block_out_channels, latent_channels=cfg.latent_channels,
+            layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+            down_block_types=("CogVideoXDownBlock3D",) * n, up_block_types=("CogVideoXUpBlock3D",) * n,
+        ).to(device=device, dtype=dtype).eval()
+        theirs.load_state_dict(ours.state_dict())
+        models["diffusers-video"] = lambda z: theirs.decode(z).sample
+    except ImportError:
+        rows.append({"provider": "diffusers-video", "status": "diffusers is not installed"})
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    t = (frames - 1) // int(cfg.temporal_compression_ratio) + 1
+    z = torch.randn(1, cfg.latent_channels, t, height // f, width // f, device=device, dtype=dtype)
+    ref = None
+    for name, fn in models.items():
+        row = {"provider": name, "frames": frames, "height": height, "width": width}
+        try:
+            with torch.no_grad():
+                fn(z[:, :, :2])  # warm-up
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                out = fn(z)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                row["ms"] = (time.perf_counter() - t0) * 1e3
+            if ref is None:
+                ref = out
+            else:
+                row["psnr_db_vs_fastgen"] = psnr(out, ref)
+        except Exception as exc:  # an OOM is a result here
+            row["status"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="latent sides")
@@ -309,8 +372,16 @@ def main(argv=None) -> None:
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS))
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--plot", default=None, help="write a PNG of time and peak memory against image size here")
+    ap.add_argument("--video", action="store_true", help="decode CogVideoX's video VAE (49 x 480 x 720 on a GPU)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.video:
+        kw = {} if device == "cuda" else dict(frames=9, height=32, width=48)
+        rows = video_sweep(device, torch.bfloat16 if device == "cuda" else torch.float32, **kw)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
         args.sizes, args.tile = [min(s, 32) for s in args.sizes], min(args.tile, 8)

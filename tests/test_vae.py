@@ -574,3 +574,21 @@ def test_gpu_matches_diffusers_bf16():
         ref = dv.tiled_decode(z).sample
     out = tiled_decode(m, z, tile_size=TILE, progress=False)
     assert psnr(out.float(), ref.float()) > 30
+
+
+def test_bench_video_sweep_on_cpu(tmp_path):
+    """bench_vae --video: CogVideoX's video VAE decode, fastgen and diffusers (tiny config on CPU)."""
+    import importlib
+    import json
+
+    from fastgen.cli import _benchmarks_package
+
+    bench = importlib.import_module(_benchmarks_package().__name__ + ".bench_vae")
+    out = tmp_path / "v.json"
+    bench.main(["--video", "--out", str(out)])
+    rows = {r["provider"]: r for r in json.loads(out.read_text())}
+    assert rows["fastgen-video"]["ms"] > 0
+    if "ms" in rows["diffusers-video"]:  # diffusers installed: the same frames
+        assert rows["diffusers-video"]["psnr_db_vs_fastgen"] > 100
+    else:
+        assert "not installed" in rows["diffusers-video"]["status"]
