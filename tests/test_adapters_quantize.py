@@ -119,6 +119,12 @@ def test_quantizing_a_training_base_is_an_error():
     A.quantize(model, "int8")
     with pytest.raises(RuntimeError, match="quantized"):
         A.merge(model)
+    from fastgen.models import Flux
+
+    flux = Flux(None, patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    with pytest.raises(TypeError, match="fastgen model"):
+        A.quantize(flux.requires_grad_(False), "int8")
 
 
 # --- the Triton dequantize-GEMM -----------------------------------------------------------------

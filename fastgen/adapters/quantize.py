@@ -118,6 +118,13 @@ def quantize(model: nn.Module, scheme: str = "int8", block_size: int | None = No
     be lost). Adapters added with ``fastgen.adapters.add_adapter`` freeze the base."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
+    from fastgen.adapters.fastgen_models import is_fastgen_model
+
+    if is_fastgen_model(model):
+        raise TypeError(
+            f"{type(model).__name__} is a fastgen model: its fused kernels read Linear weights directly, so a "
+            "quantized base cannot run there yet; quantize the diffusers model instead"
+        )
     names = [n for n in _targets.select(model, targets, exclude) if isinstance(model.get_submodule(n), nn.Linear)]
     training = [n for n in names if model.get_submodule(n).weight.requires_grad]
     if training:
