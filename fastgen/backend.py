@@ -15,6 +15,13 @@ If the listed implementation cannot run here (the extension was not built, say),
 An explicitly requested backend that cannot serve a call raises
 :class:`BackendUnavailableError` saying why and what to do.
 
+The kernel implementations of each op are **registered**, beside their launchers
+(``fastgen/kernels/__init__.py`` for Triton, ``fastgen/cuda/__init__.py`` for CUDA C++),
+with :func:`implements`: the op, the implementation, the launcher module (imported
+the first time the implementation runs) and its own "can I serve this call" check.
+:func:`resolve` is the one place that decides which implementation runs, and it
+reads that registry; so do ``fastgen info``, the benchmarks and the tests.
+
 This module is callable: ``fastgen.backend("torch")`` is the same as
 ``fastgen.backend.use("torch")``.
 """
@@ -22,13 +29,16 @@ This module is callable: ``fastgen.backend("torch")`` is the same as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import sys
 import types
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
+
+from fastgen.limits import interpreter_enabled  # noqa: F401  (fastgen.backend.interpreter_enabled)
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 IMPLEMENTATIONS = ("triton", "cuda", "torch")
@@ -63,9 +73,77 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot serve this call; the message says why."""
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# ----------------------------------------------------------------------------- the registry
+
+_LABELS = {"triton": "Triton", "cuda": "CUDA C++"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One kernel implementation of an op, as registered beside its launchers.
+
+    ``modules``: the launcher modules (forward and backward may live apart), imported when the
+    implementation first runs. ``serves(*call)`` says why this implementation cannot serve a
+    call (a dtype or a size its kernels lack), or returns None; ``call`` is what the op passes
+    to :func:`resolve`."""
+
+    op: str
+    name: str  # "triton" | "cuda"
+    modules: tuple[str, ...]
+    serves: Optional[Callable[..., Optional[str]]] = None
+
+    def launchers(self) -> "_Launchers":
+        return _Launchers(tuple(importlib.import_module(m) for m in self.modules))
+
+    def reason(self, call: tuple) -> Optional[str]:
+        return None if self.serves is None else self.serves(*call)
+
+
+class _Launchers:
+    """The launchers of an implementation: attribute lookup through its modules, in order."""
+
+    def __init__(self, modules: tuple[types.ModuleType, ...]):
+        self._modules = modules
+
+    def __getattr__(self, name: str):
+        for module in self._modules:
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(f"no launcher {name!r} in {[m.__name__ for m in self._modules]}")
+
+
+REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def implements(op: str, name: str, *modules: str, serves: Optional[Callable[..., Optional[str]]] = None
+               ) -> Implementation:
+    """Register ``modules`` (their launchers) as implementation ``name`` of ``op``; ``serves``:
+    the implementation's own check, ``serves(*call) -> reason | None``."""
+    if name not in _LABELS:
+        raise ValueError(f"implementation of {op!r} must be one of {tuple(_LABELS)}, got {name!r}")
+    if not modules:
+        raise ValueError(f"implementation {name!r} of {op!r} names no launcher module")
+    impl = Implementation(op, name, modules, serves)
+    REGISTRY.setdefault(op, {})[name] = impl
+    return impl
+
+
+def implementations(op: str) -> tuple[str, ...]:
+    """The implementations registered for ``op``, plus the torch reference that every op has."""
+    return tuple(REGISTRY.get(op, {})) + ("torch",)
+
+
+def launcher(op: str, name: str) -> _Launchers:
+    """The launcher module of ``op``'s registered implementation ``name``."""
+    try:
+        return REGISTRY[op][name].launchers()
+    except KeyError:
+        raise BackendUnavailableError(_missing(op, name)) from None
+
+
+def _missing(op: str, name: str) -> str:
+    others = " or ".join(f"backend={n!r}" for n in implementations(op) if n != name)
+    return f"this op has no {_LABELS.get(name, name)} implementation; use {others}"
 
 
 def _check_name(name: str, where: str) -> str:
@@ -154,35 +232,52 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown implementation {name!r}; expected one of {IMPLEMENTATIONS}")
 
 
-def resolve(op: str, requested: str | None, device: torch.device, unsupported: str | dict | None = None) -> str:
-    """The implementation (``"triton" | "cuda" | "torch"``) that runs ``op`` on ``device``.
+def _reasons(op: str, name: str, device: torch.device, unsupported: dict, call: tuple) -> list[str]:
+    """Every reason why implementation ``name`` cannot run this call (none: it can)."""
+    if name == "torch":
+        return []
+    registered = REGISTRY.get(op)
+    impl = None if registered is None else registered.get(name)
+    reasons = [_missing(op, name)] if registered is not None and impl is None else []
+    reasons.append(unavailable_reason(name, device))
+    if impl is not None and call:
+        reasons.append(impl.reason(call))
+    elif impl is not None or registered is None:  # a caller that gives its own reasons, not its call
+        reasons.append(unsupported.get(name))
+    return [r for r in reasons if r is not None]
 
-    ``unsupported`` is the op's own reason why its kernels cannot serve this call
-    (a dtype or size they do not cover), or a dict of such reasons per
-    implementation (``{"cuda": "not written yet"}``), or None. ``"auto"`` then takes
-    the torch reference; an explicit kernel backend raises :class:`BackendUnavailableError`.
+
+def resolve(
+    op: str, requested: str | None, device: torch.device, unsupported: str | dict | None = None, *, call: tuple = ()
+) -> str:
+    """The implementation (``"triton" | "cuda" | "torch"``) that runs ``op`` on ``device``: the one
+    place that decides.
+
+    For an op in the registry, an implementation serves a call when it is registered, can run on
+    ``device`` and its own check ``serves(*call)`` passes. ``unsupported`` is the caller's own reason
+    why its kernels cannot serve this call, or a dict of reasons per implementation, for the ops
+    that are not in the registry yet (optimizers, VAE). ``"auto"`` then takes the torch reference;
+    an explicit kernel backend raises :class:`BackendUnavailableError` with every reason at once
+    (fixing the first does not just reveal the next).
     """
     if not isinstance(unsupported, dict):
         unsupported = {} if unsupported is None else {"triton": unsupported, "cuda": unsupported}
-    unsupported = {k: v for k, v in unsupported.items() if v is not None}
     name = default() if requested in (None, "auto") else _check_name(requested, f"{op}(backend=...)")
     if name == "auto":
         if device.type != "cuda":
             return _record(op, "torch")
         choice = AUTO_ON_CUDA.get(op, "torch")
-        ok = choice == "torch" or (choice not in unsupported and unavailable_reason(choice, device) is None)
-        return _record(op, choice if ok else "torch")
-    # Every reason at once (tensors on the wrong device *and* a dtype the kernels lack, say), so
-    # that fixing the first does not just reveal the next.
-    reasons = [r for r in (unavailable_reason(name, device), unsupported.get(name)) if r is not None]
+        return _record(op, "torch" if _reasons(op, choice, device, unsupported, call) else choice)
+    reasons = _reasons(op, name, device, unsupported, call)
     if reasons:
         raise BackendUnavailableError(f"{op}: backend={name!r} cannot run: {'; and '.join(reasons)}")
     return _record(op, name)
 
 
 def launchers(module: str, impl: str):
-    """The launcher module of an op's implementation: ``fastgen.kernels.<module>`` for
-    ``"triton"``, ``fastgen.cuda.<module>`` for ``"cuda"`` (same launcher signatures)."""
+    """The launcher module ``fastgen.kernels.<module>`` / ``fastgen.cuda.<module>`` by import
+    string. Kept only for the callers outside the registry (``fastgen.adapters``); the ops in
+    the registry take theirs from :func:`launcher`."""
     if impl not in ("triton", "cuda"):
         raise ValueError(f"no kernel implementation named {impl!r}")
     return importlib.import_module(f"fastgen.{'kernels' if impl == 'triton' else 'cuda'}.{module}")
@@ -197,3 +292,7 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+# The registrations, beside the launchers (torch-only: neither imports Triton or fastgen._C).
+from fastgen import kernels as _triton_launchers  # noqa: E402,F401
+from fastgen import cuda as _cuda_launchers  # noqa: E402,F401

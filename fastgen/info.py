@@ -59,6 +59,13 @@ def _auto_choices() -> dict[str, dict[str, str]]:
     return out
 
 
+def _implementations() -> dict[str, list[str]]:
+    """{op: implementations registered for it, the torch reference included}: the registry."""
+    from fastgen import backend
+
+    return {op: list(backend.implementations(op)) for op in sorted(backend.REGISTRY)}
+
+
 def _tuning(gpus: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether the Triton kernels tune their launch configs here, and whether the attention
     kernels may read through TMA descriptors (a Hopper-class GPU, ``FASTGEN_TMA`` not 0)."""
@@ -82,7 +89,8 @@ def collect() -> dict[str, Any]:
     name, capability, memory_gib, sm_count}), ``extension`` (``fastgen._C``:
     built, error, and when built archs / ptx / cuda_version), ``triton_interpret``,
     ``default_backend``, ``fastgen_backend_env``, ``auto`` ({op: {cuda: impl,
-    cpu: impl}}: what ``backend="auto"`` runs for CUDA / CPU tensors here), ``tuning``
+    cpu: impl}}: what ``backend="auto"`` runs for CUDA / CPU tensors here), ``implementations``
+    ({op: [impl, ...]}: the registry of ``fastgen.backend``), ``tuning``
     ({autotune: bool, tma: bool}: launch-config tuning on, TMA attention tiles possible).
     """
     import os
@@ -109,6 +117,7 @@ def collect() -> dict[str, Any]:
         "default_backend": default,
         "fastgen_backend_env": os.environ.get("FASTGEN_BACKEND"),
         "auto": _auto_choices(),
+        "implementations": _implementations(),
         "tuning": _tuning(gpus),
     }
 
@@ -164,4 +173,8 @@ def format_text(info: dict[str, Any]) -> str:
     width = max((len(op) for op in info["auto"]), default=0)
     for op, row in info["auto"].items():
         lines.append(f"  {op:<{width}}  {row['cuda']} / {row['cpu']}")
+    lines.append("implementations (op: registered in fastgen.backend)")
+    width = max((len(op) for op in info.get("implementations", {})), default=0)
+    for op, names in info.get("implementations", {}).items():
+        lines.append(f"  {op:<{width}}  {', '.join(names)}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import functools
 import os
 from typing import Any
 
-__all__ = ["DTYPE_CODES", "dtype_code", "extension_info", "load_extension"]
+__all__ = ["DTYPE_CODES", "dtype_code", "extension_info", "load_extension", "named_strides", "named_tables"]
 
 # dtype codes understood by fastgen._C (see csrc/common/dtype.cuh).
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -31,6 +31,17 @@ def dtype_code(dtype) -> int:
         raise ValueError(
             f"the CUDA C++ backend supports float32, float16 and bfloat16, got {dtype}"
         ) from None
+
+
+def named_strides(**strides: tuple[int, int, int]) -> dict[str, int]:
+    """Parameter-struct fields of (batch, seq, head) strides: ``named_strides(sq=(1, 2, 3))`` is
+    ``{"sqb": 1, "sqs": 2, "sqh": 3}``."""
+    return {f"{prefix}{axis}": int(v) for prefix, st in strides.items() for axis, v in zip("bsh", st, strict=True)}
+
+
+def named_tables(cos: tuple[int, int], sin: tuple[int, int]) -> dict[str, int]:
+    """Parameter-struct fields of the (batch, seq) strides of the cos and sin tables."""
+    return {"scb": int(cos[0]), "scs": int(cos[1]), "ssb": int(sin[0]), "sss": int(sin[1])}
 
 
 def _skip_requested() -> bool:
@@ -77,3 +88,14 @@ def extension_info() -> dict[str, Any]:
     if module is not None:
         info.update(module.build_info())
     return info
+
+
+# The ops this backend implements, registered beside their launchers (fastgen.cuda.<op>);
+# the ops not listed here get "this op has no CUDA C++ implementation" from the registry.
+from fastgen.backend import implements  # noqa: E402
+from fastgen.limits import group_norm_reason, kernel_dtype_reason, rope_reason  # noqa: E402
+
+implements("rms_norm", "cuda", "fastgen.cuda.rms_norm", serves=kernel_dtype_reason)
+implements("group_norm", "cuda", "fastgen.cuda.group_norm", serves=group_norm_reason)
+implements("apply_rope", "cuda", "fastgen.cuda.rope", serves=rope_reason)
+implements("qk_norm_rope", "cuda", "fastgen.cuda.qk_norm_rope", serves=rope_reason)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastgen.limits import KERNEL_DTYPES, kernel_dtype_reason  # noqa: F401  (defined once, read here too)
 
 
 def check_eps(op: str, eps) -> None:
@@ -39,9 +39,3 @@ def param_dtype_remedy(name: str, x: Tensor) -> str:
         return f"cast {name} to torch.float32 ({name}.float())"
     return f"cast {name} to {x.dtype} or torch.float32 ({name}.to(x.dtype) or {name}.float())"
 
-
-def kernel_dtype_reason(x: Tensor) -> Optional[str]:
-    """Why the float kernels cannot take x's dtype, or None."""
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not supported by the kernels (float32, float16, bfloat16); use backend='torch'"
-    return None

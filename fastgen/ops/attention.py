@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
+from fastgen.limits import attention_reason
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 LAYOUTS = ("bshd", "bhsd")
 
 
@@ -192,15 +192,7 @@ def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, ma
     return tuple(out)
 
 
-def _unsupported(q: Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot serve this call, or None."""
-    if q.dtype not in KERNEL_DTYPES:
-        return (f"dtype {q.dtype} is not supported by the flash-attention kernels (bfloat16, float16); "
-                f"cast q, k, v to torch.bfloat16 (or float16), or use backend='torch'")
-    D = q.shape[-1]
-    if D % 8 != 0 or not 16 <= D <= 256:
-        return f"head dim {D} is not supported by the kernels (multiples of 8 from 16 to 256); use backend='torch'"
-    return None
+_unsupported = attention_reason  # the name fastgen.patch reads
 
 
 def _lastdim_contiguous(t: Tensor) -> Tensor:
@@ -217,9 +209,7 @@ def _attention_fwd_op(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """(o: q's shape, contiguous; lse fp32 [B, H, Sq] or [H, total_q] varlen)."""
-    from fastgen.kernels import attention as k_
-
-    return k_.attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    return launcher("attention", "triton").attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             deterministic)
 
 
@@ -239,9 +229,7 @@ def _attention_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, in q's, k's and v's shapes and dtypes; dlse: gradient of lse or None.
     Deterministic (no atomics); ``deterministic``: fixed launch configs, no autotuning."""
-    from fastgen.kernels import attention_bwd as k_
-
-    return k_.attention_bwd(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
+    return launcher("attention", "triton").attention_bwd(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
                             max_seqlen_q, max_seqlen_k, dlse, deterministic)
 
 
@@ -334,8 +322,7 @@ def attention(
     max_seqlen_q, max_seqlen_k = _validate(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    impl = resolve("attention", backend, q.device, {"triton": _unsupported(q), "cuda": "there is no CUDA C++ "
-                                                    "attention in fastgen; use backend='triton' or 'torch'"})
+    impl = resolve("attention", backend, q.device, call=(q,))
     if impl == "torch" or q.numel() == 0 or k.numel() == 0:
         return attention_ref(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -388,8 +375,7 @@ def scaled_dot_product_attention(
     )
     if not servable:
         return F.scaled_dot_product_attention(query, key, value, **sdpa)
-    impl = resolve("attention", backend, query.device, {"triton": _unsupported(query), "cuda": "there is no CUDA "
-                                                        "C++ attention in fastgen; use backend='triton' or 'torch'"})
+    impl = resolve("attention", backend, query.device, call=(query,))
     if impl == "torch":
         return F.scaled_dot_product_attention(query, key, value, **sdpa)
     return attention(query, key, value, causal=is_causal, scale=scale, layout="bhsd", backend=impl)

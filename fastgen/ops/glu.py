@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import launchers, resolve
-from fastgen.ops._checks import kernel_dtype_reason
+from fastgen.backend import launcher, resolve
 
 ACTIVATIONS = ("sigmoid", "silu", "gelu", "gelu_tanh")
 
@@ -70,7 +69,7 @@ def _as_rows(x: Tensor) -> Tensor:
 @torch.library.custom_op("fastgen::glu_fwd", mutates_args=())
 def _glu_fwd_op(x: Tensor, activation: str, impl: str) -> Tensor:
     """y (M, N) from x (M, 2N)."""
-    return launchers("glu", impl).glu_fwd(x, activation)
+    return launcher("glu", impl).glu_fwd(x, activation)
 
 
 @_glu_fwd_op.register_fake
@@ -81,7 +80,7 @@ def _(x, activation, impl):
 @torch.library.custom_op("fastgen::glu_bwd", mutates_args=())
 def _glu_bwd_op(dy: Tensor, x: Tensor, activation: str, impl: str) -> Tensor:
     """dx (M, 2N) from dy (M, N) and x (M, 2N)."""
-    return launchers("glu", impl).glu_bwd(dy, x, activation)
+    return launcher("glu", impl).glu_bwd(dy, x, activation)
 
 
 @_glu_bwd_op.register_fake
@@ -119,10 +118,7 @@ def glu(x: Tensor, activation: str = "gelu", backend: Optional[str] = "auto") ->
     Registered as ``torch.ops.fastgen.glu_fwd`` / ``glu_bwd`` for ``torch.compile(fullgraph=True)``.
     """
     _validate(x, activation)
-    impl = resolve("glu", backend, x.device,
-                   {"triton": kernel_dtype_reason(x),
-                    "cuda": "glu has no CUDA C++ kernel (one elementwise pass; the Triton kernel serves it); "
-                            "use backend='triton' or backend='torch'"})
+    impl = resolve("glu", backend, x.device, call=(x,))
     if impl == "torch" or x.numel() == 0:
         return glu_ref(x, activation)
     return _GLUFunction.apply(x, activation, impl)

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import launchers, resolve
-from fastgen.ops._checks import check_eps, check_param, kernel_dtype_reason
+from fastgen.backend import launcher, resolve
+from fastgen.limits import MAX_CHANNELS_PER_GROUP, group_norm_reason  # noqa: F401
+from fastgen.ops._checks import check_eps, check_param
 
 ACTIVATIONS = (None, "silu")
-# Most channels per group the kernels take (a kernel tile spans a whole group's channels).
-MAX_CHANNELS_PER_GROUP = 1024
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -86,18 +85,7 @@ def _validate(x, num_groups, weight, bias, eps, activation) -> None:
     check_eps("group_norm", eps)
 
 
-def _unsupported(x: Tensor, num_groups: int) -> Optional[str]:
-    """Why the kernels cannot serve this call, or None."""
-    reason = kernel_dtype_reason(x)
-    if reason is not None:
-        return reason
-    k = x.shape[1] // num_groups
-    if k > MAX_CHANNELS_PER_GROUP:
-        return (
-            f"{k} channels per group exceed the kernels' limit of {MAX_CHANNELS_PER_GROUP}; "
-            "use more groups or backend='torch'"
-        )
-    return None
+_unsupported = group_norm_reason  # the name fastgen.patch and fastgen.models read
 
 
 def _layout(x: Tensor) -> Optional[torch.memory_format]:
@@ -124,7 +112,7 @@ def _group_norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float, silu: bool, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [N, C, S] with the strides of x, mean [N*G] fp32, rstd [N*G] fp32) from x [N, C, S]."""
-    return launchers("group_norm", impl).group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+    return launcher("group_norm", impl).group_norm_fwd(x, weight, bias, num_groups, eps, silu)
 
 
 @_group_norm_fwd_op.register_fake
@@ -146,7 +134,7 @@ def _group_norm_bwd_op(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx [N, C, S] with the strides of x, dw [C] or [0] without a weight, db [C] or [0] without a bias)."""
-    dx, dw, db = launchers("group_norm", impl).group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
+    dx, dw, db = launcher("group_norm", impl).group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
     return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
 
 
@@ -244,7 +232,7 @@ def group_norm(
     with ``fullgraph=True`` traces it.
     """
     _validate(x, num_groups, weight, bias, eps, activation)
-    impl = resolve("group_norm", backend, x.device, _unsupported(x, num_groups))
+    impl = resolve("group_norm", backend, x.device, call=(x, num_groups))
     if x.numel() == 0:
         return _empty(x, weight, bias)
     if impl == "torch":

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen import backend as _backend
-from fastgen.backend import BackendUnavailableError, launchers
-from fastgen.ops._checks import check_eps, check_param, kernel_dtype_reason
-
-NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+from fastgen.backend import launcher
+from fastgen.limits import NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: F401  (fastgen.models reads them here)
+from fastgen.ops._checks import check_eps, check_param
 
 
 # ----------------------------------------------------------------------------- reference
@@ -62,20 +61,10 @@ def check_x(op: str, x, dims: Optional[int] = None) -> None:
         raise TypeError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def unsupported(x: Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot serve this call, or None (they serve rows of any width)."""
-    return kernel_dtype_reason(x)
-
-
 def resolve(op: str, backend: Optional[str], x: Tensor) -> str:
-    """fastgen.backend.resolve for this Triton-only family: "triton" or "torch"."""
-    name = _backend.default() if backend in (None, "auto") else backend
-    if name == "cuda":
-        raise BackendUnavailableError(
-            f"fastgen.ops.{op}: backend='cuda' cannot run: this op has no CUDA C++ implementation "
-            "(it is Triton-only); use backend='triton' or backend='torch'"
-        )
-    return _backend.resolve(op, backend, x.device, unsupported(x))
+    """``fastgen.backend.resolve`` for a LayerNorm-family call on ``x`` (it decides; this only
+    passes the call). The form ``fastgen.models`` reads."""
+    return _backend.resolve(op, backend, x.device, call=(x,))
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -96,7 +85,7 @@ def _layer_norm_fwd_op(
     weight: Optional[Tensor], bias: Optional[Tensor], eps: float, norm: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [B, S, N], x_new [B, S, N], mean [M], rstd [M]); [0] placeholders for absent ones."""
-    out, x_new, mean, rstd = launchers("layer_norm", impl).layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm)
+    out, x_new, mean, rstd = launcher("layer_norm", impl).layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm)
     f32 = x.new_empty(0, dtype=torch.float32)
     return _ph(x, out), _ph(x, x_new), _ph(f32, mean), _ph(f32, rstd)
 
@@ -121,7 +110,7 @@ def _layer_norm_bwd_op(
     rstd: Optional[Tensor], shift_per_sample: bool, norm: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dy, dgate, dshift, dscale, dw, db); [0] placeholders for absent ones (see layer_norm_bwd)."""
-    grads = launchers("layer_norm", impl).layer_norm_bwd(
+    grads = launcher("layer_norm", impl).layer_norm_bwd(
         dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm
     )
     return tuple(_ph(h, g) for g in grads)

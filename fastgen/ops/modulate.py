@@ -38,18 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgen.backend import resolve
+from fastgen.limits import NORM_LAYER, NORM_NONE, NORM_RMS
 from fastgen.ops._checks import check_eps, check_param
-from fastgen.ops.layer_norm import (
-    NORM_LAYER,
-    NORM_NONE,
-    NORM_RMS,
-    NormModulateFunction,
-    _compute_dtype,
-    _up,
-    check_x,
-    resolve,
-    unit_last,
-)
+from fastgen.ops.layer_norm import NormModulateFunction, _compute_dtype, _up, check_x, unit_last
 
 # ----------------------------------------------------------------------------- references
 
@@ -169,7 +161,7 @@ def layer_norm_modulate(
     check_param(op, "weight", weight, x)
     check_param(op, "bias", bias, x)
     check_eps(op, eps)
-    impl = resolve(op, backend, x)
+    impl = resolve(op, backend, x.device, call=(x,))
     if impl == "torch" or x.numel() == 0:
         return layer_norm_modulate_ref(x, shift, scale, eps, weight, bias)
     return _run(x, None, None, shift, scale, weight, bias, eps, NORM_LAYER, impl)
@@ -201,7 +193,7 @@ def rms_norm_modulate(
     _check_mod(op, "scale", scale, x)
     check_param(op, "weight", weight, x)
     check_eps(op, eps)
-    impl = resolve(op, backend, x)
+    impl = resolve(op, backend, x.device, call=(x,))
     if impl == "torch" or x.numel() == 0:
         return rms_norm_modulate_ref(x, shift, scale, eps, weight)
     return _run(x, None, None, shift, scale, weight, None, eps, NORM_RMS, impl)
@@ -224,7 +216,7 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor, backend: Optional[str] = 
     check_x(op, x, dims=3)
     _check_y(op, y, x)
     _check_mod(op, "gate", gate, x)
-    impl = resolve(op, backend, x)
+    impl = resolve(op, backend, x.device, call=(x,))
     if impl == "torch" or x.numel() == 0:
         return gated_residual_ref(x, y, gate)
     return _run(x, y, gate, None, None, None, None, 0.0, NORM_NONE, impl)
@@ -265,7 +257,7 @@ def gated_residual_layer_norm_modulate(
     check_param(op, "weight", weight, x)
     check_param(op, "bias", bias, x)
     check_eps(op, eps)
-    impl = resolve(op, backend, x)
+    impl = resolve(op, backend, x.device, call=(x,))
     if impl == "torch" or x.numel() == 0:
         return gated_residual_layer_norm_modulate_ref(x, y, gate, shift, scale, eps, weight, bias)
     h, x_new = _run(x, y, gate, shift, scale, weight, bias, eps, NORM_LAYER, impl)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import launchers, resolve
-from fastgen.ops.rope import rope_rotate_float, unit_last, unsupported_qk, validate_qk
+from fastgen.backend import launcher, resolve
+from fastgen.ops.rope import rope_rotate_float, unit_last, validate_qk
 
 # ----------------------------------------------------------------------------- reference
 
@@ -67,7 +67,7 @@ def _validate(q, k, q_weight, k_weight, cos, sin, eps, layout):
 @torch.library.custom_op("fastgen::qk_norm_rope_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float,
             layout: str, interleaved: bool, impl: str) -> tuple[Tensor, Tensor]:
-    return launchers("qk_norm_rope", impl).qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, layout,
+    return launcher("qk_norm_rope", impl).qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, layout,
                                                             interleaved)
 
 
@@ -80,7 +80,7 @@ def _(q, k, q_weight, k_weight, cos, sin, eps, layout, interleaved, impl):
 def _bwd_op(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor,
             sin: Tensor, eps: float, layout: str, interleaved: bool, impl: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return launchers("qk_norm_rope", impl).qk_norm_rope_bwd(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps,
+    return launcher("qk_norm_rope", impl).qk_norm_rope_bwd(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps,
                                                             layout, interleaved)
 
 
@@ -141,7 +141,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: 
     (``torch.compile(fullgraph=True)`` traces it).
     """
     _validate(q, k, q_weight, k_weight, cos, sin, eps, layout)
-    impl = resolve("qk_norm_rope", backend, q.device, unsupported_qk(q, cos, sin))
+    impl = resolve("qk_norm_rope", backend, q.device, call=(q, cos, sin))
     if impl == "torch" or q.numel() == 0 or k.numel() == 0:
         return qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps, layout, interleaved)
     return _QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, float(eps), layout, bool(interleaved), impl)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import launchers, resolve
-from fastgen.ops._checks import check_eps, check_param, kernel_dtype_reason
+from fastgen.backend import launcher, resolve
+from fastgen.ops._checks import check_eps, check_param
 
 
 
@@ -80,7 +80,7 @@ def _rms_norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], h [M, N] or [0] without a residual, rstd [M] fp32) from x [M, N]."""
-    y, h, rstd = launchers("rms_norm", impl).rms_norm_fwd(x, weight, residual, eps)
+    y, h, rstd = launcher("rms_norm", impl).rms_norm_fwd(x, weight, residual, eps)
     return y, (x.new_empty(0) if h is None else h), rstd
 
 
@@ -96,7 +96,7 @@ def _rms_norm_bwd_op(
     dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor, dh_out: Optional[Tensor], impl: str
 ) -> tuple[Tensor, Tensor]:
     """(dh [M, N], dw [N] or [0] without a weight)."""
-    dx, dw = launchers("rms_norm", impl).rms_norm_bwd(dy, h, weight, rstd, dh_out)
+    dx, dw = launcher("rms_norm", impl).rms_norm_bwd(dy, h, weight, rstd, dh_out)
     return dx, (dy.new_empty(0) if dw is None else dw)
 
 
@@ -178,7 +178,7 @@ def rms_norm(
     ``fullgraph=True`` traces it.
     """
     _validate(x, weight, residual, eps)
-    impl = resolve("rms_norm", backend, x.device, kernel_dtype_reason(x))
+    impl = resolve("rms_norm", backend, x.device, call=(x,))
     if impl == "torch" or x.numel() == 0:
         return rms_norm_ref(x, weight, eps, residual)
     return _RMSNormFunction.apply(x, weight, residual, float(eps), impl)

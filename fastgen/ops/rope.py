@@ -25,11 +25,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastgen.backend import launchers, resolve
+from fastgen.backend import launcher, resolve
+from fastgen.limits import MAX_HEAD_DIM, rope_reason  # noqa: F401
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("bshd", "bhsd")
-MAX_HEAD_DIM = 1024  # = fastgen.kernels.rope.MAX_HEAD_DIM (not imported: Triton stays optional here)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -199,16 +198,7 @@ def validate_qk(op: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout:
         raise ValueError(f"{op}: the rotary dim R = cos.shape[-1] = {R} exceeds the head dim D = {D}")
 
 
-def unsupported_qk(q: Tensor, cos: Tensor, sin: Tensor) -> Optional[str]:
-    """Why the kernels cannot serve this call, or None."""
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} is not supported by the kernels (float32, float16, bfloat16); use backend='torch'"
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype not in KERNEL_DTYPES:
-            return f"{name} dtype {t.dtype} is not supported by the kernels; pass float32 tables or backend='torch'"
-    if q.shape[3] > MAX_HEAD_DIM:
-        return f"head dim D={q.shape[3]} exceeds the kernels' limit {MAX_HEAD_DIM}; use backend='torch'"
-    return None
+unsupported_qk = rope_reason  # the name fastgen.patch reads
 
 
 def unit_last(t: Tensor) -> Tensor:
@@ -223,7 +213,7 @@ def unit_last(t: Tensor) -> Tensor:
 def _apply_rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, interleaved: bool, inverse: bool,
                    impl: str) -> tuple[Tensor, Tensor]:
     """Out-of-place rotation (inverse=True: by minus the angle, the backward); new contiguous outputs."""
-    L = launchers("rope", impl)
+    L = launcher("apply_rope", impl)
     if inverse:
         return L.apply_rope_bwd(q, k, cos, sin, layout, interleaved)
     return L.apply_rope_fwd(q, k, cos, sin, layout, interleaved, False)
@@ -238,7 +228,7 @@ def _(q, k, cos, sin, layout, interleaved, inverse, impl):
 def _apply_rope_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, interleaved: bool,
                            impl: str) -> None:
     """In-place rotation of q and k (unit last stride)."""
-    launchers("rope", impl).apply_rope_fwd(q, k, cos, sin, layout, interleaved, True)
+    launcher("apply_rope", impl).apply_rope_fwd(q, k, cos, sin, layout, interleaved, True)
 
 
 @_apply_rope_inplace_op.register_fake
@@ -337,7 +327,7 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str = "bs
     ``apply_rope_``, so ``torch.compile(fullgraph=True)`` traces it.
     """
     validate_qk("apply_rope", q, k, cos, sin, layout)
-    impl = resolve("apply_rope", backend, q.device, unsupported_qk(q, cos, sin))
+    impl = resolve("apply_rope", backend, q.device, call=(q, cos, sin))
     if impl == "torch" or q.numel() == 0 or k.numel() == 0:
         return apply_rope_ref(q, k, cos, sin, layout, interleaved, inplace)
     if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):

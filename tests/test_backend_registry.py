@@ -1,0 +1,80 @@
+"""The registry in fastgen.backend: which implementations each op has, and what resolve reads from it."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from fastgen import backend
+from fastgen.backend import BackendUnavailableError
+
+OPS = {
+    "rms_norm": ("triton", "cuda", "torch"),
+    "group_norm": ("triton", "cuda", "torch"),
+    "apply_rope": ("triton", "cuda", "torch"),
+    "qk_norm_rope": ("triton", "cuda", "torch"),
+    "layer_norm": ("triton", "torch"),
+    "layer_norm_modulate": ("triton", "torch"),
+    "rms_norm_modulate": ("triton", "torch"),
+    "gated_residual": ("triton", "torch"),
+    "gated_residual_layer_norm_modulate": ("triton", "torch"),
+    "glu": ("triton", "torch"),
+    "attention": ("triton", "torch"),
+}
+
+
+def test_every_op_registers_its_implementations():
+    got = {op: backend.implementations(op) for op in backend.REGISTRY}
+    assert {op: set(v) for op, v in got.items()} == {op: set(v) for op, v in OPS.items()}
+    for op in backend.REGISTRY:  # what auto runs on CUDA tensors is registered (torch when unlisted)
+        assert backend.AUTO_ON_CUDA.get(op, "torch") in backend.implementations(op)
+
+
+def test_cuda_launchers_have_the_triton_signatures():
+    """An op's launchers take the same arguments whichever implementation runs."""
+    pytest.importorskip("triton")
+    for op, regs in backend.REGISTRY.items():
+        if "cuda" not in regs:
+            continue
+        tri, cu = backend.launcher(op, "triton"), backend.launcher(op, "cuda")
+        for name in cu._modules[0].__all__:
+            if hasattr(tri, name) and callable(getattr(cu, name)):
+                assert inspect.signature(getattr(cu, name)) == inspect.signature(getattr(tri, name)), (op, name)
+
+
+def test_an_op_without_cuda_gets_the_registry_message():
+    cpu = torch.device("cpu")
+    for op in ("layer_norm", "glu", "attention"):
+        with pytest.raises(BackendUnavailableError, match=f"^{op}: backend='cuda' cannot run: this op has no CUDA "
+                                                          "C\\+\\+ implementation; use backend='triton' or "
+                                                          "backend='torch'"):
+            backend.resolve(op, "cuda", cpu, call=(torch.ones(1),))
+    with pytest.raises(BackendUnavailableError, match="this op has no CUDA C\\+\\+ implementation"):
+        backend.launcher("glu", "cuda")
+
+
+def test_resolve_runs_the_implementations_own_check():
+    x = torch.ones(2, 4, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="dtype torch.float64 is not supported"):
+        backend.resolve("rms_norm", "triton", x.device, call=(x,))
+    x = torch.ones(1, 2048, 1, dtype=torch.float32)  # 2048 channels in one group: over the kernels' limit
+    with pytest.raises(BackendUnavailableError, match="2048 channels per group exceed"):
+        backend.resolve("group_norm", "triton", x.device, call=(x, 1))
+
+
+def test_auto_on_cuda_falls_back_when_the_check_fails(monkeypatch):
+    """auto takes the torch reference when the listed implementation cannot serve the call."""
+    monkeypatch.setitem(backend.AUTO_ON_CUDA, "rms_norm", "triton")
+    monkeypatch.setattr(backend, "unavailable_reason", lambda name, device: None)
+    x = torch.ones(2, 4, dtype=torch.float64)
+    assert backend.resolve("rms_norm", "auto", torch.device("cuda"), call=(x,)) == "torch"
+    assert backend.resolve("rms_norm", "auto", torch.device("cuda"), call=(x.float(),)) == "triton"
+
+
+def test_unregistered_ops_keep_their_own_reasons():
+    """Callers outside the registry pass their reasons per implementation."""
+    with pytest.raises(BackendUnavailableError, match="not written yet"):
+        backend.resolve("not_an_op", "cuda", torch.device("cpu"), {"cuda": "not written yet"})
+    assert backend.resolve("not_an_op", "torch", torch.device("cpu"), {"cuda": "x"}) == "torch"
