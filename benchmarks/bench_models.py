@@ -16,13 +16,17 @@ Variants (``case.variant``), GPU sizes:
 - ``sdxl-vae``: ``AutoencoderKL`` with SDXL's VAE config, decode at 1024 px and 2048 px;
 - ``dit-xl2``: ``DiTTransformer2DModel`` with DiT-XL/2's config, 512 px (64 x 64 latent, 1024 tokens);
 - ``pixart-alpha``: ``PixArtTransformer2DModel`` with PixArt-α's 1024 px config (4096 image tokens,
-  120 T5 tokens, resolution / aspect-ratio conditions).
+  120 T5 tokens, resolution / aspect-ratio conditions);
+- ``cogvideox-2b``: ``CogVideoXTransformer3DModel`` with CogVideoX-2b's config (30 layers, 30 x 64,
+  sin-cos positions) on the latents of 49 frames x 480 x 720 px: (13, 16, 60, 90), i.e.
+  13 x 30 x 45 = 17,550 video + 226 text tokens.
 
 Providers: ``torch`` (the unpatched model, eager), ``torch.compile`` (the unpatched model
 compiled), ``fastgen-triton`` (``fastgen.patch(model, backend="triton")``, eager) and
 ``fastgen-triton+compile`` (patched, then compiled), ``fastgen-models`` (the variant's own
 ``fastgen.models`` class, ``from_diffusers(model, backend="triton")``: fused across module
-boundaries) and ``fastgen-models+compile``. Modes: ``fwd`` (inference, no grad)
+boundaries; every variant but the VAE: DiT, PixArt, SD3, Flux, UNet2DCondition, CogVideoX) and
+``fastgen-models+compile``. Modes: ``fwd`` (inference, no grad)
 and ``fwd+bwd`` (a training step without the optimizer: forward, ``mean(out^2)``,
 backward into every parameter; the VAE rows are decode-only).
 """
@@ -41,7 +45,8 @@ PROVIDERS = ("torch", "torch.compile", "fastgen-triton", "fastgen-triton+compile
              "fastgen-models+compile")
 GPU_ONLY = ("fastgen-triton", "fastgen-triton+compile", "fastgen-models", "fastgen-models+compile")
 # variant -> its fastgen.models class (the fastgen-models providers); others are "unavailable" rows
-FASTGEN_MODELS = {"dit-xl2": "DiT", "pixart-alpha": "PixArt"}
+FASTGEN_MODELS = {"dit-xl2": "DiT", "pixart-alpha": "PixArt", "sd3-medium": "SD3", "flux-stack": "Flux",
+                  "sdxl-unet": "UNet2DCondition", "cogvideox-2b": "CogVideoX"}
 MODES = ("fwd", "fwd+bwd")
 PLOT_X = "px"
 ON_REQUEST = True
@@ -100,6 +105,14 @@ def _spec(variant: str, tiny: bool):
               dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=128,
                    caption_channels=4096, cross_attention_dim=1152, use_additional_conditions=True))
         return "PixArtTransformer2DModel", kw
+    if variant == "cogvideox-2b":
+        kw = (dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+                   text_embed_dim=16, num_layers=1, sample_width=6, sample_height=4, sample_frames=9,
+                   max_text_seq_length=7) if tiny else
+              dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+                   text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49,
+                   max_text_seq_length=226, use_rotary_positional_embeddings=False))
+        return "CogVideoXTransformer3DModel", kw
     raise ValueError(f"unknown model variant {variant!r}")
 
 
@@ -133,11 +146,16 @@ def cases(device: str, quick: bool) -> list[Case]:
     out.append(Case({"B": 1, "px": 2 * px}, dt, "sdxl-vae"))
     out.append(Case({"B": 1, "px": px // 2}, dt, "dit-xl2"))  # DiT-XL/2 at 512 px
     out.append(Case({"B": 1, "px": px}, dt, "pixart-alpha"))
+    # CogVideoX-2b's released size: 49 frames x 480 x 720 px (tiny: 9 frames x 32 x 48)
+    video = dict(px=480, W=720, frames=49) if device == "cuda" else dict(px=32, W=48, frames=9)
+    out.append(Case({"B": 1, **video}, dt, "cogvideox-2b"))
     return out
 
 
-def _inputs(variant: str, B: int, px: int, device: str, dtype: torch.dtype, model) -> dict:
-    """Keyword inputs of one call at ``px`` x ``px`` pixels (latent = px / 8)."""
+def _inputs(variant: str, B: int, px: int, device: str, dtype: torch.dtype, model, shape: dict = None) -> dict:
+    """Keyword inputs of one call at ``px`` x ``px`` pixels (latent = px / 8); the video variant
+    reads the width and the frame count from ``shape`` (``W``, ``frames``)."""
+    shape = shape or {}
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
@@ -174,7 +192,17 @@ def _inputs(variant: str, B: int, px: int, device: str, dtype: torch.dtype, mode
                     encoder_hidden_states=rnd(B, text, cfg.caption_channels),
                     added_cond_kwargs={"resolution": torch.tensor([[px, px]] * B, device=device, dtype=dtype),
                                        "aspect_ratio": torch.ones(B, 1, device=device, dtype=dtype)})
+    if variant == "cogvideox-2b":
+        return dict(hidden_states=rnd(B, *video_latent_shape(dict(shape, px=px), cfg)),
+                    encoder_hidden_states=rnd(B, cfg.max_text_seq_length, cfg.text_embed_dim), timestep=t)
     return dict(z=rnd(B, cfg.latent_channels, lat, lat))
+
+
+def video_latent_shape(shape: dict, cfg) -> tuple:
+    """``(F, C, H, W)`` of a video latent: frames compressed ``temporal_compression_ratio`` x (the
+    first kept), pixels 8 x; ``shape``: ``px`` (height), ``W`` (width), ``frames``."""
+    frames = (shape.get("frames", 49) - 1) // cfg.temporal_compression_ratio + 1
+    return frames, cfg.in_channels, shape["px"] // 8, shape.get("W", shape["px"]) // 8
 
 
 def parameter_count(variant: str, device: str) -> int:
@@ -205,19 +233,31 @@ def setup(provider: str, case: Case, mode: str, device: str):
         fastgen_backend("fastgen-triton", device)  # Unavailable without a GPU
         if native and case.variant not in FASTGEN_MODELS:
             raise Unavailable(f"no fastgen.models class for {case.variant} yet")
+    return build(provider, case, mode, device)
+
+
+def native_model(variant: str, model, backend: str = "triton"):
+    """The variant's ``fastgen.models`` class with ``model``'s weights (the fastgen-models rows)."""
+    import fastgen.models
+
+    return getattr(fastgen.models, FASTGEN_MODELS[variant]).from_diffusers(model, backend=backend)
+
+
+def build(provider: str, case: Case, mode: str, device: str, backend: str = "triton"):
+    """The timed callable of ``setup`` once the provider is known to be available; ``backend``
+    is the fastgen rows' backend (``"triton"`` when timed; the CPU tests wire it with ``"torch"``)."""
+    native = provider.startswith("fastgen-models")
     model = _model(case.variant, device, case.dtype)
     fp.unpatch(model)
     if native:
-        import fastgen.models
-
-        model = getattr(fastgen.models, FASTGEN_MODELS[case.variant]).from_diffusers(model, backend="triton")
-    elif patched:
-        fp.patch(model, backend="triton")
+        model = native_model(case.variant, model, backend)
+    elif provider.startswith("fastgen"):
+        fp.patch(model, backend=backend)
     call = model.decode if case.variant == "sdxl-vae" else model.forward
     if provider.endswith("compile"):
         torch._dynamo.reset()
         call = torch.compile(call)
-    inputs = _inputs(case.variant, case.shape["B"], case.shape["px"], device, case.dtype, model)
+    inputs = _inputs(case.variant, case.shape["B"], case.shape["px"], device, case.dtype, model, case.shape)
 
     def output():
         out = call(**inputs)
