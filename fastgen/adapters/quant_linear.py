@@ -8,7 +8,9 @@ that requires grad; the quantized weight is frozen.
 - ``backend="torch"`` (and ``"auto"`` until a recorded GPU run says otherwise): dequantize the
   weight to x's dtype, then ``F.linear`` (the transient is one layer's weight).
 - ``backend="triton"``: ``kernels/quant_matmul.py`` dequantizes tiles in registers inside the GEMM,
-  forward and input gradient; no full-precision weight is written.
+  forward and input gradient; no full-precision weight is written. The launchers are registered
+  as ``torch.library.custom_op`` (``fastgen::quant_linear_fwd`` / ``_dx``) with fake
+  implementations, so ``torch.compile`` traces them.
 """
 
 from __future__ import annotations
@@ -40,27 +42,44 @@ def _unsupported(x: Tensor, q: Tensor) -> Optional[str]:
     return None
 
 
+@torch.library.custom_op("fastgen::quant_linear_fwd", mutates_args=())
+def _fwd_op(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y (..., N) from x (..., K); allocated in its final shape (no view: the fused LoRA adds into it)."""
+    y = torch.empty(*x.shape[:-1], q.shape[0], device=x.device, dtype=x.dtype)
+    launchers("quant_matmul", "triton").qmm_fwd(x.reshape(-1, x.shape[-1]), q, scale, bias, out=y.view(-1, q.shape[0]))
+    return y
+
+
+@_fwd_op.register_fake
+def _(x, q, scale, bias):
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
+
+
+@torch.library.custom_op("fastgen::quant_linear_dx", mutates_args=())
+def _dx_op(dy: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """dx (..., K) from dy (..., N)."""
+    dx = torch.empty(*dy.shape[:-1], q.shape[1], device=dy.device, dtype=dy.dtype)
+    launchers("quant_matmul", "triton").qmm_dx(dy.reshape(-1, dy.shape[-1]).contiguous(), q, scale,
+                                               out=dx.view(-1, q.shape[1]))
+    return dx
+
+
+@_dx_op.register_fake
+def _(dy, q, scale):
+    return dy.new_empty((*dy.shape[:-1], q.shape[1]))
+
+
 class _QuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, scale, bias):
-        lk = launchers("quant_matmul", "triton")
-        x2 = x.reshape(-1, x.shape[-1])
-        # allocated in its final shape: the output is no view (the fused LoRA adds into it in place)
-        y = torch.empty(*x.shape[:-1], q.shape[0], device=x.device, dtype=x.dtype)
-        lk.qmm_fwd(x2, q, scale, None if bias is None else bias.to(x.dtype), out=y.view(-1, q.shape[0]))
         ctx.save_for_backward(q, scale)
-        ctx.x_shape = x.shape
-        return y
+        return _fwd_op(x, q, scale, bias)
 
     @staticmethod
     def backward(ctx, dy):
         q, scale = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty(ctx.x_shape, device=dy.device, dtype=dy.dtype)
-            launchers("quant_matmul", "triton").qmm_dx(dy2.contiguous(), q, scale, out=dx.view(-1, q.shape[1]))
-        db = dy2.float().sum(0).to(dy.dtype) if ctx.needs_input_grad[3] else None
+        dx = _dx_op(dy.contiguous(), q, scale) if ctx.needs_input_grad[0] else None
+        db = dy.reshape(-1, dy.shape[-1]).float().sum(0).to(dy.dtype) if ctx.needs_input_grad[3] else None
         return dx, None, None, db
 
 
