@@ -21,6 +21,8 @@ _MODULES = {
     "RealNVPConfig": "fastgen.zoo.realnvp",
     "WGANGP": "fastgen.zoo.wgangp",
     "WGANGPConfig": "fastgen.zoo.wgangp",
+    "ConditionalGAN": "fastgen.zoo.cgan",
+    "ConditionalGANConfig": "fastgen.zoo.cgan",
 }
 
 __all__ = sorted(_MODULES)
