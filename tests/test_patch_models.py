@@ -2,7 +2,7 @@
 
 Tiny random components built offline (the models tests' builders), CPU, fp32, same seed:
 
-- models=True: the DiT, Stable Diffusion, Flux and CogVideoX pipelines give the same images with their
+- models=True: the DiT, PixArt, Stable Diffusion, SD 3.5, Flux and CogVideoX pipelines give the same images with their
   transformer / unet and VAE replaced by fastgen's models; the report names each swap and each
   component left alone (with why); ``unpatch`` puts the very same modules back and the images
   are the original ones again; ``is_patched`` follows.
@@ -204,6 +204,68 @@ def test_flux_pipeline_models_swap(tmp_path):
     assert report.count("fastgen.models.Flux") == 1 and report.count("fastgen.vae.AutoencoderKL") == 1
     got = images()
     assert got.shape == (1, 3, 16, 24)
+    assert rel_err(got, want) <= 1e-5
+    fp.unpatch(pipe)
+    assert pipe.transformer is ref and not fp.is_patched(pipe)
+
+
+def test_sd35_pipeline_models_swap(tmp_path):
+    """SD 3.5 layout (dual attention layers, RMS qk-norm), three text encoders, CFG: transformer and
+    VAE swapped, the CLIP / T5 encoders patched module by module; the same images."""
+    diffusers = pytest.importorskip("diffusers")
+    from test_models_sd3 import SD35, randomize, tiny_text_encoders, tiny_tokenizers, tiny_vae
+
+    from fastgen.models import SD3
+
+    clip_tok, t5_tok = tiny_tokenizers(tmp_path)
+    (clip1, clip2), t5 = tiny_text_encoders(clip_hidden=(8, 8), projection=True, t5_dim=16)
+    ref = randomize(diffusers.SD3Transformer2DModel(**dict(SD35, pooled_projection_dim=16, joint_attention_dim=16)),
+                    std=0.1).eval()
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=ref, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(4),
+        text_encoder=clip1, tokenizer=clip_tok, text_encoder_2=clip2, tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe("a photo of a red cat", negative_prompt="a dog", height=16, width=24, num_inference_steps=1,
+                    guidance_scale=4.0, max_sequence_length=8, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+
+    want = images()
+    report = fastgen.patch(pipe, models=True, backend="torch")
+    assert isinstance(pipe.transformer, SD3)
+    assert report.count("fastgen.models.SD3") == 1 and report.count("fastgen.vae.AutoencoderKL") == 1
+    assert any(p.startswith("text_encoder.") for p in report.paths())  # CLIP LayerNorms (T5 has its own norm class)
+    got = images()
+    assert got.shape == (1, 3, 16, 24)
+    assert rel_err(got, want) <= 1e-5
+    fp.unpatch(pipe)
+    assert pipe.transformer is ref and not fp.is_patched(pipe)
+
+
+def test_pixart_pipeline_models_swap(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from test_models_pixart import _diffusers, _tiny_t5_tokenizer
+
+    from fastgen.models import PixArt
+
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=11, d_model=20, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2, pad_token_id=0, eos_token_id=1)).eval()
+    ref = _diffusers(use_additional_conditions=False)
+    pipe = diffusers.PixArtAlphaPipeline(tokenizer=_tiny_t5_tokenizer(tmp_path), text_encoder=t5,
+                                         vae=_vae(diffusers), transformer=ref, scheduler=diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=["a red cat", "the blue dog on the moon"], num_inference_steps=2, guidance_scale=3.0,
+              height=8, width=8, output_type="pt", use_resolution_binning=False, clean_caption=False,
+              max_sequence_length=8)
+    want = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    report = fastgen.patch(pipe, models=True, backend="torch")
+    assert isinstance(pipe.transformer, PixArt) and report.count("fastgen.models.PixArt") == 1
+    got = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert got.shape == want.shape == (2, 3, 8, 8)
     assert rel_err(got, want) <= 1e-5
     fp.unpatch(pipe)
     assert pipe.transformer is ref and not fp.is_patched(pipe)
