@@ -11,7 +11,10 @@ Shapes: ``x (..., K)``, ``y (..., N)`` (the base layer's output for ``x``), ``do
 - ``backend="triton"``: ``kernels/lora.py`` adds the branch **into ``y`` in place** in one
   kernel (no ``(tokens x N)`` temporary) and the autograd function below runs its backward
   (``t = x @ down^T`` and ``dt = s * dy @ up`` in one pass, then rank-R matmuls). ``y`` must not be
-  needed by anything else (a base layer's fresh output is not).
+  needed by anything else (a base layer's fresh output is not). The launchers are
+  ``torch.library.custom_op`` s (``fastgen::lora_add_`` mutates ``y``; ``fastgen::lora_add_bwd``,
+  ``fastgen::dora_row_norm``) with fake implementations, so ``torch.compile(fullgraph=True)``
+  traces a model with adapters on this path.
 """
 
 from __future__ import annotations
@@ -44,24 +47,44 @@ def _unsupported(y: Tensor, x: Tensor, down: Tensor) -> Optional[str]:
     return None
 
 
+@torch.library.custom_op("fastgen::lora_add_", mutates_args=("y",))
+def _lora_add_op(y: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
+    """y (..., N) += scale * (x (..., K) @ down^T) @ up^T, in place."""
+    launchers("lora", "triton").lora_fwd_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), down.t(), up.t(), scale)
+
+
+@_lora_add_op.register_fake
+def _(y, x, down, up, scale):
+    return None
+
+
+@torch.library.custom_op("fastgen::lora_add_bwd", mutates_args=())
+def _lora_bwd_op(dy: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx like x, d_down like down, d_up like up)."""
+    dx, da, db = launchers("lora", "triton").lora_bwd(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                                      down.t(), up.t(), scale)
+    return dx.reshape(x.shape), da.t().contiguous(), db.t().contiguous()
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x, down, up, scale):
+    return x.new_empty(x.shape), down.new_empty(down.shape), up.new_empty(up.shape)
+
+
 class _LoRAAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, down, up, scale):
-        lk = launchers("lora", "triton")
-        x2 = x.reshape(-1, x.shape[-1])
-        lk.lora_fwd_(y.view(-1, y.shape[-1]), x2, down.t(), up.t(), scale)
+        _lora_add_op(y, x, down, up, scale)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(x2, down, up)
+        ctx.save_for_backward(x, down, up)
         ctx.scale = scale
-        ctx.x_shape = x.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, down, up = ctx.saved_tensors
-        lk = launchers("lora", "triton")
-        dx, da, db = lk.lora_bwd(dy.reshape(-1, dy.shape[-1]), x2, down.t(), up.t(), ctx.scale)
-        return dy, dx.reshape(ctx.x_shape), da.t(), db.t(), None
+        x, down, up = ctx.saved_tensors
+        dx, d_down, d_up = _lora_bwd_op(dy.contiguous(), x, down, up, ctx.scale)
+        return dy, dx, d_down, d_up, None
 
 
 def lora_add(y: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float, backend: Optional[str] = "auto") -> Tensor:
@@ -98,6 +121,16 @@ def dora_row_norm(w: Tensor, up: Tensor, down: Tensor, scale: float, backend: Op
         if impl == "torch":
             return dora_row_norm_ref(w, up, down, scale)
         r = down.shape[0]
-        out = launchers("lora", "triton").dora_row_norm(
-            w.reshape(w.shape[0], -1), up.reshape(up.shape[0], r), down.reshape(r, -1), scale)
+        out = _dora_norm_op(w.reshape(w.shape[0], -1), up.reshape(up.shape[0], r), down.reshape(r, -1), scale)
         return out.to(w.dtype)
+
+
+@torch.library.custom_op("fastgen::dora_row_norm", mutates_args=())
+def _dora_norm_op(w: Tensor, up: Tensor, down: Tensor, scale: float) -> Tensor:
+    """(N,) fp32 from w (N, K), up (N, R), down (R, K)."""
+    return launchers("lora", "triton").dora_row_norm(w, up, down, scale)
+
+
+@_dora_norm_op.register_fake
+def _(w, up, down, scale):
+    return w.new_empty((w.shape[0],), dtype=torch.float32)
