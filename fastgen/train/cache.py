@@ -273,6 +273,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         shapes = {b: tuple(self._latent(i).shape[-2:]) for b, i in first.items()}
         self.buckets = [shapes.get(b, (0, 0)) for b in range(len(dataset.buckets))]
         self.class_names, self.bad = dataset.class_names, getattr(dataset, "bad", [])
+        if hasattr(dataset, "null"):  # text-conditional data: its null embedding
+            self.null = dataset.null
 
     def _latent(self, i: int) -> torch.Tensor:
         return self.memory[i] if self.memory is not None else self.cache.load(self.keys[i])["embeds"]

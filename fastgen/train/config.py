@@ -34,6 +34,9 @@ class ModelConfig:
     kwargs: dict = _f({}, "keyword arguments of the factory (e.g. sample_size, patch_size, num_layers)")
     weights: str = _f("", "optional safetensors file loaded into the model before training (strict)")
     compile: bool = _f(False, "torch.compile the model")
+    text_inputs: dict = _f({"embeds": "encoder_hidden_states"}, "text-conditional: the model keyword of each "
+                           "text-encoder output, e.g. {prompt_embeds = 'encoder_hidden_states', pooled = "
+                           "'pooled_projections'}; the model is called as model(x, timestep=t, **text)")
     gradient_checkpointing: bool = _f(False, "recompute blocks in the backward pass (models with "
                                              "enable_gradient_checkpointing(), e.g. fastgen.models)")
 
@@ -83,6 +86,10 @@ class DataConfig:
                       "AutoencoderKL, e.g. a function that loads pretrained weights, or any callable images -> "
                       "latents), called with vae_kwargs; its latents are cached in cache_dir; '' = pixels")
     vae_kwargs: dict = _f({}, "keyword arguments of the vae callable")
+    text_encoder: str = _f("", "text-conditional training: 'module:callable' returning a text encoder, a callable "
+                               "list[str] -> tensor (B, L, D) or a dict of tensors; each caption's outputs are "
+                               "cached in cache_dir, dropped to the outputs for '' with objective.cond_dropout")
+    text_encoder_kwargs: dict = _f({}, "keyword arguments of the text_encoder callable")
     cache_dir: str = _f("", "folder of the latent / text-embedding caches, shared by runs (entries are keyed by "
                             "content and encoder); '' = <output_dir>/cache")
 
@@ -257,6 +264,8 @@ class Config:
         _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
         _one_of("train.parallel", t.parallel, ("ddp", "fsdp"))
         _positive(train_dist_timeout=t.dist_timeout)
+        if da.text_encoder and ":" not in da.text_encoder:
+            raise ConfigError(f"data.text_encoder must look like 'module:callable', got {da.text_encoder!r}")
         if da.vae and ":" not in da.vae:
             raise ConfigError(f"data.vae must look like 'module:callable', got {da.vae!r}")
         if isinstance(self.model.factory, str) and ":" not in self.model.factory:

@@ -179,7 +179,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 class TensorImageDataset(torch.utils.data.Dataset):
     """In-memory ``images (N, C, H, W)`` in [-1, 1] and ``labels (N,)``: one bucket, no files."""
 
-    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, num_classes: Optional[int] = None):
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, num_classes: Optional[int] = None,
+                 text=None, captions: Optional[list] = None):
+        """``text``: per-image text-encoder outputs, a tensor ``(N, L, D)`` (named ``"embeds"``) or a
+        dict of ``(N, ...)`` tensors, for text-conditional training (the null embedding is zeros);
+        ``captions``: N strings (for :class:`fastgen.train.text.TextEmbeddingDataset`)."""
         if images.dim() != 4:
             raise DataError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
         self.images = images.float()
@@ -190,6 +194,16 @@ class TensorImageDataset(torch.utils.data.Dataset):
         self.class_names = [str(i) for i in range(n)]
         self.buckets = [tuple(images.shape[-2:])]
         self.bad: list = []
+        self.captions = list(captions) if captions is not None else [""] * len(images)
+        self.text = None
+        if text is not None:
+            self.text = {"embeds": text} if isinstance(text, torch.Tensor) else dict(text)
+            for k, v in self.text.items():
+                if len(v) != len(images):
+                    raise DataError(f"{len(images)} images but {len(v)} rows of text {k!r}")
+            self.null = {k: torch.zeros_like(v[0]) for k, v in self.text.items()}
+        if len(self.captions) != len(images):
+            raise DataError(f"{len(images)} images but {len(self.captions)} captions")
 
     num_classes = ImageFolderDataset.num_classes
     bucket_counts = ImageFolderDataset.bucket_counts
@@ -205,7 +219,10 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return {"image": self.images[i], **self.meta(i)}
 
     def meta(self, i: int) -> dict:
-        return {"label": self.labels[i], "caption": ""}
+        m = {"label": self.labels[i], "caption": self.captions[i]}
+        if self.text is not None:
+            m["text"] = {k: v[i] for k, v in self.text.items()}
+        return m
 
     def content_key(self, i: int) -> str:
         from fastgen.train.cache import tensor_key

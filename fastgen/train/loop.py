@@ -45,6 +45,7 @@ from fastgen.train.distributed import (clip_sharded_grad_norm_, collective_failu
                                        save_dcp, shard_model)
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
 from fastgen.train.sampling import sample, save_grid
+from fastgen.train.text import PromptTable, drop_text, text_model
 
 BUILTIN_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -199,6 +200,20 @@ class Trainer:
             if self.rank == 0:
                 c = self.dataset.cache
                 log(f"fastgen.train: latents of {c.folder}: {c.hits} cached, {c.misses} encoded")
+        if config.data.text_encoder:  # text-conditional: caption embeddings cached (rank 0 first)
+            from fastgen.train.text import TextEmbeddingDataset
+
+            encoder = resolve_factory(config.data.text_encoder)(**config.data.text_encoder_kwargs)
+            cache_dir = config.data.cache_dir or os.path.join(config.output_dir, "cache")
+            for r in range(min(self.world, 2)):
+                if (self.rank == 0) == (r == 0):
+                    self.dataset = TextEmbeddingDataset(self.dataset, encoder, cache_dir)
+                _barrier(self.world)
+            if self.rank == 0:
+                c = self.dataset.text_cache.cache
+                log(f"fastgen.train: text embeddings of {c.folder}: {c.hits} cached, {c.misses} encoded")
+        # text-conditional when the data carries text-encoder outputs (and their null embedding)
+        self.text_null = getattr(self.dataset, "null", None)
         if self.rank == 0:
             counts = ", ".join(f"{w}x{h}: {n}" for (h, w), n in self.dataset.bucket_counts().items())
             log(f"fastgen.train: {len(self.dataset)} images, {self.dataset.num_classes} classes, buckets {counts}")
@@ -249,7 +264,14 @@ class Trainer:
         x = batch["image"].to(self.device, non_blocking=True)
         if self.cfg.train.precision == "bf16-pure":
             x = x.to(torch.bfloat16)
-        y = drop_conditions(batch["label"].to(self.device), self.cfg.objective.cond_dropout, self.null_label)
+        model = self.forward_model
+        if self.text_null is not None:  # text-conditional: drop captions to the null embedding, call by keyword
+            text = {k: v.to(self.device, x.dtype if v.is_floating_point() else v.dtype)
+                    for k, v in batch["text"].items()}
+            text = drop_text(text, self.text_null, self.cfg.objective.cond_dropout)
+            model, y = text_model(self.forward_model, text, self.cfg.model.text_inputs), None
+        else:
+            y = drop_conditions(batch["label"].to(self.device), self.cfg.objective.cond_dropout, self.null_label)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         ctx = contextlib.nullcontext()
         if self.fsdp:  # FSDP2: skip the reduce-scatter on all but the last micro-batch
@@ -258,7 +280,7 @@ class Trainer:
             ctx = self.forward_model.no_sync()
         with ctx:
             with amp:
-                loss = self.objective.loss(self.forward_model, x, y)
+                loss = self.objective.loss(model, x, y)
             (loss / self.cfg.train.grad_accum).backward()
         return loss.detach()
 
@@ -394,17 +416,36 @@ class Trainer:
         self.model.eval()
         try:
             with (self.ema.average_parameters(self.model) if (use_ema and self.ema) else contextlib.nullcontext()):
-                return sample(self.model, self.objective, labels.to(self.device), (c, h, w), v.num_steps, g,
-                              v.sampler, v.guidance_scale, self.null_label, self.device)
+                model, null = self.model, self.null_label
+                if self.text_null is not None:  # labels index the validation prompts (validation_prompts())
+                    model = PromptTable(self.model, [e for _, e in self.validation_prompts()], self.text_null,
+                                        self.cfg.model.text_inputs)
+                    null = model.null_label
+                return sample(model, self.objective, labels.to(self.device), (c, h, w), v.num_steps, g,
+                              v.sampler, v.guidance_scale, null, self.device)
         finally:
             self.model.train(was_training)
+
+    def validation_prompts(self) -> list:
+        """Text-conditional runs: ``[(caption, text outputs)]``, the first 16 distinct captions of the data."""
+        if not hasattr(self, "_prompts"):
+            seen: dict = {}
+            meta = self.dataset.meta if hasattr(self.dataset, "meta") else (lambda i: self.dataset[i])
+            for i in range(len(self.dataset)):
+                m = meta(i)
+                if m["caption"] not in seen:
+                    seen[m["caption"]] = m["text"]
+                if len(seen) == 16:
+                    break
+            self._prompts = list(seen.items())
+        return self._prompts
 
     def validate(self) -> Optional[str]:
         """``samples/step-N.png``: one row per class (at most 16), ``validation.per_class`` each."""
         if self.rank != 0 and not self.fsdp:
             return None
         v = self.cfg.validation
-        n_cls = min(self.dataset.num_classes, 16)
+        n_cls = min(self.dataset.num_classes if self.text_null is None else len(self.validation_prompts()), 16)
         labels = torch.arange(n_cls).repeat_interleave(v.per_class)
         images = self.generate(labels)  # under FSDP every rank runs the (sharded) model; rank 0 writes
         if self.vae is not None and hasattr(self.vae, "decode"):  # latents -> images for the grid
