@@ -6,8 +6,10 @@
 Parts (each usable alone): ``objectives`` (denoising and flow-matching losses, timestep
 sampling, weightings, condition dropout), ``consistency`` (improved consistency training),
 ``config`` (the TOML config), ``data`` (image folder, buckets, resumable sharded order),
-``checkpoint`` (atomic, verified checkpoints), ``sampling`` (validation samples), ``loop``
-(the Trainer). See docs/train.md.
+``checkpoint`` (atomic, verified checkpoints), ``sampling`` (validation samples), ``cache``
+(latent and text-embedding caches), ``text`` (text-conditional training), ``distributed``
+(FSDP2, sharded DCP checkpoints, failing fast on a dead rank), ``loop`` (the Trainer).
+See docs/train.md.
 """
 
 from fastgen.train.config import Config, ConfigError
