@@ -1,9 +1,11 @@
 // The one pybind11 module of fastgen: fastgen._C.
 //
-// No torch headers: every entry point takes raw device pointers (Python
-// ints), sizes, strides in elements, dtype codes (0 = float32, 1 = float16,
-// 2 = bfloat16) and the cudaStream_t as an int. Argument errors raise
-// ValueError, CUDA errors RuntimeError.
+// No torch headers: entry points take raw device pointers (Python ints), sizes,
+// strides in elements, dtype codes (0 = float32, 1 = float16, 2 = bfloat16) and
+// the cudaStream_t as an int. The norm and RoPE entry points take them as one
+// named parameter struct (params.h): fastgen._C.RmsNormFwdParams(x_ptr=..., ...),
+// a misspelled field is an AttributeError, an unset one a ValueError naming it.
+// Argument errors raise ValueError, CUDA errors RuntimeError.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -18,6 +20,7 @@
 #include "rope/rope.h"
 #include "qk_norm_rope/qk_norm_rope.h"
 #include "optim/optim.h"
+#include "params.h"
 
 #ifndef FASTGEN_ARCHS
 #define FASTGEN_ARCHS ""
@@ -76,6 +79,36 @@ int device_count() {
 
 }  // namespace
 
+// Binds struct Name (fields from LIST, filled by keyword: Name(x_ptr=..., ...); Name.fields lists
+// them in order) and the entry point fn(params), which refuses unset fields and forwards them to
+// fastgen::fn in LIST order.
+#define FG_ENTRY(Name, LIST, fn, doc)                                                             \
+  {                                                                                               \
+    FG_PARAMS(Name, LIST)                                                                         \
+    using Params = Name;                                                                          \
+    py::class_<Params> cls(m, #Name, "Parameters of " #fn "; set every field by name.");         \
+    cls.def(py::init([](py::kwargs fields) {                                                      \
+      Params p;                                                                                   \
+      py::object self = py::cast(&p, py::return_value_policy::reference);                        \
+      for (auto item : fields) py::setattr(self, item.first, item.second);                        \
+      return p;                                                                                   \
+    }));                                                                                          \
+    LIST(FG_RW) FG_RW(PTR, stream)                                                                \
+    py::list names;                                                                               \
+    LIST(FG_NAME) FG_NAME(PTR, stream)                                                            \
+    cls.attr("fields") = py::tuple(names);                                                        \
+    m.def(                                                                                        \
+        #fn,                                                                                      \
+        [](const Params& p) {                                                                     \
+          std::string missing;                                                                    \
+          LIST(FG_MISSING) FG_MISSING(PTR, stream)                                                \
+          if (!missing.empty()) throw std::invalid_argument(#fn ": fields not set: " + missing);  \
+          py::gil_scoped_release release;                                                         \
+          fastgen::fn(LIST(FG_ARG) p.stream);                                                     \
+        },                                                                                        \
+        py::arg("params"), doc);                                                                  \
+  }
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastgen CUDA kernels (torch-independent: raw pointers, sizes, strides, dtype codes, stream as int)";
 
@@ -84,68 +117,31 @@ PYBIND11_MODULE(_C, m) {
         "compiled_with.");
   m.def("device_count", &device_count, "Number of CUDA devices; 0 when there is no driver or GPU.");
 
-  m.def("rms_norm_fwd", &fastgen::rms_norm_fwd, py::arg("x_ptr"), py::arg("w_ptr"), py::arg("r_ptr"),
-        py::arg("y_ptr"), py::arg("h_ptr"), py::arg("rstd_ptr"), py::arg("M"), py::arg("N"), py::arg("stride_x"),
-        py::arg("stride_r"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("eps"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "RMSNorm forward with optional residual: h = x + r (stored in x dtype), rstd = 1/sqrt(mean(h^2)+eps), "
-        "y = (h*rstd)*w. w_ptr / r_ptr / h_ptr may be 0 (absent).");
-  m.def("rms_norm_bwd", &fastgen::rms_norm_bwd, py::arg("dy_ptr"), py::arg("h_ptr"), py::arg("w_ptr"),
-        py::arg("rstd_ptr"), py::arg("dhout_ptr"), py::arg("dx_ptr"), py::arg("dw_partial_ptr"), py::arg("M"),
-        py::arg("N"), py::arg("stride_dy"), py::arg("stride_h"), py::arg("stride_dhout"), py::arg("x_dtype"),
-        py::arg("w_dtype"), py::arg("num_partials"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "RMSNorm backward: dx = rstd*(g - xhat*mean(g*xhat)) + dh_out with xhat = h*rstd, g = dy*w; fp32 partial "
-        "weight gradients (sum over rows of dy*xhat) into dw_partial[num_partials, N]. w_ptr / dhout_ptr may be 0.");
-  m.def("group_norm_fwd", &fastgen::group_norm_fwd, py::arg("x_ptr"), py::arg("w_ptr"), py::arg("b_ptr"),
-        py::arg("y_ptr"), py::arg("mean_ptr"), py::arg("rstd_ptr"), py::arg("part_ptr"), py::arg("N"), py::arg("C"),
-        py::arg("S"), py::arg("G"), py::arg("channels_last"), py::arg("splits"), py::arg("chunk_s"),
-        py::arg("x_dtype"), py::arg("w_dtype"), py::arg("eps"), py::arg("silu"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "GroupNorm forward (+ fused SiLU) of x [N, C, S] (contiguous or channels-last strides): split Welford "
-        "statistics mean / rstd [N*G] fp32, y = act((x - mean) * rstd * w + b). w_ptr / b_ptr may be 0; part_ptr "
-        "([N*G, splits, 3] fp32 scratch) may be 0 when splits == 1.");
-  m.def("group_norm_bwd", &fastgen::group_norm_bwd, py::arg("dy_ptr"), py::arg("x_ptr"), py::arg("w_ptr"),
-        py::arg("b_ptr"), py::arg("mean_ptr"), py::arg("rstd_ptr"), py::arg("dwp_ptr"), py::arg("dbp_ptr"),
-        py::arg("c_ptr"), py::arg("dx_ptr"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
-        py::arg("channels_last"), py::arg("splits"), py::arg("chunk_s"), py::arg("x_dtype"), py::arg("w_dtype"),
-        py::arg("silu"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "GroupNorm backward (+ fused SiLU): dx = rstd*(g - mean(g) - xhat*mean(g*xhat)), g = dyn*w; per-block fp32 "
-        "partials of dw (dyn*xhat) and db (dyn) into dwp / dbp [N*splits, C]; c_ptr: [2, N*G] fp32 scratch.");
-
-  m.def("apply_rope", &fastgen::apply_rope, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("qo_ptr"), py::arg("ko_ptr"),
-        py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("B"), py::arg("S"), py::arg("Hq"), py::arg("Hk"), py::arg("D"),
-        py::arg("R"), py::arg("sqb"), py::arg("sqs"), py::arg("sqh"), py::arg("skb"), py::arg("sks"), py::arg("skh"),
-        py::arg("soqb"), py::arg("soqs"), py::arg("soqh"), py::arg("sokb"), py::arg("soks"), py::arg("sokh"),
-        py::arg("scb"), py::arg("scs"), py::arg("ssb"), py::arg("sss"), py::arg("x_dtype"), py::arg("table_dtype"),
-        py::arg("interleaved"), py::arg("inverse"), py::arg("copy_pass"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "RoPE of q (B,S,Hq,D) and k (B,S,Hk,D) given (batch, seq, head) strides into qo / ko (may alias: in place) "
-        "with cos/sin tables (B|1, S, R) given (batch, seq) strides; pairs (2j, 2j+1) if interleaved else "
-        "(j, j+R/2); inverse applies the transpose (backward); copy_pass copies dims R..D-1.");
-  m.def("qk_norm_rope_fwd", &fastgen::qk_norm_rope_fwd, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("wq_ptr"),
-        py::arg("wk_ptr"), py::arg("qo_ptr"), py::arg("ko_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("B"),
-        py::arg("S"), py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("R"), py::arg("sqb"), py::arg("sqs"),
-        py::arg("sqh"), py::arg("skb"), py::arg("sks"), py::arg("skh"), py::arg("soqb"), py::arg("soqs"),
-        py::arg("soqh"), py::arg("sokb"), py::arg("soks"), py::arg("sokh"), py::arg("scb"), py::arg("scs"),
-        py::arg("ssb"), py::arg("sss"), py::arg("x_dtype"), py::arg("wq_dtype"), py::arg("wk_dtype"),
-        py::arg("table_dtype"), py::arg("eps"), py::arg("interleaved"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Fused per-head RMSNorm + RoPE of q (B,S,Hq,D) and k (B,S,Hk,D) given (batch, seq, head) strides into new "
-        "qo / ko: n = x*rsqrt(mean(x^2)+eps)*w in fp32 (never rounded), then the rotation of apply_rope with cos/sin "
-        "(B|1, S, R); wq / wk (D,) in x dtype or float32 (own codes); one rounding at the store.");
-  m.def("qk_norm_rope_bwd", &fastgen::qk_norm_rope_bwd, py::arg("dqo_ptr"), py::arg("dko_ptr"), py::arg("q_ptr"),
-        py::arg("k_ptr"), py::arg("wq_ptr"), py::arg("wk_ptr"), py::arg("dq_ptr"), py::arg("dk_ptr"),
-        py::arg("dw_partial_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("B"), py::arg("S"), py::arg("Hq"),
-        py::arg("Hk"), py::arg("D"), py::arg("R"), py::arg("sdqb"), py::arg("sdqs"), py::arg("sdqh"), py::arg("sdkb"),
-        py::arg("sdks"), py::arg("sdkh"), py::arg("sqb"), py::arg("sqs"), py::arg("sqh"), py::arg("skb"),
-        py::arg("sks"), py::arg("skh"), py::arg("soqb"), py::arg("soqs"), py::arg("soqh"), py::arg("sokb"),
-        py::arg("soks"), py::arg("sokh"), py::arg("scb"), py::arg("scs"), py::arg("ssb"), py::arg("sss"),
-        py::arg("x_dtype"), py::arg("wq_dtype"), py::arg("wk_dtype"), py::arg("table_dtype"), py::arg("eps"),
-        py::arg("interleaved"), py::arg("num_partials_q"), py::arg("num_partials_k"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Backward of qk_norm_rope_fwd (rstd recomputed from q / k): dq, dk = rstd*(g - xhat*mean(g*xhat)) with "
-        "g = rope^T(dy)*w; fp32 weight-gradient partials (sums of rope^T(dy)*xhat) into dw_partial[num_partials_q + "
-        "num_partials_k, D], q's rows first; the caller sums them in a fixed order (deterministic, no atomics).");
+  FG_ENTRY(RmsNormFwdParams, FG_RMS_NORM_FWD, rms_norm_fwd,
+           "RMSNorm forward with optional residual: h = x + r (stored in x dtype), rstd = 1/sqrt(mean(h^2)+eps), "
+           "y = (h*rstd)*w. w_ptr / r_ptr / h_ptr may be 0 (absent).");
+  FG_ENTRY(RmsNormBwdParams, FG_RMS_NORM_BWD, rms_norm_bwd,
+           "RMSNorm backward: dx = rstd*(g - xhat*mean(g*xhat)) + dh_out with xhat = h*rstd, g = dy*w; fp32 partial "
+           "weight gradients (sum over rows of dy*xhat) into dw_partial[num_partials, N]. w_ptr / dhout_ptr may be 0.");
+  FG_ENTRY(GroupNormFwdParams, FG_GROUP_NORM_FWD, group_norm_fwd,
+           "GroupNorm forward (+ fused SiLU) of x [N, C, S] (contiguous or channels-last strides): split Welford "
+           "statistics mean / rstd [N*G] fp32, y = act((x - mean) * rstd * w + b). w_ptr / b_ptr may be 0; part_ptr "
+           "([N*G, splits, 3] fp32 scratch) may be 0 when splits == 1.");
+  FG_ENTRY(GroupNormBwdParams, FG_GROUP_NORM_BWD, group_norm_bwd,
+           "GroupNorm backward (+ fused SiLU): dx = rstd*(g - mean(g) - xhat*mean(g*xhat)), g = dyn*w; per-block fp32 "
+           "partials of dw (dyn*xhat) and db (dyn) into dwp / dbp [N*splits, C]; c_ptr: [2, N*G] fp32 scratch.");
+  FG_ENTRY(ApplyRopeParams, FG_APPLY_ROPE, apply_rope,
+           "RoPE of q (B,S,Hq,D) and k (B,S,Hk,D) given (batch, seq, head) strides into qo / ko (may alias: in place) "
+           "with cos/sin tables (B|1, S, R) given (batch, seq) strides; pairs (2j, 2j+1) if interleaved else "
+           "(j, j+R/2); inverse applies the transpose (backward); copy_pass copies dims R..D-1.");
+  FG_ENTRY(QkNormRopeFwdParams, FG_QK_NORM_ROPE_FWD, qk_norm_rope_fwd,
+           "Fused per-head RMSNorm + RoPE of q (B,S,Hq,D) and k (B,S,Hk,D) given (batch, seq, head) strides into new "
+           "qo / ko: n = x*rsqrt(mean(x^2)+eps)*w in fp32 (never rounded), then the rotation of apply_rope with cos/sin "
+           "(B|1, S, R); wq / wk (D,) in x dtype or float32 (own codes); one rounding at the store.");
+  FG_ENTRY(QkNormRopeBwdParams, FG_QK_NORM_ROPE_BWD, qk_norm_rope_bwd,
+           "Backward of qk_norm_rope_fwd (rstd recomputed from q / k): dq, dk = rstd*(g - xhat*mean(g*xhat)) with "
+           "g = rope^T(dy)*w; fp32 weight-gradient partials (sums of rope^T(dy)*xhat) into dw_partial[num_partials_q + "
+           "num_partials_k, D], q's rows first; the caller sums them in a fixed order (deterministic, no atomics).");
   m.def("multi_tensor_adamw", &fastgen::multi_tensor_adamw, py::arg("p_list"), py::arg("g_list"),
         py::arg("m_list"), py::arg("v_list"), py::arg("vmax_list"), py::arg("step_list"), py::arg("numels"),
         py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("p_dtype"),

@@ -72,6 +72,16 @@ def assert_fa_rule(name, out, lowp, ref, atol):
     assert err <= 2 * base + atol, f"{name}: max error {err:.3g} > 2 * {base:.3g} (torch in the same dtype) + {atol}"
 
 
+def c_entry(C, fn: str, *values, **fields):
+    """Call fastgen._C's entry point ``fn`` with its parameter struct (``RmsNormFwdParams`` for
+    ``rms_norm_fwd``) filled by name: ``values`` in the struct's field order, then ``fields``."""
+    params = getattr(C, "".join(w.capitalize() for w in fn.split("_")) + "Params")
+    assert len(values) <= len(params.fields), (fn, len(values))
+    named = dict(zip(params.fields, values))
+    named.update(fields)
+    return getattr(C, fn)(params(**named))
+
+
 def run_auto_as(monkeypatch, op, impl, fn):
     """Run ``fn()`` with ``backend="auto"`` standing for ``impl`` on CUDA tensors (as a recorded
     run would set ``AUTO_ON_CUDA``), and fail unless ``op`` really resolved to ``impl``."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import c_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -136,17 +137,41 @@ def test_extension_argument_errors():
     C = _import_C()
     # unsupported dtype codes -> ValueError, before anything touches the GPU
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.rms_norm_fwd(0, 0, 0, 0, 0, 0, 4, 8, 8, 0, 5, 5, 1e-6, 0)
+        c_entry(C, "rms_norm_fwd", 0, 0, 0, 0, 0, 0, 4, 8, 8, 0, 5, 5, 1e-6, 0)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.rms_norm_fwd(0, 0, 0, 0, 0, 0, 4, 8, 8, 0, 1, 2, 1e-6, 0)  # fp16 x, bf16 w
+        c_entry(C, "rms_norm_fwd", 0, 0, 0, 0, 0, 0, 4, 8, 8, 0, 1, 2, 1e-6, 0)  # fp16 x, bf16 w
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.rms_norm_bwd(0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 8, 0, 0, 3, 1, 0)  # fp32 x, fp16 w
+        c_entry(C, "rms_norm_bwd", 0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 8, 0, 0, 3, 1, 0)  # fp32 x, fp16 w
     with pytest.raises(ValueError):
-        C.rms_norm_fwd(0, 0, 0, 0, 0, 0, -1, 8, 8, 0, 0, 0, 1e-6, 0)
+        c_entry(C, "rms_norm_fwd", 0, 0, 0, 0, 0, 0, -1, 8, 8, 0, 0, 0, 1e-6, 0)
     # empty problems return without launching
-    C.rms_norm_fwd(0, 0, 0, 0, 0, 0, 0, 8, 8, 0, 0, 0, 1e-6, 0)
-    C.rms_norm_fwd(0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 2, 0, 1e-6, 0)
-    C.rms_norm_bwd(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 0, 1, 1, 0, 0)
+    c_entry(C, "rms_norm_fwd", 0, 0, 0, 0, 0, 0, 0, 8, 8, 0, 0, 0, 1e-6, 0)
+    c_entry(C, "rms_norm_fwd", 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 2, 0, 1e-6, 0)
+    c_entry(C, "rms_norm_bwd", 0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 0, 1, 1, 0, 0)
+
+
+def test_parameter_structs_refuse_misspelled_and_missing_fields():
+    """Every entry point but the optimizers' takes one struct filled by name: a misspelled field
+    is an AttributeError, a field left unset a ValueError that names it, before any launch."""
+    C = _import_C()
+    for name in ("RmsNormFwdParams", "RmsNormBwdParams", "GroupNormFwdParams", "GroupNormBwdParams",
+                 "ApplyRopeParams", "QkNormRopeFwdParams", "QkNormRopeBwdParams"):
+        params = getattr(C, name)
+        assert params.fields[-1] == "stream" and len(set(params.fields)) == len(params.fields)
+        with pytest.raises(AttributeError):
+            params(not_a_field=0)
+        p = params()
+        with pytest.raises(AttributeError):
+            p.strid_x = 1
+    with pytest.raises(ValueError, match="rms_norm_fwd: fields not set: eps, stream"):
+        C.rms_norm_fwd(C.RmsNormFwdParams(**dict(zip(C.RmsNormFwdParams.fields[:-2], [0] * 12))))
+    with pytest.raises(ValueError, match="qk_norm_rope_bwd: fields not set: dqo_ptr, dko_ptr, .*, stream$"):
+        C.qk_norm_rope_bwd(C.QkNormRopeBwdParams())
+    with pytest.raises(TypeError):  # positional pointers are gone
+        C.rms_norm_fwd(0, 0, 0, 0, 0, 0, 0, 8, 8, 0, 0, 0, 1e-6, 0)
+    # filled by name, the same call as before: an empty problem returns without launching
+    c_entry(C, "rms_norm_fwd", x_ptr=0, w_ptr=0, r_ptr=0, y_ptr=0, h_ptr=0, rstd_ptr=0, M=0, N=8, stride_x=8,
+            stride_r=0, x_dtype=0, w_dtype=0, eps=1e-6, stream=0)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU error path")
@@ -155,7 +180,7 @@ def test_launch_without_gpu_raises_runtime_error():
     if C.device_count() != 0:
         pytest.skip("a CUDA device is visible to fastgen._C")
     with pytest.raises(RuntimeError, match="CUDA error"):
-        C.rms_norm_fwd(256, 0, 0, 512, 0, 1024, 4, 8, 8, 0, 0, 0, 1e-6, 0)
+        c_entry(C, "rms_norm_fwd", 256, 0, 0, 512, 0, 1024, 4, 8, 8, 0, 0, 0, 1e-6, 0)
 
 
 # ----------------------------------------------------------------------------- GPU tier
@@ -282,3 +307,30 @@ def test_cuda_rms_norm_many_rows(M):
         dx_ref, dw_ref = _ref_bwd(dy, x, w, rstd_ref, None)
         _close(dx, dx_ref, dtype, "dx")
         _close(dw, dw_ref, dtype, "dw", scale=max(1.0, M ** 0.5))
+
+
+def test_cuda_launchers_fill_every_field_by_name():
+    """The launchers in fastgen/cuda (which run only on a GPU) name exactly the fields of each
+    struct they fill: read from their source, so a typo or a forgotten field fails here on CPU."""
+    import ast
+
+    C = _import_C()
+    found = 0
+    for path in sorted((ROOT / "fastgen" / "cuda").glob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                    and call.func.attr.endswith("Params")):
+                continue
+            names = set()
+            for kw in call.keywords:
+                if kw.arg is not None:
+                    names.add(kw.arg)
+                elif kw.value.func.id == "named_strides":
+                    names |= {k.arg + axis for k in kw.value.keywords for axis in "bsh"}
+                else:
+                    assert kw.value.func.id == "named_tables", ast.dump(kw.value)
+                    names |= {"scb", "scs", "ssb", "sss"}
+            fields = set(getattr(C, call.func.attr).fields)
+            assert names == fields, f"{path.name}: {call.func.attr} missing {fields - names}, unknown {names - fields}"
+            found += 1
+    assert found == 7, found  # rms_norm, group_norm (fwd, bwd), apply_rope, qk_norm_rope (fwd, bwd)

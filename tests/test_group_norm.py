@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, TRITON_DEVICE, assert_close, requires_gpu, run_auto_as
+from conftest import DTYPES, TRITON_DEVICE, assert_close, c_entry, requires_gpu, run_auto_as
 
 import fastgen
 from fastgen.backend import BackendUnavailableError
@@ -484,14 +484,14 @@ def test_cuda_extension_argument_errors():
     C = load_extension()
     # x fp16 with bf16 params -> ValueError before anything touches the GPU
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.group_norm_fwd(0, 0, 0, 0, 0, 0, 0, 2, 8, 16, 2, 0, 1, 16, 1, 2, 1e-5, 0, 0)
+        c_entry(C, "group_norm_fwd", 0, 0, 0, 0, 0, 0, 0, 2, 8, 16, 2, 0, 1, 16, 1, 2, 1e-5, 0, 0)
     with pytest.raises(ValueError, match="must be divisible by G=3"):
-        C.group_norm_fwd(0, 0, 0, 0, 0, 0, 0, 2, 8, 16, 3, 0, 1, 16, 0, 0, 1e-5, 0, 0)
+        c_entry(C, "group_norm_fwd", 0, 0, 0, 0, 0, 0, 0, 2, 8, 16, 3, 0, 1, 16, 0, 0, 1e-5, 0, 0)
     with pytest.raises(ValueError, match="no empty split"):
-        C.group_norm_bwd(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 8, 16, 2, 0, 4, 8, 0, 0, 0, 0)
+        c_entry(C, "group_norm_bwd", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 8, 16, 2, 0, 4, 8, 0, 0, 0, 0)
     # empty problems return without launching
-    C.group_norm_fwd(0, 0, 0, 0, 0, 0, 0, 0, 8, 16, 2, 0, 1, 16, 0, 0, 1e-5, 1, 0)
-    C.group_norm_bwd(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 16, 2, 1, 1, 16, 2, 0, 1, 0)
+    c_entry(C, "group_norm_fwd", 0, 0, 0, 0, 0, 0, 0, 0, 8, 16, 2, 0, 1, 16, 0, 0, 1e-5, 1, 0)
+    c_entry(C, "group_norm_bwd", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 16, 2, 1, 1, 16, 2, 0, 1, 0)
 
 
 # ----------------------------------------------------------------------------- GPU tier

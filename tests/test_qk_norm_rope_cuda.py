@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, HAS_CUDA, TOL, assert_close, requires_gpu
+from conftest import DTYPES, HAS_CUDA, TOL, assert_close, c_entry, requires_gpu
 
 from fastgen.ops import qk_norm_rope
 
@@ -91,15 +91,15 @@ def test_extension_argument_errors():
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            C.qk_norm_rope_fwd(**_fwd_args(**kw))
+            c_entry(C, "qk_norm_rope_fwd", **_fwd_args(**kw))
     with pytest.raises(ValueError, match="num_partials_q .* must be >= 1 when q"):
-        C.qk_norm_rope_bwd(**_bwd_args(num_partials_q=0))
+        c_entry(C, "qk_norm_rope_bwd", **_bwd_args(num_partials_q=0))
     with pytest.raises(ValueError, match="dw_partial pointers must be non-null"):
-        C.qk_norm_rope_bwd(**_bwd_args(dw_partial_ptr=0))
+        c_entry(C, "qk_norm_rope_bwd", **_bwd_args(dw_partial_ptr=0))
     # empty problems return before touching the GPU
-    C.qk_norm_rope_fwd(**_fwd_args(S=0, q_ptr=0, k_ptr=0))
-    C.qk_norm_rope_fwd(**_fwd_args(Hq=0, Hk=0))
-    C.qk_norm_rope_bwd(**_bwd_args(B=0, num_partials_q=0, num_partials_k=0))
+    c_entry(C, "qk_norm_rope_fwd", **_fwd_args(S=0, q_ptr=0, k_ptr=0))
+    c_entry(C, "qk_norm_rope_fwd", **_fwd_args(Hq=0, Hk=0))
+    c_entry(C, "qk_norm_rope_bwd", **_bwd_args(B=0, num_partials_q=0, num_partials_k=0))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU error path")
@@ -108,9 +108,9 @@ def test_launch_without_gpu_raises_runtime_error():
     if C.device_count() != 0:
         pytest.skip("a CUDA device is visible to fastgen._C")
     with pytest.raises(RuntimeError, match="CUDA error"):
-        C.qk_norm_rope_fwd(**_fwd_args())
+        c_entry(C, "qk_norm_rope_fwd", **_fwd_args())
     with pytest.raises(RuntimeError, match="CUDA error"):
-        C.qk_norm_rope_bwd(**_bwd_args())
+        c_entry(C, "qk_norm_rope_bwd", **_bwd_args())
 
 
 # ----------------------------------------------------------------------------- GPU tier: helpers

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, TRITON_DEVICE, assert_close, requires_gpu, run_auto_as
+from conftest import DTYPES, TRITON_DEVICE, assert_close, c_entry, requires_gpu, run_auto_as
 
 import fastgen
 from fastgen.backend import BackendUnavailableError
@@ -375,10 +375,10 @@ def test_cuda_extension_argument_errors():
         pytest.skip("fastgen._C is not built (nvcc absent or FASTGEN_SKIP_CUDA_BUILD=1)")
     zeros = [0] * 12
     with pytest.raises(ValueError, match="rotary dim R must be even with 2 <= R <= D, got R=15"):
-        _C.apply_rope(0, 0, 0, 0, 0, 0, 1, 4, 2, 2, 16, 15, *zeros, 0, 0, 0, 0, 2, 0, True, False, True, 0)
+        c_entry(_C, "apply_rope", 0, 0, 0, 0, 0, 0, 1, 4, 2, 2, 16, 15, *zeros, 0, 0, 0, 0, 2, 0, True, False, True, 0)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        _C.apply_rope(8, 8, 8, 8, 8, 8, 1, 4, 2, 2, 16, 16, *zeros, 0, 0, 0, 0, 2, 1, True, False, True, 0)
-    _C.apply_rope(0, 0, 0, 0, 0, 0, 0, 4, 2, 2, 16, 16, *zeros, 0, 0, 0, 0, 2, 0, True, False, True, 0)  # empty
+        c_entry(_C, "apply_rope", 8, 8, 8, 8, 8, 8, 1, 4, 2, 2, 16, 16, *zeros, 0, 0, 0, 0, 2, 1, True, False, True, 0)
+    c_entry(_C, "apply_rope", 0, 0, 0, 0, 0, 0, 0, 4, 2, 2, 16, 16, *zeros, 0, 0, 0, 0, 2, 0, True, False, True, 0)  # empty
 
 
 # ----------------------------------------------------------------------------- GPU tier

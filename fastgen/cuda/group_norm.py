@@ -70,17 +70,17 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
         part = torch.empty((N * G, cfg["splits"], 3), dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        ext.group_norm_fwd(
-            x.data_ptr(),
-            weight.data_ptr() if weight is not None else 0,
-            bias.data_ptr() if bias is not None else 0,
-            y.data_ptr(),
-            mean.data_ptr(),
-            rstd.data_ptr(),
-            part.data_ptr() if part is not None else 0,
-            N, C, S, G, int(cl), cfg["splits"], cfg["chunk_s"],
-            dtype_code(x.dtype), dtype_code(pdt), float(eps), int(bool(silu)), stream,
-        )
+        ext.group_norm_fwd(ext.GroupNormFwdParams(
+            x_ptr=x.data_ptr(),
+            w_ptr=weight.data_ptr() if weight is not None else 0,
+            b_ptr=bias.data_ptr() if bias is not None else 0,
+            y_ptr=y.data_ptr(),
+            mean_ptr=mean.data_ptr(),
+            rstd_ptr=rstd.data_ptr(),
+            part_ptr=part.data_ptr() if part is not None else 0,
+            N=N, C=C, S=S, G=G, channels_last=int(cl), splits=cfg["splits"], chunk_s=cfg["chunk_s"],
+            x_dtype=dtype_code(x.dtype), w_dtype=dtype_code(pdt), eps=float(eps), silu=int(bool(silu)), stream=stream,
+        ))
     return y, mean, rstd
 
 
@@ -111,20 +111,20 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
     c = torch.empty((2, N * G), dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        ext.group_norm_bwd(
-            dy.data_ptr(),
-            x.data_ptr(),
-            weight.data_ptr() if weight is not None else 0,
-            bias.data_ptr() if bias is not None else 0,
-            mean.data_ptr(),
-            rstd.data_ptr(),
-            dwp.data_ptr(),
-            dbp.data_ptr(),
-            c.data_ptr(),
-            dx.data_ptr(),
-            N, C, S, G, int(cl), cfg["splits"], cfg["chunk_s"],
-            dtype_code(x.dtype), dtype_code(pdt), int(bool(silu)), stream,
-        )
+        ext.group_norm_bwd(ext.GroupNormBwdParams(
+            dy_ptr=dy.data_ptr(),
+            x_ptr=x.data_ptr(),
+            w_ptr=weight.data_ptr() if weight is not None else 0,
+            b_ptr=bias.data_ptr() if bias is not None else 0,
+            mean_ptr=mean.data_ptr(),
+            rstd_ptr=rstd.data_ptr(),
+            dwp_ptr=dwp.data_ptr(),
+            dbp_ptr=dbp.data_ptr(),
+            c_ptr=c.data_ptr(),
+            dx_ptr=dx.data_ptr(),
+            N=N, C=C, S=S, G=G, channels_last=int(cl), splits=cfg["splits"], chunk_s=cfg["chunk_s"],
+            x_dtype=dtype_code(x.dtype), w_dtype=dtype_code(pdt), silu=int(bool(silu)), stream=stream,
+        ))
         # Fixed-order sums of the per-block partials: the deterministic second pass.
         dw = None if weight is None else dwp.sum(0).to(weight.dtype)
         db = None if bias is None else dbp.sum(0).to(bias.dtype)

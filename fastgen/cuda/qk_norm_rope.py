@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastgen.kernels._common import max_programs
-from fastgen.cuda import dtype_code, load_extension
+from fastgen.cuda import dtype_code, load_extension, named_strides, named_tables
 from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
 
 __all__ = ["qk_norm_rope_fwd", "qk_norm_rope_bwd"]
@@ -76,14 +76,16 @@ def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleave
     cos, sin = _tables(cos, sin, q.dtype)
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        C.qk_norm_rope_fwd(
-            q.data_ptr(), k.data_ptr(), wq.data_ptr(), wk.data_ptr(), qo.data_ptr(), ko.data_ptr(),
-            cos.data_ptr(), sin.data_ptr(), B, S, hq, hk, D, R,
-            *_strides(q, layout), *_strides(k, layout), *_strides(qo, layout), *_strides(ko, layout),
-            *_table_strides(cos), *_table_strides(sin),
-            dtype_code(q.dtype), dtype_code(wq.dtype), dtype_code(wk.dtype), dtype_code(cos.dtype),
-            float(eps), bool(interleaved), stream,
-        )
+        C.qk_norm_rope_fwd(C.QkNormRopeFwdParams(
+            q_ptr=q.data_ptr(), k_ptr=k.data_ptr(), wq_ptr=wq.data_ptr(), wk_ptr=wk.data_ptr(),
+            qo_ptr=qo.data_ptr(), ko_ptr=ko.data_ptr(), cos_ptr=cos.data_ptr(), sin_ptr=sin.data_ptr(),
+            B=B, S=S, Hq=hq, Hk=hk, D=D, R=R,
+            **named_strides(sq=_strides(q, layout), sk=_strides(k, layout), soq=_strides(qo, layout),
+                            sok=_strides(ko, layout)),
+            **named_tables(_table_strides(cos), _table_strides(sin)),
+            x_dtype=dtype_code(q.dtype), wq_dtype=dtype_code(wq.dtype), wk_dtype=dtype_code(wk.dtype),
+            table_dtype=dtype_code(cos.dtype), eps=float(eps), interleaved=int(bool(interleaved)), stream=stream,
+        ))
     return qo, ko
 
 
@@ -106,14 +108,18 @@ def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, 
         stream = torch.cuda.current_stream(q.device).cuda_stream
         pq, pk = _num_partials(T * hq, T * hk, max_programs(q.device))
         partial = torch.empty((pq + pk, D), dtype=torch.float32, device=q.device)
-        C.qk_norm_rope_bwd(
-            dqo.data_ptr(), dko.data_ptr(), q.data_ptr(), k.data_ptr(), wq.data_ptr(), wk.data_ptr(),
-            dq.data_ptr(), dk.data_ptr(), partial.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, S, hq, hk, D, R,
-            *_strides(dqo, layout), *_strides(dko, layout), *_strides(q, layout), *_strides(k, layout),
-            *_strides(dq, layout), *_strides(dk, layout), *_table_strides(cos), *_table_strides(sin),
-            dtype_code(q.dtype), dtype_code(wq.dtype), dtype_code(wk.dtype), dtype_code(cos.dtype),
-            float(eps), bool(interleaved), pq, pk, stream,
-        )
+        C.qk_norm_rope_bwd(C.QkNormRopeBwdParams(
+            dqo_ptr=dqo.data_ptr(), dko_ptr=dko.data_ptr(), q_ptr=q.data_ptr(), k_ptr=k.data_ptr(),
+            wq_ptr=wq.data_ptr(), wk_ptr=wk.data_ptr(), dq_ptr=dq.data_ptr(), dk_ptr=dk.data_ptr(),
+            dw_partial_ptr=partial.data_ptr(), cos_ptr=cos.data_ptr(), sin_ptr=sin.data_ptr(),
+            B=B, S=S, Hq=hq, Hk=hk, D=D, R=R,
+            **named_strides(sdq=_strides(dqo, layout), sdk=_strides(dko, layout), sq=_strides(q, layout),
+                            sk=_strides(k, layout), soq=_strides(dq, layout), sok=_strides(dk, layout)),
+            **named_tables(_table_strides(cos), _table_strides(sin)),
+            x_dtype=dtype_code(q.dtype), wq_dtype=dtype_code(wq.dtype), wk_dtype=dtype_code(wk.dtype),
+            table_dtype=dtype_code(cos.dtype), eps=float(eps), interleaved=int(bool(interleaved)),
+            num_partials_q=pq, num_partials_k=pk, stream=stream,
+        ))
         # Fixed-order sums of the per-block partials: the deterministic second pass.
         dwq = partial[:pq].sum(0).to(wq.dtype)
         dwk = partial[pq:].sum(0).to(wk.dtype)

@@ -62,22 +62,22 @@ def rms_norm_fwd(x, weight, residual, eps):
     w_code = dtype_code(weight.dtype) if weight is not None else x_code
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        C.rms_norm_fwd(
-            x.data_ptr(),
-            weight.data_ptr() if weight is not None else 0,
-            residual.data_ptr() if residual is not None else 0,
-            y.data_ptr(),
-            h.data_ptr() if h is not None else 0,
-            rstd.data_ptr(),
-            M,
-            N,
-            _row_stride(x),
-            _row_stride(residual) if residual is not None else 0,
-            x_code,
-            w_code,
-            float(eps),
-            stream,
-        )
+        C.rms_norm_fwd(C.RmsNormFwdParams(
+            x_ptr=x.data_ptr(),
+            w_ptr=weight.data_ptr() if weight is not None else 0,
+            r_ptr=residual.data_ptr() if residual is not None else 0,
+            y_ptr=y.data_ptr(),
+            h_ptr=h.data_ptr() if h is not None else 0,
+            rstd_ptr=rstd.data_ptr(),
+            M=M,
+            N=N,
+            stride_x=_row_stride(x),
+            stride_r=_row_stride(residual) if residual is not None else 0,
+            x_dtype=x_code,
+            w_dtype=w_code,
+            eps=float(eps),
+            stream=stream,
+        ))
     return y, h, rstd
 
 
@@ -109,23 +109,23 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
             dw_partial = torch.empty((num_partials, N), dtype=torch.float32, device=h.device)
         else:
             num_partials, dw_partial = 0, None
-        C.rms_norm_bwd(
-            dy.data_ptr(),
-            h.data_ptr(),
-            weight.data_ptr() if weight is not None else 0,
-            rstd.data_ptr(),
-            dh_out.data_ptr() if dh_out is not None else 0,
-            dx.data_ptr(),
-            dw_partial.data_ptr() if dw_partial is not None else 0,
-            M,
-            N,
-            _row_stride(dy),
-            _row_stride(h),
-            _row_stride(dh_out) if dh_out is not None else 0,
-            x_code,
-            w_code,
-            num_partials,
-            stream,
-        )
+        C.rms_norm_bwd(C.RmsNormBwdParams(
+            dy_ptr=dy.data_ptr(),
+            h_ptr=h.data_ptr(),
+            w_ptr=weight.data_ptr() if weight is not None else 0,
+            rstd_ptr=rstd.data_ptr(),
+            dhout_ptr=dh_out.data_ptr() if dh_out is not None else 0,
+            dx_ptr=dx.data_ptr(),
+            dw_partial_ptr=dw_partial.data_ptr() if dw_partial is not None else 0,
+            M=M,
+            N=N,
+            stride_dy=_row_stride(dy),
+            stride_h=_row_stride(h),
+            stride_dhout=_row_stride(dh_out) if dh_out is not None else 0,
+            x_dtype=x_code,
+            w_dtype=w_code,
+            num_partials=num_partials,
+            stream=stream,
+        ))
         dw = None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
     return dx, dw

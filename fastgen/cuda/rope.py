@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.cuda import dtype_code, load_extension
+from fastgen.cuda import dtype_code, load_extension, named_strides, named_tables
 from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
 
 __all__ = ["apply_rope_fwd", "apply_rope_bwd"]
@@ -32,14 +32,15 @@ def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
         cos, sin = cos.float(), sin.float()
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        C.apply_rope(
-            q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            B, S, hq, hk, D, R,
-            *bsh_strides(q, layout), *bsh_strides(k, layout), *bsh_strides(qo, layout), *bsh_strides(ko, layout),
-            *table_strides(cos), *table_strides(sin),
-            dtype_code(q.dtype), dtype_code(cos.dtype), bool(interleaved), bool(inverse),
-            D > R and (qo is not q or ko is not k), stream,
-        )
+        C.apply_rope(C.ApplyRopeParams(
+            q_ptr=q.data_ptr(), k_ptr=k.data_ptr(), qo_ptr=qo.data_ptr(), ko_ptr=ko.data_ptr(),
+            cos_ptr=cos.data_ptr(), sin_ptr=sin.data_ptr(), B=B, S=S, Hq=hq, Hk=hk, D=D, R=R,
+            **named_strides(sq=bsh_strides(q, layout), sk=bsh_strides(k, layout), soq=bsh_strides(qo, layout),
+                            sok=bsh_strides(ko, layout)),
+            **named_tables(table_strides(cos), table_strides(sin)),
+            x_dtype=dtype_code(q.dtype), table_dtype=dtype_code(cos.dtype), interleaved=int(bool(interleaved)),
+            inverse=int(bool(inverse)), copy_pass=int(D > R and (qo is not q or ko is not k)), stream=stream,
+        ))
 
 
 def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, inplace: bool = False):
