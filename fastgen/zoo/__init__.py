@@ -23,6 +23,8 @@ _MODULES = {
     "WGANGPConfig": "fastgen.zoo.wgangp",
     "ConditionalGAN": "fastgen.zoo.cgan",
     "ConditionalGANConfig": "fastgen.zoo.cgan",
+    "ScoreSDE": "fastgen.zoo.score_sde",
+    "ScoreSDEConfig": "fastgen.zoo.score_sde",
 }
 
 __all__ = sorted(_MODULES)
