@@ -21,8 +21,11 @@ correction ``sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))``::
 counts still advance, since the test is made on the device.) ``d``, ``d_max`` and ``num`` are fp64
 0-d tensors on the parameters' device, so a step never waits for the GPU (``prodigyopt``
 calls ``.item()`` twice per parameter). The dot products and ``|s|`` sums are per-tensor fp32
-reductions added in fp64 in a fixed order: deterministic. The elementwise updates are
-``torch._foreach_*`` multi-tensor launches (one per operation over the whole list).
+reductions added in fp64 in a fixed order: deterministic. ``backend="triton"`` makes the step
+two multi-tensor Triton passes per dtype mix (``kernels/prodigy.py``: moments and the two
+sums, then the parameter update; ``slice_p = 1`` and contiguous tensors, the rest take the
+foreach path); otherwise (the default on CPU) ``torch._foreach_*`` multi-tensor launches, one
+per operation over the whole list.
 
 State per parameter, as ``prodigyopt``: ``step``, ``s``, ``p0``, ``exp_avg`` (if beta1 > 0),
 ``exp_avg_sq``; the group holds ``d``, ``d_max``, ``d_numerator``, ``k``.
@@ -34,7 +37,8 @@ import math
 
 import torch
 
-from fastgen.optim._common import check_grad, check_state_kind
+from fastgen.backend import resolve
+from fastgen.optim._common import KERNEL_DTYPES, check_grad, check_state_kind
 
 _SCALARS = ("d", "d_max", "d_numerator")
 
@@ -48,12 +52,13 @@ class FusedProdigy(torch.optim.Optimizer):
 
     Args: ``lr`` (1.0), ``betas``, ``beta3``, ``eps``, ``weight_decay``, ``decouple``,
     ``use_bias_correction``, ``safeguard_warmup``, ``d0``, ``d_coef``, ``growth_rate``,
-    ``slice_p`` as ``prodigyopt``; ``fsdp_in_use=True`` is refused (use ``prodigyopt``).
+    ``slice_p`` as ``prodigyopt``; ``fsdp_in_use=True`` is refused (use ``prodigyopt``);
+    ``backend`` ``"auto" | "triton" | "torch"`` (no CUDA C++ kernel).
     """
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
                  use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float("inf"),
-                 fsdp_in_use=False, slice_p=1):
+                 fsdp_in_use=False, slice_p=1, *, backend: str = "auto"):
         if not 0.0 < d0:
             raise ValueError(f"FusedProdigy: invalid d0 {d0}")
         if not 0.0 < lr:
@@ -71,6 +76,22 @@ class FusedProdigy(torch.optim.Optimizer):
                         use_bias_correction=use_bias_correction, decouple=decouple,
                         safeguard_warmup=safeguard_warmup, fsdp_in_use=False, slice_p=slice_p)
         super().__init__(params, defaults)
+        self.backend = backend
+
+    def _kernel_split(self, params, grads, impl, slice_p):
+        """({(p dtype, g dtype): [indices]} the Triton passes take, [indices] for the foreach path)."""
+        if impl != "triton" or slice_p != 1:
+            return {}, list(range(len(params)))
+        buckets, rest = {}, []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            st = self.state[p]
+            tensors = [p, g, st["p0"], st["exp_avg_sq"], st["s"]] + ([st["exp_avg"]] if "exp_avg" in st else [])
+            if (p.dtype in KERNEL_DTYPES and g.dtype in KERNEL_DTYPES and st["p0"].numel() == p.numel()
+                    and all(t.is_contiguous() and t.device == p.device for t in tensors)):
+                buckets.setdefault((p.dtype, g.dtype), []).append(i)
+            else:
+                rest.append(i)
+        return buckets, rest
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a FusedProdigy or ``prodigyopt.Prodigy`` state dict (another kind raises)."""
@@ -108,6 +129,8 @@ class FusedProdigy(torch.optim.Optimizer):
         dlr = d * (lr * bc)
         d_numerator = sc["d_numerator"] * beta3
         f32 = lambda x: x.to(torch.float32)  # noqa: E731 - a coefficient, as torch casts an fp64 alpha
+        impl = resolve("prodigy", self.backend, device,
+                       {"cuda": "Prodigy has no CUDA C++ kernel; use backend='triton'"})
         dots, abs_sums, active = [], [], []
         for group in self.param_groups:
             if group["lr"] not in (lr, 0.0):
@@ -130,8 +153,26 @@ class FusedProdigy(torch.optim.Optimizer):
                     if beta1 > 0:
                         state["exp_avg"] = torch.zeros_like(p).detach()
                     state["exp_avg_sq"] = torch.zeros_like(p).detach()
-            active.append((group, params, grads))
+            buckets, rest = self._kernel_split(params, grads, impl, slice_p)
+            active.append((group, params, grads, buckets, rest))
             if group["lr"] == 0.0:
+                continue
+            if buckets:
+                from fastgen.kernels.prodigy import prodigy_moments
+
+                coefs = torch.stack([d * (1 - beta1), d * d * (1 - beta2),
+                                     (d / d0) * (d if group["safeguard_warmup"] else dlr)]).float()
+                for idx in buckets.values():
+                    st = [self.state[params[i]] for i in idx]
+                    dot, ab = prodigy_moments([params[i] for i in idx], [grads[i] for i in idx], [x["p0"] for x in st],
+                                              [x["exp_avg"] for x in st] if beta1 > 0 else None,
+                                              [x["exp_avg_sq"] for x in st], [x["s"] for x in st], coefs,
+                                              beta1=beta1, beta2=beta2, beta3=beta3, weight_decay=0.0,
+                                              coupled_wd=False)
+                    dots.append(dot)
+                    abs_sums.append(ab)
+            params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+            if not params:
                 continue
             sg = [g.flatten()[::slice_p] for g in grads]
             for p, g in zip(params, sg):
@@ -148,10 +189,9 @@ class FusedProdigy(torch.optim.Optimizer):
             torch._foreach_add_(ss, torch._foreach_mul(sg, f32((d / d0) * (d if group["safeguard_warmup"] else dlr))))
             abs_sums += [s.abs().sum() for s in ss]
         # fixed-order fp64 sums of the per-tensor fp32 reductions: deterministic, no host sync
-        delta = (d / d0) * dlr * (torch.stack(dots).double().sum() if dots else torch.zeros((), device=device,
-                                                                                               dtype=torch.float64))
-        d_denom = torch.stack(abs_sums).double().sum() if abs_sums else torch.zeros((), dtype=torch.float64,
-                                                                                    device=device)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        delta = (d / d0) * dlr * (torch.cat([x.reshape(-1) for x in dots]).double().sum() if dots else zero)
+        d_denom = torch.cat([x.reshape(-1) for x in abs_sums]).double().sum() if abs_sums else zero
         ok = d_denom > 0  # prodigyopt returns before touching p, d and the numerator when the sum is 0
         global_num = d_numerator + delta
         d_hat = torch.where(ok, g0["d_coef"] * global_num / torch.where(ok, d_denom, 1.0), d)
@@ -169,18 +209,30 @@ class FusedProdigy(torch.optim.Optimizer):
         new_d = sc["d"]
         for group in self.param_groups:
             group.update(d=sc["d"], d_max=sc["d_max"], d_numerator=sc["d_numerator"], d_denom=d_denom, d_hat=d_hat)
-        for group, params, grads in active:
+        for group, params, grads, buckets, rest in active:
             decay = group["weight_decay"]
+            for p in params:
+                self.state[p]["step"] += 1
+            scale = -step_dlr if beta1 > 0 else -step_dlr * new_d
+            if buckets:
+                from fastgen.kernels.prodigy import prodigy_update
+
+                coefs = torch.stack([-decay * step_dlr, scale, new_d * group["eps"]]).float()
+                for idx in buckets.values():
+                    ps = [params[i] for i in idx]
+                    prodigy_update(ps, [self.state[p]["exp_avg"] for p in ps] if beta1 > 0 else [grads[i] for i in idx],
+                                   [self.state[p]["exp_avg_sq"] for p in ps], coefs,
+                                   decoupled_wd=decay != 0 and group["decouple"])
+            params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+            if not params:
+                continue
             vs = [self.state[p]["exp_avg_sq"] for p in params]
             denom = torch._foreach_sqrt(vs)
             torch._foreach_add_(denom, f32(new_d * group["eps"]))
             if decay != 0 and group["decouple"]:
                 torch._foreach_add_(params, torch._foreach_mul(params, f32(-decay * step_dlr)))
             num = [self.state[p]["exp_avg"] for p in params] if beta1 > 0 else grads
-            scale = -step_dlr if beta1 > 0 else -step_dlr * new_d
             torch._foreach_add_(params, torch._foreach_mul(torch._foreach_div(num, denom), f32(scale)))
-            for p in params:
-                self.state[p]["step"] += 1
         for group in self.param_groups:
             group["k"] = group["k"] + 1
         return loss
