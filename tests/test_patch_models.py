@@ -78,6 +78,10 @@ def test_dit_pipeline_models_swap_and_unpatch():
     tr, vae = pipe.transformer, pipe.vae
     want = _dit_images(pipe)
     assert not fp.is_patched(pipe)
+    report = fastgen.patch(pipe, backend="torch")  # without models=True: the swap is offered in a note
+    assert any("models=True) would replace transformer (DiTTransformer2DModel -> fastgen.models.DiT), vae" in n
+               for n in report.notes)
+    assert pipe.transformer is tr
 
     report = fastgen.patch(pipe, models=True, backend="torch")
     assert isinstance(pipe.transformer, DiT) and isinstance(pipe.vae, AutoencoderKL)

@@ -111,6 +111,18 @@ def swap(pipe, report, backend: str) -> None:
         pipe.__dict__.pop(ORIG_COMPONENTS, None)
 
 
+def offer(pipe) -> Optional[str]:
+    """A note for ``patch(pipe)`` without ``models=True``: which components it would replace, or None."""
+    if isinstance(pipe, nn.Module):
+        return None
+    can = [f"{name} ({type(m).__name__} -> {'.'.join(SWAPS[type(m).__name__])})" for name in COMPONENTS
+           if isinstance(m := getattr(pipe, name, None), nn.Module) and _why_not(m) is None]
+    if not can:
+        return None
+    return (f"fastgen.patch(pipe, models=True) would replace {', '.join(can)} by fastgen's own models "
+            f"(fused across module boundaries; same weights, unpatch restores)")
+
+
 def restore(pipe) -> None:
     """Put back the components :func:`swap` replaced (only where the fastgen one is still there)."""
     originals = getattr(pipe, "__dict__", {}).pop(ORIG_COMPONENTS, {})

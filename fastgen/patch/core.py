@@ -326,6 +326,10 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
     report = PatchReport(backend=backend)
     if models:
         components.swap(obj, report, backend)
+    else:
+        offer = components.offer(obj)
+        if offer is not None:
+            report.notes.append(offer)
     comps = _components(obj)  # after unpatch / the swaps: the components that run now
     if adapters is not None:
         adapter_files.apply(obj, comps, adapters, report, backend, adapter_scale)
