@@ -98,7 +98,8 @@ def swap(pipe, report, backend: str) -> None:
         where, cls_name = SWAPS[type(module).__name__]
         cls = getattr(importlib.import_module(where), cls_name)
         try:
-            new = cls.from_diffusers(module, backend=backend) if where == "fastgen.models" else cls.from_diffusers(module)
+            kw = {"backend": backend} if where == "fastgen.models" else {}  # the VAEs take no backend
+            new = cls.from_diffusers(module, **kw)
         except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
             report.skipped.append(Skipped(name, type(module).__name__,
                                           f"models=True: {cls_name}.from_diffusers refused it: {exc}",

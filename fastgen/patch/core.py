@@ -316,8 +316,9 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
         raise ValueError(f"fastgen.patch: backend must be one of {BACKENDS}, got {backend!r}")
     comps = _components(obj)
     if models and isinstance(obj, nn.Module):
-        raise TypeError("fastgen.patch(models=True) swaps a diffusers pipeline's components; for a single model "
-                        "use fastgen.models.<Model>.from_diffusers(model) (or fastgen.vae.AutoencoderKL.from_diffusers)")
+        raise TypeError("fastgen.patch(models=True) swaps a diffusers pipeline's components; for a single "
+                        "model use fastgen.models.<Model>.from_diffusers(model) (or "
+                        "fastgen.vae.AutoencoderKL.from_diffusers)")
     if models and adapters is not None:
         raise ValueError("fastgen.patch: adapters= runs adapter files unmerged on the diffusers components, and "
                          "models=True replaces those by fastgen models, which take adapters only merged "
