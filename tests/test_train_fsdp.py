@@ -3,6 +3,7 @@
 One spawn of 2 processes checks, in order (process start-up dominates the cost on a busy CPU):
 - FSDP2 (``train.parallel = "fsdp"``) trains the same weights and optimizer state as DDP on the
   same data and noise (up to the order of float sums: gradients are reduce-scattered in shards);
+- validation sampling under FSDP2 (every rank runs the sharded model, rank 0 writes the grid);
 - FSDP2 stop + resume with the same 2 processes is bit-exact (same ops on the same inputs);
 - a checkpoint written by 1 process loads into 2 (1 -> 2): the gathered weights, EMA and
   optimizer state equal the writer's bit for bit (DCP copies the bytes);
@@ -68,7 +69,10 @@ def _worker(rank: int, world: int, port: int, out: str, result_file: str):
     res = {}
     ddp = Trainer(_fsdp_cfg(os.path.join(out, "ddp"), parallel="ddp"), dataset=_tensor_data(), log=quiet)
     ddp.fit()
-    fs = Trainer(_fsdp_cfg(os.path.join(out, "fsdp")), dataset=_tensor_data(), log=quiet)
+    fcfg = _fsdp_cfg(os.path.join(out, "fsdp"))  # + a validation grid: every rank runs the sharded model
+    fcfg.validation.every, fcfg.validation.per_class, fcfg.validation.num_steps = 2, 1, 2
+    fcfg.validation.sampler, fcfg.validation.guidance_scale = "builtin", 2.0
+    fs = Trainer(fcfg, dataset=_tensor_data(), log=quiet)
     res["sharded"] = all(hasattr(p, "full_tensor") for p in fs.model.parameters())
     res["local_numel"] = sum(p.to_local().numel() for p in fs.model.parameters())
     fs.fit()
@@ -128,6 +132,7 @@ def test_fsdp_matches_ddp_resumes_and_reshards_2_to_1_and_1_to_2(tmp_path):
     mp.spawn(_worker, args=(2, port, str(tmp_path), res), nprocs=2, join=True)
     r0, r1 = (torch.load(f"{res}.{r}", weights_only=False) for r in (0, 1))
 
+    assert os.path.getsize(tmp_path / "fsdp" / "samples" / "step-00000002.png") > 0
     n_params = sum(p.numel() for p in one.model.parameters())
     assert r0["sharded"] and r1["sharded"] and r0["local_numel"] + r1["local_numel"] == n_params
     assert r0["local_numel"] < n_params
