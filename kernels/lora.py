@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, max_programs, round_to
+from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 MAX_RANK = 128
@@ -163,6 +163,7 @@ def _dora_norm_kernel(
     tl.store(OUT + rows, tl.sqrt(acc), mask=rmask)
 
 
+@device_guard
 def dora_row_norm(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
     """``||w + scale * up @ down||`` per row, fp32 ``(N,)``; ``w (N, K)``, ``up (N, R)``, ``down (R, K)``."""
     N, K = w.shape
@@ -207,6 +208,7 @@ def num_warps(dtype: torch.dtype, device: torch.device) -> int:
     return 8 if device.type == "cuda" and not interpreting() and dtype != torch.float32 else 4
 
 
+@device_guard
 def lora_fwd_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """``y += scale * (x @ a) @ b`` in place. ``y (M, N)`` with a unit column stride, ``x (M, K)``,
     ``a (K, R)``, ``b (R, N)``, all of one dtype; returns ``y``."""
@@ -231,6 +233,7 @@ def lora_fwd_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return y
 
 
+@device_guard
 def lora_bwd(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float):
     """Gradients of ``y += scale * (x @ a) @ b``: returns ``(dx, da, db)`` in the input dtype
     (``da (K, R)``, ``db (R, N)``; weight gradients summed in fp32)."""

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -83,6 +83,7 @@ def blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
     return 64, 64, 32
 
 
+@device_guard
 def _launch(a: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias, trans_w: bool, out=None) -> torch.Tensor:
     M, R = a.shape
     N, K = q.shape

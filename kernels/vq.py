@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting
+from fastgen.kernels._common import device_guard, interpreting
 
 
 # The GPU launch config: spill-free for sm_90 in fp32 / fp16 / bf16 (tests/test_vae_vq.py compiles it;
@@ -78,6 +78,7 @@ def _vq_nearest_kernel(
     tl.store(dist_ptr + rows64, dist, mask=rmask)
 
 
+@device_guard
 def vq_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``idx [M] int64, dist [M] fp32 = vq_nearest(x [M, D], codebook [K, D])`` (module docstring).
 

@@ -26,7 +26,7 @@ def ptxas_path() -> str:
 
 
 def resource_usage(fn, signature: dict, constexprs: dict, num_warps: int) -> dict:
-    """{'registers', 'spill_stores', 'spill_loads', 'stack'} of ``fn`` compiled for sm_90."""
+    """{'registers', 'shared', 'spill_stores', 'spill_loads', 'stack'} of ``fn`` compiled for sm_90."""
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
     compiled = triton.compile(ASTSource(fn, sig, constexprs), target=TARGET, options={"num_warps": num_warps})
@@ -43,6 +43,7 @@ def resource_usage(fn, signature: dict, constexprs: dict, num_warps: int) -> dic
     regs = re.search(r"Used (\d+) registers", out)
     return {
         "registers": int(regs.group(1)),
+        "shared": int(compiled.metadata.shared),  # bytes of shared memory per block (TMA / pipelining buffers)
         "stack": int(spill.group(1)),
         "spill_stores": int(spill.group(2)),
         "spill_loads": int(spill.group(3)),

@@ -23,7 +23,7 @@ def usage():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("sm90.py")), "--json"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -50,6 +50,18 @@ def test_no_config_spills_on_sm90(usage):
     assert not bad, "\n".join(map(str, bad))
     for r in usage:
         assert r["registers"] <= 65536 // (32 * r["num_warps"]), r
+
+
+# Shared memory an sm_90 block may use (227 KB: H100 / H200), which every config, the TMA
+# attention tiles and their pipelined stages included, must fit.
+SM90_MAX_SHARED = 232448
+
+
+def test_every_config_fits_shared_memory_on_sm90(usage):
+    bad = [r for r in usage if r["shared"] > SM90_MAX_SHARED]
+    assert not bad, "\n".join(f"{r['name']}: {r['shared']} bytes of shared memory" for r in bad)
+    tma = [r for r in usage if "tma" in r["name"].lower()]
+    assert tma and all(r["shared"] > 0 for r in tma)  # the TMA tiles were compiled and stage through shared memory
 
 
 def test_every_rope_config_was_compiled(usage):
