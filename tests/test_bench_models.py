@@ -12,9 +12,7 @@ import importlib
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-
-from fastgen.cli import _benchmarks_package  # noqa: E402
+from fastgen.cli import _benchmarks_package
 
 PKG = _benchmarks_package().__name__
 bench = importlib.import_module(PKG + ".bench_models")
@@ -31,6 +29,7 @@ def test_on_request_only():
 def test_gpu_sizes_are_the_released_models():
     """Parameter counts of the GPU configs (meta device, no memory): SD3-medium 2.03 B,
     SDXL UNet 2.57 B, SDXL VAE 83.7 M, CogVideoX-2b 1.69 B, and a Flux-dev-width stack of 2 + 4 blocks."""
+    pytest.importorskip("diffusers")
     counts = {v: bench.parameter_count(v, "cuda")
               for v in ("flux-stack", "sd3-medium", "sdxl-unet", "sdxl-vae", "cogvideox-2b")}
     assert round(counts["cogvideox-2b"] / 1e7) == 169
@@ -45,6 +44,7 @@ def test_gpu_sizes_are_the_released_models():
 
 @pytest.mark.parametrize("case", bench.cases("cpu", quick=False), ids=lambda c: f"{c.variant}-{c.shape['px']}")
 def test_cpu_cases_run(case):
+    pytest.importorskip("diffusers")
     fn = bench.setup("torch", case, "fwd", "cpu")
     out = fn()
     assert torch.isfinite(out).all()
@@ -63,6 +63,7 @@ def test_cpu_cases_run(case):
 
 def test_cogvideox_case_is_the_released_video_size():
     """49 frames x 480 x 720 px -> latents (B, 13, 16, 60, 90) on the GPU; the tiny CPU case likewise."""
+    pytest.importorskip("diffusers")
     (gpu,) = [c for c in bench.cases("cuda", quick=False) if c.variant == "cogvideox-2b"]
     assert gpu.shape == {"B": 1, "px": 480, "W": 720, "frames": 49} and gpu.dtype == torch.bfloat16
     cfg = bench._build("cogvideox-2b", "cuda", torch.bfloat16, meta=True).config
@@ -80,6 +81,7 @@ def test_fastgen_rows_wired_at_tiny_size(variant):
     model) and the fastgen.patch rows, wired as timed but on the torch backend: the same output as
     the diffusers model on the benchmark's inputs (fp32), and a training step reaches every
     parameter of the fastgen model."""
+    pytest.importorskip("diffusers")
     (case,) = [c for c in bench.cases("cpu", quick=False) if c.variant == variant]
     want = bench.build("torch", case, "fwd", "cpu")()
     for provider in ("fastgen-models", "fastgen-triton"):
