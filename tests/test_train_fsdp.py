@@ -154,7 +154,7 @@ def test_fsdp_matches_ddp_resumes_and_reshards_2_to_1_and_1_to_2(tmp_path):
 
     seconds, msg = open(f"{res}.kill").read().split("\n", 1)
     assert "rank 0 of 2: a collective operation failed at step 2" in msg, msg
-    assert "another process probably died" in msg and float(seconds) < 20
+    assert "another process probably died" in msg and float(seconds) < 60  # the group timeout is 20 s
 
 
 def test_fsdp_config_and_ddp_checkpoint_refusal(tmp_path):
