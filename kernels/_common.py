@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from fastgen.limits import interpreter_enabled as interpreting  # noqa: F401  (the one interpreter check)
 
 
 @functools.lru_cache(maxsize=None)

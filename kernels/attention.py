@@ -43,8 +43,8 @@ the MMA work of 48 / 48 / 80 / 80 instead of 64 / 64 / 128 / 128; the forward al
 D = 88 / 96 as 64 + 32. Other cases take the next power of two with masked loads (no extra
 memory traffic, but dot products on zeros): the backward of D = 96 pays for 128 (25% wasted),
 D = 160 for 256 (38%) in both directions. The remainders that would avoid it (64 + 32 in the
-backward, 128 + 32) hit the 255-register limit or spilled on sm_90 with their second
-accumulators, so they are not used yet (see ``kernel_head_blocks``).
+backward, 128 + 32) need second accumulators that do not fit the 255-register limit on
+sm_90 (see ``kernel_head_blocks``).
 
 Lengths are arbitrary (rows and columns past the end are masked). Causal programs on a
 GPU skip the key (query) blocks that their rows cannot see; under the interpreter the
@@ -65,17 +65,16 @@ TMA (Hopper): where ``tma_ok`` allows (sm_90+, not varlen, 16-byte aligned bases
 the forward's candidates also read q, k and v through 4-D ``[B, H, S, D]`` tensor descriptors
 (``TMA=True``): the tiles land in shared memory without passing through registers, rows past
 ``S`` and columns past ``D`` are zero-filled by the descriptor's bounds (so the split head-dim
-blocks need no masks), and the register count drops (D = 128 at 128 x 64: 155 instead of 255
-on sm_90), which also affords 128 x 128 tiles. Scores are still masked as before; outputs are
-stored with pointer stores. TMA tiles may also split head dims that the pointer loads pad
+blocks need no masks), and fewer registers are live, which affords 128 x 128 tiles. Scores
+are masked as on the pointer path; outputs are stored with pointer stores. TMA tiles may also split head dims that the pointer loads pad
 (``TMA_SPLITS``: 96 = 64 + 32 in the backward, 160 = 128 + 32, 192 = 128 + 64), since the
 descriptor bounds zero-fill the remainder. The backward kernels do the same for q, k, v and dO
 (``kernels/attention_bwd.py``). The tuner keeps a TMA tile only where it is faster; the default
-(and ``deterministic``) uses pointer loads. Not yet: warp specialization.
+(and ``deterministic``) uses pointer loads.
 
 What differs from FlashAttention: no dq atomics (see above), no head-dim padding of
 the inputs (split blocks and masking instead), no dropout, no ALiBi / sliding window / softcap, and no
-warp-specialized path yet.
+warp-specialized path.
 """
 
 from __future__ import annotations

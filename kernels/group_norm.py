@@ -63,15 +63,13 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to, warps_for
+from fastgen.limits import MAX_CHANNELS_PER_GROUP  # noqa: F401  (most channels per group; fastgen.vae reads it here)
 
 # Elements (K * chunk_s) one program covers: a group with more elements is split along S
 # over several programs. Tests lower it to force the split path on small shapes.
 SPLIT_ELEMENTS = 32768
 # Elements per tile held in registers (~8 per thread per live tensor at TILE // 256 warps).
 TILE = 2048
-# Most channels per group the kernels take (a tile spans all channels of a group; at 2048
-# channels the channels-last stats kernel spills on sm_90, tests/test_static_sm90.py).
-MAX_CHANNELS_PER_GROUP = 1024
 
 
 # ----------------------------------------------------------------------------- device helpers

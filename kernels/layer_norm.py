@@ -68,7 +68,7 @@ import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to, warps_for
 
-NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+from fastgen.limits import NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: F401  (the norm constexpr, defined once)
 
 # Widest row the single-pass forward keeps in registers; wider rows take the chunked forward.
 MAX_FULL_ROW_FWD = 8192

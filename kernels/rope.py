@@ -37,12 +37,11 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to
+from fastgen.limits import MAX_HEAD_DIM  # widest head the kernels hold in registers
 
 # Elements of one tensor's tile (tokens x heads x padded head dim) per program:
 # about 8 per thread of each live tile (tests/test_static_sm90.py checks no spills).
 TARGET_TILE = 2048
-# Widest head the kernels hold in registers; wider heads go to the torch reference.
-MAX_HEAD_DIM = 1024
 
 
 # ----------------------------------------------------------------------------- device helpers
