@@ -20,6 +20,7 @@ import torch
 
 import fastgen
 import fastgen.patch as fp
+from conftest import INTERPRET
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")]
@@ -368,6 +369,43 @@ def test_adapter_file_unmerged_equals_diffusers_load_lora_weights(tmp_path):
     assert not any(hasattr(m, "fastgen_adapters") for m in pipe.unet.modules())
     assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
     assert torch.equal(torch.as_tensor(_sd_images(pipe)), torch.as_tensor(base))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton LoRA kernel on CPU tensors: needs TRITON_INTERPRET=1")
+def test_adapter_file_runs_the_fused_lora_kernel(tmp_path, monkeypatch):
+    """backend="triton": the file's LoRA branches run in fastgen's fused kernel inside the pipeline
+    (counted), and the images equal those of the plain torch composition (backend="torch")."""
+    diffusers = pytest.importorskip("diffusers")
+    import fastgen.adapters as A
+    from fastgen.adapters import fused
+
+    pipe = _dit_pipe(diffusers)
+    trainer = copy.deepcopy(pipe.transformer)
+    A.add_adapter(trainer, "k", rank=3, targets=["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_v"])
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in A.adapter_parameters(trainer):
+            p.normal_(0.0, 0.3)
+    path = tmp_path / "k.safetensors"
+    A.save(trainer, path, format="diffusers", name="k")
+
+    def images():
+        return pipe(class_labels=[1], num_inference_steps=1, guidance_scale=2.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    base = images()
+    fastgen.patch(pipe, adapters=path, backend="torch", attention=False, norms=False, activations=False)
+    want = images()
+    calls = []
+    orig = fused._LoRAAdd.apply
+    monkeypatch.setattr(fused._LoRAAdd, "apply", staticmethod(lambda *a: calls.append(1) or orig(*a)))
+    fastgen.patch(pipe, adapters=path, backend="triton", attention=False, norms=False, activations=False)
+    got = images()
+    assert len(calls) == 2  # to_q and to_v, one CFG-doubled call
+    assert rel_err(want, base) > 1e-3
+    assert rel_err(got, want) <= 1e-5
+    fp.unpatch(pipe)
+    assert not fp.is_patched(pipe)
 
 
 def test_adapter_file_for_another_model_is_an_error_and_leaves_nothing(tmp_path):
