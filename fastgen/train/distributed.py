@@ -138,9 +138,11 @@ def load_dcp(folder: str, model, optimizer, ema=None) -> None:
             b.copy_(et[f"buffer.{n}"])
 
 
-def collective_failure(exc: BaseException, rank: int, world: int, step: int, timeout_s: float) -> RuntimeError:
-    """One clear error for a collective that failed because another process died or stalled."""
+def collective_failure(exc: BaseException, rank: int, world: int, step: int, timeout_s=None) -> RuntimeError:
+    """One clear error for a collective that failed because another process died or stalled
+    (``timeout_s``: the group's timeout when the trainer created it, else None)."""
+    limit = f"train.dist_timeout = {timeout_s:g} s" if timeout_s else "the process group's own timeout"
     return RuntimeError(
         f"fastgen.train: rank {rank} of {world}: a collective operation failed at step {step + 1} — another "
-        f"process probably died or stalled (train.dist_timeout = {timeout_s:g} s); look at the other ranks' "
+        f"process probably died or stalled ({limit}); look at the other ranks' "
         f"logs for the first error. Cause: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")

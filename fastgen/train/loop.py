@@ -176,7 +176,9 @@ class Trainer:
         want = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device = 'cuda' but torch sees no CUDA GPU")
+        had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank, self.world = init_distributed(torch.device(want), t.dist_timeout)
+        self.dist_timeout = None if had_group else t.dist_timeout  # for the dead-rank message
         if want == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank)))
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -347,7 +349,7 @@ class Trainer:
                     last_path = self.save()
         except RuntimeError as exc:  # a dead or stalled peer: one clear message, not a bare gloo / NCCL error
             if self.world > 1 and _is_collective_error(exc):
-                raise collective_failure(exc, self.rank, self.world, self.step, t.dist_timeout) from exc
+                raise collective_failure(exc, self.rank, self.world, self.step, self.dist_timeout) from exc
             raise
         finally:
             bar.close()
