@@ -25,6 +25,12 @@ _MODULES = {
     "ConditionalGANConfig": "fastgen.zoo.cgan",
     "ScoreSDE": "fastgen.zoo.score_sde",
     "ScoreSDEConfig": "fastgen.zoo.score_sde",
+    "VQVAE": "fastgen.zoo.vqvae",
+    "VQVAEConfig": "fastgen.zoo.vqvae",
+    "CycleGAN": "fastgen.zoo.cyclegan",
+    "CycleGANConfig": "fastgen.zoo.cyclegan",
+    "ConsistencyModel": "fastgen.zoo.consistency",
+    "ConsistencyModelConfig": "fastgen.zoo.consistency",
 }
 
 __all__ = sorted(_MODULES)
