@@ -7,6 +7,8 @@
     print(report)                          # every replacement, fused child and module left alone
     fastgen.patch.is_patched(model)        # True: any module in it runs fastgen code
     fastgen.patch.unpatch(model)           # the original classes and processors back
+    fastgen.patch(pipe, models=True)       # pipe.transformer / unet / vae -> fastgen.models / fastgen.vae
+    fastgen.patch(pipe, adapters="x.safetensors")  # an adapter file, unmerged, on the fused LoRA kernel
 
 The package is callable (``fastgen.patch(model)`` is :func:`patch`) while
 ``fastgen.patch.PatchReport`` etc. stay reachable. Importing it does not import diffusers;
