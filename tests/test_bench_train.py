@@ -37,7 +37,8 @@ def test_on_request_only_and_gpu_sizes():
     n_unet = bench._meta_count("fastgen-models", "sdxl-unet", "cuda")
     assert 1.2e9 < n_flux < 1.4e9 and round(n_unet / 1e6) == 2567  # SDXL's UNet: 2.57 B parameters
     assert bench.tokens(gpu["flux-dev-width"]) == 4096 + 512
-    assert bench.flops(gpu["flux-dev-width"], "step") == 6 * n_flux * 4608 and bench.flops(gpu["sdxl-unet"], "step") == 0
+    assert bench.flops(gpu["flux-dev-width"], "step") == 6 * n_flux * 4608
+    assert bench.flops(gpu["sdxl-unet"], "step") == 0
     assert bench.resident_bytes(gpu["sdxl-unet"]) == 3 * 2 * n_unet
     if importlib.util.find_spec("diffusers"):  # the diffusers models have the same sizes
         assert bench._meta_count("torch", "flux-dev-width", "cuda") == n_flux

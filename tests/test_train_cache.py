@@ -83,7 +83,8 @@ def test_vae_latents_match_diffusers(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     vae = _tiny_vae()
     ref = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
                                   layers_per_block=1, norm_num_groups=8, scaling_factor=0.5, shift_factor=0.1).eval()
     ref.load_state_dict(vae.state_dict())
     g = torch.Generator().manual_seed(1)
@@ -141,7 +142,9 @@ def test_changed_image_file_is_encoded_again(tmp_path):
 
     folder = make_shapes_folder(tmp_path / "data", per_class=2, size=8)
     enc = ConvEncoder()
-    make = lambda **kw: CachedLatentDataset(ImageFolderDataset(str(folder), **kw), enc, str(tmp_path / "c"))  # noqa: E731
+    def make(**kw):
+        return CachedLatentDataset(ImageFolderDataset(str(folder), **kw), enc, str(tmp_path / "c"))
+
     n = len(make(resolution=8))
     assert (make(resolution=8).cache.hits) == n
     first = sorted(p for p in folder.rglob("*.png"))[0]
