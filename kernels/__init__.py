@@ -19,3 +19,4 @@ implements("qk_norm_rope", "triton", "fastgen.kernels.qk_norm_rope", serves=rope
 implements("glu", "triton", "fastgen.kernels.glu", serves=kernel_dtype_reason)
 implements("attention", "triton", "fastgen.kernels.attention", "fastgen.kernels.attention_bwd",
            serves=attention_reason)
+implements("scale_shift", "triton", "fastgen.kernels.scale_shift", serves=kernel_dtype_reason)

@@ -66,7 +66,8 @@ the forward's candidates also read q, k and v through 4-D ``[B, H, S, D]`` tenso
 (``TMA=True``): the tiles land in shared memory without passing through registers, rows past
 ``S`` and columns past ``D`` are zero-filled by the descriptor's bounds (so the split head-dim
 blocks need no masks), and fewer registers are live, which affords 128 x 128 tiles. Scores
-are masked as on the pointer path; outputs are stored with pointer stores. TMA tiles may also split head dims that the pointer loads pad
+are masked as on the pointer path; outputs are stored with pointer stores. TMA tiles may also
+split head dims that the pointer loads pad
 (``TMA_SPLITS``: 96 = 64 + 32 in the backward, 160 = 128 + 32, 192 = 128 + 64), since the
 descriptor bounds zero-fill the remainder. The backward kernels do the same for q, k, v and dO
 (``kernels/attention_bwd.py``). The tuner keeps a TMA tile only where it is faster; the default

@@ -22,6 +22,7 @@ OPS = {
     "gated_residual_layer_norm_modulate": ("triton", "torch"),
     "glu": ("triton", "torch"),
     "attention": ("triton", "torch"),
+    "scale_shift": ("triton", "torch"),
 }
 
 

@@ -29,3 +29,6 @@ __all__ += ["attention", "attention_ref", "scaled_dot_product_attention"]
 from fastgen.ops.glu import glu, glu_ref  # noqa: E402
 
 __all__ += ["glu", "glu_ref"]
+from fastgen.ops.scale_shift import scale_shift, scale_shift_ref  # noqa: E402
+
+__all__ += ["scale_shift", "scale_shift_ref"]

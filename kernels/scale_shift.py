@@ -1,0 +1,159 @@
+"""AdaLN modulation without a norm, in Triton: ``y = x * (1 + scale) + shift``.
+
+Shapes: ``x`` is ``[B, S, N]`` with a unit last stride; ``scale`` and ``shift`` are each
+``[B, 1, N]`` (per sample, broadcast over the ``S`` tokens: stride 0 along S) or
+``[B, S, N]`` (per token), read through their own (batch, token) strides.
+
+Grid: one program per (sample ``b``, chunk of ``chunk_s`` tokens, block of ``BLOCK_N``
+features), all on axis 0 (axis 1 stops at 65,535). A program walks its ``chunk_s`` tokens
+one row at a time (a runtime trip count computed on the host: no recompile per token count,
+and loop bounds derived from ``tl.program_id`` break Triton 3.6's interpreter).
+
+Forward, fp32 math and one rounding at the store::
+
+    y = x * (1 + scale) + shift
+
+Backward, with ``dy`` the gradient of ``y``::
+
+    dx     = dy * (1 + scale)
+    dscale = dy * x          per token; per sample: sum over tokens
+    dshift = dy              per token (the launcher returns dy itself); per sample: sum over tokens
+
+Per-sample sums: each program writes fp32 partials ``[B, chunks, N]`` of its tokens, and
+the launcher sums them over ``chunks`` in a fixed order (deterministic, no atomics).
+Memory: the forward reads x and the modulation once and writes y; the backward reads dy,
+x and scale once and writes dx (plus dscale per token, or the ``[B, chunks, N]`` partials).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to
+
+TILE = 2048  # elements a program holds per row block: 8 per thread with 8 warps
+
+
+@triton.jit
+def _offsets(pid, N, n_chunks, BLOCK_N: tl.constexpr):
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    nb = pid % n_blocks
+    c = (pid // n_blocks) % n_chunks
+    b = pid // (n_blocks * n_chunks)
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    return b.to(tl.int64), c, cols, cols < N
+
+
+@triton.jit
+def _scale_shift_fwd_kernel(
+    X,  # [B, S, N] input, strides (sxb, sxs, 1)
+    SCALE,  # [B, S | 1, N] modulation, strides (scb, scs, 1); scs = 0 per sample
+    SHIFT,  # [B, S | 1, N] modulation, strides (shb, shs, 1); shs = 0 per sample
+    Y,  # [B, S, N] output, contiguous, X's dtype
+    S, N, n_chunks, chunk_s, sxb, sxs, scb, scs, shb, shs,
+    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    b, c, cols, mask_n = _offsets(tl.program_id(0), N, n_chunks, BLOCK_N)
+    for i in range(chunk_s):
+        s = (c * chunk_s + i).to(tl.int64)
+        mask = mask_n & (tl.zeros((BLOCK_N,), dtype=tl.int64) + s < S)  # a vector mask (the interpreter's rule)
+        x = tl.load(X + b * sxb + s * sxs + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * scb + s * scs + cols, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + b * shb + s * shs + cols, mask=mask, other=0.0).to(tl.float32)
+        y = x * (1.0 + sc) + sh
+        tl.store(Y + (b * S + s) * N + cols, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _scale_shift_bwd_kernel(
+    DY,  # [B, S, N] gradient of Y, contiguous
+    X,  # [B, S, N] the forward's input, strides (sxb, sxs, 1)
+    SCALE,  # [B, S | 1, N] strides (scb, scs, 1)
+    DX,  # [B, S, N] output, contiguous, X's dtype
+    DSCALE,  # per token: [B, S, N] contiguous, X's dtype; per sample: fp32 partials [B, n_chunks, N]
+    DSHIFT,  # per sample: fp32 partials [B, n_chunks, N]; per token: unused (dshift = dy)
+    S, N, n_chunks, chunk_s, sxb, sxs, scb, scs,
+    SCALE_PS: tl.constexpr, SHIFT_PS: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    b, c, cols, mask_n = _offsets(tl.program_id(0), N, n_chunks, BLOCK_N)
+    acc_scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dt = DX.dtype.element_ty
+    for i in range(chunk_s):
+        s = (c * chunk_s + i).to(tl.int64)
+        mask = mask_n & (tl.zeros((BLOCK_N,), dtype=tl.int64) + s < S)  # a vector mask (the interpreter's rule)
+        row = (b * S + s) * N + cols
+        dy = tl.load(DY + row, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + b * sxb + s * sxs + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * scb + s * scs + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row, round_to(dy * (1.0 + sc), dt, INTERPRET), mask=mask)
+        if SCALE_PS:
+            acc_scale += dy * x
+        else:
+            tl.store(DSCALE + row, round_to(dy * x, dt, INTERPRET), mask=mask)
+        if SHIFT_PS:
+            acc_shift += dy
+    part = (b * n_chunks + c) * N + cols
+    if SCALE_PS:
+        tl.store(DSCALE + part, acc_scale, mask=mask_n)
+    if SHIFT_PS:
+        tl.store(DSHIFT + part, acc_shift, mask=mask_n)
+
+
+def scale_shift_config(B: int, S: int, N: int, device: torch.device) -> dict:
+    """Launch config: a feature block up to 1024 wide, token chunks sized so that the grid
+    fills the device about once (``max_programs``) without a chunk of zero rows."""
+    block_n = min(triton.next_power_of_2(max(N, 1)), 1024)
+    n_blocks = triton.cdiv(N, block_n)
+    want_chunks = max(1, max_programs(device) // max(1, B * n_blocks))
+    chunk_s = max(1, triton.cdiv(S, want_chunks))
+    n_chunks = triton.cdiv(S, chunk_s)
+    return dict(BLOCK_N=block_n, num_warps=max(1, block_n // 256), chunk_s=chunk_s, n_chunks=n_chunks,
+                grid=(B * n_chunks * n_blocks,))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    """(batch, token) strides of a [B, S | 1, N] tensor; 0 along a broadcast token dim."""
+    return t.stride(0), (0 if t.shape[1] == 1 else t.stride(1))
+
+
+def _check(x: torch.Tensor, *mods: torch.Tensor) -> None:
+    assert x.dim() == 3 and (x.shape[2] <= 1 or x.stride(2) == 1)
+    B, S, N = x.shape
+    for t in mods:
+        assert t.shape in ((B, 1, N), (B, S, N)) and t.dtype == x.dtype and (N <= 1 or t.stride(2) == 1)
+
+
+@device_guard
+def scale_shift_fwd(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, y: torch.Tensor) -> None:
+    """y [B, S, N] (contiguous, allocated by the op) = x * (1 + scale) + shift."""
+    _check(x, scale, shift)
+    B, S, N = x.shape
+    cfg = scale_shift_config(B, S, N, x.device)
+    grid, n_chunks, chunk_s = cfg.pop("grid"), cfg.pop("n_chunks"), cfg.pop("chunk_s")
+    _scale_shift_fwd_kernel[grid](x, scale, shift, y, S, N, n_chunks, chunk_s, x.stride(0), x.stride(1), *_strides(scale),
+                                  *_strides(shift), INTERPRET=interpreting(), **cfg)
+
+
+@device_guard
+def scale_shift_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, dx: torch.Tensor,
+                    scale_per_sample: bool, shift_per_sample: bool):
+    """Fill dx [B, S, N] (allocated by the op); return (dscale, dshift): per token ``dy * x`` and
+    None (dshift is dy itself), per sample the fp32 sums over tokens ``[B, 1, N]``."""
+    _check(x, scale)
+    B, S, N = x.shape
+    assert dy.shape == x.shape and dy.is_contiguous() and dy.dtype == x.dtype
+    cfg = scale_shift_config(B, S, N, x.device)
+    grid, n_chunks, chunk_s = cfg.pop("grid"), cfg.pop("n_chunks"), cfg.pop("chunk_s")
+    part = lambda: torch.empty((B, n_chunks, N), dtype=torch.float32, device=x.device)  # noqa: E731
+    dscale = part() if scale_per_sample else torch.empty_like(dy)
+    dshift = part() if shift_per_sample else dscale  # unused by the kernel per token
+    _scale_shift_bwd_kernel[grid](dy, x, scale, dx, dscale, dshift, S, N, n_chunks, chunk_s, x.stride(0), x.stride(1),
+                                  *_strides(scale), SCALE_PS=scale_per_sample, SHIFT_PS=shift_per_sample,
+                                  INTERPRET=interpreting(), **cfg)
+    # Fixed-order sums of the per-chunk partials: the deterministic second pass.
+    if scale_per_sample:
+        dscale = dscale.sum(1, keepdim=True)
+    return dscale, (dshift.sum(1, keepdim=True) if shift_per_sample else None)
