@@ -110,6 +110,23 @@ def test_errors():
         ConsistencyModelConfig(channels=(8, 12), groups=8)
 
 
+def test_trains_with_fastgen_train(tmp_path):
+    """``fastgen train`` builds the UNet from model.kwargs (config_class) and runs iCT on it."""
+    from fastgen.train import Config, Trainer
+    from fastgen.train.data import TensorImageDataset
+
+    cfg = Config.from_dict({"output_dir": str(tmp_path), "objective": {"kind": "consistency", "ct_s1": 20},
+                            "model": {"factory": "fastgen.zoo.consistency:ConsistencyUNet",
+                                      "kwargs": {"channels": [8, 16], "groups": 4, "num_classes": 2}},
+                            "train": {"steps": 2, "batch_size": 4, "progress": False, "device": "cpu"},
+                            "validation": {"every": 0}})
+    x, labels = shapes(8, torch.Generator().manual_seed(0))
+    tr = Trainer(cfg, dataset=TensorImageDataset(x, labels % 2), log=lambda s: None)
+    assert type(tr.model).__name__ == "ConsistencyUNet" and tr.model.config.num_classes == 2
+    out = tr.fit()
+    assert len(out["losses"]) == 2 and all(math.isfinite(v) for _, v in out["losses"])
+
+
 def test_one_step_samples_improve_on_the_untrained_model(one_thread):
     """iCT, 120 steps (batch 32, lr 1e-3, s1 = 40, EMA 0.99, seed 0) on 2048 shapes images.
     Measure (the trainer's end-to-end colour statistics, without classes): the distance between

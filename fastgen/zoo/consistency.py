@@ -115,14 +115,24 @@ class AttentionBlock(nn.Module):
 
 
 class ConsistencyUNet(nn.Module):
-    """The network F(x, t, class_labels) (module docstring): (B, C, S, S), (B,) -> (B, C, S, S)."""
+    """The network F(x, t, class_labels) (module docstring): (B, C, S, S), (B,) -> (B, C, S, S).
+
+    ``class_labels`` (B,) int64 in [0, num_classes], num_classes meaning "no label" (also what
+    ``None`` gives); ignored when num_classes = 0. With ``config_class`` set, ``fastgen train``
+    builds it from ``model.kwargs`` (``model.factory: fastgen.zoo.consistency:ConsistencyUNet``,
+    ``objective.kind: consistency``)."""
+
+    config_class = ConsistencyModelConfig
 
     def __init__(self, cfg: ConsistencyModelConfig) -> None:
         super().__init__()
+        self.config = cfg
         ch, g, be = cfg.channels, cfg.groups, cfg.backend
         self.tdim = tdim = 4 * ch[0]
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim), nn.SiLU())
-        self.class_embed = nn.Embedding(cfg.num_classes, tdim) if cfg.num_classes else None
+        # num_classes + 1 rows: the last is the null label (classifier-free dropout in fastgen train)
+        self.num_classes = cfg.num_classes
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, tdim) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down = nn.ModuleList(ResBlock(ch[i], ch[i], tdim, g, be) for i in range(len(ch) - 1))
         self.downsample = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1)
@@ -140,6 +150,8 @@ class ConsistencyUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
         if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             temb = temb + self.class_embed(class_labels)
         h = self.conv_in(x)
         skips = []
@@ -174,6 +186,8 @@ class ConsistencyModel(nn.Module):
             if labels is not None:
                 raise ValueError("this ConsistencyModel is unconditional (num_classes=0): pass labels=None")
             return
+        if labels is None:
+            return                                  # the null label: unconditional samples
         if not isinstance(labels, Tensor) or labels.shape != (x.shape[0],) or labels.dtype != torch.long:
             got = (tuple(labels.shape), labels.dtype) if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f"labels must be an int64 tensor of shape ({x.shape[0]},), got {got}")
