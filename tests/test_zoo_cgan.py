@@ -79,6 +79,7 @@ def test_errors():
         ConditionalGANConfig(num_classes=0)
 
 
+@pytest.mark.slow
 def test_samples_differ_by_class(one_thread):
     """300 alternating steps (batch 64, lr 1e-3, seed 0) on 2048 labelled shapes images; 30
     samples per class. Measured: the samples' dominant colour matches the class colour for

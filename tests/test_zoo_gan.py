@@ -93,6 +93,7 @@ def test_errors_name_the_expected_shape():
         GANConfig(image_size=12, g_channels=(16, 8, 8))
 
 
+@pytest.mark.slow
 def test_training_moves_accuracy_and_statistics(one_thread):
     """300 alternating steps (batch 64, lr 1e-3, seed 0) on 2048 shapes images.
 

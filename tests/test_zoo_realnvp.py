@@ -118,6 +118,7 @@ def test_errors():
         RealNVPConfig(data_shape=(4, 4))
 
 
+@pytest.mark.slow
 def test_learns_two_moons(one_thread):
     """Maximum likelihood on 4096 two-moons points (noise 0.05, standardised), 400 FusedAdamW
     steps, batch 256, lr 3e-3, 8 couplings of width 32, seed 0. Held-out NLL (4096 points):

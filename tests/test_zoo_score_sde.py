@@ -90,6 +90,7 @@ def trained_ve(one_thread_module):
     return m, untrained
 
 
+@pytest.mark.slow
 def test_learns_ring_mixture_moments(trained_ve):
     """VE model, 1000 FusedAdamW steps (batch 256, lr 3e-3, seed 0) on 8192 points of the 8-mode
     ring (radius 2, mode std 0.1; exact mean 0, covariance 2.01 I). 2000 PC samples, 200 steps.
@@ -106,6 +107,7 @@ def test_learns_ring_mixture_moments(trained_ve):
     assert near > 0.45 and _near_mode(untrained) < 0.05
 
 
+@pytest.mark.slow
 def test_diffusers_score_sde_ve_scheduler_samples_match(trained_ve):
     pytest.importorskip("diffusers")
     m, _ = trained_ve

@@ -102,6 +102,7 @@ def test_triton_backend_matches_torch():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_beta_trades_rate_for_distortion(one_thread):
     """Train two models on the shapes data, identical but for beta (0.5 and 8), and measure on
     held-out images. Theory (rate-distortion view of the beta-ELBO): a larger beta gives a

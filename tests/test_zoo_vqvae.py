@@ -90,6 +90,7 @@ def test_errors():
         VQVAEConfig(image_size=20, channels=(8, 16, 16))
 
 
+@pytest.mark.slow
 def test_training_reconstruction_and_codebook_usage(one_thread):
     """300 FusedAdamW steps (batch 64, lr 2e-3, seed 0), K = 32 codes of width 8 on a 4x4 grid,
     EMA decay 0.9, 2048 shapes images; 512 held-out images. Measured: loss 0.88 -> 0.047, MSE per

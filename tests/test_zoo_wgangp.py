@@ -122,6 +122,7 @@ def test_errors():
         WGANGPConfig(n_critic=0)
 
 
+@pytest.mark.slow
 def test_training_on_shapes(one_thread):
     """100 generator steps x 3 critic steps (batch 32, lr 1e-3, betas (0.5, 0.9), seed 0).
     Measured: sample-statistics distance to the data 1.79 -> 0.40; the critic's Wasserstein
