@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastgen.backend
+from conftest import INTERPRET, TRITON_DEVICE
 from fastgen.nn import GroupNorm
 from fastgen.zoo.cyclegan import CycleGAN, CycleGANConfig, train_cyclegan
 from fastgen.zoo.data import colour_swap, shapes
@@ -16,7 +18,7 @@ from fastgen.zoo.data import colour_swap, shapes
 TINY = dict(channels=8, d_channels=(8, 16), groups=4, n_res=1)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions on 2 shared cores: one thread is fastest
@@ -142,3 +144,25 @@ def test_learns_the_colour_swap(one_thread):
     assert min(before[:4]) > 0.5
     assert max(after[:4]) < 0.1
     assert after[4] > 5 * after[0]
+
+
+@pytest.mark.skipif(not INTERPRET and TRITON_DEVICE != "cuda", reason="needs the Triton interpreter or a GPU")
+def test_triton_backend_matches_torch():
+    """A generator with its GroupNorm+SiLU on the Triton kernels (the interpreter on CPU): the
+    output and the input gradient equal the torch backend's."""
+    torch.manual_seed(0)
+    cfg = CycleGANConfig(channels=8, groups=4, n_res=1, image_size=8, d_channels=(8,), backend="torch")
+    g = CycleGAN(cfg).g_ab.to(TRITON_DEVICE)
+    x = (torch.rand(1, 3, 8, 8, device=TRITON_DEVICE) * 2 - 1).requires_grad_()
+    ref = g(x)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    norms = [mod for mod in g.modules() if isinstance(mod, GroupNorm)]
+    assert len(norms) == 5 and all(mod.activation == "silu" for mod in norms)
+    for mod in norms:
+        mod.backend = "triton"
+    with fastgen.backend.trace() as ran:
+        out = g(x)
+    assert ran == [("group_norm", "triton")] * 5          # every norm ran the Triton kernel
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
