@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.multi_tensor import (TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned,
                                           st, tensor_ptr)
 
@@ -180,6 +180,7 @@ def adamw_config() -> dict:
     return dict(BLOCK=BLOCK, num_warps=8)
 
 
+@device_guard
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
                weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0, coef=None, shadows=None,
                ema_decay=0.0):

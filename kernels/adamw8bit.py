@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.adamw import _ema_fold, _lerp, _one_minus_pow, _stochastic_bf16
 from fastgen.kernels.multi_tensor import (TL_DTYPES, block_ptr, chunk_table, ld, pointer_table, split_aligned, st,
                                           tensor_ptr)
@@ -178,6 +178,7 @@ def adamw8bit_config(aligned: bool = True) -> dict:
     return dict(QB=QB, QBLOCK=QBLOCK, num_warps=8 if aligned else 16)
 
 
+@device_guard
 def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta1, beta2, eps, weight_decay,
                    maximize, stochastic_rounding=False, seed=0, coef=None, shadows=None, ema_decay=0.0):
     """Update lists of parameters and their 8-bit states in place, one launch (shared dtypes and

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.multi_tensor import TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned, st
 
 BLOCK = 2048
@@ -65,6 +65,7 @@ def clip_config() -> dict:
     return dict(BLOCK=BLOCK, num_warps=8)
 
 
+@device_guard
 def sum_squares(grads: list[torch.Tensor]) -> torch.Tensor:
     """fp32 0-d tensor: the sum of squares of all elements (same dtype and device, all dense)."""
     cfg = clip_config()
@@ -80,6 +81,7 @@ def sum_squares(grads: list[torch.Tensor]) -> torch.Tensor:
     return (partials[0] if len(partials) == 1 else torch.cat(partials)).sum()
 
 
+@device_guard
 def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
     """grads *= coef (an fp32 device scalar), in place, one launch."""
     cfg = clip_config()

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.multi_tensor import TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned, st
 
 BLOCK = 2048
@@ -51,6 +51,7 @@ def ema_config() -> dict:
     return dict(BLOCK=BLOCK, num_warps=8)
 
 
+@device_guard
 def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     """shadow <- lerp(shadow, param, 1 - decay) for every pair, one launch (dense, alike, one device)."""
     cfg = ema_config()

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.adamw import _ema_fold
 from fastgen.kernels.multi_tensor import TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned, st
 
@@ -97,6 +97,7 @@ def lion_config() -> dict:
     return dict(BLOCK=BLOCK, num_warps=8)
 
 
+@device_guard
 def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, coef=None, shadows=None,
               ema_decay=0.0):
     """Update lists of parameters in place, one launch (shared dtypes and device, all dense alike).

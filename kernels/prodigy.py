@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.multi_tensor import TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned, st
 
 BLOCK = 2048
@@ -86,6 +86,7 @@ def _prodigy_update_kernel(
     st(p_ptr, round_to(p, P_DTYPE, INTERPRET), mask, True)
 
 
+@device_guard
 def prodigy_moments(params, grads, p0s, ms, vs, ss, coefs, *, beta1, beta2, beta3, weight_decay, coupled_wd):
     """Pass 1 over lists (one dtype mix, one device, contiguous, ``slice_p = 1``). Returns the fp32
     per-program partial sums (dot, abs) of all launches, in launch order."""
@@ -106,6 +107,7 @@ def prodigy_moments(params, grads, p0s, ms, vs, ss, coefs, *, beta1, beta2, beta
     return torch.cat(dots), torch.cat(abss)
 
 
+@device_guard
 def prodigy_update(params, nums, vs, coefs, *, decoupled_wd):
     """Pass 2 over lists (one dtype mix, one device, contiguous)."""
     for aligned, (p, n, v) in split_aligned(params, nums, vs):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._common import interpreting, round_to
+from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.adamw import _lerp
 from fastgen.kernels.multi_tensor import TL_DTYPES, block_ptr, chunk, chunk_table, ld, pointer_table, split_aligned, st
 
@@ -83,6 +83,7 @@ def schedulefree_config() -> dict:
     return dict(BLOCK=BLOCK, num_warps=8)
 
 
+@device_guard
 def schedulefree_step(ys, grads, zs, vs, *, beta1, beta2, bias_correction2, eps, weight_decay, ckp1, lr):
     """One schedule-free step over lists (parameters, z and v of one dtype, gradients of one dtype,
     one device, contiguous), one launch per alignment class."""
