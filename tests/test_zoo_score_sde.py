@@ -94,17 +94,21 @@ def trained_ve(one_thread_module):
 def test_learns_ring_mixture_moments(trained_ve):
     """VE model, 1000 FusedAdamW steps (batch 256, lr 3e-3, seed 0) on 8192 points of the 8-mode
     ring (radius 2, mode std 0.1; exact mean 0, covariance 2.01 I). 2000 PC samples, 200 steps.
-    Asserted: |mean| < 0.3, every covariance entry within 0.5 of 2.01 I, and the fraction of
-    samples within 0.3 of a mode centre > 0.45 (untrained: samples stay N(0, 5^2 I), < 0.05)."""
+    Measured (seed 0): mean (0.09, 0.13), covariance (2.19, -0.42, 1.81), 56% of samples within
+    0.3 of a mode centre. The error is dominated by how the run weights the 8 modes, which varies
+    with the training seed: over data-order seeds 0-2 and a 1500-step run, mean coordinates
+    reached 0.31 and covariance entries 0.39 from the truth, near-mode fractions 0.51-0.61.
+    Asserted, above that spread: mean coordinates within 0.45, covariance entries within 0.6 of
+    2.01 I (the untrained model's covariance is 25 I), near-mode fraction > 0.4 (untrained < 0.05)."""
     m, untrained = trained_ve
     s = m.sample(2000, num_steps=200, generator=torch.Generator().manual_seed(3))
     mean, cov, near = s.mean(0), torch.cov(s.T), _near_mode(s)
     print(f"mean {mean.tolist()} cov {cov.flatten().tolist()} near-mode {near:.3f} "
           f"(untrained {_near_mode(untrained):.3f})")
     assert torch.isfinite(s).all()
-    torch.testing.assert_close(mean, GMM_MEAN, atol=0.3, rtol=0)
-    torch.testing.assert_close(cov, GMM_COV, atol=0.5, rtol=0)
-    assert near > 0.45 and _near_mode(untrained) < 0.05
+    torch.testing.assert_close(mean, GMM_MEAN, atol=0.45, rtol=0)
+    torch.testing.assert_close(cov, GMM_COV, atol=0.6, rtol=0)
+    assert near > 0.4 and _near_mode(untrained) < 0.05
 
 
 @pytest.mark.slow
@@ -113,6 +117,6 @@ def test_diffusers_score_sde_ve_scheduler_samples_match(trained_ve):
     m, _ = trained_ve
     s = sample_diffusers_ve(m, 2000, num_steps=200, generator=torch.Generator().manual_seed(3))
     print(f"diffusers: mean {s.mean(0).tolist()} cov {torch.cov(s.T).flatten().tolist()} near {_near_mode(s):.3f}")
-    torch.testing.assert_close(s.mean(0), GMM_MEAN, atol=0.3, rtol=0)
-    torch.testing.assert_close(torch.cov(s.T), GMM_COV, atol=0.5, rtol=0)
-    assert _near_mode(s) > 0.45
+    torch.testing.assert_close(s.mean(0), GMM_MEAN, atol=0.45, rtol=0)  # bounds: see the test above
+    torch.testing.assert_close(torch.cov(s.T), GMM_COV, atol=0.6, rtol=0)
+    assert _near_mode(s) > 0.4
