@@ -8,21 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels._layout import max_programs  # noqa: F401  (torch-only; fastgen.cuda reads it there)
 from fastgen.limits import interpreter_enabled as interpreting  # noqa: F401  (the one interpreter check)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def max_programs(device: torch.device, per_sm: int = 4, interpreted: int = 4) -> int:
-    """How many programs a grid-stride launch runs at most (each owning one row of a partial
-    buffer, say): ``per_sm`` per SM on a GPU, ``interpreted`` under the interpreter, which pays
-    per program."""
-    if device.type == "cuda":
-        return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return interpreted
 
 
 def _cuda_device(args, kwargs) -> torch.device | None:

@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to, warps_for
+from fastgen.kernels._layout import channels_last_layout
 from fastgen.limits import MAX_CHANNELS_PER_GROUP  # noqa: F401  (most channels per group; fastgen.vae reads it here)
 
 # Elements (K * chunk_s) one program covers: a group with more elements is split along S
@@ -517,21 +518,6 @@ def combine_config(splits: int, K: int | None = None) -> dict:
     block_sp = max(1, min(triton.next_power_of_2(splits), max(1, TILE // block_k), 1024))
     return dict(BLOCK_SP=block_sp, iters=triton.cdiv(splits, block_sp),
                 num_warps=warps_for(block_sp * block_k))
-
-
-def channels_last_layout(x: torch.Tensor) -> bool:
-    """True if x [N, C, S] has channels-last strides (S*C, 1, C), False if contiguous (C*S, S, 1).
-
-    Strides of size-1 dims are ignored; with C == 1 or S == 1 both layouts are the same
-    memory order and this returns False. Anything else is an AssertionError.
-    """
-    N, C, S = x.shape
-    ok_n = N <= 1 or x.stride(0) == C * S
-    if C > 1 and S > 1 and x.stride(1) == 1 and x.stride(2) == C and ok_n:
-        return True
-    assert ok_n and (C <= 1 or x.stride(1) == S) and (S <= 1 or x.stride(2) == 1), (
-        f"x must be [N, C, S] with contiguous or channels-last strides, got strides {x.stride()}")
-    return False
 
 
 @device_guard

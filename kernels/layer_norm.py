@@ -575,19 +575,7 @@ def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shi
     scale_ps = has_mod and scale.shape[1] == 1
     gate_ps = has_res and gate.shape[1] == 1
     per_sample = shift_ps or scale_ps or gate_ps
-
-    def new(t, shape=(B, S, N)):
-        return torch.empty(shape, dtype=t.dtype, device=dev)
-
-    dh = new(h) if norm != NORM_NONE else None
-    dy = new(y) if has_res else None
-    dgate = (torch.zeros if gate_ps else torch.empty)((B, 1 if gate_ps else S, N), dtype=gate.dtype, device=dev) \
-        if has_res else None
-    dshift = torch.zeros((B, 1, N), dtype=scale.dtype, device=dev) if shift_ps else None
-    dscale = (torch.zeros if scale_ps else torch.empty)((B, 1 if scale_ps else S, N), dtype=scale.dtype, device=dev) \
-        if has_mod else None
-    dw = torch.zeros_like(weight) if weight is not None else None
-    db = torch.zeros_like(bias) if bias is not None else None
+    dh, dy, dgate, dshift, dscale, dw, db = _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps)
     if M == 0 or N == 0 or (norm == NORM_NONE and not has_res):
         return dh, dy, dgate, dshift, dscale, dw, db
     load = bwd_load(weight is not None, bias is not None, shift_ps, scale_ps, gate_ps, has_res and norm != NORM_NONE)
@@ -631,14 +619,35 @@ def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shi
         INTERPRET=interpreting(), **cfg,
     )
     # Fixed-order sums of the per-program partials: the deterministic second pass.
-    if dw_p is not None:
-        dw = dw_p.sum(0).to(weight.dtype)
-    if db_p is not None:
-        db = db_p.sum(0).to(bias.dtype)
-    if shift_ps:
-        dshift = dshift_p.view(G, P, N).sum(1, keepdim=True).to(scale.dtype)
-    if scale_ps:
-        dscale = dscale_p.view(G, P, N).sum(1, keepdim=True).to(scale.dtype)
-    if gate_ps:
-        dgate = dgate_p.view(G, P, N).sum(1, keepdim=True).to(gate.dtype)
+    per_row = lambda p, like: p.sum(0).to(like.dtype)  # noqa: E731
+    per_sample_sum = lambda p, like: p.view(G, P, N).sum(1, keepdim=True).to(like.dtype)  # noqa: E731
+    dw = dw if dw_p is None else per_row(dw_p, weight)
+    db = db if db_p is None else per_row(db_p, bias)
+    dshift = per_sample_sum(dshift_p, scale) if shift_ps else dshift
+    dscale = per_sample_sum(dscale_p, scale) if scale_ps else dscale
+    dgate = per_sample_sum(dgate_p, gate) if gate_ps else dgate
+    return dh, dy, dgate, dshift, dscale, dw, db
+
+
+def _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps):
+    """The gradients layer_norm_bwd returns, allocated (zeros where a sum over tokens or rows
+    lands, so that an empty problem returns zeros); None where not applicable."""
+    B, S, N = h.shape
+    dev = h.device
+    has_res, has_mod = y is not None, scale is not None
+    scale_ps = has_mod and scale.shape[1] == 1
+    gate_ps = has_res and gate.shape[1] == 1
+
+    def new(t, shape=(B, S, N)):
+        return torch.empty(shape, dtype=t.dtype, device=dev)
+
+    dh = new(h) if norm != NORM_NONE else None
+    dy = new(y) if has_res else None
+    dgate = (torch.zeros if gate_ps else torch.empty)((B, 1 if gate_ps else S, N), dtype=gate.dtype, device=dev) \
+        if has_res else None
+    dshift = torch.zeros((B, 1, N), dtype=scale.dtype, device=dev) if shift_ps else None
+    dscale = (torch.zeros if scale_ps else torch.empty)((B, 1 if scale_ps else S, N), dtype=scale.dtype, device=dev) \
+        if has_mod else None
+    dw = torch.zeros_like(weight) if weight is not None else None
+    db = torch.zeros_like(bias) if bias is not None else None
     return dh, dy, dgate, dshift, dscale, dw, db

@@ -35,16 +35,10 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to
-from fastgen.kernels.rope import (
-    MAX_HEAD_DIM,
-    _load_pairs,
-    _load_tables,
-    _store_pairs,
-    _dims,
-    bsh_strides,
-    table_strides,
-    tile_config,
-)
+from fastgen.kernels._layout import bsh_strides, table_strides
+from fastgen.kernels._layout import rope_dims as _dims
+from fastgen.kernels.rope import _load_pairs, _load_tables, _store_pairs, tile_config
+from fastgen.limits import MAX_HEAD_DIM
 
 TARGET_TILE_FWD = 2048
 # The backward keeps more live tiles (x, dy, their pairs, g, xhat). Chosen by ptxas on sm_90

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to
+from fastgen.kernels._layout import bsh_strides, table_strides
+from fastgen.kernels._layout import rope_dims as _dims
 from fastgen.limits import MAX_HEAD_DIM  # widest head the kernels hold in registers
 
 # Elements of one tensor's tile (tokens x heads x padded head dim) per program:
@@ -186,28 +188,6 @@ def rope_config(T: int, hq: int, hk: int, D: int, R: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def bsh_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int]:
-    """(batch, sequence, head) strides of a 4-D q / k in ``layout``."""
-    if layout == "bshd":
-        return t.stride(0), t.stride(1), t.stride(2)
-    return t.stride(0), t.stride(2), t.stride(1)
-
-
-def table_strides(t: torch.Tensor) -> tuple[int, int]:
-    """(batch, sequence) strides of a (S, R) or (B, S, R) table; batch stride 0 when shared."""
-    if t.dim() == 2:
-        return 0, t.stride(0)
-    return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1)
-
-
-def _dims(q, k, cos, layout):
-    B = q.shape[0]
-    S = q.shape[1] if layout == "bshd" else q.shape[2]
-    hq = q.shape[2] if layout == "bshd" else q.shape[1]
-    hk = k.shape[2] if layout == "bshd" else k.shape[1]
-    return B, S, hq, hk, q.shape[3], cos.shape[-1]
 
 
 def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):

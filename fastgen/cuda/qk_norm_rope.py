@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.kernels._common import max_programs
 from fastgen.cuda import dtype_code, load_extension, named_strides, named_tables
-from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
+from fastgen.kernels._layout import bsh_strides, max_programs, rope_dims, table_strides
+from fastgen.limits import MAX_HEAD_DIM
 
 __all__ = ["qk_norm_rope_fwd", "qk_norm_rope_bwd"]
 
@@ -68,7 +68,7 @@ def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleave
     Outputs are new contiguous tensors of q's / k's shape and dtype."""
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
     if B * S == 0 or hq + hk == 0 or D == 0:
         return qo, ko
     C = load_extension()
@@ -96,7 +96,7 @@ def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, 
     weights' dtypes, from fp32 per-block partials summed in a fixed order (deterministic)."""
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
     T = B * S
     if T == 0 or hq + hk == 0 or D == 0:
         return dq.zero_(), dk.zero_(), torch.zeros_like(wq), torch.zeros_like(wk)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.kernels._common import max_programs
 from fastgen.cuda import dtype_code, load_extension
+from fastgen.kernels._layout import max_programs
 
 __all__ = ["rms_norm_fwd", "rms_norm_bwd"]
 

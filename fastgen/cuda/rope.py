@@ -16,14 +16,15 @@ from __future__ import annotations
 import torch
 
 from fastgen.cuda import dtype_code, load_extension, named_strides, named_tables
-from fastgen.kernels.rope import MAX_HEAD_DIM, _dims, bsh_strides, table_strides
+from fastgen.kernels._layout import bsh_strides, rope_dims, table_strides
+from fastgen.limits import MAX_HEAD_DIM
 
 __all__ = ["apply_rope_fwd", "apply_rope_bwd"]
 
 
 def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
     C = load_extension()
-    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
     if B * S == 0 or hq + hk == 0 or D == 0:
         return
     assert q.is_cuda and q.stride(3) == 1 and k.stride(3) == 1 and qo.stride(3) == 1 and ko.stride(3) == 1
