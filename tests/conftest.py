@@ -18,6 +18,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CPU tier's tensors are tiny: one torch thread per process avoids OpenMP's wake-up and
+# spin cost, which dominates them (3-50x on a loaded 2-core machine). FASTGEN_TEST_THREADS
+# overrides it.
+torch.set_num_threads(int(os.environ.get("FASTGEN_TEST_THREADS", "1")))
+
 # One fixed launch config per shape in the tests (the GPU autotuner, kernels/autotune.py, is
 # tested on its own in tests/test_autotune.py).
 os.environ.setdefault("FASTGEN_AUTOTUNE", "0")
