@@ -75,6 +75,10 @@ def test_losses_equal_their_formulas():
     ref_d = 0.5 * (((m.d_a(a) - 1) ** 2).mean() + (m.d_a(fa) ** 2).mean()
                    + ((m.d_b(b) - 1) ** 2).mean() + (m.d_b(fb) ** 2).mean())
     torch.testing.assert_close(m.discriminator_loss(a, b, fa, fb), ref_d)
+    m.config.lambda_identity = 0.0                      # no identity term: not even computed
+    out = m.generator_loss(a, b)
+    assert out.identity.item() == 0.0
+    torch.testing.assert_close(out.loss, adv + 3.0 * cyc)
 
 
 def test_forward_backward_gradient_routing():

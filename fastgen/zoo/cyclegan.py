@@ -79,7 +79,8 @@ class ResnetGenerator(nn.Module):
         c, g, be = cfg.channels, cfg.groups, cfg.backend
         layers = [nn.Conv2d(cfg.in_channels, c, 3, padding=1), norm_act(c, g, be)]
         for i in range(cfg.n_down):
-            layers += [nn.Conv2d(c * 2 ** i, c * 2 ** (i + 1), 3, stride=2, padding=1), norm_act(c * 2 ** (i + 1), g, be)]
+            cin, cout = c * 2 ** i, c * 2 ** (i + 1)
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), norm_act(cout, g, be)]
         layers += [ResBlock(c * 2 ** cfg.n_down, g, be) for _ in range(cfg.n_res)]
         for i in reversed(range(cfg.n_down)):
             layers += [nn.Upsample(scale_factor=2.0, mode="nearest"),
@@ -148,7 +149,9 @@ class CycleGAN(nn.Module):
         fake_b, fake_a = self(a, b)
         adv = (self.d_b(fake_b) - 1).pow(2).mean() + (self.d_a(fake_a) - 1).pow(2).mean()
         cyc = (self.g_ba(fake_b) - a).abs().mean() + (self.g_ab(fake_a) - b).abs().mean()
-        idt = (self.g_ab(b) - b).abs().mean() + (self.g_ba(a) - a).abs().mean() if c.lambda_identity else adv.new_zeros(())
+        idt = adv.new_zeros(())
+        if c.lambda_identity:
+            idt = (self.g_ab(b) - b).abs().mean() + (self.g_ba(a) - a).abs().mean()
         loss = adv + c.lambda_cycle * cyc + c.lambda_identity * idt
         return CycleGANLosses(loss, adv.detach(), cyc.detach(), idt.detach(), fake_a, fake_b)
 
