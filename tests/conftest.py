@@ -114,6 +114,24 @@ def _release_gpu_memory():
         torch.cuda.empty_cache()
 
 
+@pytest.fixture
+def requires_safetensors():
+    """For tests that write or read fastgen's files (checkpoints, adapters, caches): safetensors,
+    a dependency that an offline machine (the GPU image) may lack; the single test skips."""
+    return pytest.importorskip("safetensors", reason="needs safetensors (pip install safetensors)")
+
+
+@pytest.fixture
+def requires_image_writer():
+    """For tests that write PNG grids: Pillow or matplotlib."""
+    for name in ("PIL", "matplotlib"):
+        try:
+            return __import__(name)
+        except ImportError:
+            pass
+    pytest.skip("needs Pillow or matplotlib to write PNG grids")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by scripts/gpu_suite.sh)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")

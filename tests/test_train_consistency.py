@@ -67,7 +67,7 @@ def test_boundary_condition_and_loss():
     assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
 
 
-def test_consistency_in_the_trainer(tmp_path):
+def test_consistency_in_the_trainer(tmp_path, requires_safetensors):
     from fastgen.train import Config, Trainer
     from fastgen.train.data import TensorImageDataset
     from test_train_resume import TinyNet

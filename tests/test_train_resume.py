@@ -19,6 +19,9 @@ from fastgen.train import Config, Trainer
 from fastgen.train import checkpoint as ckpt
 from fastgen.train.data import TensorImageDataset
 
+# Every test here writes checkpoints (safetensors): each skips alone where it is missing.
+pytestmark = pytest.mark.usefixtures("requires_safetensors")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -138,7 +141,7 @@ def test_checkpoint_files_retention_and_log(tmp_path):
     assert rows[0] == "step,loss,lr,grad_norm,seconds" and [r.split(",")[0] for r in rows[1:]] == ["2", "4", "6"]
 
 
-def test_bf16_autocast_and_validation_grid(tmp_path):
+def test_bf16_autocast_and_validation_grid(tmp_path, requires_image_writer):
     cfg = _cfg(tmp_path, steps=2)
     cfg.train.precision = "bf16"
     cfg.validation.every, cfg.validation.per_class, cfg.validation.num_steps = 2, 2, 3

@@ -80,7 +80,7 @@ def test_drop_text_replaces_whole_samples_by_the_null_embedding():
         drop_text(text, {"embeds": torch.zeros(4, 8), "pooled": null["pooled"]}, 0.5)
 
 
-def test_text_conditional_training_and_guided_validation(tmp_path):
+def test_text_conditional_training_and_guided_validation(tmp_path, requires_safetensors, requires_image_writer):
     data, emb = _text_data()
     cfg = _cfg(tmp_path, steps=4)
     cfg.objective.cond_dropout = 0.5
@@ -128,7 +128,7 @@ def test_text_encoder_from_config_is_cached_and_resume_is_exact(tmp_path):
         torch.testing.assert_close(straight.text_null["embeds"], make_text_encoder()([""])[0])
 
 
-def test_fastgen_pixart_trains_on_text(tmp_path):
+def test_fastgen_pixart_trains_on_text(tmp_path, requires_safetensors):
     from fastgen.models import PixArt
 
     cfg = _cfg(tmp_path, steps=2)

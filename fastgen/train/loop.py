@@ -31,6 +31,7 @@ import importlib
 import math
 import os
 import random
+import sys
 import time
 from typing import Optional
 
@@ -325,10 +326,7 @@ class Trainer:
                                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(t.seed))
         batches = iter(loader)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress or self.rank != 0, desc="train",
-                   dynamic_ncols=True)
+        bar = _progress_bar(total=t.steps, initial=self.step, disable=not t.progress or self.rank != 0)
         losses, window, last_path, t0 = [], [], None, time.time()
         try:
             while self.step < end:
@@ -558,3 +556,30 @@ class Trainer:
         self._truncate_log()
         if self.rank == 0:
             self.log(f"fastgen.train: resuming from {path} (step {self.step})")
+
+
+class _NoBar:
+    """Stands in for tqdm where it is not installed: the run goes on without a progress bar."""
+
+    def __init__(self, **_):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, initial: int, disable: bool):
+    """A tqdm bar with loss, it/s and ETA on stderr; without tqdm (pip install tqdm), none."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if not disable:
+            print("fastgen train: tqdm is not installed; no progress bar (pip install tqdm)", file=sys.stderr)
+        return _NoBar()
+    return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
