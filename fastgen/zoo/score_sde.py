@@ -161,11 +161,11 @@ class ScoreSDE(nn.Module):
 def sample_diffusers_ve(model: ScoreSDE, n: int, num_steps: int = 200, generator: Optional[torch.Generator] = None):
     """Sample a VE model with diffusers' ``ScoreSdeVeScheduler`` (its predictor and corrector),
     the loop of diffusers' ``ScoreSdeVePipeline``; the network is called at the scheduler's sigmas."""
-    from diffusers import ScoreSdeVeScheduler
-
     c = model.config
     if c.sde != "ve":
         raise ValueError("ScoreSdeVeScheduler implements the VE SDE only; use model.sample for VP")
+    from diffusers import ScoreSdeVeScheduler
+
     sched = ScoreSdeVeScheduler(num_train_timesteps=num_steps, snr=c.snr, sigma_min=c.sigma_min,
                                 sigma_max=c.sigma_max, sampling_eps=c.t_eps, correct_steps=1)
     sched.set_timesteps(num_steps)
