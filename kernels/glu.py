@@ -142,29 +142,28 @@ def _check(x: torch.Tensor, activation: str) -> int:
 
 
 @device_guard
-def glu_fwd(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """y (M, N) = x[:, :N] * act(x[:, N:]) for x (M, 2N) with a contiguous last dim."""
+def glu_fwd(x: torch.Tensor, activation: str, y: torch.Tensor) -> None:
+    """y (M, N), contiguous and allocated by the op, = x[:, :N] * act(x[:, N:]) for x (M, 2N)
+    with a contiguous last dim."""
     N = _check(x, activation)
     M = x.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    assert y.shape == (M, N) and y.is_contiguous() and y.dtype == x.dtype
     if M * N == 0:
-        return y
+        return
     cfg = glu_config(M, N)
     grid = cfg.pop("grid")
     _glu_fwd_kernel[grid](x, y, M, N, x.stride(0), ACT=activation, INTERPRET=interpreting(), **cfg)
-    return y
 
 
 @device_guard
-def glu_bwd(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
-    """dx (M, 2N) contiguous from dy (M, N) contiguous and the forward's x."""
+def glu_bwd(dy: torch.Tensor, x: torch.Tensor, activation: str, dx: torch.Tensor) -> None:
+    """dx (M, 2N), contiguous and allocated by the op, from dy (M, N) contiguous and the forward's x."""
     N = _check(x, activation)
     M = x.shape[0]
     assert dy.shape == (M, N) and dy.is_contiguous() and dy.dtype == x.dtype
-    dx = torch.empty((M, 2 * N), dtype=x.dtype, device=x.device)
+    assert dx.shape == (M, 2 * N) and dx.is_contiguous() and dx.dtype == x.dtype
     if M * N == 0:
-        return dx
+        return
     cfg = glu_config(M, N)
     grid = cfg.pop("grid")
     _glu_bwd_kernel[grid](dy, x, dx, M, N, x.stride(0), ACT=activation, INTERPRET=interpreting(), **cfg)
-    return dx

@@ -69,7 +69,9 @@ def _as_rows(x: Tensor) -> Tensor:
 @torch.library.custom_op("fastgen::glu_fwd", mutates_args=())
 def _glu_fwd_op(x: Tensor, activation: str, impl: str) -> Tensor:
     """y (M, N) from x (M, 2N)."""
-    return launcher("glu", impl).glu_fwd(x, activation)
+    y = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)
+    launcher("glu", impl).glu_fwd(x, activation, y)
+    return y
 
 
 @_glu_fwd_op.register_fake
@@ -80,7 +82,9 @@ def _(x, activation, impl):
 @torch.library.custom_op("fastgen::glu_bwd", mutates_args=())
 def _glu_bwd_op(dy: Tensor, x: Tensor, activation: str, impl: str) -> Tensor:
     """dx (M, 2N) from dy (M, N) and x (M, 2N)."""
-    return launcher("glu", impl).glu_bwd(dy, x, activation)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launcher("glu", impl).glu_bwd(dy, x, activation, dx)
+    return dx
 
 
 @_glu_bwd_op.register_fake
