@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastgen.backend
+
 from conftest import INTERPRET, TRITON_DEVICE
 from fastgen.zoo import VAE, BetaVAE, VAEConfig
 from fastgen.zoo.data import shapes
@@ -98,7 +100,9 @@ def test_triton_backend_matches_torch():
     for mod in m.modules():
         if hasattr(mod, "backend"):
             mod.backend = "triton"
-    out = m(x, sample_posterior=False).x_hat
+    with fastgen.backend.trace() as ran:
+        out = m(x, sample_posterior=False).x_hat
+    assert len(ran) == 6 and all(r == ("group_norm", "triton") for r in ran), ran  # the kernels ran
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
