@@ -190,6 +190,7 @@ def rope_config(T: int, hq: int, hk: int, D: int, R: int) -> dict:
 # ----------------------------------------------------------------------------- launchers
 
 
+@device_guard
 def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
     B, S, hq, hk, D, R = _dims(q, k, cos, layout)
     T = B * S

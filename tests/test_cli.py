@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -83,7 +84,8 @@ def test_bench_quick_cpu(tmp_path, capsys):
     assert all(r["status"].startswith("skipped") for r in rows if r["provider"] != "torch")
     assert data["header"]["device"] == "cpu"
     assert (out / "results.md").exists()
-    assert (out / "rms_norm.png").exists()
+    if importlib.util.find_spec("matplotlib") is not None:  # plots need matplotlib; the tables do not
+        assert (out / "rms_norm.png").exists()
 
 
 def test_bench_default_out_is_the_current_directory(tmp_path, capsys, monkeypatch):

@@ -44,7 +44,12 @@ def test_doc_block_runs(code):
     for name in sorted(_imported_packages(code) & OPTIONAL):
         pytest.importorskip(name, reason=f"this example needs {name}")
     torch._dynamo.reset()
-    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_example__"})
+    try:
+        exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_example__"})
+    except ModuleNotFoundError as exc:  # a dependency the example reaches inside fastgen (safetensors, ...)
+        if (exc.name or "").split(".")[0] in OPTIONAL | {"safetensors", "PIL"}:
+            pytest.skip(f"this example needs {exc.name}, which is not installed")
+        raise
 
 
 def test_docs_have_examples():

@@ -464,6 +464,7 @@ def test_tiling_errors_diffusers_vae(pair):
 
 
 def test_progress_bar(ours, capsys):
+    pytest.importorskip("tqdm", reason="the progress bar is tqdm's")
     m = ours
     z = _latents(1, 16, 16)  # 6 x 6 = 36 tiles > 16: a bar by default
     tiled_decode(m, z, tile_size=4, overlap=0.25)

@@ -113,7 +113,7 @@ def test_errors():
         ConsistencyModelConfig(channels=(8, 12), groups=8)
 
 
-def test_trains_with_fastgen_train(tmp_path):
+def test_trains_with_fastgen_train(tmp_path, requires_safetensors):
     """``fastgen train`` builds the UNet from model.kwargs (config_class) and runs iCT on it."""
     from fastgen.train import Config, Trainer
     from fastgen.train.data import TensorImageDataset
