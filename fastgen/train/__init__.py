@@ -13,10 +13,10 @@ See docs/train.md.
 """
 
 from fastgen.train.config import Config, ConfigError
-from fastgen.train.consistency import ConsistencyTrainingObjective
+from fastgen.train.consistency import ConsistencyDistillationObjective, ConsistencyTrainingObjective
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
 
-__all__ = ["Config", "ConfigError", "ConsistencyTrainingObjective", "DenoisingObjective", "FlowMatchingObjective",
+__all__ = ["Config", "ConfigError", "ConsistencyDistillationObjective", "ConsistencyTrainingObjective", "DenoisingObjective", "FlowMatchingObjective",
            "Trainer", "drop_conditions"]
 
 

@@ -1,4 +1,5 @@
-"""Consistency training (Song et al. 2023) with the improved recipe of Song & Dhariwal 2023 (iCT).
+"""Consistency training (Song et al. 2023) with the improved recipe of Song & Dhariwal 2023 (iCT), and
+consistency distillation from a frozen teacher (:class:`ConsistencyDistillationObjective`, Algorithm 2).
 
 Shapes: ``x0`` ``(B, C, H, W)``; per-sample sigmas and weights ``(B,)``.
 
@@ -125,3 +126,76 @@ class ConsistencyTrainingObjective:
             z = torch.randn(noise.shape, generator=generator).to(noise.device)
             x = self.denoise(model, x + math.sqrt(s * s - self.sigma_min ** 2) * z, level(s), cond)
         return x
+
+
+# --------------------------------------------------------------------------- distillation
+
+def update_target(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """The CD target network: ``theta^- <- mu theta^- + (1 - mu) stopgrad(theta)`` in place."""
+    with torch.no_grad():
+        for pt, po in zip(target.parameters(), online.parameters()):
+            pt.lerp_(po.detach().to(pt.dtype), 1.0 - decay)
+
+
+class ConsistencyDistillationObjective(ConsistencyTrainingObjective):
+    """Consistency distillation (Song et al. 2023, Algorithm 2) from a frozen teacher denoiser.
+
+    ``teacher(x, sigma, cond) -> D(x, sigma)`` is the teacher's x0 estimate on the probability-flow
+    ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM / variance-exploding convention). With the
+    fixed Karras discretization ``sigma_1 < ... < sigma_N`` and ``n ~ U{1..N-1}``::
+
+        x_{n+1}  = x0 + sigma_{n+1} z
+        d        = (x_{n+1} - D(x_{n+1}, sigma_{n+1})) / sigma_{n+1}
+        x^_n     = x_{n+1} + (sigma_n - sigma_{n+1}) d                        (Euler)
+        heun:      d' = (x^_n - D(x^_n, sigma_n)) / sigma_n,  x^_n = x_{n+1} + (sigma_n - sigma_{n+1}) (d + d') / 2
+        L        = lambda d(f_theta(x_{n+1}, sigma_{n+1}), f_{theta^-}(x^_n, sigma_n)),   lambda = 1
+
+    ``f_{theta^-}`` is the target network, an EMA of the student (:func:`update_target` after each
+    optimizer step, ``mu = target_decay``); ``d`` is :func:`pseudo_huber` (``metric="l2"``: squared L2).
+    """
+
+    def __init__(self, teacher: Callable, num_scales: int = 18, solver: str = "heun", target_decay: float = 0.95,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5,
+                 huber_c: Optional[float] = None, metric: str = "pseudo_huber"):
+        super().__init__(total_steps=1, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigma_data=sigma_data,
+                         huber_c=huber_c)
+        if solver not in ("euler", "heun") or metric not in ("pseudo_huber", "l2") or num_scales < 2:
+            raise ValueError(f"consistency distillation: solver must be euler|heun, metric pseudo_huber|l2 and "
+                             f"num_scales >= 2; got {solver!r}, {metric!r}, {num_scales}")
+        self.teacher, self.n, self.solver, self.metric = teacher, num_scales, solver, metric
+        self.target_decay = target_decay
+
+    def num_scales(self, step: Optional[int] = None) -> int:
+        return self.n  # CD keeps N fixed
+
+    def sample_indices(self, batch: int, n: Optional[int] = None, generator=None) -> torch.Tensor:
+        """``(B,)`` uniform indices ``n`` (0-based) in ``0..N-2``; the pair is ``(n, n + 1)``."""
+        return torch.randint(0, (n or self.n) - 1, (batch,), generator=generator)
+
+    @torch.no_grad()
+    def ode_step(self, x: torch.Tensor, s_hi: torch.Tensor, s_lo: torch.Tensor, cond=None) -> torch.Tensor:
+        """One teacher step of the probability-flow ODE from ``s_hi`` down to ``s_lo`` (``(B,)`` each)."""
+        hi, lo = _per_sample(s_hi, x), _per_sample(s_lo, x)
+        d = (x - self.teacher(x, s_hi, cond)) / hi
+        x_lo = x + (lo - hi) * d
+        if self.solver == "heun":
+            d2 = (x_lo - self.teacher(x_lo, s_lo, cond)) / lo
+            x_lo = x + (lo - hi) * (d + d2) / 2
+        return x_lo
+
+    def loss(self, model: Callable, x0: torch.Tensor, cond=None, generator=None, target_model: Callable = None,
+             indices: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if target_model is None:
+            raise ValueError("consistency distillation needs target_model (the EMA copy of the student)")
+        sig = self.sigmas().to(x0.device)
+        i = self.sample_indices(x0.shape[0], len(sig), generator).to(x0.device) if indices is None else indices
+        s_lo, s_hi = sig[i].to(x0.dtype), sig[i + 1].to(x0.dtype)
+        z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator) if noise is None else noise
+        x_hi = x0 + _per_sample(s_hi, x0) * z
+        x_lo = self.ode_step(x_hi, s_hi, s_lo, cond)
+        student = self.denoise(model, x_hi, s_hi.float(), cond)
+        with torch.no_grad():
+            target = self.denoise(target_model, x_lo, s_lo.float(), cond)
+        if self.metric == "l2":
+            return (student - target).pow(2).flatten(1).sum(1).mean()
+        return pseudo_huber(student, target, self.huber_c).mean()
