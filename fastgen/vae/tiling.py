@@ -301,20 +301,17 @@ def _merge(acc, new):
 
 
 def _apply_backend(x: Tensor, norm: Any) -> str:
-    """``"triton"`` when the GroupNorm of this step would run the Triton kernels (the module's
-    ``backend``, else the ``fastgen.backend`` default; ``auto`` as in ``AUTO_ON_CUDA``) and they
-    can take ``x``; otherwise ``"torch"`` (the CUDA C++ extension has no apply-only entry)."""
+    """``"triton"`` when ``fastgen.backend.resolve`` picks the Triton GroupNorm for this step (the
+    module's ``backend``, else the ``fastgen.backend`` default) and its check serves ``x``;
+    otherwise ``"torch"``: the CUDA C++ extension has no apply-only entry, and a backend that
+    cannot serve the apply step leaves it to the reference, which computes the same numbers."""
     from fastgen import backend as fb
-    from fastgen.kernels.group_norm import MAX_CHANNELS_PER_GROUP
 
-    name = getattr(norm, "backend", "auto")
-    name = fb.default() if name in (None, "auto") else name
-    if name == "auto":
-        name = fb.AUTO_ON_CUDA.get("group_norm", "torch") if x.is_cuda else "torch"
-    ok = (name == "triton" and fb.unavailable_reason("triton", x.device) is None
-          and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-          and x.shape[1] // norm.num_groups <= MAX_CHANNELS_PER_GROUP)
-    return "triton" if ok else "torch"
+    try:
+        name = fb.resolve("group_norm", getattr(norm, "backend", "auto"), x.device, call=(x, norm.num_groups))
+    except fb.BackendUnavailableError:
+        return "torch"
+    return "triton" if name == "triton" else "torch"
 
 
 def _gn_apply(x: Tensor, norm: Any, stats, silu: bool) -> Tensor:
@@ -322,13 +319,14 @@ def _gn_apply(x: Tensor, norm: Any, stats, silu: bool) -> Tensor:
 
     ``y = x * scale[n, c] + shift[n, c]`` with ``scale = weight[c] / sqrt(M2 / count + eps)`` and
     ``shift = bias[c] - mean * scale``; one fp32 temporary, rounded once to ``x.dtype``. On the
-    Triton backend one fused pass instead (``fastgen.kernels.group_norm.group_norm_apply``).
+    Triton backend one fused pass instead (the registered launcher ``group_norm_apply``).
     """
     n, mean, m2 = stats
     c, g = x.shape[1], norm.num_groups
     if _apply_backend(x, norm) == "triton":
-        from fastgen.kernels.group_norm import group_norm_apply
+        from fastgen.backend import launcher
 
+        group_norm_apply = launcher("group_norm", "triton").group_norm_apply
         rstd_g = torch.rsqrt(m2 / n + norm.eps).float().reshape(-1)  # (N * G,)
         x3 = x.reshape(x.shape[0], c, -1)
         if x3.numel() and not (x3.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
