@@ -20,3 +20,9 @@ implements("glu", "triton", "fastgen.kernels.glu", serves=kernel_dtype_reason)
 implements("attention", "triton", "fastgen.kernels.attention", "fastgen.kernels.attention_bwd",
            serves=attention_reason)
 implements("scale_shift", "triton", "fastgen.kernels.scale_shift", serves=kernel_dtype_reason)
+
+# The optimizers' multi-tensor steps (fastgen.optim): they pass their own reasons to resolve
+# (layouts, dtypes, norm types) instead of a call, so they register no check here.
+for _op, _module in (("adamw", "adamw"), ("lion", "lion"), ("ema", "ema"), ("clip_grad_norm_", "clip_grad"),
+                     ("adamw8bit", "adamw8bit"), ("prodigy", "prodigy"), ("schedulefree", "schedulefree")):
+    implements(_op, "triton", f"fastgen.kernels.{_module}")

@@ -25,10 +25,21 @@ OPS = {
     "glu": ("triton", "torch"),
     "attention": ("triton", "torch"),
 }
+# The optimizers' multi-tensor steps (fastgen.optim): registered like the ops, but not public
+# fastgen.ops functions; they pass their own reasons (layouts, dtypes) to resolve, not a call.
+STEPS = {
+    "adamw": ("triton", "cuda", "torch"),
+    "lion": ("triton", "cuda", "torch"),
+    "ema": ("triton", "cuda", "torch"),
+    "clip_grad_norm_": ("triton", "cuda", "torch"),
+    "adamw8bit": ("triton", "torch"),
+    "prodigy": ("triton", "torch"),
+    "schedulefree": ("triton", "torch"),
+}
 
 
 def test_every_op_registers_its_implementations():
-    for op, impls in OPS.items():
+    for op, impls in {**OPS, **STEPS}.items():
         assert set(backend.implementations(op)) == set(impls), op
     for op in backend.REGISTRY:  # what auto runs on CUDA tensors is registered (torch when unlisted)
         assert backend.AUTO_ON_CUDA.get(op, "torch") in backend.implementations(op)
@@ -38,6 +49,8 @@ def test_every_registered_op_is_a_public_op_with_a_reference():
     import fastgen.ops
 
     for op, regs in backend.REGISTRY.items():
+        if op in STEPS:
+            continue
         assert callable(getattr(fastgen.ops, op)) and callable(getattr(fastgen.ops, op + "_ref")), op
         for impl in regs.values():
             assert impl.op == op and impl.modules and impl.serves is not None, impl
@@ -47,7 +60,7 @@ def test_cuda_launchers_have_the_triton_signatures():
     """An op's launchers take the same arguments whichever implementation runs."""
     pytest.importorskip("triton")
     for op, regs in backend.REGISTRY.items():
-        if "cuda" not in regs:
+        if "cuda" not in regs or op in STEPS:  # the optimizers call their CUDA C++ steps apart (no one-pass)
             continue
         tri, cu = backend.launcher(op, "triton"), backend.launcher(op, "cuda")
         for name in cu._modules[0].__all__:
@@ -89,3 +102,14 @@ def test_unregistered_ops_keep_their_own_reasons():
     with pytest.raises(BackendUnavailableError, match="not written yet"):
         backend.resolve("not_an_op", "cuda", torch.device("cpu"), {"cuda": "not written yet"})
     assert backend.resolve("not_an_op", "torch", torch.device("cpu"), {"cuda": "x"}) == "torch"
+
+
+def test_registered_steps_keep_their_own_reasons():
+    """The optimizers' steps are registered and still pass their layout reasons per implementation."""
+    cpu = torch.device("cpu")
+    with pytest.raises(BackendUnavailableError, match="strided or float64"):
+        backend.resolve("ema", "triton", cpu, {"triton": "strided or float64 tensors"})
+    with pytest.raises(BackendUnavailableError, match="this op has no CUDA C\\+\\+ implementation"):
+        backend.resolve("prodigy", "cuda", cpu)
+    assert backend.resolve("adamw", "torch", cpu) == "torch"
+    assert backend.launcher("adamw8bit", "triton").adamw8bit_step is not None

@@ -99,3 +99,6 @@ implements("rms_norm", "cuda", "fastgen.cuda.rms_norm", serves=kernel_dtype_reas
 implements("group_norm", "cuda", "fastgen.cuda.group_norm", serves=group_norm_reason)
 implements("apply_rope", "cuda", "fastgen.cuda.rope", serves=rope_reason)
 implements("qk_norm_rope", "cuda", "fastgen.cuda.qk_norm_rope", serves=rope_reason)
+# The optimizers' steps with CUDA C++ functors (no one-pass step: scale, step and average launch apart).
+for _op in ("adamw", "lion", "ema", "clip_grad_norm_"):
+    implements(_op, "cuda", "fastgen.cuda.optim")

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
 from fastgen.optim._one_pass import OnePass, check_one_pass
 from fastgen.optim._common import (bucket, check_capture_ready, check_grad, check_state_kind, check_torch_flags,
                                    load_states_without_cast, local, stochastic_round_bf16)
@@ -175,21 +175,18 @@ class FusedAdamW(torch.optim.Optimizer):
                       amsgrad=group["amsgrad"], maximize=group["maximize"])
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed)) if self.stochastic_rounding else 0
         if impl == "triton":
-            from fastgen.kernels.adamw import adamw_step
-
-            adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                       stochastic_rounding=self.stochastic_rounding, seed=seed, coef=coef, shadows=shadows,
-                       ema_decay=ema_decay, **kwargs)
+            launcher("adamw", "triton").adamw_step(
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, stochastic_rounding=self.stochastic_rounding,
+                seed=seed, coef=coef, shadows=shadows, ema_decay=ema_decay, **kwargs)
             return
         if impl == "cuda":  # no one-pass CUDA C++ functor yet: scale, step and average as three launches
-            from fastgen.cuda.optim import adamw_step, ema_update_, scale_
-
+            cu = launcher("adamw", "cuda")
             if coef is not None:
-                scale_(grads, coef)
-            adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                       stochastic_rounding=self.stochastic_rounding, seed=seed, **kwargs)
+                cu.scale_(grads, coef)
+            cu.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                          stochastic_rounding=self.stochastic_rounding, seed=seed, **kwargs)
             if shadows is not None:
-                ema_update_(shadows, params, ema_decay)
+                cu.ema_update_(shadows, params, ema_decay)
             return
         gen = torch.Generator(device=device).manual_seed(seed) if self.stochastic_rounding else None
         for i, p in enumerate(params):

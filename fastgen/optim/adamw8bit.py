@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
 from fastgen.optim import quant8
 from fastgen.optim._common import KERNEL_DTYPES, check_capture_ready, check_grad, load_states_without_cast, local
 from fastgen.optim._one_pass import OnePass
@@ -144,11 +144,9 @@ class FusedAdamW8bit(FusedAdamW):
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       maximize=group["maximize"])
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed)) if self.stochastic_rounding else 0
-        impl = resolve("adamw8bit", self.backend, device,
-                       {"cuda": "8-bit AdamW has no CUDA C++ kernel yet; use backend='triton'"})
+        impl = resolve("adamw8bit", self.backend, device)  # the registry: no CUDA C++ kernel yet
         if impl == "triton":
-            from fastgen.kernels.adamw8bit import adamw8bit_step
-
+            adamw8bit_step = launcher("adamw8bit", "triton").adamw8bit_step
             smap, sbound = quant8.tables(True, device)
             umap, ubound = quant8.tables(False, device)
             adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, tables=(smap, sbound, umap, ubound),

@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import torch
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
 from fastgen.optim._common import KERNEL_DTYPES, dense_alike, local
 
 _LAYOUT = "only dense fp32/fp16/bf16 gradients on one device are fused"
@@ -62,12 +62,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
-    if impl == "cuda":
-        from fastgen.cuda.optim import scale_
-    else:
-        from fastgen.kernels.clip_grad import scale_
     for gs in by_dtype.values():
-        scale_(gs, coef)
+        launcher("clip_grad_norm_", impl).scale_(gs, coef)
     # torch stacks the per-tensor norms, which promotes mixed dtypes
     return total.to(functools.reduce(torch.promote_types, by_dtype))
 
@@ -78,14 +74,11 @@ def _kernel_total(grads, impl: str, norm_type: float, max_norm: float):
     by_dtype = defaultdict(list)
     for g in grads:
         by_dtype[g.dtype].append(g)
+    kernels = launcher("clip_grad_norm_", impl)
     if impl == "cuda":
-        from fastgen.cuda.optim import clip_coef
-
-        total, coef = clip_coef(list(by_dtype.values()), norm_type, max_norm)
+        total, coef = kernels.clip_coef(list(by_dtype.values()), norm_type, max_norm)
     else:
-        from fastgen.kernels.clip_grad import sum_squares
-
-        total = torch.stack([sum_squares(gs) for gs in by_dtype.values()]).sum().sqrt()
+        total = torch.stack([kernels.sum_squares(gs) for gs in by_dtype.values()]).sum().sqrt()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).reshape(1)
     return by_dtype, total, coef
 

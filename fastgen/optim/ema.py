@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
 from fastgen.optim._common import KERNEL_DTYPES, dense_alike, local
 
 _LAYOUT = "strided or float64 tensors"
@@ -145,11 +145,7 @@ class EMA:
             unsupported = None if kernel_ok else {"triton": _LAYOUT, "cuda": _LAYOUT}
             impl = resolve("ema", self.backend, device, unsupported)
             if impl in ("triton", "cuda"):
-                if impl == "triton":
-                    from fastgen.kernels.ema import ema_update_
-                else:
-                    from fastgen.cuda.optim import ema_update_
-                ema_update_(shadows, ps, decay)
+                launcher("ema", impl).ema_update_(shadows, ps, decay)
             else:
                 torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in ps], 1.0 - decay)
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
 from fastgen.optim._one_pass import OnePass, check_one_pass
 from fastgen.optim._common import (bucket, check_capture_ready, check_grad, check_state_kind, check_torch_flags,
                                    load_states_without_cast, local)
@@ -108,18 +108,16 @@ class FusedLion(torch.optim.Optimizer):
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"])
         impl = "torch" if force_torch else resolve("lion", self.backend, device)
         if impl == "triton":
-            from fastgen.kernels.lion import lion_step
-
-            lion_step(params, grads, exp_avgs, coef=coef, shadows=shadows, ema_decay=ema_decay, **kwargs)
+            launcher("lion", "triton").lion_step(params, grads, exp_avgs, coef=coef, shadows=shadows,
+                                                 ema_decay=ema_decay, **kwargs)
             return
         if impl == "cuda":  # no one-pass CUDA C++ functor yet: scale, step and average as three launches
-            from fastgen.cuda.optim import ema_update_, lion_step, scale_
-
+            cu = launcher("lion", "cuda")
             if coef is not None:
-                scale_(grads, coef)
-            lion_step(params, grads, exp_avgs, **kwargs)
+                cu.scale_(grads, coef)
+            cu.lion_step(params, grads, exp_avgs, **kwargs)
             if shadows is not None:
-                ema_update_(shadows, params, ema_decay)
+                cu.ema_update_(shadows, params, ema_decay)
             return
         for p, g, m in zip(params, grads, exp_avgs):
             lion_reference(p, g if coef is None else g.float() * coef, m, **kwargs)

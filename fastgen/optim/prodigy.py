@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
 from fastgen.optim._common import KERNEL_DTYPES, check_grad, check_state_kind
 
 _SCALARS = ("d", "d_max", "d_numerator")
@@ -129,8 +129,7 @@ class FusedProdigy(torch.optim.Optimizer):
         dlr = d * (lr * bc)
         d_numerator = sc["d_numerator"] * beta3
         f32 = lambda x: x.to(torch.float32)  # noqa: E731 - a coefficient, as torch casts an fp64 alpha
-        impl = resolve("prodigy", self.backend, device,
-                       {"cuda": "Prodigy has no CUDA C++ kernel; use backend='triton'"})
+        impl = resolve("prodigy", self.backend, device)  # the registry: no CUDA C++ kernel
         dots, abs_sums, active = [], [], []
         for group in self.param_groups:
             if group["lr"] not in (lr, 0.0):
@@ -158,8 +157,7 @@ class FusedProdigy(torch.optim.Optimizer):
             if group["lr"] == 0.0:
                 continue
             if buckets:
-                from fastgen.kernels.prodigy import prodigy_moments
-
+                prodigy_moments = launcher("prodigy", "triton").prodigy_moments
                 coefs = torch.stack([d * (1 - beta1), d * d * (1 - beta2),
                                      (d / d0) * (d if group["safeguard_warmup"] else dlr)]).float()
                 for idx in buckets.values():
@@ -215,8 +213,7 @@ class FusedProdigy(torch.optim.Optimizer):
                 self.state[p]["step"] += 1
             scale = -step_dlr if beta1 > 0 else -step_dlr * new_d
             if buckets:
-                from fastgen.kernels.prodigy import prodigy_update
-
+                prodigy_update = launcher("prodigy", "triton").prodigy_update
                 coefs = torch.stack([-decay * step_dlr, scale, new_d * group["eps"]]).float()
                 for idx in buckets.values():
                     ps = [params[i] for i in idx]

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from fastgen.backend import resolve
+from fastgen.backend import launcher, resolve
 from fastgen.optim._common import bucket, check_grad, check_state_kind, check_torch_flags
 
 
@@ -116,12 +116,9 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
             for (device, _, _), lists in buckets.items():
                 same = all(t.dtype == lists[0][0].dtype for lst in (lists[2], lists[3]) for t in lst)
                 impl = resolve("schedulefree", self.backend, device,
-                               {"cuda": "schedule-free AdamW has no CUDA C++ kernel; use backend='triton'",
-                                "triton": None if same else "z and exp_avg_sq must have the parameter's dtype"})
+                               {"triton": None if same else "z and exp_avg_sq must have the parameter's dtype"})
                 if impl == "triton":
-                    from fastgen.kernels.schedulefree import schedulefree_step
-
-                    schedulefree_step(*lists, **scalars)
+                    launcher("schedulefree", "triton").schedulefree_step(*lists, **scalars)
                 else:
                     _foreach_step(*lists, **scalars)
             for item in fallback:
