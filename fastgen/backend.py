@@ -255,10 +255,12 @@ def resolve(
 
     For an op in the registry, an implementation serves a call when it is registered, can run on
     ``device`` and its own check ``serves(*call)`` passes. ``unsupported`` is the caller's own reason
-    why its kernels cannot serve this call, or a dict of reasons per implementation, for the ops
-    that are not in the registry yet (optimizers, VAE). ``"auto"`` then takes the torch reference;
-    an explicit kernel backend raises :class:`BackendUnavailableError` with every reason at once
-    (fixing the first does not just reveal the next).
+    why its kernels cannot serve this call, or a dict of reasons per implementation, for the
+    registered kernels that give their reasons instead of their call (the optimizers' steps, the
+    adapters': layouts, ranks, norm types) and for unregistered names.
+    ``"auto"`` then takes the torch reference; an explicit kernel backend raises
+    :class:`BackendUnavailableError` with every reason at once (fixing the first does not just
+    reveal the next).
     """
     if not isinstance(unsupported, dict):
         unsupported = {} if unsupported is None else {"triton": unsupported, "cuda": unsupported}
@@ -272,15 +274,6 @@ def resolve(
     if reasons:
         raise BackendUnavailableError(f"{op}: backend={name!r} cannot run: {'; and '.join(reasons)}")
     return _record(op, name)
-
-
-def launchers(module: str, impl: str):
-    """The launcher module ``fastgen.kernels.<module>`` / ``fastgen.cuda.<module>`` by import
-    string. Kept only for the callers outside the registry (``fastgen.adapters``); the ops in
-    the registry take theirs from :func:`launcher`."""
-    if impl not in ("triton", "cuda"):
-        raise ValueError(f"no kernel implementation named {impl!r}")
-    return importlib.import_module(f"fastgen.{'kernels' if impl == 'triton' else 'cuda'}.{module}")
 
 
 class _CallableModule(types.ModuleType):

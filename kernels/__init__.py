@@ -26,3 +26,8 @@ implements("scale_shift", "triton", "fastgen.kernels.scale_shift", serves=kernel
 for _op, _module in (("adamw", "adamw"), ("lion", "lion"), ("ema", "ema"), ("clip_grad_norm_", "clip_grad"),
                      ("adamw8bit", "adamw8bit"), ("prodigy", "prodigy"), ("schedulefree", "schedulefree")):
     implements(_op, "triton", f"fastgen.kernels.{_module}")
+
+# The adapters' kernels (fastgen.adapters): they pass their own reasons to resolve as well.
+implements("lora", "triton", "fastgen.kernels.lora")
+implements("dora_row_norm", "triton", "fastgen.kernels.lora")
+implements("quant_linear", "triton", "fastgen.kernels.quant_matmul")

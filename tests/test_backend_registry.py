@@ -25,8 +25,8 @@ OPS = {
     "glu": ("triton", "torch"),
     "attention": ("triton", "torch"),
 }
-# The optimizers' multi-tensor steps (fastgen.optim): registered like the ops, but not public
-# fastgen.ops functions; they pass their own reasons (layouts, dtypes) to resolve, not a call.
+# The optimizers' multi-tensor steps (fastgen.optim) and the adapters' kernels: registered like the
+# ops, but not public fastgen.ops functions; they pass their own reasons (layouts, dtypes) to resolve, not a call.
 STEPS = {
     "adamw": ("triton", "cuda", "torch"),
     "lion": ("triton", "cuda", "torch"),
@@ -35,6 +35,10 @@ STEPS = {
     "adamw8bit": ("triton", "torch"),
     "prodigy": ("triton", "torch"),
     "schedulefree": ("triton", "torch"),
+    # the adapters' kernels (fastgen.adapters)
+    "lora": ("triton", "torch"),
+    "dora_row_norm": ("triton", "torch"),
+    "quant_linear": ("triton", "torch"),
 }
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import launchers, resolve
+from fastgen.backend import launcher, resolve
 
 MAX_RANK = 128
 
@@ -50,7 +50,7 @@ def _unsupported(y: Tensor, x: Tensor, down: Tensor) -> Optional[str]:
 @torch.library.custom_op("fastgen::lora_add_", mutates_args=("y",))
 def _lora_add_op(y: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
     """y (..., N) += scale * (x (..., K) @ down^T) @ up^T, in place."""
-    launchers("lora", "triton").lora_fwd_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), down.t(), up.t(), scale)
+    launcher("lora", "triton").lora_fwd_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), down.t(), up.t(), scale)
 
 
 @_lora_add_op.register_fake
@@ -61,7 +61,7 @@ def _(y, x, down, up, scale):
 @torch.library.custom_op("fastgen::lora_add_bwd", mutates_args=())
 def _lora_bwd_op(dy: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dx like x, d_down like down, d_up like up)."""
-    dx, da, db = launchers("lora", "triton").lora_bwd(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]),
+    dx, da, db = launcher("lora", "triton").lora_bwd(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]),
                                                       down.t(), up.t(), scale)
     return dx.reshape(x.shape), da.t().contiguous(), db.t().contiguous()
 
@@ -94,8 +94,7 @@ def lora_add(y: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float, backe
             f"lora_add: x {tuple(x.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)}, y {tuple(y.shape)} "
             "do not fit y (..., N) = x (..., K) @ down (R, K)^T @ up (N, R)^T"
         )
-    reasons = {"triton": _unsupported(y, x, down), "cuda": "the LoRA branch has no CUDA C++ kernel; use backend='triton'"}
-    impl = resolve("lora", backend, x.device, reasons)
+    impl = resolve("lora", backend, x.device, {"triton": _unsupported(y, x, down)})
     if impl == "torch":
         return lora_add_ref(y, x, down, up, scale)
     return _LoRAAdd.apply(y, x, down.to(x.dtype), up.to(x.dtype), float(scale))
@@ -114,7 +113,6 @@ def dora_row_norm(w: Tensor, up: Tensor, down: Tensor, scale: float, backend: Op
     reasons = {
         "triton": None if w.dtype in (torch.float32, torch.float16, torch.bfloat16) and down.shape[0] <= MAX_RANK
         else f"the DoRA norm kernel covers fp32/fp16/bf16 weights and ranks <= {MAX_RANK}",
-        "cuda": "the DoRA norm has no CUDA C++ kernel; use backend='triton'",
     }
     impl = resolve("dora_row_norm", backend, w.device, reasons)
     with torch.no_grad():
@@ -128,7 +126,7 @@ def dora_row_norm(w: Tensor, up: Tensor, down: Tensor, scale: float, backend: Op
 @torch.library.custom_op("fastgen::dora_row_norm", mutates_args=())
 def _dora_norm_op(w: Tensor, up: Tensor, down: Tensor, scale: float) -> Tensor:
     """(N,) fp32 from w (N, K), up (N, R), down (R, K)."""
-    return launchers("lora", "triton").dora_row_norm(w, up, down, scale)
+    return launcher("lora", "triton").dora_row_norm(w, up, down, scale)
 
 
 @_dora_norm_op.register_fake

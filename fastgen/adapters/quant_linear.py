@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backend import launchers, resolve
+from fastgen.backend import launcher, resolve
 
 
 def dequantize_weight(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -46,7 +46,7 @@ def _unsupported(x: Tensor, q: Tensor) -> Optional[str]:
 def _fwd_op(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """y (..., N) from x (..., K); allocated in its final shape (no view: the fused LoRA adds into it)."""
     y = torch.empty(*x.shape[:-1], q.shape[0], device=x.device, dtype=x.dtype)
-    launchers("quant_matmul", "triton").qmm_fwd(x.reshape(-1, x.shape[-1]), q, scale, bias, out=y.view(-1, q.shape[0]))
+    launcher("quant_linear", "triton").qmm_fwd(x.reshape(-1, x.shape[-1]), q, scale, bias, out=y.view(-1, q.shape[0]))
     return y
 
 
@@ -59,7 +59,7 @@ def _(x, q, scale, bias):
 def _dx_op(dy: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """dx (..., K) from dy (..., N)."""
     dx = torch.empty(*dy.shape[:-1], q.shape[1], device=dy.device, dtype=dy.dtype)
-    launchers("quant_matmul", "triton").qmm_dx(dy.reshape(-1, dy.shape[-1]).contiguous(), q, scale,
+    launcher("quant_linear", "triton").qmm_dx(dy.reshape(-1, dy.shape[-1]).contiguous(), q, scale,
                                                out=dx.view(-1, q.shape[1]))
     return dx
 
@@ -91,8 +91,7 @@ def quant_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = N
             f"quant_linear: x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)} do not fit "
             "x (..., K), q (N, K), scale (N, KB) with KB dividing K"
         )
-    reasons = {"triton": _unsupported(x, q), "cuda": "the dequantize-GEMM has no CUDA C++ kernel; use backend='triton'"}
-    impl = resolve("quant_linear", backend, x.device, reasons)
+    impl = resolve("quant_linear", backend, x.device, {"triton": _unsupported(x, q)})
     if impl == "torch":
         return quant_linear_ref(x, q, scale, bias)
     if bias is not None and bias.dtype != x.dtype:
