@@ -257,7 +257,7 @@ def resolve(
     ``device`` and its own check ``serves(*call)`` passes. ``unsupported`` is the caller's own reason
     why its kernels cannot serve this call, or a dict of reasons per implementation, for the
     registered kernels that give their reasons instead of their call (the optimizers' steps, the
-    adapters': layouts, ranks, norm types) and for unregistered names.
+    adapters' and the VQ search: layouts, ranks, norm types) and for unregistered names.
     ``"auto"`` then takes the torch reference; an explicit kernel backend raises
     :class:`BackendUnavailableError` with every reason at once (fixing the first does not just
     reveal the next).

@@ -27,7 +27,9 @@ for _op, _module in (("adamw", "adamw"), ("lion", "lion"), ("ema", "ema"), ("cli
                      ("adamw8bit", "adamw8bit"), ("prodigy", "prodigy"), ("schedulefree", "schedulefree")):
     implements(_op, "triton", f"fastgen.kernels.{_module}")
 
-# The adapters' kernels (fastgen.adapters): they pass their own reasons to resolve as well.
+# The adapters' kernels (fastgen.adapters) and the VQ search (fastgen.vae.quantizer): they pass
+# their own reasons to resolve as well.
 implements("lora", "triton", "fastgen.kernels.lora")
 implements("dora_row_norm", "triton", "fastgen.kernels.lora")
 implements("quant_linear", "triton", "fastgen.kernels.quant_matmul")
+implements("vq_nearest", "triton", "fastgen.kernels.vq")

@@ -25,7 +25,7 @@ OPS = {
     "glu": ("triton", "torch"),
     "attention": ("triton", "torch"),
 }
-# The optimizers' multi-tensor steps (fastgen.optim) and the adapters' kernels: registered like the
+# The optimizers' multi-tensor steps (fastgen.optim), the adapters' kernels and the VQ search: registered like the
 # ops, but not public fastgen.ops functions; they pass their own reasons (layouts, dtypes) to resolve, not a call.
 STEPS = {
     "adamw": ("triton", "cuda", "torch"),
@@ -39,6 +39,7 @@ STEPS = {
     "lora": ("triton", "torch"),
     "dora_row_norm": ("triton", "torch"),
     "quant_linear": ("triton", "torch"),
+    "vq_nearest": ("triton", "torch"),  # fastgen.vae.quantizer
 }
 
 

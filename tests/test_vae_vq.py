@@ -70,7 +70,7 @@ def test_nearest_code_errors():
         nearest_code(torch.randn(3, 4), torch.randn(5, 3))
     with pytest.raises(ValueError, match="empty"):
         nearest_code(torch.randn(3, 4), torch.randn(0, 4))
-    with pytest.raises(fastgen.backend.BackendUnavailableError, match="no CUDA C\\+\\+ kernel"):
+    with pytest.raises(fastgen.backend.BackendUnavailableError, match="no CUDA C\\+\\+ implementation"):
         nearest_code(torch.randn(3, 4), torch.randn(5, 4), backend="cuda")
     with pytest.raises(ValueError, match="expected 8 channels"):
         VectorQuantizer(16, 8)(torch.randn(2, 4, 3, 3))

@@ -27,7 +27,7 @@ Vectors ``z`` of width ``D`` (the channel dim of ``(N, D, H, W)`` images, or the
 
 The nearest-code search is :func:`nearest_code`: the torch reference computes
 ``||e||^2 - 2 z e^T`` in row chunks; ``backend="triton"`` (or ``auto`` once recorded on a GPU)
-runs ``fastgen.kernels.vq.vq_nearest``, which never materialises the (M, K) distance matrix.
+runs the registered launcher ``vq_nearest`` (``kernels/vq.py``), which never materialises the (M, K) distance matrix.
 """
 
 from __future__ import annotations
@@ -71,13 +71,10 @@ def nearest_code(x: Tensor, codebook: Tensor, backend: Optional[str] = "auto") -
     if x.device != codebook.device:
         raise ValueError(f"nearest_code: x is on {x.device} but the codebook on {codebook.device}")
     bad = None if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else f"dtype {x.dtype} is not supported"
-    impl = _backend.resolve("vq_nearest", backend, x.device,
-                            {"triton": bad, "cuda": "vq_nearest has no CUDA C++ kernel; use backend='triton'"})
+    impl = _backend.resolve("vq_nearest", backend, x.device, {"triton": bad})  # the registry: no CUDA C++ kernel
     if impl == "torch":
         return nearest_code_ref(x, codebook)
-    from fastgen.kernels.vq import vq_nearest
-
-    return vq_nearest(x.detach(), codebook.detach().to(x.dtype))
+    return _backend.launcher("vq_nearest", "triton").vq_nearest(x.detach(), codebook.detach().to(x.dtype))
 
 
 class VQOutput(NamedTuple):
