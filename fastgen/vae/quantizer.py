@@ -27,7 +27,8 @@ Vectors ``z`` of width ``D`` (the channel dim of ``(N, D, H, W)`` images, or the
 
 The nearest-code search is :func:`nearest_code`: the torch reference computes
 ``||e||^2 - 2 z e^T`` in row chunks; ``backend="triton"`` (or ``auto`` once recorded on a GPU)
-runs the registered launcher ``vq_nearest`` (``kernels/vq.py``), which never materialises the (M, K) distance matrix.
+runs the registered launcher ``vq_nearest`` (``kernels/vq.py``), which never materialises the
+(M, K) distance matrix.
 """
 
 from __future__ import annotations
