@@ -4,7 +4,8 @@
     Trainer(Config.from_toml("configs/train/dit_shapes.toml")).fit()
 
 Parts (each usable alone): ``objectives`` (denoising and flow-matching losses, timestep
-sampling, weightings, condition dropout), ``consistency`` (improved consistency training),
+sampling, weightings, condition dropout), ``consistency`` (improved consistency training and
+consistency distillation), ``lcm`` (LCM distillation of a guided latent teacher),
 ``config`` (the TOML config), ``data`` (image folder, buckets, resumable sharded order),
 ``checkpoint`` (atomic, verified checkpoints), ``sampling`` (validation samples), ``cache``
 (latent and text-embedding caches), ``text`` (text-conditional training), ``distributed``
