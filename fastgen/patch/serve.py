@@ -25,7 +25,6 @@ naming every site, and the ops raise at the call as ``backend=`` on an op always
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from typing import Callable, Optional
 
@@ -39,13 +38,9 @@ STRICT_ATTR = "_fastgen_strict"
 PATH_ATTR = "_fastgen_path"
 WARNED_ATTR = "_fastgen_warned"
 
-# op -> the launcher module name under fastgen.kernels / fastgen.cuda
-_LAUNCHERS = {
-    "rms_norm": "rms_norm", "layer_norm": "layer_norm", "layer_norm_modulate": "layer_norm_modulate",
-    "rms_norm_modulate": "rms_norm_modulate", "group_norm": "group_norm", "apply_rope": "rope",
-    "qk_norm_rope": "qk_norm_rope", "glu": "glu", "attention": "attention",
-}
-PATCH_OPS = tuple(_LAUNCHERS)  # the ops a patched model calls
+# The ops a patched model calls.
+PATCH_OPS = ("rms_norm", "layer_norm", "layer_norm_modulate", "rms_norm_modulate", "group_norm", "apply_rope",
+             "qk_norm_rope", "glu", "attention")
 
 
 class PatchFallbackWarning(UserWarning):
@@ -70,7 +65,10 @@ def family_reason(backend: str) -> Optional[str]:
 
 
 def _has_cuda(op: str) -> bool:
-    return importlib.util.find_spec(f"fastgen.cuda.{_LAUNCHERS[op]}") is not None
+    """Whether ``op`` has a registered CUDA C++ implementation (fastgen.backend's registry)."""
+    from fastgen import backend
+
+    return "cuda" in backend.implementations(op)
 
 
 def _meta(*shape, dtype) -> torch.Tensor:
