@@ -164,9 +164,9 @@ def test_guidance_embedding_matches_formula():
     w = torch.tensor([0.0, 2.5, 7.25], dtype=torch.float64)
     got = guidance_embedding(w, 6)
     f = [10000 ** (-j / 2) for j in range(3)]
-    ref = torch.tensor([[math.sin(1000 * v * fj) for fj in f] + [math.cos(1000 * v * fj) for fj in f] for v in w.tolist()],
-                       dtype=torch.float64)
-    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=2e-4)  # fp32 arguments up to 7250 rad
+    ref = torch.tensor([[math.sin(1000 * v * fj) for fj in f] + [math.cos(1000 * v * fj) for fj in f]
+                        for v in w.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=2e-4)  # fp32 frequencies, arguments up to 7250
     assert guidance_embedding(w, 7).shape == (3, 7)
 
 
