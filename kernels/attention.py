@@ -225,7 +225,6 @@ def _attn_fwd_kernel(
     LSE += b64 * slb + h.to(tl.int64) * slh + q_start
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
     cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
@@ -233,14 +232,14 @@ def _attn_fwd_kernel(
     if TMA:
         q = _desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
     else:
-        q = _load(Q + rows64[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
+        q = _load(Q + rows[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
     if BLOCK_DR > 0:  # the head-dim remainder, e.g. D = 80 = 64 + 16
         dr = BLOCK_D + tl.arange(0, BLOCK_DR)
         dr_ok = dr < D
         if TMA:
             q_r = _desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
         else:
-            q_r = _load(Q + rows64[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
+            q_r = _load(Q + rows[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
         acc_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -257,18 +256,17 @@ def _attn_fwd_kernel(
         hi = tl.cdiv(tl.maximum(hi_k, 0), BLOCK_N)
     for nb in range(0, hi):
         kcols = nb * BLOCK_N + cols
-        kcols64 = kcols.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
         col_ok = kcols < seqlen_k
         if TMA:
             kt = tl.trans(_desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
         else:
-            kt = _load(K + kcols64[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
+            kt = _load(K + kcols[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
         s = _dot(q, kt, DOT_F32)
         if BLOCK_DR > 0:
             if TMA:
                 kt_r = tl.trans(_desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
             else:
-                kt_r = _load(K + kcols64[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
+                kt_r = _load(K + kcols[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
             s += _dot(q_r, kt_r, DOT_F32)
         s = s * qk_scale
         ok = col_ok[None, :]
@@ -283,13 +281,13 @@ def _attn_fwd_kernel(
         if TMA:
             v = _desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
         else:
-            v = _load(V + kcols64[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
+            v = _load(V + kcols[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
         if BLOCK_DR > 0:
             if TMA:
                 v_r = _desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
             else:
-                v_r = _load(V + kcols64[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
+                v_r = _load(V + kcols[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
             acc_r = acc_r * alpha[:, None] + _dot(p.to(v_r.dtype), v_r, DOT_F32)
         m_i = m_new
 
@@ -297,11 +295,11 @@ def _attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(LSE + rows, lse, mask=row_ok)
-    tl.store(O + rows64[:, None] * sos + dd[None, :], round_to(out, O.dtype.element_ty, INTERPRET),
+    tl.store(O + rows[:, None] * sos + dd[None, :], round_to(out, O.dtype.element_ty, INTERPRET),
              mask=row_ok[:, None] & d_ok[None, :])
     if BLOCK_DR > 0:
         out_r = acc_r / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(O + rows64[:, None] * sos + dr[None, :], round_to(out_r, O.dtype.element_ty, INTERPRET),
+        tl.store(O + rows[:, None] * sos + dr[None, :], round_to(out_r, O.dtype.element_ty, INTERPRET),
                  mask=row_ok[:, None] & dr_ok[None, :])
 
 

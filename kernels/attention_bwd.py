@@ -75,13 +75,12 @@ def _attn_bwd_preprocess_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     mask = row_ok[:, None] & (dd < D)[None, :]
-    o = tl.load(O + b64 * sob + h64 * soh + q_start * sos + rows64[:, None] * sos + dd[None, :],
+    o = tl.load(O + b64 * sob + h64 * soh + q_start * sos + rows[:, None] * sos + dd[None, :],
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows64[:, None] * sdos + dd[None, :],
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + b64 * slb + h64 * slh + q_start + rows, tl.sum(o * do, 1), mask=row_ok)
 
@@ -140,7 +139,6 @@ def _attn_bwd_dkdv_kernel(
     DV += b64 * sdvb + hk64 * sdvh + k_start * sdvs
 
     kcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kcols64 = kcols.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
     dd = tl.arange(0, BLOCK_D)
     rr = tl.arange(0, BLOCK_M)
     col_ok = kcols < seqlen_k
@@ -150,8 +148,8 @@ def _attn_bwd_dkdv_kernel(
         k = _desc_tile(KD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
         v = _desc_tile(VD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
     else:
-        k = _load(K + kcols64[:, None] * sks + dd[None, :], kv_mask, DOT_F32)
-        v = _load(V + kcols64[:, None] * svs + dd[None, :], kv_mask, DOT_F32)
+        k = _load(K + kcols[:, None] * sks + dd[None, :], kv_mask, DOT_F32)
+        v = _load(V + kcols[:, None] * svs + dd[None, :], kv_mask, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if BLOCK_DR > 0:  # the head-dim remainder
@@ -162,8 +160,8 @@ def _attn_bwd_dkdv_kernel(
             k_r = _desc_tile(KDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
             v_r = _desc_tile(VDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
         else:
-            k_r = _load(K + kcols64[:, None] * sks + dr[None, :], kv_mask_r, DOT_F32)
-            v_r = _load(V + kcols64[:, None] * svs + dr[None, :], kv_mask_r, DOT_F32)
+            k_r = _load(K + kcols[:, None] * sks + dr[None, :], kv_mask_r, DOT_F32)
+            v_r = _load(V + kcols[:, None] * svs + dr[None, :], kv_mask_r, DOT_F32)
         dk_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
         dv_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
@@ -185,15 +183,14 @@ def _attn_bwd_dkdv_kernel(
         Dh = DELTA + b64 * slb + h64 * slh + q_start
         for mb in range(lo, hi):
             rows = mb * BLOCK_M + rr
-            rows64 = rows.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
             row_ok = rows < seqlen_q
             q_mask = row_ok[:, None] & d_ok[None, :]
             if TMA:
                 q = _desc_tile(QD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
                 do = _desc_tile(DOD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
             else:
-                q = _load(Qh + rows64[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
-                do = _load(DOh + rows64[:, None] * sdos + dd[None, :], q_mask, DOT_F32)
+                q = _load(Qh + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+                do = _load(DOh + rows[:, None] * sdos + dd[None, :], q_mask, DOT_F32)
             lse = tl.load(Lh + rows, mask=row_ok, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty row: p = 0
             delta = tl.load(Dh + rows, mask=row_ok, other=0.0)
@@ -204,8 +201,8 @@ def _attn_bwd_dkdv_kernel(
                     do_r = _desc_tile(DODR, b, h32, mb * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
                 else:
                     q_mask_r = row_ok[:, None] & dr_ok[None, :]
-                    q_r = _load(Qh + rows64[:, None] * sqs + dr[None, :], q_mask_r, DOT_F32)
-                    do_r = _load(DOh + rows64[:, None] * sdos + dr[None, :], q_mask_r, DOT_F32)
+                    q_r = _load(Qh + rows[:, None] * sqs + dr[None, :], q_mask_r, DOT_F32)
+                    do_r = _load(DOh + rows[:, None] * sdos + dr[None, :], q_mask_r, DOT_F32)
                 st += _dot(k_r, tl.trans(q_r), DOT_F32)
             st = st * qk_scale
             ok = col_ok[:, None] & row_ok[None, :]
@@ -223,13 +220,13 @@ def _attn_bwd_dkdv_kernel(
                 dk_r += _dot(dst.to(q_r.dtype), q_r, DOT_F32)
 
     dk = dk * sm_scale
-    tl.store(DK + kcols64[:, None] * sdks + dd[None, :], round_to(dk, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
-    tl.store(DV + kcols64[:, None] * sdvs + dd[None, :], round_to(dv, DV.dtype.element_ty, INTERPRET), mask=kv_mask)
+    tl.store(DK + kcols[:, None] * sdks + dd[None, :], round_to(dk, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
+    tl.store(DV + kcols[:, None] * sdvs + dd[None, :], round_to(dv, DV.dtype.element_ty, INTERPRET), mask=kv_mask)
     if BLOCK_DR > 0:
         dk_r = dk_r * sm_scale
-        tl.store(DK + kcols64[:, None] * sdks + dr[None, :], round_to(dk_r, DK.dtype.element_ty, INTERPRET),
+        tl.store(DK + kcols[:, None] * sdks + dr[None, :], round_to(dk_r, DK.dtype.element_ty, INTERPRET),
                  mask=kv_mask_r)
-        tl.store(DV + kcols64[:, None] * sdvs + dr[None, :], round_to(dv_r, DV.dtype.element_ty, INTERPRET),
+        tl.store(DV + kcols[:, None] * sdvs + dr[None, :], round_to(dv_r, DV.dtype.element_ty, INTERPRET),
                  mask=kv_mask_r)
 
 
@@ -280,7 +277,6 @@ def _attn_bwd_dq_kernel(
     V += b64 * svb + hk64 * svh + k_start * svs
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
     cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
@@ -290,8 +286,8 @@ def _attn_bwd_dq_kernel(
         q = _desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
         do = _desc_tile(DOD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
     else:
-        q = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows64[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
-        do = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows64[:, None] * sdos + dd[None, :], q_mask,
+        q = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+        do = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :], q_mask,
                    DOT_F32)
     lse = tl.load(LSE + b64 * slb + h64 * slh + q_start + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -305,9 +301,9 @@ def _attn_bwd_dq_kernel(
             q_r = _desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
             do_r = _desc_tile(DODR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
         else:
-            q_r = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows64[:, None] * sqs + dr[None, :], q_mask_r,
+            q_r = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dr[None, :], q_mask_r,
                         DOT_F32)
-            do_r = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows64[:, None] * sdos + dr[None, :],
+            do_r = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dr[None, :],
                          q_mask_r, DOT_F32)
         dq_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
@@ -321,15 +317,14 @@ def _attn_bwd_dq_kernel(
         hi = tl.cdiv(tl.maximum(hi_k, 0), BLOCK_N)
     for nb in range(0, hi):
         kcols = nb * BLOCK_N + cols
-        kcols64 = kcols.to(tl.int64)  # row * stride passes 2^31 at S * row stride >= 2^31
         col_ok = kcols < seqlen_k
         kt_mask = col_ok[None, :] & d_ok[:, None]
         if TMA:
             kt = tl.trans(_desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
             vt = tl.trans(_desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
         else:
-            kt = _load(K + kcols64[None, :] * sks + dd[:, None], kt_mask, DOT_F32)  # [BLOCK_D, BLOCK_N]
-            vt = _load(V + kcols64[None, :] * svs + dd[:, None], kt_mask, DOT_F32)
+            kt = _load(K + kcols[None, :] * sks + dd[:, None], kt_mask, DOT_F32)  # [BLOCK_D, BLOCK_N]
+            vt = _load(V + kcols[None, :] * svs + dd[:, None], kt_mask, DOT_F32)
         s = _dot(q, kt, DOT_F32)
         dp = _dot(do, vt, DOT_F32)
         if BLOCK_DR > 0:
@@ -338,8 +333,8 @@ def _attn_bwd_dq_kernel(
                 vt_r = tl.trans(_desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
             else:
                 kt_mask_r = col_ok[None, :] & dr_ok[:, None]
-                kt_r = _load(K + kcols64[None, :] * sks + dr[:, None], kt_mask_r, DOT_F32)
-                vt_r = _load(V + kcols64[None, :] * svs + dr[:, None], kt_mask_r, DOT_F32)
+                kt_r = _load(K + kcols[None, :] * sks + dr[:, None], kt_mask_r, DOT_F32)
+                vt_r = _load(V + kcols[None, :] * svs + dr[:, None], kt_mask_r, DOT_F32)
             s += _dot(q_r, kt_r, DOT_F32)
             dp += _dot(do_r, vt_r, DOT_F32)
         s = s * qk_scale
@@ -353,11 +348,11 @@ def _attn_bwd_dq_kernel(
             dq_r += _dot(ds.to(kt_r.dtype), tl.trans(kt_r), DOT_F32)
 
     dq = dq * sm_scale
-    tl.store(DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows64[:, None] * sdqs + dd[None, :],
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows[:, None] * sdqs + dd[None, :],
              round_to(dq, DQ.dtype.element_ty, INTERPRET), mask=q_mask)
     if BLOCK_DR > 0:
         dq_r = dq_r * sm_scale
-        tl.store(DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows64[:, None] * sdqs + dr[None, :],
+        tl.store(DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows[:, None] * sdqs + dr[None, :],
                  round_to(dq_r, DQ.dtype.element_ty, INTERPRET), mask=q_mask_r)
 
 

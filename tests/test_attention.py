@@ -753,3 +753,17 @@ def test_batch_times_heads_is_on_grid_axis_0(monkeypatch):
     assert set(grids) == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
                           "_attn_bwd_dq_kernel"}
     assert all(len(g) == 1 for g in grids.values()), grids
+
+
+def test_rows_past_32_bit_offsets_go_to_the_reference():
+    """Row offsets are 32-bit inside a (batch, head) slice; a slice past 2^31 elements is refused by
+    backend='triton' and served by the reference under 'auto' (checked on stride-only views)."""
+    from fastgen.ops.attention import _offset_reason
+
+    base = torch.empty(1, dtype=BF16, device="meta")  # shapes and strides only
+    huge = base.as_strided((1, 300_000, 24, 128), (0, 3 * 24 * 128, 128, 1))  # packed qkv rows at S = 300k
+    assert "32-bit row offsets" in _offset_reason(huge, huge, huge, "bshd", False)
+    ok = base.as_strided((1, 200_000, 24, 128), (0, 3 * 24 * 128, 128, 1))
+    assert _offset_reason(ok, ok, ok, "bshd", False) is None
+    q = torch.randn(1, 8, 2, 16, dtype=BF16, device=TRITON_DEVICE)
+    assert _offset_reason(q, q, q, "bshd", False) is None

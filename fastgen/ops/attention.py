@@ -194,6 +194,22 @@ def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, ma
 
 _unsupported = attention_reason  # the name fastgen.patch reads
 
+# The kernels index rows inside one (batch, head) slice with 32-bit offsets (row * row stride):
+# 64-bit per-element offsets cost registers and spill on sm_90 (the static tier measured 184 ->
+# 255 registers with 268 bytes of spills). A slice whose last row starts past 2^31 elements (packed
+# qkv of 24 x 128-dim heads at S > 233k tokens) goes to the reference instead of overflowing.
+_MAX_OFFSET = 2**31 - 1
+
+
+def _offset_reason(q: Tensor, k: Tensor, v: Tensor, layout: str, varlen: bool) -> Optional[str]:
+    s_dim = 0 if varlen else (1 if layout == "bshd" else 2)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        last = (t.shape[s_dim] - 1) * t.stride(s_dim) + t.shape[-1] if t.numel() else 0
+        if last > _MAX_OFFSET:
+            return (f"{name}'s sequence is too long for the kernels' 32-bit row offsets ({t.shape[s_dim]} rows of "
+                    f"stride {t.stride(s_dim)}); use backend='torch', or split the sequence")
+    return None
+
 
 def _lastdim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -322,7 +338,8 @@ def attention(
     max_seqlen_q, max_seqlen_k = _validate(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    impl = resolve("attention", backend, q.device, call=(q,))
+    impl = resolve("attention", backend, q.device, _offset_reason(q, k, v, layout, cu_seqlens_q is not None),
+                   call=(q,))
     if impl == "torch" or q.numel() == 0 or k.numel() == 0:
         return attention_ref(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
