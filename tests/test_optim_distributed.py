@@ -65,7 +65,12 @@ def _worker(rank: int, port: int, kind: str, backend: str) -> None:
             assert type(shard).__name__ == "DTensor"
             assert shard.to_local().numel() < shard.numel()  # really sharded
     finally:
-        dist.destroy_process_group()
+        # Both ranks leave their last collective (full_tensor's all-gather) before the group goes:
+        # tearing gloo down under a peer still in a collective aborts that process.
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind, backend", [("ddp", "torch"), ("fsdp2", "torch"), ("fsdp2", "triton")])

@@ -225,7 +225,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, result_file: str):
         b.fit()
         torch.save({"a": _state(a), "b": _state(b)}, f"{result_file}.{rank}")
     finally:
-        dist.destroy_process_group()
+        try:  # both ranks out of their last collective before the group goes
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def test_resume_is_bit_exact_with_two_gloo_processes(tmp_path):
