@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import sys
+import traceback
 
 import pytest
 import torch
@@ -34,43 +36,52 @@ def _batch(step: int, rank: int) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, kind: str, backend: str) -> None:
+    """Runs the check in a spawned process and leaves with os._exit: 1 with the traceback on any
+    failure (mp.spawn then fails the test), 0 otherwise. The gloo group is not torn down: its C++
+    threads can abort a process at teardown ("terminate called without an active exception", seen
+    in CI) after every check has passed, which would fail a correct run."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-        ref = copy.deepcopy(model)
-        if kind == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
+        _check(rank, kind, backend)
+        dist.barrier()  # both ranks are done with every collective
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
-            fully_shard(model)
-            wrapped = model
-        opt = FusedAdamW(wrapped.parameters(), lr=1e-2, backend=backend)
-        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
-        for step in range(STEPS):
-            wrapped(_batch(step, rank)).square().mean().backward()
-            clip_grad_norm_(wrapped.parameters(), 1e9, backend="torch")  # a no-op clip that must accept DTensors
-            opt.step()
-            opt.zero_grad()
-            (sum(ref(_batch(step, r)).square().mean() for r in range(WORLD)) / WORLD).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-        for p, q in zip(wrapped.parameters(), ref.parameters()):
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            torch.testing.assert_close(full.detach(), q.detach(), atol=1e-5, rtol=1e-5)
-        if kind == "fsdp2":
-            shard = next(iter(wrapped.parameters()))
-            assert type(shard).__name__ == "DTensor"
-            assert shard.to_local().numel() < shard.numel()  # really sharded
-    finally:
-        # Both ranks leave their last collective (full_tensor's all-gather) before the group goes:
-        # tearing gloo down under a peer still in a collective aborts that process.
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+
+def _check(rank: int, kind: str, backend: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    if kind == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        wrapped = model
+    opt = FusedAdamW(wrapped.parameters(), lr=1e-2, backend=backend)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    for step in range(STEPS):
+        wrapped(_batch(step, rank)).square().mean().backward()
+        clip_grad_norm_(wrapped.parameters(), 1e9, backend="torch")  # a no-op clip that must accept DTensors
+        opt.step()
+        opt.zero_grad()
+        (sum(ref(_batch(step, r)).square().mean() for r in range(WORLD)) / WORLD).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for p, q in zip(wrapped.parameters(), ref.parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        torch.testing.assert_close(full.detach(), q.detach(), atol=1e-5, rtol=1e-5)
+    if kind == "fsdp2":
+        shard = next(iter(wrapped.parameters()))
+        assert type(shard).__name__ == "DTensor"
+        assert shard.to_local().numel() < shard.numel()  # really sharded
 
 
 @pytest.mark.parametrize("kind, backend", [("ddp", "torch"), ("fsdp2", "torch"), ("fsdp2", "triton")])
