@@ -518,6 +518,47 @@ def flag_rows(rows: list[dict[str, Any]], copy_gbps: float | None, spread_limit:
     return n
 
 
+def _plan(suites, device: str, quick: bool, only_providers, only_modes) -> list[tuple]:
+    """Every (suite, provider, case, mode) to run, in order, after the provider / mode filters."""
+    return [(suite, provider, case, mode)
+            for suite in suites for case in suite.cases(device, quick)
+            for mode in suite.MODES if not only_modes or mode in only_modes
+            for provider in suite.PROVIDERS if not only_providers or provider in only_providers]
+
+
+def _run_plan(plan: list[tuple], device: str, progress: bool, stream) -> list[dict[str, Any]]:
+    """Run each planned case with a progress bar (or numbered lines without tqdm); Ctrl-C (the
+    time limit of gpu_suite.sh sends SIGINT) stops early and keeps the rows measured so far."""
+    bar = _progress(len(plan), progress)
+    rows = []
+    try:
+        for i, (suite, provider, case, mode) in enumerate(plan):
+            label = f"{suite.OP} {mode} {case.shape_str}{'+' + case.variant if case.variant else ''} {case.dtype_str} {provider}"
+            if bar is not None:
+                bar.set_description(label, refresh=False)
+            elif progress:
+                print(f"[{i + 1}/{len(plan)}] {label}", file=sys.stderr, flush=True)
+            rows.append(run_case(suite, provider, case, mode, device))
+            if bar is not None:
+                bar.update(1)
+    except KeyboardInterrupt:
+        print(f"interrupted: reporting the {len(rows)} of {len(plan)} rows measured", file=stream)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def _print_summary(rows: list[dict[str, Any]], flagged: int, limit: float, stream) -> None:
+    """The table, the row counts by status, and the flagged-row line."""
+    print(format_table(rows), file=stream)
+    counts = {k: sum(1 for r in rows if r["status"].split(":")[0] == k) for k in ("ok", "skipped", "error")}
+    print(f"{len(rows)} rows: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors",
+          file=stream)
+    if flagged:
+        print(f"{flagged} rows flagged (p80/p20 spread above {limit:g}, or GB/s above the measured copy): "
+              f"see the flags column; they are left out of the plots", file=stream)
+
+
 def run(
     ops: Iterable[str] | None = None,
     *,
@@ -564,49 +605,15 @@ def run(
         peaks += f", bf16 matmul {matmul_tflops:.1f} TFLOP/s"
     print(f"measured peaks: {peaks}", file=stream)
 
-    plan = []
-    for suite in suites:
-        for case in suite.cases(device, quick):
-            for mode in suite.MODES:
-                if only_modes and mode not in only_modes:
-                    continue
-                for provider in suite.PROVIDERS:
-                    if only_providers and provider not in only_providers:
-                        continue
-                    plan.append((suite, provider, case, mode))
-
-    bar = _progress(len(plan), progress)
-    rows = []
-    try:
-        for i, (suite, provider, case, mode) in enumerate(plan):
-            label = f"{suite.OP} {mode} {case.shape_str}{'+' + case.variant if case.variant else ''} {case.dtype_str} {provider}"
-            if bar is not None:
-                bar.set_description(label, refresh=False)
-            elif progress:
-                print(f"[{i + 1}/{len(plan)}] {label}", file=sys.stderr, flush=True)
-            rows.append(run_case(suite, provider, case, mode, device))
-            if bar is not None:
-                bar.update(1)
-    except KeyboardInterrupt:
-        # A time limit (gpu_suite.sh sends SIGINT) still leaves the rows measured so far.
-        print(f"interrupted: reporting the {len(rows)} of {len(plan)} rows measured", file=stream)
-    if bar is not None:
-        bar.close()
-
+    plan = _plan(suites, device, quick, only_providers, only_modes)
+    rows = _run_plan(plan, device, progress, stream)
     _add_speedups(rows, copy_gbps)
     limit = SPREAD_LIMIT[device] if spread_limit is None else float(spread_limit)
     flagged = flag_rows(rows, copy_gbps, limit)
     result = {"header": header(device, [s.OP for s in suites], quick, copy_gbps, matmul_tflops),
               "rows": rows}
     result["header"]["spread_limit"] = limit
-    print(format_table(rows), file=stream)
-    counts = {k: sum(1 for r in rows if r["status"].split(":")[0] == k) for k in ("ok", "skipped", "error")}
-    print(f"{len(rows)} rows: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors",
-          file=stream)
-    if flagged:
-        print(f"{flagged} rows flagged (p80/p20 spread above {limit:g}, or GB/s above the measured copy): "
-              f"see the flags column; they are left out of the plots", file=stream)
-
+    _print_summary(rows, flagged, limit, stream)
     out = out or default_out_dir(device)
     result["files"] = write_reports(result, out, suites, stream=stream)
     return result
