@@ -1,4 +1,5 @@
-"""Small pieces shared by the zoo's models: input checks and the GroupNorm+SiLU conv stage."""
+"""Small pieces shared by the zoo's models: input checks, the GroupNorm+SiLU conv stage, and the
+helpers of their ``fastgen train`` protocol (``optimizer_step``, ``statistics_distance``)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def check_groups(channels, groups: int) -> None:
 def norm_act(channels: int, groups: int, backend: str) -> nn.Module:
     """GroupNorm fused with SiLU (one fastgen.ops.group_norm call)."""
     return GroupNorm(groups, channels, activation="silu", backend=backend)
+
+
+def optimizer_step(optimizer, loss: Tensor) -> None:
+    """One optimizer step on ``loss``: zero the gradients (to None), backward, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def statistics_distance(samples: Tensor, reference: Tensor, stats) -> float:
+    """||stats(samples) - stats(reference)||_2: how far a sample batch's summary is from the data's."""
+    return (stats(samples) - stats(reference)).norm().item()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.ops import group_norm
-from fastgen.zoo._common import check_images
+from fastgen.zoo._common import check_images, optimizer_step
 from fastgen.zoo.gan import Discriminator, GANConfig, GANLosses
 
 
@@ -138,27 +138,54 @@ class ConditionalGAN(nn.Module):
         fl = self.discriminator(self(z, y), y)
         return GANLosses(F.softplus(-fl).mean(), None, fl)
 
+    # ------------------------------------------------------------------ the fastgen train protocol
+    def optimizer_params(self) -> dict:
+        """{"d": discriminator parameters, "g": generator parameters}."""
+        return {"d": list(self.discriminator.parameters()), "g": list(self.generator.parameters())}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """One D step on the real pairs (``batch["x"]`` (B, C, S, S), ``batch["y"]`` (B,)) against
+        fakes of uniform labels, then one G step; returns {"loss_d", "loss_g"}."""
+        n = batch["x"].shape[0]
+        d = self.discriminator_loss(batch["x"], batch["y"], *self.noise(n, generator))
+        optimizer_step(optimizers["d"], d.loss)
+        gl = self.generator_loss(*self.noise(n, generator))
+        optimizer_step(optimizers["g"], gl.loss)
+        return {"loss_d": d.loss.item(), "loss_g": gl.loss.item()}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 256,
+                sampling_steps: int = 0) -> dict:
+        """What the training test asserts, on ``samples // num_classes`` samples per class:
+        ``colour_accuracy`` (dominant colour of a sample = its class colour, label % 3; chance 1/3)
+        and the foreground area per shape (``area_square``, ``area_disc``, ``area_triangle``) next
+        to the held-out data's (``data_area_*``). Labels as in fastgen.zoo.data.shapes."""
+        c = self.config.num_classes
+        y = torch.arange(c, device=test["x"].device).repeat_interleave(max(1, samples // c))
+        s = self.sample(y, generator)
+        out = {"colour_accuracy": (dominant_colour(s) == y % 3).float().mean().item()}
+        for name, imgs, lab in (("area", s, y), ("data_area", test["x"], test["y"])):
+            area = (imgs.max(1).values > 0).float().flatten(1).mean(1)
+            for k, shape in enumerate(("square", "disc", "triangle")):
+                sel = lab // 3 == k
+                out[f"{name}_{shape}"] = area[sel].mean().item() if sel.any() else float("nan")
+        return out
+
 
 def train_cgan(model: ConditionalGAN, data: Tensor, labels: Tensor, steps: int, batch_size: int = 64,
                lr: float = 1e-3, betas=(0.5, 0.999), seed: int = 0) -> list[tuple[float, float]]:
-    """Alternating FusedAdamW steps; returns (L_D, L_G) per step."""
+    """Alternating FusedAdamW steps (:meth:`ConditionalGAN.train_step`); returns (L_D, L_G) per step."""
     from fastgen.optim import FusedAdamW
 
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opt_d = FusedAdamW(model.discriminator.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-    opt_g = FusedAdamW(model.generator.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+    opts = {name: FusedAdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+            for name, params in model.optimizer_params().items()}
     log = []
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)
-        d = model.discriminator_loss(data[idx], labels[idx], *model.noise(batch_size, g))
-        opt_d.zero_grad(set_to_none=True)
-        d.loss.backward()
-        opt_d.step()
-        gl = model.generator_loss(*model.noise(batch_size, g))
-        opt_g.zero_grad(set_to_none=True)
-        gl.loss.backward()
-        opt_g.step()
-        log.append((d.loss.item(), gl.loss.item()))
+        out = model.train_step({"x": data[idx], "y": labels[idx]}, opts, step, g)
+        log.append((out["loss_d"], out["loss_g"]))
     return log
 
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from fastgen.nn import GroupNorm
 from fastgen.ops import attention
 from fastgen.train.consistency import ConsistencyTrainingObjective
-from fastgen.zoo._common import check_groups, check_images, norm_act
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step
 
 
 @dataclass
@@ -224,6 +224,36 @@ class ConsistencyModel(nn.Module):
         self._check(z, labels)
         return self.objective.sample(self.net, z, labels, sig, generator)
 
+    # ------------------------------------------------------------------ the fastgen train protocol
+    def optimizer_params(self) -> dict:
+        """One optimizer: {"model": every parameter}."""
+        return {"model": list(self.parameters())}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """One iCT step at curriculum step ``step`` on ``batch["x"]`` (B, C, S, S) (with
+        ``batch["y"]`` as labels when the model is class-conditional); returns {"loss"}. The
+        caller updates the EMA (the sampling weights) after it."""
+        labels = batch.get("y") if self.config.num_classes else None
+        loss = self.loss(batch["x"], labels, step=step, generator=generator)
+        optimizer_step(optimizers["model"], loss)
+        return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 256,
+                sampling_steps: int = 0) -> dict:
+        """What the training test asserts: the distance between :func:`colour_stats` of
+        ``samples`` one-step samples and of the held-out images (``one_step_distance``), and the
+        same for two steps, sigmas (sigma_max, 0.8) (``two_step_distance``); both draw the same
+        noise (``generator``'s state at the call). ``sampling_steps`` is unused."""
+        ref = colour_stats(test["x"])
+        state = generator.get_state() if generator is not None else None
+        one = (colour_stats(self.sample(samples, generator=generator)) - ref).norm().item()
+        if state is not None:
+            generator.set_state(state)
+        two = (colour_stats(self.sample(samples, sigmas=(0.8,), generator=generator)) - ref).norm().item()
+        return {"one_step_distance": one, "two_step_distance": two}
+
 
 def train_consistency(model: ConsistencyModel, data: Tensor, steps: int, labels: Optional[Tensor] = None,
                       batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.99,
@@ -238,15 +268,13 @@ def train_consistency(model: ConsistencyModel, data: Tensor, steps: int, labels:
     model.objective.total_steps = steps
     opt = FusedAdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = EMA(model, decay=ema_decay)
+    opts = {"model": opt}
     losses = []
     for k in range(steps):
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)
-        loss = model.loss(data[idx], None if labels is None else labels[idx], step=k, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        batch = {"x": data[idx]} if labels is None else {"x": data[idx], "y": labels[idx]}
+        losses.append(model.train_step(batch, opts, k, g)["loss"])
         ema.update()
-        losses.append(loss.item())
     return losses, ema
 
 

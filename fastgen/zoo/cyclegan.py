@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.nn import GroupNorm
-from fastgen.zoo._common import check_groups, check_images, norm_act
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step
 
 
 @dataclass
@@ -169,30 +169,56 @@ class CycleGAN(nn.Module):
         return ((self.g_ba(self.a_to_b(a)) - a).abs().mean().item(),
                 (self.g_ab(self.b_to_a(b)) - b).abs().mean().item())
 
+    # ------------------------------------------------------------------ the fastgen train protocol
+    def optimizer_params(self) -> dict:
+        """{"g": both generators' parameters, "d": both discriminators'}."""
+        return {"g": [*self.g_ab.parameters(), *self.g_ba.parameters()],
+                "d": [*self.d_a.parameters(), *self.d_b.parameters()]}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """One generator step, then one discriminator step, on unpaired ``batch["a"]`` and
+        ``batch["b"]`` (B, C, S, S) each; returns {"g", "d", "adv", "cycle", "identity"}."""
+        out = self.generator_loss(batch["a"], batch["b"])
+        optimizer_step(optimizers["g"], out.loss)
+        d = self.discriminator_loss(batch["a"], batch["b"], out.fake_a, out.fake_b)
+        optimizer_step(optimizers["d"], d)
+        return {"g": out.loss.item(), "d": d.item(), "adv": out.adversarial.item(),
+                "cycle": out.cycle.item(), "identity": out.identity.item()}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 256,
+                sampling_steps: int = 0) -> dict:
+        """What the training test asserts, on at most ``samples`` held-out images per domain:
+        ``translation_ab`` = mean |G_AB(a) - swap(a)| (swap = exchange red and green, the ideal
+        translation between the colour_swap domains) and ``translation_ba``, the cycle errors
+        ``cycle_a``, ``cycle_b`` (:meth:`cycle_error`) and ``identity_ab`` = mean |G_AB(a) - a|
+        (large when G_AB changes colour rather than copying)."""
+        from fastgen.zoo.data import colour_swap
+
+        a, b = test["a"][:samples], test["b"][:samples]
+        ab, ba = self.a_to_b(a), self.b_to_a(b)
+        cyc_a, cyc_b = self.cycle_error(a, b)
+        return {"translation_ab": (ab - colour_swap(a)).abs().mean().item(),
+                "translation_ba": (ba - colour_swap(b)).abs().mean().item(),
+                "cycle_a": cyc_a, "cycle_b": cyc_b, "identity_ab": (ab - a).abs().mean().item()}
+
 
 def train_cyclegan(model: CycleGAN, data_a: Tensor, data_b: Tensor, steps: int, batch_size: int = 16,
                    lr: float = 1e-3, betas=(0.5, 0.999), seed: int = 0) -> list[dict]:
-    """Alternating FusedAdamW steps (generators, then discriminators) on unpaired batches drawn
-    independently from ``data_a`` and ``data_b``; returns per step {"g", "d", "adv", "cycle", "identity"}."""
+    """Alternating FusedAdamW steps (:meth:`CycleGAN.train_step`: generators, then discriminators)
+    on unpaired batches drawn independently from ``data_a`` and ``data_b``; returns per step
+    {"g", "d", "adv", "cycle", "identity"}."""
     from fastgen.optim import FusedAdamW
 
     model._check(data_a, "data_a")
     model._check(data_b, "data_b")
     g = torch.Generator(device=data_a.device).manual_seed(seed)
-    opt_g = FusedAdamW([*model.g_ab.parameters(), *model.g_ba.parameters()], lr=lr, betas=betas, weight_decay=0.0)
-    opt_d = FusedAdamW([*model.d_a.parameters(), *model.d_b.parameters()], lr=lr, betas=betas, weight_decay=0.0)
+    opts = {name: FusedAdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+            for name, params in model.optimizer_params().items()}
     log = []
-    for _ in range(steps):
+    for step in range(steps):
         a = data_a[torch.randint(0, data_a.shape[0], (batch_size,), generator=g, device=data_a.device)]
         b = data_b[torch.randint(0, data_b.shape[0], (batch_size,), generator=g, device=data_b.device)]
-        out = model.generator_loss(a, b)
-        opt_g.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt_g.step()
-        d = model.discriminator_loss(a, b, out.fake_a, out.fake_b)
-        opt_d.zero_grad(set_to_none=True)
-        d.backward()
-        opt_d.step()
-        log.append({"g": out.loss.item(), "d": d.item(), "adv": out.adversarial.item(),
-                    "cycle": out.cycle.item(), "identity": out.identity.item()})
+        log.append(model.train_step({"a": a, "b": b}, opts, step, g))
     return log

@@ -8,7 +8,7 @@
 
   The shape's centre and size are jittered (centre 6..9, half-size 3..5 pixels), so a class is
   a distribution, not a single image. ``colour_swap(images)`` maps red -> green (the CycleGAN
-  domains: red shapes vs green shapes).
+  domains: ``colour_domain(n, 0)`` red shapes vs ``colour_domain(n, 1)`` green shapes).
 
 ``two_moons(n, noise=0.05, generator=)``  (n, 2): two interleaved half circles, standardised by
   the fixed affine map ``(x - (0.5, 0.25)) / (0.87, 0.5)`` so it has about zero mean, unit scale.
@@ -68,6 +68,16 @@ def shapes(n: int, generator: Optional[torch.Generator] = None, size: int = 16,
     mask = shape_masks(shape, cy, cx, r, size).unsqueeze(1)               # (n, 1, S, S)
     rgb = _RGB[colour].view(n, 3, 1, 1)
     return torch.where(mask, rgb, torch.full_like(rgb, -1.0)).float(), labels
+
+
+def colour_domain(n: int, colour: int, generator: Optional[torch.Generator] = None, size: int = 16) -> Tensor:
+    """``n`` images (n, 3, size, size) of shapes of one colour (0 red, 1 green, 2 blue), uniform
+    shapes: the CycleGAN domains (red shapes = A, green shapes = B, ``colour_swap`` maps one to
+    the other)."""
+    if colour not in range(len(COLOURS)):
+        raise ValueError(f"colour must be 0, 1 or 2 ({', '.join(COLOURS)}), got {colour}")
+    labels = 3 * torch.randint(0, len(SHAPES), (n,), generator=generator) + colour
+    return shapes(n, generator, size, labels=labels)[0]
 
 
 def colour_swap(images: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgen.zoo._common import check_groups, check_images, norm_act
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step, statistics_distance
 
 
 @dataclass
@@ -159,30 +159,51 @@ class GAN(nn.Module):
         right = (out.real_logits > 0).sum() + (out.fake_logits < 0).sum()
         return right.item() / (out.real_logits.numel() + out.fake_logits.numel())
 
+    # ------------------------------------------------------------------ the fastgen train protocol
+    def optimizer_params(self) -> dict:
+        """One optimizer per player: {"d": discriminator parameters, "g": generator parameters}."""
+        return {"d": list(self.discriminator.parameters()), "g": list(self.generator.parameters())}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """One discriminator step, then one generator step, on ``batch["x"]`` (B, C, S, S) with
+        fresh noise from ``generator``; returns {"loss_d", "loss_g", "d_accuracy"} (the accuracy
+        on this step's real and fake logits)."""
+        real = batch["x"]
+        d = self.discriminator_loss(real, self.noise(real.shape[0], generator))
+        optimizer_step(optimizers["d"], d.loss)
+        gl = self.generator_loss(self.noise(real.shape[0], generator))
+        optimizer_step(optimizers["g"], gl.loss)
+        acc = ((d.real_logits > 0).float().mean() + (d.fake_logits < 0).float().mean()).item() / 2
+        return {"loss_d": d.loss.item(), "loss_g": gl.loss.item(), "d_accuracy": acc}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 256,
+                sampling_steps: int = 0) -> dict:
+        """What the training test asserts: ``stat_distance`` = ||image_statistics(samples) -
+        image_statistics(test images)|| (falls as G learns) and ``d_accuracy`` on held-out real
+        images against fresh fakes (``sampling_steps`` is unused: one generator pass)."""
+        x = test["x"]
+        dist = statistics_distance(self.sample(samples, generator), x, image_statistics)
+        n = min(samples, x.shape[0])
+        return {"stat_distance": dist, "d_accuracy": self.discriminator_accuracy(x[:n], self.noise(n, generator))}
+
 
 def train_gan(model: GAN, data: Tensor, steps: int, batch_size: int = 64, lr: float = 2e-4,
               betas=(0.5, 0.999), seed: int = 0) -> list[tuple[float, float, float]]:
-    """Alternate one discriminator and one generator FusedAdamW step; returns per step
-    (L_D, L_G, discriminator accuracy on that step's batch)."""
+    """Alternate one discriminator and one generator FusedAdamW step (:meth:`GAN.train_step`);
+    returns per step (L_D, L_G, discriminator accuracy on that step's batch)."""
     from fastgen.optim import FusedAdamW
 
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opt_d = FusedAdamW(model.discriminator.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-    opt_g = FusedAdamW(model.generator.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+    opts = {name: FusedAdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+            for name, params in model.optimizer_params().items()}
     log = []
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         real = data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)]
-        d = model.discriminator_loss(real, model.noise(batch_size, g))
-        opt_d.zero_grad(set_to_none=True)
-        d.loss.backward()
-        opt_d.step()
-        gl = model.generator_loss(model.noise(batch_size, g))
-        opt_g.zero_grad(set_to_none=True)
-        gl.loss.backward()
-        opt_g.step()
-        acc = ((d.real_logits > 0).float().mean() + (d.fake_logits < 0).float().mean()).item() / 2
-        log.append((d.loss.item(), gl.loss.item(), acc))
+        out = model.train_step({"x": real}, opts, step, g)
+        log.append((out["loss_d"], out["loss_g"], out["d_accuracy"]))
     return log
 
 

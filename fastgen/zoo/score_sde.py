@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.nn import RMSNorm
-from fastgen.zoo._common import check_vectors
+from fastgen.zoo._common import check_vectors, optimizer_step
 
 
 @dataclass
@@ -156,6 +156,30 @@ class ScoreSDE(nn.Module):
                 x = mean + (b * dt).sqrt() * z if i + 1 < num_steps else mean
         return x
 
+    # ------------------------------------------------------------------ the fastgen train protocol
+    def optimizer_params(self) -> dict:
+        """One optimizer: {"model": every parameter}."""
+        return {"model": list(self.parameters())}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """One denoising-score-matching step on ``batch["x"]`` (B, D) (t and eps from
+        ``generator``); returns {"loss"}."""
+        loss = self.loss(batch["x"], generator)
+        optimizer_step(optimizers["model"], loss)
+        return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 2000,
+                sampling_steps: int = 200) -> dict:
+        """What the training test asserts: ``samples`` predictor-corrector samples in
+        ``sampling_steps`` steps against the held-out points' moments: ``mean_error`` (largest
+        |mean coordinate difference|) and ``cov_error`` (largest |covariance entry difference|)."""
+        x = test["x"].float()
+        s = self.sample(samples, num_steps=sampling_steps, generator=generator)
+        return {"mean_error": (s.mean(0) - x.mean(0)).abs().max().item(),
+                "cov_error": (torch.cov(s.T) - torch.cov(x.T)).abs().max().item()}
+
 
 @torch.no_grad()
 def sample_diffusers_ve(model: ScoreSDE, n: int, num_steps: int = 200, generator: Optional[torch.Generator] = None):
@@ -183,16 +207,13 @@ def sample_diffusers_ve(model: ScoreSDE, n: int, num_steps: int = 200, generator
 
 def train_score(model: ScoreSDE, data: Tensor, steps: int, batch_size: int = 256, lr: float = 2e-3,
                 seed: int = 0) -> list[float]:
-    """FusedAdamW on the DSM loss with a fixed seed; returns the loss per step."""
+    """FusedAdamW on the DSM loss with a fixed seed (:meth:`ScoreSDE.train_step`); returns the loss per step."""
     from fastgen.optim import FusedAdamW
 
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opt = FusedAdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opts = {name: FusedAdamW(params, lr=lr, weight_decay=0.0) for name, params in model.optimizer_params().items()}
     log = []
-    for _ in range(steps):
-        loss = model.loss(data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)], g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log.append(loss.item())
+    for step in range(steps):
+        x = data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)]
+        log.append(model.train_step({"x": x}, opts, step, g)["loss"])
     return log

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgen.zoo._common import check_groups, check_images, norm_act
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step
 
 
 @dataclass
@@ -174,6 +174,31 @@ class VAE(nn.Module):
         """Decoder mean at the posterior mean: (B, C, S, S)."""
         return self.decoder(self.encode(x)[0])
 
+    # ------------------------------------------------------------------ the fastgen train protocol
+    def optimizer_params(self) -> dict:
+        """One optimizer: {"model": every parameter}."""
+        return {"model": list(self.parameters())}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """One step on the (annealed) beta-ELBO of ``batch["x"]`` (B, C, S, S); returns {"loss",
+        "recon", "kl", "mse", "beta"} (beta_t of this step)."""
+        out = self(batch["x"], step=step, generator=generator)
+        optimizer_step(optimizers["model"], out.loss)
+        return {"loss": out.loss.item(), "recon": out.recon.item(), "kl": out.kl.item(), "mse": out.mse.item(),
+                "beta": self.beta_at(step)}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 256,
+                sampling_steps: int = 0) -> dict:
+        """What the training test asserts, on the held-out images (all of them; ``samples`` and
+        ``sampling_steps`` are unused): the rate ``kl`` (nats per image), the distortion ``mse``
+        (per pixel) and ``data_var``, the per-pixel variance of those images (a model that
+        reconstructs has mse far below it)."""
+        x = test["x"]
+        out = self(x, generator=generator)
+        return {"kl": out.kl.item(), "mse": out.mse.item(), "data_var": x.var(0).mean().item()}
+
 
 class BetaVAE(VAE):
     """The beta-VAE: the same model with the KL term weighted by ``beta`` (default 4)."""
@@ -183,18 +208,14 @@ class BetaVAE(VAE):
 
 def train_vae(model: VAE, data: Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3,
               seed: int = 0) -> list[float]:
-    """Minimal training loop (FusedAdamW, fixed seed); returns the loss per step."""
+    """Minimal training loop (FusedAdamW, fixed seed, :meth:`VAE.train_step`); returns the loss per step."""
     from fastgen.optim import FusedAdamW
 
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opt = FusedAdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opts = {name: FusedAdamW(params, lr=lr, weight_decay=0.0) for name, params in model.optimizer_params().items()}
     losses = []
     model.train()
     for step in range(steps):
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)
-        out = model(data[idx], step=step, generator=g)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+        losses.append(model.train_step({"x": data[idx]}, opts, step, g)["loss"])
     return losses

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.vae import VectorQuantizer
-from fastgen.zoo._common import check_groups, check_images, norm_act
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step
 
 
 @dataclass
@@ -112,6 +112,36 @@ class VQVAE(nn.Module):
         qz.cluster_size.fill_(1.0)
         qz.embed_avg.copy_(z[pick])
 
+    # ------------------------------------------------------------------ the fastgen train protocol
+    def optimizer_params(self) -> dict:
+        """One optimizer over encoder and decoder: {"model": the parameters with requires_grad} (the
+        EMA codebook has none)."""
+        return {"model": [p for p in self.parameters() if p.requires_grad]}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """One step on ``batch["x"]`` (B, C, S, S) (the codebook's EMA update happens in the forward
+        pass, in training mode); returns {"loss", "mse", "commitment"}."""
+        out = self(batch["x"])
+        optimizer_step(optimizers["model"], out.loss)
+        return {"loss": out.loss.item(), "mse": out.mse.item(), "commitment": out.commitment.item()}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 256,
+                sampling_steps: int = 0) -> dict:
+        """What the training test asserts, on the held-out images in eval mode (no codebook update;
+        ``samples``, ``sampling_steps`` unused): reconstruction ``mse`` next to ``data_var`` (the
+        per-pixel variance), ``codes_used`` and ``perplexity`` (:func:`codebook_usage`)."""
+        was = self.training
+        self.eval()
+        try:
+            out = self(test["x"])
+        finally:
+            self.train(was)
+        used, ppl = codebook_usage(out.indices, self.config.num_codes)
+        return {"mse": out.mse.item(), "codes_used": float(used), "perplexity": ppl,
+                "data_var": test["x"].var(0).mean().item()}
+
 
 def codebook_usage(indices: Tensor, num_codes: int) -> tuple[int, float]:
     """(codes used, perplexity exp(H)) of the code frequencies in ``indices``."""
@@ -123,19 +153,17 @@ def codebook_usage(indices: Tensor, num_codes: int) -> tuple[int, float]:
 
 def train_vqvae(model: VQVAE, data: Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3,
                 seed: int = 0, init: bool = False) -> list[float]:
-    """FusedAdamW on encoder + decoder (the codebook follows its EMA); returns the loss per step."""
+    """FusedAdamW on encoder + decoder (the codebook follows its EMA; :meth:`VQVAE.train_step`);
+    returns the loss per step."""
     from fastgen.optim import FusedAdamW
 
     g = torch.Generator(device=data.device).manual_seed(seed)
     if init:
         model.init_codebook(data[torch.randperm(data.shape[0], generator=g, device=data.device)[:batch_size]], g)
-    opt = FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opts = {name: FusedAdamW(params, lr=lr, weight_decay=0.0) for name, params in model.optimizer_params().items()}
     model.train()
     log = []
-    for _ in range(steps):
-        out = model(data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        log.append(out.loss.item())
+    for step in range(steps):
+        x = data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)]
+        log.append(model.train_step({"x": x}, opts, step, g)["loss"])
     return log

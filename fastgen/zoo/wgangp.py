@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from fastgen.backend import resolve
-from fastgen.zoo._common import check_groups, check_images, norm_act
-from fastgen.zoo.gan import GANConfig, Generator
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step, statistics_distance
+from fastgen.zoo.gan import GANConfig, Generator, image_statistics
 
 
 @dataclass
@@ -134,6 +134,43 @@ class WGANGP(nn.Module):
 
     def generator_loss(self, z: Tensor) -> Tensor:
         return -self.critic(self(z)).mean()
+
+    # ------------------------------------------------------------------ the fastgen train protocol
+    @property
+    def batches_per_step(self) -> int:
+        """Real batches one :meth:`train_step` consumes: one per critic step (``n_critic``)."""
+        return self.config.n_critic
+
+    def optimizer_params(self) -> dict:
+        """{"d": critic parameters, "g": generator parameters}."""
+        return {"d": list(self.critic.parameters()), "g": list(self.generator.parameters())}
+
+    def train_step(self, batch: dict, optimizers: dict, step: int,
+                   generator: Optional[torch.Generator] = None) -> dict:
+        """``n_critic`` critic steps, one per chunk of ``batch["x"]`` (n_critic * B, C, S, S), each
+        with fresh eps and noise, then one generator step; returns {"loss_d", "loss_g",
+        "wasserstein", "gp"} (the critic terms of its last step)."""
+        chunks = batch["x"].chunk(self.config.n_critic)
+        for real in chunks:
+            eps = torch.rand(real.shape[0], generator=generator, device=real.device)
+            out = self.critic_loss(real, self.noise(real.shape[0], generator), eps)
+            optimizer_step(optimizers["d"], out.loss)
+        loss_g = self.generator_loss(self.noise(chunks[0].shape[0], generator))
+        optimizer_step(optimizers["g"], loss_g)
+        return {"loss_d": out.loss.item(), "loss_g": loss_g.item(), "wasserstein": out.wasserstein.item(),
+                "gp": out.gp.item()}
+
+    @torch.no_grad()
+    def measure(self, test: dict, generator: Optional[torch.Generator] = None, samples: int = 256,
+                sampling_steps: int = 0) -> dict:
+        """What the training test asserts: ``stat_distance`` = ||image_statistics(samples) -
+        image_statistics(test images)|| and the critic's ``wasserstein`` estimate E D(real) -
+        E D(fake) on held-out images (``sampling_steps`` is unused)."""
+        x = test["x"]
+        fake = self.sample(samples, generator)
+        n = min(samples, x.shape[0])
+        return {"stat_distance": statistics_distance(fake, x, image_statistics),
+                "wasserstein": (self.critic(x[:n]).mean() - self.critic(fake[:n]).mean()).item()}
 
 
 def train_wgangp(model: WGANGP, data: Tensor, steps: int, batch_size: int = 64, lr: float = 1e-4,
