@@ -22,6 +22,15 @@
 //
 // EMA: s = s + (1 - decay) * (p - s) in fp32, one rounding at the store; shadow and parameter
 // dtypes independent (an fp32 shadow of bf16 parameters is the usual case).
+//
+// Memory access (csrc/common/multi_tensor.cuh chunk_rounds): a tensor whose operands all start on
+// 16 bytes is walked in groups of VEC = 16 bytes of its narrowest operand (8 bf16, 4 fp32), every
+// operand moved with 16-byte ld.global.v4 / st.global.v4 (an fp32 state of a bf16 parameter: two
+// per group), all loads of a round issued before its math; the tail past the last whole group and
+// any tensor with an unaligned operand go element by element. The per-element math is the same on
+// both paths. Bytes per element: AdamW 2P + 2S read, P + 2S written (+ S read and written with
+// amsgrad); Lion 2P + S read, P + S written; norm P read; scale P read and written; EMA S + P read,
+// S written (P, S: parameter / gradient and state element sizes).
 
 #include <cuda_runtime.h>
 
@@ -34,6 +43,7 @@
 #include "../common/dtype.cuh"
 #include "../common/multi_tensor.cuh"
 #include "../common/reduce.cuh"
+#include "../common/vec.cuh"
 #include "optim.h"
 
 namespace fastgen {
@@ -41,8 +51,10 @@ namespace {
 
 constexpr int kAdamWLists = 6;  // p, g, m, v, vmax, step
 constexpr int kLionLists = 3;   // p, g, m
-constexpr int kIlp = 4;         // elements per thread per round of loads (clip, scale, EMA)
 constexpr int kFinalizeThreads = 512;
+// AdamW's elements per thread per round: 8 (not kElemsPerThread) keeps it near 80 registers, three
+// blocks per SM on sm_90; 16 would need ~150 (one block) and hold fewer bytes in flight per SM.
+constexpr int kAdamWElems = 8;
 
 // torch.lerp(a, b, w) as PyTorch evaluates it: a + w (b - a) for w < 0.5, else b - (b - a)(1 - w)
 // (exact at w = 1, which matters for beta1 <= 0.5; the Triton kernel does the same).
@@ -75,31 +87,57 @@ template <typename P, typename S>
 struct AdamWOp {
   AdamWArgs a;
   __device__ void operator()(std::int32_t k, void** ptrs, std::int64_t begin, std::int64_t end) const {
-    P* p = static_cast<P*>(ptrs[0]);
-    const P* g = static_cast<const P*>(ptrs[1]);
-    S* m = static_cast<S*>(ptrs[2]);
-    S* v = static_cast<S*>(ptrs[3]);
-    S* vmax = static_cast<S*>(ptrs[4]);
-    const float t = *static_cast<const float*>(ptrs[5]);
+    P* p = global_ptr<P>(ptrs[0]);
+    const P* g = global_ptr<const P>(ptrs[1]);
+    S* m = global_ptr<S>(ptrs[2]);
+    S* v = global_ptr<S>(ptrs[3]);
+    S* vmax = global_ptr<S>(ptrs[4]);
+    const float t = *global_ptr<const float>(ptrs[5]);
     const float lr = a.lr_ptr != nullptr ? *a.lr_ptr : a.lr;
     const float step_size = lr / -expm1f(t * a.ln_beta1);
     const float bias2_sqrt = sqrtf(-expm1f(t * a.ln_beta2));
     const float decay = 1.f - lr * a.weight_decay;
-    for (std::int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      float gi = to_float(g[i]);
-      if (a.maximize) gi = -gi;
-      float mi = to_float(m[i]);
-      mi = lerp_like_torch(mi, gi, 1.f - a.beta1);
-      float vi = to_float(v[i]) * a.beta2 + (1.f - a.beta2) * (gi * gi);
-      m[i] = from_float<S>(mi);
-      v[i] = from_float<S>(vi);
-      if (a.amsgrad) {
-        vi = fmaxf(to_float(vmax[i]), vi);
-        vmax[i] = from_float<S>(vi);
+    constexpr int VEC = vec_width<P, S>;
+    constexpr int U = kAdamWElems / VEC;
+    const bool vec_ok = aligned16(p, g, m, v, vmax);
+    chunk_rounds<VEC, U>(begin, end, vec_ok, [&](auto w, const auto& idx, const auto& ok) {
+      constexpr int W = decltype(w)::value;
+      float pv[U][W], gv[U][W], mv[U][W], vv[U][W], xv[U][W];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {  // every load of the round first
+        if (!ok[u]) continue;
+        load_elems<P, W>(p + idx[u], pv[u]);
+        load_elems<P, W>(g + idx[u], gv[u]);
+        load_elems<S, W>(m + idx[u], mv[u]);
+        load_elems<S, W>(v + idx[u], vv[u]);
+        if (a.amsgrad) load_elems<S, W>(vmax + idx[u], xv[u]);
       }
-      const float pi = to_float(p[i]) * decay - step_size * (mi / (sqrtf(vi) / bias2_sqrt + a.eps));
-      p[i] = store_param<P>(pi, a.stochastic, a.seed, k, i);
-    }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        P po[W];
+        S mo[W], vo[W], xo[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          float gi = gv[u][j];
+          if (a.maximize) gi = -gi;
+          const float mi = lerp_like_torch(mv[u][j], gi, 1.f - a.beta1);
+          float vi = vv[u][j] * a.beta2 + (1.f - a.beta2) * (gi * gi);
+          mo[j] = from_float<S>(mi);
+          vo[j] = from_float<S>(vi);
+          if (a.amsgrad) {
+            vi = fmaxf(xv[u][j], vi);
+            xo[j] = from_float<S>(vi);
+          }
+          const float pi = pv[u][j] * decay - step_size * (mi / (sqrtf(vi) / bias2_sqrt + a.eps));
+          po[j] = store_param<P>(pi, a.stochastic, a.seed, k, idx[u] + j);
+        }
+        store_elems<S, W>(m + idx[u], mo);
+        store_elems<S, W>(v + idx[u], vo);
+        if (a.amsgrad) store_elems<S, W>(vmax + idx[u], xo);
+        store_elems<P, W>(p + idx[u], po);
+      }
+    });
   }
 };
 
@@ -113,20 +151,42 @@ template <typename P, typename S>
 struct LionOp {
   LionArgs a;
   __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
-    P* p = static_cast<P*>(ptrs[0]);
-    const P* g = static_cast<const P*>(ptrs[1]);
-    S* m = static_cast<S*>(ptrs[2]);
+    P* p = global_ptr<P>(ptrs[0]);
+    const P* g = global_ptr<const P>(ptrs[1]);
+    S* m = global_ptr<S>(ptrs[2]);
     const float lr = a.lr_ptr != nullptr ? *a.lr_ptr : a.lr;
     const float decay = 1.f - lr * a.weight_decay;
-    for (std::int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      float gi = to_float(g[i]);
-      if (a.maximize) gi = -gi;
-      const float mi = to_float(m[i]);
-      const float c = a.beta1 * mi + (1.f - a.beta1) * gi;
-      const float sign = c > 0.f ? 1.f : (c < 0.f ? -1.f : 0.f);
-      p[i] = from_float<P>(to_float(p[i]) * decay - lr * sign);
-      m[i] = from_float<S>(a.beta2 * mi + (1.f - a.beta2) * gi);
-    }
+    constexpr int VEC = vec_width<P, S>;
+    constexpr int U = kElemsPerThread / VEC;
+    chunk_rounds<VEC, U>(begin, end, aligned16(p, g, m), [&](auto w, const auto& idx, const auto& ok) {
+      constexpr int W = decltype(w)::value;
+      float pv[U][W], gv[U][W], mv[U][W];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        load_elems<P, W>(p + idx[u], pv[u]);
+        load_elems<P, W>(g + idx[u], gv[u]);
+        load_elems<S, W>(m + idx[u], mv[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        P po[W];
+        S mo[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          float gi = gv[u][j];
+          if (a.maximize) gi = -gi;
+          const float mi = mv[u][j];
+          const float c = a.beta1 * mi + (1.f - a.beta1) * gi;
+          const float sign = c > 0.f ? 1.f : (c < 0.f ? -1.f : 0.f);
+          po[j] = from_float<P>(pv[u][j] * decay - lr * sign);
+          mo[j] = from_float<S>(a.beta2 * mi + (1.f - a.beta2) * gi);
+        }
+        store_elems<P, W>(p + idx[u], po);
+        store_elems<S, W>(m + idx[u], mo);
+      }
+    });
   }
 };
 
@@ -153,28 +213,39 @@ struct NormOp {
   float* partial;
   float p;
   __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
-    const G* g = static_cast<const G*>(ptrs[0]);
+    const G* g = global_ptr<const G>(ptrs[0]);
+    constexpr int VEC = vec_width<G>;
+    constexpr int U = kElemsPerThread / VEC;
     float acc = 0.f;
-    for (std::int64_t base = begin + threadIdx.x; base < end; base += kIlp * blockDim.x) {
-      float x[kIlp];
+    chunk_rounds<VEC, U>(begin, end, aligned16(g), [&](auto w, const auto& idx, const auto& ok) {
+      constexpr int W = decltype(w)::value;
+      float x[U][W];
 #pragma unroll
-      for (int j = 0; j < kIlp; ++j) {  // all loads of the round first
-        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
-        x[j] = i < end ? fabsf(to_float(g[i])) : 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < kIlp; ++j) {  // then a fixed-order accumulation (|0|^p = 0 pads the tail)
-        if constexpr (KIND == kNormMax) {
-          acc = max_nan(acc, x[j]);
-        } else if constexpr (KIND == kNormSquares) {
-          acc += x[j] * x[j];
-        } else if constexpr (KIND == kNormAbs) {
-          acc += x[j];
+      for (int u = 0; u < U; ++u) {  // all loads of the round first
+        if (ok[u]) {
+          load_elems<G, W>(g + idx[u], x[u]);
         } else {
-          acc += powf(x[j], p);
+#pragma unroll
+          for (int j = 0; j < W; ++j) x[u][j] = 0.f;  // |0|^p = 0 pads the tail
         }
       }
-    }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {  // then a fixed-order accumulation
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          const float xa = fabsf(x[u][j]);
+          if constexpr (KIND == kNormMax) {
+            acc = max_nan(acc, xa);
+          } else if constexpr (KIND == kNormSquares) {
+            acc += xa * xa;
+          } else if constexpr (KIND == kNormAbs) {
+            acc += xa;
+          } else {
+            acc += powf(xa, p);
+          }
+        }
+      }
+    });
     __shared__ float smem[32];
     if constexpr (KIND == kNormMax) {
       acc = block_reduce_max_nan(acc, smem);
@@ -189,21 +260,26 @@ template <typename G>
 struct ScaleOp {
   const float* coef;
   __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
-    G* g = static_cast<G*>(ptrs[0]);
+    G* g = global_ptr<G>(ptrs[0]);
     const float c = *coef;
-    for (std::int64_t base = begin + threadIdx.x; base < end; base += kIlp * blockDim.x) {
-      float x[kIlp];
+    constexpr int VEC = vec_width<G>;
+    constexpr int U = kElemsPerThread / VEC;
+    chunk_rounds<VEC, U>(begin, end, aligned16(g), [&](auto w, const auto& idx, const auto& ok) {
+      constexpr int W = decltype(w)::value;
+      float x[U][W];
 #pragma unroll
-      for (int j = 0; j < kIlp; ++j) {
-        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
-        x[j] = i < end ? to_float(g[i]) : 0.f;
+      for (int u = 0; u < U; ++u) {
+        if (ok[u]) load_elems<G, W>(g + idx[u], x[u]);
       }
 #pragma unroll
-      for (int j = 0; j < kIlp; ++j) {
-        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
-        if (i < end) g[i] = from_float<G>(x[j] * c);
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        G o[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) o[j] = from_float<G>(x[u][j] * c);
+        store_elems<G, W>(g + idx[u], o);
       }
-    }
+    });
   }
 };
 
@@ -211,22 +287,28 @@ template <typename S, typename P>
 struct EmaOp {
   float weight;  // 1 - decay
   __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
-    S* s = static_cast<S*>(ptrs[0]);
-    const P* p = static_cast<const P*>(ptrs[1]);
-    for (std::int64_t base = begin + threadIdx.x; base < end; base += kIlp * blockDim.x) {
-      float sv[kIlp], pv[kIlp];
+    S* s = global_ptr<S>(ptrs[0]);
+    const P* p = global_ptr<const P>(ptrs[1]);
+    constexpr int VEC = vec_width<S, P>;
+    constexpr int U = kElemsPerThread / VEC;
+    chunk_rounds<VEC, U>(begin, end, aligned16(s, p), [&](auto w, const auto& idx, const auto& ok) {
+      constexpr int W = decltype(w)::value;
+      float sv[U][W], pv[U][W];
 #pragma unroll
-      for (int j = 0; j < kIlp; ++j) {  // loads before stores: s and p might alias as far as nvcc knows
-        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
-        sv[j] = i < end ? to_float(s[i]) : 0.f;
-        pv[j] = i < end ? to_float(p[i]) : 0.f;
+      for (int u = 0; u < U; ++u) {  // loads before stores: s and p might alias as far as nvcc knows
+        if (!ok[u]) continue;
+        load_elems<S, W>(s + idx[u], sv[u]);
+        load_elems<P, W>(p + idx[u], pv[u]);
       }
 #pragma unroll
-      for (int j = 0; j < kIlp; ++j) {
-        const std::int64_t i = base + j * static_cast<std::int64_t>(blockDim.x);
-        if (i < end) s[i] = from_float<S>(sv[j] + weight * (pv[j] - sv[j]));
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        S o[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) o[j] = from_float<S>(sv[u][j] + weight * (pv[u][j] - sv[u][j]));
+        store_elems<S, W>(s + idx[u], o);
       }
-    }
+    });
   }
 };
 
