@@ -1,11 +1,14 @@
 """Multi-tensor schedule-free AdamW step in Triton (``fastgen.optim.FusedAdamWScheduleFree``).
 
-Per element, in fp32, with host scalars of this step (``c`` the averaging weight, ``bc2 =
-1 - beta2^(k+1)``, ``lr`` the scheduled learning rate)::
+Per element, in fp32, with this step's scalars read from the device (``SCALARS`` = fp32
+``[bc2, c, y_coef, lr]``: ``bc2 = 1 - beta2^(k+1)``, ``c`` the averaging weight, ``y_coef =
+lr (beta1 (1 - c) - 1)``, ``lr`` the scheduled learning rate; computed on the device by
+``fastgen.optim.schedulefree.advance_schedule``, so a captured step replays with each
+step's own schedule)::
 
     v = beta2 * v + (1 - beta2) * g^2
     u = g / (sqrt(v / bc2) + eps) + weight_decay * y
-    y = lerp(y, z, c) + lr * (beta1 * (1 - c) - 1) * u
+    y = lerp(y, z, c) + y_coef * u
     z = z - lr * u
 
 ``y`` (the parameter), ``z`` and ``v`` are stored in the parameter's dtype, as the
@@ -34,13 +37,10 @@ def _schedulefree_kernel(
     NUMELS,  # [T] int64
     CHUNK_IDS,  # [C] int32
     CHUNK_OFFS,  # [C] int64
+    SCALARS,  # [4] fp32 device tensor: 1 - beta2^(k+1), the averaging weight c, lr (beta1 (1 - c) - 1), lr
     beta2,
-    bias_correction2,
     eps,
     weight_decay,
-    ckp1,  # the averaging weight c of this step
-    y_coef,  # lr * (beta1 * (1 - c) - 1)
-    lr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -48,6 +48,10 @@ def _schedulefree_kernel(
     ALIGNED: tl.constexpr = False,  # every base in the tables is 16-byte aligned
 ):
     t, offs, mask = chunk(CHUNK_IDS, CHUNK_OFFS, NUMELS, BLOCK)
+    bias_correction2 = tl.load(SCALARS)
+    ckp1 = tl.load(SCALARS + 1)
+    y_coef = tl.load(SCALARS + 2)
+    lr = tl.load(SCALARS + 3)
     if tl.load(CHUNK_OFFS + tl.program_id(0)) + BLOCK <= tl.load(NUMELS + t):
         _schedulefree_body(Y_PTRS, G_PTRS, Z_PTRS, V_PTRS, t, offs, mask, beta2, bias_correction2, eps, weight_decay,
                            ckp1, y_coef, lr, P_DTYPE, G_DTYPE, INTERPRET, ALIGNED, False)
@@ -84,17 +88,20 @@ def schedulefree_config() -> dict:
 
 
 @device_guard
-def schedulefree_step(ys, grads, zs, vs, *, beta1, beta2, bias_correction2, eps, weight_decay, ckp1, lr):
+def schedulefree_step(ys, grads, zs, vs, *, scalars, beta2, eps, weight_decay):
     """One schedule-free step over lists (parameters, z and v of one dtype, gradients of one dtype,
-    one device, contiguous), one launch per alignment class."""
+    one device, contiguous), one launch per alignment class. ``scalars``: fp32 [4] tensor on the
+    lists' device, ``[1 - beta2^(k+1), c, lr (beta1 (1 - c) - 1), lr]`` of this step."""
+    if scalars.dtype != torch.float32 or scalars.numel() != 4 or scalars.device != ys[0].device:
+        raise ValueError(f"schedulefree_step: scalars must be 4 fp32 values on {ys[0].device}, got {scalars.dtype} "
+                         f"{tuple(scalars.shape)} on {scalars.device}")
     cfg = schedulefree_config()
     for aligned, (y, g, z, v) in split_aligned(ys, grads, zs, vs):
         table = chunk_table(y, cfg["BLOCK"])
         _schedulefree_kernel[(table.num_chunks,)](
             pointer_table(y), pointer_table(g), pointer_table(z), pointer_table(v),
-            table.numels, table.chunk_ids, table.chunk_offs,
-            float(beta2), float(bias_correction2), float(eps), float(weight_decay), float(ckp1),
-            float(lr * (beta1 * (1 - ckp1) - 1)), float(lr),
+            table.numels, table.chunk_ids, table.chunk_offs, scalars,
+            float(beta2), float(eps), float(weight_decay),
             P_DTYPE=TL_DTYPES[y[0].dtype], G_DTYPE=TL_DTYPES[g[0].dtype], INTERPRET=interpreting(), ALIGNED=aligned,
             **cfg,
         )

@@ -242,13 +242,15 @@ def optim_cases(dtype: str = "bf16"):
                            CLIP=one_pass, EMA=one_pass, SH_DTYPE=tl.float32, INTERPRET=False, **cfg), nw))
     cfg = ema.ema_config()
     nw = cfg.pop("num_warps")
-    cases.append(("ema", ema._ema_kernel, {"S_PTRS": "*i64", "P_PTRS": "*i64", **tables, "weight": "fp32"},
-                  dict(S_DTYPE=tl.float32, P_DTYPE=pdt, INTERPRET=False, **cfg), nw))
+    for device_weight in (False, True):  # a host decay, or the warm-up decay read on the device
+        cases.append(("ema" + (" device-decay" if device_weight else ""), ema._ema_kernel,
+                      {"S_PTRS": "*i64", "P_PTRS": "*i64", **tables, "weight": "*fp32" if device_weight else "fp32"},
+                      dict(S_DTYPE=tl.float32, P_DTYPE=pdt, INTERPRET=False, WEIGHT_IS_PTR=device_weight, **cfg), nw))
     cfg = schedulefree.schedulefree_config()
     nw = cfg.pop("num_warps")
     cases.append(("schedulefree", schedulefree._schedulefree_kernel,
-                  {"Y_PTRS": "*i64", "G_PTRS": "*i64", "Z_PTRS": "*i64", "V_PTRS": "*i64", **tables,
-                   **{k: "fp32" for k in ("beta2", "bias_correction2", "eps", "weight_decay", "ckp1", "y_coef", "lr")}},
+                  {"Y_PTRS": "*i64", "G_PTRS": "*i64", "Z_PTRS": "*i64", "V_PTRS": "*i64", **tables, "SCALARS": "*fp32",
+                   **{k: "fp32" for k in ("beta2", "eps", "weight_decay")}},
                   dict(P_DTYPE=pdt, G_DTYPE=pdt, INTERPRET=False, **cfg), nw))
     cfg = clip_grad.clip_config()
     nw = cfg.pop("num_warps")

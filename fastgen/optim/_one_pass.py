@@ -65,7 +65,8 @@ class OnePass:
             self.decay = ema.begin_update()
             if self.decay is not None:
                 self._pending = dict(ema.params)
-                self._shadow_of = {id(p): (n, ema.shadow[n]) for n, p in ema.params.items()}
+                if not isinstance(self.decay, torch.Tensor):  # a device decay (captured warm-up): EMA.fold's pass
+                    self._shadow_of = {id(p): (n, ema.shadow[n]) for n, p in ema.params.items()}
 
     def shadow(self, p) -> Optional[torch.Tensor]:
         """The EMA shadow the pass must fold ``p`` into (None if not averaged this step); the

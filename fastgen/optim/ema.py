@@ -11,6 +11,15 @@ at the store) or with ``torch._foreach_lerp_`` (``backend="torch"``); buffers
 are copied as they are. The shadow is kept in fp32 by default (``dtype=``), so a bf16
 model's average does not stall on bf16 rounding. ``with ema.average_parameters(model):``
 swaps the averaged weights in for evaluation and puts the trained ones back.
+
+CUDA graphs: the count ``n`` also lives on the shadows' device (a float64 0-d tensor, exact
+to 2^53, incremented in place by every averaging update), so the warm-up decay can be
+computed there: ``d = min(decay, (1 + n) / (10 + n))`` in float64 and ``1 - d`` rounded once
+to fp32, the very numbers the host computes. An eager update uses the host's count (and so
+keeps the one-pass optimizer step fused); an update captured in a graph uses the device's,
+and from then on the device count is the truth (each replay advances it; ``num_updates``
+reads it back). ``update_every > 1`` decides on the host which calls average, so it cannot be
+captured (a clear error).
 """
 
 from __future__ import annotations
@@ -25,6 +34,13 @@ from fastgen.backend import launcher, resolve
 from fastgen.optim._common import KERNEL_DTYPES, dense_alike, local
 
 _LAYOUT = "strided or float64 tensors"
+_DEVICE_DECAY = ("the decay is a device tensor (a warm-up EMA captured in a CUDA graph); the CUDA C++ EMA takes a "
+                 "host float")
+
+
+def _capturing() -> bool:
+    """True while the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class EMA:
@@ -60,8 +76,8 @@ class EMA:
             raise ValueError(f"EMA: update_every must be >= 1, got {update_every}")
         self.decay, self.warmup, self.update_every, self.backend = decay, warmup, update_every, backend
         self.trainable_only = trainable_only
-        self.num_updates = 0  # averaging updates made
-        self.num_calls = 0  # calls of update()
+        self._calls = 0  # calls of update() (host)
+        self._host_updates: Optional[int] = 0  # averaging updates made; None once counted on the device only
         self._module = model_or_params if isinstance(model_or_params, torch.nn.Module) else None
         named = self._named(model_or_params)
         self.params: dict[str, torch.Tensor] = {
@@ -74,6 +90,30 @@ class EMA:
             n: local(p).detach().to(dtype or p.dtype, copy=True) for n, p in self.params.items()}
         self.buffers: dict[str, torch.Tensor] = (
             {n: b.detach().clone() for n, b in self._module.named_buffers()} if self._module is not None else {})
+        # The count of averaging updates on the device (float64, exact to 2^53): what a captured update reads.
+        self._count = torch.zeros((), dtype=torch.float64, device=next(iter(self.shadow.values())).device)
+
+    @property
+    def num_updates(self) -> int:
+        """Averaging updates made. After a CUDA graph capture, read from the device (a host sync)."""
+        return self._host_updates if self._host_updates is not None else int(self._count.item())
+
+    @num_updates.setter
+    def num_updates(self, n: int) -> None:
+        n = int(n)
+        self._count.fill_(float(n))  # in place: a captured graph keeps reading this tensor
+        if self._host_updates is not None:
+            self._host_updates = n
+
+    @property
+    def num_calls(self) -> int:
+        """Calls of :meth:`update` (with ``update_every = 1``, the only capturable setting, the
+        number of averaging updates once a graph was captured)."""
+        return self._calls if self._host_updates is not None else self.num_updates
+
+    @num_calls.setter
+    def num_calls(self, n: int) -> None:
+        self._calls = int(n)
 
     @staticmethod
     def _named(model_or_params) -> dict:
@@ -108,6 +148,12 @@ class EMA:
         n = self.num_updates + 1
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
+    def _device_decay(self) -> torch.Tensor:
+        """``min(decay, (1 + n) / (10 + n))`` from the device count ``n`` (float64 0-d tensor; the
+        host's formula and rounding, no host sync)."""
+        n = self._count
+        return torch.clamp((n + 1.0) / (n + 10.0), max=self.decay)
+
     @torch.no_grad()
     def update(self, model=None) -> None:
         """Fold the model's current weights into the average (every ``update_every``-th call)."""
@@ -118,20 +164,34 @@ class EMA:
         self.fold({n: params[n] for n in self.shadow}, decay)
         self._copy_buffers(module, into_model=False)
 
-    def begin_update(self) -> Optional[float]:
+    def begin_update(self) -> Optional[float | torch.Tensor]:
         """Count one call of ``update``; the decay of this averaging update, or None on the calls
         that ``update_every`` skips. (The one-pass optimizer step calls this, then folds the
-        parameters it updates inside its own kernel and hands the others to :meth:`fold`.)"""
-        self.num_calls += 1
-        if self.num_calls % self.update_every:
+        parameters it updates inside its own kernel and hands the others to :meth:`fold`.)
+
+        The decay is a host float, except for a warm-up EMA once a CUDA graph is being (or has
+        been) captured: then a float64 0-d device tensor computed from the device count."""
+        capture = _capturing()
+        if capture and self.update_every != 1:
+            raise RuntimeError("EMA: update_every > 1 cannot be captured in a CUDA graph (which calls average is "
+                               "decided on the host); capture with update_every=1, or keep the EMA update eager")
+        self._calls += 1
+        if self._calls % self.update_every:
             return None
-        decay = self.current_decay()
-        self.num_updates += 1
-        return decay
+        self._count.add_(1.0)  # the device count: a captured graph advances it at every replay
+        if capture:
+            self._host_updates = None  # from now on the device count is the truth
+        if self._host_updates is None:
+            return self._device_decay() if self.warmup else self.decay
+        self._host_updates += 1
+        n = self._host_updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def fold(self, params: dict, decay: float) -> None:
-        """``shadow <- lerp(shadow, param, 1 - decay)`` for the named parameters given."""
+    def fold(self, params: dict, decay: float | torch.Tensor) -> None:
+        """``shadow <- lerp(shadow, param, 1 - decay)`` for the named parameters given. ``decay``: a
+        float, or a 0-d device tensor (read on the device: ``1 - decay`` rounded once to fp32)."""
+        weight = (1.0 - decay).to(torch.float32) if isinstance(decay, torch.Tensor) else None
         groups = defaultdict(lambda: ([], []))
         for name, param in params.items():
             s = self.shadow[name]
@@ -142,12 +202,20 @@ class EMA:
         for (device, _, p_dtype), (shadows, ps) in groups.items():
             kernel_ok = p_dtype in KERNEL_DTYPES and shadows[0].dtype in KERNEL_DTYPES and all(
                 dense_alike(s, p) for s, p in zip(shadows, ps))
-            unsupported = None if kernel_ok else {"triton": _LAYOUT, "cuda": _LAYOUT}
-            impl = resolve("ema", self.backend, device, unsupported)
+            unsupported = {} if kernel_ok else {"triton": _LAYOUT, "cuda": _LAYOUT}
+            if weight is not None:
+                unsupported.setdefault("cuda", _DEVICE_DECAY)
+            impl = resolve("ema", self.backend, device, unsupported or None)
+            w = None if weight is None else weight.to(device)
             if impl in ("triton", "cuda"):
-                launcher("ema", impl).ema_update_(shadows, ps, decay)
-            else:
+                if w is None:
+                    launcher("ema", impl).ema_update_(shadows, ps, decay)
+                else:
+                    launcher("ema", impl).ema_update_(shadows, ps, weight=w)
+            elif w is None:
                 torch._foreach_lerp_(shadows, [p.to(shadows[0].dtype) for p in ps], 1.0 - decay)
+            else:
+                _lerp_device_weight_(shadows, ps, w)
 
     def copy_buffers_from_model(self) -> None:
         """Copy the averaged module's buffers (what ``update`` does besides averaging)."""
@@ -189,6 +257,7 @@ class EMA:
                             b.copy_(saved_buffers[n])
 
     def state_dict(self) -> dict:
+        """Schedule, counts (host ints) and the shadow and buffer tensors."""
         return {"decay": self.decay, "warmup": self.warmup, "update_every": self.update_every,
                 "num_updates": self.num_updates, "num_calls": self.num_calls,
                 "shadow": dict(self.shadow), "buffers": dict(self.buffers)}
@@ -204,3 +273,14 @@ class EMA:
         for name, b in self.buffers.items():
             if name in state.get("buffers", {}):
                 b.copy_(state["buffers"][name])
+
+
+def _lerp_device_weight_(shadows: list, params: list, weight: torch.Tensor) -> None:
+    """``torch._foreach_lerp_(shadows, params, w)`` with the weight an fp32 0-d device tensor: the
+    same fp32 lerp (for fp32 shadows a tensor weight of their dtype; other shadow dtypes in fp32,
+    rounded once at the store, as the scalar foreach computes them)."""
+    if shadows[0].dtype == torch.float32:
+        torch._foreach_lerp_(shadows, [p.to(torch.float32) for p in params], [weight] * len(shadows))
+        return
+    for s, p in zip(shadows, params):
+        s.copy_(torch.lerp(s.float(), p.float(), weight))
