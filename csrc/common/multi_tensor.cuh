@@ -110,6 +110,7 @@ __device__ __forceinline__ void chunk_rounds(std::int64_t begin, std::int64_t en
     }
     begin = vend;
   }
+#ifndef FASTGEN_VECTOR_PATH_ONLY  // defined only by the static width check (tests/cuda_widths.py)
   for (std::int64_t base = begin + tid; base < end; base += UNROLL * threads) {
     std::int64_t idx[UNROLL];
     bool ok[UNROLL];
@@ -120,6 +121,7 @@ __device__ __forceinline__ void chunk_rounds(std::int64_t begin, std::int64_t en
     }
     tile(std::integral_constant<int, 1>{}, idx, ok);
   }
+#endif
 }
 
 // A 32-bit hash of (seed, tensor, index) for stochastic rounding: cheap, stateless and
