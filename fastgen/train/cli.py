@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from fastgen.zoo.train import is_zoo_config, run as run_zoo
+
+    if is_zoo_config(args.config):  # a [zoo] table: GAN / VAE / flow / score models (fastgen.zoo.train)
+        return run_zoo(args)
     from fastgen.train.checkpoint import CheckpointError
     from fastgen.train.config import Config, ConfigError
     from fastgen.train.data import DataError
