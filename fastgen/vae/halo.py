@@ -1,33 +1,39 @@
-"""Lossless tiled VAE encode / decode: tile cores that partition the image at every layer.
+"""Lossless tiled VAE encode / decode: tile cores that partition the input at every layer.
 
-The network is the flat step list of :mod:`fastgen.vae.tiling` (``conv``, ``gn``, ``push``,
-``add``, ``attn``, ``up``, ``down``), cut into **segments** that each hold at most one spatial
-step (a ``k x k`` conv with ``k > 1``, a stride-2 ``down`` conv, a global ``attn``) and start
-wherever the whole image must be seen first:
+Activations are ``(N, C, *axes)``: ``(H, W)`` for images, ``(T, H, W)`` for videos. The network is
+the flat step list of :mod:`fastgen.vae.tiling` (``conv``, ``gn``, ``push``, ``add``, ``attn``,
+``up``, ``down``; plus ``("step", s)`` for a step object ``s`` of the :class:`Step` protocol, which
+the video VAE's causal convs, spatial norms and temporal up / down-sampling use,
+:mod:`fastgen.vae.video_tiling`), cut into **segments** that each hold at most one halo-reading
+step (a ``k x k`` conv with ``k > 1``, a stride-2 ``down`` conv, a global ``attn``, a ``Step`` with
+``spatial``) and start wherever the whole input must be seen first:
 
-- before every ``gn``: its statistics, per (sample, group), merged in float64 over every tile's
-  core (Chan et al.: ``n = n_a + n_b``, ``d = mean_b - mean_a``, ``mean = mean_a + d n_b / n``,
-  ``M2 = M2_a + M2_b + d^2 n_a n_b / n``, ``var = M2 / n``);
+- before every GroupNorm (``gn``, or a ``Step`` with a ``norm``): its statistics, per (sample,
+  group), merged in float64 over every tile's core (Chan et al.: ``n = n_a + n_b``,
+  ``d = mean_b - mean_a``, ``mean = mean_a + d n_b / n``, ``M2 = M2_a + M2_b + d^2 n_a n_b / n``,
+  ``var = M2 / n``);
 - before every global ``attn``: the keys and values of every core;
-- before every ``up`` and every second spatial step.
+- before every ``up`` (and ``Step`` with ``barrier``) and every second halo-reading step.
 
-Every level (resolution) of the network is partitioned into the same grid of ``ny x nx`` tile
-**cores**: at a level of size ``L`` the bounds are ``round(b * L / L_lat)`` of the latent-level
-bounds ``b``. A segment's output for a tile is exactly its core; the input region it reads is
-the core mapped backwards through the segment's steps (the **halo**)::
+Every level (resolution) of the network is partitioned into the same grid of tile **cores**,
+one axis at a time: at a level of size ``L`` the bounds are ``round(b * L / L_lat)`` of the
+latent-level bounds ``b`` (every level is at least the latent's size, so no core is empty). A
+segment's output for a tile is exactly its core; the input region it reads is the core mapped
+backwards through the segment's steps (the **halo**), per axis::
 
     conv k x k, padding p:   out [a, b) <- in [a - p, b + p)        (clipped to [0, L))
     down (pad 0|1, stride 2): out [a, b) <- in [2a, 2b + 1)
     up (nearest x2):          out [a, b) <- in [floor(a / 2), ceil(b / 2))
+    causal conv, time:        out [a, b) <- in [a - (k_t - 1), b)   (Step.need)
 
-and read from the whole-image activation of the level below, **staged** between segments (on
+and read from the whole-input activation of the level below, **staged** between segments (on
 the device while the resident bytes stay within the budget, in pinned host memory beyond it).
-Going forward, a conv zero-pads only the sides where the region touches the image border
-(as the full image's padding does) and drops ``p`` rows on the others; at the end the result
-is cropped to the core. So each core is computed from exactly the values the full network
-would use: the tiled result equals the full decode up to floating-point summation order (conv
-and GroupNorm reductions in another order). A pushed residual that ends a segment aliases the
-segment's output (no copy); residuals are read with the same region as the activation.
+Going forward, a conv pads only the sides where the region touches the border (as the full
+pass's padding does) and drops ``p`` rows on the others; at the end the result is cropped to the
+core. So each core is computed from exactly the values the full network would use: the tiled
+result equals the full pass up to floating-point summation order (conv and GroupNorm reductions
+in another order). A pushed residual that ends a segment aliases the segment's output (no copy);
+residuals are read with the same region as the activation.
 
 Memory: the device holds the weights, one tile's working set (core + halo through one
 segment), the staged activations up to ``budget`` bytes and the output; the rest waits on the
@@ -36,6 +42,7 @@ host. Passes: one per segment (~ the number of GroupNorms), over every tile.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from typing import Optional
@@ -54,21 +61,60 @@ def min_tile() -> int:
     return 1 + 2 * HALO
 
 
+Region = list  # [(a, b)] per axis
+
+
+class Step:
+    """A step the engine runs on regions (``("step", s)`` in a step list); defaults: pointwise.
+
+    ``axis`` counts the activation's axes after the channels (0 = ``T`` of a video, or ``H`` of an
+    image); ``n`` is the step's input size along it.
+    """
+
+    spatial = False  # reads a halo (``need`` widens the region): at most one such step per segment
+    barrier = False  # a segment must start here (besides GroupNorms)
+    norm = None  # a GroupNorm whose whole-input statistics ``run`` receives as ``stats``
+
+    def size(self, axis: int, n: int) -> int:
+        """The output size along ``axis``."""
+        return n
+
+    def need(self, axis: int, a: int, b: int, n: int) -> tuple[int, int]:
+        """The input range along ``axis`` that output range ``[a, b)`` reads."""
+        return a, b
+
+    def run(self, h: Tensor, reg: Region, lvl: list[int], stats) -> tuple[Tensor, Region]:
+        """``h``: the input region ``reg`` of a level of size ``lvl`` -> (output, its region)."""
+        raise NotImplementedError
+
+
 # ----------------------------------------------------------------------------- segments and geometry
 
 
 def _spatial(op: tuple, global_attention: bool) -> bool:
     if op[0] == "conv":
         return op[1] is not None and op[1].kernel_size[0] > 1
+    if op[0] == "step":
+        return op[1].spatial
     return op[0] == "down" or (op[0] == "attn" and global_attention)
+
+
+def _norm(op: tuple):
+    """The GroupNorm whose statistics must be gathered before ``op`` runs, or ``None``."""
+    return op[1] if op[0] == "gn" else op[1].norm if op[0] == "step" else None
+
+
+def _barrier(op: tuple, global_attention: bool) -> bool:
+    if op[0] == "step":
+        return op[1].barrier or op[1].norm is not None
+    return op[0] in ("gn", "up") or (op[0] == "attn" and global_attention)
 
 
 def split_segments(steps: list, global_attention: bool) -> list[list]:
     """Cut ``steps`` into segments (module docstring): each holds at most one spatial step."""
     segments, cur, has_spatial = [], [], False
     for op in steps:
-        barrier = op[0] in ("gn", "up") or (op[0] == "attn" and global_attention)
-        if cur and (barrier or (has_spatial and _spatial(op, global_attention))):
+        if cur and (_barrier(op, global_attention) or (has_spatial and _spatial(op, global_attention))):
             segments.append(cur)
             cur, has_spatial = [], False
         cur.append(op)
@@ -77,12 +123,21 @@ def split_segments(steps: list, global_attention: bool) -> list[list]:
     return segments
 
 
-def _size_after(op: tuple, size: int) -> int:
+def _image_axis(axis: int, nd: int) -> bool:
+    """Whether ``axis`` is one of the last two (H, W): the built-in steps act on those only."""
+    return axis >= nd - 2
+
+
+def _size_after(op: tuple, axis: int, n: int, nd: int) -> int:
+    if op[0] == "step":
+        return op[1].size(axis, n)
+    if not _image_axis(axis, nd):
+        return n
     if op[0] == "up":
-        return 2 * size
+        return 2 * n
     if op[0] == "down":
-        return (size - 2) // 2 + 1  # pad (0, 1), 3x3 stride 2: diffusers' Downsample2D
-    return size
+        return (n - 2) // 2 + 1  # pad (0, 1), 3x3 stride 2: diffusers' Downsample2D
+    return n
 
 
 def _check_conv(conv) -> tuple[int, int]:
@@ -93,11 +148,15 @@ def _check_conv(conv) -> tuple[int, int]:
     return k, p
 
 
-def _need(seg: list, sizes: list[int], a: int, b: int) -> tuple[int, int]:
-    """The input region ``[a', b')`` (one axis) that the segment needs to produce ``[a, b)``."""
+def _need(seg: list, sizes: list[int], axis: int, nd: int, a: int, b: int) -> tuple[int, int]:
+    """The input range ``[a', b')`` along ``axis`` that the segment needs to produce ``[a, b)``."""
     for op, size in zip(reversed(seg), reversed(sizes[:-1])):  # size: the op's input size
         kind = op[0]
-        if kind == "conv" and op[1] is not None and op[1].kernel_size[0] > 1:
+        if kind == "step":
+            a, b = op[1].need(axis, a, b, size)
+        elif not _image_axis(axis, nd):
+            continue
+        elif kind == "conv" and op[1] is not None and op[1].kernel_size[0] > 1:
             p = op[1].padding[0]
             a, b = max(a - p, 0), min(b + p, size)
         elif kind == "down":
@@ -112,11 +171,15 @@ def _level_bounds(bounds: list[int], size: int, lat: int) -> list[int]:
     return [(b * size * 2 + lat) // (2 * lat) for b in bounds]
 
 
+def _index(reg: Region) -> tuple:
+    return (slice(None), slice(None)) + tuple(slice(a, b) for a, b in reg)
+
+
 # ----------------------------------------------------------------------------- staging
 
 
 class _Staging:
-    """Whole-image activations between segments: on the device while the resident bytes stay within
+    """Whole-input activations between segments: on the device while the resident bytes stay within
     ``budget``, beyond it in pinned host memory (copies on the current stream; one sync per pass)."""
 
     def __init__(self, device: torch.device, budget: float) -> None:
@@ -138,13 +201,13 @@ class _Staging:
         except RuntimeError:  # out of page-locked memory: pageable host memory (synchronous copies)
             return torch.empty(shape, dtype=dtype)
 
-    def read(self, buf: Tensor, ry: tuple[int, int], rx: tuple[int, int]) -> Tensor:
-        v = buf[:, :, ry[0]:ry[1], rx[0]:rx[1]]
+    def read(self, buf: Tensor, reg: Region) -> Tensor:
+        v = buf[_index(reg)]
         return v if v.device == self.device else v.to(self.device, non_blocking=True)
 
     @staticmethod
-    def write(buf: Tensor, ry: tuple[int, int], rx: tuple[int, int], h: Tensor) -> None:
-        buf[:, :, ry[0]:ry[1], rx[0]:rx[1]].copy_(h, non_blocking=True)
+    def write(buf: Tensor, reg: Region, h: Tensor) -> None:
+        buf[_index(reg)].copy_(h, non_blocking=True)
 
     def barrier(self) -> None:
         if self.host:
@@ -154,24 +217,37 @@ class _Staging:
 # ----------------------------------------------------------------------------- the engine
 
 
-def _conv_same(conv, h: Tensor, ry: tuple, rx: tuple, size: tuple) -> tuple[Tensor, tuple, tuple]:
-    """A 'same'-padded k x k conv on a region: zero padding only where the region meets the border."""
+def _frames(h: Tensor) -> Tensor:
+    """``(N, C, T, H, W)`` -> ``(N * T, C, H, W)`` (per-frame 2-D ops); 4-D as it is."""
+    return h if h.dim() == 4 else h.transpose(1, 2).flatten(0, 1)
+
+
+def _unframes(y: Tensor, like: Tensor) -> Tensor:
+    return y if like.dim() == 4 else y.unflatten(0, (like.shape[0], like.shape[2])).transpose(1, 2)
+
+
+def _conv_same(conv, h: Tensor, reg: Region, lvl: list[int]) -> tuple[Tensor, Region]:
+    """A 'same'-padded k x k conv (per frame on videos) on a region: zero padding only where the
+    region meets the border."""
     k, p = _check_conv(conv)
     if k == 1:
-        return conv(h), ry, rx
-    pads = (p if rx[0] == 0 else 0, p if rx[1] == size[1] else 0, p if ry[0] == 0 else 0, p if ry[1] == size[0] else 0)
-    h = F.conv2d(F.pad(h, pads), conv.weight, conv.bias, 1, 0, 1, conv.groups)
-    ry = (ry[0] + p - pads[2], ry[1] - p + pads[3])
-    rx = (rx[0] + p - pads[0], rx[1] - p + pads[1])
-    return h, ry, rx
+        return _unframes(conv(_frames(h)), h), reg
+    (y0, y1), (x0, x1), (ny, nx) = reg[-2], reg[-1], lvl[-2:]
+    pads = (p if x0 == 0 else 0, p if x1 == nx else 0, p if y0 == 0 else 0, p if y1 == ny else 0)
+    out = _unframes(F.conv2d(F.pad(_frames(h), pads), conv.weight, conv.bias, 1, 0, 1, conv.groups), h)
+    ry = (y0 + p - pads[2], y1 - p + pads[3])
+    rx = (x0 + p - pads[0], x1 - p + pads[1])
+    return out, reg[:-2] + [ry, rx]
 
 
-def _down(conv, h: Tensor, ry: tuple, rx: tuple, size: tuple) -> tuple[Tensor, tuple, tuple]:
-    """diffusers' Downsample2D (pad right / bottom by one zero, 3x3 stride 2) on a region starting on even rows."""
-    assert ry[0] % 2 == 0 and rx[0] % 2 == 0, (ry, rx)
-    pr, pb = int(rx[1] == size[1]), int(ry[1] == size[0])
-    h = conv(F.pad(h, (0, pr, 0, pb)))
-    return h, (ry[0] // 2, ry[0] // 2 + h.shape[2]), (rx[0] // 2, rx[0] // 2 + h.shape[3])
+def _down(conv, h: Tensor, reg: Region, lvl: list[int]) -> tuple[Tensor, Region]:
+    """diffusers' Downsample2D (pad right / bottom by one zero, 3x3 stride 2) on a region starting on
+    even rows and columns (per frame on videos)."""
+    (y0, y1), (x0, x1) = reg[-2], reg[-1]
+    assert y0 % 2 == 0 and x0 % 2 == 0, reg
+    pr, pb = int(x1 == lvl[-1]), int(y1 == lvl[-2])
+    out = _unframes(conv(F.pad(_frames(h), (0, pr, 0, pb))), h)
+    return out, reg[:-2] + [(y0 // 2, y0 // 2 + out.shape[-2]), (x0 // 2, x0 // 2 + out.shape[-1])]
 
 
 def _kv(a, core: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,85 +255,97 @@ def _kv(a, core: Tensor) -> tuple[Tensor, Tensor]:
     return _tokens(a.to_k, core, heads), _tokens(a.to_v, core, heads)
 
 
-def run_halo(steps: list, x: Tensor, lat_hw: tuple[int, int], cores_y: list[int], cores_x: list[int],
-             budget: float, progress, desc: str, global_attention: bool = True) -> Tensor:
-    """Run ``steps`` on ``x`` (N, C, H, W) tile by tile, losslessly (module docstring).
+def _run_segment(seg: list, h: Tensor, reg: Region, size: list[int], stack: list, shared, pushed: list,
+                 alias: bool, out_size: list[int], core: Region, stage: _Staging, global_attention: bool):
+    """One tile through one segment: returns ``(h, reg)``, ``h`` covering region ``reg`` of the output level."""
+    lvl, local, pi, nd = list(size), list(stack), 0, len(size)
+    for op in seg:
+        kind = op[0]
+        if kind == "conv":
+            if op[1] is not None:
+                h, reg = _conv_same(op[1], h, reg, lvl)
+        elif kind == "gn":
+            h = _gn_apply(h, op[1], shared, op[2])
+        elif kind == "step":
+            h, reg = op[1].run(h, reg, lvl, shared)
+        elif kind == "push":
+            c = h[_index([(c0 - r0, c1 - r0) for (c0, c1), (r0, _) in zip(core, reg)])]
+            if not (alias and pi == len(pushed) - 1):
+                if pushed[pi] is None:
+                    pushed[pi] = stage.new((h.shape[0], h.shape[1]) + tuple(out_size), h.dtype)
+                stage.write(pushed[pi], core, c)
+            pi += 1
+        elif kind == "add":
+            res = stage.read(local.pop(), reg)
+            h = (res if op[1] is None else op[1](res)) + h
+        elif kind == "attn":
+            h = _attn_core(op[1], h, shared if global_attention else None)
+        elif kind == "up":
+            if nd != 2:
+                raise ValueError("tiled VAE (halo layout): 'up' is the 2-D nearest x2 of image VAEs")
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            reg = [(2 * a, 2 * b) for a, b in reg]
+        elif kind == "down":
+            h, reg = _down(op[1], h, reg, lvl)
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+        lvl = [_size_after(op, ax, n, nd) for ax, n in enumerate(lvl)]
+    return h, reg
 
-    ``lat_hw``: the latent-level size; ``cores_y`` / ``cores_x``: core bounds there (0 .. h, 0 .. w).
+
+def run_halo(steps: list, x: Tensor, lat: tuple, cores: list[list[int]], budget: float, progress, desc: str,
+             global_attention: bool = True) -> Tensor:
+    """Run ``steps`` on ``x`` (N, C, *axes) tile by tile, losslessly (module docstring).
+
+    ``lat``: the latent-level size per axis; ``cores``: per axis, the core bounds there (0 .. size).
     Returns the final activation on ``x``'s device, in the dtype of the last step's output.
     """
+    nd = x.dim() - 2
+    assert len(lat) == len(cores) == nd, (lat, len(cores), x.shape)
     segments = split_segments(steps, global_attention)
     dev, stage = x.device, _Staging(x.device, budget)
-    size = tuple(x.shape[-2:])
+    size = list(x.shape[2:])
     cur, stack, shared = x, [], None
-    ntiles = (len(cores_y) - 1) * (len(cores_x) - 1)
+    ntiles = math.prod(len(c) - 1 for c in cores)
     bar = _progress(len(segments) * ntiles, ntiles, progress, desc)
     for si, seg in enumerate(segments):
-        sizes_y, sizes_x = [size[0]], [size[1]]
+        sizes = [[n] for n in size]  # per axis: the size before each op, then after the last
         for op in seg:
-            sizes_y.append(_size_after(op, sizes_y[-1]))
-            sizes_x.append(_size_after(op, sizes_x[-1]))
-        out_size = (sizes_y[-1], sizes_x[-1])
-        by, bx = _level_bounds(cores_y, out_size[0], lat_hw[0]), _level_bounds(cores_x, out_size[1], lat_hw[1])
+            for ax in range(nd):
+                sizes[ax].append(_size_after(op, ax, sizes[ax][-1], nd))
+        out_size = [s[-1] for s in sizes]
+        bounds = [_level_bounds(c, out_size[ax], lat[ax]) for ax, c in enumerate(cores)]
         last = si == len(segments) - 1
         nxt = None if last else segments[si + 1][0]
+        nxt_norm = None if nxt is None else _norm(nxt)
         n_push = sum(op[0] == "push" for op in seg)
         alias = seg[-1][0] == "push"
         pushed: list[Optional[Tensor]] = [None] * n_push
         out, acc = None, []
-        for ty in range(len(by) - 1):
-            for tx in range(len(bx) - 1):
-                cy, cx = (by[ty], by[ty + 1]), (bx[tx], bx[tx + 1])
-                ry, rx = _need(seg, sizes_y, *cy), _need(seg, sizes_x, *cx)
-                h, lvl, local, pi = stage.read(cur, ry, rx), size, list(stack), 0
-                for op in seg:
-                    kind = op[0]
-                    if kind == "conv":
-                        if op[1] is not None:
-                            h, ry, rx = _conv_same(op[1], h, ry, rx, lvl)
-                    elif kind == "gn":
-                        h = _gn_apply(h, op[1], shared, op[2])
-                    elif kind == "push":
-                        oy, ox = cy[0] - ry[0], cx[0] - rx[0]
-                        core = h[:, :, oy:oy + cy[1] - cy[0], ox:ox + cx[1] - cx[0]]
-                        if not (alias and pi == n_push - 1):
-                            if pushed[pi] is None:
-                                pushed[pi] = stage.new((h.shape[0], h.shape[1]) + out_size, h.dtype)
-                            stage.write(pushed[pi], cy, cx, core)
-                        pi += 1
-                    elif kind == "add":
-                        res = stage.read(local.pop(), ry, rx)
-                        h = (res if op[1] is None else op[1](res)) + h
-                    elif kind == "attn":
-                        h = _attn_core(op[1], h, shared if global_attention else None)
-                    elif kind == "up":
-                        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-                        ry, rx = (2 * ry[0], 2 * ry[1]), (2 * rx[0], 2 * rx[1])
-                    elif kind == "down":
-                        h, ry, rx = _down(op[1], h, ry, rx, lvl)
-                    else:  # pragma: no cover
-                        raise AssertionError(kind)
-                    lvl = (_size_after(op, lvl[0]), _size_after(op, lvl[1]))
-                oy, ox = cy[0] - ry[0], cx[0] - rx[0]
-                assert oy >= 0 and ox >= 0 and ry[1] >= cy[1] and rx[1] >= cx[1], (cy, cx, ry, rx)
-                core = h[:, :, oy:oy + cy[1] - cy[0], ox:ox + cx[1] - cx[0]]
-                if out is None:
-                    out = stage.new((h.shape[0], h.shape[1]) + out_size, h.dtype, force_device=last)
-                stage.write(out, cy, cx, core)
-                if nxt is not None and nxt[0] == "gn":
-                    acc = [_merge(acc[0] if acc else None, _group_stats(core, nxt[1].num_groups))]
-                elif nxt is not None and nxt[0] == "attn" and global_attention:
-                    acc.append(_kv(nxt[1], core))
-                del h, core
-                if bar is not None:
-                    bar.update(1)
+        for idx in itertools.product(*(range(len(b) - 1) for b in bounds)):
+            core = [(b[i], b[i + 1]) for b, i in zip(bounds, idx)]
+            reg = [_need(seg, sizes[ax], ax, nd, *core[ax]) for ax in range(nd)]
+            h, reg = _run_segment(seg, stage.read(cur, reg), reg, size, stack, shared, pushed, alias, out_size,
+                                  core, stage, global_attention)
+            assert all(r0 <= c0 and r1 >= c1 for (c0, c1), (r0, r1) in zip(core, reg)), (core, reg)
+            c = h[_index([(c0 - r0, c1 - r0) for (c0, c1), (r0, _) in zip(core, reg)])]
+            if out is None:
+                out = stage.new((h.shape[0], h.shape[1]) + tuple(out_size), h.dtype, force_device=last)
+            stage.write(out, core, c)
+            if nxt_norm is not None:
+                acc = [_merge(acc[0] if acc else None, _group_stats(c, nxt_norm.num_groups))]
+            elif nxt is not None and nxt[0] == "attn" and global_attention:
+                acc.append(_kv(nxt[1], c))
+            del h, c
+            if bar is not None:
+                bar.update(1)
         stage.barrier()
         for op in seg:  # the segment's stack effect, now that the pushed activations are complete
             if op[0] == "add":
                 stack.pop()
         stack += pushed[:-1] + [out] if alias else pushed
         cur, size = out, out_size
-        if nxt is not None and nxt[0] == "gn":
+        if nxt_norm is not None:
             shared = acc[0]
         elif nxt is not None and nxt[0] == "attn" and global_attention:
             shared = tuple(torch.cat(kv, dim=2) for kv in zip(*acc))
@@ -267,10 +355,10 @@ def run_halo(steps: list, x: Tensor, lat_hw: tuple[int, int], cores_y: list[int]
     return cur if cur.device == dev else cur.to(dev)
 
 
-def core_bounds(total: int, tile: int) -> list[int]:
-    """Core bounds partitioning ``range(total)`` into ``ceil(total / (tile - 2 * HALO))`` near-equal cores."""
-    n = math.ceil(total / (tile - 2 * HALO))
+def core_bounds(total: int, tile: int, halo: int = HALO) -> list[int]:
+    """Core bounds partitioning ``range(total)`` into ``ceil(total / (tile - 2 * halo))`` near-equal cores."""
+    n = math.ceil(total / (tile - 2 * halo))
     return [(k * total * 2 + n) // (2 * n) for k in range(n + 1)]
 
 
-__all__ = ["run_halo", "split_segments", "core_bounds", "min_tile", "HALO"]
+__all__ = ["run_halo", "split_segments", "core_bounds", "min_tile", "HALO", "Step"]

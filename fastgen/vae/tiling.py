@@ -282,10 +282,10 @@ def _attn_core(a: Any, h: Tensor, kv: Optional[tuple[Tensor, Tensor]] = None) ->
 
 
 def _group_stats(x: Tensor, groups: int) -> tuple[int, Tensor, Tensor]:
-    """(count, mean, M2) per (sample, group) of ``x`` (N, C, h, w): fp32 per tile, returned as float64."""
+    """(count, mean, M2) per (sample, group) of ``x`` (N, C, *axes): fp32 per tile, returned as float64."""
     v = x if x.dtype in (torch.float32, torch.float64) else x.float()
     v = v.unflatten(1, (groups, -1))  # a view, also of a cropped (strided) core: no copy
-    var, mean = torch.var_mean(v, dim=(2, 3, 4), correction=0)
+    var, mean = torch.var_mean(v, dim=tuple(range(2, v.dim())), correction=0)
     cnt = v[0, 0].numel()
     return cnt, mean.double(), var.double() * cnt
 
@@ -339,7 +339,8 @@ def _gn_apply(x: Tensor, norm: Any, stats, silu: bool) -> Tensor:
     shift = -mean_c * scale
     if norm.bias is not None:
         shift = shift + norm.bias.float()
-    y = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])  # fp32: reads x once
+    tail = (1,) * (x.dim() - 2)
+    y = torch.addcmul(shift.view(*shift.shape, *tail), x, scale.view(*scale.shape, *tail))  # fp32: reads x once
     if silu:
         F.silu(y, inplace=True)
     return y.to(x.dtype)
@@ -499,6 +500,19 @@ def _check_halo_tile(what: str, tile: int, unit: int, unit_name: str) -> None:
         )
 
 
+def _video(vae: Any, what: str, halo: bool, frame_chunk: Any) -> bool:
+    """Whether ``vae`` is a video VAE (then only the lossless layout); ``frame_chunk`` is for those only."""
+    from fastgen.vae.video_tiling import is_video_vae
+
+    if is_video_vae(vae):
+        if not halo:
+            raise ValueError(f"{what}: the video VAE's tiling is the lossless layout only; leave halo=True")
+        return True
+    if frame_chunk is not None:
+        raise ValueError(f"{what}: frame_chunk is for video VAEs (AutoencoderKLCogVideoX); this is an image VAE")
+    return False
+
+
 def _global(global_attention: Optional[bool], halo: bool) -> bool:
     return halo if global_attention is None else bool(global_attention)
 
@@ -506,8 +520,13 @@ def _global(global_attention: Optional[bool], halo: bool) -> bool:
 @torch.no_grad()
 def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, overlap: float = 0.25,
                  blend: str = "linear", consistent_colors: bool = False, progress: Optional[bool] = None,
-                 offload: Any = None, global_attention: Optional[bool] = None, halo: bool = True) -> Tensor:
+                 offload: Any = None, global_attention: Optional[bool] = None, halo: bool = True,
+                 frame_chunk: Optional[int] = None) -> Tensor:
     """Decode ``latents (N, latent_channels, h, w)`` -> images ``(N, out_channels, h * f, w * f)`` tile by tile.
+
+    A video VAE (``AutoencoderKLCogVideoX``, fastgen's or diffusers') takes 5-D latents and always
+    the lossless layout, in space and in time (``frame_chunk`` latent frames per chunk):
+    :func:`fastgen.vae.video_tiling.tiled_decode_video`.
 
     Args:
         vae: a ``fastgen.vae.AutoencoderKL`` or a ``diffusers.AutoencoderKL``.
@@ -540,6 +559,10 @@ def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, ove
     an overlap outside [0, 0.5), a tile smaller than the halo needs, or ``offload`` on CPU tensors.
     """
     what = "tiled_decode"
+    if _video(vae, what, halo, frame_chunk):
+        from fastgen.vae.video_tiling import tiled_decode_video
+
+        return tiled_decode_video(vae, latents, tile_size, overlap, frame_chunk, progress, offload)
     p = _parts(vae)
     _check_input(latents, p.latent_channels, what, "latents", p.decoder)
     tile = p.sample_size // p.factor if tile_size is None else tile_size
@@ -554,7 +577,7 @@ def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, ove
     if consistent_colors and halo:
         from fastgen.vae.halo import core_bounds, run_halo
 
-        return run_halo(decoder_steps(p), latents, (H, W), core_bounds(H, tile), core_bounds(W, tile), budget,
+        return run_halo(decoder_steps(p), latents, (H, W), [core_bounds(H, tile), core_bounds(W, tile)], budget,
                         progress, what, _global(global_attention, True))
     if consistent_colors:
         return _run_consistent(decoder_steps(p), latents, (H, W), 1, p.factor, tile, overlap, blend,
@@ -591,8 +614,10 @@ def _encoded_size(size: int, downs: int) -> int:
 def tiled_encode(vae: Any, images: Tensor, tile_size: Optional[int] = None, overlap: float = 0.25,
                  blend: str = "linear", consistent_colors: bool = False, progress: Optional[bool] = None,
                  offload: Any = None, global_attention: Optional[bool] = None,
-                 halo: bool = True) -> DiagonalGaussianDistribution:
+                 halo: bool = True, frame_chunk: Optional[int] = None) -> DiagonalGaussianDistribution:
     """Encode ``images (N, in_channels, H, W)`` tile by tile -> the posterior over ``(N, latent_channels, H / f, W / f)``.
+
+    A video VAE takes 5-D videos (``frame_chunk`` in frames): :func:`fastgen.vae.video_tiling.tiled_encode_video`.
 
     ``tile_size`` is in **pixels** (default ``sample_size``, diffusers' ``tile_sample_min_size``);
     the other arguments are those of :func:`tiled_decode`. With ``blend="linear"`` and
@@ -607,6 +632,10 @@ def tiled_encode(vae: Any, images: Tensor, tile_size: Optional[int] = None, over
     ``.sample()``, ``.mode()``).
     """
     what = "tiled_encode"
+    if _video(vae, what, halo, frame_chunk):
+        from fastgen.vae.video_tiling import tiled_encode_video
+
+        return tiled_encode_video(vae, images, tile_size, overlap, frame_chunk, progress, offload)
     p = _parts(vae)
     _check_input(images, p.in_channels, what, "images", p.encoder)
     tile = p.sample_size if tile_size is None else tile_size
@@ -628,7 +657,7 @@ def tiled_encode(vae: Any, images: Tensor, tile_size: Optional[int] = None, over
 
         downs = len(p.encoder.down_blocks) - 1
         h, w = _encoded_size(H, downs), _encoded_size(W, downs)
-        moments = run_halo(encoder_steps(p), images, (h, w), core_bounds(h, tile // f), core_bounds(w, tile // f),
+        moments = run_halo(encoder_steps(p), images, (h, w), [core_bounds(h, tile // f), core_bounds(w, tile // f)],
                            budget, progress, what, _global(global_attention, True))
         return DiagonalGaussianDistribution(moments)
     if H % f or W % f or (consistent_colors and tile % f):
