@@ -473,7 +473,8 @@ def layer_norm_bwd_config(B: int, S: int, N: int, per_sample: bool, load: int, d
     Tiles hold TARGET_TILE elements, a quarter of that for rows of up to 1024 (many
     rows per program); ``load`` is :func:`bwd_load`: from 3 up the tile of wide rows is
     halved (and rows wider than the tile take the column-block path). So no variant spills on
-    sm_90 (tests/test_static_sm90.py).
+    sm_90 (tests/test_static_sm90.py). The warps give each thread about 8 elements of each
+    tensor: one 16-byte access of bf16 / fp16 (tests/test_static_widths.py).
     The extra key ``GROUP`` is the rows per group (S with one group per sample, else B * S).
     """
     G, group = (B, S) if per_sample else (1, B * S)
@@ -486,10 +487,8 @@ def layer_norm_bwd_config(B: int, S: int, N: int, per_sample: bool, load: int, d
     block_m = _tile(block_n, group, target)
     col_blocks = 1 if full_row else triton.cdiv(N, block_n)
     P = max(1, min(triton.cdiv(group, block_m), max_programs(device) // (G * col_blocks)))
-    # Rows of up to 1024: about 4 elements of each tensor per thread (8 spill in some variants).
-    per_thread = 2 if N <= 1024 else 1
     return dict(grid=(G, P, col_blocks), GROUP=group, FULL_ROW=full_row, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps_for(per_thread * block_m * block_n))
+                num_warps=warps_for(block_m * block_n))
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -232,9 +232,10 @@ def _qk_norm_rope_bwd_kernel(
 # ----------------------------------------------------------------------------- configs and launchers
 
 
-def qk_norm_rope_fwd_config(T: int, hq: int, hk: int, D: int, R: int) -> dict:
-    """Launch parameters of _qk_norm_rope_fwd_kernel (compiled by the static sm_90 test)."""
-    cfg = tile_config(T, hq, hk, D, R, TARGET_TILE_FWD)
+def qk_norm_rope_fwd_config(T: int, hq: int, hk: int, D: int, R: int, interleaved: bool) -> dict:
+    """Launch parameters of _qk_norm_rope_fwd_kernel (compiled by the static sm_90 test): 16-byte
+    accesses to every rotated load (rope.tile_config)."""
+    cfg = tile_config(T, hq, hk, D, R, TARGET_TILE_FWD, interleaved=interleaved)
     n_q = triton.cdiv(hq, cfg["BLOCK_H"])
     cfg["grid"] = (triton.cdiv(T, cfg["BLOCK_S"]), n_q + triton.cdiv(hk, cfg["BLOCK_H"]))
     cfg["n_q_hblocks"] = n_q
@@ -243,7 +244,8 @@ def qk_norm_rope_fwd_config(T: int, hq: int, hk: int, D: int, R: int) -> dict:
 
 def qk_norm_rope_bwd_config(T: int, hq: int, hk: int, D: int, R: int, max_t_programs: int) -> dict:
     """Launch parameters of _qk_norm_rope_bwd_kernel: grid (token programs, head blocks of q then k)."""
-    cfg = tile_config(T, hq, hk, D, R, TARGET_TILE_BWD if D <= 128 else TARGET_TILE_BWD_WIDE)
+    cfg = tile_config(T, hq, hk, D, R, TARGET_TILE_BWD if D <= 128 else TARGET_TILE_BWD_WIDE,
+                      interleaved=None)
     n_q = triton.cdiv(hq, cfg["BLOCK_H"])
     n_hb = n_q + triton.cdiv(hk, cfg["BLOCK_H"])
     tiles = triton.cdiv(max(T, 1), cfg["BLOCK_S"])
@@ -266,7 +268,7 @@ def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleave
         return qo, ko
     assert q.stride(3) == 1 and k.stride(3) == 1 and wq.is_contiguous() and wk.is_contiguous()
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and R % 2 == 0 and 2 <= R <= D <= MAX_HEAD_DIM
-    cfg = qk_norm_rope_fwd_config(T, hq, hk, D, R)
+    cfg = qk_norm_rope_fwd_config(T, hq, hk, D, R, interleaved)
     grid = cfg.pop("grid")
     _qk_norm_rope_fwd_kernel[grid](
         q, k, wq, wk, qo, ko, cos, sin, T, S, hq, hk, R, D,

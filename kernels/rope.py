@@ -166,21 +166,31 @@ def pick_block_h(hq: int, hk: int, cap: int) -> int:
     return best
 
 
-def tile_config(T: int, hq: int, hk: int, D: int, R: int, target: int = TARGET_TILE) -> dict:
-    """BLOCK_S, BLOCK_H, HALF, BLOCK_P and num_warps for a (tokens x heads x head dim) tile."""
+def tile_config(T: int, hq: int, hk: int, D: int, R: int, target: int = TARGET_TILE, *,
+                interleaved: bool | None) -> dict:
+    """BLOCK_S, BLOCK_H, HALF, BLOCK_P and num_warps for a (tokens x heads x head dim) tile.
+
+    The tile holds about ``target`` elements of a row of ``2 * HALF + BLOCK_P`` columns. With
+    ``interleaved`` given, the warps give each thread 8 elements of every rotated load, one
+    16-byte access of bf16 / fp16: a load spans ``2 * HALF`` columns in the interleaved layout
+    but only ``HALF`` in the halves layout (a and b are two loads), so the halves layout runs half
+    the warps on the same tile. ``interleaved=None`` spreads the whole row instead (8 elements per
+    thread over all its loads: fewer registers, narrower accesses; the QK-norm backward).
+    """
     half = triton.next_power_of_2(R // 2)
     block_p = triton.next_power_of_2(D - R) if D > R else 1
     row = 2 * half + (block_p if D > R else 0)
     block_h = pick_block_h(hq, hk, max(1, target // row))
     room = max(1, target // (row * block_h))
     block_s = min(1 << (room.bit_length() - 1), triton.next_power_of_2(max(T, 1)))  # powers of two
-    num_warps = max(1, min(32, block_s * block_h * row // 256))
+    load = row if interleaved is None else 2 * half if interleaved else half  # columns per thread-row
+    num_warps = max(1, min(32, block_s * block_h * load // 256))
     return dict(BLOCK_S=block_s, BLOCK_H=block_h, HALF=half, BLOCK_P=block_p, num_warps=num_warps)
 
 
-def rope_config(T: int, hq: int, hk: int, D: int, R: int) -> dict:
+def rope_config(T: int, hq: int, hk: int, D: int, R: int, interleaved: bool) -> dict:
     """Launch parameters of _rope_kernel (the static sm_90 test compiles exactly these)."""
-    cfg = tile_config(T, hq, hk, D, R)
+    cfg = tile_config(T, hq, hk, D, R, interleaved=interleaved)
     n_q = triton.cdiv(hq, cfg["BLOCK_H"])
     cfg["grid"] = (triton.cdiv(T, cfg["BLOCK_S"]), n_q + triton.cdiv(hk, cfg["BLOCK_H"]))
     cfg["n_q_hblocks"] = n_q
@@ -198,7 +208,7 @@ def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
         return
     assert q.stride(3) == 1 and k.stride(3) == 1 and qo.stride(3) == 1 and ko.stride(3) == 1
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and R % 2 == 0 and 2 <= R <= D <= MAX_HEAD_DIM
-    cfg = rope_config(T, hq, hk, D, R)
+    cfg = rope_config(T, hq, hk, D, R, interleaved)
     grid = cfg.pop("grid")
     _rope_kernel[grid](
         q, k, qo, ko, cos, sin, T, S, hq, hk, R, D,

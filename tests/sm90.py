@@ -115,14 +115,14 @@ def rope_cases(dtype: str = "bf16"):
                          (8, 2, 256, 256)):
         for inter in (True, False):
             tag = f"hq={hq} hk={hk} D={D} R={R} {'inter' if inter else 'halves'}"
-            cfg = kr.rope_config(T, hq, hk, D, R)
+            cfg = kr.rope_config(T, hq, hk, D, R, inter)
             for k in ("grid", "n_q_hblocks"):
                 cfg.pop(k)
             nw = cfg.pop("num_warps")
             for inverse in (False, True):
                 yield (f"rope {tag} inverse={inverse}", kr._rope_kernel, rope_sig,
                        dict(cfg, INVERSE=inverse, INTERLEAVED=inter, COPY_PASS=D > R, INTERPRET=False), nw)
-            cfg = kq.qk_norm_rope_fwd_config(T, hq, hk, D, R)
+            cfg = kq.qk_norm_rope_fwd_config(T, hq, hk, D, R, inter)
             for k in ("grid", "n_q_hblocks"):
                 cfg.pop(k)
             nw = cfg.pop("num_warps")

@@ -17,25 +17,20 @@ from pathlib import Path
 import pytest
 
 # kernel config prefix -> (narrow loads allowed, narrow stores allowed, why). "Narrow" is below
-# the kernel's hot width: 16 bytes, or 8 where KNOWN_GAPS says why not yet.
+# the hot width, 16 bytes.
 NARROW = {
     "fwd N=4096 w=True r=True": (0, 1, "rstd: one fp32 per row"),
     "bwd N=4096 w=True dhout=True": (1, 0, "rstd: one fp32 per row"),
     "ln fwd": (0, 2, "mean and rstd: one fp32 each per row"),
-    "ln bwd": (2, 2, "mean and rstd per row; the weight-gradient partials"),
+    "ln bwd": (3, 2, "mean and rstd per row; the weight, read once per program; the weight-gradient partials"),
     "gn fwd": (2, 2, "per-channel weight and bias (one element per channel row); mean and rstd per group"),
     "gn bwd": (4, 2, "per-channel weight and bias, per-group mean and rstd; per-group partial sums"),
     "gn apply": (4, 0, "per-channel weight and bias, per-group mean and rstd"),
     "qk_norm_rope fwd": (2, 0, "the q / k norm weights, read per head-dim block as fp32"),
     "qk_norm_rope bwd": (6, 1, "norm weights, per-row rstd; the weight-gradient partial"),
-    "rope": (0, 0, ""),
+    "rope": (4, 0, "the cos / sin entries of a and b (fp32), read once per token block for BLOCK_H heads"),
     "glu fwd": (0, 0, ""),
     "glu bwd": (0, 0, ""),
-}
-# Kernels whose hot accesses are 8 bytes today, and why (the gaps the GPU bench must weigh).
-KNOWN_GAPS = {
-    "ln bwd": "the per-token modulation path tiles [BLOCK_M, BLOCK_N] so that each thread holds 4 bf16 of a row",
-    "rope": "the halves layout splits each head row into two R/2 halves: each thread holds 4 bf16 of each",
 }
 
 
@@ -66,7 +61,7 @@ def test_hot_accesses_are_16_bytes(widths):
         if prefix is None or "error" in r:
             continue
         checked += 1
-        hot = 8 if prefix in KNOWN_GAPS else 16
+        hot = 16
         loads = {int(b): n for b, n in r["loads"].items()}
         stores = {int(b): n for b, n in r["stores"].items()}
         if not any(b >= hot for b in loads) or not any(b >= hot for b in stores):
