@@ -2,7 +2,7 @@
 //
 // No torch headers: entry points take raw device pointers (Python ints), sizes,
 // strides in elements, dtype codes (0 = float32, 1 = float16, 2 = bfloat16) and
-// the cudaStream_t as an int. The norm and RoPE entry points take them as one
+// the cudaStream_t as an int. Every entry point takes them as one
 // named parameter struct (params.h): fastgen._C.RmsNormFwdParams(x_ptr=..., ...),
 // a misspelled field is an AttributeError, an unset one a ValueError naming it.
 // Argument errors raise ValueError, CUDA errors RuntimeError.
@@ -142,34 +142,19 @@ PYBIND11_MODULE(_C, m) {
            "Backward of qk_norm_rope_fwd (rstd recomputed from q / k): dq, dk = rstd*(g - xhat*mean(g*xhat)) with "
            "g = rope^T(dy)*w; fp32 weight-gradient partials (sums of rope^T(dy)*xhat) into dw_partial[num_partials_q + "
            "num_partials_k, D], q's rows first; the caller sums them in a fixed order (deterministic, no atomics).");
-  m.def("multi_tensor_adamw", &fastgen::multi_tensor_adamw, py::arg("p_list"), py::arg("g_list"),
-        py::arg("m_list"), py::arg("v_list"), py::arg("vmax_list"), py::arg("step_list"), py::arg("numels"),
-        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("p_dtype"),
-        py::arg("g_dtype"), py::arg("s_dtype"), py::arg("lr_ptr"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-        py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
-        py::arg("stochastic_rounding"), py::arg("seed"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "AdamW over lists of tensors given as device address tables (see csrc/common/multi_tensor.cuh).");
-  m.def("multi_tensor_lion", &fastgen::multi_tensor_lion, py::arg("p_list"), py::arg("g_list"), py::arg("m_list"),
-        py::arg("numels"), py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"),
-        py::arg("p_dtype"), py::arg("g_dtype"), py::arg("s_dtype"), py::arg("lr_ptr"), py::arg("lr"),
-        py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"), py::arg("maximize"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(), "Lion over lists of tensors given as device address tables.");
-  m.def("multi_tensor_norm", &fastgen::multi_tensor_norm, py::arg("g_list"), py::arg("numels"),
-        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("g_dtype"),
-        py::arg("norm_type"), py::arg("partial_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "Per-chunk fp32 partials of a multi-tensor norm into partial[num_chunks]: the sum of |g|^p (norm_type = p "
-        ">= 1) or max |g| (norm_type = inf, NaN propagates).");
-  m.def("multi_tensor_norm_finalize", &fastgen::multi_tensor_norm_finalize, py::arg("partial_ptr"), py::arg("n"),
-        py::arg("norm_type"), py::arg("max_norm"), py::arg("total_ptr"), py::arg("coef_ptr"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "One block reduces partial[n] in a fixed order (deterministic): fp32 total norm (sum^(1/p), or max for inf) "
-        "into *total_ptr and, unless coef_ptr is 0, min(1, max_norm / (total + 1e-6)) into *coef_ptr.");
-  m.def("multi_tensor_scale", &fastgen::multi_tensor_scale, py::arg("g_list"), py::arg("numels"),
-        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("g_dtype"),
-        py::arg("coef_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "g *= coef in place over lists of tensors; coef_ptr: address of an fp32 device scalar.");
-  m.def("multi_tensor_ema", &fastgen::multi_tensor_ema, py::arg("s_list"), py::arg("p_list"), py::arg("numels"),
-        py::arg("chunk_ids"), py::arg("chunk_offs"), py::arg("num_chunks"), py::arg("chunk"), py::arg("s_dtype"),
-        py::arg("p_dtype"), py::arg("weight"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
+  FG_ENTRY(MultiTensorAdamwParams, FG_MULTI_TENSOR_ADAMW, multi_tensor_adamw,
+           "AdamW over lists of tensors given as device address tables (see csrc/common/multi_tensor.cuh); vmax_list "
+           "0 unless amsgrad; lr_ptr: an fp32 device scalar, or 0 to use lr; seed: 32 bits of stochastic rounding.");
+  FG_ENTRY(MultiTensorLionParams, FG_MULTI_TENSOR_LION, multi_tensor_lion,
+           "Lion over lists of tensors given as device address tables; lr_ptr as for AdamW.");
+  FG_ENTRY(MultiTensorNormParams, FG_MULTI_TENSOR_NORM, multi_tensor_norm,
+           "Per-chunk fp32 partials of a multi-tensor norm into partial[num_chunks]: the sum of |g|^p (norm_type = p "
+           ">= 1) or max |g| (norm_type = inf, NaN propagates).");
+  FG_ENTRY(MultiTensorNormFinalizeParams, FG_MULTI_TENSOR_NORM_FINALIZE, multi_tensor_norm_finalize,
+           "One block reduces partial[n] in a fixed order (deterministic): fp32 total norm (sum^(1/p), or max for inf) "
+           "into *total_ptr and, unless coef_ptr is 0, min(1, max_norm / (total + 1e-6)) into *coef_ptr.");
+  FG_ENTRY(MultiTensorScaleParams, FG_MULTI_TENSOR_SCALE, multi_tensor_scale,
+           "g *= coef in place over lists of tensors; coef_ptr: address of an fp32 device scalar.");
+  FG_ENTRY(MultiTensorEmaParams, FG_MULTI_TENSOR_EMA, multi_tensor_ema,
+           "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
 }

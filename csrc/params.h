@@ -91,6 +91,30 @@ inline bool is_unset(F64 v) {
   F(INT, wq_dtype) F(INT, wk_dtype) F(INT, table_dtype) F(F64, eps) F(INT, interleaved) F(I64, num_partials_q) \
   F(I64, num_partials_k)
 
+// Multi-tensor optimizers (optim/optim.h): per list a device table of addresses (*_list), and the
+// chunk tables of csrc/common/multi_tensor.cuh. Switches (amsgrad, ...) are INT 0 / 1.
+#define FG_MT_CHUNKS(F) F(PTR, numels) F(PTR, chunk_ids) F(PTR, chunk_offs) F(I64, num_chunks) F(I64, chunk)
+
+#define FG_MULTI_TENSOR_ADAMW(F) \
+  F(PTR, p_list) F(PTR, g_list) F(PTR, m_list) F(PTR, v_list) F(PTR, vmax_list) F(PTR, step_list) FG_MT_CHUNKS(F) \
+  F(INT, p_dtype) F(INT, g_dtype) F(INT, s_dtype) F(PTR, lr_ptr) F(F64, lr) F(F64, beta1) F(F64, beta2) F(F64, eps) \
+  F(F64, weight_decay) F(INT, amsgrad) F(INT, maximize) F(INT, stochastic_rounding) F(I64, seed)
+
+#define FG_MULTI_TENSOR_LION(F) \
+  F(PTR, p_list) F(PTR, g_list) F(PTR, m_list) FG_MT_CHUNKS(F) F(INT, p_dtype) F(INT, g_dtype) F(INT, s_dtype) \
+  F(PTR, lr_ptr) F(F64, lr) F(F64, beta1) F(F64, beta2) F(F64, weight_decay) F(INT, maximize)
+
+#define FG_MULTI_TENSOR_NORM(F) \
+  F(PTR, g_list) FG_MT_CHUNKS(F) F(INT, g_dtype) F(F64, norm_type) F(PTR, partial_ptr)
+
+#define FG_MULTI_TENSOR_NORM_FINALIZE(F) \
+  F(PTR, partial_ptr) F(I64, n) F(F64, norm_type) F(F64, max_norm) F(PTR, total_ptr) F(PTR, coef_ptr)
+
+#define FG_MULTI_TENSOR_SCALE(F) F(PTR, g_list) FG_MT_CHUNKS(F) F(INT, g_dtype) F(PTR, coef_ptr)
+
+#define FG_MULTI_TENSOR_EMA(F) \
+  F(PTR, s_list) F(PTR, p_list) FG_MT_CHUNKS(F) F(INT, s_dtype) F(INT, p_dtype) F(F64, weight)
+
 // The struct of an entry point: its fields (unset until filled) and the stream.
 #define FG_FIELD(T, name) fastgen::params::T name = fastgen::params::unset(static_cast<fastgen::params::T*>(nullptr));
 #define FG_PARAMS(Name, LIST) \

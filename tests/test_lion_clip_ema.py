@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICE
+from conftest import HAS_CUDA, TRITON_DEVICE, c_entry
 
 from fastgen.backend import BackendUnavailableError
 from fastgen.optim import EMA, FusedLion, clip_grad_norm_
@@ -204,53 +204,54 @@ def _extension_or_skip():
 
 
 def test_cuda_clip_ema_entry_points_check_arguments():
-    """Bad arguments raise ValueError before anything touches a GPU; empty lists launch nothing."""
+    """Bad arguments raise ValueError before anything touches a GPU; empty lists launch nothing. The
+    values go to the parameter structs by name, in the field order of the comments."""
     C = _extension_or_skip()
     # multi_tensor_norm(g_list, numels, chunk_ids, chunk_offs, num_chunks, chunk, g_dtype, norm_type, partial, stream)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.multi_tensor_norm(0, 0, 0, 0, 0, 4096, 5, 2.0, 0, 0)
+        c_entry(C, "multi_tensor_norm", 0, 0, 0, 0, 0, 4096, 5, 2.0, 0, 0)
     for bad in (0.5, 0.0, -1.0, -math.inf, math.nan):
         with pytest.raises(ValueError, match="norm_type must be >= 1 or inf"):
-            C.multi_tensor_norm(0, 0, 0, 0, 0, 4096, 0, bad, 0, 0)
+            c_entry(C, "multi_tensor_norm", 0, 0, 0, 0, 0, 4096, 0, bad, 0, 0)
         with pytest.raises(ValueError, match="norm_type must be >= 1 or inf"):
-            C.multi_tensor_norm_finalize(0, 0, bad, 1.0, 8, 0, 0)
+            c_entry(C, "multi_tensor_norm_finalize", 0, 0, bad, 1.0, 8, 0, 0)
     with pytest.raises(ValueError, match="num_chunks >= 0 and chunk > 0"):
-        C.multi_tensor_norm(0, 0, 0, 0, -1, 4096, 0, 2.0, 0, 0)
+        c_entry(C, "multi_tensor_norm", 0, 0, 0, 0, -1, 4096, 0, 2.0, 0, 0)
     with pytest.raises(ValueError, match="num_chunks >= 0 and chunk > 0"):
-        C.multi_tensor_norm(0, 0, 0, 0, 0, 0, 0, 2.0, 0, 0)
+        c_entry(C, "multi_tensor_norm", 0, 0, 0, 0, 0, 0, 0, 2.0, 0, 0)
     with pytest.raises(ValueError, match="partial_ptr is null"):
-        C.multi_tensor_norm(0, 0, 0, 0, 3, 4096, 0, 2.0, 0, 0)
+        c_entry(C, "multi_tensor_norm", 0, 0, 0, 0, 3, 4096, 0, 2.0, 0, 0)
     # multi_tensor_norm_finalize(partial, n, norm_type, max_norm, total, coef, stream)
     with pytest.raises(ValueError, match="n >= 0"):
-        C.multi_tensor_norm_finalize(0, -1, 2.0, 1.0, 8, 0, 0)
+        c_entry(C, "multi_tensor_norm_finalize", 0, -1, 2.0, 1.0, 8, 0, 0)
     with pytest.raises(ValueError, match="total_ptr is null"):
-        C.multi_tensor_norm_finalize(0, 0, 2.0, 1.0, 0, 0, 0)
+        c_entry(C, "multi_tensor_norm_finalize", 0, 0, 2.0, 1.0, 0, 0, 0)
     with pytest.raises(ValueError, match="partial_ptr is null"):
-        C.multi_tensor_norm_finalize(0, 5, 2.0, 1.0, 8, 0, 0)
+        c_entry(C, "multi_tensor_norm_finalize", 0, 5, 2.0, 1.0, 8, 0, 0)
     # multi_tensor_scale(g_list, numels, chunk_ids, chunk_offs, num_chunks, chunk, g_dtype, coef, stream)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.multi_tensor_scale(0, 0, 0, 0, 0, 4096, 3, 8, 0)
+        c_entry(C, "multi_tensor_scale", 0, 0, 0, 0, 0, 4096, 3, 8, 0)
     with pytest.raises(ValueError, match="num_chunks >= 0 and chunk > 0"):
-        C.multi_tensor_scale(0, 0, 0, 0, 0, -4096, 0, 8, 0)
+        c_entry(C, "multi_tensor_scale", 0, 0, 0, 0, 0, -4096, 0, 8, 0)
     with pytest.raises(ValueError, match="coef_ptr is null"):
-        C.multi_tensor_scale(0, 0, 0, 0, 0, 4096, 0, 0, 0)
+        c_entry(C, "multi_tensor_scale", 0, 0, 0, 0, 0, 4096, 0, 0, 0)
     # multi_tensor_ema(s_list, p_list, numels, chunk_ids, chunk_offs, num_chunks, chunk, s_dtype, p_dtype, weight,
     # stream)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.multi_tensor_ema(0, 0, 0, 0, 0, 0, 4096, 0, 7, 0.1, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, 0, 7, 0.1, 0)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        C.multi_tensor_ema(0, 0, 0, 0, 0, 0, 4096, -1, 0, 0.1, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, -1, 0, 0.1, 0)
     with pytest.raises(ValueError, match="num_chunks >= 0 and chunk > 0"):
-        C.multi_tensor_ema(0, 0, 0, 0, 0, -2, 4096, 0, 0, 0.1, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, -2, 4096, 0, 0, 0.1, 0)
     with pytest.raises(ValueError, match="weight"):
-        C.multi_tensor_ema(0, 0, 0, 0, 0, 0, 4096, 0, 2, math.nan, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, 0, 2, math.nan, 0)
     # empty lists: nothing is launched, so this passes without a GPU
     for g_dtype in (0, 1, 2):
         for p in (1.0, 2.0, 3.5, math.inf):
-            C.multi_tensor_norm(0, 0, 0, 0, 0, 4096, g_dtype, p, 0, 0)
-        C.multi_tensor_scale(0, 0, 0, 0, 0, 4096, g_dtype, 8, 0)
+            c_entry(C, "multi_tensor_norm", 0, 0, 0, 0, 0, 4096, g_dtype, p, 0, 0)
+        c_entry(C, "multi_tensor_scale", 0, 0, 0, 0, 0, 4096, g_dtype, 8, 0)
         for p_dtype in (0, 1, 2):
-            C.multi_tensor_ema(0, 0, 0, 0, 0, 0, 4096, g_dtype, p_dtype, 0.5, 0)
+            c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, g_dtype, p_dtype, 0.5, 0)
     from fastgen.cuda import optim as K
 
     K.ema_update_([], [], 0.9)
@@ -263,7 +264,7 @@ def test_cuda_norm_finalize_without_gpu_raises_runtime_error():
     if C.device_count() != 0:
         pytest.skip("a CUDA device is visible to fastgen._C")
     with pytest.raises(RuntimeError, match="CUDA error"):
-        C.multi_tensor_norm_finalize(0, 0, 2.0, 1.0, 8, 0, 0)  # always launches (writes the total)
+        c_entry(C, "multi_tensor_norm_finalize", 0, 0, 2.0, 1.0, 8, 0, 0)  # always launches (writes the total)
 
 
 # ----------------------------------------------------------------------------- GPU tier: CUDA C++ clip and EMA

@@ -6,7 +6,8 @@ Same signatures as the Triton launchers: ``adamw_step`` / ``lion_step`` as
 cached device tables (``fastgen.kernels.multi_tensor``): one launch per call.
 ``clip_coef`` is the CUDA path of ``fastgen.optim.clip_grad_norm_``: the total p-norm
 (p >= 1 or inf) of several same-dtype gradient lists and the clip coefficient, both on
-the device, summed in a fixed order (deterministic).
+the device, summed in a fixed order (deterministic). Each entry point takes its parameter struct
+(``fastgen._C.MultiTensorAdamwParams`` ...), filled here by name.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
     table = chunk_table(params, CHUNK)
     lr_ptr, lr_value = _lr_args(lr)
     with torch.cuda.device(params[0].device):
-        C.multi_tensor_adamw(
-            pointer_table(params).data_ptr(), pointer_table(grads).data_ptr(), pointer_table(exp_avgs).data_ptr(),
-            pointer_table(exp_avg_sqs).data_ptr(),
-            pointer_table(max_exp_avg_sqs).data_ptr() if amsgrad else 0, pointer_table(steps).data_ptr(),
-            table.numels.data_ptr(), table.chunk_ids.data_ptr(), table.chunk_offs.data_ptr(), table.num_chunks,
-            CHUNK, dtype_code(params[0].dtype), dtype_code(grads[0].dtype), dtype_code(exp_avgs[0].dtype),
-            lr_ptr, lr_value, float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
-            bool(maximize), bool(stochastic_rounding), int(seed) & 0xFFFFFFFF, _stream(params[0].device),
-        )
+        C.multi_tensor_adamw(C.MultiTensorAdamwParams(
+            p_list=pointer_table(params).data_ptr(), g_list=pointer_table(grads).data_ptr(),
+            m_list=pointer_table(exp_avgs).data_ptr(), v_list=pointer_table(exp_avg_sqs).data_ptr(),
+            vmax_list=pointer_table(max_exp_avg_sqs).data_ptr() if amsgrad else 0,
+            step_list=pointer_table(steps).data_ptr(), numels=table.numels.data_ptr(),
+            chunk_ids=table.chunk_ids.data_ptr(), chunk_offs=table.chunk_offs.data_ptr(),
+            num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
+            g_dtype=dtype_code(grads[0].dtype), s_dtype=dtype_code(exp_avgs[0].dtype), lr_ptr=lr_ptr, lr=lr_value,
+            beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+            amsgrad=int(bool(amsgrad)), maximize=int(bool(maximize)),
+            stochastic_rounding=int(bool(stochastic_rounding)), seed=int(seed) & 0xFFFFFFFF,
+            stream=_stream(params[0].device),
+        ))
 
 
 def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
@@ -58,23 +63,26 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
     table = chunk_table(params, CHUNK)
     lr_ptr, lr_value = _lr_args(lr)
     with torch.cuda.device(params[0].device):
-        C.multi_tensor_lion(
-            pointer_table(params).data_ptr(), pointer_table(grads).data_ptr(), pointer_table(exp_avgs).data_ptr(),
-            table.numels.data_ptr(), table.chunk_ids.data_ptr(), table.chunk_offs.data_ptr(), table.num_chunks,
-            CHUNK, dtype_code(params[0].dtype), dtype_code(grads[0].dtype), dtype_code(exp_avgs[0].dtype),
-            lr_ptr, lr_value, float(beta1), float(beta2), float(weight_decay), bool(maximize),
-            _stream(params[0].device),
-        )
+        C.multi_tensor_lion(C.MultiTensorLionParams(
+            p_list=pointer_table(params).data_ptr(), g_list=pointer_table(grads).data_ptr(),
+            m_list=pointer_table(exp_avgs).data_ptr(), numels=table.numels.data_ptr(),
+            chunk_ids=table.chunk_ids.data_ptr(), chunk_offs=table.chunk_offs.data_ptr(),
+            num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
+            g_dtype=dtype_code(grads[0].dtype), s_dtype=dtype_code(exp_avgs[0].dtype), lr_ptr=lr_ptr, lr=lr_value,
+            beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), maximize=int(bool(maximize)),
+            stream=_stream(params[0].device),
+        ))
 
 
 def _norm_partials(grads, norm_type, partial, offset, C) -> int:
     """Launch the per-chunk partials of ``grads`` into ``partial[offset:]``; returns the chunk count."""
     table = chunk_table(grads, CHUNK)
-    C.multi_tensor_norm(
-        pointer_table(grads).data_ptr(), table.numels.data_ptr(), table.chunk_ids.data_ptr(),
-        table.chunk_offs.data_ptr(), table.num_chunks, CHUNK, dtype_code(grads[0].dtype), float(norm_type),
-        partial.data_ptr() + 4 * offset if table.num_chunks else 0, _stream(grads[0].device),
-    )
+    C.multi_tensor_norm(C.MultiTensorNormParams(
+        g_list=pointer_table(grads).data_ptr(), numels=table.numels.data_ptr(), chunk_ids=table.chunk_ids.data_ptr(),
+        chunk_offs=table.chunk_offs.data_ptr(), num_chunks=table.num_chunks, chunk=CHUNK,
+        g_dtype=dtype_code(grads[0].dtype), norm_type=float(norm_type),
+        partial_ptr=partial.data_ptr() + 4 * offset if table.num_chunks else 0, stream=_stream(grads[0].device),
+    ))
     return table.num_chunks
 
 
@@ -93,8 +101,9 @@ def clip_coef(grad_lists, norm_type: float, max_norm: float) -> tuple[torch.Tens
         offset = 0
         for gs in grad_lists:
             offset += _norm_partials(gs, norm_type, partial, offset, C)
-        C.multi_tensor_norm_finalize(partial.data_ptr() if n else 0, n, float(norm_type), float(max_norm),
-                                     out.data_ptr(), out.data_ptr() + 4, _stream(device))
+        C.multi_tensor_norm_finalize(C.MultiTensorNormFinalizeParams(
+            partial_ptr=partial.data_ptr() if n else 0, n=n, norm_type=float(norm_type), max_norm=float(max_norm),
+            total_ptr=out.data_ptr(), coef_ptr=out.data_ptr() + 4, stream=_stream(device)))
     return out[0], out[1:]
 
 
@@ -108,8 +117,9 @@ def sum_squares(grads: list[torch.Tensor]) -> torch.Tensor:
     with torch.cuda.device(device):
         _norm_partials(grads, 2.0, partial, 0, C)
         # partials of |g|^2 summed with norm_type 1 (no root): the plain sum of squares
-        C.multi_tensor_norm_finalize(partial.data_ptr() if n else 0, n, 1.0, 0.0, total.data_ptr(), 0,
-                                     _stream(device))
+        C.multi_tensor_norm_finalize(C.MultiTensorNormFinalizeParams(
+            partial_ptr=partial.data_ptr() if n else 0, n=n, norm_type=1.0, max_norm=0.0, total_ptr=total.data_ptr(),
+            coef_ptr=0, stream=_stream(device)))
     return total
 
 
@@ -121,11 +131,12 @@ def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
     C = load_extension()
     table = chunk_table(grads, CHUNK)
     with torch.cuda.device(grads[0].device):
-        C.multi_tensor_scale(
-            pointer_table(grads).data_ptr(), table.numels.data_ptr(), table.chunk_ids.data_ptr(),
-            table.chunk_offs.data_ptr(), table.num_chunks, CHUNK, dtype_code(grads[0].dtype), coef.data_ptr(),
-            _stream(grads[0].device),
-        )
+        C.multi_tensor_scale(C.MultiTensorScaleParams(
+            g_list=pointer_table(grads).data_ptr(), numels=table.numels.data_ptr(),
+            chunk_ids=table.chunk_ids.data_ptr(), chunk_offs=table.chunk_offs.data_ptr(),
+            num_chunks=table.num_chunks, chunk=CHUNK, g_dtype=dtype_code(grads[0].dtype), coef_ptr=coef.data_ptr(),
+            stream=_stream(grads[0].device),
+        ))
 
 
 def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -135,9 +146,10 @@ def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: 
     C = load_extension()
     table = chunk_table(shadows, CHUNK)
     with torch.cuda.device(shadows[0].device):
-        C.multi_tensor_ema(
-            pointer_table(shadows).data_ptr(), pointer_table(params).data_ptr(), table.numels.data_ptr(),
-            table.chunk_ids.data_ptr(), table.chunk_offs.data_ptr(), table.num_chunks, CHUNK,
-            dtype_code(shadows[0].dtype), dtype_code(params[0].dtype), 1.0 - float(decay),
-            _stream(shadows[0].device),
-        )
+        C.multi_tensor_ema(C.MultiTensorEmaParams(
+            s_list=pointer_table(shadows).data_ptr(), p_list=pointer_table(params).data_ptr(),
+            numels=table.numels.data_ptr(), chunk_ids=table.chunk_ids.data_ptr(),
+            chunk_offs=table.chunk_offs.data_ptr(), num_chunks=table.num_chunks, chunk=CHUNK,
+            s_dtype=dtype_code(shadows[0].dtype), p_dtype=dtype_code(params[0].dtype), weight=1.0 - float(decay),
+            stream=_stream(shadows[0].device),
+        ))

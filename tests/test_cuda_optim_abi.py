@@ -1,0 +1,87 @@
+"""The named C++ ABI of the multi-tensor optimizer entry points of fastgen._C (CPU tier: the
+extension imports without a GPU, and nothing here launches).
+
+Each entry point takes one parameter struct (``MultiTensorAdamwParams`` ...) whose fields are
+listed once in ``csrc/params.h``: a misspelled field is an AttributeError, a field left unset a
+ValueError naming it, positional arguments a TypeError; filled by name, the op's own argument
+checks still answer first.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import c_entry
+
+ENTRIES = {
+    "multi_tensor_adamw": ("MultiTensorAdamwParams", 25),
+    "multi_tensor_lion": ("MultiTensorLionParams", 18),
+    "multi_tensor_norm": ("MultiTensorNormParams", 10),
+    "multi_tensor_norm_finalize": ("MultiTensorNormFinalizeParams", 7),
+    "multi_tensor_scale": ("MultiTensorScaleParams", 9),
+    "multi_tensor_ema": ("MultiTensorEmaParams", 11),
+}
+
+
+def _C():
+    from fastgen.cuda import extension_info, load_extension
+
+    info = extension_info()
+    if not info["built"]:
+        pytest.skip(f"fastgen._C is not built: {info['error']}")
+    return load_extension()
+
+
+@pytest.mark.parametrize("fn", sorted(ENTRIES))
+def test_struct_refuses_misspelled_missing_and_positional(fn):
+    C = _C()
+    name, n_fields = ENTRIES[fn]
+    params = getattr(C, name)
+    assert len(params.fields) == n_fields and params.fields[-1] == "stream"
+    assert len(set(params.fields)) == n_fields
+    with pytest.raises(AttributeError):
+        params(chunks=4096)  # the field is "chunk" / "n"
+    p = params()
+    with pytest.raises(AttributeError):
+        p.dtype = 0
+    with pytest.raises(ValueError, match=f"{fn}: fields not set: {params.fields[0]}, .*, stream$"):
+        getattr(C, fn)(params())
+    # all but the last two set: exactly those two are named
+    almost = params(**{f: 0 for f in params.fields[:-2]})
+    with pytest.raises(ValueError, match=f"{fn}: fields not set: {params.fields[-2]}, stream$"):
+        getattr(C, fn)(almost)
+    with pytest.raises(TypeError):  # the positional signature is gone
+        getattr(C, fn)(*([0] * n_fields))
+
+
+def test_named_fields_reach_the_op_checks():
+    """Filled by name in field order, the values land where the op reads them: its own argument
+    checks fire on the field they name, and an empty problem returns without launching."""
+    C = _C()
+    tables = dict(numels=0, chunk_ids=0, chunk_offs=0, num_chunks=0, chunk=4096)
+    adamw = dict(p_list=0, g_list=0, m_list=0, v_list=0, vmax_list=0, step_list=0, **tables, p_dtype=2, g_dtype=2,
+                 s_dtype=0, lr_ptr=0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=0,
+                 maximize=0, stochastic_rounding=1, seed=123, stream=0)
+    c_entry(C, "multi_tensor_adamw", **adamw)  # empty: no launch
+    with pytest.raises(ValueError, match="unsupported dtypes p=bfloat16, g=float32"):
+        c_entry(C, "multi_tensor_adamw", **{**adamw, "g_dtype": 0})
+    with pytest.raises(ValueError, match="states=float16"):
+        c_entry(C, "multi_tensor_adamw", **{**adamw, "s_dtype": 1})
+    with pytest.raises(ValueError, match="amsgrad needs the max_exp_avg_sq list"):
+        c_entry(C, "multi_tensor_adamw", **{**adamw, "amsgrad": 1})
+    with pytest.raises(ValueError, match="num_chunks >= 0 and chunk > 0"):
+        c_entry(C, "multi_tensor_adamw", **{**adamw, "chunk": 0})
+    lion = dict(p_list=0, g_list=0, m_list=0, **tables, p_dtype=0, g_dtype=0, s_dtype=2, lr_ptr=0, lr=1e-4,
+                beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=1, stream=0)
+    c_entry(C, "multi_tensor_lion", **lion)
+    with pytest.raises(ValueError, match="multi_tensor_lion: unsupported dtypes p=float32, g=float16"):
+        c_entry(C, "multi_tensor_lion", **{**lion, "g_dtype": 1})
+    with pytest.raises(ValueError, match="num_chunks >= 0"):
+        c_entry(C, "multi_tensor_lion", **{**lion, "num_chunks": -1})
+    with pytest.raises(ValueError, match="multi_tensor_norm_finalize: total_ptr is null"):
+        c_entry(C, "multi_tensor_norm_finalize", partial_ptr=0, n=0, norm_type=2.0, max_norm=1.0, total_ptr=0,
+                coef_ptr=0, stream=0)
+    with pytest.raises(ValueError, match="multi_tensor_scale: coef_ptr is null"):
+        c_entry(C, "multi_tensor_scale", g_list=0, **tables, g_dtype=0, coef_ptr=0, stream=0)
+    with pytest.raises(ValueError, match="multi_tensor_ema: weight"):
+        c_entry(C, "multi_tensor_ema", s_list=0, p_list=0, **tables, s_dtype=0, p_dtype=2, weight=float("nan"),
+                stream=0)
