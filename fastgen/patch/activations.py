@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from fastgen.ops import glu
-from fastgen.patch.core import Replacement, Skipped, orig_forward, qualname, run, site, supported_float, swap_forward
+from fastgen.patch.core import Skipped, orig_forward, qualname, replaced, run, site, supported_float, swap_forward
+from fastgen.patch.records import Plan
 from fastgen.patch.serve import mark, param_dtype
 
 try:  # diffusers is optional
@@ -44,9 +45,9 @@ def _swiglu_forward(self, hidden_states, *args, **kwargs):
 def _rules() -> dict:
     if _da is None:
         return {}
-    rules = {_da.GEGLU: (_geglu_forward, "fastgen.ops.glu(activation='gelu')")}
+    rules = {_da.GEGLU: (_geglu_forward, Plan.of("glu", args="activation='gelu'"))}
     if hasattr(_da, "SwiGLU"):
-        rules[_da.SwiGLU] = (_swiglu_forward, "fastgen.ops.glu(activation='silu')")
+        rules[_da.SwiGLU] = (_swiglu_forward, Plan.of("glu", args="activation='silu'"))
     return rules
 
 
@@ -56,21 +57,24 @@ def _unfused_classes() -> tuple:
     return tuple(getattr(_da, n) for n in ("GELU", "ApproximateGELU", "LinearActivation") if hasattr(_da, n))
 
 
-def patch_module(module, path: str, report, backend: str, strict: bool = False) -> None:
-    """Swap in the fused GLU forward when ``module`` is a known gated unit; note the others."""
+def patch_module(module, path: str, report, backend: str, strict: bool = False):
+    """Swap in the fused GLU forward when ``module`` is a known gated unit (returns its :class:`Plan`);
+    note the others (None)."""
     cls = type(module)
     rule = _rules().get(cls)
     if rule is not None:
         if cls is getattr(_da, "SwiGLU", None) and not isinstance(module.activation, torch.nn.SiLU):
             report.skipped.append(Skipped(path, cls.__name__, "its activation is not SiLU"))
-            return
-        forward, after = rule
-        before = qualname(cls)
-        reference = site(path, report, backend, cls.__name__, {"glu": dict(dtype=param_dtype(module.proj))})
+            return None
+        forward, plan = rule
+        reference = site(path, report, backend, cls.__name__, {op: dict(dtype=param_dtype(module.proj))
+                                                              for op in plan.ops})
         if reference is None:
-            return
-        swap_forward(module, forward, after, backend)
+            return None
+        swap_forward(module, forward, forward.__name__, backend)
         mark(module, backend, path, reference, strict)
-        report.replaced.append(Replacement(path, before, after, tuple(reference.items())))
-    elif cls in _unfused_classes():
+        replaced(report, path, qualname(cls), plan, reference)
+        return plan
+    if cls in _unfused_classes():
         report.skipped.append(Skipped(path, cls.__name__, UNFUSED_REASON))
+    return None

@@ -18,10 +18,13 @@ cross-attention rotary in CogVideoX) run the original diffusers ``__call__``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fastgen.ops import apply_rope, qk_norm_rope, scaled_dot_product_attention
-from fastgen.patch.core import ORIG_CLASS, ORIG_PROCESSOR, Replacement, Skipped, run, site
+from fastgen.patch.core import ORIG_CLASS, ORIG_PROCESSOR, Skipped, replaced, run, site
+from fastgen.patch.records import ROPE_OPS, Plan, Step
 from fastgen.patch.serve import mark, param_dtype
 
 try:
@@ -81,17 +84,17 @@ def _rms_weight(norm, x):
     return w, float(eps)
 
 
-def _fusable_children(attn) -> list:
-    """The q / k norms a Flux processor runs inside ``qk_norm_rope`` (known before any call:
-    plain RMSNorms with one eps per pair), else []."""
-    pairs = [(attn.norm_q, attn.norm_k)]
+def _fusable_children(attn) -> tuple:
+    """The names of the q / k norms a Flux processor runs inside ``qk_norm_rope`` (known before
+    any call: plain RMSNorms with one eps per pair), else ()."""
+    pairs = [("norm_q", "norm_k")]
     if getattr(attn, "added_kv_proj_dim", None) is not None:
-        pairs.append((getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)))
+        pairs.append(("norm_added_q", "norm_added_k"))
     for nq, nk in pairs:
-        sq, sk = _rms_static(nq), _rms_static(nk)
+        sq, sk = _rms_static(getattr(attn, nq, None)), _rms_static(getattr(attn, nk, None))
         if sq is None or sk is None or sq != sk:
-            return []
-    return [n for pair in pairs for n in pair]
+            return ()
+    return tuple(n for pair in pairs for n in pair)
 
 
 def _fusable(norm_q, norm_k, x):
@@ -108,7 +111,9 @@ def _norm_rope(proc, q, k, fusable, cos, sin):
                interleaved=True)
 
 
-_CLASSES: dict = {}
+_CLASSES: dict = {}  # diffusers processor class -> (fastgen processor class, Plan)
+_SDPA = Step(("attention",))
+_QK_NORM_ROPE = Step(("qk_norm_rope",))
 
 if _ap is not None:
 
@@ -243,10 +248,10 @@ if _ap is not None:
                 [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1)
             return hidden_states, encoder_hidden_states
 
-    _CLASSES[_ap.AttnProcessor2_0] = (FastgenAttnProcessor2_0, "fastgen.ops.scaled_dot_product_attention")
-    _CLASSES[_ap.JointAttnProcessor2_0] = (FastgenJointAttnProcessor2_0, "fastgen.ops.scaled_dot_product_attention")
-    _CLASSES[_ap.CogVideoXAttnProcessor2_0] = (
-        FastgenCogVideoXAttnProcessor2_0, "fastgen.ops.scaled_dot_product_attention + apply_rope")
+    _CLASSES[_ap.AttnProcessor2_0] = (FastgenAttnProcessor2_0, Plan((_SDPA,)))
+    _CLASSES[_ap.JointAttnProcessor2_0] = (FastgenJointAttnProcessor2_0, Plan((_SDPA,)))
+    _CLASSES[_ap.CogVideoXAttnProcessor2_0] = (FastgenCogVideoXAttnProcessor2_0,
+                                               Plan((_SDPA, Step(("apply_rope",)))))
 
 if _flux is not None:
 
@@ -320,8 +325,9 @@ if _flux is not None:
                 return hidden_states, encoder_hidden_states
             return hidden_states
 
+    # the q / k norms fused into qk_norm_rope are filled in per module (_fusable_children)
     _CLASSES[_flux.FluxAttnProcessor] = (FastgenFluxAttnProcessor,
-                                         "fastgen.ops.scaled_dot_product_attention + qk_norm_rope / apply_rope")
+                                         Plan((_SDPA, Step(("qk_norm_rope", "apply_rope"))), fuser=_QK_NORM_ROPE))
 
 
 def known_processors() -> list:
@@ -339,40 +345,45 @@ def _facts(attn) -> dict:
     return dict(dtype=param_dtype(to_q), head_dim=head_dim)
 
 
-def patch_attention(module, path: str, report, backend: str, rope: bool, strict: bool) -> tuple:
-    """Give ``module`` the fastgen processor of its processor's class; returns ``(children, kernel)``:
-    the child norms that processor runs inside a fused kernel (reported as fused), and that kernel."""
+def _plan(module, plan: Plan, rope: bool) -> Plan:
+    """The class's plan for this module: without the rotary steps under ``rope=False``, with the
+    q / k norms its fused kernel absorbs."""
+    if not rope:
+        return plan.without(ROPE_OPS)
+    if plan.fuser == _QK_NORM_ROPE:
+        return dataclasses.replace(plan, fuses=_fusable_children(module))
+    return plan
+
+
+def _skip_reason(proc):
+    """Why a processor is left alone (None: it is replaced)."""
+    cls = type(proc)
+    if cls not in _CLASSES:
+        return (f"attention processor {cls.__name__} is not known to fastgen.patch "
+                f"(known: {', '.join(known_processors()) or 'none: diffusers is not importable'})")
+    if getattr(proc, "_attention_backend", None) is not None or getattr(proc, "_parallel_config", None) is not None:
+        return f"{cls.__name__} has a diffusers attention backend or parallel config set; kept"
+    return None
+
+
+def patch_attention(module, path: str, report, backend: str, rope: bool, strict: bool):
+    """Give ``module`` the fastgen processor of its processor's class; returns the :class:`Plan`
+    it runs (its ``fuses``: the child norms run inside a fused kernel), or None if left alone."""
     proc = module.processor
     cls = type(proc)
-    entry = _CLASSES.get(cls)
-    reason = None
-    if entry is None:
-        reason = (f"attention processor {cls.__name__} is not known to fastgen.patch "
-                  f"(known: {', '.join(known_processors()) or 'none: diffusers is not importable'})")
-    elif getattr(proc, "_attention_backend", None) is not None or getattr(proc, "_parallel_config", None) is not None:
-        reason = f"{cls.__name__} has a diffusers attention backend or parallel config set; kept"
+    reason = _skip_reason(proc)
     if reason is not None:
         report.skipped.append(Skipped(path, cls.__name__, reason, strict_error=True))
-        return [], ""
-    new_cls, after = entry
-    rotary = "rope" in after
-    if rotary and not rope:
-        after = after.split(" + ")[0]
+        return None
+    new_cls, class_plan = _CLASSES[cls]
+    plan = _plan(module, class_plan, rope)
     facts = _facts(module)
-    ops = {"attention": facts}
-    if rotary and rope:
-        ops.update({"qk_norm_rope": facts, "apply_rope": facts} if "qk_norm_rope" in after else {"apply_rope": facts})
-    reference = site(path, report, backend, cls.__name__, ops)
+    reference = site(path, report, backend, cls.__name__, {op: facts for op in plan.ops})
     if reference is None:
-        return [], ""
-    if "attention" in reference and " + " in after:  # the report names what runs fastgen kernels
-        after = "fastgen.ops." + after.split(" + ", 1)[1]
-    new = new_cls(backend, rope) if rotary else new_cls(backend)
+        return None
+    new = new_cls(backend, rope) if class_plan.uses(ROPE_OPS) else new_cls(backend)
     mark(new, backend, path, reference, strict)
     module.__dict__[ORIG_PROCESSOR] = proc
     module.processor = new
-    report.replaced.append(Replacement(path, cls.__name__, after, tuple(reference.items())))
-    if rotary and rope and "qk_norm_rope" in after:
-        kids = _fusable_children(module)
-        return kids, "fastgen.ops.qk_norm_rope"
-    return [], ""
+    replaced(report, path, cls.__name__, plan, reference)
+    return plan

@@ -92,8 +92,8 @@ def swap(pipe, report, backend: str) -> None:
             continue
         why = _why_not(module)
         if why is not None:
-            already = why == "already a fastgen model"
-            report.skipped.append(Skipped(name, type(module).__name__, f"models=True: {why}", strict_error=not already))
+            report.skipped.append(Skipped(name, type(module).__name__, f"models=True: {why}",
+                                          strict_error=not is_fastgen_module(module)))
             continue
         where, cls_name = SWAPS[type(module).__name__]
         cls = getattr(importlib.import_module(where), cls_name)

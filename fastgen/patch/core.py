@@ -38,6 +38,7 @@ from torch import nn
 
 from fastgen.backend import BACKENDS
 from fastgen.patch import serve
+from fastgen.patch.records import Plan
 
 ORIG_CLASS = "_fastgen_orig_class"
 ORIG_PROCESSOR = "_fastgen_orig_processor"
@@ -52,8 +53,9 @@ class PatchError(RuntimeError):
 class Replacement:
     path: str      # module path in the model ("" for the root), pipeline components prefixed
     before: str    # what ran before ("torch.nn.LayerNorm", "AttnProcessor2_0")
-    after: str     # what runs now ("fastgen.ops.layer_norm")
+    after: str     # what runs now ("fastgen.ops.layer_norm"): text for people, written from `plan`
     reference: tuple = ()  # ((op, why), ...): ops of this site that run the torch reference
+    plan: Optional[Plan] = None  # what the site runs (fastgen/patch/records.py); None: a swapped component
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Skipped:
     what: str      # class name of the module or processor left alone
     reason: str
     strict_error: bool = False  # what strict=True raises on (unknown classes, sites the backend cannot serve)
+    reference: tuple = ()  # ((op, why), ...) when left alone because the backend serves none of its ops
 
 
 @dataclasses.dataclass
@@ -90,7 +93,7 @@ class PatchReport:
     def on_reference(self) -> dict:
         """``{path: why}`` for every site that runs (some of) its ops on the torch reference
         because the backend cannot serve them: sites left unpatched and partly served ones."""
-        out = {s.path: s.reason for s in self.skipped if s.reason.startswith(ON_REFERENCE)}
+        out = {s.path: s.reason for s in self.skipped if s.reference}
         out.update({r.path: serve.describe(dict(r.reference)) for r in self.replaced if r.reference})
         return out
 
@@ -135,9 +138,15 @@ def site(path: str, report: PatchReport, backend: str, what: str, ops: dict) -> 
     reference = serve.plan(backend, ops)
     if ops and len(reference) == len(ops):
         report.skipped.append(Skipped(path, what, f"{ON_REFERENCE} (backend={backend!r}): "
-                                                  f"{serve.describe(reference)}", strict_error=True))
+                                                  f"{serve.describe(reference)}", strict_error=True,
+                                      reference=tuple(reference.items())))
         return None
     return reference
+
+
+def replaced(report: PatchReport, path: str, before: str, plan: Plan, reference: dict) -> None:
+    """Record a patched site: its plan, and the report's text written from it."""
+    report.replaced.append(Replacement(path, before, plan.text(reference), tuple(reference.items()), plan))
 
 
 # ----------------------------------------------------------------------------- class swap
@@ -306,15 +315,24 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
     backend cannot serve, as ``backend=`` on an op always does.
     Returns a :class:`PatchReport`.
     """
-    from fastgen.patch import activations as act_rules
-    from fastgen.patch import adapter_files
-    from fastgen.patch import attention as attn_rules
-    from fastgen.patch import components
-    from fastgen.patch import norms as norm_rules
+    _check_args(obj, backend, models, adapters)
+    unpatch(obj)
+    report = PatchReport(backend=backend)
+    for prefix, root in _prepare(obj, report, backend, models, adapters, adapter_scale):
+        _walk(root, prefix, report, backend, dict(attention=attention, norms=norms, rope=rope,
+                                                  activations=activations), strict)
+    if strict:
+        _raise_strict(obj, report, backend)
+    note = _auto_note(report)
+    if note is not None:
+        report.notes.append(note)
+    return report
 
+
+def _check_args(obj, backend: str, models: bool, adapters) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"fastgen.patch: backend must be one of {BACKENDS}, got {backend!r}")
-    comps = _components(obj)
+    _components(obj)
     if models and isinstance(obj, nn.Module):
         raise TypeError("fastgen.patch(models=True) swaps a diffusers pipeline's components; for a single "
                         "model use fastgen.models.<Model>.from_diffusers(model) (or "
@@ -323,8 +341,13 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
         raise ValueError("fastgen.patch: adapters= runs adapter files unmerged on the diffusers components, and "
                          "models=True replaces those by fastgen models, which take adapters only merged "
                          "(fastgen.adapters.apply(model, path, merge=True)); pass one of the two")
-    unpatch(obj)
-    report = PatchReport(backend=backend)
+
+
+def _prepare(obj, report: PatchReport, backend: str, models: bool, adapters, adapter_scale: float) -> list:
+    """The component swaps (``models=True``) or the note offering them, the adapters, the device note;
+    returns the components that run now."""
+    from fastgen.patch import adapter_files, components
+
     if models:
         components.swap(obj, report, backend)
     else:
@@ -337,39 +360,48 @@ def patch(obj, attention: bool = True, norms: bool = True, rope: bool = True, ac
     note = _device_note(comps, backend)
     if note is not None:
         report.notes.append(note)
-    for prefix, root in comps:
-        if components.is_fastgen_module(root):
-            continue  # fastgen's own model: its fused ops already
-        absorbed: dict = {}  # id(child) -> (the parent path whose fused forward does its work, the kernel)
-        for name, module in root.named_modules():
-            path = _join(prefix, name)
-            if id(module) in absorbed:
-                parent, kernel = absorbed[id(module)]
-                report.fused.append(Fused(path, type(module).__name__, kernel, parent))
-                continue
-            if norms or activations:
-                kids, kernel = norm_rules.patch_module(module, path, report, backend, norms=norms,
-                                                       activations=activations, strict=strict)
-                for child in kids:
-                    absorbed[id(child)] = (path, kernel)
-            if activations:
-                act_rules.patch_module(module, path, report, backend, strict=strict)
-            if attention and hasattr(module, "processor") and hasattr(module, "set_processor"):
-                kids, kernel = attn_rules.patch_attention(module, path, report, backend, rope=rope, strict=strict)
-                for child in kids:
-                    absorbed[id(child)] = (path, kernel)
-    if strict:
-        errors = [f"{s.path or '<root>'}: {s.reason}" for s in report.skipped if s.strict_error]
-        errors += [f"{r.path or '<root>'}: {ON_REFERENCE} for {serve.describe(dict(r.reference))}"
-                   for r in report.replaced if r.reference]
-        if errors:
-            unpatch(obj)  # all or nothing
-            raise PatchError(f"fastgen.patch(strict=True, backend={backend!r}): {len(errors)} site(s) cannot "
-                             f"be patched as asked:\n  " + "\n  ".join(errors))
-    note = _auto_note(report)
-    if note is not None:
-        report.notes.append(note)
-    return report
+    return comps
+
+
+def _walk(root: nn.Module, prefix: str, report: PatchReport, backend: str, rules: dict, strict: bool) -> None:
+    """Patch every module of ``root`` a rule knows; a child whose work a patched parent's plan
+    fuses is reported as fused and left alone."""
+    from fastgen.patch import activations as act_rules
+    from fastgen.patch import attention as attn_rules
+    from fastgen.patch import components
+    from fastgen.patch import norms as norm_rules
+
+    if components.is_fastgen_module(root):
+        return  # fastgen's own model: its fused ops already
+    absorbed: dict = {}  # id(child) -> (the parent path whose fused forward does its work, the kernel)
+    for name, module in root.named_modules():
+        path = _join(prefix, name)
+        if id(module) in absorbed:
+            parent, kernel = absorbed[id(module)]
+            report.fused.append(Fused(path, type(module).__name__, kernel, parent))
+            continue
+        plans = []
+        if rules["norms"] or rules["activations"]:
+            plans.append(norm_rules.patch_module(module, path, report, backend, norms=rules["norms"],
+                                                 activations=rules["activations"], strict=strict))
+        if rules["activations"]:
+            plans.append(act_rules.patch_module(module, path, report, backend, strict=strict))
+        if rules["attention"] and hasattr(module, "processor") and hasattr(module, "set_processor"):
+            plans.append(attn_rules.patch_attention(module, path, report, backend, rope=rules["rope"], strict=strict))
+        for plan in plans:
+            for child in plan.children(module) if plan is not None else ():
+                absorbed[id(child)] = (path, plan.kernel())
+
+
+def _raise_strict(obj, report: PatchReport, backend: str) -> None:
+    """``strict=True``: unpatch and raise, naming every site left alone as an error or partly on the reference."""
+    errors = [f"{s.path or '<root>'}: {s.reason}" for s in report.skipped if s.strict_error]
+    errors += [f"{r.path or '<root>'}: {ON_REFERENCE} for {serve.describe(dict(r.reference))}"
+               for r in report.replaced if r.reference]
+    if errors:
+        unpatch(obj)  # all or nothing
+        raise PatchError(f"fastgen.patch(strict=True, backend={backend!r}): {len(errors)} site(s) cannot "
+                         f"be patched as asked:\n  " + "\n  ".join(errors))
 
 
 def _auto_note(report: PatchReport) -> Optional[str]:

@@ -22,11 +22,15 @@ the fp32 truth).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from fastgen.ops import group_norm, layer_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
-from fastgen.patch.core import Replacement, Skipped, orig_forward, qualname, run, site, supported_float, swap_forward
+from fastgen.nn import ada_norm as ada
+from fastgen.ops import group_norm, layer_norm, rms_norm
+from fastgen.patch.core import Skipped, orig_forward, qualname, replaced, run, site, supported_float, swap_forward
+from fastgen.patch.records import Plan
 from fastgen.patch.serve import mark, param_dtype
 
 try:  # diffusers is optional: without it only the torch rules apply
@@ -84,67 +88,51 @@ def _group_norm_forward(self, x):
     return orig_forward(self)(x)
 
 
-def _modulated(self, x, shift, scale):
-    """``self.norm(x) * (1 + scale[:, None]) + shift[:, None]`` fused, or None if not servable."""
+def _fused_kind(self, x, pairs):
+    """Whether ``self.norm``'s modulation is fused on this call: False for a LayerNorm (layer_norm_modulate),
+    True for an RMSNorm (rms_norm_modulate), None when the fused op does not reproduce the call."""
     norm = self.norm
-    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and supported_float(x)
-            and shift.dtype == x.dtype and scale.dtype == x.dtype and shift.dim() == 2):
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and supported_float(x)):
+        return None
+    if not all(shift.dtype == x.dtype and scale.dtype == x.dtype and shift.dim() == 2 for shift, scale in pairs):
         return None
     if isinstance(norm, nn.LayerNorm):
         fp32 = _dn is not None and isinstance(norm, _dn.FP32LayerNorm)
-        if not (_param_ok(norm.weight, x, fp32) and _param_ok(norm.bias, x, fp32)):
-            return None
-        return run(self, "layer_norm_modulate", layer_norm_modulate, x, shift, scale, norm.eps, norm.weight, norm.bias)
+        return False if _param_ok(norm.weight, x, fp32) and _param_ok(norm.bias, x, fp32) else None
     if _dn is not None and isinstance(norm, _dn.RMSNorm):
-        if norm.bias is not None or not _param_ok(norm.weight, x, False):
-            return None
-        return run(self, "rms_norm_modulate", rms_norm_modulate, x, shift, scale, norm.eps, norm.weight)
+        return True if norm.bias is None and _param_ok(norm.weight, x, False) else None
     return None
+
+
+def _modulate(self, x, pairs) -> list:
+    """``self.norm(x) * (1 + scale[:, None]) + shift[:, None]`` for each ``(shift, scale)``: fused
+    (``fastgen.nn.ada_norm.norm_modulate``, run as this site runs its ops), else diffusers' own math."""
+    rms = _fused_kind(self, x, pairs)
+    if rms is None:
+        n = self.norm(x)
+        return [n * (1 + scale[:, None]) + shift[:, None] for shift, scale in pairs]
+    call = functools.partial(run, self)
+    return [ada.norm_modulate(self.norm, rms, x, shift, scale, call) for shift, scale in pairs]
 
 
 def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
     if self.emb is not None:
         emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
-    emb = self.linear(self.silu(emb))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-    out = _modulated(self, x, shift_msa, scale_msa)
-    if out is None:
-        out = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-    return out, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    return ada.zero_forward(self, x, emb, _modulate)
 
 
 def _ada_zero_single_forward(self, x, emb=None):
-    emb = self.linear(self.silu(emb))
-    shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
-    out = _modulated(self, x, shift_msa, scale_msa)
-    if out is None:
-        out = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-    return out, gate_msa
+    return ada.zero_single_forward(self, x, emb, _modulate)
 
 
 def _sd35_ada_zero_x_forward(self, hidden_states, emb=None):
     """SD 3.5's AdaLayerNormZeroX: one LayerNorm, modulated twice (attention and the dual
     attention branch) -> two layer_norm_modulate passes, no normalized tensor in memory."""
-    x = hidden_states
-    emb = self.linear(self.silu(emb))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = emb.chunk(
-        9, dim=1)
-    out = _modulated(self, x, shift_msa, scale_msa)
-    out2 = None if out is None else _modulated(self, x, shift_msa2, scale_msa2)
-    if out2 is None:
-        n = self.norm(x)
-        out = n * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        out2 = n * (1 + scale_msa2[:, None]) + shift_msa2[:, None]
-    return out, gate_msa, shift_mlp, scale_mlp, gate_mlp, out2, gate_msa2
+    return ada.zero_x_forward(self, hidden_states, emb, _modulate)
 
 
 def _ada_continuous_forward(self, x, conditioning_embedding):
-    emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
-    scale, shift = torch.chunk(emb, 2, dim=1)
-    out = _modulated(self, x, shift, scale)
-    if out is None:
-        out = self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
-    return out
+    return ada.continuous_forward(self, x, conditioning_embedding, _modulate)
 
 
 def _group_norm_silu(block, norm: nn.GroupNorm, x):
@@ -204,37 +192,51 @@ def _ada_norm_reason(module) -> str | None:
     return f"its norm is a {type(norm).__name__}, not a LayerNorm / RMSNorm"
 
 
+# diffusers AdaLN class -> (patched forward, modulations per forward)
+_ADA = {} if _dn is None else {_dn.AdaLayerNormZero: (_ada_zero_forward, 1),
+                               _dn.AdaLayerNormZeroSingle: (_ada_zero_single_forward, 1),
+                               _dn.AdaLayerNormContinuous: (_ada_continuous_forward, 1)}
+if _dn is not None and hasattr(_dn, "SD35AdaLayerNormZeroX"):
+    _ADA[_dn.SD35AdaLayerNormZeroX] = (_sd35_ada_zero_x_forward, 2)
+_LAYER_NORM, _RMS_NORM, _GROUP_NORM = Plan.of("layer_norm"), Plan.of("rms_norm"), Plan.of("group_norm")
+_ONE_DIM = "normalizes more than one dim"
+
+
+def _modulate_plan(module, passes: int = 1) -> Plan:
+    """An AdaLN module's plan: its norm's fused modulation (``passes`` per forward), ``norm`` fused into it."""
+    rms = _dn is not None and isinstance(getattr(module, "norm", None), _dn.RMSNorm)
+    return Plan.of("rms_norm_modulate" if rms else "layer_norm_modulate", passes=passes, fuses=("norm",))
+
+
+def _diffusers_rule(module):
+    """``(forward, plan, reason)`` for the diffusers norms this file knows, or None."""
+    cls = type(module)
+    if cls is _dn.FP32LayerNorm:
+        return _fp32_layer_norm_forward, _LAYER_NORM, None if len(module.normalized_shape) == 1 else _ONE_DIM
+    if cls is _dn.RMSNorm:
+        return _diffusers_rms_norm_forward, _RMS_NORM, None if len(module.dim) == 1 else _ONE_DIM
+    if cls in _ADA:
+        forward, passes = _ADA[cls]
+        return forward, _modulate_plan(module, passes), _ada_norm_reason(module)
+    return None
+
+
 def _rule(module):
-    """``(forward, after, reason)`` for a module this file knows, or None.
+    """``(forward, plan, reason)`` for a module this file knows, or None.
 
     Exact classes only (a user subclass may have its own forward): a subclass is left alone.
     """
     cls = type(module)
     if _dn is not None:
-        if cls is _dn.FP32LayerNorm:
-            ok = len(module.normalized_shape) == 1
-            return _fp32_layer_norm_forward, "fastgen.ops.layer_norm", None if ok else "normalizes more than one dim"
-        if cls is _dn.RMSNorm:
-            ok = len(module.dim) == 1
-            return _diffusers_rms_norm_forward, "fastgen.ops.rms_norm", None if ok else "normalizes more than one dim"
-        if cls is _dn.AdaLayerNormZero:
-            return _ada_zero_forward, "fastgen.ops.layer_norm_modulate", _ada_norm_reason(module)
-        if cls is _dn.AdaLayerNormZeroSingle:
-            return _ada_zero_single_forward, "fastgen.ops.layer_norm_modulate", _ada_norm_reason(module)
-        if cls is getattr(_dn, "SD35AdaLayerNormZeroX", None):
-            return _sd35_ada_zero_x_forward, "fastgen.ops.layer_norm_modulate (x2)", _ada_norm_reason(module)
-        if cls is _dn.AdaLayerNormContinuous:
-            after = "fastgen.ops.rms_norm_modulate" if isinstance(module.norm, _dn.RMSNorm) else \
-                "fastgen.ops.layer_norm_modulate"
-            return _ada_continuous_forward, after, _ada_norm_reason(module)
+        rule = _diffusers_rule(module)
+        if rule is not None:
+            return rule
     if cls is nn.LayerNorm:
-        ok = len(module.normalized_shape) == 1
-        return _layer_norm_forward, "fastgen.ops.layer_norm", None if ok else "normalizes more than one dim"
+        return _layer_norm_forward, _LAYER_NORM, None if len(module.normalized_shape) == 1 else _ONE_DIM
     if cls is nn.RMSNorm:
-        ok = len(module.normalized_shape) == 1
-        return _torch_rms_norm_forward, "fastgen.ops.rms_norm", None if ok else "normalizes more than one dim"
+        return _torch_rms_norm_forward, _RMS_NORM, None if len(module.normalized_shape) == 1 else _ONE_DIM
     if cls is nn.GroupNorm:
-        return _group_norm_forward, "fastgen.ops.group_norm", None
+        return _group_norm_forward, _GROUP_NORM, None
     return None
 
 
@@ -266,12 +268,12 @@ def _unknown_norm_reason(module) -> str | None:
     return None
 
 
-def _ops(module, after: str) -> dict:
+def _ops(module, plan: Plan) -> dict:
     """The fastgen ops a patched norm module calls, with what the patcher knows of their calls."""
-    op = after.split("fastgen.ops.")[1].split(" ")[0]
-    if op == "group_norm":
-        return {op: dict(dtype=param_dtype(module), channels=module.num_channels, groups=module.num_groups)}
-    return {op: dict(dtype=param_dtype(module))}
+    if plan.ops == ("group_norm",):
+        return {"group_norm": dict(dtype=param_dtype(module), channels=module.num_channels,
+                                   groups=module.num_groups)}
+    return {op: dict(dtype=param_dtype(module)) for op in plan.ops}
 
 
 def _resnet_ops(module) -> dict:
@@ -280,53 +282,50 @@ def _resnet_ops(module) -> dict:
                            for n in (module.norm1, module.norm2)]}
 
 
-def _swap(module, path, report, backend, strict, forward, after, tag, ops) -> bool:
-    """Check the site's ops against the backend, then swap its forward; False if left alone."""
+def _swap(module, path, report, backend, strict, forward, plan: Plan, ops: dict):
+    """Check the site's ops against the backend, then swap its forward; returns ``plan``, or None if left alone."""
     before = qualname(type(module))
     reference = site(path, report, backend, type(module).__name__, ops)
     if reference is None:
-        return False
-    swap_forward(module, forward, tag, backend)
+        return None
+    swap_forward(module, forward, forward.__name__, backend)
     mark(module, backend, path, reference, strict)
-    report.replaced.append(Replacement(path, before, after, tuple(reference.items())))
-    return True
+    replaced(report, path, before, plan, reference)
+    return plan
 
 
-def patch_module(module, path: str, report, backend: str, norms: bool, activations: bool,
-                 strict: bool = False) -> tuple:
-    """Patch ``module`` if a rule knows it; returns ``(children, kernel)``: the child modules its
-    new forward absorbs (their work is fused into the parent's op; the walk reports them as
-    fused, with ``kernel``, and leaves them alone)."""
+def _resnet_plan(module) -> Plan:
+    """GroupNorm + SiLU fused for norm1, and for norm2 unless a scale-shift time embedding sits between."""
+    fuses = ("norm1",) if module.time_embedding_norm == "scale_shift" else ("norm1", "norm2")
+    return Plan.of("group_norm", args="activation='silu'", fuses=fuses,
+                   detail=f"for {' and '.join(fuses)} + SiLU")
+
+
+def patch_module(module, path: str, report, backend: str, norms: bool, activations: bool, strict: bool = False):
+    """Patch ``module`` if a rule knows it; returns the :class:`Plan` it now runs (its ``fuses``: the
+    child modules whose work the new forward does; the walk reports them as fused and leaves them
+    alone), or None."""
     if activations and _ResnetBlock2D is not None and type(module) is _ResnetBlock2D:
         reason = _resnet_reason(module)
         if reason is not None:
             report.skipped.append(Skipped(path, type(module).__name__, reason))
-            return [], ""
-        fused = ["norm1"] + ([] if module.time_embedding_norm == "scale_shift" else ["norm2"])
-        kernel = "fastgen.ops.group_norm(activation='silu')"
-        after = f"{kernel} for {' and '.join(fused)} + SiLU"
-        if not _swap(module, path, report, backend, strict, _resnet_forward, after, "resnet_silu",
-                     _resnet_ops(module)):
-            return [], ""
-        return [getattr(module, n) for n in fused], kernel
+            return None
+        return _swap(module, path, report, backend, strict, _resnet_forward, _resnet_plan(module),
+                     _resnet_ops(module))
     if not norms:
-        return [], ""
+        return None
     rule = _rule(module)
     if rule is None:
         reason = _known_skip_reason(module)
         if reason is not None:
             report.skipped.append(Skipped(path, type(module).__name__, reason))
-            return [], ""
+            return None
         reason = _unknown_norm_reason(module)
         if reason is not None:
             report.skipped.append(Skipped(path, type(module).__name__, reason, strict_error=True))
-        return [], ""
-    forward, after, reason = rule
+        return None
+    forward, plan, reason = rule
     if reason is not None:
         report.skipped.append(Skipped(path, type(module).__name__, reason))
-        return [], ""
-    if not _swap(module, path, report, backend, strict, forward, after, after, _ops(module, after)):
-        return [], ""
-    if "_modulate" in after:
-        return [module.norm], after.split(" ")[0]
-    return [], ""
+        return None
+    return _swap(module, path, report, backend, strict, forward, plan, _ops(module, plan))
