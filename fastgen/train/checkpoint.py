@@ -4,6 +4,9 @@ Layout of one checkpoint, ``<output_dir>/checkpoints/step-00000100/``::
 
     model.safetensors        the model's state dict
     ema.safetensors          the EMA average (when there is one)
+    target.safetensors       the target network of consistency / LCM distillation (its own EMA of
+                             the student, ``objective.target_decay``; the frozen teacher is not
+                             stored: it is rebuilt from ``objective.teacher``)
     optimizer.safetensors    every tensor of the optimizer state ("state.<param id>.<name>")
     rng-rank<r>.safetensors  torch (and CUDA) generator states of rank r (and FusedAdamW's
                              stochastic-rounding generator)
@@ -75,6 +78,23 @@ def load_tensors(path: str) -> dict:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def save_target(folder: str, target: torch.nn.Module) -> None:
+    """``target.safetensors``: the distillation target network's state dict, bit for bit."""
+    save_tensors(os.path.join(folder, "target.safetensors"), target.state_dict())
+
+
+def load_target(folder: str, target: torch.nn.Module) -> None:
+    """Load ``target.safetensors`` into ``target`` (strict; in place, dtypes kept)."""
+    path = os.path.join(folder, "target.safetensors")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} has no target.safetensors, but this run distils (objective.kind "
+                              "consistency_distillation / lcm) and needs its target network")
+    try:
+        target.load_state_dict(load_tensors(path))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the target network: {exc}") from None
 
 
 def optimizer_to_files(state_dict: dict) -> tuple[dict, dict]:

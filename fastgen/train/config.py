@@ -43,8 +43,10 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = _f("flow", "'flow' (flow matching / rectified flow, velocity target), 'denoising' (DDPM family) "
-                           "or 'consistency' (improved consistency training, pseudo-Huber)")
+    kind: str = _f("flow", "'flow' (flow matching / rectified flow, velocity target), 'denoising' (DDPM family), "
+                           "'consistency' (improved consistency training, pseudo-Huber), "
+                           "'consistency_distillation' (CD from a frozen teacher, EMA target network) or 'lcm' "
+                           "(latent consistency distillation of a guided DDPM teacher)")
     prediction: str = _f("epsilon", "denoising: 'epsilon', 'v_prediction' or 'sample'")
     beta_schedule: str = _f("linear", "denoising: 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
     num_train_timesteps: int = _f(1000, "denoising: number of discrete steps T; flow: the model timestep is T * sigma")
@@ -62,8 +64,42 @@ class ObjectiveConfig:
     resolution_shift: bool = _f(False, "flow: Flux's shift from the image token count (overrides shift)")
     ct_s0: int = _f(10, "consistency: initial number of discretization steps s0 (doubles over training)")
     ct_s1: int = _f(1280, "consistency: final number of discretization steps s1")
-    ct_sigma_max: float = _f(80.0, "consistency: largest noise level (smallest: 0.002)")
-    ct_sigma_data: float = _f(0.5, "consistency: data standard deviation of the EDM parametrization")
+    ct_sigma_max: float = _f(80.0, "consistency, consistency_distillation: largest noise level (smallest: "
+                                   "0.002); CD needs it <= the largest sigma of a denoising teacher")
+    ct_sigma_data: float = _f(0.5, "consistency, consistency_distillation: data standard deviation of the "
+                                   "boundary scalings")
+    teacher: str = _f("", "consistency_distillation, lcm (required): the frozen teacher: a fastgen.train "
+                          "checkpoint folder (step-N, or an output_dir / its checkpoints/: the newest good one; "
+                          "architecture and objective from its config.toml), a .safetensors file (loaded into "
+                          "model.factory built with model.kwargs + teacher_kwargs), a from_pretrained folder of "
+                          "model.factory (config.json + safetensors), or a preset name of model.factory "
+                          "(random weights: smoke tests only)")
+    teacher_kind: str = _f("auto", "what a file / folder / preset teacher predicts: 'flow' (velocity) or "
+                                   "'denoising' (DDPM, with prediction, beta_schedule, num_train_timesteps, "
+                                   "beta_start, beta_end); 'auto' = flow for consistency_distillation, denoising "
+                                   "for lcm (which takes only that); a checkpoint-folder teacher brings its own")
+    teacher_kwargs: dict = _f({}, "model.kwargs overrides for building a file / preset teacher (e.g. a "
+                                  "wider net than the student)")
+    teacher_use_ema: bool = _f(True, "a checkpoint-folder teacher: its EMA weights when it has them")
+    teacher_solver: str = _f("auto", "the teacher's ODE step: consistency_distillation 'euler' | 'heun' "
+                                     "(auto = heun); lcm 'ddim' (auto = ddim, skipping-step)")
+    init_from_teacher: bool = _f(False, "start the student from the teacher's weights (same architecture; "
+                                        "student layers the teacher lacks, e.g. a w-embedding, keep their "
+                                        "init); CD then keeps the teacher's parametrization inside the "
+                                        "boundary scalings (see fastgen.train.consistency)")
+    target_decay: float = _f(0.95, "consistency_distillation, lcm: EMA decay mu of the target network "
+                                   "theta^- <- mu theta^- + (1 - mu) theta after every optimizer step "
+                                   "(separate from optim.ema_decay)")
+    distill_loss: str = _f("huber", "consistency_distillation: 'huber' (pseudo-Huber, c = 0.00054 sqrt(dim)) "
+                                    "or 'l2'; lcm: 'huber' (elementwise, c = 0.001) or 'l2'")
+    cd_num_scales: int = _f(18, "consistency_distillation: N, the points of the fixed Karras grid")
+    lcm_num_ddim_timesteps: int = _f(50, "lcm: N solver steps of the skipping-step DDIM (k = T / N)")
+    lcm_w_min: float = _f(2.0, "lcm: smallest guidance scale w (teacher guidance (1 + w) c - w u)")
+    lcm_w_max: float = _f(14.0, "lcm: largest guidance scale w, w ~ U[lcm_w_min, lcm_w_max]")
+    lcm_embedding_dim: int = _f(256, "lcm: size of the w-embedding the student gets")
+    lcm_guidance_kwarg: str = _f("timestep_cond", "lcm: the student's keyword for the w-embedding; '' = none "
+                                                  "(a student without a w input, e.g. fastgen.models.DiT: set "
+                                                  "lcm_w_min = lcm_w_max)")
     cond_dropout: float = _f(0.0, "probability of replacing a class label by the null class (classifier-free "
                                   "guidance), e.g. 0.1 for a model that does not drop labels itself "
                                   "(fastgen.models.DiT does: its class_dropout_prob)")
@@ -144,6 +180,8 @@ class ValidationConfig:
     seed: int = _f(0, "seed of the sampling noise (the training RNG is untouched)")
 
 
+DISTILL_KINDS = ("consistency_distillation", "lcm")  # objectives with a frozen teacher and a target network
+
 SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig,
             "train": TrainConfig, "checkpoint": CheckpointConfig, "validation": ValidationConfig}
 
@@ -216,8 +254,10 @@ class Config:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         o, da, op, t, c, v = self.objective, self.data, self.optim, self.train, self.checkpoint, self.validation
-        _one_of("objective.kind", o.kind, ("flow", "denoising", "consistency"))
-        if o.kind == "flow":
+        _one_of("objective.kind", o.kind, ("flow", "denoising", "consistency", *DISTILL_KINDS))
+        if o.kind in DISTILL_KINDS:
+            self._validate_distillation()
+        elif o.kind == "flow":
             _one_of("objective.loss_weighting", o.loss_weighting, ("none", "sigma_sqrt", "cosmap"), "flow")
             _one_of("objective.timestep_sampling", o.timestep_sampling,
                     ("uniform", "logit_normal", "mode", "sigmoid", "shifted"))
@@ -270,6 +310,53 @@ class Config:
             raise ConfigError(f"data.vae must look like 'module:callable', got {da.vae!r}")
         if isinstance(self.model.factory, str) and ":" not in self.model.factory:
             raise ConfigError(f"model.factory must look like 'module:callable', got {self.model.factory!r}")
+
+
+    def _validate_distillation(self) -> None:
+        o, kind = self.objective, self.objective.kind
+        if not o.teacher:
+            raise ConfigError(f"objective.teacher is required for objective.kind = {kind!r} (a fastgen.train "
+                              "checkpoint folder, a .safetensors file, a from_pretrained folder or a preset name "
+                              "of model.factory)")
+        _one_of("objective.loss_weighting", o.loss_weighting, ("none",), kind)
+        _one_of("objective.distill_loss", o.distill_loss, ("huber", "l2"))
+        if not 0.0 <= o.target_decay < 1.0:
+            raise ConfigError(f"objective.target_decay must be in [0, 1), got {o.target_decay}")
+        _one_of("objective.teacher_kind", o.teacher_kind,
+                ("auto", "flow", "denoising") if kind != "lcm" else ("auto", "denoising"), kind)
+        if teacher_kind(o) == "denoising":
+            _one_of("objective.beta_schedule", o.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+            _one_of("objective.prediction", o.prediction,
+                    ("epsilon", "v_prediction", "sample") if kind != "lcm" else ("epsilon", "v_prediction"), kind)
+        if kind == "consistency_distillation":
+            _one_of("objective.teacher_solver", o.teacher_solver, ("auto", "euler", "heun"), kind)
+            if o.cd_num_scales < 2:
+                raise ConfigError(f"objective.cd_num_scales must be >= 2, got {o.cd_num_scales}")
+            _positive(objective_ct_sigma_max=o.ct_sigma_max, objective_ct_sigma_data=o.ct_sigma_data)
+            if o.ct_sigma_max <= 0.002:
+                raise ConfigError(f"objective.ct_sigma_max must be > 0.002 (sigma_min), got {o.ct_sigma_max}")
+        else:
+            _one_of("objective.teacher_solver", o.teacher_solver, ("auto", "ddim"), kind)
+            if not 1 <= o.lcm_num_ddim_timesteps <= o.num_train_timesteps:
+                raise ConfigError(f"objective.lcm_num_ddim_timesteps must be in 1..num_train_timesteps "
+                                  f"({o.num_train_timesteps}), got {o.lcm_num_ddim_timesteps}")
+            if not 0.0 <= o.lcm_w_min <= o.lcm_w_max:
+                raise ConfigError(f"objective.lcm_w_min and lcm_w_max need 0 <= lcm_w_min <= lcm_w_max, got "
+                                  f"{o.lcm_w_min}, {o.lcm_w_max}")
+            _positive(objective_lcm_embedding_dim=o.lcm_embedding_dim)
+        if self.train.parallel == "fsdp":
+            raise ConfigError(f"train.parallel = 'fsdp' is not supported with objective.kind = {kind!r} (the "
+                              "target network is a full copy); use 'ddp'")
+        if self.data.text_encoder:
+            raise ConfigError(f"objective.kind = {kind!r} distils class-conditional or unconditional models; "
+                              "data.text_encoder is not supported with it yet")
+
+
+def teacher_kind(o: ObjectiveConfig) -> str:
+    """``objective.teacher_kind`` with 'auto' resolved: 'denoising' for lcm, else 'flow'."""
+    if o.teacher_kind != "auto":
+        return o.teacher_kind
+    return "denoising" if o.kind == "lcm" else "flow"
 
 
 def _reject_unknown(prefix: str, d: dict, known: list) -> None:

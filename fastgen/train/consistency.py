@@ -130,6 +130,69 @@ class ConsistencyTrainingObjective:
 
 # --------------------------------------------------------------------------- distillation
 
+class ModelDenoiser:
+    """A flow or denoising model as an EDM denoiser ``D(x, sigma)`` (the CD teacher's convention).
+
+    ``denoiser(model, x, sigma, cond) -> (B, ...)`` fp32 x0 estimate of ``x = x0 + sigma z``
+    (``sigma`` ``(B,)``), for a model trained on another convention:
+
+    - ``kind="flow"`` (``x_s = (1 - s) x0 + s z``, velocity ``v = z - x0``, model timestep ``T s``)::
+
+          s = sigma / (1 + sigma),  x_s = x / (1 + sigma),  D = x_s - s v(x_s, T s)
+
+    - ``kind="denoising"`` (DDPM, ``abar_t`` of ``T`` steps; ``prediction`` eps / v / sample)::
+
+          abar = 1 / (1 + sigma^2),  x_t = x sqrt(abar),  t = the fractional step whose
+          ln sqrt((1 - abar_t) / abar_t) equals ln sigma (linear interpolation, as diffusers'
+          EulerDiscreteScheduler), then x0 from the prediction at abar
+
+    ``sigma_max`` is the largest sigma the model was trained on (``inf`` for flow).
+    """
+
+    def __init__(self, kind: str = "flow", num_train_timesteps: int = 1000,
+                 alphas_cumprod: Optional[torch.Tensor] = None, prediction: str = "epsilon"):
+        if kind not in ("flow", "denoising") or prediction not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"ModelDenoiser: kind must be flow|denoising and prediction epsilon|v_prediction|"
+                             f"sample; got {kind!r}, {prediction!r}")
+        if kind == "denoising" and alphas_cumprod is None:
+            raise ValueError("ModelDenoiser: kind='denoising' needs alphas_cumprod")
+        self.kind, self.T, self.prediction = kind, num_train_timesteps, prediction
+        if kind == "denoising":
+            a = alphas_cumprod.double()
+            self.log_sigmas = (((1 - a) / a).sqrt()).log()  # (T,) ascending
+            self.sigma_max = float(self.log_sigmas[-1].exp())
+        else:
+            self.sigma_max = math.inf
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's ``(B,)`` fp32 timestep at ``sigma``."""
+        if self.kind == "flow":
+            return self.T * (sigma.double() / (1 + sigma.double())).float()
+        ls = self.log_sigmas.to(sigma.device)
+        x = sigma.double().clamp(min=float(ls[0].exp()), max=float(ls[-1].exp())).log()
+        hi = torch.searchsorted(ls, x).clamp(1, len(ls) - 1)
+        lo = hi - 1
+        frac = (x - ls[lo]) / (ls[hi] - ls[lo])
+        return (lo.double() + frac).float()
+
+    def __call__(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        sig = _per_sample(sigma.float(), x)
+        t = self.timestep(sigma)
+        if self.kind == "flow":
+            s = sig / (1 + sig)
+            xs = x.float() / (1 + sig)
+            v = _model_output(model(xs.to(x.dtype), t, class_labels=cond), x.shape[1]).float()
+            return xs - s * v
+        a = 1 / (1 + sig * sig)
+        xt = x.float() * a.sqrt()
+        out = _model_output(model(xt.to(x.dtype), t, class_labels=cond), x.shape[1]).float()
+        if self.prediction == "epsilon":
+            return (xt - (1 - a).sqrt() * out) / a.sqrt()
+        if self.prediction == "v_prediction":
+            return a.sqrt() * xt - (1 - a).sqrt() * out
+        return out
+
+
 def update_target(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
     """The CD target network: ``theta^- <- mu theta^- + (1 - mu) stopgrad(theta)`` in place."""
     with torch.no_grad():
@@ -152,11 +215,22 @@ class ConsistencyDistillationObjective(ConsistencyTrainingObjective):
 
     ``f_{theta^-}`` is the target network, an EMA of the student (:func:`update_target` after each
     optimizer step, ``mu = target_decay``); ``d`` is :func:`pseudo_huber` (``metric="l2"``: squared L2).
+
+    ``student_denoiser`` (e.g. a :class:`ModelDenoiser`, for a student initialised from a flow or
+    DDPM teacher): the student keeps the teacher's parametrization, ``D_theta(x, sigma)`` =
+    ``student_denoiser(model, x, sigma, cond)``, inside the boundary scalings of LCM::
+
+        f(x, sigma) = c_skip x + c_out D_theta(x, sigma),   u = boundary_scaling (sigma - sigma_min)
+        c_skip = sigma_data^2 / (u^2 + sigma_data^2),       c_out = u / sqrt(u^2 + sigma_data^2)
+
+    so ``f(x, sigma_min) = x`` and ``f ~ D_theta`` once ``u >> sigma_data``: at initialisation the
+    student is the teacher's one-step denoiser. Without it, the EDM parametrization above.
     """
 
     def __init__(self, teacher: Callable, num_scales: int = 18, solver: str = "heun", target_decay: float = 0.95,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5,
-                 huber_c: Optional[float] = None, metric: str = "pseudo_huber"):
+                 huber_c: Optional[float] = None, metric: str = "pseudo_huber",
+                 student_denoiser: Optional[Callable] = None, boundary_scaling: float = 10.0):
         super().__init__(total_steps=1, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigma_data=sigma_data,
                          huber_c=huber_c)
         if solver not in ("euler", "heun") or metric not in ("pseudo_huber", "l2") or num_scales < 2:
@@ -164,6 +238,15 @@ class ConsistencyDistillationObjective(ConsistencyTrainingObjective):
                              f"num_scales >= 2; got {solver!r}, {metric!r}, {num_scales}")
         self.teacher, self.n, self.solver, self.metric = teacher, num_scales, solver, metric
         self.target_decay = target_decay
+        self.student_denoiser, self.boundary_scaling = student_denoiser, boundary_scaling
+
+    def denoise(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        if self.student_denoiser is None:
+            return super().denoise(model, x, sigma, cond)
+        u = _per_sample(self.boundary_scaling * (sigma.float() - self.sigma_min), x)
+        sd2 = self.sigma_data ** 2
+        d = self.student_denoiser(model, x, sigma.float(), cond).float()
+        return sd2 / (u * u + sd2) * x.float() + u / (u * u + sd2).sqrt() * d
 
     def num_scales(self, step: Optional[int] = None) -> int:
         return self.n  # CD keeps N fixed
@@ -179,9 +262,19 @@ class ConsistencyDistillationObjective(ConsistencyTrainingObjective):
         d = (x - self.teacher(x, s_hi, cond)) / hi
         x_lo = x + (lo - hi) * d
         if self.solver == "heun":
-            d2 = (x_lo - self.teacher(x_lo, s_lo, cond)) / lo
+            d2 = (x_lo - self.teacher(x_lo.to(x.dtype), s_lo, cond)) / lo
             x_lo = x + (lo - hi) * (d + d2) / 2
         return x_lo
+
+    @torch.no_grad()
+    def teacher_sample(self, noise: torch.Tensor, cond=None) -> torch.Tensor:
+        """The teacher's ODE solution: ``x = sigma_N z``, then :meth:`ode_step` down every pair of the
+        grid to ``sigma_1`` (what one student step ``f(sigma_N z, sigma_N)`` learns to reach)."""
+        sig = self.sigmas().to(noise.device, noise.dtype)
+        x = noise * sig[-1]
+        for i in range(len(sig) - 1, 0, -1):
+            x = self.ode_step(x, sig[i].expand(x.shape[0]), sig[i - 1].expand(x.shape[0]), cond).to(noise.dtype)
+        return x
 
     def loss(self, model: Callable, x0: torch.Tensor, cond=None, generator=None, target_model: Callable = None,
              indices: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -192,7 +285,7 @@ class ConsistencyDistillationObjective(ConsistencyTrainingObjective):
         s_lo, s_hi = sig[i].to(x0.dtype), sig[i + 1].to(x0.dtype)
         z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator) if noise is None else noise
         x_hi = x0 + _per_sample(s_hi, x0) * z
-        x_lo = self.ode_step(x_hi, s_hi, s_lo, cond)
+        x_lo = self.ode_step(x_hi, s_hi, s_lo, cond).to(x0.dtype)
         student = self.denoise(model, x_hi, s_hi.float(), cond)
         with torch.no_grad():
             target = self.denoise(target_model, x_lo, s_lo.float(), cond)

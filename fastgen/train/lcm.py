@@ -48,11 +48,17 @@ def guidance_embedding(w: torch.Tensor, dim: int = 256, scale: float = 1000.0) -
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def _float_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.is_floating_point() and x.dtype != torch.float64 else torch.float32
+
+
 class LCMDistillationObjective:
     """LCM distillation (see the module docstring).
 
     ``teacher(x, t, cond) -> eps`` (or v) is frozen; ``cond=uncond`` gives its unconditional output.
-    The student is called ``model(x, t, **{cond_kwarg: cond, guidance_kwarg: emb(w)})``.
+    The student is called ``model(x, t, **{cond_kwarg: cond, guidance_kwarg: emb(w)})``; with
+    ``guidance_kwarg=""`` (or ``None``) it gets no ``emb(w)`` (a student without a w input, as
+    LCM-LoRA: train it at one ``w``, ``w_min = w_max``).
     """
 
     def __init__(self, teacher: Callable, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
@@ -97,7 +103,9 @@ class LCMDistillationObjective:
 
     def consistency_fn(self, model: Callable, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, cond=None):
         """``f(x, t, w)``: ``(B, ...)`` fp32; ``f(x, 0, w) = x`` whatever the model."""
-        kw = {self.guidance_kwarg: guidance_embedding(w, self.embedding_dim).to(x.device)}
+        kw = {}
+        if self.guidance_kwarg:  # a w-conditioned student; '' / None: no w input (LCM-LoRA style, fixed w)
+            kw[self.guidance_kwarg] = guidance_embedding(w, self.embedding_dim).to(x.device, _float_dtype(x))
         if cond is not None:
             kw[self.cond_kwarg] = cond
         out = _model_output(model(x, t, **kw), x.shape[1])

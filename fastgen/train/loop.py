@@ -6,6 +6,14 @@ One optimizer step (``train.grad_accum = A`` micro-batches of ``train.batch_size
                      loss_a = objective.loss(model, x, y)      (bf16 autocast if asked)
                      (loss_a / A).backward()                   (DDP: gradient all-reduce on the last)
     clip_grad_norm_(params, optim.grad_clip);  FusedAdamW.step();  lr_scheduler.step();  EMA.update()
+    distillation (objective.kind consistency_distillation / lcm): update_target(target, model, mu)
+
+Distillation: the frozen teacher (``objective.teacher``, see :func:`build_teacher`) is built once,
+moved to the student's device and dtype (bf16 for ``bf16-pure``; under ``bf16`` its forwards run in
+the same autocast), put in eval mode without gradients; the student may start from its weights
+(``objective.init_from_teacher``). The target network starts as a copy of the student, is updated
+after every optimizer step (``theta^- <- mu theta^- + (1 - mu) theta``, ``mu = objective.target_decay``)
+and is checkpointed (``target.safetensors``), so resume stays exact.
 
 Randomness: the model is initialised from ``train.seed`` (the same on every rank); training noise,
 timesteps and label dropout then come from the global generators seeded with ``seed + rank``.
@@ -25,6 +33,7 @@ Multi-process: launch with ``torchrun``; the process group is created from its e
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import importlib
@@ -39,12 +48,14 @@ import torch
 
 from fastgen.optim import EMA, FusedAdamW, clip_grad_norm_
 from fastgen.train import checkpoint as ckpt
-from fastgen.train.config import Config, ConfigError
-from fastgen.train.consistency import ConsistencyTrainingObjective
+from fastgen.train.config import DISTILL_KINDS, Config, ConfigError, teacher_kind
+from fastgen.train.consistency import (ConsistencyDistillationObjective, ConsistencyTrainingObjective, ModelDenoiser,
+                                       update_target)
 from fastgen.train.data import BucketBatchSampler, build_dataset
+from fastgen.train.lcm import LCMDistillationObjective
 from fastgen.train.distributed import (clip_sharded_grad_norm_, collective_failure, init_distributed, load_dcp,
                                        save_dcp, shard_model)
-from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
+from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions, make_betas
 from fastgen.train.sampling import sample, save_grid
 from fastgen.train.text import PromptTable, drop_text, text_model
 
@@ -89,7 +100,13 @@ def build_model(mc) -> torch.nn.Module:
     return model
 
 
-def build_objective(oc, total_steps: int = 1):
+def build_objective(oc, total_steps: int = 1, teacher: Optional[torch.nn.Module] = None, teacher_objective=None):
+    """The objective of an :class:`ObjectiveConfig`; distillation kinds need the frozen ``teacher`` and
+    ``teacher_objective`` (the ObjectiveConfig it was trained with, from :func:`build_teacher`)."""
+    if oc.kind in DISTILL_KINDS:
+        if teacher is None:
+            raise ConfigError(f"objective.kind = {oc.kind!r} needs the teacher model (objective.teacher)")
+        return build_distillation(oc, teacher, teacher_objective or dataclasses.replace(oc, kind=teacher_kind(oc)))
     if oc.kind == "consistency":
         return ConsistencyTrainingObjective(total_steps, oc.ct_s0, oc.ct_s1, sigma_max=oc.ct_sigma_max,
                                             sigma_data=oc.ct_sigma_data)
@@ -99,6 +116,143 @@ def build_objective(oc, total_steps: int = 1):
                                      num_train_timesteps=oc.num_train_timesteps)
     return DenoisingObjective(oc.prediction, oc.beta_schedule, oc.num_train_timesteps, oc.beta_start, oc.beta_end,
                               oc.loss_weighting, oc.snr_gamma)
+
+
+def teacher_denoiser(toc) -> ModelDenoiser:
+    """``D(x, sigma)`` of a model trained with the flow / denoising ObjectiveConfig ``toc``."""
+    if toc.kind == "flow":
+        return ModelDenoiser("flow", toc.num_train_timesteps)
+    betas = make_betas(toc.beta_schedule, toc.num_train_timesteps, toc.beta_start, toc.beta_end).double()
+    return ModelDenoiser("denoising", toc.num_train_timesteps, torch.cumprod(1 - betas, 0), toc.prediction)
+
+
+def build_distillation(oc, teacher: torch.nn.Module, toc):
+    """:class:`ConsistencyDistillationObjective` or :class:`LCMDistillationObjective` from the config
+    ``oc``, the frozen ``teacher`` and the ObjectiveConfig ``toc`` that describes what it predicts."""
+    if toc.kind not in ("flow", "denoising"):
+        raise ConfigError(f"objective.teacher was trained with objective.kind = {toc.kind!r}; a teacher must be a "
+                          "'flow' or 'denoising' model")
+    if oc.kind == "consistency_distillation":
+        den = teacher_denoiser(toc)
+        if oc.ct_sigma_max > den.sigma_max:
+            raise ConfigError(f"objective.ct_sigma_max = {oc.ct_sigma_max} is above the teacher's largest sigma "
+                              f"{den.sigma_max:.4g} (its {toc.beta_schedule} schedule); lower it")
+
+        def teacher_fn(x, sigma, cond=None):
+            return den(teacher, x, sigma, cond)
+
+        return ConsistencyDistillationObjective(
+            teacher_fn, num_scales=oc.cd_num_scales, solver="heun" if oc.teacher_solver == "auto" else oc.teacher_solver,
+            target_decay=oc.target_decay, sigma_max=oc.ct_sigma_max, sigma_data=oc.ct_sigma_data,
+            metric="pseudo_huber" if oc.distill_loss == "huber" else "l2",
+            student_denoiser=den if oc.init_from_teacher else None)
+    # lcm: one DDPM schedule and prediction for the teacher and the student
+    if toc.kind != "denoising":
+        raise ConfigError("objective.kind = 'lcm' distils a 'denoising' (DDPM) teacher; the teacher is a "
+                          f"{toc.kind!r} model")
+    for key in ("prediction", "beta_schedule", "num_train_timesteps", "beta_start", "beta_end"):
+        if getattr(toc, key) != getattr(oc, key):
+            raise ConfigError(f"objective.{key} = {getattr(oc, key)!r}, but the teacher was trained with "
+                              f"{getattr(toc, key)!r}; set it to match")
+
+    def teacher_fn(x, t, cond=None):
+        return teacher(x, t, class_labels=cond)
+
+    return LCMDistillationObjective(
+        teacher_fn, num_train_timesteps=oc.num_train_timesteps, beta_schedule=oc.beta_schedule,
+        beta_start=oc.beta_start, beta_end=oc.beta_end, num_ddim_timesteps=oc.lcm_num_ddim_timesteps,
+        w_min=oc.lcm_w_min, w_max=oc.lcm_w_max, embedding_dim=oc.lcm_embedding_dim, prediction=oc.prediction,
+        loss_type="huber" if oc.distill_loss == "huber" else "l2", target_decay=oc.target_decay,
+        guidance_kwarg=oc.lcm_guidance_kwarg)
+
+
+def _teacher_checkpoint(spec: str) -> Optional[str]:
+    """The fastgen.train checkpoint folder ``spec`` names (itself, or the newest good one under it)."""
+    if os.path.isfile(os.path.join(spec, "state.json")):
+        why = ckpt.verify(spec)
+        if why is not None:
+            raise ConfigError(f"objective.teacher {spec!r} is corrupted: {why}")
+        return spec
+    for root in (os.path.join(spec, "checkpoints"), spec):
+        if ckpt.list_steps(root):
+            path, problems = ckpt.find_resume(root)
+            if path is None:
+                raise ConfigError(f"objective.teacher {spec!r}: no good checkpoint:\n  " + "\n  ".join(problems))
+            return path
+    return None
+
+
+def build_teacher(cfg: Config, log=print):
+    """``(teacher, teacher_objective)``: the model ``objective.teacher`` names (weights loaded, on the CPU,
+    fp32, training mode untouched) and the ObjectiveConfig describing what it predicts."""
+    o = cfg.objective
+    spec = o.teacher
+    if not spec:
+        raise ConfigError(f"objective.teacher is required for objective.kind = {o.kind!r}")
+    own = dataclasses.replace(o, kind=teacher_kind(o))
+    if os.path.isdir(spec):
+        folder = _teacher_checkpoint(spec)
+        if folder is not None:  # a fastgen.train run: its architecture and objective come with it
+            tcfg = Config.from_toml(os.path.join(folder, "config.toml"))
+            if ckpt.read_json(folder, "state.json").get("format") == "dcp":
+                raise ConfigError(f"objective.teacher {folder!r} is a sharded (FSDP) checkpoint; resume it in one "
+                                  "process with train.parallel = 'ddp' to get a one-file checkpoint")
+            teacher = build_model(dataclasses.replace(tcfg.model, weights=""))
+            sd = ckpt.load_tensors(os.path.join(folder, "model.safetensors"))
+            what = "weights"
+            if o.teacher_use_ema and os.path.isfile(os.path.join(folder, "ema.safetensors")):
+                et = ckpt.load_tensors(os.path.join(folder, "ema.safetensors"))
+                sd.update({k[7:]: v for k, v in et.items() if k.startswith("shadow.")})
+                what = "EMA weights"
+            teacher.load_state_dict(sd)
+            log(f"fastgen.train: teacher: {folder} ({what}, objective.kind = {tcfg.objective.kind!r})")
+            return teacher, tcfg.objective
+        factory = resolve_factory(cfg.model.factory)
+        if not hasattr(factory, "from_pretrained"):
+            raise ConfigError(f"objective.teacher {spec!r} is a folder without a fastgen.train checkpoint, and "
+                              f"model.factory {cfg.model.factory!r} has no from_pretrained")
+        teacher = factory.from_pretrained(spec)
+        log(f"fastgen.train: teacher: {spec} (from_pretrained, objective.teacher_kind = {own.kind!r})")
+        return teacher, own
+    mc = dataclasses.replace(cfg.model, kwargs={**cfg.model.kwargs, **o.teacher_kwargs}, weights="")
+    if os.path.isfile(spec):
+        teacher = build_model(mc)
+        try:
+            teacher.load_state_dict(ckpt.load_tensors(spec))
+        except RuntimeError as exc:
+            raise ConfigError(f"objective.teacher {spec!r} does not fit model.factory built with model.kwargs + "
+                              f"objective.teacher_kwargs: {exc}") from None
+        log(f"fastgen.train: teacher: {spec} (objective.teacher_kind = {own.kind!r})")
+        return teacher, own
+    factory = resolve_factory(cfg.model.factory)
+    config_class = getattr(factory, "config_class", None)
+    try:
+        if config_class is None:
+            raise KeyError(f"{cfg.model.factory} has no presets")
+        config_class.preset(spec)
+    except KeyError as exc:
+        raise ConfigError(f"objective.teacher {spec!r} is no file or folder, nor a preset of model.factory "
+                          f"({exc.args[0] if exc.args else exc})") from None
+    teacher = build_model(dataclasses.replace(mc, kwargs={**o.teacher_kwargs, "preset": spec}))
+    log(f"fastgen.train: teacher: preset {spec!r} with RANDOM weights (a smoke test; give a checkpoint or "
+        "safetensors file for a real teacher)")
+    return teacher, own
+
+
+def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, log=print) -> None:
+    """Copy the teacher's weights into the student. Student tensors the teacher lacks keep their init
+    (said so); a teacher tensor the student lacks, or of another shape, is a ConfigError."""
+    ss, ts = student.state_dict(), teacher.state_dict()
+    extra = [k for k in ts if k not in ss]
+    bad = [k for k in ts if k in ss and ts[k].shape != ss[k].shape]
+    if extra or bad:
+        raise ConfigError("objective.init_from_teacher: the teacher does not fit the student (" +
+                          (f"not in the student: {extra[:3]}" if extra else
+                           f"shapes differ: {bad[0]} {tuple(ts[bad[0]].shape)} vs {tuple(ss[bad[0]].shape)}") + ")")
+    student.load_state_dict(ts, strict=False)
+    missing = [k for k in ss if k not in ts]
+    log("fastgen.train: student initialised from the teacher" +
+        (f" ({len(missing)} student tensors keep their init, e.g. {missing[0]})" if missing else ""))
 
 
 def builtin_lr_lambda(name: str, warmup: int, total: int):
@@ -234,10 +388,23 @@ class Trainer:
                 raise ConfigError(f"model.gradient_checkpointing: {type(self.model).__name__} has no "
                                   "enable_gradient_checkpointing()")
             self.model.enable_gradient_checkpointing()
+        self.teacher = self.target = teacher_objective = None
+        if config.objective.kind in DISTILL_KINDS:  # the frozen teacher: same device (and dtype below)
+            quiet = log if self.rank == 0 else (lambda s: None)
+            teacher, teacher_objective = build_teacher(config, quiet)
+            self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+            if config.objective.kind == "lcm" and getattr(getattr(teacher, "config", None), "class_dropout_prob",
+                                                          None) == 0:
+                raise ConfigError("objective.kind = 'lcm' guides the teacher with its null class, but the teacher has "
+                                  "none (class_dropout_prob = 0)")
+            if config.objective.init_from_teacher:
+                init_student_from_teacher(self.model, self.teacher, quiet)
         pure = t.precision == "bf16-pure"
         if pure:
             self.model.to(torch.bfloat16)
-        self.objective = build_objective(config.objective, t.steps)
+            if self.teacher is not None:
+                self.teacher.to(torch.bfloat16)
+        self.objective = build_objective(config.objective, t.steps, self.teacher, teacher_objective)
         self.fsdp = t.parallel == "fsdp" and self.world > 1
         if self.fsdp:  # before the optimizer and the EMA: they hold the (sharded) parameters
             self.model.to(self.device)
@@ -248,6 +415,8 @@ class Trainer:
                                     stochastic_rounding=pure)
         self.lr_scheduler = make_lr_scheduler(o.lr_scheduler, self.optimizer, o.warmup_steps, t.steps)
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
+        if self.teacher is not None:  # the distillation target network theta^-, a copy of the student
+            self.target = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.forward_model = self.model
         if config.model.compile:
             self.forward_model = torch.compile(self.model)
@@ -283,9 +452,16 @@ class Trainer:
             ctx = self.forward_model.no_sync()
         with ctx:
             with amp:
-                loss = self.objective.loss(model, x, y)
+                loss = self.objective.loss(model, x, y, **self._distill_kwargs(y))
             (loss / self.cfg.train.grad_accum).backward()
         return loss.detach()
+
+    def _distill_kwargs(self, y) -> dict:
+        if self.target is None:
+            return {}
+        if isinstance(self.objective, LCMDistillationObjective):  # the guided teacher's unconditional half
+            return {"target_model": self.target, "uncond": torch.full_like(y, self.null_label)}
+        return {"target_model": self.target}
 
     def train_step(self, batches) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns ``(loss, grad_norm)``."""
@@ -306,6 +482,8 @@ class Trainer:
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
+        if self.target is not None:
+            update_target(self.target, self.model, self.cfg.objective.target_decay)
         self.step += 1
         return float(total) / A, gn
 
@@ -421,10 +599,24 @@ class Trainer:
                     model = PromptTable(self.model, [e for _, e in self.validation_prompts()], self.text_null,
                                         self.cfg.model.text_inputs)
                     null = model.null_label
+                if isinstance(self.objective, LCMDistillationObjective):
+                    return self._lcm_sample(labels.to(self.device), (c, h, w), g)
                 return sample(model, self.objective, labels.to(self.device), (c, h, w), v.num_steps, g,
                               v.sampler, v.guidance_scale, null, self.device)
         finally:
             self.model.train(was_training)
+
+    def _lcm_sample(self, labels: torch.Tensor, shape: tuple, g: torch.Generator) -> torch.Tensor:
+        """LCM validation: ``validation.num_steps`` (at most N) consistency steps down the solver grid,
+        at ``w = validation.guidance_scale - 1`` (the teacher's guidance (1 + w) c - w u), or the middle
+        of [lcm_w_min, lcm_w_max] when guidance_scale is 1."""
+        o, v = self.objective, self.cfg.validation
+        n = min(v.num_steps, len(o.ddim_timesteps))
+        ts = o.ddim_timesteps[torch.linspace(len(o.ddim_timesteps) - 1, 0, n).round().long()].tolist()
+        w = v.guidance_scale - 1 if v.guidance_scale > 1 else (o.w_min + o.w_max) / 2
+        dtype = next(self.model.parameters()).dtype
+        noise = torch.randn((labels.shape[0], *shape), generator=g).to(self.device, dtype)
+        return o.sample(self.model, noise, w, labels, ts, g).float()
 
     def validation_prompts(self) -> list:
         """Text-conditional runs: ``[(caption, text outputs)]``, the first 16 distinct captions of the data."""
@@ -494,6 +686,8 @@ class Trainer:
                                       {**{f"shadow.{k}": v for k, v in es["shadow"].items()},
                                        **{f"buffer.{k}": v for k, v in es["buffers"].items()}})
                 state["ema"] = {k: es[k] for k in ("decay", "warmup", "update_every", "num_updates", "num_calls")}
+            if self.target is not None:
+                ckpt.save_target(tmp, self.target)
             if not dcp:
                 ot, om = ckpt.optimizer_to_files(self.optimizer.state_dict())
                 ckpt.save_tensors(os.path.join(tmp, "optimizer.safetensors"), ot)
@@ -531,6 +725,8 @@ class Trainer:
                                        "train.parallel = 'fsdp'")
         else:
             self.model.load_state_dict(ckpt.load_tensors(os.path.join(path, "model.safetensors")))
+            if self.target is not None:
+                ckpt.load_target(path, self.target)
             if self.ema is not None:
                 et = ckpt.load_tensors(os.path.join(path, "ema.safetensors"))
                 self.ema.load_state_dict({**state["ema"],
