@@ -22,8 +22,9 @@ weights (SDXL config, bf16, on a GPU; a tiny config in fp32 on CPU so the run ta
 
 The sweep also records each tiled provider's PSNR against the full decode (``torch``) where
 that one ran at the same size. ``--video`` decodes CogVideoX's video VAE instead (fastgen's
-``AutoencoderKLCogVideoX`` and diffusers', 49 x 480 x 720 on a GPU): :func:`video_sweep`.
-``meta_peak`` measures allocated-bytes peaks of large decodes without a GPU (the meta device).
+``AutoencoderKLCogVideoX`` and diffusers', one-pass, frame-batched and tiled, 49 x 480 x 720 on a
+GPU; PSNR against the one-pass decode): :func:`video_sweep`. ``meta_peak`` / ``video_meta_peak``
+measure allocated-bytes peaks of large decodes without a GPU (the meta device).
 
 Shape keys: ``N`` batch, ``h`` = ``w`` latent side (image side ``8 h`` on SDXL), ``T`` tile side in
 latent positions. Mode ``fwd`` only (inference).
@@ -304,23 +305,48 @@ def meta_peak(image: int, mode: str, tile: int = 64, config=None, dtype=torch.bf
     return {"image": image, "mode": mode, "tile": tile, "peak_gib": counter.peak / 2**30, "weights_gib": weights / 2**30}
 
 
-VIDEO_PROVIDERS = ("fastgen-video", "diffusers-video")
+VIDEO_PROVIDERS = ("fastgen-video-onepass", "fastgen-video", "diffusers-video", "fastgen-video-tiled",
+                   "diffusers-video-tiled")
+
+
+def _video_config(device: str):
+    from fastgen.vae import CogVideoXVAEConfig
+
+    return CogVideoXVAEConfig() if device == "cuda" else CogVideoXVAEConfig(
+        block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4)
 
 
 def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, height: int = 480,
-                width: int = 720, rows: list | None = None) -> list[dict]:
-    """CogVideoX's video VAE decode (``AutoencoderKLCogVideoX``): fastgen and diffusers on the same
-    random weights, one timed decode each after a warm-up, time and peak memory. On a GPU the
-    CogVideoX-2b config at ``frames x height x width`` (49 x 480 x 720: 13 latent frames of 60 x 90);
-    on CPU a tiny config so that the run takes seconds."""
-    from fastgen.vae import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+                width: int = 720, rows: list | None = None, tile=None, frame_chunk: int = 2) -> list[dict]:
+    """CogVideoX's video VAE decode (``AutoencoderKLCogVideoX``), one timed decode per provider after a
+    warm-up, time and peak memory, on the same random weights. On a GPU the CogVideoX-2b config at
+    ``frames x height x width`` (49 x 480 x 720: 13 latent frames of 60 x 90); on CPU a tiny config.
+
+    Providers: ``fastgen-video-onepass`` (all frames in one chunk: whole-video GroupNorm statistics,
+    the reference of ``psnr_db``), ``fastgen-video`` / ``diffusers-video`` (frame-batched decode, 2
+    latent frames per chunk, per-chunk statistics; ``psnr_db_vs_fastgen`` compares the two),
+    ``fastgen-video-tiled`` (``tiled_decode``: lossless spatial tiles of ``tile`` latent positions,
+    default diffusers' 30 x 45, and ``frame_chunk`` latent frames; staged activations beyond 5 % of
+    the GPU go to host memory) and ``diffusers-video-tiled`` (``enable_tiling()``: blended tiles,
+    per-tile and per-chunk statistics).
+    """
+    from fastgen.vae import AutoencoderKLCogVideoX
 
     rows = [] if rows is None else rows
-    cfg = CogVideoXVAEConfig() if device == "cuda" else CogVideoXVAEConfig(
-        block_out_channels=(16, 32, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8)
+    cfg = _video_config(device)
     torch.manual_seed(0)
     ours = AutoencoderKLCogVideoX(cfg).to(device=device, dtype=dtype).eval()
-    models = {"fastgen-video": lambda z: ours.decode(z).sample}
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    tile = tile or ((cfg.sample_height // 2 // f, cfg.sample_width // 2 // f) if device == "cuda" else (6, 5))
+
+    def onepass(z):
+        ours.num_latent_frames_batch_size = z.shape[2]
+        try:
+            return ours.decode(z).sample
+        finally:
+            ours.num_latent_frames_batch_size = 2
+
+    models = {"fastgen-video-onepass": onepass, "fastgen-video": lambda z: ours.decode(z).sample}
     try:
         import diffusers
 
@@ -333,13 +359,28 @@ def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, he
         theirs.load_state_dict(ours.state_dict())
         models["diffusers-video"] = lambda z: theirs.decode(z).sample
     except ImportError:
+        theirs = None
         rows.append({"provider": "diffusers-video", "status": "diffusers is not installed"})
-    f = 2 ** (len(cfg.block_out_channels) - 1)
+    models["fastgen-video-tiled"] = lambda z: tiled_decode(ours, z, tile_size=tile, frame_chunk=frame_chunk,
+                                                           progress=False)
+    if theirs is not None:
+        def theirs_tiled(z):
+            theirs.enable_tiling(*((None, None) if device == "cuda" else (tile[0] * f, tile[1] * f)))
+            try:
+                return theirs.decode(z).sample
+            finally:
+                theirs.disable_tiling()
+
+        models["diffusers-video-tiled"] = theirs_tiled
+    else:
+        rows.append({"provider": "diffusers-video-tiled", "status": "diffusers is not installed"})
     t = (frames - 1) // int(cfg.temporal_compression_ratio) + 1
     z = torch.randn(1, cfg.latent_channels, t, height // f, width // f, device=device, dtype=dtype)
-    ref = None
+    outs: dict = {}
     for name, fn in models.items():
         row = {"provider": name, "frames": frames, "height": height, "width": width}
+        if name.endswith("tiled"):
+            row["tile"] = list(tile)
         try:
             with torch.no_grad():
                 fn(z[:, :, :2])  # warm-up
@@ -354,15 +395,57 @@ def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, he
                     torch.cuda.synchronize()
                     row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
                 row["ms"] = (time.perf_counter() - t0) * 1e3
-            if ref is None:
-                ref = out
-            else:
-                row["psnr_db_vs_fastgen"] = psnr(out, ref)
+            if "fastgen-video-onepass" in outs:
+                row["psnr_db"] = psnr(out, outs["fastgen-video-onepass"])
+            if name == "diffusers-video" and "fastgen-video" in outs:
+                row["psnr_db_vs_fastgen"] = psnr(out, outs["fastgen-video"])
+            if name in ("fastgen-video-onepass", "fastgen-video"):
+                outs[name] = out
         except Exception as exc:  # an OOM is a result here
             row["status"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def video_meta_peak(latent: tuple, mode: str, tile=6, frame_chunk: int = 2, config=None,
+                    dtype=torch.bfloat16) -> dict:
+    """Allocated-bytes peak of a video decode of ``latent = (t, h, w)`` latent frames (CogVideoX-2b
+    config unless given), on ``meta`` (as :func:`meta_peak`). ``mode``: ``"onepass"`` (all frames at
+    once), ``"batched"`` (``vae.decode``: 2 latent frames at a time), ``"lossless"`` (``tiled_decode``,
+    staged activations on the device) or ``"lossless-offload"`` (staged in host memory: what
+    ``offload=True`` leaves on the GPU). GiB figures: the peak above the weights and the latent,
+    the output, the weights."""
+    import fastgen.vae.halo as halo
+    from fastgen.vae import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+
+    cfg = config or CogVideoXVAEConfig()
+    with torch.device("meta"):
+        vae = AutoencoderKLCogVideoX(cfg).to(dtype).eval()
+    z = torch.empty(1, cfg.latent_channels, *latent, device="meta", dtype=dtype)
+    counter = _LiveBytes()
+    new = halo._Staging.new
+
+    def staged(self, shape, dt, force_device=False):
+        counter.skip = mode == "lossless-offload" and not force_device
+        try:
+            return new(self, shape, dt, force_device)
+        finally:
+            counter.skip = False
+
+    halo._Staging.new = staged
+    if mode == "onepass":
+        vae.num_latent_frames_batch_size = latent[0]
+    try:
+        with counter.mode, torch.no_grad():
+            out = vae.decode(z).sample if mode in ("onepass", "batched") else tiled_decode(
+                vae, z, tile_size=tile, frame_chunk=frame_chunk, progress=False)
+    finally:
+        halo._Staging.new = new
+    weights = sum(p.numel() * p.element_size() for p in vae.decoder.parameters())
+    return {"latent": list(latent), "mode": mode, "tile": tile, "frame_chunk": frame_chunk,
+            "peak_gib": counter.peak / 2**30, "output_gib": out.numel() * out.element_size() / 2**30,
+            "weights_gib": weights / 2**30}
 
 
 def main(argv=None) -> None:
@@ -376,7 +459,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.video:
-        kw = {} if device == "cuda" else dict(frames=9, height=32, width=48)
+        kw = {} if device == "cuda" else dict(frames=9, height=56, width=48)
         rows = video_sweep(device, torch.bfloat16 if device == "cuda" else torch.float32, **kw)
         if args.out:
             with open(args.out, "w") as fh:

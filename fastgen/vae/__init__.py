@@ -6,7 +6,9 @@
   cosine blending, and ``consistent_colors=True`` for GroupNorm statistics over the whole image.
   They also take a diffusers ``AutoencoderKL`` directly. ``consistent_colors=True`` is lossless
   (halo exchange, :mod:`fastgen.vae.halo`): equal to the full pass up to summation order.
-- :class:`AutoencoderKLCogVideoX`: CogVideoX's causal 3-D video VAE (diffusers' weights and math).
+- :class:`AutoencoderKLCogVideoX`: CogVideoX's causal 3-D video VAE (diffusers' weights and math);
+  ``tiled_decode`` / ``tiled_encode`` of it (5-D) are lossless in space and time
+  (:mod:`fastgen.vae.video_tiling`, ``frame_chunk``).
 - :class:`VectorQuantizer` (nearest code with a fused Triton search, commitment loss,
   straight-through, EMA codebooks, residual VQ, LFQ) and :class:`VQModel` (diffusers' ``VQModel``).
 """

@@ -18,6 +18,11 @@ factor 4 (``temporal_compression_ratio``): ``T = 1 + 4 t`` frames <-> ``t + 1`` 
 - Frame batching, as diffusers: encode 8 frames at a time, decode 2 latent frames at a time, the
   causal conv caches carried between chunks. GroupNorm statistics are per chunk (that is
   diffusers' math too).
+- Tiling: :meth:`AutoencoderKLCogVideoX.enable_tiling` (diffusers' switch) makes ``decode`` /
+  ``encode`` of inputs larger than one tile go through fastgen's **lossless** spatial + temporal
+  tiling (:mod:`fastgen.vae.video_tiling`: halo exchange at every conv, whole-video GroupNorm
+  statistics, frame chunks that read their causal past from the staged activations): equal to
+  the one-pass decode / encode up to summation order.
 
 ``GroupNorm -> SiLU`` pairs of the encoder are one fused ``fastgen.nn.GroupNorm(..., activation="silu")``
 on the 5-D activations; the decoder's spatial norms use ``fastgen.nn.GroupNorm`` then the
@@ -270,6 +275,13 @@ class AutoencoderKLCogVideoX(nn.Module):
         self.num_latent_frames_batch_size = 2
         self.num_sample_frames_batch_size = 8
         self.use_slicing = False
+        # diffusers' tiling switches and defaults (enable_tiling); the tiling itself is fastgen's lossless one
+        self.use_tiling = False
+        f = 2 ** (len(cfg.block_out_channels) - 1)
+        self.tile_sample_min_height, self.tile_sample_min_width = cfg.sample_height // 2, cfg.sample_width // 2
+        self.tile_latent_min_height = int(self.tile_sample_min_height / f)
+        self.tile_latent_min_width = int(self.tile_sample_min_width / f)
+        self.tile_overlap_factor_height, self.tile_overlap_factor_width = 1 / 6, 1 / 5
 
     @property
     def dtype(self) -> torch.dtype:
@@ -285,6 +297,39 @@ class AutoencoderKLCogVideoX(nn.Module):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
+    def enable_tiling(self, tile_sample_min_height: Optional[int] = None, tile_sample_min_width: Optional[int] = None,
+                      tile_overlap_factor_height: Optional[float] = None,
+                      tile_overlap_factor_width: Optional[float] = None) -> None:
+        """diffusers' signature. Afterwards ``decode`` / ``encode`` of inputs larger than one tile use
+        fastgen's **lossless** tiling (:func:`fastgen.vae.video_tiling.tiled_decode_video`): tiles of
+        ``tile_latent_min_height x tile_latent_min_width`` latent positions (``tile_sample_min_*`` px
+        to encode), frame chunks of ``num_latent_frames_batch_size`` latent frames
+        (``num_sample_frames_batch_size`` frames), no overlap needed (the factors are kept for
+        compatibility), whole-video GroupNorm statistics."""
+        f = 2 ** (len(self.config.block_out_channels) - 1)
+        self.use_tiling = True
+        self.tile_sample_min_height = tile_sample_min_height or self.tile_sample_min_height
+        self.tile_sample_min_width = tile_sample_min_width or self.tile_sample_min_width
+        self.tile_latent_min_height = int(self.tile_sample_min_height / f)
+        self.tile_latent_min_width = int(self.tile_sample_min_width / f)
+        self.tile_overlap_factor_height = tile_overlap_factor_height or self.tile_overlap_factor_height
+        self.tile_overlap_factor_width = tile_overlap_factor_width or self.tile_overlap_factor_width
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def tiled_decode(self, z: Tensor, **kwargs: Any) -> Tensor:
+        """:func:`fastgen.vae.tiled_decode` on this VAE (lossless; ``tile_size``, ``frame_chunk``, ``offload``, ...)."""
+        from fastgen.vae.video_tiling import tiled_decode_video
+
+        return tiled_decode_video(self, z, **kwargs)
+
+    def tiled_encode(self, x: Tensor, **kwargs: Any) -> DiagonalGaussianDistribution:
+        """:func:`fastgen.vae.tiled_encode` on this VAE (lossless)."""
+        from fastgen.vae.video_tiling import tiled_encode_video
+
+        return tiled_encode_video(self, x, **kwargs)
+
     def _run(self, net: nn.Module, x: Tensor, size: int) -> Tensor:
         cache: dict = {}
         out = []
@@ -299,6 +344,12 @@ class AutoencoderKLCogVideoX(nn.Module):
             raise ValueError(f"AutoencoderKLCogVideoX.encode: expected (N, {self.config.in_channels}, T, H, W), "
                              f"got {tuple(x.shape)}")
         xs = x.split(1) if self.use_slicing else (x,)
+        if self.use_tiling and (x.shape[-2] > self.tile_sample_min_height or x.shape[-1] > self.tile_sample_min_width):
+            tile = (self.tile_sample_min_height, self.tile_sample_min_width)
+            post = DiagonalGaussianDistribution(torch.cat([self.tiled_encode(
+                xi, tile_size=tile, frame_chunk=self.num_sample_frames_batch_size, progress=False).parameters
+                for xi in xs]))
+            return post if return_dict else (post,)
         post = DiagonalGaussianDistribution(
             torch.cat([self._run(self.encoder, xi, self.num_sample_frames_batch_size) for xi in xs]))
         return post if return_dict else (post,)
@@ -309,6 +360,11 @@ class AutoencoderKLCogVideoX(nn.Module):
             raise ValueError(f"AutoencoderKLCogVideoX.decode: expected (N, {self.config.latent_channels}, t, h, w), "
                              f"got {tuple(z.shape)}")
         zs = z.split(1) if self.use_slicing else (z,)
+        if self.use_tiling and (z.shape[-2] > self.tile_latent_min_height or z.shape[-1] > self.tile_latent_min_width):
+            tile = (self.tile_latent_min_height, self.tile_latent_min_width)
+            out = torch.cat([self.tiled_decode(zi, tile_size=tile, frame_chunk=self.num_latent_frames_batch_size,
+                                               progress=False) for zi in zs])
+            return DecoderOutput(out) if return_dict else (out,)
         out = torch.cat([self._run(self.decoder, zi, self.num_latent_frames_batch_size) for zi in zs])
         return DecoderOutput(out) if return_dict else (out,)
 

@@ -107,7 +107,8 @@ class SpatialNorm(Step):
         if key not in self._maps:
             (T, H, W), (t, h, w) = lvl, self.z.shape[2:]
             it = [0] + [1 + i for i in _nearest_index(t - 1, T - 1)] if T > 1 and T % 2 == 1 else _nearest_index(t, T)
-            self._maps[key] = [torch.tensor(i, dtype=torch.long) for i in (it, _nearest_index(h, H), _nearest_index(w, W))]
+            maps = (it, _nearest_index(h, H), _nearest_index(w, W))
+            self._maps[key] = [torch.tensor(i, dtype=torch.long) for i in maps]
         return self._maps[key]
 
     def run(self, h: Tensor, reg: list, lvl: list[int], stats) -> tuple[Tensor, list]:
@@ -277,9 +278,9 @@ def _check_video(x: Any, channels: int, what: str, name: str, module: Any) -> No
 def _check_halo(what: str, tile: tuple[int, int], unit: int, unit_name: str) -> None:
     if min(tile) < min_tile() * unit:
         raise ValueError(
-            f"{what}: tile_size={tile[0] if tile[0] == tile[1] else tile} is smaller than the halo it needs: the lossless "
-            f"layout reads 1 latent position around each tile's core at every conv, so tile_size must be at least "
-            f"{min_tile() * unit} {unit_name} (a core of 1 latent position plus the halo on each side)")
+            f"{what}: tile_size={tile[0] if tile[0] == tile[1] else tile} is smaller than the halo it needs: "
+            "the lossless layout reads 1 latent position around each tile's core at every conv, so tile_size must be "
+            f"at least {min_tile() * unit} {unit_name} (a core of 1 latent position plus the halo on each side)")
 
 
 def _check_chunk(what: str, frame_chunk: Any) -> int:
@@ -305,7 +306,8 @@ def _run(steps: list, x: Tensor, tile: tuple[int, int], chunk: int, budget: floa
 
 @torch.no_grad()
 def tiled_decode_video(vae: Any, latents: Tensor, tile_size: Union[int, tuple, None] = None, overlap: float = 0.25,
-                       frame_chunk: Optional[int] = None, progress: Optional[bool] = None, offload: Any = None) -> Tensor:
+                       frame_chunk: Optional[int] = None, progress: Optional[bool] = None,
+                       offload: Any = None) -> Tensor:
     """Decode video latents ``(N, latent_channels, t, h, w)`` -> ``(N, out_channels, T, h f, w f)`` losslessly.
 
     ``tile_size``: spatial tile in latent positions, an int or ``(height, width)``, at least 3
