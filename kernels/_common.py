@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels._layout import max_programs  # noqa: F401  (torch-only; fastgen.cuda reads it there)
+from fastgen.ops._shapes import max_programs  # noqa: F401  (torch-only, shared with fastgen.cuda)
 from fastgen.limits import interpreter_enabled as interpreting  # noqa: F401  (the one interpreter check)
 
 

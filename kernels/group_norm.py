@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to, warps_for
-from fastgen.kernels._layout import channels_last_layout
+from fastgen.ops._shapes import channels_last_layout
 from fastgen.limits import MAX_CHANNELS_PER_GROUP  # noqa: F401  (most channels per group; fastgen.vae reads it here)
 
 # Elements (K * chunk_s) one program covers: a group with more elements is split along S

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to
-from fastgen.kernels._layout import bsh_strides, table_strides
-from fastgen.kernels._layout import rope_dims as _dims
+from fastgen.ops._shapes import bsh_strides, table_strides
+from fastgen.ops._shapes import rope_dims as _dims
 from fastgen.kernels.rope import _load_pairs, _load_tables, _store_pairs, tile_config
 from fastgen.limits import MAX_HEAD_DIM
 

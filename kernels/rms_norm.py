@@ -249,22 +249,17 @@ def bwd_config(M: int, N: int, device: torch.device) -> dict:
 
 
 @device_guard
-def rms_norm_fwd(x, weight, residual, eps):
-    """y, h, rstd = rms_norm_fwd(x [M, N], weight [N] | None, residual [M, N] | None, eps).
+def rms_norm_fwd(x, weight, residual, eps, *, y, h, rstd):
+    """Launch the forward into ``y``, ``h`` and ``rstd`` (allocated by ``fastgen.ops.rms_norm``).
 
-    y [M, N] contiguous in x.dtype; h = x + residual [M, N] in x.dtype, or None
-    without a residual; rstd [M] fp32.
+    x [M, N] (M, N > 0) with unit last stride, weight [N] | None, residual [M, N] | None;
+    y [M, N] contiguous in x.dtype; h [M, N] contiguous (x + residual, with a residual;
+    None without one); rstd [M] fp32.
     """
     M, N = x.shape
     assert x.stride(1) == 1 or N <= 1
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    h = None
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype and (residual.stride(1) == 1 or N <= 1)
-        h = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y, h, rstd
     cfg = fwd_config(M, N, residual is not None)
     _rms_norm_fwd_kernel[cfg.pop("grid")](
         x,
@@ -283,22 +278,20 @@ def rms_norm_fwd(x, weight, residual, eps):
         INTERPRET=interpreting(),
         **cfg,
     )
-    return y, h, rstd
 
 
 @device_guard
-def rms_norm_bwd(dy, h, weight, rstd, dh_out):
-    """dx, dw = rms_norm_bwd(dy [M, N], h [M, N], weight [N] | None, rstd [M], dh_out [M, N] | None).
+def rms_norm_bwd(dy, h, weight, rstd, dh_out, *, dx, dw):
+    """Launch the backward into ``dx`` and ``dw`` (allocated by ``fastgen.ops.rms_norm``).
 
-    dx [M, N] contiguous in h.dtype is the whole gradient of h (dh_out included);
-    dw [N] in weight.dtype, or None without a weight. Deterministic.
+    dy, h [M, N] (M, N > 0) with unit last stride, weight [N] | None, rstd [M] fp32,
+    dh_out [M, N] | None; dx [M, N] contiguous in h.dtype receives the whole gradient of h
+    (dh_out included), dw [N] in weight.dtype (None without a weight) the sum of fp32
+    per-program partials in a fixed order: deterministic.
     """
     M, N = h.shape
     assert dy.shape == h.shape and ((dy.stride(1) == 1 and h.stride(1) == 1) or N <= 1)
     assert dh_out is None or (dh_out.shape == h.shape and (dh_out.stride(1) == 1 or N <= 1))
-    dx = torch.empty((M, N), dtype=h.dtype, device=h.device)
-    if M == 0 or N == 0:
-        return dx, (None if weight is None else torch.zeros_like(weight))
     cfg = bwd_config(M, N, h.device)
     grid = cfg.pop("grid")
     c = rstd  # not read when whole rows fit in one program
@@ -330,6 +323,5 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
         INTERPRET=interpreting(),
         **cfg,
     )
-    # Fixed-order sum of the per-program partials: the deterministic second pass.
-    dw = None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
-    return dx, dw
+    if dw_partial is not None:  # fixed-order sum of the per-program partials: the deterministic second pass
+        dw.copy_(dw_partial.sum(0))

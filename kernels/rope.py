@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to
-from fastgen.kernels._layout import bsh_strides, table_strides
-from fastgen.kernels._layout import rope_dims as _dims
+from fastgen.ops._shapes import bsh_strides, table_strides
+from fastgen.ops._shapes import rope_dims as _dims
 from fastgen.limits import MAX_HEAD_DIM  # widest head the kernels hold in registers
 
 # Elements of one tensor's tile (tokens x heads x padded head dim) per program:

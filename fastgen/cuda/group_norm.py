@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastgen.cuda import dtype_code, load_extension
-from fastgen.kernels._layout import channels_last_layout
+from fastgen.ops._shapes import channels_last_layout
 
 __all__ = ["group_norm_fwd", "group_norm_bwd", "cuda_config"]
 

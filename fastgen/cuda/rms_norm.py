@@ -1,8 +1,9 @@
 """CUDA C++ RMSNorm launchers (``csrc/rms_norm/rms_norm.cu`` through ``fastgen._C``).
 
-Same signatures as the Triton launchers in ``fastgen.kernels.rms_norm``; no
-autograd here (that is ``fastgen.ops.rms_norm``). Inputs are validated
-upstream; the asserts below only guard the invariants the kernels rely on.
+Same signatures as the Triton launchers in ``fastgen.kernels.rms_norm``: they launch
+into outputs that ``fastgen.ops.rms_norm`` allocated (and never see an empty
+problem); no autograd here. Inputs are validated upstream; the asserts below only
+guard the invariants the kernels rely on.
 
 Forward:  h = x + residual (rounded to x.dtype), rstd = 1/sqrt(mean(h^2) + eps),
           y = (h * rstd) * weight.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastgen.cuda import dtype_code, load_extension
-from fastgen.kernels._layout import max_programs
+from fastgen.ops._shapes import max_programs
 
 __all__ = ["rms_norm_fwd", "rms_norm_bwd"]
 
@@ -37,27 +38,19 @@ def _no_overlap(t):
     return t.contiguous()
 
 
-def rms_norm_fwd(x, weight, residual, eps):
-    """y, h, rstd = rms_norm_fwd(x [M, N], weight [N] | None, residual [M, N] | None, eps).
-
-    y [M, N] contiguous in x.dtype; h = x + residual [M, N] in x.dtype, or None
-    without a residual; rstd [M] fp32.
-    """
+def rms_norm_fwd(x, weight, residual, eps, *, y, h, rstd):
+    """Launch the forward into ``y``, ``h`` and ``rstd`` (allocated by ``fastgen.ops.rms_norm``);
+    the arguments of ``fastgen.kernels.rms_norm.rms_norm_fwd``: x [M, N] with M, N > 0."""
     C = load_extension()
     x, residual = _no_overlap(x), _no_overlap(residual)
     assert x.is_cuda and x.dim() == 2 and _unit_stride(x)
     M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    h = None
+    assert y.shape == (M, N) and y.is_contiguous() and rstd.shape == (M,) and rstd.dtype == torch.float32
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype and _unit_stride(residual)
-        assert residual.device == x.device
-        h = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        assert residual.device == x.device and h is not None and h.is_contiguous()
     if weight is not None:
         assert weight.shape == (N,) and weight.is_contiguous() and weight.device == x.device
-    if M == 0 or N == 0:
-        return y, h, rstd
     x_code = dtype_code(x.dtype)
     w_code = dtype_code(weight.dtype) if weight is not None else x_code
     with torch.cuda.device(x.device):
@@ -67,7 +60,7 @@ def rms_norm_fwd(x, weight, residual, eps):
             w_ptr=weight.data_ptr() if weight is not None else 0,
             r_ptr=residual.data_ptr() if residual is not None else 0,
             y_ptr=y.data_ptr(),
-            h_ptr=h.data_ptr() if h is not None else 0,
+            h_ptr=h.data_ptr() if residual is not None else 0,
             rstd_ptr=rstd.data_ptr(),
             M=M,
             N=N,
@@ -78,28 +71,21 @@ def rms_norm_fwd(x, weight, residual, eps):
             eps=float(eps),
             stream=stream,
         ))
-    return y, h, rstd
 
 
-def rms_norm_bwd(dy, h, weight, rstd, dh_out):
-    """dx, dw = rms_norm_bwd(dy [M, N], h [M, N], weight [N] | None, rstd [M], dh_out [M, N] | None).
-
-    dx [M, N] contiguous in h.dtype is the whole gradient of h (dh_out included);
-    dw [N] in weight.dtype, or None without a weight. Deterministic.
-    """
+def rms_norm_bwd(dy, h, weight, rstd, dh_out, *, dx, dw):
+    """Launch the backward into ``dx`` and ``dw`` (allocated by ``fastgen.ops.rms_norm``); the
+    arguments of ``fastgen.kernels.rms_norm.rms_norm_bwd``: h [M, N] with M, N > 0. Deterministic."""
     C = load_extension()
     dy, h, dh_out = _no_overlap(dy), _no_overlap(h), _no_overlap(dh_out)
     assert h.is_cuda and h.dim() == 2 and dy.shape == h.shape and _unit_stride(dy) and _unit_stride(h)
     assert dy.dtype == h.dtype and rstd.dtype == torch.float32 and rstd.is_contiguous()
     M, N = h.shape
-    assert rstd.numel() == M
+    assert rstd.numel() == M and dx.shape == (M, N) and dx.is_contiguous()
     if dh_out is not None:
         assert dh_out.shape == h.shape and dh_out.dtype == h.dtype and _unit_stride(dh_out)
     if weight is not None:
-        assert weight.shape == (N,) and weight.is_contiguous()
-    dx = torch.empty((M, N), dtype=h.dtype, device=h.device)
-    if M == 0 or N == 0:
-        return dx, (None if weight is None else torch.zeros_like(weight))
+        assert weight.shape == (N,) and weight.is_contiguous() and dw is not None and dw.shape == (N,)
     x_code = dtype_code(h.dtype)
     w_code = dtype_code(weight.dtype) if weight is not None else x_code
     with torch.cuda.device(h.device):
@@ -127,5 +113,5 @@ def rms_norm_bwd(dy, h, weight, rstd, dh_out):
             num_partials=num_partials,
             stream=stream,
         ))
-        dw = None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
-    return dx, dw
+        if dw_partial is not None:
+            dw.copy_(dw_partial.sum(0))

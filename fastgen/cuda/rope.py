@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastgen.cuda import dtype_code, load_extension, named_strides, named_tables
-from fastgen.kernels._layout import bsh_strides, rope_dims, table_strides
+from fastgen.ops._shapes import bsh_strides, rope_dims, table_strides
 from fastgen.limits import MAX_HEAD_DIM
 
 __all__ = ["apply_rope_fwd", "apply_rope_bwd"]

@@ -75,20 +75,34 @@ def _as_rows(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- torch.library ops
 
 
+def _fwd_outputs(x: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [M, N], h [M, N] or [0] without a residual, rstd [M] fp32), allocated for x [M, N]."""
+    M, N = x.shape
+    h = x.new_empty((M, N) if residual is not None else (0,))
+    return x.new_empty((M, N)), h, x.new_empty((M,), dtype=torch.float32)
+
+
+def _bwd_outputs(h: Tensor, weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(dh [M, N] contiguous, dw [N] like weight or [0] without a weight), allocated."""
+    dw = h.new_empty(0) if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return torch.empty(h.shape, dtype=h.dtype, device=h.device), dw
+
+
 @torch.library.custom_op("fastgen::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], h [M, N] or [0] without a residual, rstd [M] fp32) from x [M, N]."""
-    y, h, rstd = launcher("rms_norm", impl).rms_norm_fwd(x, weight, residual, eps)
-    return y, (x.new_empty(0) if h is None else h), rstd
+    y, h, rstd = _fwd_outputs(x, residual)
+    if x.numel():
+        launcher("rms_norm", impl).rms_norm_fwd(x, weight, residual, eps, y=y,
+                                                h=h if residual is not None else None, rstd=rstd)
+    return y, h, rstd
 
 
 @_rms_norm_fwd_op.register_fake
 def _(x, weight, residual, eps, impl):
-    M, N = x.shape
-    h = x.new_empty((M, N) if residual is not None else (0,))
-    return x.new_empty((M, N)), h, x.new_empty((M,), dtype=torch.float32)
+    return _fwd_outputs(x, residual)
 
 
 @torch.library.custom_op("fastgen::rms_norm_bwd", mutates_args=())
@@ -96,14 +110,18 @@ def _rms_norm_bwd_op(
     dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor, dh_out: Optional[Tensor], impl: str
 ) -> tuple[Tensor, Tensor]:
     """(dh [M, N], dw [N] or [0] without a weight)."""
-    dx, dw = launcher("rms_norm", impl).rms_norm_bwd(dy, h, weight, rstd, dh_out)
-    return dx, (dy.new_empty(0) if dw is None else dw)
+    dx, dw = _bwd_outputs(h, weight)
+    if h.numel():
+        launcher("rms_norm", impl).rms_norm_bwd(dy, h, weight, rstd, dh_out, dx=dx,
+                                                dw=dw if weight is not None else None)
+    elif weight is not None:
+        dw.zero_()  # a sum over no rows
+    return dx, dw
 
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, h, weight, rstd, dh_out, impl):
-    dw = dy.new_empty(0) if weight is None else torch.empty_like(weight)
-    return torch.empty_like(h, memory_format=torch.contiguous_format), dw
+    return _bwd_outputs(h, weight)
 
 
 # ----------------------------------------------------------------------------- autograd

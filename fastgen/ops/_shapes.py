@@ -1,7 +1,9 @@
-"""Torch-only launch helpers that the Triton and the CUDA C++ launchers share.
+"""Torch-only shape helpers that the ops and both launcher families share.
 
-Sizes and strides read off tensors, and how many programs a grid-stride launch runs.
-No Triton import, so ``fastgen.cuda`` takes them without pulling Triton in.
+Sizes and strides read off tensors, and how many programs a grid-stride launch runs. The ops
+(``fastgen.ops.<op>``) normalize shapes and allocate outputs with them; the Triton launchers
+(``fastgen.kernels``) and the CUDA C++ launchers (``fastgen.cuda``) read the same sizes and
+strides. No Triton import, so ``fastgen.cuda`` takes them without pulling Triton in.
 """
 
 from __future__ import annotations
