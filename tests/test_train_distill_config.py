@@ -332,3 +332,45 @@ def test_teacher_follows_the_students_precision(tmp_path, requires_safetensors, 
         else:
             assert seen and all(dt == torch.bfloat16 for _, dt in seen)
             assert {p.dtype for m in (tr.teacher, tr.target, tr.model) for p in m.parameters()} == {torch.bfloat16}
+
+
+def test_teacher_sources_from_pretrained_folder_and_ema_weights(tmp_path, requires_safetensors):
+    import json
+
+    from fastgen.models import DiT
+    from fastgen.train import checkpoint as ckpt
+
+    # a from_pretrained folder of model.factory (diffusers layout: config.json + safetensors)
+    net = DiT(DiT.config_class(**DIT))
+    (tmp_path / "hub").mkdir()
+    ckpt.save_tensors(str(tmp_path / "hub" / "diffusion_pytorch_model.safetensors"), net.to_diffusers_state_dict())
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(net.diffusers_config()))
+    lines = []
+    tr = Trainer(_dit_cfg(tmp_path / "s", "consistency_distillation", steps=1, teacher=str(tmp_path / "hub")),
+                 dataset=_toy(), log=lines.append)
+    want, got = net.state_dict(), tr.teacher.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert any("(from_pretrained, objective.teacher_kind = 'flow')" in s for s in lines)
+
+    # a trainer run: its EMA weights by default, its raw weights with teacher_use_ema = false
+    from test_train_resume import TinyNet  # noqa: F401  (the run's model.factory)
+
+    run = Config.from_dict({"output_dir": str(tmp_path / "run"), "model": {"factory": "test_train_resume:TinyNet"},
+                            "objective": {"kind": "denoising"}, "optim": {"ema_decay": 0.5, "lr": 1e-2},
+                            "train": {"steps": 2, "batch_size": 4, "progress": False, "device": "cpu"}})
+    Trainer(run, dataset=_tensor_data(), log=lambda s: None).fit()
+    folder = tmp_path / "run" / "checkpoints" / "step-00000002"
+    ema = {k[7:]: v for k, v in ckpt.load_tensors(str(folder / "ema.safetensors")).items() if k.startswith("shadow.")}
+    raw = ckpt.load_tensors(str(folder / "model.safetensors"))
+    for use_ema, ref in ((True, ema), (False, raw)):
+        lines = []
+        cfg = Config.from_dict({"output_dir": str(tmp_path / f"s{use_ema}"),
+                                "model": {"factory": "test_train_resume:TinyNet"},
+                                "objective": {"kind": "consistency_distillation", "teacher": str(tmp_path / "run"),
+                                              "teacher_use_ema": use_ema, "ct_sigma_max": 50.0},
+                                "train": {"steps": 1, "batch_size": 4, "progress": False, "device": "cpu"}})
+        tr = Trainer(cfg, dataset=_tensor_data(), log=lines.append)
+        got = tr.teacher.state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+        assert any(("EMA weights" if use_ema else "(weights,") in s and "'denoising'" in s for s in lines)
+    assert not all(torch.equal(ema[k], raw[k]) for k in ema)  # the two sources differ: the check can fail
