@@ -37,8 +37,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to
-from fastgen.ops._shapes import bsh_strides, table_strides
-from fastgen.ops._shapes import rope_dims as _dims
+from fastgen.ops._shapes import bsh_strides, rope_dims, table_strides
 from fastgen.limits import MAX_HEAD_DIM  # widest head the kernels hold in registers
 
 # Elements of one tensor's tile (tokens x heads x padded head dim) per program:
@@ -202,10 +201,9 @@ def rope_config(T: int, hq: int, hk: int, D: int, R: int, interleaved: bool) -> 
 
 @device_guard
 def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
-    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
     T = B * S
-    if T == 0 or hq + hk == 0 or D == 0:
-        return
+    assert T > 0 and hq + hk > 0 and D > 0, "empty calls are answered by fastgen.ops.rope"
     assert q.stride(3) == 1 and k.stride(3) == 1 and qo.stride(3) == 1 and ko.stride(3) == 1
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and R % 2 == 0 and 2 <= R <= D <= MAX_HEAD_DIM
     cfg = rope_config(T, hq, hk, D, R, interleaved)
@@ -220,27 +218,18 @@ def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
 
 
 @device_guard
-def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, inplace: bool = False):
-    """q_out, k_out = apply_rope_fwd(q, k, cos, sin, layout, interleaved, inplace).
+def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, *, q_out, k_out):
+    """Rotate q and k into q_out and k_out (allocated by ``fastgen.ops.rope``; q_out is q and
+    k_out is k in place).
 
-    q (B, S, Hq, D) / k (B, S, Hk, D) ("bshd") or (B, H, S, D) ("bhsd"), unit last
-    stride; cos / sin (S, R) or (B, S, R). Out of place the outputs are new
-    contiguous tensors of q's / k's shape; in place q and k are overwritten and returned.
+    q (B, S, Hq, D) / k (B, S, Hk, D) ("bshd") or (B, H, S, D) ("bhsd"), unit last stride,
+    not empty; cos / sin (S, R) or (B, S, R); q_out / k_out of q's / k's shape, unit last stride.
     """
-    if inplace:
-        qo, ko = q, k
-    else:
-        qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse=False)
-    return qo, ko
+    _launch(q, k, cos, sin, q_out, k_out, layout, interleaved, inverse=False)
 
 
 @device_guard
-def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool):
-    """dq, dk = apply_rope_bwd(dq_out, dk_out, cos, sin, layout, interleaved): the inverse rotation
-    (transpose of the forward map), into new contiguous tensors."""
-    dq = torch.empty(dq_out.shape, dtype=dq_out.dtype, device=dq_out.device)
-    dk = torch.empty(dk_out.shape, dtype=dk_out.dtype, device=dk_out.device)
+def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool, *, dq, dk):
+    """The inverse rotation (transpose of the forward map) of dq_out / dk_out into dq / dk
+    (allocated by ``fastgen.ops.rope``)."""
     _launch(dq_out, dk_out, cos, sin, dq, dk, layout, interleaved, inverse=True)
-    return dq, dk

@@ -1,8 +1,8 @@
 """CUDA C++ RoPE launchers (``csrc/rope/rope.cu`` through ``fastgen._C``).
 
-Same signatures as the Triton launchers in ``fastgen.kernels.rope``; no autograd
-here (that is ``fastgen.ops.rope``). Inputs are validated upstream; the asserts
-only guard what the kernel relies on.
+Same signatures as the Triton launchers in ``fastgen.kernels.rope``: they launch into
+outputs that ``fastgen.ops.rope`` allocated and never see an empty call; no autograd
+here. Inputs are validated upstream; the asserts only guard what the kernel relies on.
 
     forward  a' = a ca - b sa,  b' = b cb + a sb     (pairs (2j, 2j+1) or (j, j+R/2))
     inverse  a' = a ca + b sb,  b' = b cb - a sa     (the backward)
@@ -25,8 +25,7 @@ __all__ = ["apply_rope_fwd", "apply_rope_bwd"]
 def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
     C = load_extension()
     B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
-    if B * S == 0 or hq + hk == 0 or D == 0:
-        return
+    assert B * S > 0 and hq + hk > 0 and D > 0, "empty calls are answered by fastgen.ops.rope"
     assert q.is_cuda and q.stride(3) == 1 and k.stride(3) == 1 and qo.stride(3) == 1 and ko.stride(3) == 1
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.dtype == sin.dtype and R <= D <= MAX_HEAD_DIM
     if cos.dtype not in (q.dtype, torch.float32):  # the kernel takes x's dtype or fp32 tables
@@ -44,20 +43,11 @@ def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
         ))
 
 
-def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, inplace: bool = False):
-    """q_out, k_out = apply_rope_fwd(q, k, cos, sin, layout, interleaved, inplace); see fastgen.kernels.rope."""
-    if inplace:
-        qo, ko = q, k
-    else:
-        qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse=False)
-    return qo, ko
+def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, *, q_out, k_out):
+    """Rotate q and k into q_out and k_out (q_out is q in place); see fastgen.kernels.rope."""
+    _launch(q, k, cos, sin, q_out, k_out, layout, interleaved, inverse=False)
 
 
-def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool):
-    """dq, dk = apply_rope_bwd(dq_out, dk_out, cos, sin, layout, interleaved): the inverse rotation."""
-    dq = torch.empty(dq_out.shape, dtype=dq_out.dtype, device=dq_out.device)
-    dk = torch.empty(dk_out.shape, dtype=dk_out.dtype, device=dk_out.device)
+def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool, *, dq, dk):
+    """The inverse rotation of dq_out / dk_out into dq / dk; see fastgen.kernels.rope."""
     _launch(dq_out, dk_out, cos, sin, dq, dk, layout, interleaved, inverse=True)
-    return dq, dk
