@@ -141,8 +141,9 @@ def build_distillation(oc, teacher: torch.nn.Module, toc):
         def teacher_fn(x, sigma, cond=None):
             return den(teacher, x, sigma, cond)
 
+        solver = "heun" if oc.teacher_solver == "auto" else oc.teacher_solver
         return ConsistencyDistillationObjective(
-            teacher_fn, num_scales=oc.cd_num_scales, solver="heun" if oc.teacher_solver == "auto" else oc.teacher_solver,
+            teacher_fn, num_scales=oc.cd_num_scales, solver=solver,
             target_decay=oc.target_decay, sigma_max=oc.ct_sigma_max, sigma_data=oc.ct_sigma_data,
             metric="pseudo_huber" if oc.distill_loss == "huber" else "l2",
             student_denoiser=den if oc.init_from_teacher else None)
