@@ -11,6 +11,9 @@ How a module is patched, so that nothing else about it changes:
   processor; the original processor object is kept (``_fastgen_orig_processor``) and
   restored as is by ``unpatch``.
 
+Each rule returns a typed :class:`fastgen.patch.records.Plan` (the ops a site calls, the children
+its kernel absorbs): the patcher decides on it, and the report's text is written from it.
+
 Every patched forward checks at call time that the fastgen op computes the same
 function for these inputs (dtypes, ranks, optional arguments) and otherwise calls
 the original forward, so a patched model never returns a different kind of answer.

@@ -14,6 +14,12 @@ otherwise calls the original ``forward``. Shapes (N = normalized size):
     AdaLayerNormContinuous         emb -> (scale, shift), x = layer_norm_modulate / rms_norm_modulate
     ResnetBlock2D (SiLU)           silu(norm1(x)), silu(norm2(h)) -> group_norm(..., activation="silu")
 
+The AdaLN forwards are ``fastgen.nn.ada_norm``'s (the projection, the chunks and the fused
+modulation, shared with ``fastgen.nn.AdaLayerNormZero`` / ``AdaLayerNormContinuous``); this
+file adds the per-call check and diffusers' unfused math for calls the fused op does not
+reproduce. Each rule returns a :class:`fastgen.patch.records.Plan`, which the patcher and the
+report read.
+
 Numerics: the fastgen ops accumulate in fp32 and round once to ``x.dtype``; for float32
 models that is the same function as the originals up to summation order. diffusers'
 16-bit Ada* paths round the norm before modulating; the fused op rounds once (closer to
