@@ -35,8 +35,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to
-from fastgen.ops._shapes import bsh_strides, table_strides
-from fastgen.ops._shapes import rope_dims as _dims
+from fastgen.ops._shapes import bsh_strides, rope_dims, table_strides
 from fastgen.kernels.rope import _load_pairs, _load_tables, _store_pairs, tile_config
 from fastgen.limits import MAX_HEAD_DIM
 
@@ -256,41 +255,34 @@ def qk_norm_rope_bwd_config(T: int, hq: int, hk: int, D: int, R: int, max_t_prog
 
 
 @device_guard
-def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
-    """q_out, k_out = qk_norm_rope_fwd(q, k, wq (D,), wk (D,), cos, sin, eps, layout, interleaved).
+def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool, *, q_out, k_out):
+    """Launch the forward into q_out / k_out (allocated by ``fastgen.ops.qk_norm_rope``).
 
-    Outputs are new contiguous tensors of q's / k's shape and dtype."""
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+    q / k not empty, unit last stride; wq / wk (D,) contiguous; q_out / k_out of q's / k's shape."""
+    B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
     T = B * S
-    if T == 0 or hq + hk == 0 or D == 0:
-        return qo, ko
+    assert T > 0 and hq + hk > 0 and D > 0, "empty calls are answered by fastgen.ops.qk_norm_rope"
     assert q.stride(3) == 1 and k.stride(3) == 1 and wq.is_contiguous() and wk.is_contiguous()
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and R % 2 == 0 and 2 <= R <= D <= MAX_HEAD_DIM
     cfg = qk_norm_rope_fwd_config(T, hq, hk, D, R, interleaved)
     grid = cfg.pop("grid")
     _qk_norm_rope_fwd_kernel[grid](
-        q, k, wq, wk, qo, ko, cos, sin, T, S, hq, hk, R, D,
-        *bsh_strides(q, layout), *bsh_strides(k, layout), *bsh_strides(qo, layout), *bsh_strides(ko, layout),
+        q, k, wq, wk, q_out, k_out, cos, sin, T, S, hq, hk, R, D,
+        *bsh_strides(q, layout), *bsh_strides(k, layout), *bsh_strides(q_out, layout), *bsh_strides(k_out, layout),
         *table_strides(cos), *table_strides(sin), eps,
         INTERLEAVED=interleaved, HAS_PASS=D > R, INTERPRET=interpreting(), **cfg,
     )
-    return qo, ko
 
 
 @device_guard
-def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
-    """dq, dk, dwq, dwk = qk_norm_rope_bwd(dq_out, dk_out, q, k, wq, wk, cos, sin, eps, layout, interleaved).
-
-    dq / dk new contiguous tensors of q's / k's shape and dtype; dwq / dwk (D,) in the
-    weights' dtypes, from fp32 per-program partials summed in a fixed order (deterministic)."""
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    B, S, hq, hk, D, R = _dims(q, k, cos, layout)
+def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool, *,
+                     dq, dk, dwq, dwk):
+    """Launch the backward into dq / dk (of q's / k's shape) and dwq / dwk ((D,) in the weights'
+    dtypes), allocated by ``fastgen.ops.qk_norm_rope``. The weight gradients are fp32
+    per-program partials summed in a fixed order (deterministic)."""
+    B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
     T = B * S
-    if T == 0 or hq + hk == 0 or D == 0:
-        return dq.zero_(), dk.zero_(), torch.zeros_like(wq), torch.zeros_like(wk)
+    assert T > 0 and hq + hk > 0 and D > 0, "empty calls are answered by fastgen.ops.qk_norm_rope"
     assert dqo.stride(3) == 1 and dko.stride(3) == 1 and q.stride(3) == 1 and k.stride(3) == 1
     assert wq.is_contiguous() and wk.is_contiguous() and cos.stride(-1) == 1 and sin.stride(-1) == 1
     cfg = qk_norm_rope_bwd_config(T, hq, hk, D, R, max_programs(q.device, interpreted=2))
@@ -304,6 +296,5 @@ def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, 
         INTERLEAVED=interleaved, HAS_PASS=D > R, INTERPRET=interpreting(), **cfg,
     )
     # Fixed-order sums of the per-program partials: the deterministic second pass.
-    dwq = partial[:, :n_q].sum((0, 1)).to(wq.dtype)
-    dwk = partial[:, n_q:].sum((0, 1)).to(wk.dtype)
-    return dq, dk, dwq, dwk
+    dwq.copy_(partial[:, :n_q].sum((0, 1)))
+    dwk.copy_(partial[:, n_q:].sum((0, 1)))

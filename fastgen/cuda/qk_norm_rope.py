@@ -1,7 +1,7 @@
 """CUDA C++ fused QK-RMSNorm + RoPE launchers (``csrc/qk_norm_rope/`` through ``fastgen._C``).
 
-Same signatures and return values as the Triton launchers in ``fastgen.kernels.qk_norm_rope``;
-no autograd here (that is ``fastgen.ops.qk_norm_rope``). Inputs are validated upstream; the
+Same signatures as the Triton launchers in ``fastgen.kernels.qk_norm_rope``: they launch into
+outputs that ``fastgen.ops.qk_norm_rope`` allocated and never see an empty call; no autograd here. Inputs are validated upstream; the
 asserts only guard what the kernels rely on. For each head row ``x`` of q or k, in fp32 with
 one rounding at the store::
 
@@ -62,16 +62,13 @@ def _num_partials(rows_q: int, rows_k: int, total: int) -> tuple[int, int]:
     return pq, min(rows_k, max(1, total - pq))
 
 
-def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
-    """q_out, k_out = qk_norm_rope_fwd(q, k, wq (D,), wk (D,), cos, sin, eps, layout, interleaved).
-
-    Outputs are new contiguous tensors of q's / k's shape and dtype."""
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool, *, q_out, k_out):
+    """Launch the forward into q_out / k_out (allocated by ``fastgen.ops.qk_norm_rope``);
+    the arguments of ``fastgen.kernels.qk_norm_rope.qk_norm_rope_fwd``."""
     B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
-    if B * S == 0 or hq + hk == 0 or D == 0:
-        return qo, ko
+    assert B * S > 0 and hq + hk > 0 and D > 0, "empty calls are answered by fastgen.ops.qk_norm_rope"
     C = load_extension()
+    qo, ko = q_out, k_out
     _check((q, k, qo, ko), wq, wk, cos, sin, D, R)
     cos, sin = _tables(cos, sin, q.dtype)
     with torch.cuda.device(q.device):
@@ -86,20 +83,15 @@ def qk_norm_rope_fwd(q, k, wq, wk, cos, sin, eps: float, layout: str, interleave
             x_dtype=dtype_code(q.dtype), wq_dtype=dtype_code(wq.dtype), wk_dtype=dtype_code(wk.dtype),
             table_dtype=dtype_code(cos.dtype), eps=float(eps), interleaved=int(bool(interleaved)), stream=stream,
         ))
-    return qo, ko
 
 
-def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool):
-    """dq, dk, dwq, dwk = qk_norm_rope_bwd(dq_out, dk_out, q, k, wq, wk, cos, sin, eps, layout, interleaved).
-
-    dq / dk new contiguous tensors of q's / k's shape and dtype; dwq / dwk (D,) in the
-    weights' dtypes, from fp32 per-block partials summed in a fixed order (deterministic)."""
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, interleaved: bool, *,
+                     dq, dk, dwq, dwk):
+    """Launch the backward into dq / dk / dwq / dwk (allocated by ``fastgen.ops.qk_norm_rope``); the
+    arguments of ``fastgen.kernels.qk_norm_rope.qk_norm_rope_bwd``. Deterministic."""
     B, S, hq, hk, D, R = rope_dims(q, k, cos, layout)
     T = B * S
-    if T == 0 or hq + hk == 0 or D == 0:
-        return dq.zero_(), dk.zero_(), torch.zeros_like(wq), torch.zeros_like(wk)
+    assert T > 0 and hq + hk > 0 and D > 0, "empty calls are answered by fastgen.ops.qk_norm_rope"
     C = load_extension()
     assert dqo.shape == q.shape and dko.shape == k.shape
     _check((q, k, dqo, dko, dq, dk), wq, wk, cos, sin, D, R)
@@ -121,6 +113,5 @@ def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, 
             num_partials_q=pq, num_partials_k=pk, stream=stream,
         ))
         # Fixed-order sums of the per-block partials: the deterministic second pass.
-        dwq = partial[:pq].sum(0).to(wq.dtype)
-        dwk = partial[pq:].sum(0).to(wk.dtype)
-    return dq, dk, dwq, dwk
+        dwq.copy_(partial[:pq].sum(0))
+        dwk.copy_(partial[pq:].sum(0))

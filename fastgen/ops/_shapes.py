@@ -50,6 +50,17 @@ def rope_dims(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, layout: str) 
     return B, S, hq, hk, q.shape[3], cos.shape[-1]
 
 
+def rope_call_is_empty(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, layout: str) -> bool:
+    """True when a RoPE-family call has nothing to launch: no tokens, no heads of q or k, or D = 0."""
+    B, S, hq, hk, D, _ = rope_dims(q, k, cos, layout)
+    return B * S == 0 or hq + hk == 0 or D == 0
+
+
+def new_like(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of t's shape, dtype and device (a kernel output)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def channels_last_layout(x: torch.Tensor) -> bool:
     """True if x [N, C, S] has channels-last strides (S*C, 1, C), False if contiguous (C*S, S, 1).
 

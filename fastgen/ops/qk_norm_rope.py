@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.backend import launcher, resolve
+from fastgen.ops._shapes import new_like, rope_call_is_empty
 from fastgen.ops.rope import rope_rotate_float, unit_last, validate_qk
 
 # ----------------------------------------------------------------------------- reference
@@ -67,27 +68,38 @@ def _validate(q, k, q_weight, k_weight, cos, sin, eps, layout):
 @torch.library.custom_op("fastgen::qk_norm_rope_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float,
             layout: str, interleaved: bool, impl: str) -> tuple[Tensor, Tensor]:
-    return launcher("qk_norm_rope", impl).qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, layout,
-                                                            interleaved)
+    qo, ko = new_like(q), new_like(k)
+    if not rope_call_is_empty(q, k, cos, layout):
+        launcher("qk_norm_rope", impl).qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, layout, interleaved,
+                                                        q_out=qo, k_out=ko)
+    return qo, ko
 
 
 @_fwd_op.register_fake
 def _(q, k, q_weight, k_weight, cos, sin, eps, layout, interleaved, impl):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    return new_like(q), new_like(k)
+
+
+def _bwd_outputs(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dwq, dwk): contiguous like q / k, the weight gradients like the weights."""
+    return new_like(q), new_like(k), torch.empty_like(q_weight), torch.empty_like(k_weight)
 
 
 @torch.library.custom_op("fastgen::qk_norm_rope_bwd", mutates_args=())
 def _bwd_op(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor,
             sin: Tensor, eps: float, layout: str, interleaved: bool, impl: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return launcher("qk_norm_rope", impl).qk_norm_rope_bwd(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps,
-                                                            layout, interleaved)
+    dq, dk, dwq, dwk = _bwd_outputs(q, k, q_weight, k_weight)
+    if rope_call_is_empty(q, k, cos, layout):
+        return dq.zero_(), dk.zero_(), dwq.zero_(), dwk.zero_()  # sums over no rows
+    launcher("qk_norm_rope", impl).qk_norm_rope_bwd(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps, layout,
+                                                    interleaved, dq=dq, dk=dk, dwq=dwq, dwk=dwk)
+    return dq, dk, dwq, dwk
 
 
 @_bwd_op.register_fake
 def _(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps, layout, interleaved, impl):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty_like(q_weight), torch.empty_like(k_weight))
+    return _bwd_outputs(q, k, q_weight, k_weight)
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fastgen.backend import launcher, resolve
 from fastgen.limits import MAX_HEAD_DIM, rope_reason  # noqa: F401
-from fastgen.ops._shapes import rope_dims
+from fastgen.ops._shapes import new_like, rope_call_is_empty
 
 LAYOUTS = ("bshd", "bhsd")
 
@@ -210,23 +210,12 @@ def unit_last(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _empty_call(q: Tensor, k: Tensor, cos: Tensor, layout: str) -> bool:
-    """True when a RoPE launch has nothing to rotate (no tokens, no heads of q or k, or D = 0)."""
-    B, S, hq, hk, D, _ = rope_dims(q, k, cos, layout)
-    return B * S == 0 or hq + hk == 0 or D == 0
-
-
-def _like(t: Tensor) -> Tensor:
-    """A new contiguous tensor of t's shape and dtype (a kernel output)."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 @torch.library.custom_op("fastgen::apply_rope", mutates_args=())
 def _apply_rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, interleaved: bool, inverse: bool,
                    impl: str) -> tuple[Tensor, Tensor]:
     """Out-of-place rotation (inverse=True: by minus the angle, the backward); new contiguous outputs."""
-    qo, ko = _like(q), _like(k)
-    if not _empty_call(q, k, cos, layout):
+    qo, ko = new_like(q), new_like(k)
+    if not rope_call_is_empty(q, k, cos, layout):
         L = launcher("apply_rope", impl)
         if inverse:
             L.apply_rope_bwd(q, k, cos, sin, layout, interleaved, dq=qo, dk=ko)
@@ -237,14 +226,14 @@ def _apply_rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, 
 
 @_apply_rope_op.register_fake
 def _(q, k, cos, sin, layout, interleaved, inverse, impl):
-    return _like(q), _like(k)
+    return new_like(q), new_like(k)
 
 
 @torch.library.custom_op("fastgen::apply_rope_", mutates_args=("q", "k"))
 def _apply_rope_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, interleaved: bool,
                            impl: str) -> None:
     """In-place rotation of q and k (unit last stride)."""
-    if not _empty_call(q, k, cos, layout):
+    if not rope_call_is_empty(q, k, cos, layout):
         launcher("apply_rope", impl).apply_rope_fwd(q, k, cos, sin, layout, interleaved, q_out=q, k_out=k)
 
 
