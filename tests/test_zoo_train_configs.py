@@ -107,6 +107,7 @@ BAD = [
     ({"train": {"steps": "10"}}, "train.steps must be int, got str"),
     ({"train": {"steps": 0}}, "train.steps must be > 0, got 0"),
     ({"train": {"device": "tpu"}}, "train.device must be one of 'cpu', 'cuda', got 'tpu'"),
+    ({"zoo": {"model": "consistency"}, "train": {"device": "cuda"}}, "train.device = 'cuda' is not supported"),
     ({"optim": {"betas": [1.2, 0.9]}}, r"optim.betas must be two numbers in \[0, 1\)"),
     ({"optim": {"name": "sgd"}}, "optim.name must be one of 'adamw', 'lion'"),
     ({"optim": {"ema_decay": 1.0}}, r"optim.ema_decay must be in \[0, 1\)"),

@@ -4,6 +4,10 @@ One readable file per model, ``fastgen/zoo/<name>.py``: a config dataclass at th
 modules, the loss and the sampler. ``fastgen.zoo.data`` generates the datasets the tests and
 docs train on (16x16 coloured shapes, 2-D two moons and Gaussian mixtures). Pages: ``docs/zoo/``.
 
+Every model speaks one training protocol (``optimizer_params()``, ``train_step(batch, optimizers,
+step, generator)``, ``measure(test, ...)``), which ``fastgen train configs/zoo/<model>.toml``
+drives: ``fastgen.zoo.train`` (the runner) and ``fastgen.zoo.train_config`` (its TOML schema).
+
 Names are imported on first use, so ``import fastgen`` stays light.
 """
 

@@ -128,7 +128,11 @@ class ScoreSDE(nn.Module):
     def _langevin(self, x: Tensor, t: Tensor, generator) -> Tensor:
         s = self(x, t)
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        step = 2 * (self.config.snr * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
+        s_norm = s.norm(dim=1).mean()
+        step = 2 * (self.config.snr * z.norm(dim=1).mean() / s_norm) ** 2
+        # a zero score (the untrained, zero-initialised network) leaves the step size undefined
+        # (0 / 0): no correction then, instead of NaN samples
+        step = torch.where(s_norm > 0, step, torch.zeros_like(step))
         return x + step * s + (2 * step).sqrt() * z
 
     @torch.no_grad()

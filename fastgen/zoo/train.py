@@ -166,6 +166,8 @@ class ZooTrainer:
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         os.makedirs(self.out, exist_ok=True)
         self.model.train()
+        if self.step >= end:
+            self.log(f"fastgen train: already at step {self.step} of {t.steps}; nothing to train")
         if self.step == 0 and self.cfg.measure.at_start and "start" not in self.measures:
             self._record("start")
         bar = _progress_bar(t.steps, self.step, disable=not t.progress)

@@ -89,7 +89,8 @@ class TrainSection:
     steps: int = _f(300, "training steps (one train_step each: for the GANs one D and one G update)")
     batch_size: int = _f(64, "examples per batch (per critic step for wgangp)")
     seed: int = _f(0, "seed of the model init (torch.manual_seed) and of the batch and noise generator")
-    device: str = _f("cpu", "'cpu' or 'cuda'")
+    device: str = _f("cpu", "'cpu' or 'cuda' (not yet run on a GPU; consistency needs 'cpu': its objective "
+                            "draws noise levels with a CPU generator)")
     threads: int = _f(0, "torch intra-op threads; 0 = leave torch's default (1 is fastest for these tiny "
                          "models on a small shared CPU)")
     log_every: int = _f(10, "steps per row of log.csv (the mean of the window's losses)")
@@ -207,6 +208,9 @@ class ZooConfig:
         if not 0.0 <= op.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {op.ema_decay}")
         _one_of("train.device", t.device, ("cpu", "cuda"))
+        if t.device == "cuda" and z.model == "consistency":
+            raise ConfigError("train.device = 'cuda' is not supported for zoo.model = 'consistency' (its iCT "
+                              "objective draws noise levels with a CPU generator); use 'cpu'")
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict:
@@ -280,7 +284,9 @@ def _reject_unknown(prefix: str, d: dict, known: list, known_note: str = "") -> 
     for key in d:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else (known_note or f" (known: {', '.join(known)})")
+            hint = known_note or f" (known: {', '.join(known)})"
+            if close:
+                hint = f" (did you mean '{prefix}{close[0]}'?)"
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
