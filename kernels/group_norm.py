@@ -521,19 +521,16 @@ def combine_config(splits: int, K: int | None = None) -> dict:
 
 
 @device_guard
-def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
-    """y, mean, rstd = group_norm_fwd(x [N, C, S], weight [C] | None, bias [C] | None, num_groups, eps, silu).
+def group_norm_fwd(x, weight, bias, num_groups, eps, silu, *, y, mean, rstd):
+    """Launch the forward into y, mean and rstd (allocated by ``fastgen.ops.group_norm``).
 
+    x [N, C, S] not empty, contiguous or channels-last; weight / bias [C] | None;
     y [N, C, S] in x.dtype with the strides of x; mean, rstd [N * num_groups] fp32.
     """
     N, C, S = x.shape
     G = num_groups
     cl = channels_last_layout(x)
-    y = torch.empty_like(x)
-    mean = torch.empty((N * G,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((N * G,), dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        return y, mean, rstd
+    assert x.numel() > 0 and y.stride() == x.stride(), "empty calls are answered by fastgen.ops.group_norm"
     K = C // G
     cfg = group_norm_config(N, C, S, G)
     splits = cfg["splits"]
@@ -545,7 +542,7 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
     if splits == 1:
         _group_norm_fwd_kernel[(N * G,)](x, w_arg, b_arg, y, mean, rstd, C, S, G, K, cfg["iters"], eps,
                                          **flags, **tile)
-        return y, mean, rstd
+        return
     part = torch.empty((N * G, splits, 3), dtype=torch.float32, device=x.device)
     _group_norm_stats_kernel[(N * G, splits)](x, part, C, S, G, K, cfg["chunk_s"], cfg["iters"],
                                               CHANNELS_LAST=cl, **tile)
@@ -554,7 +551,6 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
                                          BLOCK_SP=ccfg["BLOCK_SP"], num_warps=ccfg["num_warps"])
     _group_norm_apply_kernel[(N * G, splits)](x, w_arg, b_arg, mean, rstd, y, C, S, G, K, cfg["chunk_s"],
                                               cfg["iters"], **flags, **tile)
-    return y, mean, rstd
 
 
 @device_guard
@@ -581,21 +577,18 @@ def group_norm_apply(x, weight, bias, mean, rstd, num_groups, silu):
 
 
 @device_guard
-def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
-    """dx, dw, db = group_norm_bwd(dy [N, C, S], x [N, C, S], weight [C] | None, bias [C] | None,
-    mean [N*G], rstd [N*G], num_groups, silu).
+def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu, *, dx, dw, db):
+    """Launch the backward into dx, dw and db (allocated by ``fastgen.ops.group_norm``).
 
-    dy must have the strides of x; dx [N, C, S] in x.dtype with the strides of x; dw / db [C]
-    in the dtype of weight / bias, or None when absent. Deterministic (no atomics).
+    dy, x [N, C, S] not empty, dy with the strides of x, weight / bias [C] | None, mean / rstd
+    [N*G] fp32; dx [N, C, S] in x.dtype with the strides of x; dw / db [C] in the dtype of
+    weight / bias (None when absent). Deterministic (no atomics).
     """
     N, C, S = x.shape
     G = num_groups
     cl = channels_last_layout(x)
-    assert dy.shape == x.shape and dy.dtype == x.dtype and (x.numel() == 0 or dy.stride() == x.stride())
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
-        zero = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
-        return dx, zero(weight), zero(bias)
+    assert dy.shape == x.shape and dy.dtype == x.dtype and dy.stride() == x.stride() == dx.stride()
+    assert x.numel() > 0, "empty calls are answered by fastgen.ops.group_norm"
     K = C // G
     cfg = group_norm_config(N, C, S, G)
     splits = cfg["splits"]
@@ -608,24 +601,23 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
     if splits == 1:
         _group_norm_bwd_kernel[(N * G,)](dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, dx, C, S, G, K, cfg["iters"],
                                          1.0 / (K * S), INTERPRET=interpreting(), **flags, **tile)
-        return dx, _param_grad(dwp, weight), _param_grad(dbp, bias)
-    _group_norm_bwd_reduce_kernel[(N * G, splits)](
-        dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, C, S, G, K, cfg["chunk_s"], cfg["iters"], **flags, **tile,
-    )
-    c1 = torch.empty((N * G,), dtype=torch.float32, device=x.device)
-    c2 = torch.empty((N * G,), dtype=torch.float32, device=x.device)
-    ccfg = combine_config(splits, K)
-    _group_norm_bwd_combine_kernel[(N * G,)](
-        dwp, dbp, w_arg, c1, c2, C, G, K, splits, ccfg["iters"], 1.0 / (K * S),
-        HAS_W=weight is not None, BLOCK_SP=ccfg["BLOCK_SP"], BLOCK_K=cfg["BLOCK_K"], num_warps=ccfg["num_warps"],
-    )
-    _group_norm_bwd_dx_kernel[(N * G, splits)](
-        dy, x, w_arg, b_arg, mean, rstd, c1, c2, dx, C, S, G, K, cfg["chunk_s"], cfg["iters"],
-        INTERPRET=interpreting(), **flags, **tile,
-    )
-    return dx, _param_grad(dwp, weight), _param_grad(dbp, bias)
-
-
-def _param_grad(partial, param):
-    """Fixed-order sum of the per-program partials [P, C] (the deterministic second pass), or None."""
-    return None if param is None else partial.sum(0).to(param.dtype)
+    else:
+        _group_norm_bwd_reduce_kernel[(N * G, splits)](
+            dy, x, w_arg, b_arg, mean, rstd, dwp, dbp, C, S, G, K, cfg["chunk_s"], cfg["iters"], **flags, **tile,
+        )
+        c1 = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+        c2 = torch.empty((N * G,), dtype=torch.float32, device=x.device)
+        ccfg = combine_config(splits, K)
+        _group_norm_bwd_combine_kernel[(N * G,)](
+            dwp, dbp, w_arg, c1, c2, C, G, K, splits, ccfg["iters"], 1.0 / (K * S),
+            HAS_W=weight is not None, BLOCK_SP=ccfg["BLOCK_SP"], BLOCK_K=cfg["BLOCK_K"], num_warps=ccfg["num_warps"],
+        )
+        _group_norm_bwd_dx_kernel[(N * G, splits)](
+            dy, x, w_arg, b_arg, mean, rstd, c1, c2, dx, C, S, G, K, cfg["chunk_s"], cfg["iters"],
+            INTERPRET=interpreting(), **flags, **tile,
+        )
+    # Fixed-order sums of the per-program partials [P, C]: the deterministic second pass.
+    if dw is not None:
+        dw.copy_(dwp.sum(0))
+    if db is not None:
+        db.copy_(dbp.sum(0))

@@ -1,8 +1,9 @@
 """CUDA C++ GroupNorm (+ fused SiLU) launchers (``csrc/group_norm/group_norm.cu`` through ``fastgen._C``).
 
-Same signatures as the Triton launchers in ``fastgen.kernels.group_norm``; no
-autograd here (that is ``fastgen.ops.group_norm``). Inputs are validated upstream;
-the asserts below only guard the invariants the kernels rely on.
+Same signatures as the Triton launchers in ``fastgen.kernels.group_norm``: they launch
+into outputs that ``fastgen.ops.group_norm`` allocated and never see an empty tensor; no
+autograd here. Inputs are validated upstream; the asserts below only guard the
+invariants the kernels rely on.
 
 ``x`` is ``[N, C, S]``, contiguous or with channels-last strides ``(S*C, 1, C)``;
 outputs have the strides of ``x``. With ``K = C / G`` and ``L = K * S`` per group:
@@ -46,11 +47,9 @@ def _param_dtype(weight, bias, x):
     return x.dtype
 
 
-def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
-    """y, mean, rstd = group_norm_fwd(x [N, C, S], weight [C] | None, bias [C] | None, num_groups, eps, silu).
-
-    y [N, C, S] in x.dtype with the strides of x; mean, rstd [N * num_groups] fp32.
-    """
+def group_norm_fwd(x, weight, bias, num_groups, eps, silu, *, y, mean, rstd):
+    """Launch the forward into y, mean and rstd (allocated by ``fastgen.ops.group_norm``); the
+    arguments of ``fastgen.kernels.group_norm.group_norm_fwd``: x [N, C, S] not empty."""
     ext = load_extension()
     assert x.is_cuda and x.dim() == 3
     N, C, S = x.shape
@@ -59,11 +58,8 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
     pdt = _param_dtype(weight, bias, x)
     for t in (weight, bias):
         assert t is None or (t.shape == (C,) and t.is_contiguous() and t.device == x.device and t.dtype == pdt)
-    y = torch.empty_like(x)
-    mean = torch.empty((N * G,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((N * G,), dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        return y, mean, rstd
+    assert x.numel() > 0 and y.stride() == x.stride(), "empty calls are answered by fastgen.ops.group_norm"
+    assert mean.shape == rstd.shape == (N * G,)
     cfg = cuda_config(N, C, S, G)
     part = None
     if cfg["splits"] > 1:
@@ -81,30 +77,22 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu):
             N=N, C=C, S=S, G=G, channels_last=int(cl), splits=cfg["splits"], chunk_s=cfg["chunk_s"],
             x_dtype=dtype_code(x.dtype), w_dtype=dtype_code(pdt), eps=float(eps), silu=int(bool(silu)), stream=stream,
         ))
-    return y, mean, rstd
 
 
-def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
-    """dx, dw, db = group_norm_bwd(dy [N, C, S], x [N, C, S], weight [C] | None, bias [C] | None,
-    mean [N*G], rstd [N*G], num_groups, silu).
-
-    dy must have the strides of x; dx [N, C, S] in x.dtype with the strides of x; dw / db [C]
-    in the dtype of weight / bias, or None when absent. Deterministic (no atomics).
-    """
+def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu, *, dx, dw, db):
+    """Launch the backward into dx, dw and db (allocated by ``fastgen.ops.group_norm``); the
+    arguments of ``fastgen.kernels.group_norm.group_norm_bwd``. Deterministic (no atomics)."""
     ext = load_extension()
     assert x.is_cuda and x.dim() == 3 and dy.shape == x.shape and dy.dtype == x.dtype
     N, C, S = x.shape
     G = num_groups
     cl = channels_last_layout(x)
-    assert x.numel() == 0 or dy.stride() == x.stride()
+    assert x.numel() > 0, "empty calls are answered by fastgen.ops.group_norm"
+    assert dy.stride() == x.stride() == dx.stride()
     assert mean.dtype == rstd.dtype == torch.float32 and mean.numel() == rstd.numel() == N * G
     pdt = _param_dtype(weight, bias, x)
     for t in (weight, bias):
         assert t is None or (t.shape == (C,) and t.is_contiguous() and t.dtype == pdt)
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
-        zero = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
-        return dx, zero(weight), zero(bias)
     cfg = cuda_config(N, C, S, G)
     dwp = torch.empty((N * cfg["splits"], C), dtype=torch.float32, device=x.device)
     dbp = torch.empty((N * cfg["splits"], C), dtype=torch.float32, device=x.device)
@@ -126,6 +114,7 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
             x_dtype=dtype_code(x.dtype), w_dtype=dtype_code(pdt), silu=int(bool(silu)), stream=stream,
         ))
         # Fixed-order sums of the per-block partials: the deterministic second pass.
-        dw = None if weight is None else dwp.sum(0).to(weight.dtype)
-        db = None if bias is None else dbp.sum(0).to(bias.dtype)
-    return dx, dw, db
+        if dw is not None:
+            dw.copy_(dwp.sum(0))
+        if db is not None:
+            db.copy_(dbp.sum(0))

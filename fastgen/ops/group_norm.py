@@ -107,18 +107,33 @@ def _as_ncs(t: Tensor, fmt: Optional[torch.memory_format]) -> Tensor:
 # ----------------------------------------------------------------------------- torch.library ops
 
 
+def _fwd_outputs(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(y like x with its strides, mean [N*G] fp32, rstd [N*G] fp32), allocated for x [N, C, S]."""
+    n = x.shape[0] * num_groups
+    return torch.empty_like(x), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+
+
+def _bwd_outputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx like x with its strides, dw [C] like weight or [0], db [C] like bias or [0]), allocated."""
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(x), dw, db
+
+
 @torch.library.custom_op("fastgen::group_norm_fwd", mutates_args=())
 def _group_norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float, silu: bool, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [N, C, S] with the strides of x, mean [N*G] fp32, rstd [N*G] fp32) from x [N, C, S]."""
-    return launcher("group_norm", impl).group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+    y, mean, rstd = _fwd_outputs(x, num_groups)
+    if x.numel():
+        launcher("group_norm", impl).group_norm_fwd(x, weight, bias, num_groups, eps, silu, y=y, mean=mean, rstd=rstd)
+    return y, mean, rstd
 
 
 @_group_norm_fwd_op.register_fake
 def _(x, weight, bias, num_groups, eps, silu, impl):
-    n = x.shape[0] * num_groups
-    return torch.empty_like(x), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+    return _fwd_outputs(x, num_groups)
 
 
 @torch.library.custom_op("fastgen::group_norm_bwd", mutates_args=())
@@ -134,15 +149,18 @@ def _group_norm_bwd_op(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx [N, C, S] with the strides of x, dw [C] or [0] without a weight, db [C] or [0] without a bias)."""
-    dx, dw, db = launcher("group_norm", impl).group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
-    return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
+    dx, dw, db = _bwd_outputs(x, weight, bias)
+    if x.numel() == 0:  # the parameter gradients are sums over no elements
+        return dx, dw.zero_(), db.zero_()
+    launcher("group_norm", impl).group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu, dx=dx,
+                                                dw=dw if weight is not None else None,
+                                                db=db if bias is not None else None)
+    return dx, dw, db
 
 
 @_group_norm_bwd_op.register_fake
 def _(dy, x, weight, bias, mean, rstd, num_groups, silu, impl):
-    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
-    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(x), dw, db
+    return _bwd_outputs(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------- autograd
