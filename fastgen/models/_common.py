@@ -156,13 +156,14 @@ class _GeluLinear(torch.autograd.Function):
     def backward(ctx, dy):
         u, weight = ctx.saved_tensors
         du = dw = db = None
+        ct = dy.dtype  # the forward's GEMM dtype (bf16 under autocast with fp32 weights)
         if ctx.needs_input_grad[0]:
-            du = torch.ops.aten.gelu_backward(dy @ weight, u, approximate=ctx.approximate)
+            du = torch.ops.aten.gelu_backward((dy @ weight.to(ct)).to(u.dtype), u, approximate=ctx.approximate)
         if ctx.needs_input_grad[1]:
-            g = F.gelu(u, approximate=ctx.approximate)
-            dw = dy.reshape(-1, dy.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+            g = F.gelu(u, approximate=ctx.approximate).to(ct)
+            dw = (dy.reshape(-1, dy.shape[-1]).t() @ g.reshape(-1, g.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+            db = dy.reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
         return du, dw, db, None
 
 
@@ -217,12 +218,16 @@ def _mod_grad(g: Tensor, like: Tensor, x: Tensor) -> Tensor:
 
 
 def _linear_backward(dy: Tensor, h: Tensor, weight: Tensor, has_bias: bool, needs):
-    dh = dy @ weight
+    """Gradients of ``F.linear(h, weight, bias)``: the GEMMs run in ``dy``'s dtype (the forward's,
+    bf16 under autocast with fp32 weights, as autocast's own linear does); each gradient comes back
+    in its input's dtype. Without autocast every cast is a no-op."""
+    ct = dy.dtype
+    dh = (dy @ weight.to(ct)).to(h.dtype)
     dw = db = None
     if needs[0]:
-        dw = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+        dw = (dy.reshape(-1, dy.shape[-1]).t() @ h.to(ct).reshape(-1, h.shape[-1])).to(weight.dtype)
     if has_bias and needs[1]:
-        db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        db = dy.reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
     return dh, dw, db
 
 
