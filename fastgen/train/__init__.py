@@ -5,7 +5,9 @@
 
 Parts (each usable alone): ``objectives`` (denoising and flow-matching losses, timestep
 sampling, weightings, condition dropout), ``consistency`` (improved consistency training and
-consistency distillation), ``lcm`` (LCM distillation of a guided latent teacher),
+consistency distillation; ``ModelDenoiser`` turns a flow or DDPM teacher into the denoiser it
+needs), ``lcm`` (LCM distillation of a guided latent teacher); both distillations are selected
+by ``[objective] kind`` in the config,
 ``config`` (the TOML config), ``data`` (image folder, buckets, resumable sharded order),
 ``checkpoint`` (atomic, verified checkpoints), ``sampling`` (validation samples), ``cache``
 (latent and text-embedding caches), ``text`` (text-conditional training), ``distributed``
@@ -14,11 +16,14 @@ See docs/train.md.
 """
 
 from fastgen.train.config import Config, ConfigError
-from fastgen.train.consistency import ConsistencyDistillationObjective, ConsistencyTrainingObjective
+from fastgen.train.consistency import (ConsistencyDistillationObjective, ConsistencyTrainingObjective,
+                                       ModelDenoiser)
+from fastgen.train.lcm import LCMDistillationObjective
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions
 
-__all__ = ["Config", "ConfigError", "ConsistencyDistillationObjective", "ConsistencyTrainingObjective", "DenoisingObjective", "FlowMatchingObjective",
-           "Trainer", "drop_conditions"]
+__all__ = ["Config", "ConfigError", "ConsistencyDistillationObjective", "ConsistencyTrainingObjective",
+           "DenoisingObjective", "FlowMatchingObjective", "LCMDistillationObjective", "ModelDenoiser", "Trainer",
+           "drop_conditions"]
 
 
 def __getattr__(name: str):
