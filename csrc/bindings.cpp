@@ -20,6 +20,7 @@
 #include "rope/rope.h"
 #include "qk_norm_rope/qk_norm_rope.h"
 #include "optim/optim.h"
+#include "optim/schedulefree.h"
 #include "params.h"
 
 #ifndef FASTGEN_ARCHS
@@ -157,4 +158,8 @@ PYBIND11_MODULE(_C, m) {
            "g *= coef in place over lists of tensors; coef_ptr: address of an fp32 device scalar.");
   FG_ENTRY(MultiTensorEmaParams, FG_MULTI_TENSOR_EMA, multi_tensor_ema,
            "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
+  FG_ENTRY(MultiTensorSchedulefreeParams, FG_MULTI_TENSOR_SCHEDULEFREE, multi_tensor_schedulefree,
+           "Schedule-free AdamW over lists of tensors (y, g, z, v tables): this step's scalars [1 - beta2^(k+1), c, "
+           "lr (beta1 (1 - c) - 1), lr] read from scalars_ptr (4 fp32 device values); fp32 math, one rounding per "
+           "store.");
 }

@@ -52,6 +52,8 @@ FUNCTORS = {
     "NormOp": dict(operands=(("g", 0, "r"),), elems=16),
     "ScaleOp": dict(operands=(("g", 0, "rw"),), elems=16),
     "EmaOp": dict(operands=(("s", 0, "rw"), ("p", 1, "r")), elems=16),
+    # ScheduleFreeOp<P> (optim/schedulefree.cu): y, g, z, v, all of the parameters' dtype
+    "ScheduleFreeOp": dict(operands=(("y", 0, "rw"), ("g", 0, "r"), ("z", 0, "rw"), ("v", 0, "rw")), elems=8),
 }
 TYPE_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
 
@@ -64,6 +66,7 @@ METADATA = {
     "NormOp": (3 + 1, 1, "chunk id / offset / numel, 1 table address; the chunk's fp32 partial"),
     "ScaleOp": (3 + 1 + 1, 0, "chunk id / offset / numel, 1 table address, the clip coefficient (fp32)"),
     "EmaOp": (3 + 2, 0, "chunk id / offset / numel, 2 table addresses"),
+    "ScheduleFreeOp": (3 + 4 + 4, 0, "chunk id / offset / numel, 4 table addresses, the step's 4 fp32 scalars"),
 }
 # Kernels that are not functors, with why their accesses are narrow.
 OTHER_KERNELS = {
@@ -137,7 +140,7 @@ def access_widths(body: str) -> collections.Counter:
 
 def functor_of(name: str) -> tuple[str, list[str]] | None:
     """("AdamWOp", ["__nv_bfloat16", "float"]) from a demangled multi_tensor_apply_kernel name."""
-    m = re.search(r"(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp)<([^>]*)>", name)
+    m = re.search(r"(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|ScheduleFreeOp)<([^>]*)>", name)
     if m is None:
         return None
     types = [t.strip() for t in m.group(2).split(",") if t.strip() in TYPE_BYTES]

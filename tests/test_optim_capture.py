@@ -279,13 +279,21 @@ def _capture_and_replay(step, replays):
     torch.cuda.synchronize()
 
 
+def _skip_unless_built(backend):
+    from fastgen.cuda import extension_info
+
+    if backend == "cuda" and not extension_info()["built"]:
+        pytest.skip(f"fastgen._C is not built: {extension_info()['error']}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_schedulefree_step_captures_in_a_cuda_graph(backend, dtype):
     """Warm-up across the replays (the schedule changes at every one), a tensor lr, weight decay
     and r: N replays of one captured step equal N eager steps, and the schedule advanced N times."""
+    _skip_unless_built(backend)
     replays = 6
     runs = []
     for captured in (True, False):

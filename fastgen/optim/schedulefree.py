@@ -25,8 +25,9 @@ and every replay advances the schedule. ``state_dict()`` writes the schedule as 
 Python numbers (``k`` an int), and ``load_state_dict`` takes either layout, writing into the
 existing tensors (a captured graph keeps reading them).
 
-The elementwise update is one multi-tensor Triton pass per dtype mix (``backend="triton"``,
-``kernels/schedulefree.py``: y, g, z, v read, y, z, v written) or ``torch._foreach_*``
+The elementwise update is one multi-tensor pass per dtype mix (``backend="triton"``,
+``kernels/schedulefree.py``, or ``backend="cuda"``, ``csrc/optim/schedulefree.cu``: y, g, z, v
+read, y, z, v written, 16-byte accesses) or ``torch._foreach_*``
 launches (``backend="torch"``, the default on CPU; the package's sequence for fp32
 parameters, fp32 math tensor by tensor for bf16 / fp16 ones); unlike the package it leaves
 ``p.grad`` untouched (the package divides it in place).
@@ -58,8 +59,8 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
 
     Args: ``lr`` (0.0025; a float or a 0-d tensor, read on the device), ``betas``, ``eps``,
     ``weight_decay``, ``warmup_steps``, ``r``, ``weight_lr_power`` as the package; ``foreach``
-    accepted and ignored; ``backend`` ``"auto" | "triton" | "torch"`` (CUDA C++: where the
-    extension has the kernel). Call ``train()`` before training steps and ``eval()`` before
+    accepted and ignored; ``backend`` ``"auto" | "triton" | "cuda" | "torch"`` (``"cuda"``: the
+    multi-tensor functor of ``csrc/optim/schedulefree.cu``). Call ``train()`` before training steps and ``eval()`` before
     evaluating or saving the model. The schedule (``k``, ``lr_max``, ``weight_sum``,
     ``scheduled_lr`` of each group) is kept in float64 device tensors: a step never syncs with
     the host and can be captured in a CUDA graph after one eager step.
@@ -149,9 +150,9 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
             buckets, fallback = bucket([(p, p.grad, self.state[p]["z"], self.state[p]["exp_avg_sq"]) for p in ys])
             for (device, _, _), lists in buckets.items():
                 same = all(t.dtype == lists[0][0].dtype for lst in (lists[2], lists[3]) for t in lst)
-                impl = resolve("schedulefree", self.backend, device,
-                               {"triton": None if same else "z and exp_avg_sq must have the parameter's dtype",
-                                "cuda": None if same else "z and exp_avg_sq must have the parameter's dtype"})
+                states = None if same else "z and exp_avg_sq must have the parameter's dtype"
+                grads = None if lists[1][0].dtype == lists[0][0].dtype else "gradients of the parameters' dtype"
+                impl = resolve("schedulefree", self.backend, device, {"triton": states, "cuda": states or grads})
                 if impl in ("triton", "cuda"):
                     launcher("schedulefree", impl).schedulefree_step(*lists, scalars=s32.to(device), **consts)
                 else:
