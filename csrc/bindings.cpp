@@ -20,7 +20,6 @@
 #include "rope/rope.h"
 #include "qk_norm_rope/qk_norm_rope.h"
 #include "optim/optim.h"
-#include "optim/schedulefree.h"
 #include "params.h"
 
 #ifndef FASTGEN_ARCHS
@@ -156,10 +155,10 @@ PYBIND11_MODULE(_C, m) {
            "into *total_ptr and, unless coef_ptr is 0, min(1, max_norm / (total + 1e-6)) into *coef_ptr.");
   FG_ENTRY(MultiTensorScaleParams, FG_MULTI_TENSOR_SCALE, multi_tensor_scale,
            "g *= coef in place over lists of tensors; coef_ptr: address of an fp32 device scalar.");
+  FG_ENTRY(MultiTensorAdamw8bitParams, FG_MULTI_TENSOR_ADAMW8BIT, multi_tensor_adamw8bit,
+           "8-bit AdamW over lists of tensors (block-wise dynamic quantization, 256 elements per fp32 absmax): "
+           "dequantize, update in fp32, requantize in one pass; chunk 4096; maps: SMAP, SBOUND, UMAP, UBOUND "
+           "(4 x 256 fp32); optional clip coefficient (coef_ptr) and EMA shadows (sh_list, ema_weight = 1 - decay).");
   FG_ENTRY(MultiTensorEmaParams, FG_MULTI_TENSOR_EMA, multi_tensor_ema,
            "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
-  FG_ENTRY(MultiTensorSchedulefreeParams, FG_MULTI_TENSOR_SCHEDULEFREE, multi_tensor_schedulefree,
-           "Schedule-free AdamW over lists of tensors (y, g, z, v tables): this step's scalars [1 - beta2^(k+1), c, "
-           "lr (beta1 (1 - c) - 1), lr] read from scalars_ptr (4 fp32 device values); fp32 math, one rounding per "
-           "store.");
 }

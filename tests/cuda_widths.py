@@ -52,10 +52,12 @@ FUNCTORS = {
     "NormOp": dict(operands=(("g", 0, "r"),), elems=16),
     "ScaleOp": dict(operands=(("g", 0, "rw"),), elems=16),
     "EmaOp": dict(operands=(("s", 0, "rw"), ("p", 1, "r")), elems=16),
-    # ScheduleFreeOp<P> (optim/schedulefree.cu): y, g, z, v, all of the parameters' dtype
-    "ScheduleFreeOp": dict(operands=(("y", 0, "rw"), ("g", 0, "r"), ("z", 0, "rw"), ("v", 0, "rw")), elems=8),
+    # AdamW8bitOp<P, SH> (optim/adamw8bit.cu): 16 elements per thread; uint8 codes; the EMA shadow only
+    # when SH is a type (NoShadow otherwise). The per-block absmax are metadata (one fp32 per 256 elements).
+    "AdamW8bitOp": dict(operands=(("p", 0, "rw"), ("g", 0, "r"), ("qm", "unsigned char", "rw"),
+                                  ("qv", "unsigned char", "rw"), ("shadow", 1, "rw")), elems=16),
 }
-TYPE_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
+TYPE_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2, "unsigned char": 1}
 
 # Narrow accesses of the vector-path-only build that are not the hot path, per functor (upper
 # bounds: the compiler may merge some). Every multi_tensor_apply_kernel reads its chunk's tensor id
@@ -66,7 +68,9 @@ METADATA = {
     "NormOp": (3 + 1, 1, "chunk id / offset / numel, 1 table address; the chunk's fp32 partial"),
     "ScaleOp": (3 + 1 + 1, 0, "chunk id / offset / numel, 1 table address, the clip coefficient (fp32)"),
     "EmaOp": (3 + 2, 0, "chunk id / offset / numel, 2 table addresses"),
-    "ScheduleFreeOp": (3 + 4 + 4, 0, "chunk id / offset / numel, 4 table addresses, the step's 4 fp32 scalars"),
+    "AdamW8bitOp": (3 + 8 + 3 + 2 + 4, 2, "chunk id / offset / numel, 8 table addresses, step / lr / clip "
+                    "coefficient, the block's two fp32 absmax (one per 256 elements) read and written, the 4 x 256 "
+                    "quantization tables copied to shared memory (4-byte loads, once per chunk)"),
 }
 # Kernels that are not functors, with why their accesses are narrow.
 OTHER_KERNELS = {
@@ -140,7 +144,7 @@ def access_widths(body: str) -> collections.Counter:
 
 def functor_of(name: str) -> tuple[str, list[str]] | None:
     """("AdamWOp", ["__nv_bfloat16", "float"]) from a demangled multi_tensor_apply_kernel name."""
-    m = re.search(r"(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|ScheduleFreeOp)<([^>]*)>", name)
+    m = re.search(r"\b(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|AdamW8bitOp)<([^>]*)>", name)
     if m is None:
         return None
     types = [t.strip() for t in m.group(2).split(",") if t.strip() in TYPE_BYTES]
@@ -150,11 +154,12 @@ def functor_of(name: str) -> tuple[str, list[str]] | None:
 def expected(functor: str, types: list[str]) -> dict:
     """The hot path's 16-byte loads and stores, and the scalar path's narrow ones, from FUNCTORS."""
     spec = FUNCTORS[functor]
-    sizes = [TYPE_BYTES[types[i]] for _, i, _ in spec["operands"]]
+    # an operand typed by a template argument the functor does not have (8-bit AdamW's NoShadow) is absent
+    ops = [op for op in spec["operands"] if isinstance(op[1], str) or op[1] < len(types)]
+    sizes = [TYPE_BYTES[i if isinstance(i, str) else types[i]] for _, i, _ in ops]
     vec = 16 // min(sizes)
-    unroll = spec["elems"] // vec
+    unroll = max(1, spec["elems"] // vec)
     pieces = [vec * s // 16 for s in sizes]
-    ops = spec["operands"]
     return {
         "ld16": unroll * sum(pc for pc, (_, _, rw) in zip(pieces, ops) if "r" in rw),
         "st16": unroll * sum(pc for pc, (_, _, rw) in zip(pieces, ops) if "w" in rw),

@@ -32,9 +32,9 @@ STEPS = {
     "lion": ("triton", "cuda", "torch"),
     "ema": ("triton", "cuda", "torch"),
     "clip_grad_norm_": ("triton", "cuda", "torch"),
-    "adamw8bit": ("triton", "torch"),
+    "adamw8bit": ("triton", "cuda", "torch"),
     "prodigy": ("triton", "torch"),
-    "schedulefree": ("triton", "cuda", "torch"),
+    "schedulefree": ("triton", "torch"),
     # the adapters' kernels (fastgen.adapters)
     "lora": ("triton", "torch"),
     "dora_row_norm": ("triton", "torch"),

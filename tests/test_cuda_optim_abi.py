@@ -19,6 +19,7 @@ ENTRIES = {
     "multi_tensor_norm_finalize": ("MultiTensorNormFinalizeParams", 7),
     "multi_tensor_scale": ("MultiTensorScaleParams", 9),
     "multi_tensor_ema": ("MultiTensorEmaParams", 11),
+    "multi_tensor_adamw8bit": ("MultiTensorAdamw8bitParams", 29),
 }
 
 
@@ -85,3 +86,16 @@ def test_named_fields_reach_the_op_checks():
     with pytest.raises(ValueError, match="multi_tensor_ema: weight"):
         c_entry(C, "multi_tensor_ema", s_list=0, p_list=0, **tables, s_dtype=0, p_dtype=2, weight=float("nan"),
                 stream=0)
+    adamw8bit = dict(p_list=0, g_list=0, qm_list=0, am_list=0, qv_list=0, av_list=0, step_list=0, sh_list=0,
+                     **tables, p_dtype=2, g_dtype=2, sh_dtype=0, maps=0, lr_ptr=0, lr=1e-3, beta1=0.9, beta2=0.999,
+                     eps=1e-8, weight_decay=0.01, maximize=0, stochastic_rounding=1, seed=7, coef_ptr=0,
+                     ema_weight=0.0, stream=0)
+    c_entry(C, "multi_tensor_adamw8bit", **adamw8bit)
+    with pytest.raises(ValueError, match="multi_tensor_adamw8bit: unsupported dtypes p=bfloat16, g=float16"):
+        c_entry(C, "multi_tensor_adamw8bit", **{**adamw8bit, "g_dtype": 1})
+    with pytest.raises(ValueError, match="chunk == 4096"):
+        c_entry(C, "multi_tensor_adamw8bit", **{**adamw8bit, "chunk": 2048})
+    with pytest.raises(ValueError, match="maps is null"):
+        c_entry(C, "multi_tensor_adamw8bit", **{**adamw8bit, "num_chunks": 1})
+    with pytest.raises(ValueError, match="EMA shadow dtype"):
+        c_entry(C, "multi_tensor_adamw8bit", **{**adamw8bit, "sh_list": 64, "sh_dtype": 9})

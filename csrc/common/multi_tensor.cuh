@@ -26,7 +26,7 @@
 
 namespace fastgen {
 
-constexpr int kMaxTensorLists = 6;
+constexpr int kMaxTensorLists = 8;
 
 struct TensorTables {
   const std::uint64_t* lists[kMaxTensorLists];
@@ -57,6 +57,14 @@ void multi_tensor_apply(const TensorTables& t, std::int64_t num_chunks, const Op
 // Elements per thread per round of the functors' vector path (16 fp32 = 4 x 16 bytes in flight per
 // operand; 256 threads x 16 = 4096, the launchers' chunk, so a chunk is one round).
 constexpr int kElemsPerThread = 16;
+
+// False only in the static width check's build (-DFASTGEN_VECTOR_PATH_ONLY, tests/cuda_widths.py),
+// which leaves every scalar fallback out to look at the vector path alone; never in a real build.
+#ifdef FASTGEN_VECTOR_PATH_ONLY
+inline constexpr bool kScalarPath = false;
+#else
+inline constexpr bool kScalarPath = true;
+#endif
 
 // VEC of chunk_rounds: 16 bytes of the narrowest of the operand types.
 template <typename T, typename... More>

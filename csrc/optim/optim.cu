@@ -42,6 +42,7 @@
 #include "../common/check.h"
 #include "../common/dtype.cuh"
 #include "../common/multi_tensor.cuh"
+#include "../common/optim_math.cuh"
 #include "../common/reduce.cuh"
 #include "../common/vec.cuh"
 #include "optim.h"
@@ -55,25 +56,6 @@ constexpr int kFinalizeThreads = 512;
 // AdamW's elements per thread per round: 8 (not kElemsPerThread) keeps it near 80 registers, three
 // blocks per SM on sm_90; 16 would need ~150 (one block) and hold fewer bytes in flight per SM.
 constexpr int kAdamWElems = 8;
-
-// torch.lerp(a, b, w) as PyTorch evaluates it: a + w (b - a) for w < 0.5, else b - (b - a)(1 - w)
-// (exact at w = 1, which matters for beta1 <= 0.5; the Triton kernel does the same).
-__device__ __forceinline__ float lerp_like_torch(float a, float b, float w) {
-  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
-}
-
-template <typename P>
-__device__ __forceinline__ P store_param(float x, bool stochastic, std::uint32_t seed, std::int32_t k,
-                                         std::int64_t i) {
-  if constexpr (std::is_same_v<P, __nv_bfloat16>) {
-    if (stochastic) {
-      const std::uint32_t bits = __float_as_uint(x) + (hash3(seed, static_cast<std::uint32_t>(k),
-                                                             static_cast<std::uint64_t>(i)) & 0xFFFFu);
-      return __ushort_as_bfloat16(static_cast<unsigned short>(bits >> 16));
-    }
-  }
-  return from_float<P>(x);
-}
 
 struct AdamWArgs {
   const float* lr_ptr;  // null: use lr
@@ -359,18 +341,6 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
-TensorTables make_tables(std::initializer_list<std::uintptr_t> lists, std::uintptr_t numels, std::uintptr_t ids,
-                         std::uintptr_t offs, std::int64_t chunk) {
-  TensorTables t{};
-  int l = 0;
-  for (std::uintptr_t list : lists) t.lists[l++] = reinterpret_cast<const std::uint64_t*>(list);
-  t.numels = reinterpret_cast<const std::int64_t*>(numels);
-  t.chunk_ids = reinterpret_cast<const std::int32_t*>(ids);
-  t.chunk_offs = reinterpret_cast<const std::int64_t*>(offs);
-  t.chunk = chunk;
-  return t;
-}
-
 void check_dtypes(const char* op, int p_dtype, int g_dtype, int s_dtype) {
   FASTGEN_ARG_CHECK(valid_dtype(p_dtype) && g_dtype == p_dtype && (s_dtype == kFloat32 || s_dtype == kBFloat16),
                     std::string(op) + ": unsupported dtypes p=" + dtype_name(p_dtype) + ", g=" +
@@ -396,18 +366,6 @@ void dispatch_p_s(int p_dtype, int s_dtype, const Body& body) {
     with_s(__half{});
   } else {
     with_s(__nv_bfloat16{});
-  }
-}
-
-// Calls body(T{}) for the runtime dtype code (valid_dtype checked by the caller).
-template <typename Body>
-void dispatch_one(int dtype, const Body& body) {
-  if (dtype == kFloat32) {
-    body(float{});
-  } else if (dtype == kFloat16) {
-    body(__half{});
-  } else {
-    body(__nv_bfloat16{});
   }
 }
 

@@ -48,4 +48,17 @@ void multi_tensor_ema(std::uintptr_t s_list, std::uintptr_t p_list, std::uintptr
                       std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int s_dtype,
                       int p_dtype, double weight, std::uintptr_t stream);
 
+// 8-bit AdamW (csrc/optim/adamw8bit.cu). lists: params, grads (p_dtype), first-moment codes (uint8) and
+// absmax (fp32, one per 256 elements), second-moment codes and absmax, steps (fp32 0-d, already incremented),
+// EMA shadows (sh_dtype; 0: no EMA). chunk must be 4096. maps: 4 x 256 fp32 device tables (SMAP, SBOUND,
+// UMAP, UBOUND of fastgen/optim/quant8.py). coef_ptr: fp32 clip coefficient on the device, or 0.
+void multi_tensor_adamw8bit(std::uintptr_t p_list, std::uintptr_t g_list, std::uintptr_t qm_list,
+                            std::uintptr_t am_list, std::uintptr_t qv_list, std::uintptr_t av_list,
+                            std::uintptr_t step_list, std::uintptr_t sh_list, std::uintptr_t numels,
+                            std::uintptr_t chunk_ids, std::uintptr_t chunk_offs, std::int64_t num_chunks,
+                            std::int64_t chunk, int p_dtype, int g_dtype, int sh_dtype, std::uintptr_t maps,
+                            std::uintptr_t lr_ptr, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, bool maximize, bool stochastic_rounding, std::int64_t seed,
+                            std::uintptr_t coef_ptr, double ema_weight, std::uintptr_t stream);
+
 }  // namespace fastgen

@@ -1,7 +1,8 @@
-"""CUDA C++ multi-tensor AdamW, Lion, gradient clipping and EMA launchers (``csrc/optim/`` through ``fastgen._C``).
+"""CUDA C++ multi-tensor AdamW, 8-bit AdamW, Lion, gradient clipping and EMA launchers (``csrc/optim/``
+through ``fastgen._C``).
 
 Same signatures as the Triton launchers: ``adamw_step`` / ``lion_step`` as
-``fastgen.kernels.adamw`` / ``fastgen.kernels.lion``, ``sum_squares`` / ``scale_`` as
+``fastgen.kernels.adamw`` / ``fastgen.kernels.lion``, ``adamw8bit_step`` as ``fastgen.kernels.adamw8bit``, ``sum_squares`` / ``scale_`` as
 ``fastgen.kernels.clip_grad``, ``ema_update_`` as ``fastgen.kernels.ema``; and the same
 cached device tables (``fastgen.kernels.multi_tensor``): one launch per call.
 ``clip_coef`` is the CUDA path of ``fastgen.optim.clip_grad_norm_``: the total p-norm
@@ -51,6 +52,48 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
             beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
             amsgrad=int(bool(amsgrad)), maximize=int(bool(maximize)),
             stochastic_rounding=int(bool(stochastic_rounding)), seed=int(seed) & 0xFFFFFFFF,
+            stream=_stream(params[0].device),
+        ))
+
+
+_MAPS: dict = {}  # (device, table addresses) -> the four quant8 tables as one [4, 256] fp32 tensor
+
+
+def _maps(tables) -> torch.Tensor:
+    key = (tables[0].device, tuple(t.data_ptr() for t in tables))
+    out = _MAPS.get(key)
+    if out is None:
+        out = _MAPS[key] = torch.stack([t.to(torch.float32) for t in tables]).contiguous()
+    return out
+
+
+def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta1, beta2, eps, weight_decay,
+                   maximize, stochastic_rounding=False, seed=0, coef=None, shadows=None, ema_decay=0.0):
+    """8-bit AdamW over lists of parameters and their block-wise quantized moments, in place, one launch
+    (shared dtypes and device, all contiguous; csrc/optim/adamw8bit.cu). ``tables``: (SMAP, SBOUND,
+    UMAP, UBOUND) fp32 [256] on the device; ``coef`` / ``shadows`` / ``ema_decay``: the one-pass step
+    (clip coefficient on the device, EMA shadows folded from the stored parameters)."""
+    if not params:
+        return
+    C = load_extension()
+    table = chunk_table(params, CHUNK)
+    lr_ptr, lr_value = _lr_args(lr)
+    if coef is not None:
+        assert coef.dtype == torch.float32 and coef.numel() == 1 and coef.device == params[0].device
+    with torch.cuda.device(params[0].device):
+        C.multi_tensor_adamw8bit(C.MultiTensorAdamw8bitParams(
+            p_list=pointer_table(params).data_ptr(), g_list=pointer_table(grads).data_ptr(),
+            qm_list=pointer_table(qms).data_ptr(), am_list=pointer_table(ams).data_ptr(),
+            qv_list=pointer_table(qvs).data_ptr(), av_list=pointer_table(avs).data_ptr(),
+            step_list=pointer_table(steps).data_ptr(),
+            sh_list=pointer_table(shadows).data_ptr() if shadows else 0, numels=table.numels.data_ptr(),
+            chunk_ids=table.chunk_ids.data_ptr(), chunk_offs=table.chunk_offs.data_ptr(),
+            num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
+            g_dtype=dtype_code(grads[0].dtype), sh_dtype=dtype_code(shadows[0].dtype) if shadows else 0,
+            maps=_maps(tables).data_ptr(), lr_ptr=lr_ptr, lr=lr_value, beta1=float(beta1), beta2=float(beta2),
+            eps=float(eps), weight_decay=float(weight_decay), maximize=int(bool(maximize)),
+            stochastic_rounding=int(bool(stochastic_rounding)), seed=int(seed) & 0xFFFFFFFF,
+            coef_ptr=coef.data_ptr() if coef is not None else 0, ema_weight=1.0 - float(ema_decay),
             stream=_stream(params[0].device),
         ))
 

@@ -8,10 +8,11 @@ signed dynamic map for ``m``, the unsigned one for ``v``)::
     m, v = dequantize(states)          -> the AdamW update of p, m, v in fp32 ->
     states = quantize(m), quantize(v)     (absmax recomputed from the new values)
 
-which is one pass per parameter list in Triton (``backend="triton"``, kernels/adamw8bit.py)
-and the same fp32 arithmetic tensor by tensor with ``backend="torch"``. State bytes per
-parameter: 2 (codes) + 8 / 256 (absmax) = 2.03 against AdamW's 8. Smaller parameters (biases,
-norms) keep fp32 moments and take ``FusedAdamW``'s kernels, as bitsandbytes does.
+which is one pass per parameter list in Triton (``backend="triton"``, kernels/adamw8bit.py) or
+CUDA C++ (``backend="cuda"``, csrc/optim/adamw8bit.cu), and the same fp32 arithmetic tensor
+by tensor with ``backend="torch"``. State bytes per parameter: 2 (codes) + 8 / 256 (absmax)
+= 2.03 against AdamW's 8. Smaller parameters (biases, norms) keep fp32 moments and take
+``FusedAdamW``'s kernels, as bitsandbytes does.
 
 State dict: per parameter ``step`` plus either ``exp_avg_q`` / ``exp_avg_sq_q`` (uint8, the
 parameter's shape) and ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` (fp32 ``[ceil(n / 256)]``),
@@ -144,9 +145,9 @@ class FusedAdamW8bit(FusedAdamW):
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       maximize=group["maximize"])
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed)) if self.stochastic_rounding else 0
-        impl = resolve("adamw8bit", self.backend, device)  # the registry: no CUDA C++ kernel yet
-        if impl == "triton":
-            adamw8bit_step = launcher("adamw8bit", "triton").adamw8bit_step
+        impl = resolve("adamw8bit", self.backend, device)
+        if impl in ("triton", "cuda"):  # the same launcher signature (kernels/adamw8bit.py, fastgen/cuda/optim.py)
+            adamw8bit_step = launcher("adamw8bit", impl).adamw8bit_step
             smap, sbound = quant8.tables(True, device)
             umap, ubound = quant8.tables(False, device)
             adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, tables=(smap, sbound, umap, ubound),
