@@ -20,6 +20,7 @@
 #include "rope/rope.h"
 #include "qk_norm_rope/qk_norm_rope.h"
 #include "optim/optim.h"
+#include "optim/schedulefree.h"
 #include "params.h"
 
 #ifndef FASTGEN_ARCHS
@@ -161,4 +162,8 @@ PYBIND11_MODULE(_C, m) {
            "(4 x 256 fp32); optional clip coefficient (coef_ptr) and EMA shadows (sh_list, ema_weight = 1 - decay).");
   FG_ENTRY(MultiTensorEmaParams, FG_MULTI_TENSOR_EMA, multi_tensor_ema,
            "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
+  FG_ENTRY(MultiTensorSchedulefreeParams, FG_MULTI_TENSOR_SCHEDULEFREE, multi_tensor_schedulefree,
+           "Schedule-free AdamW over lists of tensors (y, g, z, v tables): this step's scalars [1 - beta2^(k+1), c, "
+           "lr (beta1 (1 - c) - 1), lr] read from scalars_ptr (4 fp32 device values); fp32 math, one rounding per "
+           "store.");
 }

@@ -115,6 +115,11 @@ inline bool is_unset(F64 v) {
 #define FG_MULTI_TENSOR_EMA(F) \
   F(PTR, s_list) F(PTR, p_list) FG_MT_CHUNKS(F) F(INT, s_dtype) F(INT, p_dtype) F(F64, weight)
 
+// Schedule-free AdamW (optim/schedulefree.h): y, g, z, v tables; scalars_ptr: 4 fp32 device values.
+#define FG_MULTI_TENSOR_SCHEDULEFREE(F) \
+  F(PTR, y_list) F(PTR, g_list) F(PTR, z_list) F(PTR, v_list) FG_MT_CHUNKS(F) F(INT, p_dtype) F(INT, g_dtype) \
+  F(PTR, scalars_ptr) F(F64, beta2) F(F64, eps) F(F64, weight_decay)
+
 #define FG_MULTI_TENSOR_ADAMW8BIT(F) \
   F(PTR, p_list) F(PTR, g_list) F(PTR, qm_list) F(PTR, am_list) F(PTR, qv_list) F(PTR, av_list) F(PTR, step_list) \
   F(PTR, sh_list) FG_MT_CHUNKS(F) F(INT, p_dtype) F(INT, g_dtype) F(INT, sh_dtype) F(PTR, maps) F(PTR, lr_ptr) \

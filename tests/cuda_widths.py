@@ -52,6 +52,8 @@ FUNCTORS = {
     "NormOp": dict(operands=(("g", 0, "r"),), elems=16),
     "ScaleOp": dict(operands=(("g", 0, "rw"),), elems=16),
     "EmaOp": dict(operands=(("s", 0, "rw"), ("p", 1, "r")), elems=16),
+    # ScheduleFreeOp<P> (optim/schedulefree.cu): y, g, z, v, all of the parameters' dtype
+    "ScheduleFreeOp": dict(operands=(("y", 0, "rw"), ("g", 0, "r"), ("z", 0, "rw"), ("v", 0, "rw")), elems=8),
     # AdamW8bitOp<P, SH> (optim/adamw8bit.cu): 16 elements per thread; uint8 codes; the EMA shadow only
     # when SH is a type (NoShadow otherwise). The per-block absmax are metadata (one fp32 per 256 elements).
     "AdamW8bitOp": dict(operands=(("p", 0, "rw"), ("g", 0, "r"), ("qm", "unsigned char", "rw"),
@@ -68,6 +70,7 @@ METADATA = {
     "NormOp": (3 + 1, 1, "chunk id / offset / numel, 1 table address; the chunk's fp32 partial"),
     "ScaleOp": (3 + 1 + 1, 0, "chunk id / offset / numel, 1 table address, the clip coefficient (fp32)"),
     "EmaOp": (3 + 2, 0, "chunk id / offset / numel, 2 table addresses"),
+    "ScheduleFreeOp": (3 + 4 + 4, 0, "chunk id / offset / numel, 4 table addresses, the step's 4 fp32 scalars"),
     "AdamW8bitOp": (3 + 8 + 3 + 2 + 4, 2, "chunk id / offset / numel, 8 table addresses, step / lr / clip "
                     "coefficient, the block's two fp32 absmax (one per 256 elements) read and written, the 4 x 256 "
                     "quantization tables copied to shared memory (4-byte loads, once per chunk)"),
@@ -144,7 +147,7 @@ def access_widths(body: str) -> collections.Counter:
 
 def functor_of(name: str) -> tuple[str, list[str]] | None:
     """("AdamWOp", ["__nv_bfloat16", "float"]) from a demangled multi_tensor_apply_kernel name."""
-    m = re.search(r"\b(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|AdamW8bitOp)<([^>]*)>", name)
+    m = re.search(r"\b(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|ScheduleFreeOp|AdamW8bitOp)<([^>]*)>", name)
     if m is None:
         return None
     types = [t.strip() for t in m.group(2).split(",") if t.strip() in TYPE_BYTES]

@@ -34,7 +34,7 @@ STEPS = {
     "clip_grad_norm_": ("triton", "cuda", "torch"),
     "adamw8bit": ("triton", "cuda", "torch"),
     "prodigy": ("triton", "torch"),
-    "schedulefree": ("triton", "torch"),
+    "schedulefree": ("triton", "cuda", "torch"),
     # the adapters' kernels (fastgen.adapters)
     "lora": ("triton", "torch"),
     "dora_row_norm": ("triton", "torch"),

@@ -102,3 +102,4 @@ implements("qk_norm_rope", "cuda", "fastgen.cuda.qk_norm_rope", serves=rope_reas
 # The optimizers' steps with CUDA C++ functors (no one-pass step: scale, step and average launch apart).
 for _op in ("adamw", "lion", "ema", "clip_grad_norm_", "adamw8bit"):
     implements(_op, "cuda", "fastgen.cuda.optim")
+implements("schedulefree", "cuda", "fastgen.cuda.schedulefree")
