@@ -500,30 +500,24 @@ def _s(t, dim):
 
 
 @device_guard
-def layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm):
-    """out, x_new, mean, rstd = layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm).
+def layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm, *, out, x_new, mean, rstd):
+    """Launch the forward into out, x_new, mean and rstd (allocated by ``fastgen.ops.layer_norm``).
 
-    x, y [B, S, N]; gate, shift, scale [B, S, N] or [B, 1, N] (per sample), all with
-    unit last stride (other strides free); weight, bias [N] contiguous or None.
+    x, y [B, S, N] (not empty); gate, shift, scale [B, S, N] or [B, 1, N] (per sample), all
+    with unit last stride (other strides free); weight, bias [N] contiguous or None.
     y and gate go together (the gated residual), so do shift and scale.
-    norm: NORM_NONE | NORM_LAYER | NORM_RMS.
-    Returns out [B, S, N] contiguous (None when norm is NORM_NONE), x_new = x + gate * y
-    [B, S, N] contiguous (None without y), mean [M] fp32 (None unless NORM_LAYER), rstd
-    [M] fp32 (None when NORM_NONE).
+    norm: NORM_NONE | NORM_LAYER | NORM_RMS. Outputs, None where not applicable: out
+    [B, S, N] contiguous (unless NORM_NONE), x_new = x + gate * y [B, S, N] contiguous (with
+    y), mean [M] fp32 (NORM_LAYER), rstd [M] fp32 (unless NORM_NONE).
     """
     B, S, N = x.shape
     M = B * S
     has_res, has_mod = y is not None, scale is not None
     assert (gate is not None) == has_res and (shift is not None) == has_mod
-    dev = x.device
-    out = torch.empty((B, S, N), dtype=x.dtype, device=dev) if norm != NORM_NONE else None
-    x_new = torch.empty((B, S, N), dtype=x.dtype, device=dev) if has_res else None
-    mean = torch.empty((M,), dtype=torch.float32, device=dev) if norm == NORM_LAYER else None
-    rstd = torch.empty((M,), dtype=torch.float32, device=dev) if norm != NORM_NONE else None
-    if M == 0 or N == 0:
-        return out, x_new, mean, rstd
+    assert M > 0 and N > 0, "empty calls are answered by fastgen.ops.layer_norm"
+    assert (out is not None) == (norm != NORM_NONE) and (x_new is not None) == has_res
     any_out = out if out is not None else x_new
-    any_f32 = rstd if rstd is not None else torch.empty((1,), dtype=torch.float32, device=dev)
+    any_f32 = rstd if rstd is not None else torch.empty((1,), dtype=torch.float32, device=x.device)
     tensors = (
         x, y if has_res else x, gate if has_res else x, shift if has_mod else x, scale if has_mod else x,
         weight if weight is not None else x, bias if bias is not None else x,
@@ -542,17 +536,19 @@ def layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm):
         _layer_norm_fwd_chunked_kernel[cfg.pop("grid")](
             *tensors, N, S, *strides, eps, cfg.pop("n_chunks"), **flags, **cfg
         )
-    return out, x_new, mean, rstd
 
 
 @device_guard
-def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm):
-    """Gradients of layer_norm_fwd: dh, dy, dgate, dshift, dscale, dw, db.
+def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm, *,
+                   dh, dy, dgate, dshift, dscale, dw, db):
+    """Launch the gradients of layer_norm_fwd into dh, dy, dgate, dshift, dscale, dw, db
+    (allocated by ``fastgen.ops.layer_norm``, None where not applicable).
 
     dout (gradient of out) and dxnew (gradient of x_new) are [B, S, N] with unit last
-    stride or None; h is what was normalized (x, or x_new), the other inputs as in
+    stride or None (dout None only with norm NORM_NONE, and then scale, weight and bias are
+    None too); h is what was normalized (x, or x_new), the other inputs as in
     layer_norm_fwd (only scale of the modulation is needed; ``shift_per_sample`` says
-    whether shift was [B, 1, N]). Returns, None where not applicable:
+    whether shift was [B, 1, N]). Not empty, and with a norm or a gated residual. Outputs:
 
     - dh [B, S, N] contiguous, x.dtype: the whole gradient of x (None when norm is
       NORM_NONE: then it is dxnew itself);
@@ -567,16 +563,13 @@ def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shi
     B, S, N = h.shape
     M = B * S
     dev = h.device
-    if dout is None:  # only x_new was used downstream: no norm gradient at all
-        norm, scale, weight, bias = NORM_NONE, None, None, None
     has_res, has_mod = y is not None, scale is not None
+    assert dout is not None or (norm == NORM_NONE and not has_mod and weight is None and bias is None)
+    assert M > 0 and N > 0 and (norm != NORM_NONE or has_res), "empty calls are answered by fastgen.ops.layer_norm"
     shift_ps = has_mod and shift_per_sample
     scale_ps = has_mod and scale.shape[1] == 1
     gate_ps = has_res and gate.shape[1] == 1
     per_sample = shift_ps or scale_ps or gate_ps
-    dh, dy, dgate, dshift, dscale, dw, db = _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps)
-    if M == 0 or N == 0 or (norm == NORM_NONE and not has_res):
-        return dh, dy, dgate, dshift, dscale, dw, db
     load = bwd_load(weight is not None, bias is not None, shift_ps, scale_ps, gate_ps, has_res and norm != NORM_NONE)
     cfg = layer_norm_bwd_config(B, S, N, per_sample, load, dev)
     grid = cfg.pop("grid")
@@ -618,35 +611,9 @@ def layer_norm_bwd(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shi
         INTERPRET=interpreting(), **cfg,
     )
     # Fixed-order sums of the per-program partials: the deterministic second pass.
-    per_row = lambda p, like: p.sum(0).to(like.dtype)  # noqa: E731
-    per_sample_sum = lambda p, like: p.view(G, P, N).sum(1, keepdim=True).to(like.dtype)  # noqa: E731
-    dw = dw if dw_p is None else per_row(dw_p, weight)
-    db = db if db_p is None else per_row(db_p, bias)
-    dshift = per_sample_sum(dshift_p, scale) if shift_ps else dshift
-    dscale = per_sample_sum(dscale_p, scale) if scale_ps else dscale
-    dgate = per_sample_sum(dgate_p, gate) if gate_ps else dgate
-    return dh, dy, dgate, dshift, dscale, dw, db
-
-
-def _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps):
-    """The gradients layer_norm_bwd returns, allocated (zeros where a sum over tokens or rows
-    lands, so that an empty problem returns zeros); None where not applicable."""
-    B, S, N = h.shape
-    dev = h.device
-    has_res, has_mod = y is not None, scale is not None
-    scale_ps = has_mod and scale.shape[1] == 1
-    gate_ps = has_res and gate.shape[1] == 1
-
-    def new(t, shape=(B, S, N)):
-        return torch.empty(shape, dtype=t.dtype, device=dev)
-
-    dh = new(h) if norm != NORM_NONE else None
-    dy = new(y) if has_res else None
-    dgate = (torch.zeros if gate_ps else torch.empty)((B, 1 if gate_ps else S, N), dtype=gate.dtype, device=dev) \
-        if has_res else None
-    dshift = torch.zeros((B, 1, N), dtype=scale.dtype, device=dev) if shift_ps else None
-    dscale = (torch.zeros if scale_ps else torch.empty)((B, 1 if scale_ps else S, N), dtype=scale.dtype, device=dev) \
-        if has_mod else None
-    dw = torch.zeros_like(weight) if weight is not None else None
-    db = torch.zeros_like(bias) if bias is not None else None
-    return dh, dy, dgate, dshift, dscale, dw, db
+    for out, p in ((dw, dw_p), (db, db_p)):
+        if p is not None:
+            out.copy_(p.sum(0))
+    for out, p in ((dshift, dshift_p), (dscale, dscale_p), (dgate, dgate_p)):
+        if p is not None:  # per sample: [B, 1, N] from the G = B groups of P partial rows
+            out.copy_(p.view(G, P, N).sum(1, keepdim=True))

@@ -79,28 +79,72 @@ def _ph(like: Tensor, t: Optional[Tensor]) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def _fwd_outputs(x: Tensor, y: Optional[Tensor], norm: int) -> tuple[Optional[Tensor], ...]:
+    """(out, x_new, mean, rstd) for x [B, S, N], None where not applicable: out [B, S, N] (with a
+    norm), x_new [B, S, N] (with y), mean [M] fp32 (LayerNorm), rstd [M] fp32 (with a norm)."""
+    B, S, N = x.shape
+
+    def new(cond, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=x.device) if cond else None
+
+    return (new(norm != NORM_NONE, (B, S, N), x.dtype), new(y is not None, (B, S, N), x.dtype),
+            new(norm == NORM_LAYER, (B * S,), torch.float32), new(norm != NORM_NONE, (B * S,), torch.float32))
+
+
+def _placeholders(x: Tensor, outs) -> tuple[Tensor, ...]:
+    f32 = x.new_empty(0, dtype=torch.float32)
+    return _ph(x, outs[0]), _ph(x, outs[1]), _ph(f32, outs[2]), _ph(f32, outs[3])
+
+
 @torch.library.custom_op("fastgen::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(
     x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor],
     weight: Optional[Tensor], bias: Optional[Tensor], eps: float, norm: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [B, S, N], x_new [B, S, N], mean [M], rstd [M]); [0] placeholders for absent ones."""
-    out, x_new, mean, rstd = launcher("layer_norm", impl).layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm)
-    f32 = x.new_empty(0, dtype=torch.float32)
-    return _ph(x, out), _ph(x, x_new), _ph(f32, mean), _ph(f32, rstd)
+    outs = _fwd_outputs(x, y, norm)
+    if x.numel():
+        out, x_new, mean, rstd = outs
+        launcher("layer_norm", impl).layer_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, norm,
+                                                    out=out, x_new=x_new, mean=mean, rstd=rstd)
+    return _placeholders(x, outs)
 
 
 @_layer_norm_fwd_op.register_fake
 def _(x, y, gate, shift, scale, weight, bias, eps, norm, impl):
-    B, S, N = x.shape
-    e = x.new_empty(0)
-    f = x.new_empty(0, dtype=torch.float32)
+    return _placeholders(x, _fwd_outputs(x, y, norm))
+
+
+def _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps) -> tuple[Optional[Tensor], ...]:
+    """(dh, dy, dgate, dshift, dscale, dw, db) that layer_norm_bwd fills, allocated: zeros where a
+    sum over tokens or rows lands (so that an empty problem returns zeros), None where not
+    applicable (see fastgen.kernels.layer_norm.layer_norm_bwd)."""
+    B, S, N = h.shape
+    dev = h.device
+    has_res, has_mod = y is not None, scale is not None
+    scale_ps = has_mod and scale.shape[1] == 1
+    gate_ps = has_res and gate.shape[1] == 1
+
+    def new(t, per_sample=False):
+        return (torch.zeros if per_sample else torch.empty)((B, 1 if per_sample else S, N), dtype=t.dtype, device=dev)
+
     return (
-        x.new_empty((B, S, N)) if norm != NORM_NONE else e,
-        x.new_empty((B, S, N)) if y is not None else x.new_empty(0),
-        x.new_empty((B * S,), dtype=torch.float32) if norm == NORM_LAYER else f,
-        x.new_empty((B * S,), dtype=torch.float32) if norm != NORM_NONE else x.new_empty(0, dtype=torch.float32),
+        new(h) if norm != NORM_NONE else None,
+        new(y) if has_res else None,
+        new(gate, gate_ps) if has_res else None,
+        new(scale, True) if has_mod and shift_ps else None,
+        new(scale, scale_ps) if has_mod else None,
+        torch.zeros_like(weight) if weight is not None else None,
+        torch.zeros_like(bias) if bias is not None else None,
     )
+
+
+def _bwd_call(dout, scale, weight, bias, shift_per_sample, norm):
+    """The backward call in launcher form: without dout (only x_new was used downstream) there is
+    no norm gradient at all. Returns (scale, weight, bias, shift_ps, norm)."""
+    if dout is None:
+        norm, scale, weight, bias = NORM_NONE, None, None, None
+    return scale, weight, bias, scale is not None and shift_per_sample, norm
 
 
 @torch.library.custom_op("fastgen::layer_norm_bwd", mutates_args=())
@@ -110,32 +154,21 @@ def _layer_norm_bwd_op(
     rstd: Optional[Tensor], shift_per_sample: bool, norm: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dy, dgate, dshift, dscale, dw, db); [0] placeholders for absent ones (see layer_norm_bwd)."""
-    grads = launcher("layer_norm", impl).layer_norm_bwd(
-        dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm
-    )
+    scale, weight, bias, shift_ps, norm = _bwd_call(dout, scale, weight, bias, shift_per_sample, norm)
+    grads = _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps)
+    if h.numel() and (norm != NORM_NONE or y is not None):
+        dh, dy, dgate, dshift, dscale, dw, db = grads
+        launcher("layer_norm", impl).layer_norm_bwd(
+            dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm,
+            dh=dh, dy=dy, dgate=dgate, dshift=dshift, dscale=dscale, dw=dw, db=db,
+        )
     return tuple(_ph(h, g) for g in grads)
 
 
 @_layer_norm_bwd_op.register_fake
 def _(dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm, impl):
-    B, S, N = h.shape
-    if dout is None:
-        norm, scale, weight, bias = NORM_NONE, None, None, None
-    has_res, has_mod = y is not None, scale is not None
-    empty = [h.new_empty(0) for _ in range(7)]
-
-    def per(t):
-        return (B, 1, N) if t.shape[1] == 1 else (B, S, N)
-
-    return (
-        h.new_empty((B, S, N)) if norm != NORM_NONE and (dout is not None or dxnew is not None) else empty[0],
-        y.new_empty((B, S, N)) if has_res else empty[1],
-        gate.new_empty(per(gate)) if has_res else empty[2],
-        scale.new_empty((B, 1, N)) if has_mod and shift_per_sample else empty[3],
-        scale.new_empty(per(scale)) if has_mod else empty[4],
-        torch.empty_like(weight) if weight is not None else empty[5],
-        torch.empty_like(bias) if bias is not None else empty[6],
-    )
+    scale, weight, bias, shift_ps, norm = _bwd_call(dout, scale, weight, bias, shift_per_sample, norm)
+    return tuple(_ph(h, g) for g in _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps))
 
 
 # ----------------------------------------------------------------------------- autograd
