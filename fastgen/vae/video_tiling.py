@@ -108,13 +108,13 @@ class SpatialNorm(Step):
             (T, H, W), (t, h, w) = lvl, self.z.shape[2:]
             it = [0] + [1 + i for i in _nearest_index(t - 1, T - 1)] if T > 1 and T % 2 == 1 else _nearest_index(t, T)
             maps = (it, _nearest_index(h, H), _nearest_index(w, W))
-            self._maps[key] = [torch.tensor(i, dtype=torch.long) for i in maps]
+            self._maps[key] = [torch.tensor(i, dtype=torch.long, device=self.z.device) for i in maps]
         return self._maps[key]
 
     def run(self, h: Tensor, reg: list, lvl: list[int], stats) -> tuple[Tensor, list]:
         zq = self.z
         for ax, (idx, (a, b)) in enumerate(zip(self._index(lvl), reg)):
-            zq = zq.index_select(2 + ax, idx[a:b].to(zq.device))
+            zq = zq.index_select(2 + ax, idx[a:b])
         y = _gn_apply(h, self.norm, stats, False) * self.m.conv_y.conv(zq) + self.m.conv_b.conv(zq)
         return (F.silu(y) if self.silu else y), reg
 
