@@ -1,8 +1,8 @@
 """``fastgen train configs/zoo/<model>.toml``: every zoo config parses, validates and round-trips;
 bad keys and values are named; each config trains a few steps through the CLI (finite losses,
 a verified checkpoint, the model's measure at both ends); ``--resume`` continues bit for bit;
-and full runs of GAN, VAE / beta-VAE and RealNVP through the runner move their measures past
-the zoo training tests' thresholds."""
+and full runs of GAN, VAE and RealNVP through the runner move their measures past the zoo
+training tests' thresholds."""
 
 from __future__ import annotations
 
@@ -157,6 +157,24 @@ def test_each_config_trains_through_the_cli(name, tmp_path, one_thread, requires
     assert all(math.isfinite(v) for v in measures["end"].values()), measures
 
 
+def test_lion_and_a_discriminator_learning_rate(tmp_path, one_thread, requires_safetensors):
+    from fastgen.optim import FusedAdamW, FusedLion
+
+    d = {**_dict("gan"), "output_dir": str(tmp_path / "run")}
+    for name, cls in (("lion", FusedLion), ("adamw", FusedAdamW)):
+        path = _write(d, tmp_path / f"{name}.toml", optim__name=name, optim__lr=1e-4, optim__d_lr=4e-4,
+                      train__steps=1, train__batch_size=4, train__progress=False, data__size=16,
+                      data__test_size=8, measure__at_start=False, measure__samples=4)
+        tr = ZooTrainer(ZooConfig.from_toml(str(path)), log=lambda msg: None)
+        assert {k: type(o) for k, o in tr.optimizers.items()} == {"d": cls, "g": cls}
+        assert tr.optimizers["d"].param_groups[0]["lr"] == 4e-4 and tr.optimizers["g"].param_groups[0]["lr"] == 1e-4
+        before = [p.detach().clone() for p in tr.model.parameters()]
+        out = tr.fit()
+        assert all(math.isfinite(v) for v in out["losses"][0][1].values())
+        assert all(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters()) if p.requires_grad)
+        (tmp_path / "run").rename(tmp_path / f"run-{name}")
+
+
 @pytest.mark.parametrize("name", ["gan", "consistency"])
 def test_resume_continues_bit_identically(name, tmp_path, one_thread, requires_safetensors):
     """6 steps straight against 3 steps, a fresh process state, ``--resume`` and 3 more. GAN with
@@ -218,25 +236,17 @@ def test_gan_config_moves_accuracy_and_statistics(tmp_path, one_thread, requires
 
 
 @pytest.mark.slow
-def test_vae_and_beta_vae_configs_trade_rate_for_distortion(tmp_path, one_thread, requires_safetensors):
-    """configs/zoo/vae.toml and beta_vae.toml at the zoo VAE test's two betas (0.5 and 8, 300
-    steps): the loss falls below 0.2 x its start, both reconstruct (held-out MSE < 0.25 x the
-    data variance), KL(0.5) > 1.5 KL(8) and MSE(8) > 1.05 MSE(0.5)."""
-    res = {}
-    for name, beta in (("vae", 0.5), ("beta_vae", 8.0)):
-        d = _dict(name)
-        d["zoo"]["config"]["beta"] = beta
-        path = _write({**d, "output_dir": str(tmp_path / name)}, tmp_path / f"{name}.toml",
-                      train__progress=False, train__threads=1, checkpoint__every=0)
-        out = ZooTrainer(ZooConfig.from_toml(str(path)), log=lambda msg: None).fit()
-        loss = [v["loss"] for _, v in out["losses"]]
-        assert loss[-1] < 0.2 * loss[0]
-        res[beta] = out["measures"]["end"]
-    print({b: (round(r["kl"], 2), round(r["mse"], 4)) for b, r in res.items()})
-    lo, hi = res[0.5], res[8.0]
-    assert lo["mse"] < 0.25 * lo["data_var"] and hi["mse"] < 0.25 * hi["data_var"]
-    assert lo["kl"] > 1.5 * hi["kl"]
-    assert hi["mse"] > 1.05 * lo["mse"]
+def test_vae_config_reconstructs(tmp_path, one_thread, requires_safetensors):
+    """configs/zoo/vae.toml as shipped (the zoo VAE test's model and training at beta = 1, 300
+    steps), its thresholds: the loss falls below 0.2 x its start and the held-out MSE below 0.25 x
+    the data variance (the beta trade itself is tests/test_zoo_vae.py's)."""
+    _, out = _runner("vae", tmp_path)
+    loss = [v["loss"] for _, v in out["losses"]]
+    m = out["measures"]
+    print(f"loss {loss[0]:.1f} -> {loss[-1]:.1f}; KL {m['end']['kl']:.2f}, MSE {m['start']['mse']:.4f} -> "
+          f"{m['end']['mse']:.4f} (data var {m['end']['data_var']:.3f})")
+    assert loss[-1] < 0.2 * loss[0]
+    assert m["end"]["mse"] < 0.25 * m["end"]["data_var"] < m["start"]["mse"]
 
 
 @pytest.mark.slow
