@@ -143,9 +143,8 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
                 if "z" not in self.state[p]:
                     self.state[p]["z"] = torch.clone(p, memory_format=torch.preserve_format)
                     self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            home = (ys or group["params"])[0].device if group["params"] else torch.device("cpu")
+            home = group["params"][0].device if group["params"] else torch.device("cpu")  # the same every step
             s64 = advance_schedule(group, home)  # this step's (1 - beta2^(k+1), c, y coefficient, lr_k), float64
-            s32 = s64.to(torch.float32)
             consts = dict(beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
             buckets, fallback = bucket([(p, p.grad, self.state[p]["z"], self.state[p]["exp_avg_sq"]) for p in ys])
             for (device, _, _), lists in buckets.items():
@@ -154,7 +153,8 @@ class FusedAdamWScheduleFree(torch.optim.Optimizer):
                 grads = None if lists[1][0].dtype == lists[0][0].dtype else "gradients of the parameters' dtype"
                 impl = resolve("schedulefree", self.backend, device, {"triton": states, "cuda": states or grads})
                 if impl in ("triton", "cuda"):
-                    launcher("schedulefree", impl).schedulefree_step(*lists, scalars=s32.to(device), **consts)
+                    scalars = s64.to(device=device, dtype=torch.float32)  # rounded once: the kernels' fp32 scalars
+                    launcher("schedulefree", impl).schedulefree_step(*lists, scalars=scalars, **consts)
                 else:
                     foreach_step(*lists, scalars=s64.to(device), **consts)
             for item in fallback:
