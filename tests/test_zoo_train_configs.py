@@ -205,6 +205,10 @@ def test_resume_continues_bit_identically(name, tmp_path, one_thread, requires_s
     ma = json.loads((tmp_path / "straight" / "measures.json").read_text())
     mb = json.loads((tmp_path / "resumed" / "measures.json").read_text())
     assert ma == mb
+    # a finished run resumes to a no-op that keeps its measures (no second end measure)
+    tr = ZooTrainer(ZooConfig.from_toml(str(tmp_path / "resumed.toml")), resume=True, log=lambda msg: None)
+    assert tr.step == 6 and tr.measures == mb
+    assert tr.fit()["checkpoint"] is None
 
 
 # --------------------------------------------------------------------------- measures move

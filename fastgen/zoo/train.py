@@ -278,6 +278,10 @@ class ZooTrainer:
                 opt._seed.set_state(rt[f"optimizer_seed.{name}"])
         ckpt.set_rng_state(rt, ckpt.read_json(path, "rng.json"))
         self.step, self.measures = state["step"], state.get("measures", {})
+        saved = os.path.join(self.out, "measures.json")  # an end measure taken after the last checkpoint
+        if os.path.exists(saved):
+            with open(saved) as fh:
+                self.measures.update({k: v for k, v in json.load(fh).items() if v.get("step", -1) <= self.step})
         self._truncate_log()
         self.log(f"fastgen train: resuming from {path} (step {self.step})")
 
@@ -325,5 +329,6 @@ def run(args) -> int:
     except (ckpt.CheckpointError, FloatingPointError) as exc:
         print(f"fastgen train: {exc}", file=sys.stderr)
         return 1
-    print(f"fastgen train: {cfg.zoo.model}, step {result['step']}, checkpoint {result['checkpoint']}")
+    where = f"checkpoint {result['checkpoint']}" if result["checkpoint"] else "no new checkpoint"
+    print(f"fastgen train: {cfg.zoo.model}, step {result['step']}, {where}")
     return 0
