@@ -386,3 +386,16 @@ def test_gpu_ema_warmup_update_captures_in_a_cuda_graph(backend):
         shadows.append(ema.shadow)
     for name in shadows[0]:
         torch.testing.assert_close(shadows[0][name], shadows[1][name], rtol=1e-6, atol=1e-7)
+
+
+def test_schedulefree_launchers_take_the_same_arguments():
+    """The optimizer calls the Triton and the CUDA C++ launcher alike (scalars as a device tensor)."""
+    import inspect
+
+    pytest.importorskip("triton")
+    from fastgen.backend import launcher
+
+    tri = launcher("schedulefree", "triton").schedulefree_step
+    cu = launcher("schedulefree", "cuda").schedulefree_step
+    assert inspect.signature(tri) == inspect.signature(cu)
+    assert "scalars" in inspect.signature(cu).parameters
