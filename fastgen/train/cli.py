@@ -1,7 +1,9 @@
 """``fastgen train CONFIG.toml [--resume] [--print-config]`` (wired into ``fastgen.cli``).
 
 Under ``torchrun --nproc-per-node N -m fastgen train CONFIG.toml`` every process runs this;
-the Trainer creates the process group from torchrun's environment.
+the Trainer creates the process group from torchrun's environment. A config with a top-level
+``[zoo]`` table goes to the zoo runner (:mod:`fastgen.zoo.train`), through the same
+:func:`run_config`.
 """
 
 from __future__ import annotations
@@ -25,28 +27,45 @@ def run(args) -> int:
 
     if is_zoo_config(args.config):  # a [zoo] table: GAN / VAE / flow / score models (fastgen.zoo.train)
         return run_zoo(args)
-    from fastgen.train.checkpoint import CheckpointError
-    from fastgen.train.config import Config, ConfigError
+    from fastgen.train.config import Config
     from fastgen.train.data import DataError
 
+    def trainer(cfg, resume: bool):
+        from fastgen.train.loop import Trainer
+
+        return Trainer(cfg, resume=resume)
+
+    def summary(cfg, result) -> str | None:
+        return f"step {result['step']}, checkpoint {result['checkpoint']}" if result["checkpoint"] else None
+
+    return run_config(args, Config, trainer, summary, usage_errors=(DataError,))
+
+
+def run_config(args, config_class, trainer, summary, usage_errors=(), failures=()) -> int:
+    """Load ``args.config`` as ``config_class`` and print it (``--print-config``) or train it with
+    ``trainer(cfg, resume=args.resume).fit()``, then print ``summary(cfg, result)`` (unless None).
+    Exit status 2 for a bad config (ConfigError, OSError, ``usage_errors``), 1 for a failed run
+    (CheckpointError, ``failures``), each with a one-line message."""
+    from fastgen.train.checkpoint import CheckpointError
+    from fastgen.train.config import ConfigError
+
     try:
-        cfg = Config.from_toml(args.config)
+        cfg = config_class.from_toml(args.config)
     except (OSError, ConfigError) as exc:
         print(f"fastgen train: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0
-    from fastgen.train.loop import Trainer
-
     try:
-        result = Trainer(cfg, resume=args.resume).fit()
-    except (ConfigError, DataError) as exc:
+        result = trainer(cfg, resume=args.resume).fit()
+    except (ConfigError, *usage_errors) as exc:
         print(f"fastgen train: {exc}", file=sys.stderr)
         return 2
-    except CheckpointError as exc:
+    except (CheckpointError, *failures) as exc:
         print(f"fastgen train: {exc}", file=sys.stderr)
         return 1
-    if result["checkpoint"]:
-        print(f"fastgen train: step {result['step']}, checkpoint {result['checkpoint']}")
+    line = summary(cfg, result)
+    if line is not None:
+        print(f"fastgen train: {line}")
     return 0
