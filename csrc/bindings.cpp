@@ -160,6 +160,13 @@ PYBIND11_MODULE(_C, m) {
            "8-bit AdamW over lists of tensors (block-wise dynamic quantization, 256 elements per fp32 absmax): "
            "dequantize, update in fp32, requantize in one pass; chunk 4096; maps: SMAP, SBOUND, UMAP, UBOUND "
            "(4 x 256 fp32); optional clip coefficient (coef_ptr) and EMA shadows (sh_list, ema_weight = 1 - decay).");
+  FG_ENTRY(MultiTensorProdigyMomentsParams, FG_MULTI_TENSOR_PRODIGY_MOMENTS, multi_tensor_prodigy_moments,
+           "Prodigy pass 1 over lists of tensors: m, v, s updated in place with the device coefficients c1, c2, c3 "
+           "(coefs_ptr), per-chunk fp32 partial sums of g (p0 - p) and |s| into dot_ptr / abs_ptr [num_chunks]; "
+           "m_list 0 when beta1 = 0.");
+  FG_ENTRY(MultiTensorProdigyUpdateParams, FG_MULTI_TENSOR_PRODIGY_UPDATE, multi_tensor_prodigy_update,
+           "Prodigy pass 2 over lists of tensors: p += w p (decoupled_wd), p += a n / (sqrt(v) + e) with the device "
+           "coefficients w, a, e (coefs_ptr); n: exp_avg, or the gradient when beta1 = 0.");
   FG_ENTRY(MultiTensorEmaParams, FG_MULTI_TENSOR_EMA, multi_tensor_ema,
            "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
   FG_ENTRY(MultiTensorSchedulefreeParams, FG_MULTI_TENSOR_SCHEDULEFREE, multi_tensor_schedulefree,

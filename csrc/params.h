@@ -126,6 +126,15 @@ inline bool is_unset(F64 v) {
   F(F64, lr) F(F64, beta1) F(F64, beta2) F(F64, eps) F(F64, weight_decay) F(INT, maximize) \
   F(INT, stochastic_rounding) F(I64, seed) F(PTR, coef_ptr) F(F64, ema_weight)
 
+#define FG_MULTI_TENSOR_PRODIGY_MOMENTS(F) \
+  F(PTR, p_list) F(PTR, g_list) F(PTR, p0_list) F(PTR, m_list) F(PTR, v_list) F(PTR, s_list) FG_MT_CHUNKS(F) \
+  F(INT, p_dtype) F(INT, g_dtype) F(PTR, coefs_ptr) F(PTR, dot_ptr) F(PTR, abs_ptr) F(F64, beta1) F(F64, beta2) \
+  F(F64, beta3) F(F64, weight_decay) F(INT, coupled_wd)
+
+#define FG_MULTI_TENSOR_PRODIGY_UPDATE(F) \
+  F(PTR, p_list) F(PTR, n_list) F(PTR, v_list) FG_MT_CHUNKS(F) F(INT, p_dtype) F(INT, n_dtype) F(PTR, coefs_ptr) \
+  F(INT, decoupled_wd)
+
 // The struct of an entry point: its fields (unset until filled) and the stream.
 #define FG_FIELD(T, name) fastgen::params::T name = fastgen::params::unset(static_cast<fastgen::params::T*>(nullptr));
 #define FG_PARAMS(Name, LIST) \

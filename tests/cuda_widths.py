@@ -58,6 +58,10 @@ FUNCTORS = {
     # when SH is a type (NoShadow otherwise). The per-block absmax are metadata (one fp32 per 256 elements).
     "AdamW8bitOp": dict(operands=(("p", 0, "rw"), ("g", 0, "r"), ("qm", "unsigned char", "rw"),
                                   ("qv", "unsigned char", "rw"), ("shadow", 1, "rw")), elems=16),
+    # Prodigy's two passes (optim/prodigy.cu), every operand of the parameters' dtype
+    "ProdigyMomentsOp": dict(operands=(("p", 0, "r"), ("g", 0, "r"), ("p0", 0, "r"), ("m", 0, "rw"), ("v", 0, "rw"),
+                                       ("s", 0, "rw")), elems=8),
+    "ProdigyUpdateOp": dict(operands=(("p", 0, "rw"), ("n", 0, "r"), ("v", 0, "r")), elems=16),
 }
 TYPE_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2, "unsigned char": 1}
 
@@ -74,6 +78,9 @@ METADATA = {
     "AdamW8bitOp": (3 + 8 + 3 + 2 + 4, 2, "chunk id / offset / numel, 8 table addresses, step / lr / clip "
                     "coefficient, the block's two fp32 absmax (one per 256 elements) read and written, the 4 x 256 "
                     "quantization tables copied to shared memory (4-byte loads, once per chunk)"),
+    "ProdigyMomentsOp": (3 + 6 + 3, 2, "chunk id / offset / numel, 6 table addresses, c1 / c2 / c3 (fp32); the "
+                         "chunk's two fp32 partial sums"),
+    "ProdigyUpdateOp": (3 + 3 + 3, 0, "chunk id / offset / numel, 3 table addresses, w / a / e (fp32)"),
 }
 # Kernels that are not functors, with why their accesses are narrow.
 OTHER_KERNELS = {
@@ -147,7 +154,7 @@ def access_widths(body: str) -> collections.Counter:
 
 def functor_of(name: str) -> tuple[str, list[str]] | None:
     """("AdamWOp", ["__nv_bfloat16", "float"]) from a demangled multi_tensor_apply_kernel name."""
-    m = re.search(r"\b(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|ScheduleFreeOp|AdamW8bitOp)<([^>]*)>", name)
+    m = re.search(r"\b(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|ScheduleFreeOp|AdamW8bitOp|ProdigyMomentsOp|ProdigyUpdateOp)<([^>]*)>", name)
     if m is None:
         return None
     types = [t.strip() for t in m.group(2).split(",") if t.strip() in TYPE_BYTES]

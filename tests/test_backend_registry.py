@@ -33,7 +33,7 @@ STEPS = {
     "ema": ("triton", "cuda", "torch"),
     "clip_grad_norm_": ("triton", "cuda", "torch"),
     "adamw8bit": ("triton", "cuda", "torch"),
-    "prodigy": ("triton", "torch"),
+    "prodigy": ("triton", "cuda", "torch"),
     "schedulefree": ("triton", "cuda", "torch"),
     # the adapters' kernels (fastgen.adapters)
     "lora": ("triton", "torch"),
@@ -115,6 +115,6 @@ def test_registered_steps_keep_their_own_reasons():
     with pytest.raises(BackendUnavailableError, match="strided or float64"):
         backend.resolve("ema", "triton", cpu, {"triton": "strided or float64 tensors"})
     with pytest.raises(BackendUnavailableError, match="this op has no CUDA C\\+\\+ implementation"):
-        backend.resolve("prodigy", "cuda", cpu)
+        backend.resolve("lora", "cuda", cpu)
     assert backend.resolve("adamw", "torch", cpu) == "torch"
     assert backend.launcher("adamw8bit", "triton").adamw8bit_step is not None

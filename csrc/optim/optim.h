@@ -61,4 +61,22 @@ void multi_tensor_adamw8bit(std::uintptr_t p_list, std::uintptr_t g_list, std::u
                             double weight_decay, bool maximize, bool stochastic_rounding, std::int64_t seed,
                             std::uintptr_t coef_ptr, double ema_weight, std::uintptr_t stream);
 
+// Prodigy (csrc/optim/prodigy.cu), pass 1. lists: params, grads, p0, exp_avg (0: beta1 = 0), exp_avg_sq, s, all
+// of p_dtype (g_dtype must equal it). coefs_ptr: fp32 [3] device (c1, c2, c3); dot_ptr / abs_ptr: fp32
+// [num_chunks] per-chunk partial sums of g (p0 - p) and of |s| (as stored).
+void multi_tensor_prodigy_moments(std::uintptr_t p_list, std::uintptr_t g_list, std::uintptr_t p0_list,
+                                  std::uintptr_t m_list, std::uintptr_t v_list, std::uintptr_t s_list,
+                                  std::uintptr_t numels, std::uintptr_t chunk_ids, std::uintptr_t chunk_offs,
+                                  std::int64_t num_chunks, std::int64_t chunk, int p_dtype, int g_dtype,
+                                  std::uintptr_t coefs_ptr, std::uintptr_t dot_ptr, std::uintptr_t abs_ptr,
+                                  double beta1, double beta2, double beta3, double weight_decay, bool coupled_wd,
+                                  std::uintptr_t stream);
+
+// Prodigy pass 2. lists: params, numerators (exp_avg, or grads when beta1 = 0), exp_avg_sq. coefs_ptr: fp32 [3]
+// device (w, a, e): p = p + w p (decoupled_wd), p = p + a n / (sqrt(v) + e).
+void multi_tensor_prodigy_update(std::uintptr_t p_list, std::uintptr_t n_list, std::uintptr_t v_list,
+                                 std::uintptr_t numels, std::uintptr_t chunk_ids, std::uintptr_t chunk_offs,
+                                 std::int64_t num_chunks, std::int64_t chunk, int p_dtype, int n_dtype,
+                                 std::uintptr_t coefs_ptr, bool decoupled_wd, std::uintptr_t stream);
+
 }  // namespace fastgen

@@ -1,8 +1,9 @@
-"""CUDA C++ multi-tensor AdamW, 8-bit AdamW, Lion, gradient clipping and EMA launchers (``csrc/optim/``
+"""CUDA C++ multi-tensor AdamW, 8-bit AdamW, Prodigy, Lion, gradient clipping and EMA launchers (``csrc/optim/``
 through ``fastgen._C``).
 
 Same signatures as the Triton launchers: ``adamw_step`` / ``lion_step`` as
-``fastgen.kernels.adamw`` / ``fastgen.kernels.lion``, ``adamw8bit_step`` as ``fastgen.kernels.adamw8bit``, ``sum_squares`` / ``scale_`` as
+``fastgen.kernels.adamw`` / ``fastgen.kernels.lion``, ``adamw8bit_step`` as ``fastgen.kernels.adamw8bit``,
+``prodigy_moments`` / ``prodigy_update`` as ``fastgen.kernels.prodigy``, ``sum_squares`` / ``scale_`` as
 ``fastgen.kernels.clip_grad``, ``ema_update_`` as ``fastgen.kernels.ema``; and the same
 cached device tables (``fastgen.kernels.multi_tensor``): one launch per call.
 ``clip_coef`` is the CUDA path of ``fastgen.optim.clip_grad_norm_``: the total p-norm
@@ -95,6 +96,48 @@ def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta
             stochastic_rounding=int(bool(stochastic_rounding)), seed=int(seed) & 0xFFFFFFFF,
             coef_ptr=coef.data_ptr() if coef is not None else 0, ema_weight=1.0 - float(ema_decay),
             stream=_stream(params[0].device),
+        ))
+
+
+def prodigy_moments(params, grads, p0s, ms, vs, ss, coefs, *, beta1, beta2, beta3, weight_decay, coupled_wd):
+    """Prodigy pass 1 over lists (one dtype, one device, contiguous, ``slice_p = 1``; csrc/optim/prodigy.cu):
+    m, v, s in place; returns the fp32 per-chunk partial sums (dot, abs), as ``fastgen.kernels.prodigy``."""
+    C = load_extension()
+    table = chunk_table(params, CHUNK)
+    device = params[0].device
+    dot = torch.empty(table.num_chunks, dtype=torch.float32, device=device)
+    ab = torch.empty_like(dot)
+    assert coefs.dtype == torch.float32 and coefs.numel() == 3 and coefs.is_contiguous() and coefs.device == device
+    with torch.cuda.device(device):
+        C.multi_tensor_prodigy_moments(C.MultiTensorProdigyMomentsParams(
+            p_list=pointer_table(params).data_ptr(), g_list=pointer_table(grads).data_ptr(),
+            p0_list=pointer_table(p0s).data_ptr(), m_list=pointer_table(ms).data_ptr() if ms else 0,
+            v_list=pointer_table(vs).data_ptr(), s_list=pointer_table(ss).data_ptr(), numels=table.numels.data_ptr(),
+            chunk_ids=table.chunk_ids.data_ptr(), chunk_offs=table.chunk_offs.data_ptr(),
+            num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
+            g_dtype=dtype_code(grads[0].dtype), coefs_ptr=coefs.data_ptr(), dot_ptr=dot.data_ptr(),
+            abs_ptr=ab.data_ptr(), beta1=float(beta1), beta2=float(beta2), beta3=float(beta3),
+            weight_decay=float(weight_decay), coupled_wd=int(bool(coupled_wd)), stream=_stream(device),
+        ))
+    return dot, ab
+
+
+def prodigy_update(params, nums, vs, coefs, *, decoupled_wd):
+    """Prodigy pass 2 over lists (one dtype, one device, contiguous): p += w p, p += a n / (sqrt(v) + e)."""
+    if not params:
+        return
+    C = load_extension()
+    table = chunk_table(params, CHUNK)
+    device = params[0].device
+    assert coefs.dtype == torch.float32 and coefs.numel() == 3 and coefs.is_contiguous() and coefs.device == device
+    with torch.cuda.device(device):
+        C.multi_tensor_prodigy_update(C.MultiTensorProdigyUpdateParams(
+            p_list=pointer_table(params).data_ptr(), n_list=pointer_table(nums).data_ptr(),
+            v_list=pointer_table(vs).data_ptr(), numels=table.numels.data_ptr(),
+            chunk_ids=table.chunk_ids.data_ptr(), chunk_offs=table.chunk_offs.data_ptr(),
+            num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
+            n_dtype=dtype_code(nums[0].dtype), coefs_ptr=coefs.data_ptr(), decoupled_wd=int(bool(decoupled_wd)),
+            stream=_stream(device),
         ))
 
 

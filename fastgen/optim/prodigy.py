@@ -23,7 +23,8 @@ counts still advance, since the test is made on the device.) ``d``, ``d_max`` an
 calls ``.item()`` twice per parameter). The dot products and ``|s|`` sums are per-tensor fp32
 reductions added in fp64 in a fixed order: deterministic. ``backend="triton"`` makes the step
 two multi-tensor Triton passes per dtype mix (``kernels/prodigy.py``: moments and the two
-sums, then the parameter update; ``slice_p = 1`` and contiguous tensors, the rest take the
+sums, then the parameter update; ``backend="cuda"``: the same two passes in CUDA C++,
+``csrc/optim/prodigy.cu``; ``slice_p = 1`` and contiguous tensors, the rest take the
 foreach path); otherwise (the default on CPU) ``torch._foreach_*`` multi-tensor launches, one
 per operation over the whole list.
 
@@ -53,7 +54,7 @@ class FusedProdigy(torch.optim.Optimizer):
     Args: ``lr`` (1.0), ``betas``, ``beta3``, ``eps``, ``weight_decay``, ``decouple``,
     ``use_bias_correction``, ``safeguard_warmup``, ``d0``, ``d_coef``, ``growth_rate``,
     ``slice_p`` as ``prodigyopt``; ``fsdp_in_use=True`` is refused (use ``prodigyopt``);
-    ``backend`` ``"auto" | "triton" | "torch"`` (no CUDA C++ kernel).
+    ``backend`` ``"auto" | "triton" | "cuda" | "torch"``.
     """
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
@@ -79,8 +80,8 @@ class FusedProdigy(torch.optim.Optimizer):
         self.backend = backend
 
     def _kernel_split(self, params, grads, impl, slice_p):
-        """({(p dtype, g dtype): [indices]} the Triton passes take, [indices] for the foreach path)."""
-        if impl != "triton" or slice_p != 1:
+        """({(p dtype, g dtype): [indices]} the kernel passes take, [indices] for the foreach path)."""
+        if impl not in ("triton", "cuda") or slice_p != 1:
             return {}, list(range(len(params)))
         buckets, rest = {}, []
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -129,7 +130,7 @@ class FusedProdigy(torch.optim.Optimizer):
         dlr = d * (lr * bc)
         d_numerator = sc["d_numerator"] * beta3
         f32 = lambda x: x.to(torch.float32)  # noqa: E731 - a coefficient, as torch casts an fp64 alpha
-        impl = resolve("prodigy", self.backend, device)  # the registry: no CUDA C++ kernel
+        impl = resolve("prodigy", self.backend, device)
         dots, abs_sums, active = [], [], []
         for group in self.param_groups:
             if group["lr"] not in (lr, 0.0):
@@ -157,7 +158,7 @@ class FusedProdigy(torch.optim.Optimizer):
             if group["lr"] == 0.0:
                 continue
             if buckets:
-                prodigy_moments = launcher("prodigy", "triton").prodigy_moments
+                prodigy_moments = launcher("prodigy", impl).prodigy_moments
                 coefs = torch.stack([d * (1 - beta1), d * d * (1 - beta2),
                                      (d / d0) * (d if group["safeguard_warmup"] else dlr)]).float()
                 for idx in buckets.values():
@@ -213,7 +214,7 @@ class FusedProdigy(torch.optim.Optimizer):
                 self.state[p]["step"] += 1
             scale = -step_dlr if beta1 > 0 else -step_dlr * new_d
             if buckets:
-                prodigy_update = launcher("prodigy", "triton").prodigy_update
+                prodigy_update = launcher("prodigy", impl).prodigy_update
                 coefs = torch.stack([-decay * step_dlr, scale, new_d * group["eps"]]).float()
                 for idx in buckets.values():
                     ps = [params[i] for i in idx]
