@@ -44,7 +44,7 @@ D = 88 / 96 as 64 + 32. Other cases take the next power of two with masked loads
 memory traffic, but dot products on zeros): the backward of D = 96 pays for 128 (25% wasted),
 D = 160 for 256 (38%) in both directions. The remainders that would avoid it (64 + 32 in the
 backward, 128 + 32) need second accumulators that do not fit the 255-register limit on
-sm_90 (see ``kernel_head_blocks``).
+sm_90 (``attention_configs.kernel_head_blocks``).
 
 Lengths are arbitrary (rows and columns past the end are masked). Causal programs on a
 GPU skip the key (query) blocks that their rows cannot see; under the interpreter the
@@ -57,9 +57,9 @@ interpreter); on the GPU, and for fp16 in the interpreter too, the dots take bf1
 operands (tensor cores), with ``p`` and ``ds`` rounded to the input dtype before their dots,
 as in FlashAttention. So the fp16 interpreter tests run the GPU's dot code path.
 
-Launch configs: a default per kernel and head-dim block (``attention_fwd_config``) plus
-alternative tiles that ``kernels/autotune.py`` times on the GPU once per shape class
-(``attention_fwd_candidates``, ``tune_key``); ``deterministic`` launches the default.
+Launch configs live in ``kernels/attention_configs.py`` as data: per kernel one default rule and
+one candidate list that ``kernels/autotune.py`` times on the GPU once per shape class;
+``deterministic`` launches the default. Tests pass a ``LaunchOverride`` down the call (``launch=``).
 
 TMA (Hopper): where ``tma_ok`` allows (sm_90+, not varlen, 16-byte aligned bases and strides),
 the forward's candidates also read q, k and v through 4-D ``[B, H, S, D]`` tensor descriptors
@@ -80,8 +80,8 @@ warp-specialized path.
 
 from __future__ import annotations
 
-import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -89,46 +89,19 @@ import triton.language as tl
 
 from fastgen.kernels import autotune
 from fastgen.kernels._common import device_guard, interpreting, round_to
+from fastgen.kernels.attention_configs import (
+    LaunchOverride,
+    attention_fwd_candidates,
+    host_bounds,
+    launch_config,
+    tune_key,
+)
 
 LOG2E = 1.4426950408889634
 
-# Tests may force small blocks (the interpreter pays per element): see forced_blocks().
-_FORCED: dict = {}
-# Tests may force the forward's TMA path: see forced_tma().
-_FORCED_TMA: list = []
-
-
-@contextlib.contextmanager
-def forced_tma(on: bool = True):
-    """Inside the block, the forward reads q / k / v through TMA tensor descriptors wherever
-    the call allows it (``tma_ok``) when ``on``, and never when not, whatever the autotuner or
-    the default would pick. For tests (the interpreter emulates the descriptors, their bounds
-    and zero fill included)."""
-    _FORCED_TMA.append(bool(on))
-    try:
-        yield
-    finally:
-        _FORCED_TMA.pop()
-
-
-@contextlib.contextmanager
-def forced_blocks(block_m: int | None, block_n: int | None, device_bounds: bool = False):
-    """Run every attention launch inside the block with BLOCK_M = block_m, BLOCK_N = block_n
-    (query and key block sizes of all four kernels); ``None, None``: the GPU's shipped configs,
-    also under the interpreter (which otherwise takes 32 x 32). Meant for tests.
-    ``device_bounds``: under the interpreter, use the per-program loop bounds of the GPU path
-    too (Triton >= 3.7 only)."""
-    prev = dict(_FORCED)
-    _FORCED.update(BLOCK_M=block_m, BLOCK_N=block_n, device_bounds=device_bounds)
-    try:
-        yield
-    finally:
-        _FORCED.clear()
-        _FORCED.update(prev)
-
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
+def dot(a, b, DOT_F32: tl.constexpr):
     """a @ b with fp32 accumulation; fp32 operands in exact IEEE mode when DOT_F32."""
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -137,7 +110,7 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, mask, DOT_F32: tl.constexpr):
+def masked_load(ptrs, mask, DOT_F32: tl.constexpr):
     """A masked block load, upcast to fp32 at once under the interpreter (DOT_F32)."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     if DOT_F32:
@@ -146,7 +119,7 @@ def _load(ptrs, mask, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _desc_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, DOT_F32: tl.constexpr):
+def desc_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, DOT_F32: tl.constexpr):
     """The [ROWS, COLS] tile at (batch b, head h, row, col) of a 4-D [B, H, S, D] tensor descriptor:
     a TMA copy on Hopper; rows past S and columns past D read as 0 (the descriptor's bounds)."""
     x = desc.load([b, h, row, col]).reshape(ROWS, COLS)
@@ -156,7 +129,7 @@ def _desc_tile(desc, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, DOT
 
 
 @triton.jit
-def _block_and_head(S, BLOCK: tl.constexpr):
+def block_and_head(S, BLOCK: tl.constexpr):
     """(block index along the sequence, batch * head index) of this program. Both live on grid
     axis 0 (blocks fastest, so the programs of one head run together): axes 1 and 2 stop at
     65,535 programs, which batch * heads passes (varlen: 4,096 sequences x 24 heads)."""
@@ -166,7 +139,7 @@ def _block_and_head(S, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _seq_bounds(CU, b, S, VARLEN: tl.constexpr):
+def seq_bounds(CU, b, S, VARLEN: tl.constexpr):
     """(start offset in the packed token dim, length) of sequence ``b``."""
     if VARLEN:
         start = tl.load(CU + b).to(tl.int64)
@@ -211,12 +184,12 @@ def _attn_fwd_kernel(
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
     TMA: tl.constexpr,  # q / k / v tiles through the tensor descriptors (not with VARLEN)
 ):
-    pid_m, bh = _block_and_head(Sq, BLOCK_M)
+    pid_m, bh = block_and_head(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
-    k_start, seqlen_k = _seq_bounds(CU_K, b, Sk, VARLEN)
+    q_start, seqlen_q = seq_bounds(CU_Q, b, Sq, VARLEN)
+    k_start, seqlen_k = seq_bounds(CU_K, b, Sk, VARLEN)
     b64 = b.to(tl.int64)
     Q += b64 * sqb + h.to(tl.int64) * sqh + q_start * sqs
     K += b64 * skb + hk.to(tl.int64) * skh + k_start * sks
@@ -230,16 +203,16 @@ def _attn_fwd_kernel(
     row_ok = rows < seqlen_q
     d_ok = dd < D
     if TMA:
-        q = _desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+        q = desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
     else:
-        q = _load(Q + rows[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
+        q = masked_load(Q + rows[:, None] * sqs + dd[None, :], row_ok[:, None] & d_ok[None, :], DOT_F32)
     if BLOCK_DR > 0:  # the head-dim remainder, e.g. D = 80 = 64 + 16
         dr = BLOCK_D + tl.arange(0, BLOCK_DR)
         dr_ok = dr < D
         if TMA:
-            q_r = _desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+            q_r = desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
         else:
-            q_r = _load(Q + rows[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
+            q_r = masked_load(Q + rows[:, None] * sqs + dr[None, :], row_ok[:, None] & dr_ok[None, :], DOT_F32)
         acc_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -258,16 +231,16 @@ def _attn_fwd_kernel(
         kcols = nb * BLOCK_N + cols
         col_ok = kcols < seqlen_k
         if TMA:
-            kt = tl.trans(_desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
+            kt = tl.trans(desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
         else:
-            kt = _load(K + kcols[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
-        s = _dot(q, kt, DOT_F32)
+            kt = masked_load(K + kcols[None, :] * sks + dd[:, None], col_ok[None, :] & d_ok[:, None], DOT_F32)
+        s = dot(q, kt, DOT_F32)
         if BLOCK_DR > 0:
             if TMA:
-                kt_r = tl.trans(_desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
+                kt_r = tl.trans(desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
             else:
-                kt_r = _load(K + kcols[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
-            s += _dot(q_r, kt_r, DOT_F32)
+                kt_r = masked_load(K + kcols[None, :] * sks + dr[:, None], col_ok[None, :] & dr_ok[:, None], DOT_F32)
+            s += dot(q_r, kt_r, DOT_F32)
         s = s * qk_scale
         ok = col_ok[None, :]
         if CAUSAL:
@@ -279,16 +252,16 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
-            v = _desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
+            v = desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
         else:
-            v = _load(V + kcols[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+            v = masked_load(V + kcols[:, None] * svs + dd[None, :], col_ok[:, None] & d_ok[None, :], DOT_F32)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_F32)
         if BLOCK_DR > 0:
             if TMA:
-                v_r = _desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
+                v_r = desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
             else:
-                v_r = _load(V + kcols[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
-            acc_r = acc_r * alpha[:, None] + _dot(p.to(v_r.dtype), v_r, DOT_F32)
+                v_r = masked_load(V + kcols[:, None] * svs + dr[None, :], col_ok[:, None] & dr_ok[None, :], DOT_F32)
+            acc_r = acc_r * alpha[:, None] + dot(p.to(v_r.dtype), v_r, DOT_F32)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -303,131 +276,7 @@ def _attn_fwd_kernel(
                  mask=row_ok[:, None] & dr_ok[None, :])
 
 
-# ----------------------------------------------------------------------------- configs
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
-def split_head_dim(D: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_DR): a power-of-two block plus an optional power-of-two remainder block
-    (>= 16, the smallest dot), where the pair is narrower than the next power of two:
-    40 -> (32, 16), 72 / 80 -> (64, 16), 96 -> (64, 32), 160 -> (128, 32), 192 -> (128, 64);
-    64 -> (64, 0), 112 -> (128, 0) (64 + 64 would be no narrower)."""
-    full = _block_d(D)
-    low = max(16, full // 2 if full > D else full)
-    if low >= D:
-        return full, 0
-    rem = max(16, triton.next_power_of_2(D - low))
-    return (low, rem) if low + rem < full else (full, 0)
-
-
-def kernel_head_blocks(D: int, kernel: str) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_DR) that ``kernel`` ("fwd" | "bwd") runs for head dim D.
-
-    The split of :func:`split_head_dim` is used where it compiles with register headroom on
-    sm_90 with Triton 3.6 and 3.9 (tests/sm90.py): a main block <= 64 plus a 16-wide remainder,
-    D = 40, 48, 72, 80 (the SD 1.5 / DiT / PixArt head dims), in every kernel; 64 + 32 (D = 88,
-    96) in the forward only. Elsewhere (D = 88 / 96 in the backward, D = 136..192) the kernels
-    take the next power of two with masking: the split needs a second accumulator per output,
-    and with it those configs ran at the 255-register limit or spilled (dK/dV for 128 + 32 badly).
-    """
-    main, rem = split_head_dim(D)
-    if (rem == 16 and main <= 64) or (kernel == "fwd" and rem == 32 and main == 64):
-        return main, rem
-    return _block_d(D), 0
-
-
-def attention_fwd_config(D: int) -> dict:
-    """Launch parameters of _attn_fwd_kernel for head dim D (the static sm_90 test compiles these).
-
-    Picked for register headroom on sm_90 (Triton 3.9, tests/sm90.py: no spills, most kernels
-    well under 255 registers; the GPU image's Triton 3.6 allocates differently), not yet tuned
-    for speed on a GPU.
-    """
-    bd = _block_d(D)
-    if bd <= 64:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    elif bd <= 128:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
-        if kernel_head_blocks(D, "fwd")[1] == 32:  # 64 + 32 (D = 88, 96): a second accumulator
-            cfg["num_warps"] = 8
-    else:
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
-    return _finish(cfg, bd, D, "fwd")
-
-
-def with_alternatives(default: dict, alternatives, D: int, kernel: str) -> list[dict]:
-    """``[default, *alternatives]`` as full configs for the GPU autotuner (kernels/autotune.py),
-    duplicates dropped; only the default under the interpreter or forced blocks (tests).
-    ``alternatives``: ``(BLOCK_M, BLOCK_N, num_warps)`` triples, each compiled without spills on
-    sm_90 by the static tier."""
-    if interpreting() or _FORCED:
-        return [default]
-    out = [default]
-    for bm, bn, nw in alternatives:
-        cfg = _finish(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=default["num_stages"]), _block_d(D),
-                      D, kernel)
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
-def attention_fwd_candidates(D: int, tma: bool = False) -> list[dict]:
-    """The forward's configs for head dim D: the default first, then what the autotuner also tries
-    (none for BLOCK_D = 256 with pointer loads, where every larger tile spills). With ``tma``
-    (the call allows descriptors, see ``tma_ok``) the same tiles again with ``TMA=True`` plus
-    larger ones that only the TMA path affords: its tiles go to shared memory, not registers
-    (D = 128 at 128 x 64: 155 registers instead of 255 on sm_90), up to the 227 KiB of an H100
-    block (128 x 128 at D = 128 takes 224 KiB)."""
-    bd = _block_d(D)
-    alts = [] if bd > 128 else [(128, 64, 8), (128, 32, 8), (64, 32, 4)] + ([(64, 64, 4)] if bd <= 64 else [])
-    default = attention_fwd_config(D)
-    out = with_alternatives(default, alts, D, "fwd")
-    if tma:
-        extra = [(128, 128, 8)] if bd <= 128 else [(64, 32, 4), (128, 32, 8), (64, 64, 8)]
-        out += tma_split_tiles(D, "fwd", [(64, 32, 4), (128, 64, 8), (128, 32, 8)])
-        out += [dict(c, TMA=True) for c in with_alternatives(default, alts + extra, D, "fwd")]
-    return out
-
-
-# Split head-dim blocks that the TMA tiles may use where the pointer-load kernels pad to the next
-# power of two (the static tier compiles them): D = 88 / 96 as 64 + 32 in the backward, D = 136..160
-# as 128 + 32 and 176..192 as 128 + 64 (SD 1.5's 160 pays for 160 columns, not 256). Descriptor
-# bounds zero-fill the columns past D, so the remainder block needs no masks.
-TMA_SPLITS = ((64, 32), (128, 32), (128, 64))
-
-
-def tma_split_tiles(D: int, kernel: str, tiles) -> list[dict]:
-    """TMA configs with the split head-dim blocks of ``split_head_dim(D)`` for ``tiles``
-    ((BLOCK_M, BLOCK_N, num_warps)) where ``kernel`` ("fwd" | "bwd") otherwise pads D; else []."""
-    split = split_head_dim(D)
-    if split not in TMA_SPLITS or split == kernel_head_blocks(D, kernel):
-        return []
-    out = []
-    for bm, bn, nw in tiles:
-        cfg = _finish(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=3), _block_d(D), D, kernel)
-        cfg.update(BLOCK_D=split[0], BLOCK_DR=split[1], TMA=True)
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
-def forced_tma_config(candidates: list[dict], tma: bool) -> dict:
-    """Under ``forced_tma``: the first TMA candidate (a split head-dim tile where there is one),
-    else the default with ``TMA=True`` — or the default with pointer loads when ``not tma``."""
-    if not tma:
-        return dict(candidates[0], TMA=False)
-    return dict(next((c for c in candidates if c.get("TMA")), dict(candidates[0], TMA=True)))
-
-
-def tune_key(kernel: str, q: torch.Tensor, D: int, causal: bool, varlen: bool, group: int, Sq: int, Sk: int,
-             tma: bool = False):
-    """What the best launch config depends on: kernel, device, dtype, head dim, masking, GQA, lengths,
-    and whether TMA candidates exist for the call."""
-    return (kernel, q.device.index, q.dtype, D, bool(causal), varlen, group > 1,
-            autotune.length_bucket(Sq), autotune.length_bucket(Sk), tma)
+# ----------------------------------------------------------------------------- TMA
 
 
 def tma_ok(q, k, v, layout: str, varlen: bool) -> bool:
@@ -460,7 +309,7 @@ def tma_box_ok(rows: int, cols: int, element_size: int) -> bool:
     return 0 < rows <= TMA_BOX_MAX and 0 < cols <= TMA_BOX_MAX and (cols * element_size) % 16 == 0
 
 
-def _descriptor(t, layout: str, rows: int, col_block: int):
+def tma_descriptor(t, layout: str, rows: int, col_block: int):
     """A 4-D [B, H, S, D] TMA descriptor of t (either layout) with block [1, 1, rows, col_block].
     The strides of length-1 dims are replaced by packed ones (any index into them is 0)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -475,36 +324,16 @@ def _descriptor(t, layout: str, rows: int, col_block: int):
     return TensorDescriptor(t, [B, H, S, D], [sb, sh, ss, 1], [1, 1, rows, col_block])
 
 
-def _dot_f32(q: torch.Tensor) -> bool:
+def dots_in_f32(q: torch.Tensor) -> bool:
     """Upcast the dot operands to fp32: only for bf16 under the interpreter, whose bf16 dots are
     wrong. fp16 runs the GPU's code path there too (fp16 operands, p and ds rounded to fp16)."""
     return interpreting() and q.dtype != torch.float16
 
 
-def _host_bounds() -> bool:
-    """Loop bounds from the host (every block, masked) instead of per-program causal / varlen bounds.
-
-    The interpreter of Triton 3.6 cannot run loops whose bounds come from tl.program_id, so it
-    takes host bounds; tests on newer Triton force the device bounds with forced_blocks(...,
-    device_bounds=True) to check the block-skipping arithmetic that the GPU runs.
-    """
-    return interpreting() and not _FORCED.get("device_bounds", False)
-
-
-def _finish(cfg: dict, bd: int, D: int, kernel: str) -> dict:
-    cfg["BLOCK_D"], cfg["BLOCK_DR"] = kernel_head_blocks(D, kernel)
-    shipped = bool(_FORCED) and _FORCED["BLOCK_M"] is None
-    if interpreting() and not shipped:  # small blocks: the interpreter pays per element
-        cfg.update(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if _FORCED and not shipped:
-        cfg.update(BLOCK_M=_FORCED["BLOCK_M"], BLOCK_N=_FORCED["BLOCK_N"])
-    return cfg
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
-def _bhs_strides(t: torch.Tensor, layout: str, varlen: bool) -> tuple[int, int, int]:
+def bhs_strides(t: torch.Tensor, layout: str, varlen: bool) -> tuple[int, int, int]:
     """(batch, head, sequence) strides of t in ``layout`` (batch stride 0 when packed varlen)."""
     assert t.stride(-1) == 1 or t.shape[-1] <= 1
     if varlen:
@@ -514,7 +343,7 @@ def _bhs_strides(t: torch.Tensor, layout: str, varlen: bool) -> tuple[int, int, 
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _dims(q, k, layout, varlen, cu_q, max_q, max_k):
+def call_dims(q, k, layout, varlen, cu_q, max_q, max_k):
     """(B, H, HK, Sq, Sk, D) of the call."""
     if varlen:
         return cu_q.numel() - 1, q.shape[1], k.shape[1], max_q, max_k, q.shape[2]
@@ -532,22 +361,23 @@ def lse_shape(q, layout: str, varlen: bool) -> tuple[int, ...]:
     return (q.shape[0], q.shape[1], q.shape[2])
 
 
-def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
 @device_guard
 def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0,
-                  deterministic=False):
+                  deterministic=False, launch: Optional[LaunchOverride] = None):
     """o, lse = attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_q, max_k).
 
     q [B, Sq, H, D] ("bshd") or [B, H, Sq, D] ("bhsd") or packed [Tq, H, D] with cu_q (varlen);
     k, v the same with HK heads (H % HK == 0) and Sk keys. o: contiguous, q's shape and dtype;
     lse: fp32 [B, H, Sq] (or [H, Tq] varlen), natural log. The launch config is autotuned on the
-    GPU (kernels/autotune.py) unless ``deterministic`` (then the fixed default).
+    GPU (kernels/autotune.py) unless ``deterministic`` (then the fixed default); ``launch``: a
+    test's override (``kernels/attention_configs.py``).
     """
     varlen = cu_q is not None
-    B, H, HK, Sq, Sk, D = _dims(q, k, layout, varlen, cu_q, max_q, max_k)
+    B, H, HK, Sq, Sk, D = call_dims(q, k, layout, varlen, cu_q, max_q, max_k)
     new = torch.zeros if varlen else torch.empty  # varlen: rows past cu_seqlens_q[-1] stay 0
     o = new(q.shape, dtype=q.dtype, device=q.device)
     lse = new(lse_shape(q, layout, varlen), dtype=torch.float32, device=q.device)
@@ -555,36 +385,39 @@ def attention_fwd(q, k, v, causal, scale, layout="bshd", cu_q=None, cu_k=None, m
         return o, lse
     cu_q_arg = cu_q if varlen else lse
     cu_k_arg = cu_k if varlen else lse
+    interp = interpreting()
 
-    def launch(cfg):
+    def run(cfg):
         nw, ns, tma = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("TMA", False)
         descs = [None] * 6
         if tma:
             bm, bn, bd, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["BLOCK_DR"]
-            descs[:3] = [_descriptor(q, layout, bm, bd), _descriptor(k, layout, bn, bd), _descriptor(v, layout, bn, bd)]
+            descs[:3] = [tma_descriptor(q, layout, bm, bd), tma_descriptor(k, layout, bn, bd),
+                         tma_descriptor(v, layout, bn, bd)]
             if br:
-                descs[3:] = [_descriptor(q, layout, bm, br), _descriptor(k, layout, bn, br),
-                             _descriptor(v, layout, bn, br)]
+                descs[3:] = [tma_descriptor(q, layout, bm, br), tma_descriptor(k, layout, bn, br),
+                             tma_descriptor(v, layout, bn, br)]
         _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]) * B * H,)](
             q, k, v, o, lse, cu_q_arg, cu_k_arg, *descs,
-            *_bhs_strides(q, layout, varlen), *_bhs_strides(k, layout, varlen), *_bhs_strides(v, layout, varlen),
-            *_bhs_strides(o, layout, varlen), *_lse_strides(lse, varlen),
+            *bhs_strides(q, layout, varlen), *bhs_strides(k, layout, varlen), *bhs_strides(v, layout, varlen),
+            *bhs_strides(o, layout, varlen), *lse_strides(lse, varlen),
             H, H // HK, Sq, Sk, D, scale * LOG2E, triton.cdiv(Sk, cfg["BLOCK_N"]),
-            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interpreting(),
-            HOST_BOUNDS=_host_bounds(), TMA=tma,
+            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=dots_in_f32(q), INTERPRET=interp,
+            HOST_BOUNDS=host_bounds(launch, interp), TMA=tma,
             num_warps=nw, num_stages=ns, **cfg,
         )
 
     tma = Sk > 0 and tma_ok(q, k, v, layout, varlen)
-    if _FORCED_TMA:  # tests: one path or the other, whatever the tuner would pick
-        launch(forced_tma_config(attention_fwd_candidates(D, tma), _FORCED_TMA[-1] and tma))
-        return o, lse
     # The default (pointer loads) first; with TMA possible, the tuner keeps a TMA tile only where
-    # it is faster on this GPU.
-    key = tune_key("fwd", q, D, causal, varlen, H // HK, Sq, Sk, tma)
-    launch(autotune.pick(key, lambda: attention_fwd_candidates(D, tma), launch, fixed=deterministic))
+    # it is faster on this GPU. The interpreter and a test's override run one config.
+    cfg = launch_config("fwd", D, tma, launch, interp)
+    if cfg is None:
+        key = tune_key("fwd", q, D, causal, varlen, H // HK, Sq, Sk, tma)
+        cfg = autotune.pick(key, lambda: attention_fwd_candidates(D, tma), run, fixed=deterministic)
+    run(cfg)
     return o, lse
 
 
-__all__ = ["attention_fwd", "forced_blocks", "attention_fwd_config", "attention_fwd_candidates", "split_head_dim",
-           "kernel_head_blocks", "lse_shape", "tune_key", "with_alternatives"]
+# The helpers above without an underscore are shared with the backward (kernels/attention_bwd.py).
+__all__ = ["attention_fwd", "lse_shape", "tma_ok", "tma_box_ok", "tma_descriptor", "LOG2E", "dot", "masked_load",
+           "desc_tile", "block_and_head", "seq_bounds", "bhs_strides", "call_dims", "lse_strides", "dots_in_f32"]

@@ -1,7 +1,8 @@
 """Flash attention backward in Triton: the dK/dV and dQ kernels (FlashAttention-2, no atomics).
 
 The math, layouts, head-dim blocks and interpreter rules are those of ``kernels/attention.py``
-(the forward, whose helpers and config rules this file shares). With ``p_ij =
+(the forward, whose helpers this file shares; the launch configs are in
+``kernels/attention_configs.py``). With ``p_ij =
 exp(c * q_i . k_j - lse_i)`` recomputed from the forward's log-sum-exp::
 
     delta_i = sum_d dO_id * O_id                       (_attn_bwd_preprocess_kernel)
@@ -19,7 +20,7 @@ the shape of ``lse``.
 
 from __future__ import annotations
 
-import functools
+from typing import Optional
 
 import torch
 import triton
@@ -28,29 +29,26 @@ import triton.language as tl
 from fastgen.kernels import autotune
 from fastgen.kernels._common import device_guard, interpreting, round_to
 from fastgen.kernels.attention import (
-    _FORCED,
     LOG2E,
-    _FORCED_TMA,
-    _bhs_strides,
-    _block_and_head,
-    _block_d,
-    _desc_tile,
-    _descriptor,
-    _dims,
-    _dot,
-    _dot_f32,
-    _finish,
-    _host_bounds,
-    _load,
-    _lse_strides,
-    _seq_bounds,
-    forced_tma_config,
-    kernel_head_blocks,
-    split_head_dim,
+    bhs_strides,
+    block_and_head,
+    call_dims,
+    desc_tile,
+    dot,
+    dots_in_f32,
+    lse_strides,
+    masked_load,
+    seq_bounds,
+    tma_descriptor,
     tma_ok,
-    tma_split_tiles,
+)
+from fastgen.kernels.attention_configs import (
+    CANDIDATES,
+    LaunchOverride,
+    attention_preprocess_config,
+    host_bounds,
+    launch_config,
     tune_key,
-    with_alternatives,
 )
 
 
@@ -68,10 +66,10 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m, bh = _block_and_head(Sq, BLOCK_M)
+    pid_m, bh = block_and_head(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
-    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
+    q_start, seqlen_q = seq_bounds(CU_Q, b, Sq, VARLEN)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,7 +95,7 @@ def _attn_bwd_dkdv_kernel(
     DV,  # like V, v.dtype out, strides (sdvb, sdvh, sdvs, 1)
     CU_Q,
     CU_K,
-    QD,  # TMA: descriptors over [B, H|HK, S, D] (kernels/attention.py: _descriptor) of Q, K, V, DO,
+    QD,  # TMA: descriptors over [B, H|HK, S, D] (kernels/attention.py: tma_descriptor) of Q, K, V, DO,
     KD,  # blocks [1, 1, BLOCK_M | BLOCK_N, BLOCK_D]; the *R ones the head-dim remainder
     VD,  # blocks [..., BLOCK_DR] (only when BLOCK_DR > 0). None without TMA.
     DOD,
@@ -126,11 +124,11 @@ def _attn_bwd_dkdv_kernel(
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
     TMA: tl.constexpr,  # q / k / v / do tiles through the descriptors (not with VARLEN)
 ):
-    pid_n, bh = _block_and_head(Sk, BLOCK_N)
+    pid_n, bh = block_and_head(Sk, BLOCK_N)
     b = bh // HK
     hk = bh % HK
-    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
-    k_start, seqlen_k = _seq_bounds(CU_K, b, Sk, VARLEN)
+    q_start, seqlen_q = seq_bounds(CU_Q, b, Sq, VARLEN)
+    k_start, seqlen_k = seq_bounds(CU_K, b, Sk, VARLEN)
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
     K += b64 * skb + hk64 * skh + k_start * sks
@@ -145,11 +143,11 @@ def _attn_bwd_dkdv_kernel(
     d_ok = dd < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
     if TMA:
-        k = _desc_tile(KD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
-        v = _desc_tile(VD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
+        k = desc_tile(KD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
+        v = desc_tile(VD, b, hk, pid_n * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32)
     else:
-        k = _load(K + kcols[:, None] * sks + dd[None, :], kv_mask, DOT_F32)
-        v = _load(V + kcols[:, None] * svs + dd[None, :], kv_mask, DOT_F32)
+        k = masked_load(K + kcols[:, None] * sks + dd[None, :], kv_mask, DOT_F32)
+        v = masked_load(V + kcols[:, None] * svs + dd[None, :], kv_mask, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if BLOCK_DR > 0:  # the head-dim remainder
@@ -157,11 +155,11 @@ def _attn_bwd_dkdv_kernel(
         dr_ok = dr < D
         kv_mask_r = col_ok[:, None] & dr_ok[None, :]
         if TMA:
-            k_r = _desc_tile(KDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
-            v_r = _desc_tile(VDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
+            k_r = desc_tile(KDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
+            v_r = desc_tile(VDR, b, hk, pid_n * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32)
         else:
-            k_r = _load(K + kcols[:, None] * sks + dr[None, :], kv_mask_r, DOT_F32)
-            v_r = _load(V + kcols[:, None] * svs + dr[None, :], kv_mask_r, DOT_F32)
+            k_r = masked_load(K + kcols[:, None] * sks + dr[None, :], kv_mask_r, DOT_F32)
+            v_r = masked_load(V + kcols[:, None] * svs + dr[None, :], kv_mask_r, DOT_F32)
         dk_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
         dv_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
@@ -186,38 +184,38 @@ def _attn_bwd_dkdv_kernel(
             row_ok = rows < seqlen_q
             q_mask = row_ok[:, None] & d_ok[None, :]
             if TMA:
-                q = _desc_tile(QD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
-                do = _desc_tile(DOD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+                q = desc_tile(QD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+                do = desc_tile(DOD, b, h32, mb * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
             else:
-                q = _load(Qh + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
-                do = _load(DOh + rows[:, None] * sdos + dd[None, :], q_mask, DOT_F32)
+                q = masked_load(Qh + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+                do = masked_load(DOh + rows[:, None] * sdos + dd[None, :], q_mask, DOT_F32)
             lse = tl.load(Lh + rows, mask=row_ok, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty row: p = 0
             delta = tl.load(Dh + rows, mask=row_ok, other=0.0)
-            st = _dot(k, tl.trans(q), DOT_F32)  # [BLOCK_N, BLOCK_M]
+            st = dot(k, tl.trans(q), DOT_F32)  # [BLOCK_N, BLOCK_M]
             if BLOCK_DR > 0:
                 if TMA:
-                    q_r = _desc_tile(QDR, b, h32, mb * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
-                    do_r = _desc_tile(DODR, b, h32, mb * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+                    q_r = desc_tile(QDR, b, h32, mb * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+                    do_r = desc_tile(DODR, b, h32, mb * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
                 else:
                     q_mask_r = row_ok[:, None] & dr_ok[None, :]
-                    q_r = _load(Qh + rows[:, None] * sqs + dr[None, :], q_mask_r, DOT_F32)
-                    do_r = _load(DOh + rows[:, None] * sdos + dr[None, :], q_mask_r, DOT_F32)
-                st += _dot(k_r, tl.trans(q_r), DOT_F32)
+                    q_r = masked_load(Qh + rows[:, None] * sqs + dr[None, :], q_mask_r, DOT_F32)
+                    do_r = masked_load(DOh + rows[:, None] * sdos + dr[None, :], q_mask_r, DOT_F32)
+                st += dot(k_r, tl.trans(q_r), DOT_F32)
             st = st * qk_scale
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 ok = ok & (kcols[:, None] <= rows[None, :] + diag)
             pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, DOT_F32)
-            dpt = _dot(v, tl.trans(do), DOT_F32)
+            dv += dot(pt.to(do.dtype), do, DOT_F32)
+            dpt = dot(v, tl.trans(do), DOT_F32)
             if BLOCK_DR > 0:
-                dv_r += _dot(pt.to(do_r.dtype), do_r, DOT_F32)
-                dpt += _dot(v_r, tl.trans(do_r), DOT_F32)
+                dv_r += dot(pt.to(do_r.dtype), do_r, DOT_F32)
+                dpt += dot(v_r, tl.trans(do_r), DOT_F32)
             dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, DOT_F32)
+            dk += dot(dst.to(q.dtype), q, DOT_F32)
             if BLOCK_DR > 0:
-                dk_r += _dot(dst.to(q_r.dtype), q_r, DOT_F32)
+                dk_r += dot(dst.to(q_r.dtype), q_r, DOT_F32)
 
     dk = dk * sm_scale
     tl.store(DK + kcols[:, None] * sdks + dd[None, :], round_to(dk, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
@@ -236,7 +234,7 @@ def _attn_bwd_dq_kernel(
     DQ,  # like Q, q.dtype out, strides (sdqb, sdqh, sdqs, 1)
     CU_Q,
     CU_K,
-    QD,  # TMA: descriptors over [B, H|HK, S, D] (kernels/attention.py: _descriptor) of Q, K, V, DO,
+    QD,  # TMA: descriptors over [B, H|HK, S, D] (kernels/attention.py: tma_descriptor) of Q, K, V, DO,
     KD,  # blocks [1, 1, BLOCK_M | BLOCK_N, BLOCK_D]; the *R ones the head-dim remainder
     VD,  # blocks [..., BLOCK_DR] (only when BLOCK_DR > 0). None without TMA.
     DOD,
@@ -264,12 +262,12 @@ def _attn_bwd_dq_kernel(
     HOST_BOUNDS: tl.constexpr,  # loop over every block (host loop bounds): needed by the interpreter
     TMA: tl.constexpr,  # q / k / v / do tiles through the descriptors (not with VARLEN)
 ):
-    pid_m, bh = _block_and_head(Sq, BLOCK_M)
+    pid_m, bh = block_and_head(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    q_start, seqlen_q = _seq_bounds(CU_Q, b, Sq, VARLEN)
-    k_start, seqlen_k = _seq_bounds(CU_K, b, Sk, VARLEN)
+    q_start, seqlen_q = seq_bounds(CU_Q, b, Sq, VARLEN)
+    k_start, seqlen_k = seq_bounds(CU_K, b, Sk, VARLEN)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     hk64 = hk.to(tl.int64)
@@ -283,11 +281,11 @@ def _attn_bwd_dq_kernel(
     d_ok = dd < D
     q_mask = row_ok[:, None] & d_ok[None, :]
     if TMA:
-        q = _desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
-        do = _desc_tile(DOD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+        q = desc_tile(QD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
+        do = desc_tile(DOD, b, h, pid_m * BLOCK_M, 0, BLOCK_M, BLOCK_D, DOT_F32)
     else:
-        q = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
-        do = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :], q_mask,
+        q = masked_load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dd[None, :], q_mask, DOT_F32)
+        do = masked_load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dd[None, :], q_mask,
                    DOT_F32)
     lse = tl.load(LSE + b64 * slb + h64 * slh + q_start + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -298,12 +296,12 @@ def _attn_bwd_dq_kernel(
         dr_ok = dr < D
         q_mask_r = row_ok[:, None] & dr_ok[None, :]
         if TMA:
-            q_r = _desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
-            do_r = _desc_tile(DODR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+            q_r = desc_tile(QDR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
+            do_r = desc_tile(DODR, b, h, pid_m * BLOCK_M, BLOCK_D, BLOCK_M, BLOCK_DR, DOT_F32)
         else:
-            q_r = _load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dr[None, :], q_mask_r,
+            q_r = masked_load(Q + b64 * sqb + h64 * sqh + q_start * sqs + rows[:, None] * sqs + dr[None, :], q_mask_r,
                         DOT_F32)
-            do_r = _load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dr[None, :],
+            do_r = masked_load(DO + b64 * sdob + h64 * sdoh + q_start * sdos + rows[:, None] * sdos + dr[None, :],
                          q_mask_r, DOT_F32)
         dq_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
@@ -320,32 +318,32 @@ def _attn_bwd_dq_kernel(
         col_ok = kcols < seqlen_k
         kt_mask = col_ok[None, :] & d_ok[:, None]
         if TMA:
-            kt = tl.trans(_desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
-            vt = tl.trans(_desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
+            kt = tl.trans(desc_tile(KD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
+            vt = tl.trans(desc_tile(VD, b, hk, nb * BLOCK_N, 0, BLOCK_N, BLOCK_D, DOT_F32))
         else:
-            kt = _load(K + kcols[None, :] * sks + dd[:, None], kt_mask, DOT_F32)  # [BLOCK_D, BLOCK_N]
-            vt = _load(V + kcols[None, :] * svs + dd[:, None], kt_mask, DOT_F32)
-        s = _dot(q, kt, DOT_F32)
-        dp = _dot(do, vt, DOT_F32)
+            kt = masked_load(K + kcols[None, :] * sks + dd[:, None], kt_mask, DOT_F32)  # [BLOCK_D, BLOCK_N]
+            vt = masked_load(V + kcols[None, :] * svs + dd[:, None], kt_mask, DOT_F32)
+        s = dot(q, kt, DOT_F32)
+        dp = dot(do, vt, DOT_F32)
         if BLOCK_DR > 0:
             if TMA:
-                kt_r = tl.trans(_desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
-                vt_r = tl.trans(_desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
+                kt_r = tl.trans(desc_tile(KDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
+                vt_r = tl.trans(desc_tile(VDR, b, hk, nb * BLOCK_N, BLOCK_D, BLOCK_N, BLOCK_DR, DOT_F32))
             else:
                 kt_mask_r = col_ok[None, :] & dr_ok[:, None]
-                kt_r = _load(K + kcols[None, :] * sks + dr[:, None], kt_mask_r, DOT_F32)
-                vt_r = _load(V + kcols[None, :] * svs + dr[:, None], kt_mask_r, DOT_F32)
-            s += _dot(q_r, kt_r, DOT_F32)
-            dp += _dot(do_r, vt_r, DOT_F32)
+                kt_r = masked_load(K + kcols[None, :] * sks + dr[:, None], kt_mask_r, DOT_F32)
+                vt_r = masked_load(V + kcols[None, :] * svs + dr[:, None], kt_mask_r, DOT_F32)
+            s += dot(q_r, kt_r, DOT_F32)
+            dp += dot(do_r, vt_r, DOT_F32)
         s = s * qk_scale
         ok = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (kcols[None, :] <= rows[:, None] + diag)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_F32)
+        dq += dot(ds.to(kt.dtype), tl.trans(kt), DOT_F32)
         if BLOCK_DR > 0:
-            dq_r += _dot(ds.to(kt_r.dtype), tl.trans(kt_r), DOT_F32)
+            dq_r += dot(ds.to(kt_r.dtype), tl.trans(kt_r), DOT_F32)
 
     dq = dq * sm_scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows[:, None] * sdqs + dd[None, :],
@@ -356,99 +354,12 @@ def _attn_bwd_dq_kernel(
                  round_to(dq_r, DQ.dtype.element_ty, INTERPRET), mask=q_mask_r)
 
 
-# ----------------------------------------------------------------------------- configs
-
-
-def attention_bwd_dkdv_config(D: int) -> dict:
-    """Launch parameters of _attn_bwd_dkdv_kernel (BLOCK_N keys per program, BLOCK_M queries per step)."""
-    bd = _block_d(D)
-    if bd <= 32:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)
-    elif bd <= 128:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
-    if kernel_head_blocks(D, "bwd")[1]:  # split head dim (D = 40 / 72 / 80): two dk / dv accumulators
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)
-    return _finish(cfg, bd, D, "bwd")
-
-
-def attention_bwd_dq_config(D: int) -> dict:
-    """Launch parameters of _attn_bwd_dq_kernel (BLOCK_M queries per program, BLOCK_N keys per step)."""
-    bd = _block_d(D)
-    if bd <= 64:
-        cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
-    elif bd <= 128:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
-    return _finish(cfg, bd, D, "bwd")
-
-
-def attention_bwd_dkdv_candidates(D: int, tma: bool = False) -> list[dict]:
-    """dK/dV configs for head dim D: the default first, then what the GPU autotuner also tries
-    (each spill-free on sm_90; none for BLOCK_D = 256). With ``tma``, TMA versions of the tiles
-    with BLOCK_N >= 64 (ptxas spills the 32-key TMA tiles at D = 64..128; at D = 256 the default
-    32 x 32 compiles clean) plus 32 x 64 / 32 x 128 / 32 x 64 x 4 warps at D = 96..128, which
-    only the TMA path affords."""
-    bd, split = _block_d(D), kernel_head_blocks(D, "bwd")[1] > 0
-    if bd > 128:
-        alts = []
-    elif split and bd == 128:  # D = 72 / 80: 64 + 16
-        alts = [(32, 128, 8)]
-    elif bd == 128:
-        alts = [(32, 32, 4)]
-    else:
-        alts = [(32, 64, 8), (32, 128, 8), (64, 64, 8)]
-    default = attention_bwd_dkdv_config(D)
-    out = with_alternatives(default, alts, D, "bwd")
-    if tma:
-        if bd > 128:
-            tiles = [default]
-        else:
-            extra = [(32, 64, 8), (32, 128, 8)] + ([(32, 64, 4)] if bd == 128 and not split else [])
-            tiles = [c for c in with_alternatives(default, alts + extra, D, "bwd") if c["BLOCK_N"] >= 64]
-        # split head dims: 64 + 32 at D = 88 / 96 (three tiles), 128 + 32 at D = 136..160 (one);
-        # none spill-free for 128 + 64
-        out += tma_split_tiles(D, "bwd", [(32, 64, 8), (32, 128, 8), (32, 64, 4)] if bd == 128 else
-                               [(32, 64, 8)] if split_head_dim(D)[1] == 32 else [])
-        out += [dict(c, TMA=True) for c in tiles]
-    return out
-
-
-def attention_bwd_dq_candidates(D: int, tma: bool = False) -> list[dict]:
-    """dQ configs for head dim D: the default first, then the autotuner's alternatives; with
-    ``tma`` each also with TMA loads."""
-    bd = _block_d(D)
-    if bd > 128:
-        alts = []
-    elif bd == 128 and kernel_head_blocks(D, "bwd")[1] == 0:  # D = 88 .. 128
-        alts = [(64, 64, 8), (32, 32, 4)]
-    else:
-        alts = [(64, 64, 8), (128, 64, 8), (64, 32, 4), (128, 32, 8)]
-    out = with_alternatives(attention_bwd_dq_config(D), alts, D, "bwd")
-    if tma:  # split head dims where the pointer loads pad (see TMA_SPLITS; spill-free tiles), then the rest
-        split_tiles = [(64, 32, 4), (64, 64, 8)] + ([(32, 32, 4)] if split_head_dim(D)[0] == 64 or
-                                                    split_head_dim(D)[1] == 64 else [])
-        out += tma_split_tiles(D, "bwd", split_tiles) + [dict(c, TMA=True) for c in out]
-    return out
-
-
-def attention_preprocess_config(D: int) -> dict:
-    """Launch parameters of _attn_bwd_preprocess_kernel: 2048-element tiles, 8 per thread."""
-    bd = _block_d(D)
-    block_m = max(8, 2048 // bd)
-    if _FORCED and _FORCED["BLOCK_M"] is not None:
-        block_m = _FORCED["BLOCK_M"]
-    return dict(BLOCK_M=block_m, BLOCK_D=bd, num_warps=max(1, min(8, block_m * bd // 256)))
-
-
 # ----------------------------------------------------------------------------- launcher
 
 
 @device_guard
 def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, cu_k=None, max_q=0, max_k=0,
-                  dlse=None, deterministic=False):
+                  dlse=None, deterministic=False, launch: Optional[LaunchOverride] = None):
     """dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ...): contiguous, in the shapes and dtypes of q, k, v.
 
     do has o's shape (any strides with a unit last dim). ``dlse`` (lse's shape, optional) is the
@@ -456,10 +367,11 @@ def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, 
     ``ds_ij = p_ij (dp_ij - delta_i + dlse_i)``, i.e. ``delta - dlse`` replaces ``delta``.
     Deterministic: no atomics; the launch configs are autotuned on the GPU (kernels/autotune.py)
     unless ``deterministic``, which takes the fixed defaults so that every process runs the same
-    configs (bit-identical gradients across processes, not only across calls).
+    configs (bit-identical gradients across processes, not only across calls). ``launch``: a test's
+    override (``kernels/attention_configs.py``).
     """
     varlen = cu_q is not None
-    B, H, HK, Sq, Sk, D = _dims(q, k, layout, varlen, cu_q, max_q, max_k)
+    B, H, HK, Sq, Sk, D = call_dims(q, k, layout, varlen, cu_q, max_q, max_k)
     new = torch.zeros if varlen else torch.empty  # varlen: rows past cu_seqlens[-1] get 0
     dq = new(q.shape, dtype=q.dtype, device=q.device)
     dk = new(k.shape, dtype=k.dtype, device=k.device)
@@ -469,13 +381,13 @@ def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, 
     interp = interpreting()
     cu_q_arg = cu_q if varlen else lse
     cu_k_arg = cu_k if varlen else lse
-    s_q, s_k, s_v = (_bhs_strides(t, layout, varlen) for t in (q, k, v))
-    s_do, s_l = _bhs_strides(do, layout, varlen), _lse_strides(lse, varlen)
+    s_q, s_k, s_v = (bhs_strides(t, layout, varlen) for t in (q, k, v))
+    s_do, s_l = bhs_strides(do, layout, varlen), lse_strides(lse, varlen)
 
     delta = torch.empty_like(lse)
-    pcfg = attention_preprocess_config(D)
+    pcfg = attention_preprocess_config(D, launch.blocks[0] if launch is not None and launch.blocks else None)
     _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pcfg["BLOCK_M"]) * B * H,)](
-        o, do, delta, cu_q_arg, *_bhs_strides(o, layout, varlen), *s_do, *s_l, H, Sq, D,
+        o, do, delta, cu_q_arg, *bhs_strides(o, layout, varlen), *s_do, *s_l, H, Sq, D,
         VARLEN=varlen, BLOCK_M=pcfg["BLOCK_M"], BLOCK_D=pcfg["BLOCK_D"], num_warps=pcfg["num_warps"],
     )
     if dlse is not None:
@@ -486,44 +398,41 @@ def attention_bwd(do, q, k, v, o, lse, causal, scale, layout="bshd", cu_q=None, 
         if not tma:
             return [None] * 8
         bm, bn, bd, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["BLOCK_DR"]
-        out = [_descriptor(q, layout, bm, bd), _descriptor(k, layout, bn, bd), _descriptor(v, layout, bn, bd),
-               _descriptor(do, layout, bm, bd)]
+        out = [tma_descriptor(q, layout, bm, bd), tma_descriptor(k, layout, bn, bd), tma_descriptor(v, layout, bn, bd),
+               tma_descriptor(do, layout, bm, bd)]
         if br:
-            return out + [_descriptor(q, layout, bm, br), _descriptor(k, layout, bn, br),
-                          _descriptor(v, layout, bn, br), _descriptor(do, layout, bm, br)]
+            return out + [tma_descriptor(q, layout, bm, br), tma_descriptor(k, layout, bn, br),
+                          tma_descriptor(v, layout, bn, br), tma_descriptor(do, layout, bm, br)]
         return out + [None] * 4
 
-    def launch_dkdv(cfg):
+    def run_dkdv(cfg):
         nw, ns, tma = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("TMA", False)
         _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]) * B * HK,)](
             q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg, *descriptors(cfg, tma),
-            *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dk, layout, varlen), *_bhs_strides(dv, layout, varlen),
+            *s_q, *s_k, *s_v, *s_do, *s_l, *bhs_strides(dk, layout, varlen), *bhs_strides(dv, layout, varlen),
             HK, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sq, cfg["BLOCK_M"]),
-            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
-            TMA=tma, num_warps=nw, num_stages=ns, **cfg,
+            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=dots_in_f32(q), INTERPRET=interp,
+            HOST_BOUNDS=host_bounds(launch, interp), TMA=tma, num_warps=nw, num_stages=ns, **cfg,
         )
 
-    def launch_dq(cfg):
+    def run_dq(cfg):
         nw, ns, tma = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("TMA", False)
         _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]) * B * H,)](
             q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg, *descriptors(cfg, tma),
-            *s_q, *s_k, *s_v, *s_do, *s_l, *_bhs_strides(dq, layout, varlen),
+            *s_q, *s_k, *s_v, *s_do, *s_l, *bhs_strides(dq, layout, varlen),
             H, H // HK, Sq, Sk, D, scale * LOG2E, scale, triton.cdiv(Sk, cfg["BLOCK_N"]),
-            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=_dot_f32(q), INTERPRET=interp, HOST_BOUNDS=_host_bounds(),
-            TMA=tma, num_warps=nw, num_stages=ns, **cfg,
+            CAUSAL=bool(causal), VARLEN=varlen, DOT_F32=dots_in_f32(q), INTERPRET=interp,
+            HOST_BOUNDS=host_bounds(launch, interp), TMA=tma, num_warps=nw, num_stages=ns, **cfg,
         )
 
     tma = tma_ok(q, k, v, layout, varlen) and tma_ok(do, do, do, layout, varlen)
-    for name, launch, candidates in (("bwd_dkdv", launch_dkdv, attention_bwd_dkdv_candidates),
-                                     ("bwd_dq", launch_dq, attention_bwd_dq_candidates)):
-        candidates = functools.partial(candidates, D, tma)  # built only when the tuner needs them
-        if _FORCED_TMA:  # tests: one path or the other, whatever the tuner would pick
-            launch(forced_tma_config(candidates(), _FORCED_TMA[-1] and tma))
-            continue
-        key = tune_key(name, q, D, causal, varlen, H // HK, Sq, Sk, tma)
-        launch(autotune.pick(key, candidates, launch, fixed=deterministic))
+    for kernel, run in (("bwd_dkdv", run_dkdv), ("bwd_dq", run_dq)):
+        cfg = launch_config(kernel, D, tma, launch, interp)  # the interpreter and a test's override: one config
+        if cfg is None:
+            key = tune_key(kernel, q, D, causal, varlen, H // HK, Sq, Sk, tma)
+            cfg = autotune.pick(key, lambda kernel=kernel: CANDIDATES[kernel](D, tma), run, fixed=deterministic)
+        run(cfg)
     return dq, dk, dv
 
 
-__all__ = ["attention_bwd", "attention_bwd_dkdv_config", "attention_bwd_dq_config", "attention_bwd_dkdv_candidates",
-           "attention_bwd_dq_candidates", "attention_preprocess_config"]
+__all__ = ["attention_bwd"]

@@ -453,6 +453,7 @@ def attention_cases(dtype: str = "bf16"):
         return
     from fastgen.kernels import attention as k
     from fastgen.kernels import attention_bwd as kb
+    from fastgen.kernels import attention_configs as c
 
     p, f32 = f"*{dtype}", "*fp32"
     st = lambda *names: {f"s{n}{a}": "i32" for n in names for a in "bhs"}  # noqa: E731
@@ -466,29 +467,29 @@ def attention_cases(dtype: str = "bf16"):
                        **lse_st, "H": "i32", "GROUP": "i32", **dims, "qk_scale": "fp32", "n_kv_blocks": "i32"}
             flags = dict(CAUSAL=causal, VARLEN=varlen, DOT_F32=False, INTERPRET=False, HOST_BOUNDS=False)
             no_tma = dict(flags, TMA=False, QD=None, KD=None, VD=None, QDR=None, KDR=None, VDR=None)
-            yield from _candidates(f"attn fwd {tag}", k._attn_fwd_kernel, fwd_sig, k.attention_fwd_candidates(D),
+            yield from _candidates(f"attn fwd {tag}", k._attn_fwd_kernel, fwd_sig, c.attention_fwd_candidates(D),
                                    no_tma)
             # The TMA paths (not varlen): tiles through 4-D tensor descriptors.
             yield from _tma_cases(f"attn fwd tma D={D} causal={causal}", k._attn_fwd_kernel, fwd_sig,
-                                  k.attention_fwd_candidates(D, tma=True), causal, dtype, ("Q", "K", "V"))
+                                  c.attention_fwd_candidates(D, tma=True), causal, dtype, ("Q", "K", "V"))
             dkdv_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DK": p, "DV": p, "CU_Q": cu,
                         "CU_K": cu, **st("q", "k", "v", "do"), **lse_st, **st("dk", "dv"), "HK": "i32",
                         "GROUP": "i32", **dims, "qk_scale": "fp32", "sm_scale": "fp32", "n_q_blocks": "i32"}
             no_tma_bwd = dict(flags, TMA=False, **{f"{n}{r}": None for n in ("QD", "KD", "VD", "DOD") for r in ("", "R")})
             yield from _candidates(f"attn bwd_dkdv {tag}", kb._attn_bwd_dkdv_kernel, dkdv_sig,
-                                   kb.attention_bwd_dkdv_candidates(D), no_tma_bwd)
+                                   c.attention_bwd_dkdv_candidates(D), no_tma_bwd)
             yield from _tma_cases(f"attn bwd_dkdv tma D={D} causal={causal}", kb._attn_bwd_dkdv_kernel, dkdv_sig,
-                                  kb.attention_bwd_dkdv_candidates(D, tma=True), causal, dtype, ("Q", "K", "V", "DO"))
+                                  c.attention_bwd_dkdv_candidates(D, tma=True), causal, dtype, ("Q", "K", "V", "DO"))
             dq_sig = {"Q": p, "K": p, "V": p, "DO": p, "LSE": f32, "DELTA": f32, "DQ": p, "CU_Q": cu, "CU_K": cu,
                       **st("q", "k", "v", "do"), **lse_st, **st("dq"), "H": "i32", "GROUP": "i32", **dims,
                       "qk_scale": "fp32", "sm_scale": "fp32", "n_kv_blocks": "i32"}
             yield from _candidates(f"attn bwd_dq {tag}", kb._attn_bwd_dq_kernel, dq_sig,
-                                   kb.attention_bwd_dq_candidates(D), no_tma_bwd)
+                                   c.attention_bwd_dq_candidates(D), no_tma_bwd)
             yield from _tma_cases(f"attn bwd_dq tma D={D} causal={causal}", kb._attn_bwd_dq_kernel, dq_sig,
-                                  kb.attention_bwd_dq_candidates(D, tma=True), causal, dtype, ("Q", "K", "V", "DO"))
+                                  c.attention_bwd_dq_candidates(D, tma=True), causal, dtype, ("Q", "K", "V", "DO"))
         pre_sig = {"O": p, "DO": p, "DELTA": f32, "CU_Q": "*i32", **st("o", "do"), **lse_st, "H": "i32",
                    "Sq": "i32", "D": "i32"}
-        cfg = kb.attention_preprocess_config(D)
+        cfg = c.attention_preprocess_config(D)
         nw = cfg.pop("num_warps")
         yield f"attn bwd_preprocess D={D}", kb._attn_bwd_preprocess_kernel, pre_sig, dict(cfg, VARLEN=True), nw
 

@@ -11,7 +11,6 @@ small blocks (16 / 32) and small shapes. ``gpu``-marked tests run real sizes on 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -23,7 +22,7 @@ from conftest import TRITON_DEVICE, assert_fa_rule, max_err, requires_gpu
 
 import fastgen
 from fastgen.backend import BackendUnavailableError
-from fastgen.kernels.attention import forced_blocks
+from fastgen.kernels.attention_configs import LaunchOverride
 from fastgen.ops import attention, attention_ref, scaled_dot_product_attention
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -83,17 +82,32 @@ _err = max_err  # NaN / inf where the reference is finite is an infinite error
 _fa_rule = assert_fa_rule
 
 
-def _check_against_references(q, k, v, causal, layout, backend="triton", scale=None, blocks=(32, 32)):
+def _blocks(block_m, block_n, **kw):
+    """The interpreter's launch override: BLOCK_M x BLOCK_N for every kernel, or ``None, None`` for
+    the GPU's shipped configs (the interpreter otherwise runs 32 x 32)."""
+    if block_m is None:
+        return LaunchOverride(shipped=True, **kw)
+    return LaunchOverride(blocks=(block_m, block_n), **kw)
+
+
+def _interp_blocks(block_m, block_n):
+    """``_blocks`` under the interpreter; on a GPU no override (the shipped configs)."""
+    return None if ON_GPU else _blocks(block_m, block_n)
+
+
+def _check_against_references(q, k, v, causal, layout, backend="triton", scale=None, blocks=(32, 32), launch=None):
     """Forward (o, lse) and backward (dq, dk, dv) of ``backend`` against attention_ref and _lowp.
 
-    ``blocks``: (BLOCK_M, BLOCK_N) forced in the interpreter; a GPU runs the shipped configs."""
+    ``blocks``: (BLOCK_M, BLOCK_N) forced in the interpreter; a GPU runs the shipped configs.
+    ``launch``: a LaunchOverride to pass instead."""
     D = q.shape[-1]
     sc = 1.0 / math.sqrt(D) if scale is None else scale
     g = torch.Generator().manual_seed(1)
-    with forced_blocks(*blocks) if blocks and not ON_GPU else contextlib.nullcontext():
-        o, lse = attention(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True, backend=backend)
-        do = torch.randn(o.shape, generator=g).to(o)
-        grads = torch.autograd.grad(o, (q, k, v), do)
+    launch = launch or (_interp_blocks(*blocks) if blocks else None)
+    o, lse = attention(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True, backend=backend,
+                       _launch=launch)
+    do = torch.randn(o.shape, generator=g).to(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
     ro, rlse = attention_ref(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)
     rgrads = torch.autograd.grad(ro.float(), (q, k, v), do.float())
     lo, llse = _lowp(q, k, v, causal, sc, layout)
@@ -166,7 +180,7 @@ def test_kernel_forward_backward(B, Sq, Sk, H, HK, D, causal, layout, dtype, blo
 
 
 def test_head_dim_split():
-    from fastgen.kernels.attention import kernel_head_blocks, split_head_dim
+    from fastgen.kernels.attention_configs import kernel_head_blocks, split_head_dim
 
     expected = {16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),
                 112: (128, 0), 128: (128, 0), 160: (128, 32), 192: (128, 64), 200: (256, 0), 256: (256, 0)}
@@ -235,11 +249,10 @@ def test_kernel_varlen_three_sequences(causal):
     v = torch.randn(sum(lk), HK, D, generator=g).to(TRITON_DEVICE, BF16).requires_grad_()
     cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(TRITON_DEVICE)  # noqa
     cq, ck = cu(lq), cu(lk)
-    with forced_blocks(16, 16) if not ON_GPU else contextlib.nullcontext():
-        o, lse = attention(q, k, v, causal=causal, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=30,
-                           max_seqlen_k=30, return_lse=True, backend="triton")
-        do = torch.randn(o.shape, generator=g).to(o)
-        grads = torch.autograd.grad(o, (q, k, v), do)
+    o, lse = attention(q, k, v, causal=causal, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=30,
+                       max_seqlen_k=30, return_lse=True, backend="triton", _launch=_interp_blocks(16, 16))
+    do = torch.randn(o.shape, generator=g).to(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
     ro, rlse = attention_ref(q, k, v, causal, None, "bshd", cq, ck, return_lse=True)
     rgrads = torch.autograd.grad(ro.float(), (q, k, v), do.float())
     assert o.shape == q.shape and lse.shape == (H, sum(lq)) == rlse.shape
@@ -281,9 +294,9 @@ def test_gpu_loop_bounds_match_host_loop_bounds(Sq, Sk, varlen):
         kw = {}
     runs = []
     for device_bounds in (False, True):
-        with forced_blocks(16, 32, device_bounds=device_bounds):
-            o = attention(q, k, v, causal=True, backend="triton", **kw)
-            runs.append((o, *torch.autograd.grad(o, (q, k, v), torch.ones_like(o))))
+        o = attention(q, k, v, causal=True, backend="triton", _launch=_blocks(16, 32, device_bounds=device_bounds),
+                      **kw)
+        runs.append((o, *torch.autograd.grad(o, (q, k, v), torch.ones_like(o))))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 @pytest.mark.parametrize("dtype, causal", [(BF16, True), (FP16, False)])
@@ -291,12 +304,11 @@ def test_gradient_through_lse(dtype, causal):
     """d lse_i / d s_ij = p_ij: the backward takes the lse gradient too (ring attention merges on it)."""
     q, k, v = _qkv(1, 45, 60, 4, 2, 64, dtype)
     g = torch.Generator().manual_seed(6)
-    with forced_blocks(16, 32) if not ON_GPU else contextlib.nullcontext():
-        o, lse = attention(q, k, v, causal=causal, return_lse=True, backend="triton")
-        do = torch.randn(o.shape, generator=g).to(o)
-        dlse = torch.randn(lse.shape, generator=g).to(lse)
-        grads = torch.autograd.grad((o, lse), (q, k, v), (do, dlse), retain_graph=True)
-        only_lse = torch.autograd.grad(lse, (q, k, v), dlse, allow_unused=True)
+    o, lse = attention(q, k, v, causal=causal, return_lse=True, backend="triton", _launch=_interp_blocks(16, 32))
+    do = torch.randn(o.shape, generator=g).to(o)
+    dlse = torch.randn(lse.shape, generator=g).to(lse)
+    grads = torch.autograd.grad((o, lse), (q, k, v), (do, dlse), retain_graph=True)
+    only_lse = torch.autograd.grad(lse, (q, k, v), dlse, allow_unused=True)
     ro, rlse = attention_ref(q, k, v, causal=causal, return_lse=True)
     rgrads = torch.autograd.grad((ro.float(), rlse), (q, k, v), (do.float(), dlse), retain_graph=True)
     r_only = torch.autograd.grad(rlse, (q, k, v), dlse, allow_unused=True)
@@ -513,11 +525,10 @@ def test_varlen_max_seqlen_is_computed_and_a_larger_one_is_fine():
     q = torch.randn(8, 2, 16, dtype=BF16, device=TRITON_DEVICE)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=TRITON_DEVICE)
     ref = attention_ref(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu)
-    with forced_blocks(16, 16) if not ON_GPU else contextlib.nullcontext():
-        for max_len in (None, 5, 9):
-            out = attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
-                            backend="triton")
-            assert max_err(out, ref) < 2e-2
+    for max_len in (None, 5, 9):
+        out = attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                        backend="triton", _launch=_interp_blocks(16, 16))
+        assert max_err(out, ref) < 2e-2
 
 
 # ----------------------------------------------------------------------------- benchmark suite
@@ -619,12 +630,16 @@ def test_tma_matches_pointer_loads(B, Sq, Sk, H, HK, D, causal, layout, dtype, m
     past D zero-filled by the descriptor's bounds) against the pointer-load path and the references."""
     import fastgen.kernels.attention as ka
     import fastgen.kernels.attention_bwd as kb
+    from fastgen.kernels.attention_configs import CANDIDATES, launch_config
 
     made = []
-    real = ka._descriptor
+    real = ka.tma_descriptor
     spy = lambda *a: made.append(a[2:]) or real(*a)  # noqa: E731
-    monkeypatch.setattr(ka, "_descriptor", spy)
-    monkeypatch.setattr(kb, "_descriptor", spy)
+    monkeypatch.setattr(ka, "tma_descriptor", spy)
+    monkeypatch.setattr(kb, "tma_descriptor", spy)
+    # the head-dim remainder of the config each kernel runs with TMA forced on
+    forced_dr = [launch_config(kernel, D, True, LaunchOverride(tma=True), not ON_GPU)["BLOCK_DR"]
+                 for kernel in ("fwd", "bwd_dkdv", "bwd_dq")]
     q, k, v = _qkv(B, Sq, Sk, H, HK, D, dtype, layout)
     assert ka.tma_ok(q, k, v, layout, False) == (not ON_GPU or torch.cuda.get_device_capability()[0] >= 9)
     if not ka.tma_ok(q, k, v, layout, False):
@@ -632,19 +647,17 @@ def test_tma_matches_pointer_loads(B, Sq, Sk, H, HK, D, causal, layout, dtype, m
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
     runs = []
     for on in (True, False):
-        with ka.forced_tma(on):
-            o, lse = attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="triton")
-            runs.append((o, lse, *torch.autograd.grad(o, (q, k, v), do)))
+        o, lse = attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="triton",
+                           _launch=LaunchOverride(tma=on))
+        runs.append((o, lse, *torch.autograd.grad(o, (q, k, v), do)))
         if on:  # the TMA path ran: 3 (or 6) descriptors forward, 4 (or 8) per backward kernel
-            split = [ka.forced_tma_config(cands(D, True), True)["BLOCK_DR"] > 0 for cands in
-                     (ka.attention_fwd_candidates, kb.attention_bwd_dkdv_candidates, kb.attention_bwd_dq_candidates)]
+            split = [dr > 0 for dr in forced_dr]
             expected = 3 * (1 + split[0]) + 4 * (1 + split[1]) + 4 * (1 + split[2])
             assert len(made) == expected
             if D in (160, 192):  # the split tiles that only TMA runs (pointer loads pad to 256)
                 assert split[0] and split[2] and {128, D - 128} <= {c for _, c in made}
             same_blocks = all(  # same head-dim blocks as the pointer-load default: same sums
-                ka.forced_tma_config(cands(D, True), True)["BLOCK_DR"] == cands(D)[0]["BLOCK_DR"] for cands in
-                (ka.attention_fwd_candidates, kb.attention_bwd_dkdv_candidates, kb.attention_bwd_dq_candidates))
+                dr == CANDIDATES[kernel](D)[0]["BLOCK_DR"] for dr, kernel in zip(forced_dr, CANDIDATES))
     assert len(made) == expected  # pointer loads: no descriptors
     if same_blocks:
         # Same blocks, same math, but not bit-identical on every machine: the interpreter's dots go
@@ -696,18 +709,15 @@ def test_tma_eligibility():
                                                 (2, 1024, 8, 160, False), (2, 1024, 8, 96, True)])
 def test_gpu_tma_real_sizes(B, S, H, D, causal):
     """Forward and backward with every kernel reading through TMA descriptors, at real sizes."""
-    from fastgen.kernels.attention import forced_tma
-
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper-class GPU")
     q, k, v = _qkv(B, S, S, H, H, D, BF16, device="cuda")
-    with forced_tma(True):
-        _check_against_references(q, k, v, causal, "bshd")
+    _check_against_references(q, k, v, causal, "bshd", launch=LaunchOverride(tma=True))
 
 
 def test_tma_refuses_broadcast_and_every_tma_tile_is_a_legal_box():
-    from fastgen.kernels import attention_bwd as kb
-    from fastgen.kernels.attention import attention_fwd_candidates, tma_box_ok, tma_ok
+    from fastgen.kernels.attention import tma_box_ok, tma_ok
+    from fastgen.kernels.attention_configs import CANDIDATES
 
     if ON_GPU and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper-class GPU")
@@ -717,8 +727,7 @@ def test_tma_refuses_broadcast_and_every_tma_tile_is_a_legal_box():
     assert tma_ok(q, q, q, "bshd", False)
     assert not tma_box_ok(128, 512, 2) and not tma_box_ok(300, 64, 2) and not tma_box_ok(64, 4, 2)
     for D in range(16, 257, 8):
-        for kernel, cands in (("fwd", attention_fwd_candidates), ("dkdv", kb.attention_bwd_dkdv_candidates),
-                              ("dq", kb.attention_bwd_dq_candidates)):
+        for kernel, cands in CANDIDATES.items():
             for c in cands(D, True):
                 if not c.get("TMA"):
                     continue
@@ -747,9 +756,8 @@ def test_batch_times_heads_is_on_grid_axis_0(monkeypatch):
                       (kb, "_attn_bwd_dq_kernel")):
         monkeypatch.setattr(mod, name, Spy(name, getattr(mod, name)))
     q, k, v = _qkv(3, 20, 20, 4, 2, 32, BF16)
-    with forced_blocks(16, 16) if not ON_GPU else contextlib.nullcontext():
-        o = attention(q, k, v, causal=True, backend="triton")
-        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    o = attention(q, k, v, causal=True, backend="triton", _launch=_interp_blocks(16, 16))
+    torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     assert set(grids) == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
                           "_attn_bwd_dq_kernel"}
     assert all(len(g) == 1 for g in grids.values()), grids

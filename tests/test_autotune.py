@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import requires_gpu
 
-from fastgen.kernels import attention as ka
-from fastgen.kernels import attention_bwd as kb
+from fastgen.kernels import attention_configs as cfgs
 from fastgen.kernels import autotune
 
 
@@ -89,18 +88,18 @@ def test_length_buckets():
 
 
 @pytest.mark.parametrize("D", [16, 40, 64, 72, 80, 96, 128, 160, 256])
-def test_attention_candidates(D, monkeypatch):
-    """Default first, no duplicates, the head-dim blocks of the default; only the default under the
-    interpreter (what the CPU tests run)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for fn, kernel in ((ka.attention_fwd_candidates, "fwd"), (kb.attention_bwd_dkdv_candidates, "bwd"),
-                       (kb.attention_bwd_dq_candidates, "bwd")):
+def test_attention_candidates(D):
+    """Default first, no duplicates, the head-dim blocks of the default; only the default (at 32 x 32
+    tiles) under the interpreter (what the CPU tests run)."""
+    for fn, kernel in ((cfgs.attention_fwd_candidates, "fwd"), (cfgs.attention_bwd_dkdv_candidates, "bwd"),
+                       (cfgs.attention_bwd_dq_candidates, "bwd")):
         cands = fn(D)
-        assert all((c["BLOCK_D"], c["BLOCK_DR"]) == ka.kernel_head_blocks(D, kernel) for c in cands)
+        assert all((c["BLOCK_D"], c["BLOCK_DR"]) == cfgs.kernel_head_blocks(D, kernel) for c in cands)
         assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
-        assert (len(cands) == 1) == (ka._block_d(D) > 128)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert ka.attention_fwd_candidates(D) == [ka.attention_fwd_config(D)]
+        assert (len(cands) == 1) == (cfgs.block_d(D) > 128)
+    assert cfgs.launch_config("fwd", D, False, None, interpret=False) is None  # the tuner picks
+    assert cfgs.launch_config("fwd", D, False, None, interpret=True) == dict(
+        cfgs.attention_fwd_config(D), BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 @pytest.mark.gpu
@@ -158,8 +157,7 @@ def test_failing_candidates_are_logged_with_the_reason(tuning_on, caplog):
     autotune.FAILED.clear()
 
 
-_CANDIDATES = {"fwd": ka.attention_fwd_candidates, "bwd_dkdv": kb.attention_bwd_dkdv_candidates,
-               "bwd_dq": kb.attention_bwd_dq_candidates}
+_CANDIDATES = cfgs.CANDIDATES
 
 
 @pytest.mark.gpu

@@ -218,19 +218,30 @@ def _lastdim_contiguous(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- torch.library ops
 
 
+def _decode(launch: Optional[list[int]]):
+    """A test's launch override, passed through the ops' schema as ints (None in production)."""
+    if launch is None:
+        return None
+    from fastgen.kernels.attention_configs import LaunchOverride
+
+    return LaunchOverride.decode(launch)
+
+
 @torch.library.custom_op("fastgen::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, layout: str,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    deterministic: bool,
+    deterministic: bool, launch: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor]:
-    """(o: q's shape, contiguous; lse fp32 [B, H, Sq] or [H, total_q] varlen)."""
+    """(o: q's shape, contiguous; lse fp32 [B, H, Sq] or [H, total_q] varlen). ``launch``: a test's
+    ``LaunchOverride`` as ints (``kernels/attention_configs.py``), None in production."""
     return launcher("attention", "triton").attention_fwd(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            deterministic)
+                            deterministic, _decode(launch))
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic):
+def _(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic,
+      launch=None):
     from fastgen.kernels.attention import lse_shape
 
     lse = q.new_empty(lse_shape(q, layout, cu_seqlens_q is not None), dtype=torch.float32)
@@ -241,17 +252,17 @@ def _(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 def _attention_bwd_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float, layout: str,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    dlse: Optional[Tensor], deterministic: bool,
+    dlse: Optional[Tensor], deterministic: bool, launch: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, in q's, k's and v's shapes and dtypes; dlse: gradient of lse or None.
     Deterministic (no atomics); ``deterministic``: fixed launch configs, no autotuning."""
     return launcher("attention", "triton").attention_bwd(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
-                            max_seqlen_q, max_seqlen_k, dlse, deterministic)
+                            max_seqlen_q, max_seqlen_k, dlse, deterministic, _decode(launch))
 
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dlse,
-      deterministic):
+      deterministic, launch=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -260,23 +271,23 @@ def _(do, q, k, v, o, lse, causal, scale, layout, cu_seqlens_q, cu_seqlens_k, ma
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k, deterministic):
+    def forward(ctx, q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k, deterministic, launch):
         q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
-        o, lse = _attention_fwd_op(q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k, deterministic)
+        o, lse = _attention_fwd_op(q, k, v, causal, scale, layout, cu_q, cu_k, max_q, max_k, deterministic, launch)
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-        ctx.args = (causal, scale, layout, max_q, max_k, deterministic)
+        ctx.args = (causal, scale, layout, max_q, max_k, deterministic, launch)
         ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-        causal, scale, layout, max_q, max_k, deterministic = ctx.args
+        causal, scale, layout, max_q, max_k, deterministic, launch = ctx.args
         do = torch.zeros_like(o) if do is None else _lastdim_contiguous(do)  # only lse was used
         dlse = None if dlse is None else dlse.float().contiguous()
         dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, causal, scale, layout, cu_q, cu_k, max_q, max_k,
-                                       dlse, deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                       dlse, deterministic, launch)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -296,6 +307,7 @@ def attention(
     return_lse: bool = False,
     deterministic: bool = False,
     backend: Optional[str] = "auto",
+    _launch=None,
 ):
     """Scaled dot-product attention, flash-attention style (no S x S matrix in memory).
 
@@ -334,6 +346,8 @@ def attention(
     ``backend``: ``"auto"`` (default), ``"triton"`` or ``"torch"``. An explicit ``"triton"`` that
     cannot serve the call raises ``fastgen.backend.BackendUnavailableError``. Registered as
     ``torch.ops.fastgen.attention_fwd`` / ``attention_bwd`` (torch.compile ``fullgraph=True`` works).
+    ``_launch`` (tests only): a ``fastgen.kernels.attention_configs.LaunchOverride`` for the kernels'
+    launches, forward and backward.
     """
     max_seqlen_q, max_seqlen_k = _validate(q, k, v, causal, scale, layout, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k)
@@ -346,7 +360,8 @@ def attention(
     if cu_seqlens_q is None:
         max_seqlen_q = max_seqlen_k = 0
     o, lse = _AttentionFunction.apply(q, k, v, bool(causal), scale, layout, cu_seqlens_q, cu_seqlens_k,
-                                      max_seqlen_q, max_seqlen_k, deterministic)
+                                      max_seqlen_q, max_seqlen_k, deterministic,
+                                      None if _launch is None else _launch.encode())
     return (o, lse) if return_lse else o
 
 
