@@ -1,9 +1,9 @@
 """CUDA C++ fused QK-RMSNorm + RoPE launchers (``csrc/qk_norm_rope/`` through ``fastgen._C``).
 
 Same signatures as the Triton launchers in ``fastgen.kernels.qk_norm_rope``: they launch into
-outputs that ``fastgen.ops.qk_norm_rope`` allocated and never see an empty call; no autograd here. Inputs are validated upstream; the
-asserts only guard what the kernels rely on. For each head row ``x`` of q or k, in fp32 with
-one rounding at the store::
+outputs that ``fastgen.ops.qk_norm_rope`` allocated and never see an empty call; no autograd
+here. Inputs are validated upstream; the asserts only guard what the kernels rely on. For each
+head row ``x`` of q or k, in fp32 with one rounding at the store::
 
     n  = x * rsqrt(mean(x ** 2) + eps) * w          (never rounded)
     y  = rope(n)                                    (fastgen.cuda.rope's rotation)
