@@ -94,15 +94,17 @@ inline bool is_unset(F64 v) {
 // Multi-tensor optimizers (optim/optim.h): per list a device table of addresses (*_list), and the
 // chunk tables of csrc/common/multi_tensor.cuh. Switches (amsgrad, ...) are INT 0 / 1.
 #define FG_MT_CHUNKS(F) F(PTR, numels) F(PTR, chunk_ids) F(PTR, chunk_offs) F(I64, num_chunks) F(I64, chunk)
+// The one-pass step: EMA shadows (0: none) and their dtype, the device clip coefficient (0: none), 1 - decay.
+#define FG_MT_ONE_PASS(F) F(PTR, sh_list) F(INT, sh_dtype) F(PTR, coef_ptr) F(F64, ema_weight)
 
 #define FG_MULTI_TENSOR_ADAMW(F) \
   F(PTR, p_list) F(PTR, g_list) F(PTR, m_list) F(PTR, v_list) F(PTR, vmax_list) F(PTR, step_list) FG_MT_CHUNKS(F) \
   F(INT, p_dtype) F(INT, g_dtype) F(INT, s_dtype) F(PTR, lr_ptr) F(F64, lr) F(F64, beta1) F(F64, beta2) F(F64, eps) \
-  F(F64, weight_decay) F(INT, amsgrad) F(INT, maximize) F(INT, stochastic_rounding) F(I64, seed)
+  F(F64, weight_decay) F(INT, amsgrad) F(INT, maximize) F(INT, stochastic_rounding) F(I64, seed) FG_MT_ONE_PASS(F)
 
 #define FG_MULTI_TENSOR_LION(F) \
   F(PTR, p_list) F(PTR, g_list) F(PTR, m_list) FG_MT_CHUNKS(F) F(INT, p_dtype) F(INT, g_dtype) F(INT, s_dtype) \
-  F(PTR, lr_ptr) F(F64, lr) F(F64, beta1) F(F64, beta2) F(F64, weight_decay) F(INT, maximize)
+  F(PTR, lr_ptr) F(F64, lr) F(F64, beta1) F(F64, beta2) F(F64, weight_decay) F(INT, maximize) FG_MT_ONE_PASS(F)
 
 #define FG_MULTI_TENSOR_NORM(F) \
   F(PTR, g_list) FG_MT_CHUNKS(F) F(INT, g_dtype) F(F64, norm_type) F(PTR, partial_ptr)

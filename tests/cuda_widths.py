@@ -45,10 +45,11 @@ FLAGS = ("-ptx", "-arch=sm_90", "-O3", "-std=c++17")
 # scalars (step, lr, coef) are metadata, not operands. The first template arguments of the functor
 # give the operands' types, in the order of `types`: indexes into the operand list.
 FUNCTORS = {
-    # AdamWOp<P, S>: p, g, m, v, vmax (amsgrad: a runtime switch, so its accesses are in the code)
-    "AdamWOp": dict(operands=(("p", 0, "rw"), ("g", 0, "r"), ("m", 1, "rw"), ("v", 1, "rw"), ("vmax", 1, "rw")),
-                    elems=8),
-    "LionOp": dict(operands=(("p", 0, "rw"), ("g", 0, "r"), ("m", 1, "rw")), elems=16),
+    # AdamWOp<P, S, SH>: p, g, m, v, vmax (amsgrad: a runtime switch, so its accesses are in the code), and
+    # the one-pass step's EMA shadow when SH is a type (NoShadow otherwise)
+    "AdamWOp": dict(operands=(("p", 0, "rw"), ("g", 0, "r"), ("m", 1, "rw"), ("v", 1, "rw"), ("vmax", 1, "rw"),
+                              ("shadow", 2, "rw")), elems=8),
+    "LionOp": dict(operands=(("p", 0, "rw"), ("g", 0, "r"), ("m", 1, "rw"), ("shadow", 2, "rw")), elems=16),
     "NormOp": dict(operands=(("g", 0, "r"),), elems=16),
     "ScaleOp": dict(operands=(("g", 0, "rw"),), elems=16),
     "EmaOp": dict(operands=(("s", 0, "rw"), ("p", 1, "r")), elems=16),
@@ -69,8 +70,9 @@ TYPE_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2, "unsigned char": 1}
 # bounds: the compiler may merge some). Every multi_tensor_apply_kernel reads its chunk's tensor id
 # (4 B), offset (8 B), the tensor's numel (8 B) and one 8-byte address per list.
 METADATA = {
-    "AdamWOp": (3 + 6 + 2, 0, "chunk id / offset / numel, 6 table addresses, the step count and lr (fp32)"),
-    "LionOp": (3 + 3 + 1, 0, "chunk id / offset / numel, 3 table addresses, lr (fp32)"),
+    "AdamWOp": (3 + 7 + 3, 0, "chunk id / offset / numel, 7 table addresses, the step count, lr and the clip "
+                "coefficient (fp32)"),
+    "LionOp": (3 + 4 + 2, 0, "chunk id / offset / numel, 4 table addresses, lr and the clip coefficient (fp32)"),
     "NormOp": (3 + 1, 1, "chunk id / offset / numel, 1 table address; the chunk's fp32 partial"),
     "ScaleOp": (3 + 1 + 1, 0, "chunk id / offset / numel, 1 table address, the clip coefficient (fp32)"),
     "EmaOp": (3 + 2, 0, "chunk id / offset / numel, 2 table addresses"),

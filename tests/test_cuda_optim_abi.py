@@ -13,8 +13,8 @@ import pytest
 from conftest import c_entry
 
 ENTRIES = {
-    "multi_tensor_adamw": ("MultiTensorAdamwParams", 25),
-    "multi_tensor_lion": ("MultiTensorLionParams", 18),
+    "multi_tensor_adamw": ("MultiTensorAdamwParams", 29),
+    "multi_tensor_lion": ("MultiTensorLionParams", 22),
     "multi_tensor_norm": ("MultiTensorNormParams", 10),
     "multi_tensor_norm_finalize": ("MultiTensorNormFinalizeParams", 7),
     "multi_tensor_scale": ("MultiTensorScaleParams", 9),
@@ -63,7 +63,8 @@ def test_named_fields_reach_the_op_checks():
     tables = dict(numels=0, chunk_ids=0, chunk_offs=0, num_chunks=0, chunk=4096)
     adamw = dict(p_list=0, g_list=0, m_list=0, v_list=0, vmax_list=0, step_list=0, **tables, p_dtype=2, g_dtype=2,
                  s_dtype=0, lr_ptr=0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=0,
-                 maximize=0, stochastic_rounding=1, seed=123, stream=0)
+                 maximize=0, stochastic_rounding=1, seed=123, sh_list=0, sh_dtype=0, coef_ptr=0, ema_weight=0.0,
+                 stream=0)
     c_entry(C, "multi_tensor_adamw", **adamw)  # empty: no launch
     with pytest.raises(ValueError, match="unsupported dtypes p=bfloat16, g=float32"):
         c_entry(C, "multi_tensor_adamw", **{**adamw, "g_dtype": 0})
@@ -73,8 +74,17 @@ def test_named_fields_reach_the_op_checks():
         c_entry(C, "multi_tensor_adamw", **{**adamw, "amsgrad": 1})
     with pytest.raises(ValueError, match="num_chunks >= 0 and chunk > 0"):
         c_entry(C, "multi_tensor_adamw", **{**adamw, "chunk": 0})
+    # the one-pass step's shadow: float32 or the parameters' dtype, a finite weight
+    c_entry(C, "multi_tensor_adamw", **{**adamw, "sh_list": 64, "sh_dtype": 2, "ema_weight": 0.01})
+    with pytest.raises(ValueError, match="unsupported EMA shadow dtype float16 for bfloat16 parameters"):
+        c_entry(C, "multi_tensor_adamw", **{**adamw, "sh_list": 64, "sh_dtype": 1})
+    with pytest.raises(ValueError, match="multi_tensor_lion: ema_weight"):
+        c_entry(C, "multi_tensor_lion", p_list=0, g_list=0, m_list=0, **tables, p_dtype=0, g_dtype=0, s_dtype=0,
+                lr_ptr=0, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=0, sh_list=64, sh_dtype=0,
+                coef_ptr=0, ema_weight=float("inf"), stream=0)
     lion = dict(p_list=0, g_list=0, m_list=0, **tables, p_dtype=0, g_dtype=0, s_dtype=2, lr_ptr=0, lr=1e-4,
-                beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=1, stream=0)
+                beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=1, sh_list=0, sh_dtype=0, coef_ptr=0,
+                ema_weight=0.0, stream=0)
     c_entry(C, "multi_tensor_lion", **lion)
     with pytest.raises(ValueError, match="multi_tensor_lion: unsupported dtypes p=float32, g=float16"):
         c_entry(C, "multi_tensor_lion", **{**lion, "g_dtype": 1})

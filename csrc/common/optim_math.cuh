@@ -16,8 +16,24 @@
 
 #include "dtype.cuh"
 #include "multi_tensor.cuh"
+#include "vec.cuh"
 
 namespace fastgen {
+
+// The shadow type of a functor without the one-pass EMA fold.
+struct NoShadow {};
+
+// EMA fold of the one-pass step: s <- s + weight * (p_stored - s) for W elements, 16-byte pieces when
+// W > 1 (the functors' vector path), as EmaOp computes it.
+template <typename SH, typename P, int W>
+__device__ __forceinline__ void ema_fold(SH* s, const P (&stored)[W], float weight) {
+  float sv[W];
+  load_elems<SH, W>(s, sv);
+  SH so[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) so[j] = from_float<SH>(sv[j] + weight * (to_float(stored[j]) - sv[j]));
+  store_elems<SH, W>(s, so);
+}
 
 __device__ __forceinline__ float lerp_like_torch(float a, float b, float w) {
   return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);

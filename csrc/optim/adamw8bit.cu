@@ -121,8 +121,6 @@ __device__ __forceinline__ float half_warp_max(float v) {
   return v;
 }
 
-struct NoShadow {};
-
 // lists: p, g, qm, am, qv, av, step, shadow. SH: the shadow type, NoShadow without EMA.
 template <typename P, typename SH>
 struct AdamW8bitOp {

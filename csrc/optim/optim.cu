@@ -50,8 +50,8 @@
 namespace fastgen {
 namespace {
 
-constexpr int kAdamWLists = 6;  // p, g, m, v, vmax, step
-constexpr int kLionLists = 3;   // p, g, m
+constexpr int kAdamWLists = 7;  // p, g, m, v, vmax, step, EMA shadow
+constexpr int kLionLists = 4;   // p, g, m, EMA shadow
 constexpr int kFinalizeThreads = 512;
 // AdamW's elements per thread per round: 8 (not kElemsPerThread) keeps it near 80 registers, three
 // blocks per SM on sm_90; 16 would need ~150 (one block) and hold fewer bytes in flight per SM.
@@ -63,12 +63,18 @@ struct AdamWArgs {
   float ln_beta1, ln_beta2;  // ln(beta); -inf for beta = 0
   bool amsgrad, maximize, stochastic;
   std::uint32_t seed;
+  const float* coef;  // the one-pass step's clip coefficient (device), or null
+  float ema_weight;   // 1 - EMA decay (with a shadow)
 };
 
-template <typename P, typename S>
+// SH: the EMA shadow type of the one-pass step (NoShadow: none).
+template <typename P, typename S, typename SH>
 struct AdamWOp {
   AdamWArgs a;
   __device__ void operator()(std::int32_t k, void** ptrs, std::int64_t begin, std::int64_t end) const {
+    constexpr bool kEma = !std::is_same_v<SH, NoShadow>;
+    using ShT = std::conditional_t<kEma, SH, float>;
+    ShT* sh = global_ptr<ShT>(ptrs[6]);
     P* p = global_ptr<P>(ptrs[0]);
     const P* g = global_ptr<const P>(ptrs[1]);
     S* m = global_ptr<S>(ptrs[2]);
@@ -79,9 +85,10 @@ struct AdamWOp {
     const float step_size = lr / -expm1f(t * a.ln_beta1);
     const float bias2_sqrt = sqrtf(-expm1f(t * a.ln_beta2));
     const float decay = 1.f - lr * a.weight_decay;
+    const float coef = a.coef != nullptr ? *a.coef : 1.f;
     constexpr int VEC = vec_width<P, S>;
     constexpr int U = kAdamWElems / VEC;
-    const bool vec_ok = aligned16(p, g, m, v, vmax);
+    const bool vec_ok = aligned16(p, g, m, v, vmax) && (!kEma || aligned16(sh));
     chunk_rounds<VEC, U>(begin, end, vec_ok, [&](auto w, const auto& idx, const auto& ok) {
       constexpr int W = decltype(w)::value;
       float pv[U][W], gv[U][W], mv[U][W], vv[U][W], xv[U][W];
@@ -101,7 +108,7 @@ struct AdamWOp {
         S mo[W], vo[W], xo[W];
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          float gi = gv[u][j];
+          float gi = gv[u][j] * coef;
           if (a.maximize) gi = -gi;
           const float mi = lerp_like_torch(mv[u][j], gi, 1.f - a.beta1);
           float vi = vv[u][j] * a.beta2 + (1.f - a.beta2) * (gi * gi);
@@ -118,6 +125,7 @@ struct AdamWOp {
         store_elems<S, W>(v + idx[u], vo);
         if (a.amsgrad) store_elems<S, W>(vmax + idx[u], xo);
         store_elems<P, W>(p + idx[u], po);
+        if constexpr (kEma) ema_fold<ShT, P, W>(sh + idx[u], po, a.ema_weight);  // the stored parameter
       }
     });
   }
@@ -127,20 +135,27 @@ struct LionArgs {
   const float* lr_ptr;
   float lr, beta1, beta2, weight_decay;
   bool maximize;
+  const float* coef;  // the one-pass step's clip coefficient (device), or null
+  float ema_weight;   // 1 - EMA decay (with a shadow)
 };
 
-template <typename P, typename S>
+template <typename P, typename S, typename SH>
 struct LionOp {
   LionArgs a;
   __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
+    constexpr bool kEma = !std::is_same_v<SH, NoShadow>;
+    using ShT = std::conditional_t<kEma, SH, float>;
+    ShT* sh = global_ptr<ShT>(ptrs[3]);
     P* p = global_ptr<P>(ptrs[0]);
     const P* g = global_ptr<const P>(ptrs[1]);
     S* m = global_ptr<S>(ptrs[2]);
     const float lr = a.lr_ptr != nullptr ? *a.lr_ptr : a.lr;
     const float decay = 1.f - lr * a.weight_decay;
+    const float coef = a.coef != nullptr ? *a.coef : 1.f;
     constexpr int VEC = vec_width<P, S>;
     constexpr int U = kElemsPerThread / VEC;
-    chunk_rounds<VEC, U>(begin, end, aligned16(p, g, m), [&](auto w, const auto& idx, const auto& ok) {
+    const bool vec_ok = aligned16(p, g, m) && (!kEma || aligned16(sh));
+    chunk_rounds<VEC, U>(begin, end, vec_ok, [&](auto w, const auto& idx, const auto& ok) {
       constexpr int W = decltype(w)::value;
       float pv[U][W], gv[U][W], mv[U][W];
 #pragma unroll
@@ -157,7 +172,7 @@ struct LionOp {
         S mo[W];
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          float gi = gv[u][j];
+          float gi = gv[u][j] * coef;
           if (a.maximize) gi = -gi;
           const float mi = mv[u][j];
           const float c = a.beta1 * mi + (1.f - a.beta1) * gi;
@@ -167,6 +182,7 @@ struct LionOp {
         }
         store_elems<P, W>(p + idx[u], po);
         store_elems<S, W>(m + idx[u], mo);
+        if constexpr (kEma) ema_fold<ShT, P, W>(sh + idx[u], po, a.ema_weight);  // the stored parameter
       }
     });
   }
@@ -371,6 +387,30 @@ void dispatch_p_s(int p_dtype, int s_dtype, const Body& body) {
 
 bool valid_norm_type(double norm_type) { return norm_type >= 1.0; }  // inf included; NaN not
 
+// The one-pass step's shadow: none (sh_list 0), float32, or the parameters' dtype.
+void check_shadow(const char* op, std::uintptr_t sh_list, int sh_dtype, int p_dtype, double ema_weight) {
+  if (sh_list == 0) return;
+  FASTGEN_ARG_CHECK(sh_dtype == kFloat32 || sh_dtype == p_dtype,
+                    std::string(op) + ": unsupported EMA shadow dtype " + dtype_name(sh_dtype) + " for " +
+                        dtype_name(p_dtype) + " parameters; supported: float32 or the parameters' dtype");
+  FASTGEN_ARG_CHECK(std::isfinite(ema_weight), std::string(op) + ": ema_weight (1 - decay) must be finite");
+}
+
+// Calls body(P{}, S{}, SH{}) with SH = NoShadow (sh_list 0), float or P.
+template <typename Body>
+void dispatch_p_s_sh(int p_dtype, int s_dtype, std::uintptr_t sh_list, int sh_dtype, const Body& body) {
+  dispatch_p_s(p_dtype, s_dtype, [&](auto p_tag, auto s_tag) {
+    using P = decltype(p_tag);
+    if (sh_list == 0) {
+      body(p_tag, s_tag, NoShadow{});
+    } else if (sh_dtype == kFloat32) {
+      body(p_tag, s_tag, float{});
+    } else if constexpr (!std::is_same_v<P, float>) {
+      body(p_tag, s_tag, P{});
+    }
+  });
+}
+
 }  // namespace
 
 void multi_tensor_adamw(std::uintptr_t p_list, std::uintptr_t g_list, std::uintptr_t m_list, std::uintptr_t v_list,
@@ -378,19 +418,24 @@ void multi_tensor_adamw(std::uintptr_t p_list, std::uintptr_t g_list, std::uintp
                         std::uintptr_t chunk_ids, std::uintptr_t chunk_offs, std::int64_t num_chunks,
                         std::int64_t chunk, int p_dtype, int g_dtype, int s_dtype, std::uintptr_t lr_ptr, double lr,
                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-                        bool stochastic_rounding, std::uint32_t seed, std::uintptr_t stream) {
+                        bool stochastic_rounding, std::uint32_t seed, std::uintptr_t sh_list, int sh_dtype,
+                        std::uintptr_t coef_ptr, double ema_weight, std::uintptr_t stream) {
   check_dtypes("multi_tensor_adamw", p_dtype, g_dtype, s_dtype);
+  check_shadow("multi_tensor_adamw", sh_list, sh_dtype, p_dtype, ema_weight);
   FASTGEN_ARG_CHECK(num_chunks >= 0 && chunk > 0, "multi_tensor_adamw: need num_chunks >= 0 and chunk > 0");
   FASTGEN_ARG_CHECK(!amsgrad || vmax_list != 0, "multi_tensor_adamw: amsgrad needs the max_exp_avg_sq list");
   if (num_chunks == 0) return;
-  const TensorTables t = make_tables({p_list, g_list, m_list, v_list, amsgrad ? vmax_list : m_list, step_list},
+  const TensorTables t = make_tables({p_list, g_list, m_list, v_list, amsgrad ? vmax_list : m_list, step_list,
+                                      sh_list != 0 ? sh_list : p_list},
                                      numels, chunk_ids, chunk_offs, chunk);
   const AdamWArgs a{reinterpret_cast<const float*>(lr_ptr), static_cast<float>(lr), static_cast<float>(beta1),
                     static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
-                    static_cast<float>(std::log(beta1)), static_cast<float>(std::log(beta2)), amsgrad, maximize, stochastic_rounding && p_dtype == kBFloat16, seed};
+                    static_cast<float>(std::log(beta1)), static_cast<float>(std::log(beta2)), amsgrad, maximize,
+                    stochastic_rounding && p_dtype == kBFloat16, seed, reinterpret_cast<const float*>(coef_ptr),
+                    static_cast<float>(ema_weight)};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_p_s(p_dtype, s_dtype, [&](auto p_tag, auto s_tag) {
-    using Op = AdamWOp<decltype(p_tag), decltype(s_tag)>;
+  dispatch_p_s_sh(p_dtype, s_dtype, sh_list, sh_dtype, [&](auto p_tag, auto s_tag, auto sh_tag) {
+    using Op = AdamWOp<decltype(p_tag), decltype(s_tag), decltype(sh_tag)>;
     multi_tensor_apply<kAdamWLists>(t, num_chunks, Op{a}, s);
   });
   FASTGEN_CHECK_LAUNCH("multi_tensor_adamw kernel launch");
@@ -399,16 +444,20 @@ void multi_tensor_adamw(std::uintptr_t p_list, std::uintptr_t g_list, std::uintp
 void multi_tensor_lion(std::uintptr_t p_list, std::uintptr_t g_list, std::uintptr_t m_list, std::uintptr_t numels,
                        std::uintptr_t chunk_ids, std::uintptr_t chunk_offs, std::int64_t num_chunks,
                        std::int64_t chunk, int p_dtype, int g_dtype, int s_dtype, std::uintptr_t lr_ptr, double lr,
-                       double beta1, double beta2, double weight_decay, bool maximize, std::uintptr_t stream) {
+                       double beta1, double beta2, double weight_decay, bool maximize, std::uintptr_t sh_list,
+                       int sh_dtype, std::uintptr_t coef_ptr, double ema_weight, std::uintptr_t stream) {
   check_dtypes("multi_tensor_lion", p_dtype, g_dtype, s_dtype);
+  check_shadow("multi_tensor_lion", sh_list, sh_dtype, p_dtype, ema_weight);
   FASTGEN_ARG_CHECK(num_chunks >= 0 && chunk > 0, "multi_tensor_lion: need num_chunks >= 0 and chunk > 0");
   if (num_chunks == 0) return;
-  const TensorTables t = make_tables({p_list, g_list, m_list}, numels, chunk_ids, chunk_offs, chunk);
+  const TensorTables t = make_tables({p_list, g_list, m_list, sh_list != 0 ? sh_list : p_list}, numels, chunk_ids,
+                                     chunk_offs, chunk);
   const LionArgs a{reinterpret_cast<const float*>(lr_ptr), static_cast<float>(lr), static_cast<float>(beta1),
-                   static_cast<float>(beta2), static_cast<float>(weight_decay), maximize};
+                   static_cast<float>(beta2), static_cast<float>(weight_decay), maximize,
+                   reinterpret_cast<const float*>(coef_ptr), static_cast<float>(ema_weight)};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_p_s(p_dtype, s_dtype, [&](auto p_tag, auto s_tag) {
-    using Op = LionOp<decltype(p_tag), decltype(s_tag)>;
+  dispatch_p_s_sh(p_dtype, s_dtype, sh_list, sh_dtype, [&](auto p_tag, auto s_tag, auto sh_tag) {
+    using Op = LionOp<decltype(p_tag), decltype(s_tag), decltype(sh_tag)>;
     multi_tensor_apply<kLionLists>(t, num_chunks, Op{a}, s);
   });
   FASTGEN_CHECK_LAUNCH("multi_tensor_lion kernel launch");

@@ -9,18 +9,23 @@ namespace fastgen {
 
 // lists: params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq (0 unless amsgrad), steps (fp32 0-d tensors,
 // already incremented). lr_ptr: address of an fp32 device scalar, or 0 to use `lr`.
+// The one-pass step (AdamW and Lion): coef_ptr, an fp32 device clip coefficient applied to the gradients
+// (0: none); sh_list, EMA shadows of sh_dtype (float32 or the parameters' dtype; 0: none) folded from the
+// stored parameters: s <- s + ema_weight * (p - s).
 void multi_tensor_adamw(std::uintptr_t p_list, std::uintptr_t g_list, std::uintptr_t m_list, std::uintptr_t v_list,
                         std::uintptr_t vmax_list, std::uintptr_t step_list, std::uintptr_t numels,
                         std::uintptr_t chunk_ids, std::uintptr_t chunk_offs, std::int64_t num_chunks,
                         std::int64_t chunk, int p_dtype, int g_dtype, int s_dtype, std::uintptr_t lr_ptr, double lr,
                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-                        bool stochastic_rounding, std::uint32_t seed, std::uintptr_t stream);
+                        bool stochastic_rounding, std::uint32_t seed, std::uintptr_t sh_list, int sh_dtype,
+                        std::uintptr_t coef_ptr, double ema_weight, std::uintptr_t stream);
 
 // lists: params, grads, exp_avg.
 void multi_tensor_lion(std::uintptr_t p_list, std::uintptr_t g_list, std::uintptr_t m_list, std::uintptr_t numels,
                        std::uintptr_t chunk_ids, std::uintptr_t chunk_offs, std::int64_t num_chunks,
                        std::int64_t chunk, int p_dtype, int g_dtype, int s_dtype, std::uintptr_t lr_ptr, double lr,
-                       double beta1, double beta2, double weight_decay, bool maximize, std::uintptr_t stream);
+                       double beta1, double beta2, double weight_decay, bool maximize, std::uintptr_t sh_list,
+                       int sh_dtype, std::uintptr_t coef_ptr, double ema_weight, std::uintptr_t stream);
 
 // Gradient clipping, step 1 of 2. lists: grads (g_dtype). partial_ptr: fp32 [num_chunks] output, one
 // value per chunk: the sum of |g|^p (p = norm_type, finite, >= 1; p = 2 and 1 take fast paths) or, for

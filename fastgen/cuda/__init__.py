@@ -99,7 +99,7 @@ implements("rms_norm", "cuda", "fastgen.cuda.rms_norm", serves=kernel_dtype_reas
 implements("group_norm", "cuda", "fastgen.cuda.group_norm", serves=group_norm_reason)
 implements("apply_rope", "cuda", "fastgen.cuda.rope", serves=rope_reason)
 implements("qk_norm_rope", "cuda", "fastgen.cuda.qk_norm_rope", serves=rope_reason)
-# The optimizers' steps with CUDA C++ functors (no one-pass step: scale, step and average launch apart).
+# The optimizers' steps with CUDA C++ functors (AdamW, 8-bit AdamW and Lion fold the one-pass clip and EMA).
 for _op in ("adamw", "lion", "ema", "clip_grad_norm_", "adamw8bit", "prodigy"):
     implements(_op, "cuda", "fastgen.cuda.optim")
 implements("schedulefree", "cuda", "fastgen.cuda.schedulefree")

@@ -33,14 +33,31 @@ def _lr_args(lr):
     return 0, float(lr)
 
 
+def _one_pass(params, coef, shadows, ema_decay) -> tuple[dict, bool]:
+    """The one-pass fields of a step's struct, and whether the shadows must be averaged by a launch
+    of their own (a shadow dtype the functors do not fold: neither float32 nor the parameters')."""
+    if coef is not None:
+        assert coef.dtype == torch.float32 and coef.numel() == 1 and coef.device == params[0].device
+    fold = bool(shadows) and shadows[0].dtype in (torch.float32, params[0].dtype)
+    return dict(sh_list=pointer_table(shadows).data_ptr() if fold else 0,
+                sh_dtype=dtype_code(shadows[0].dtype) if fold else 0,
+                coef_ptr=coef.data_ptr() if coef is not None else 0,
+                ema_weight=1.0 - float(ema_decay) if fold else 0.0), bool(shadows) and not fold
+
+
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-               weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0):
-    """Update lists of parameters in place (shared dtypes, one CUDA device, all dense alike)."""
+               weight_decay, amsgrad, maximize, stochastic_rounding=False, seed=0, coef=None, shadows=None,
+               ema_decay=0.0):
+    """Update lists of parameters in place (shared dtypes, one CUDA device, all dense alike). The one-pass
+    step: ``coef`` (fp32 [1] device clip coefficient) scales the gradients as they are read, and
+    ``shadows`` (EMA shadows, dense like the parameters) fold the stored parameters,
+    ``s <- s + (1 - ema_decay) (p - s)``, in the same pass."""
     if not params:
         return
     C = load_extension()
     table = chunk_table(params, CHUNK)
     lr_ptr, lr_value = _lr_args(lr)
+    one_pass, ema_apart = _one_pass(params, coef, shadows, ema_decay)
     with torch.cuda.device(params[0].device):
         C.multi_tensor_adamw(C.MultiTensorAdamwParams(
             p_list=pointer_table(params).data_ptr(), g_list=pointer_table(grads).data_ptr(),
@@ -53,8 +70,11 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
             beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
             amsgrad=int(bool(amsgrad)), maximize=int(bool(maximize)),
             stochastic_rounding=int(bool(stochastic_rounding)), seed=int(seed) & 0xFFFFFFFF,
-            stream=_stream(params[0].device),
+            sh_list=one_pass["sh_list"], sh_dtype=one_pass["sh_dtype"], coef_ptr=one_pass["coef_ptr"],
+            ema_weight=one_pass["ema_weight"], stream=_stream(params[0].device),
         ))
+    if ema_apart:
+        ema_update_(shadows, params, ema_decay)
 
 
 _MAPS: dict = {}  # (device, table addresses) -> the four quant8 tables as one [4, 256] fp32 tensor
@@ -141,13 +161,16 @@ def prodigy_update(params, nums, vs, coefs, *, decoupled_wd):
         ))
 
 
-def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
-    """Update lists of parameters in place (shared dtypes, one CUDA device, all dense alike)."""
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, coef=None, shadows=None,
+              ema_decay=0.0):
+    """Update lists of parameters in place (shared dtypes, one CUDA device, all dense alike); ``coef`` /
+    ``shadows`` / ``ema_decay``: the one-pass step, as :func:`adamw_step`."""
     if not params:
         return
     C = load_extension()
     table = chunk_table(params, CHUNK)
     lr_ptr, lr_value = _lr_args(lr)
+    one_pass, ema_apart = _one_pass(params, coef, shadows, ema_decay)
     with torch.cuda.device(params[0].device):
         C.multi_tensor_lion(C.MultiTensorLionParams(
             p_list=pointer_table(params).data_ptr(), g_list=pointer_table(grads).data_ptr(),
@@ -156,8 +179,11 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
             num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
             g_dtype=dtype_code(grads[0].dtype), s_dtype=dtype_code(exp_avgs[0].dtype), lr_ptr=lr_ptr, lr=lr_value,
             beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), maximize=int(bool(maximize)),
-            stream=_stream(params[0].device),
+            sh_list=one_pass["sh_list"], sh_dtype=one_pass["sh_dtype"], coef_ptr=one_pass["coef_ptr"],
+            ema_weight=one_pass["ema_weight"], stream=_stream(params[0].device),
         ))
+    if ema_apart:
+        ema_update_(shadows, params, ema_decay)
 
 
 def _norm_partials(grads, norm_type, partial, offset, C) -> int:

@@ -174,19 +174,10 @@ class FusedAdamW(torch.optim.Optimizer):
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       amsgrad=group["amsgrad"], maximize=group["maximize"])
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed)) if self.stochastic_rounding else 0
-        if impl == "triton":
-            launcher("adamw", "triton").adamw_step(
+        if impl in ("triton", "cuda"):  # one pass: clip coefficient, update, rounding and EMA fold together
+            launcher("adamw", impl).adamw_step(
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, stochastic_rounding=self.stochastic_rounding,
                 seed=seed, coef=coef, shadows=shadows, ema_decay=ema_decay, **kwargs)
-            return
-        if impl == "cuda":  # no one-pass CUDA C++ functor yet: scale, step and average as three launches
-            cu = launcher("adamw", "cuda")
-            if coef is not None:
-                cu.scale_(grads, coef)
-            cu.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                          stochastic_rounding=self.stochastic_rounding, seed=seed, **kwargs)
-            if shadows is not None:
-                cu.ema_update_(shadows, params, ema_decay)
             return
         gen = torch.Generator(device=device).manual_seed(seed) if self.stochastic_rounding else None
         for i, p in enumerate(params):

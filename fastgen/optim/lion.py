@@ -107,17 +107,9 @@ class FusedLion(torch.optim.Optimizer):
             lr = lr.to(device=device, dtype=torch.float32)
         kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"])
         impl = "torch" if force_torch else resolve("lion", self.backend, device)
-        if impl == "triton":
-            launcher("lion", "triton").lion_step(params, grads, exp_avgs, coef=coef, shadows=shadows,
-                                                 ema_decay=ema_decay, **kwargs)
-            return
-        if impl == "cuda":  # no one-pass CUDA C++ functor yet: scale, step and average as three launches
-            cu = launcher("lion", "cuda")
-            if coef is not None:
-                cu.scale_(grads, coef)
-            cu.lion_step(params, grads, exp_avgs, **kwargs)
-            if shadows is not None:
-                cu.ema_update_(shadows, params, ema_decay)
+        if impl in ("triton", "cuda"):  # one pass: clip coefficient, update and EMA fold together
+            launcher("lion", impl).lion_step(params, grads, exp_avgs, coef=coef, shadows=shadows,
+                                             ema_decay=ema_decay, **kwargs)
             return
         for p, g, m in zip(params, grads, exp_avgs):
             lion_reference(p, g if coef is None else g.float() * coef, m, **kwargs)
