@@ -21,10 +21,14 @@ class ConfigError(ValueError):
     """A config that cannot run: an unknown key, a wrong type or a value out of range."""
 
 
-def _f(default, doc: str):
+def doc_field(default, doc: str):
+    """A dataclass field with its documentation (written as a comment by :func:`write_toml`)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
+
+
+_f = doc_field
 
 
 @dataclass
@@ -200,33 +204,11 @@ class Config:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        _reject_unknown("", d, ["output_dir", *SECTIONS])
-        kw: dict[str, Any] = {}
-        if "output_dir" in d:
-            kw["output_dir"] = _typed("output_dir", d["output_dir"], "")
-        for name, section in SECTIONS.items():
-            sub = d.get(name, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"[{name}] must be a table, got {type(sub).__name__}")
-            fields = {f.name: f for f in dataclasses.fields(section)}
-            _reject_unknown(name + ".", sub, list(fields))
-            defaults = section()
-            kw[name] = section(**{k: _typed(f"{name}.{k}", v, getattr(defaults, k)) for k, v in sub.items()})
-        cfg = cls(**kw)
-        cfg.validate()
-        return cfg
+        return from_sections(cls, d, SECTIONS)
 
     @classmethod
     def from_toml(cls, path: str) -> "Config":
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        try:
-            return cls.from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        return read_toml(path, cls.from_dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -237,54 +219,42 @@ class Config:
 
     def to_toml(self, comments: bool = True) -> str:
         """The resolved config as TOML (with each field's documentation as a comment)."""
-        d = self.to_dict()
-        lines = []
-        top = {f.name: f for f in dataclasses.fields(self)}
-        if comments:
-            lines.append(f"# {top['output_dir'].metadata['doc']}")
-        lines.append(f"output_dir = {_toml_value(d['output_dir'])}")
-        for name, section in SECTIONS.items():
-            lines.append(f"\n[{name}]")
-            for f in dataclasses.fields(section):
-                if comments:
-                    lines.append(f"# {f.metadata['doc']}")
-                lines.append(f"{f.name} = {_toml_value(d[name][f.name])}")
-        return "\n".join(lines) + "\n"
+        return write_toml(self, self.to_dict(), SECTIONS, comments)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         o, da, op, t, c, v = self.objective, self.data, self.optim, self.train, self.checkpoint, self.validation
-        _one_of("objective.kind", o.kind, ("flow", "denoising", "consistency", *DISTILL_KINDS))
+        one_of("objective.kind", o.kind, ("flow", "denoising", "consistency", *DISTILL_KINDS))
         if o.kind in DISTILL_KINDS:
             self._validate_distillation()
         elif o.kind == "flow":
-            _one_of("objective.loss_weighting", o.loss_weighting, ("none", "sigma_sqrt", "cosmap"), "flow")
-            _one_of("objective.timestep_sampling", o.timestep_sampling,
-                    ("uniform", "logit_normal", "mode", "sigmoid", "shifted"))
+            one_of("objective.loss_weighting", o.loss_weighting, ("none", "sigma_sqrt", "cosmap"), "flow")
+            one_of("objective.timestep_sampling", o.timestep_sampling,
+                   ("uniform", "logit_normal", "mode", "sigmoid", "shifted"))
             if o.timestep_sampling == "shifted" and o.shift == 1.0 and not o.resolution_shift:
                 raise ConfigError("objective.timestep_sampling = 'shifted' needs objective.shift != 1 "
                                   "or objective.resolution_shift = true")
         elif o.kind == "consistency":
-            _one_of("objective.loss_weighting", o.loss_weighting, ("none",), "consistency (its weight is "
-                    "1 / (sigma_{i+1} - sigma_i))")
+            one_of("objective.loss_weighting", o.loss_weighting, ("none",), "consistency (its weight is "
+                   "1 / (sigma_{i+1} - sigma_i))")
             if not 1 <= o.ct_s0 <= o.ct_s1:
                 raise ConfigError(f"objective.ct_s0 and ct_s1 need 1 <= ct_s0 <= ct_s1, got {o.ct_s0}, {o.ct_s1}")
-            _positive(objective_ct_sigma_max=o.ct_sigma_max, objective_ct_sigma_data=o.ct_sigma_data)
+            positive(objective_ct_sigma_max=o.ct_sigma_max, objective_ct_sigma_data=o.ct_sigma_data)
         else:
-            _one_of("objective.loss_weighting", o.loss_weighting, ("none", "snr", "min_snr_gamma", "debiased"),
-                    "denoising")
-            _one_of("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample"))
-            _one_of("objective.beta_schedule", o.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
-        _positive(objective_num_train_timesteps=o.num_train_timesteps, objective_logit_std=o.logit_std,
-                  objective_shift=o.shift, objective_snr_gamma=o.snr_gamma, objective_sigmoid_scale=o.sigmoid_scale,
-                  data_resolution=da.resolution, data_channels=da.channels, data_bucket_step=da.bucket_step,
-                  optim_lr=op.lr, train_steps=t.steps, train_batch_size=t.batch_size, train_grad_accum=t.grad_accum,
-                  train_log_every=t.log_every, checkpoint_keep_last=c.keep_last,
-                  validation_num_steps=v.num_steps, validation_per_class=v.per_class)
+            one_of("objective.loss_weighting", o.loss_weighting, ("none", "snr", "min_snr_gamma", "debiased"),
+                   "denoising")
+            one_of("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample"))
+            one_of("objective.beta_schedule", o.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        positive(objective_num_train_timesteps=o.num_train_timesteps, objective_logit_std=o.logit_std,
+                 objective_shift=o.shift, objective_snr_gamma=o.snr_gamma, objective_sigmoid_scale=o.sigmoid_scale,
+                 data_resolution=da.resolution, data_channels=da.channels, data_bucket_step=da.bucket_step,
+                 optim_lr=op.lr, train_steps=t.steps, train_batch_size=t.batch_size, train_grad_accum=t.grad_accum,
+                 train_log_every=t.log_every, checkpoint_keep_last=c.keep_last,
+                 validation_num_steps=v.num_steps, validation_per_class=v.per_class)
         if not 0.0 <= o.cond_dropout < 1.0:
             raise ConfigError(f"objective.cond_dropout must be in [0, 1), got {o.cond_dropout}")
-        _one_of("data.captions", da.captions, ("optional", "required", "ignore"))
-        _one_of("data.on_bad", da.on_bad, ("error", "skip"))
+        one_of("data.captions", da.captions, ("optional", "required", "ignore"))
+        one_of("data.on_bad", da.on_bad, ("error", "skip"))
         if da.max_aspect < 1.0:
             raise ConfigError(f"data.max_aspect must be >= 1, got {da.max_aspect}")
         if da.resolution % da.bucket_step:
@@ -300,10 +270,10 @@ class Config:
                             ("validation.every", v.every), ("optim.eps", op.eps)):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
-        _one_of("train.precision", t.precision, ("fp32", "bf16", "bf16-pure"))
-        _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
-        _one_of("train.parallel", t.parallel, ("ddp", "fsdp"))
-        _positive(train_dist_timeout=t.dist_timeout)
+        one_of("train.precision", t.precision, ("fp32", "bf16", "bf16-pure"))
+        one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+        one_of("train.parallel", t.parallel, ("ddp", "fsdp"))
+        positive(train_dist_timeout=t.dist_timeout)
         if da.text_encoder and ":" not in da.text_encoder:
             raise ConfigError(f"data.text_encoder must look like 'module:callable', got {da.text_encoder!r}")
         if da.vae and ":" not in da.vae:
@@ -318,32 +288,32 @@ class Config:
             raise ConfigError(f"objective.teacher is required for objective.kind = {kind!r} (a fastgen.train "
                               "checkpoint folder, a .safetensors file, a from_pretrained folder or a preset name "
                               "of model.factory)")
-        _one_of("objective.loss_weighting", o.loss_weighting, ("none",), kind)
-        _one_of("objective.distill_loss", o.distill_loss, ("huber", "l2"))
+        one_of("objective.loss_weighting", o.loss_weighting, ("none",), kind)
+        one_of("objective.distill_loss", o.distill_loss, ("huber", "l2"))
         if not 0.0 <= o.target_decay < 1.0:
             raise ConfigError(f"objective.target_decay must be in [0, 1), got {o.target_decay}")
-        _one_of("objective.teacher_kind", o.teacher_kind,
-                ("auto", "flow", "denoising") if kind != "lcm" else ("auto", "denoising"), kind)
+        one_of("objective.teacher_kind", o.teacher_kind,
+               ("auto", "flow", "denoising") if kind != "lcm" else ("auto", "denoising"), kind)
         if teacher_kind(o) == "denoising":
-            _one_of("objective.beta_schedule", o.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
-            _one_of("objective.prediction", o.prediction,
-                    ("epsilon", "v_prediction", "sample") if kind != "lcm" else ("epsilon", "v_prediction"), kind)
+            one_of("objective.beta_schedule", o.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+            one_of("objective.prediction", o.prediction,
+                   ("epsilon", "v_prediction", "sample") if kind != "lcm" else ("epsilon", "v_prediction"), kind)
         if kind == "consistency_distillation":
-            _one_of("objective.teacher_solver", o.teacher_solver, ("auto", "euler", "heun"), kind)
+            one_of("objective.teacher_solver", o.teacher_solver, ("auto", "euler", "heun"), kind)
             if o.cd_num_scales < 2:
                 raise ConfigError(f"objective.cd_num_scales must be >= 2, got {o.cd_num_scales}")
-            _positive(objective_ct_sigma_max=o.ct_sigma_max, objective_ct_sigma_data=o.ct_sigma_data)
+            positive(objective_ct_sigma_max=o.ct_sigma_max, objective_ct_sigma_data=o.ct_sigma_data)
             if o.ct_sigma_max <= 0.002:
                 raise ConfigError(f"objective.ct_sigma_max must be > 0.002 (sigma_min), got {o.ct_sigma_max}")
         else:
-            _one_of("objective.teacher_solver", o.teacher_solver, ("auto", "ddim"), kind)
+            one_of("objective.teacher_solver", o.teacher_solver, ("auto", "ddim"), kind)
             if not 1 <= o.lcm_num_ddim_timesteps <= o.num_train_timesteps:
                 raise ConfigError(f"objective.lcm_num_ddim_timesteps must be in 1..num_train_timesteps "
                                   f"({o.num_train_timesteps}), got {o.lcm_num_ddim_timesteps}")
             if not 0.0 <= o.lcm_w_min <= o.lcm_w_max:
                 raise ConfigError(f"objective.lcm_w_min and lcm_w_max need 0 <= lcm_w_min <= lcm_w_max, got "
                                   f"{o.lcm_w_min}, {o.lcm_w_max}")
-            _positive(objective_lcm_embedding_dim=o.lcm_embedding_dim)
+            positive(objective_lcm_embedding_dim=o.lcm_embedding_dim)
         if self.train.parallel == "fsdp":
             raise ConfigError(f"train.parallel = 'fsdp' is not supported with objective.kind = {kind!r} (the "
                               "target network is a full copy); use 'ddp'")
@@ -359,16 +329,72 @@ def teacher_kind(o: ObjectiveConfig) -> str:
     return "denoising" if o.kind == "lcm" else "flow"
 
 
-def _reject_unknown(prefix: str, d: dict, known: list) -> None:
+# --------------------------------------------------------------------------- shared with fastgen.zoo.train_config
+
+def from_sections(cls, d: dict, sections: dict):
+    """``cls`` (a dataclass of ``output_dir`` and one field per table of ``sections``) from a parsed TOML
+    dict: every key checked (unknown keys and wrong types are ConfigErrors), then ``validate()``."""
+    reject_unknown("", d, ["output_dir", *sections])
+    kw: dict[str, Any] = {}
+    if "output_dir" in d:
+        kw["output_dir"] = check_type("output_dir", d["output_dir"], "")
+    for name, section in sections.items():
+        sub = d.get(name, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"[{name}] must be a table, got {type(sub).__name__}")
+        reject_unknown(name + ".", sub, [f.name for f in dataclasses.fields(section)])
+        defaults = section()
+        kw[name] = section(**{k: check_type(f"{name}.{k}", v, getattr(defaults, k)) for k, v in sub.items()})
+    cfg = cls(**kw)
+    cfg.validate()
+    return cfg
+
+
+def read_toml(path: str, from_dict):
+    """``from_dict`` of the TOML file ``path``; a syntax error or a ConfigError names the file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def write_toml(config, d: dict, sections: dict, comments: bool, more=None) -> str:
+    """``d`` (``config.to_dict()``: ``output_dir`` and the tables of ``sections``) as TOML, each field's
+    documentation as a comment; a field missing from ``d`` is left out; ``more(name)``: lines written
+    after table ``name``."""
+    lines = [f"# {dataclasses.fields(config)[0].metadata['doc']}"] if comments else []  # output_dir's
+    lines.append(f"output_dir = {toml_value(d['output_dir'])}")
+    for name, section in sections.items():
+        lines.append(f"\n[{name}]")
+        for f in dataclasses.fields(section):
+            if f.name in d[name]:
+                if comments:
+                    lines.append(f"# {f.metadata['doc']}")
+                lines.append(f"{f.name} = {toml_value(d[name][f.name])}")
+        lines += more(name) if more else []
+    return "\n".join(lines) + "\n"
+
+
+def reject_unknown(prefix: str, d: dict, known: list, known_note: str = "") -> None:
+    """A ConfigError for the first key of ``d`` not in ``known``: it names the closest known key, else
+    ``known_note`` or the known keys."""
     for key in d:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+            hint = known_note or f" (known: {', '.join(known)})"
+            if close:
+                hint = f" (did you mean '{prefix}{close[0]}'?)"
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
-def _typed(name: str, value, default):
-    """``value`` checked against the type of the field's default (ints are accepted as floats)."""
+def check_type(name: str, value, default):
+    """``value`` checked against the type of the field's default (ints are accepted as floats, lists and
+    tuples for either)."""
     if callable(value) and not isinstance(value, (str, dict, list)) and name == "model.factory":
         return value
     if isinstance(default, bool):
@@ -380,28 +406,30 @@ def _typed(name: str, value, default):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, (list, tuple)):
         ok = isinstance(value, (list, tuple))
-        value = list(value) if ok else value
+        value = type(default)(value) if ok else value
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{name} must be {type(default).__name__}, got {type(value).__name__} ({value!r})")
+        want = "list" if isinstance(default, (list, tuple)) else type(default).__name__
+        raise ConfigError(f"{name} must be {want}, got {type(value).__name__} ({value!r})")
     return value
 
 
-def _one_of(name: str, value, allowed, when: str = "") -> None:
+def one_of(name: str, value, allowed, when: str = "") -> None:
     if value not in allowed:
         extra = f" for {when}" if when else ""
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}{extra}, got {value!r}")
 
 
-def _positive(**values) -> None:
+def positive(**values) -> None:
+    """``section_name=value`` pairs that must be > 0 (the error names ``section.name``)."""
     for key, value in values.items():
         if not value > 0:
             section, name = key.split("_", 1)
             raise ConfigError(f"{section}.{name} must be > 0, got {value}")
 
 
-def _toml_value(v) -> str:
+def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -409,7 +437,7 @@ def _toml_value(v) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise ConfigError(f"cannot write {type(v).__name__} to TOML")

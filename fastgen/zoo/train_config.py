@@ -21,16 +21,13 @@ unknown key, a wrong type or a value out of range is a ``ConfigError`` that name
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import inspect
-import json
 import re
-import tomllib
 from dataclasses import dataclass, field
-from typing import Any
 
-from fastgen.train.config import ConfigError
+from fastgen.train.config import (ConfigError, check_type, doc_field as _f, from_sections, one_of, positive,
+                                  read_toml, reject_unknown, toml_value, write_toml)
 
 # name -> (module, model class, config class, datasets it trains on (the first is the default))
 MODELS = {
@@ -47,12 +44,6 @@ MODELS = {
                     ("shapes",)),                                          # total_steps defaults to train.steps
 }
 DATASETS = ("shapes", "colour_swap", "two_moons", "gaussian_mixture")
-
-
-def _f(default, doc: str):
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass
@@ -129,32 +120,11 @@ class ZooConfig:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_dict(cls, d: dict) -> "ZooConfig":
-        _reject_unknown("", d, ["output_dir", *SECTIONS])
-        kw: dict[str, Any] = {}
-        if "output_dir" in d:
-            kw["output_dir"] = _typed("output_dir", d["output_dir"], "")
-        for name, section in SECTIONS.items():
-            sub = d.get(name, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"[{name}] must be a table, got {type(sub).__name__}")
-            _reject_unknown(name + ".", sub, [f.name for f in dataclasses.fields(section)])
-            defaults = section()
-            kw[name] = section(**{k: _typed(f"{name}.{k}", v, getattr(defaults, k)) for k, v in sub.items()})
-        cfg = cls(**kw)
-        cfg.validate()
-        return cfg
+        return from_sections(cls, d, SECTIONS)
 
     @classmethod
     def from_toml(cls, path: str) -> "ZooConfig":
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        try:
-            return cls.from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        return read_toml(path, cls.from_dict)
 
     # ------------------------------------------------------------------ the model
     def model_class(self):
@@ -185,29 +155,29 @@ class ZooConfig:
         z, da, op, t, c, m = self.zoo, self.data, self.optim, self.train, self.checkpoint, self.measure
         if not z.model:
             raise ConfigError("zoo.model is required: one of " + ", ".join(map(repr, MODELS)))
-        _one_of("zoo.model", z.model, tuple(MODELS))
+        one_of("zoo.model", z.model, tuple(MODELS))
         cls = self.config_class()
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        _reject_unknown("zoo.config.", z.config, list(fields), f" ({cls.__name__} fields: {', '.join(fields)})")
+        reject_unknown("zoo.config.", z.config, list(fields), f" ({cls.__name__} fields: {', '.join(fields)})")
         defaults = cls()
-        z.config = {k: _typed(f"zoo.config.{k}", v, getattr(defaults, k)) for k, v in z.config.items()}
+        z.config = {k: check_type(f"zoo.config.{k}", v, getattr(defaults, k)) for k, v in z.config.items()}
         mc = self.model_config()
-        _one_of("data.name", da.name, ("auto",) + MODELS[z.model][3], f"zoo.model = {z.model!r}")
+        one_of("data.name", da.name, ("auto",) + MODELS[z.model][3], f"zoo.model = {z.model!r}")
         _check_data_fits(z.model, self.dataset(), mc)
-        _positive(data_size=da.size, data_test_size=da.test_size, optim_lr=op.lr, train_steps=t.steps,
-                  train_batch_size=t.batch_size, train_log_every=t.log_every, checkpoint_keep_last=c.keep_last,
-                  measure_samples=m.samples, measure_sampling_steps=m.sampling_steps)
+        positive(data_size=da.size, data_test_size=da.test_size, optim_lr=op.lr, train_steps=t.steps,
+                 train_batch_size=t.batch_size, train_log_every=t.log_every, checkpoint_keep_last=c.keep_last,
+                 measure_samples=m.samples, measure_sampling_steps=m.sampling_steps)
         for name, value in (("data.noise", da.noise), ("optim.d_lr", op.d_lr), ("optim.eps", op.eps),
                             ("optim.weight_decay", op.weight_decay), ("train.threads", t.threads),
                             ("checkpoint.every", c.every), ("checkpoint.keep_every", c.keep_every)):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
-        _one_of("optim.name", op.name, ("adamw", "lion"))
+        one_of("optim.name", op.name, ("adamw", "lion"))
         if len(op.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in op.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {op.betas}")
         if not 0.0 <= op.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {op.ema_decay}")
-        _one_of("train.device", t.device, ("cpu", "cuda"))
+        one_of("train.device", t.device, ("cpu", "cuda"))
         if t.device == "cuda" and z.model == "consistency":
             raise ConfigError("train.device = 'cuda' is not supported for zoo.model = 'consistency' (its iCT "
                               "objective draws noise levels with a CPU generator); use 'cpu'")
@@ -222,25 +192,19 @@ class ZooConfig:
     def to_toml(self, comments: bool = True) -> str:
         """The resolved config as TOML: every key (the model config's too) with its documentation."""
         d = self.to_dict()
-        doc = dataclasses.fields(self)[0].metadata["doc"]  # output_dir's
-        lines = [f"# {doc}"] if comments else []
-        lines.append(f"output_dir = {_toml_value(d['output_dir'])}")
-        for name, section in SECTIONS.items():
-            lines.append(f"\n[{name}]")
-            for f in dataclasses.fields(section):
-                if f.name == "config":
-                    continue
-                if comments:
-                    lines.append(f"# {f.metadata['doc']}")
-                lines.append(f"{f.name} = {_toml_value(d[name][f.name])}")
-            if name == "zoo":
-                lines.append(f"\n[zoo.config]" + (f"  # {self.config_class().__name__}" if comments else ""))
-                notes = _field_comments(self.config_class())
-                for k, v in d["zoo"]["config"].items():
-                    if comments and notes.get(k):
-                        lines.append(f"# {notes[k]}")
-                    lines.append(f"{k} = {_toml_value(v)}")
-        return "\n".join(lines) + "\n"
+        model_config, notes = d["zoo"].pop("config"), _field_comments(self.config_class())
+
+        def config_table(name: str) -> list:
+            if name != "zoo":
+                return []
+            lines = [f"\n[zoo.config]" + (f"  # {self.config_class().__name__}" if comments else "")]
+            for k, v in model_config.items():
+                if comments and notes.get(k):
+                    lines.append(f"# {notes[k]}")
+                lines.append(f"{k} = {toml_value(v)}")
+            return lines
+
+        return write_toml(self, d, SECTIONS, comments, config_table)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -278,60 +242,3 @@ def _field_comments(cls) -> dict:
         for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", src, re.M):
             notes[m.group(1)] = m.group(2).strip()
     return notes
-
-
-def _reject_unknown(prefix: str, d: dict, known: list, known_note: str = "") -> None:
-    for key in d:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = known_note or f" (known: {', '.join(known)})"
-            if close:
-                hint = f" (did you mean '{prefix}{close[0]}'?)"
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
-
-
-def _typed(name: str, value, default):
-    """``value`` checked against the type of the default (ints accepted as floats, lists as tuples)."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-        value = type(default)(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        want = "list" if isinstance(default, (list, tuple)) else type(default).__name__
-        raise ConfigError(f"{name} must be {want}, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def _one_of(name: str, value, allowed, when: str = "") -> None:
-    if value not in allowed:
-        extra = f" for {when}" if when else ""
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}{extra}, got {value!r}")
-
-
-def _positive(**values) -> None:
-    for key, value in values.items():
-        if not value > 0:
-            section, name = key.split("_", 1)
-            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise ConfigError(f"cannot write {type(v).__name__} to TOML")
