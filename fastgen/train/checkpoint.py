@@ -97,6 +97,34 @@ def load_target(folder: str, target: torch.nn.Module) -> None:
         raise CheckpointError(f"{path} does not fit the target network: {exc}") from None
 
 
+EMA_COUNTERS = ("decay", "warmup", "update_every", "num_updates", "num_calls")
+
+
+def save_ema(folder: str, ema, write: bool = True) -> dict:
+    """``ema.safetensors`` (``shadow.<name>``, ``buffer.<name>``) of a fastgen.optim.EMA; returns its
+    counters for state.json (``write=False``: only the counters, where DCP writes the tensors)."""
+    es = ema.state_dict()
+    if write:
+        save_tensors(os.path.join(folder, "ema.safetensors"), {**{f"shadow.{k}": v for k, v in es["shadow"].items()},
+                                                               **{f"buffer.{k}": v for k, v in es["buffers"].items()}})
+    return {k: es[k] for k in EMA_COUNTERS}
+
+
+def ema_tensors(folder: str) -> tuple[dict, dict]:
+    """``(shadow, buffers)``: the EMA average of a checkpoint's ``ema.safetensors``, by state-dict name."""
+    et = load_tensors(os.path.join(folder, "ema.safetensors"))
+    return ({k[7:]: v for k, v in et.items() if k.startswith("shadow.")},
+            {k[7:]: v for k, v in et.items() if k.startswith("buffer.")})
+
+
+def load_ema(folder: str, ema, state: dict) -> None:
+    """Load a checkpoint's EMA (its tensors and the counters in ``state["ema"]``) into ``ema``."""
+    if "ema" not in state:
+        raise CheckpointError(f"{folder} has no EMA but optim.ema_decay > 0")
+    shadow, buffers = ema_tensors(folder)
+    ema.load_state_dict({**state["ema"], "shadow": shadow, "buffers": buffers})
+
+
 def optimizer_to_files(state_dict: dict) -> tuple[dict, dict]:
     """An optimizer state dict as ``(tensors, json_able)``."""
     tensors, scalars = {}, {}
@@ -135,6 +163,12 @@ def rng_state() -> tuple[dict, dict]:
     except ImportError:  # pragma: no cover
         pass
     return tensors, meta
+
+
+def rounding_seed(optimizer) -> Optional[torch.Generator]:
+    """FusedAdamW's stochastic-rounding generator (saved with the RNG states); None for other optimizers."""
+    g = getattr(optimizer, "_seed", None)
+    return g if isinstance(g, torch.Generator) else None
 
 
 def set_rng_state(tensors: dict, meta: dict) -> None:
@@ -250,6 +284,19 @@ def find_resume(root: str) -> tuple[Optional[str], list[str]]:
     return None, problems
 
 
+def resume_folder(root: str, say) -> Optional[str]:
+    """The checkpoint to resume from: the newest good one under ``root`` (each newer, corrupted one is
+    told to ``say``), or None (told) when there is none; a CheckpointError when all are corrupted."""
+    path, problems = find_resume(root)
+    for p in problems:
+        say(p)
+    if path is None:
+        if problems:
+            raise CheckpointError(f"no good checkpoint to resume from in {root}:\n  " + "\n  ".join(problems))
+        say(f"no checkpoint in {root}; starting from step 0")
+    return path
+
+
 def read_json(folder: str, name: str) -> dict:
     with open(os.path.join(folder, name)) as fh:
         return json.load(fh)
@@ -258,3 +305,8 @@ def read_json(folder: str, name: str) -> dict:
 def write_json(folder: str, name: str, obj) -> None:
     with open(os.path.join(folder, name), "w") as fh:
         json.dump(obj, fh)
+
+
+def write_text(folder: str, name: str, text: str) -> None:
+    with open(os.path.join(folder, name), "w") as fh:
+        fh.write(text)

@@ -12,9 +12,11 @@ import sys
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a diffusion / flow model from a TOML config",
-                       description="Train the model a TOML config describes (see docs/train.md). Checkpoints, "
-                                   "log.csv, loss.png and sample grids go to the config's output_dir.")
+    t = sub.add_parser("train", help="train or distil a diffusion / flow model, or a zoo model, from a TOML config",
+                       description="Train the model a TOML config describes (see docs/train.md): a diffusion / "
+                                   "flow model, its consistency or LCM distillation, or with a [zoo] table one of "
+                                   "the zoo's models (configs/zoo/*.toml). Checkpoints, log.csv, loss.png and "
+                                   "sample grids go to the config's output_dir.")
     t.add_argument("config", help="the TOML config file")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint in output_dir/checkpoints")

@@ -40,7 +40,6 @@ import importlib
 import math
 import os
 import random
-import sys
 import time
 from typing import Optional
 
@@ -56,6 +55,7 @@ from fastgen.train.lcm import LCMDistillationObjective
 from fastgen.train.distributed import (clip_sharded_grad_norm_, collective_failure, init_distributed, load_dcp,
                                        save_dcp, shard_model)
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions, make_betas
+from fastgen.train.progress import append_row, progress_bar, truncate_rows
 from fastgen.train.sampling import sample, save_grid
 from fastgen.train.text import PromptTable, drop_text, text_model
 
@@ -202,8 +202,7 @@ def build_teacher(cfg: Config, log=print):
             sd = ckpt.load_tensors(os.path.join(folder, "model.safetensors"))
             what = "weights"
             if o.teacher_use_ema and os.path.isfile(os.path.join(folder, "ema.safetensors")):
-                et = ckpt.load_tensors(os.path.join(folder, "ema.safetensors"))
-                sd.update({k[7:]: v for k, v in et.items() if k.startswith("shadow.")})
+                sd.update(ckpt.ema_tensors(folder)[0])
                 what = "EMA weights"
             teacher.load_state_dict(sd)
             log(f"fastgen.train: teacher: {folder} ({what}, objective.kind = {tcfg.objective.kind!r})")
@@ -329,6 +328,29 @@ class Trainer:
         config.validate()
         self.cfg, self.log = config, log
         t = config.train
+        self._init_device()
+        self.out = config.output_dir
+        self.ckpt_root = os.path.join(self.out, "checkpoints")
+        _seed_all(t.seed)
+        self._init_data(dataset)
+        self._init_model(model)
+        teacher_objective = self._init_teacher()
+        if t.precision == "bf16-pure":
+            self.model.to(torch.bfloat16)
+            if self.teacher is not None:
+                self.teacher.to(torch.bfloat16)
+        self.objective = build_objective(config.objective, t.steps, self.teacher, teacher_objective)
+        self._init_optimizer()
+        self._init_forward()
+        self.step, self.batches = 0, 0
+        _seed_all(t.seed + 1 + self.rank)  # the training noise stream of this rank
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ set-up (in this order)
+    def _init_device(self) -> None:
+        """The process group (from torchrun's environment) and this rank's device."""
+        t = self.cfg.train
         want = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device = 'cuda' but torch sees no CUDA GPU")
@@ -340,41 +362,46 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
-        self.out = config.output_dir
-        self.ckpt_root = os.path.join(self.out, "checkpoints")
 
-        _seed_all(t.seed)
-        self.dataset = dataset if dataset is not None else build_dataset(config.data)
+    def _init_data(self, dataset) -> None:
+        """The dataset (given or from ``[data]``), wrapped in the latent and text-embedding caches."""
+        d = self.cfg.data
+        self.dataset = dataset if dataset is not None else build_dataset(d)
         self.vae = None
-        if config.data.vae:  # latent training: encode once into the cache (rank 0 first, then the others read)
+        if d.vae:  # latent training: encode once into the cache
             from fastgen.train.cache import CachedLatentDataset
 
-            self.vae = resolve_factory(config.data.vae)(**config.data.vae_kwargs)
-            cache_dir = config.data.cache_dir or os.path.join(config.output_dir, "cache")
-            for r in range(min(self.world, 2)):
-                if (self.rank == 0) == (r == 0):
-                    self.dataset = CachedLatentDataset(self.dataset, self.vae, cache_dir)
-                _barrier(self.world)
+            self.vae = resolve_factory(d.vae)(**d.vae_kwargs)
+            self._wrap_cached(lambda ds, folder: CachedLatentDataset(ds, self.vae, folder))
             if self.rank == 0:
                 c = self.dataset.cache
-                log(f"fastgen.train: latents of {c.folder}: {c.hits} cached, {c.misses} encoded")
-        if config.data.text_encoder:  # text-conditional: caption embeddings cached (rank 0 first)
+                self.log(f"fastgen.train: latents of {c.folder}: {c.hits} cached, {c.misses} encoded")
+        if d.text_encoder:  # text-conditional: caption embeddings cached
             from fastgen.train.text import TextEmbeddingDataset
 
-            encoder = resolve_factory(config.data.text_encoder)(**config.data.text_encoder_kwargs)
-            cache_dir = config.data.cache_dir or os.path.join(config.output_dir, "cache")
-            for r in range(min(self.world, 2)):
-                if (self.rank == 0) == (r == 0):
-                    self.dataset = TextEmbeddingDataset(self.dataset, encoder, cache_dir)
-                _barrier(self.world)
+            encoder = resolve_factory(d.text_encoder)(**d.text_encoder_kwargs)
+            self._wrap_cached(lambda ds, folder: TextEmbeddingDataset(ds, encoder, folder))
             if self.rank == 0:
                 c = self.dataset.text_cache.cache
-                log(f"fastgen.train: text embeddings of {c.folder}: {c.hits} cached, {c.misses} encoded")
+                self.log(f"fastgen.train: text embeddings of {c.folder}: {c.hits} cached, {c.misses} encoded")
         # text-conditional when the data carries text-encoder outputs (and their null embedding)
         self.text_null = getattr(self.dataset, "null", None)
         if self.rank == 0:
             counts = ", ".join(f"{w}x{h}: {n}" for (h, w), n in self.dataset.bucket_counts().items())
-            log(f"fastgen.train: {len(self.dataset)} images, {self.dataset.num_classes} classes, buckets {counts}")
+            self.log(f"fastgen.train: {len(self.dataset)} images, {self.dataset.num_classes} classes, "
+                     f"buckets {counts}")
+
+    def _wrap_cached(self, wrap) -> None:
+        """``dataset = wrap(dataset, cache_dir)``: rank 0 first (it fills the cache), then the others read it."""
+        cache_dir = self.cfg.data.cache_dir or os.path.join(self.cfg.output_dir, "cache")
+        for r in range(min(self.world, 2)):
+            if (self.rank == 0) == (r == 0):
+                self.dataset = wrap(self.dataset, cache_dir)
+            _barrier(self.world)
+
+    def _init_model(self, model: Optional[torch.nn.Module]) -> None:
+        """The model (given or from ``[model]``) on the device; its classes checked against the data."""
+        config = self.cfg
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
         mcfg = getattr(self.model, "config", None)
         n_model = getattr(mcfg, "num_embeds_ada_norm", None)
@@ -382,44 +409,53 @@ class Trainer:
             raise ConfigError(f"the model has {n_model} classes, the data {self.dataset.num_classes}")
         self.null_label = n_model if n_model is not None else self.dataset.num_classes
         if getattr(mcfg, "class_dropout_prob", 0) and config.objective.cond_dropout:
-            log("fastgen.train: note: the model drops labels itself (class_dropout_prob) and "
-                "objective.cond_dropout drops them again; set one of them to 0")
+            self.log("fastgen.train: note: the model drops labels itself (class_dropout_prob) and "
+                     "objective.cond_dropout drops them again; set one of them to 0")
         if config.model.gradient_checkpointing:
             if not hasattr(self.model, "enable_gradient_checkpointing"):
                 raise ConfigError(f"model.gradient_checkpointing: {type(self.model).__name__} has no "
                                   "enable_gradient_checkpointing()")
             self.model.enable_gradient_checkpointing()
-        self.teacher = self.target = teacher_objective = None
-        if config.objective.kind in DISTILL_KINDS:  # the frozen teacher: same device (and dtype below)
-            quiet = log if self.rank == 0 else (lambda s: None)
-            teacher, teacher_objective = build_teacher(config, quiet)
-            self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-            if config.objective.kind == "lcm" and getattr(getattr(teacher, "config", None), "class_dropout_prob",
-                                                          None) == 0:
-                raise ConfigError("objective.kind = 'lcm' guides the teacher with its null class, but the teacher has "
-                                  "none (class_dropout_prob = 0)")
-            if config.objective.init_from_teacher:
-                init_student_from_teacher(self.model, self.teacher, quiet)
-        pure = t.precision == "bf16-pure"
-        if pure:
-            self.model.to(torch.bfloat16)
-            if self.teacher is not None:
-                self.teacher.to(torch.bfloat16)
-        self.objective = build_objective(config.objective, t.steps, self.teacher, teacher_objective)
+
+    def _init_teacher(self):
+        """Distillation: the frozen teacher on the student's device (``self.teacher``, else None);
+        returns the ObjectiveConfig it was trained with."""
+        self.teacher = None
+        o = self.cfg.objective
+        if o.kind not in DISTILL_KINDS:
+            return None
+        quiet = self.log if self.rank == 0 else (lambda s: None)
+        teacher, teacher_objective = build_teacher(self.cfg, quiet)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if o.kind == "lcm" and getattr(getattr(teacher, "config", None), "class_dropout_prob", None) == 0:
+            raise ConfigError("objective.kind = 'lcm' guides the teacher with its null class, but the teacher has "
+                              "none (class_dropout_prob = 0)")
+        if o.init_from_teacher:
+            init_student_from_teacher(self.model, self.teacher, quiet)
+        return teacher_objective
+
+    def _init_optimizer(self) -> None:
+        """FSDP sharding (first: the optimizer and the EMA hold the sharded parameters), FusedAdamW, the
+        LR schedule, the EMA and the distillation target network theta^- (a copy of the student)."""
+        t, o = self.cfg.train, self.cfg.optim
         self.fsdp = t.parallel == "fsdp" and self.world > 1
-        if self.fsdp:  # before the optimizer and the EMA: they hold the (sharded) parameters
+        if self.fsdp:
             self.model.to(self.device)
             shard_model(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        o = config.optim
         self.optimizer = FusedAdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                    stochastic_rounding=pure)
+                                    stochastic_rounding=t.precision == "bf16-pure")
         self.lr_scheduler = make_lr_scheduler(o.lr_scheduler, self.optimizer, o.warmup_steps, t.steps)
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
-        if self.teacher is not None:  # the distillation target network theta^-, a copy of the student
+        self.target = None
+        if self.teacher is not None:
             self.target = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _init_forward(self) -> None:
+        """The module the steps call (compiled, DDP-wrapped across processes) and the batch sampler."""
+        t = self.cfg.train
         self.forward_model = self.model
-        if config.model.compile:
+        if self.cfg.model.compile:
             self.forward_model = torch.compile(self.model)
         if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
@@ -427,10 +463,6 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.sampler = BucketBatchSampler(self.dataset.bucket_ids, t.batch_size, t.seed, self.rank, self.world)
-        self.step, self.batches = 0, 0
-        _seed_all(t.seed + 1 + self.rank)  # the training noise stream of this rank
-        if resume:
-            self._resume()
 
     # ------------------------------------------------------------------ one step
     def _micro_batch(self, batch, sync: bool):
@@ -505,7 +537,7 @@ class Trainer:
                                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(t.seed))
         batches = iter(loader)
-        bar = _progress_bar(total=t.steps, initial=self.step, disable=not t.progress or self.rank != 0)
+        bar = progress_bar(total=t.steps, initial=self.step, disable=not t.progress or self.rank != 0)
         losses, window, last_path, t0 = [], [], None, time.time()
         try:
             while self.step < end:
@@ -534,26 +566,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ logs
     def _log_row(self, loss: float, gn: float, seconds: float) -> None:
-        if self.rank != 0:
-            return
-        path = os.path.join(self.out, "log.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as fh:
-            w = csv.writer(fh)
-            if new:
-                w.writerow(["step", "loss", "lr", "grad_norm", "seconds"])
-            w.writerow([self.step, f"{loss:.6g}", f"{self.lr_scheduler.get_last_lr()[0]:.6g}", f"{gn:.6g}",
+        if self.rank == 0:
+            append_row(os.path.join(self.out, "log.csv"), ["step", "loss", "lr", "grad_norm", "seconds"],
+                       [self.step, f"{loss:.6g}", f"{self.lr_scheduler.get_last_lr()[0]:.6g}", f"{gn:.6g}",
                         f"{seconds:.1f}"])
-
-    def _truncate_log(self) -> None:
-        path = os.path.join(self.out, "log.csv")
-        if self.rank != 0 or not os.path.exists(path):
-            return
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        keep = rows[:1] + [r for r in rows[1:] if int(r[0]) <= self.step]
-        with open(path, "w", newline="") as fh:
-            csv.writer(fh).writerows(keep)
 
     def plot_loss(self) -> Optional[str]:
         """``loss.png`` from ``log.csv`` (rank 0)."""
@@ -665,8 +681,8 @@ class Trainer:
         _barrier(self.world)
         tmp = ckpt.step_dir(self.ckpt_root, self.step) + ".tmp"
         rt, rm = ckpt.rng_state()
-        if isinstance(getattr(self.optimizer, "_seed", None), torch.Generator):  # FusedAdamW's rounding seeds
-            rt["optimizer_seed"] = self.optimizer._seed.get_state()
+        if (seed := ckpt.rounding_seed(self.optimizer)) is not None:  # FusedAdamW's rounding seeds
+            rt["optimizer_seed"] = seed.get_state()
         ckpt.save_tensors(os.path.join(tmp, f"rng-rank{self.rank}.safetensors"), rt)
         ckpt.write_json(tmp, f"rng-rank{self.rank}.json", rm)
         _barrier(self.world)
@@ -681,12 +697,7 @@ class Trainer:
             if not dcp:
                 ckpt.save_tensors(os.path.join(tmp, "model.safetensors"), self.model.state_dict())
             if self.ema is not None:
-                es = self.ema.state_dict()
-                if not dcp:
-                    ckpt.save_tensors(os.path.join(tmp, "ema.safetensors"),
-                                      {**{f"shadow.{k}": v for k, v in es["shadow"].items()},
-                                       **{f"buffer.{k}": v for k, v in es["buffers"].items()}})
-                state["ema"] = {k: es[k] for k in ("decay", "warmup", "update_every", "num_updates", "num_calls")}
+                state["ema"] = ckpt.save_ema(tmp, self.ema, write=not dcp)
             if self.target is not None:
                 ckpt.save_target(tmp, self.target)
             if not dcp:
@@ -694,24 +705,16 @@ class Trainer:
                 ckpt.save_tensors(os.path.join(tmp, "optimizer.safetensors"), ot)
                 state["optimizer"] = om
             ckpt.write_json(tmp, "state.json", state)
-            with open(os.path.join(tmp, "config.toml"), "w") as fh:
-                fh.write(self.cfg.to_toml())
+            ckpt.write_text(tmp, "config.toml", self.cfg.to_toml())
             ckpt.commit(self.ckpt_root, self.step, c.keep_last, c.keep_every)
             self.plot_loss()
         _barrier(self.world)
         return final
 
     def _resume(self) -> None:
-        path, problems = ckpt.find_resume(self.ckpt_root)
-        if self.rank == 0:
-            for p in problems:
-                self.log(f"fastgen.train: {p}")
+        say = (lambda msg: self.log(f"fastgen.train: {msg}")) if self.rank == 0 else (lambda msg: None)
+        path = ckpt.resume_folder(self.ckpt_root, say)
         if path is None:
-            if problems:
-                raise ckpt.CheckpointError(f"no good checkpoint to resume from in {self.ckpt_root}:\n  "
-                                           + "\n  ".join(problems))
-            if self.rank == 0:
-                self.log(f"fastgen.train: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
         state = ckpt.read_json(path, "state.json")
         if self.ema is not None and "ema" not in state:
@@ -729,10 +732,7 @@ class Trainer:
             if self.target is not None:
                 ckpt.load_target(path, self.target)
             if self.ema is not None:
-                et = ckpt.load_tensors(os.path.join(path, "ema.safetensors"))
-                self.ema.load_state_dict({**state["ema"],
-                                          "shadow": {k[7:]: v for k, v in et.items() if k.startswith("shadow.")},
-                                          "buffers": {k[7:]: v for k, v in et.items() if k.startswith("buffer.")}})
+                ckpt.load_ema(path, self.ema, state)
             self.optimizer.load_state_dict(ckpt.optimizer_from_files(
                 ckpt.load_tensors(os.path.join(path, "optimizer.safetensors")), state["optimizer"]))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -741,8 +741,8 @@ class Trainer:
         if state["world_size"] == self.world and os.path.exists(rng):
             rt = ckpt.load_tensors(rng)
             ckpt.set_rng_state(rt, ckpt.read_json(path, f"rng-rank{self.rank}.json"))
-            if "optimizer_seed" in rt and isinstance(getattr(self.optimizer, "_seed", None), torch.Generator):
-                self.optimizer._seed.set_state(rt["optimizer_seed"])
+            if "optimizer_seed" in rt and (seed := ckpt.rounding_seed(self.optimizer)) is not None:
+                seed.set_state(rt["optimizer_seed"])
         else:
             _seed_all(self.cfg.train.seed + 1 + self.rank + 7919 * self.step)
             if self.rank == 0:
@@ -750,33 +750,6 @@ class Trainer:
                          f"has {self.world}: the noise streams are reseeded (the data order continues)")
             if state["world_size"] != self.world:
                 self.batches = self.batches * state["world_size"] // self.world
-        self._truncate_log()
         if self.rank == 0:
+            truncate_rows(os.path.join(self.out, "log.csv"), self.step)
             self.log(f"fastgen.train: resuming from {path} (step {self.step})")
-
-
-class _NoBar:
-    """Stands in for tqdm where it is not installed: the run goes on without a progress bar."""
-
-    def __init__(self, **_):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, initial: int, disable: bool):
-    """A tqdm bar with loss, it/s and ETA on stderr; without tqdm (pip install tqdm), none."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        if not disable:
-            print("fastgen train: tqdm is not installed; no progress bar (pip install tqdm)", file=sys.stderr)
-        return _NoBar()
-    return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)

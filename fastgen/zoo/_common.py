@@ -1,8 +1,10 @@
 """Small pieces shared by the zoo's models: input checks, the GroupNorm+SiLU conv stage, and the
-helpers of their ``fastgen train`` protocol (``optimizer_step``, ``statistics_distance``)."""
+helpers of their ``fastgen train`` protocol (``optimizer_step``, ``statistics_distance``, ``draw``,
+``train_steps``)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fastgen.nn import GroupNorm
@@ -50,3 +52,26 @@ def optimizer_step(optimizer, loss: Tensor) -> None:
 def statistics_distance(samples: Tensor, reference: Tensor, stats) -> float:
     """||stats(samples) - stats(reference)||_2: how far a sample batch's summary is from the data's."""
     return (stats(samples) - stats(reference)).norm().item()
+
+
+def draw(data: dict, groups: list, n: int, generator: torch.Generator) -> dict:
+    """A batch of ``n`` rows of every tensor in ``data``, drawn with replacement by ``generator``: one
+    index draw per group of keys in ``groups`` (the keys of a group share it, e.g. images and labels)."""
+    batch = {}
+    for keys in groups:
+        first = data[keys[0]]
+        idx = torch.randint(0, first.shape[0], (n,), generator=generator, device=first.device)
+        batch.update({k: data[k][idx] for k in keys})
+    return batch
+
+
+def train_steps(model, data: dict, steps: int, batch_size: int, generator: torch.Generator, groups=None,
+                **adamw) -> list[dict]:
+    """``steps`` calls of ``model.train_step`` on batches :func:`draw` takes from ``data`` (all keys one
+    group unless ``groups``), with one FusedAdamW (``adamw`` keywords, no weight decay) per entry of
+    ``model.optimizer_params()``; returns each step's outputs."""
+    from fastgen.optim import FusedAdamW
+
+    opts = {name: FusedAdamW(params, weight_decay=0.0, **adamw) for name, params in model.optimizer_params().items()}
+    groups = groups or [list(data)]
+    return [model.train_step(draw(data, groups, batch_size, generator), opts, step, generator) for step in range(steps)]

@@ -30,7 +30,7 @@ as a run that was never stopped.
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import math
 import os
@@ -42,7 +42,10 @@ from typing import Optional
 import torch
 
 from fastgen.train import checkpoint as ckpt
+from fastgen.train.cli import run_config
 from fastgen.train.config import ConfigError
+from fastgen.train.progress import append_row, progress_bar, truncate_rows
+from fastgen.zoo._common import draw
 from fastgen.zoo.train_config import ZooConfig
 
 
@@ -126,12 +129,7 @@ class ZooTrainer:
     def draw(self) -> dict:
         """One batch: ``batch_size * batches_per_step`` rows per key, indices from the generator."""
         n = self.cfg.train.batch_size * getattr(self.model, "batches_per_step", 1)
-        batch = {}
-        for keys in self.groups:
-            rows = self.train_data[keys[0]].shape[0]
-            idx = torch.randint(0, rows, (n,), generator=self.generator, device=self.device)
-            batch.update({k: self.train_data[k][idx] for k in keys})
-        return batch
+        return draw(self.train_data, self.groups, n, self.generator)
 
     # ------------------------------------------------------------------ measure
     def measure(self) -> dict:
@@ -140,14 +138,10 @@ class ZooTrainer:
         g = torch.Generator(device=self.device).manual_seed(m.seed)
         self.model.eval()
         try:
-            if self.ema is not None:
-                with self.ema.average_parameters(self.model):
-                    out = self.model.measure(self.test_data, g, m.samples, m.sampling_steps)
-            else:
-                out = self.model.measure(self.test_data, g, m.samples, m.sampling_steps)
+            with self.ema.average_parameters(self.model) if self.ema is not None else contextlib.nullcontext():
+                return self.model.measure(self.test_data, g, m.samples, m.sampling_steps)
         finally:
             self.model.train()
-        return out
 
     def _record(self, when: str) -> None:
         values = self.measure()
@@ -170,7 +164,7 @@ class ZooTrainer:
             self.log(f"fastgen train: already at step {self.step} of {t.steps}; nothing to train")
         if self.step == 0 and self.cfg.measure.at_start and "start" not in self.measures:
             self._record("start")
-        bar = _progress_bar(t.steps, self.step, disable=not t.progress)
+        bar = progress_bar(t.steps, self.step, disable=not t.progress)
         losses, window, last, t0 = [], [], None, time.time()
         try:
             while self.step < end:
@@ -198,24 +192,9 @@ class ZooTrainer:
         return {"step": self.step, "losses": losses, "checkpoint": last, "measures": self.measures}
 
     def _log_row(self, window: list, seconds: float) -> None:
-        path = os.path.join(self.out, "log.csv")
         keys = list(window[0])
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as fh:
-            w = csv.writer(fh)
-            if new:
-                w.writerow(["step", *keys, "seconds"])
-            w.writerow([self.step, *(f"{sum(r[k] for r in window) / len(window):.6g}" for k in keys),
-                        f"{seconds:.1f}"])
-
-    def _truncate_log(self) -> None:
-        path = os.path.join(self.out, "log.csv")
-        if not os.path.exists(path):
-            return
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        with open(path, "w", newline="") as fh:
-            csv.writer(fh).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= self.step])
+        append_row(os.path.join(self.out, "log.csv"), ["step", *keys, "seconds"],
+                   [self.step, *(f"{sum(r[k] for r in window) / len(window):.6g}" for k in keys), f"{seconds:.1f}"])
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -230,31 +209,20 @@ class ZooTrainer:
             tensors, meta = ckpt.optimizer_to_files(opt.state_dict())
             ckpt.save_tensors(os.path.join(tmp, f"optimizer-{name}.safetensors"), tensors)
             state["optimizers"][name] = meta
-            if isinstance(getattr(opt, "_seed", None), torch.Generator):  # FusedAdamW's rounding seeds
-                rt[f"optimizer_seed.{name}"] = opt._seed.get_state()
+            if (seed := ckpt.rounding_seed(opt)) is not None:  # FusedAdamW's rounding seeds
+                rt[f"optimizer_seed.{name}"] = seed.get_state()
         if self.ema is not None:
-            es = self.ema.state_dict()
-            ckpt.save_tensors(os.path.join(tmp, "ema.safetensors"),
-                              {**{f"shadow.{k}": v for k, v in es["shadow"].items()},
-                               **{f"buffer.{k}": v for k, v in es["buffers"].items()}})
-            state["ema"] = {k: es[k] for k in ("decay", "warmup", "update_every", "num_updates", "num_calls")}
+            state["ema"] = ckpt.save_ema(tmp, self.ema)
         ckpt.save_tensors(os.path.join(tmp, "rng.safetensors"), rt)
         ckpt.write_json(tmp, "rng.json", rm)
         ckpt.write_json(tmp, "state.json", state)
-        with open(os.path.join(tmp, "config.toml"), "w") as fh:
-            fh.write(self.cfg.to_toml())
+        ckpt.write_text(tmp, "config.toml", self.cfg.to_toml())
         c = self.cfg.checkpoint
         return ckpt.commit(self.ckpt_root, self.step, c.keep_last, c.keep_every)
 
     def _resume(self) -> None:
-        path, problems = ckpt.find_resume(self.ckpt_root)
-        for p in problems:
-            self.log(f"fastgen train: {p}")
+        path = ckpt.resume_folder(self.ckpt_root, lambda msg: self.log(f"fastgen train: {msg}"))
         if path is None:
-            if problems:
-                raise ckpt.CheckpointError(f"no good checkpoint to resume from in {self.ckpt_root}:\n  "
-                                           + "\n  ".join(problems))
-            self.log(f"fastgen train: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
         state = ckpt.read_json(path, "state.json")
         if state.get("format") != "zoo" or state.get("model") != self.cfg.zoo.model:
@@ -265,70 +233,28 @@ class ZooTrainer:
             tensors = ckpt.load_tensors(os.path.join(path, f"optimizer-{name}.safetensors"))
             opt.load_state_dict(ckpt.optimizer_from_files(tensors, state["optimizers"][name]))
         if self.ema is not None:
-            if "ema" not in state:
-                raise ckpt.CheckpointError(f"{path} has no EMA but optim.ema_decay > 0")
-            et = ckpt.load_tensors(os.path.join(path, "ema.safetensors"))
-            self.ema.load_state_dict({**state["ema"],
-                                      "shadow": {k[7:]: v for k, v in et.items() if k.startswith("shadow.")},
-                                      "buffers": {k[7:]: v for k, v in et.items() if k.startswith("buffer.")}})
+            ckpt.load_ema(path, self.ema, state)
         rt = ckpt.load_tensors(os.path.join(path, "rng.safetensors"))
         self.generator.set_state(rt.pop("generator"))
         for name, opt in self.optimizers.items():
-            if f"optimizer_seed.{name}" in rt and isinstance(getattr(opt, "_seed", None), torch.Generator):
-                opt._seed.set_state(rt[f"optimizer_seed.{name}"])
+            if f"optimizer_seed.{name}" in rt and (seed := ckpt.rounding_seed(opt)) is not None:
+                seed.set_state(rt[f"optimizer_seed.{name}"])
         ckpt.set_rng_state(rt, ckpt.read_json(path, "rng.json"))
         self.step, self.measures = state["step"], state.get("measures", {})
         saved = os.path.join(self.out, "measures.json")  # an end measure taken after the last checkpoint
         if os.path.exists(saved):
             with open(saved) as fh:
                 self.measures.update({k: v for k, v in json.load(fh).items() if v.get("step", -1) <= self.step})
-        self._truncate_log()
+        truncate_rows(os.path.join(self.out, "log.csv"), self.step)
         self.log(f"fastgen train: resuming from {path} (step {self.step})")
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, initial: int, disable: bool):
-    """A tqdm bar on stderr; none (with a note) when tqdm is not installed."""
-    if disable:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        print("fastgen train: tqdm is not installed; no progress bar (pip install tqdm)", file=sys.stderr)
-        return _NoBar()
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- the command
 
 def run(args) -> int:
     """``fastgen train CONFIG.toml [--resume] [--print-config]`` for a config with a [zoo] table."""
-    try:
-        cfg = ZooConfig.from_toml(args.config)
-    except (OSError, ConfigError) as exc:
-        print(f"fastgen train: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(cfg.to_toml(), end="")
-        return 0
-    try:
-        result = ZooTrainer(cfg, resume=args.resume).fit()
-    except ConfigError as exc:
-        print(f"fastgen train: {exc}", file=sys.stderr)
-        return 2
-    except (ckpt.CheckpointError, FloatingPointError) as exc:
-        print(f"fastgen train: {exc}", file=sys.stderr)
-        return 1
-    where = f"checkpoint {result['checkpoint']}" if result["checkpoint"] else "no new checkpoint"
-    print(f"fastgen train: {cfg.zoo.model}, step {result['step']}, {where}")
-    return 0
+    def summary(cfg: ZooConfig, result: dict) -> str:
+        where = f"checkpoint {result['checkpoint']}" if result["checkpoint"] else "no new checkpoint"
+        return f"{cfg.zoo.model}, step {result['step']}, {where}"
+
+    return run_config(args, ZooConfig, ZooTrainer, summary, failures=(FloatingPointError,))
