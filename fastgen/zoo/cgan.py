@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.ops import group_norm
-from fastgen.zoo._common import check_images, optimizer_step
+from fastgen.zoo._common import check_images, optimizer_step, train_steps
 from fastgen.zoo.gan import Discriminator, GANConfig, GANLosses
 
 
@@ -176,17 +176,9 @@ class ConditionalGAN(nn.Module):
 def train_cgan(model: ConditionalGAN, data: Tensor, labels: Tensor, steps: int, batch_size: int = 64,
                lr: float = 1e-3, betas=(0.5, 0.999), seed: int = 0) -> list[tuple[float, float]]:
     """Alternating FusedAdamW steps (:meth:`ConditionalGAN.train_step`); returns (L_D, L_G) per step."""
-    from fastgen.optim import FusedAdamW
-
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opts = {name: FusedAdamW(params, lr=lr, betas=betas, weight_decay=0.0)
-            for name, params in model.optimizer_params().items()}
-    log = []
-    for step in range(steps):
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)
-        out = model.train_step({"x": data[idx], "y": labels[idx]}, opts, step, g)
-        log.append((out["loss_d"], out["loss_g"]))
-    return log
+    return [(out["loss_d"], out["loss_g"])
+            for out in train_steps(model, {"x": data, "y": labels}, steps, batch_size, g, lr=lr, betas=betas)]
 
 
 def dominant_colour(images: Tensor) -> Tensor:

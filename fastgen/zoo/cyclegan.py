@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.nn import GroupNorm
-from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step, train_steps
 
 
 @dataclass
@@ -209,16 +208,7 @@ def train_cyclegan(model: CycleGAN, data_a: Tensor, data_b: Tensor, steps: int, 
     """Alternating FusedAdamW steps (:meth:`CycleGAN.train_step`: generators, then discriminators)
     on unpaired batches drawn independently from ``data_a`` and ``data_b``; returns per step
     {"g", "d", "adv", "cycle", "identity"}."""
-    from fastgen.optim import FusedAdamW
-
     model._check(data_a, "data_a")
     model._check(data_b, "data_b")
     g = torch.Generator(device=data_a.device).manual_seed(seed)
-    opts = {name: FusedAdamW(params, lr=lr, betas=betas, weight_decay=0.0)
-            for name, params in model.optimizer_params().items()}
-    log = []
-    for step in range(steps):
-        a = data_a[torch.randint(0, data_a.shape[0], (batch_size,), generator=g, device=data_a.device)]
-        b = data_b[torch.randint(0, data_b.shape[0], (batch_size,), generator=g, device=data_b.device)]
-        log.append(model.train_step({"a": a, "b": b}, opts, step, g))
-    return log
+    return train_steps(model, {"a": data_a, "b": data_b}, steps, batch_size, g, [["a"], ["b"]], lr=lr, betas=betas)

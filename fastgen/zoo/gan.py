@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step, statistics_distance
+from fastgen.zoo._common import (check_groups, check_images, norm_act, optimizer_step, statistics_distance,
+                                 train_steps)
 
 
 @dataclass
@@ -110,16 +111,9 @@ class GANLosses(NamedTuple):
     fake_logits: Tensor
 
 
-class GAN(nn.Module):
-    """``GAN(config)``: ``.generator``, ``.discriminator``, ``sample``, ``discriminator_loss``,
-    ``generator_loss``, ``discriminator_accuracy``."""
-
-    def __init__(self, config: Optional[GANConfig] = None, **overrides) -> None:
-        super().__init__()
-        config = dataclasses.replace(config, **overrides) if config is not None else GANConfig(**overrides)
-        self.config = config
-        self.generator = Generator(config)
-        self.discriminator = Discriminator(config)
+class NoiseToImages:
+    """What GAN and WGANGP share: ``self.generator`` maps latents z (B, latent_dim) to images
+    (B, in_channels, image_size, image_size) of ``self.config``."""
 
     def check_input(self, x: Tensor) -> None:
         check_images(x, self.config.in_channels, self.config.image_size)
@@ -137,6 +131,18 @@ class GAN(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         return self(self.noise(n, generator))
+
+
+class GAN(NoiseToImages, nn.Module):
+    """``GAN(config)``: ``.generator``, ``.discriminator``, ``sample``, ``discriminator_loss``,
+    ``generator_loss``, ``discriminator_accuracy``."""
+
+    def __init__(self, config: Optional[GANConfig] = None, **overrides) -> None:
+        super().__init__()
+        config = dataclasses.replace(config, **overrides) if config is not None else GANConfig(**overrides)
+        self.config = config
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
 
     def discriminator_loss(self, real: Tensor, z: Tensor) -> GANLosses:
         """L_D on a real batch and fakes from ``z`` (the generator is not differentiated)."""
@@ -193,18 +199,10 @@ def train_gan(model: GAN, data: Tensor, steps: int, batch_size: int = 64, lr: fl
               betas=(0.5, 0.999), seed: int = 0) -> list[tuple[float, float, float]]:
     """Alternate one discriminator and one generator FusedAdamW step (:meth:`GAN.train_step`);
     returns per step (L_D, L_G, discriminator accuracy on that step's batch)."""
-    from fastgen.optim import FusedAdamW
-
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opts = {name: FusedAdamW(params, lr=lr, betas=betas, weight_decay=0.0)
-            for name, params in model.optimizer_params().items()}
-    log = []
     model.train()
-    for step in range(steps):
-        real = data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)]
-        out = model.train_step({"x": real}, opts, step, g)
-        log.append((out["loss_d"], out["loss_g"], out["d_accuracy"]))
-    return log
+    return [(out["loss_d"], out["loss_g"], out["d_accuracy"])
+            for out in train_steps(model, {"x": data}, steps, batch_size, g, lr=lr, betas=betas)]
 
 
 def image_statistics(x: Tensor) -> Tensor:

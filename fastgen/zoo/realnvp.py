@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgen.nn import RMSNorm
-from fastgen.zoo._common import check_groups, norm_act, optimizer_step
+from fastgen.zoo._common import check_groups, norm_act, optimizer_step, train_steps
 
 
 @dataclass
@@ -282,12 +282,5 @@ class RealNVP(nn.Module):
 def train_flow(model: RealNVP, data: Tensor, steps: int, batch_size: int = 256, lr: float = 3e-3,
                seed: int = 0) -> list[float]:
     """Maximum likelihood with FusedAdamW (fixed seed, :meth:`RealNVP.train_step`); returns the NLL per step."""
-    from fastgen.optim import FusedAdamW
-
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opts = {name: FusedAdamW(params, lr=lr, weight_decay=0.0) for name, params in model.optimizer_params().items()}
-    log = []
-    for step in range(steps):
-        x = data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)]
-        log.append(model.train_step({"x": x}, opts, step, g)["nll"])
-    return log
+    return [out["nll"] for out in train_steps(model, {"x": data}, steps, batch_size, g, lr=lr)]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.nn import RMSNorm
-from fastgen.zoo._common import check_vectors, optimizer_step
+from fastgen.zoo._common import check_vectors, optimizer_step, train_steps
 
 
 @dataclass
@@ -212,12 +212,5 @@ def sample_diffusers_ve(model: ScoreSDE, n: int, num_steps: int = 200, generator
 def train_score(model: ScoreSDE, data: Tensor, steps: int, batch_size: int = 256, lr: float = 2e-3,
                 seed: int = 0) -> list[float]:
     """FusedAdamW on the DSM loss with a fixed seed (:meth:`ScoreSDE.train_step`); returns the loss per step."""
-    from fastgen.optim import FusedAdamW
-
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opts = {name: FusedAdamW(params, lr=lr, weight_decay=0.0) for name, params in model.optimizer_params().items()}
-    log = []
-    for step in range(steps):
-        x = data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)]
-        log.append(model.train_step({"x": x}, opts, step, g)["loss"])
-    return log
+    return [out["loss"] for out in train_steps(model, {"x": data}, steps, batch_size, g, lr=lr)]

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step, train_steps
 
 
 @dataclass
@@ -209,13 +208,6 @@ class BetaVAE(VAE):
 def train_vae(model: VAE, data: Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3,
               seed: int = 0) -> list[float]:
     """Minimal training loop (FusedAdamW, fixed seed, :meth:`VAE.train_step`); returns the loss per step."""
-    from fastgen.optim import FusedAdamW
-
     g = torch.Generator(device=data.device).manual_seed(seed)
-    opts = {name: FusedAdamW(params, lr=lr, weight_decay=0.0) for name, params in model.optimizer_params().items()}
-    losses = []
     model.train()
-    for step in range(steps):
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)
-        losses.append(model.train_step({"x": data[idx]}, opts, step, g)["loss"])
-    return losses
+    return [out["loss"] for out in train_steps(model, {"x": data}, steps, batch_size, g, lr=lr)]

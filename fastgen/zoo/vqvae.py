@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.vae import VectorQuantizer
-from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step
+from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step, train_steps
 
 
 @dataclass
@@ -155,15 +155,8 @@ def train_vqvae(model: VQVAE, data: Tensor, steps: int, batch_size: int = 64, lr
                 seed: int = 0, init: bool = False) -> list[float]:
     """FusedAdamW on encoder + decoder (the codebook follows its EMA; :meth:`VQVAE.train_step`);
     returns the loss per step."""
-    from fastgen.optim import FusedAdamW
-
     g = torch.Generator(device=data.device).manual_seed(seed)
     if init:
         model.init_codebook(data[torch.randperm(data.shape[0], generator=g, device=data.device)[:batch_size]], g)
-    opts = {name: FusedAdamW(params, lr=lr, weight_decay=0.0) for name, params in model.optimizer_params().items()}
     model.train()
-    log = []
-    for step in range(steps):
-        x = data[torch.randint(0, data.shape[0], (batch_size,), generator=g, device=data.device)]
-        log.append(model.train_step({"x": x}, opts, step, g)["loss"])
-    return log
+    return [out["loss"] for out in train_steps(model, {"x": data}, steps, batch_size, g, lr=lr)]

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from fastgen.backend import resolve
-from fastgen.zoo._common import check_groups, check_images, norm_act, optimizer_step, statistics_distance
-from fastgen.zoo.gan import GANConfig, Generator, image_statistics
+from fastgen.zoo._common import check_groups, norm_act, optimizer_step, statistics_distance
+from fastgen.zoo.gan import GANConfig, Generator, NoiseToImages, image_statistics
 
 
 @dataclass
@@ -83,7 +83,7 @@ class CriticLosses(NamedTuple):
     gp: Tensor            # ()  the gradient penalty (unweighted)
 
 
-class WGANGP(nn.Module):
+class WGANGP(NoiseToImages, nn.Module):
     def __init__(self, config: Optional[WGANGPConfig] = None, **overrides) -> None:
         super().__init__()
         config = dataclasses.replace(config, **overrides) if config is not None else WGANGPConfig(**overrides)
@@ -92,22 +92,6 @@ class WGANGP(nn.Module):
         self.generator = Generator(GANConfig(c.image_size, c.in_channels, c.latent_dim, c.g_channels,
                                              c.d_channels, c.groups, False, c.backend))
         self.critic = Critic(config)
-
-    def check_input(self, x: Tensor) -> None:
-        check_images(x, self.config.in_channels, self.config.image_size)
-
-    def noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        p = next(self.generator.parameters())
-        return torch.randn(n, self.config.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
-
-    def forward(self, z: Tensor) -> Tensor:
-        if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
-            raise ValueError(f"z must have shape (B, {self.config.latent_dim}), got {tuple(z.shape)}")
-        return self.generator(z)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        return self(self.noise(n, generator))
 
     def gradient_penalty(self, real: Tensor, fake: Tensor, eps: Tensor) -> Tensor:
         """E (||grad D(eps real + (1 - eps) fake)||_2 - 1)^2, differentiable w.r.t. the critic."""
