@@ -156,7 +156,7 @@ def access_widths(body: str) -> collections.Counter:
 
 def functor_of(name: str) -> tuple[str, list[str]] | None:
     """("AdamWOp", ["__nv_bfloat16", "float"]) from a demangled multi_tensor_apply_kernel name."""
-    m = re.search(r"\b(AdamWOp|LionOp|NormOp|ScaleOp|EmaOp|ScheduleFreeOp|AdamW8bitOp|ProdigyMomentsOp|ProdigyUpdateOp)<([^>]*)>", name)
+    m = re.search(r"\b(" + "|".join(FUNCTORS) + r")<([^>]*)>", name)
     if m is None:
         return None
     types = [t.strip() for t in m.group(2).split(",") if t.strip() in TYPE_BYTES]
@@ -215,7 +215,8 @@ def table(nvcc: str | None = None) -> list[dict]:
 
 def _short(row) -> str:
     if "functor" in row:
-        return f"{row['functor']}<{', '.join(t.replace('__nv_bfloat16', 'bf16').replace('__half', 'fp16').replace('float', 'fp32') for t in row['types'])}>"
+        short = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32", "unsigned char": "u8"}
+        return f"{row['functor']}<{', '.join(short[t] for t in row['types'])}>"
     return next((k for k in OTHER_KERNELS if k in row["kernel"]), row["kernel"][:34])
 
 

@@ -50,15 +50,17 @@ def _run(impl, dtype, steps, **kw):
                                 dict(betas=(0.0, 0.99), weight_decay=0.01, decouple=False, safeguard_warmup=True)],
                          ids=["default", "decoupled-bc", "beta1=0-coupled-warmup"])
 def test_cuda_matches_the_foreach_path(kw):
+    """fp32: the same per-element math; d comes from the same dot products summed in another order
+    (per 4096-element chunk against per tensor), hence 1e-4 rather than a few ulps."""
     _need_extension()
     ours, opt_c = _run("cuda", torch.float32, 10, **kw)
     ref, opt_t = _run("torch", torch.float32, 10, **kw)
-    torch.testing.assert_close(opt_c.param_groups[0]["d"], opt_t.param_groups[0]["d"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(opt_c.param_groups[0]["d"], opt_t.param_groups[0]["d"], rtol=1e-4, atol=0)
     for p, q in zip(ours, ref):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
         for key in ("exp_avg", "exp_avg_sq", "s"):
             if key in opt_t.state[q]:
-                torch.testing.assert_close(opt_c.state[p][key], opt_t.state[q][key], rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(opt_c.state[p][key], opt_t.state[q][key], rtol=1e-4, atol=1e-7)
 
 
 def test_cuda_close_to_triton_in_bf16():

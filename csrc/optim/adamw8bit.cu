@@ -177,7 +177,7 @@ struct AdamW8bitOp {
           po[j] = from_float<P>(0.f);
           continue;
         }
-        float gi = gv[j] * coef;
+        float gi = __fmul_rn(gv[j], coef);  // never contracted: the product the separate clip stores
         if (a.maximize) gi = -gi;
         const float mi = lerp_like_torch(maps[0][cm[j]] * am, gi, 1.f - a.beta1);
         const float vi = maps[2][cv[j]] * av * a.beta2 + (1.f - a.beta2) * (gi * gi);

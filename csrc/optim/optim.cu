@@ -108,7 +108,7 @@ struct AdamWOp {
         S mo[W], vo[W], xo[W];
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          float gi = gv[u][j] * coef;
+          float gi = __fmul_rn(gv[u][j], coef);  // never contracted: the product the separate clip stores
           if (a.maximize) gi = -gi;
           const float mi = lerp_like_torch(mv[u][j], gi, 1.f - a.beta1);
           float vi = vv[u][j] * a.beta2 + (1.f - a.beta2) * (gi * gi);
@@ -172,7 +172,7 @@ struct LionOp {
         S mo[W];
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          float gi = gv[u][j] * coef;
+          float gi = __fmul_rn(gv[u][j], coef);  // never contracted: the product the separate clip stores
           if (a.maximize) gi = -gi;
           const float mi = mv[u][j];
           const float c = a.beta1 * mi + (1.f - a.beta1) * gi;
