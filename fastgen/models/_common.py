@@ -31,7 +31,9 @@ Embeddings::
 Model plumbing::
 
     ModelConfig           base of the config dataclasses: cfg["key"], cfg.get, cfg.keys(), cfg.to_dict(),
-                          attribute access (what diffusers pipelines read: transformer.config.sample_size)
+                          attribute access (what diffusers pipelines read: transformer.config.sample_size);
+                          .inner_dim = num_attention_heads * attention_head_dim (transformers);
+                          _from_presets(presets, name, key=None, error=ValueError)   the body of preset()
     FastgenModel(nn.Module)   mixin for the models:
         .config, .dtype, .device, .backend, set_backend(name) (every submodule's ``backend``),
         .gradient_checkpointing, enable_/disable_gradient_checkpointing(),
@@ -53,6 +55,8 @@ Model plumbing::
     rename_keys(sd, [(ours, diffusers'), ...], to_diffusers)   substring renames, either direction
     fuse_qkv(sd, prefix, names=("to_q", "to_k", "to_v"), fused="to_qkv")   concatenate projections (dim 0)
     split_qkv(sd, prefix, names=..., fused=...)                            the inverse (copies)
+    fuse_self_attention_qkv(sd) / split_self_attention_qkv(sd)   the same for every ".attn1." (new dicts;
+                                                                 the split parts are views)
     CheckpointMismatchError(ValueError)
     load_safetensors_dir(path, subfolder=None) -> (config dict or None, {key: (file, shape)})
     check_state_dict(expected, found, what)       missing / unexpected / shape errors naming the first keys
@@ -432,6 +436,19 @@ class ModelConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
+    @property
+    def inner_dim(self) -> int:
+        """The transformer width: heads * head dim."""
+        return self.num_attention_heads * self.attention_head_dim  # type: ignore[attr-defined]
+
+    @classmethod
+    def _from_presets(cls, presets: dict, name: str, key: Optional[str] = None, error: type = ValueError):
+        """``cls(**presets[key])`` (key: ``name`` unless given); ``error`` names the known presets."""
+        key = name if key is None else key
+        if key not in presets:
+            raise error(f"{cls.__name__}.preset: unknown preset {name!r}; one of {sorted(presets)}")
+        return cls(**presets[key])
+
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -456,6 +473,33 @@ def fuse_qkv(sd: dict, prefix: str, names=("to_q", "to_k", "to_v"), fused: str =
         if all(k in sd for k in keys):
             sd[f"{prefix}{fused}.{p}"] = torch.cat([sd.pop(k) for k in keys], dim=0)
     return sd
+
+
+def fuse_self_attention_qkv(sd: dict) -> dict:
+    """diffusers' self-attention (``.attn1.``) to_q / to_k / to_v -> one ``to_qkv`` (rows concatenated),
+    the other keys as they are, in order."""
+    out = {}
+    for k, v in sd.items():
+        if ".attn1.to_k." in k or ".attn1.to_v." in k:
+            continue
+        if ".attn1.to_q." in k:
+            out[k.replace(".to_q.", ".to_qkv.")] = torch.cat(
+                [v, sd[k.replace(".to_q.", ".to_k.")], sd[k.replace(".to_q.", ".to_v.")]], dim=0)
+        else:
+            out[k] = v
+    return out
+
+
+def split_self_attention_qkv(sd: dict) -> dict:
+    """Inverse of :func:`fuse_self_attention_qkv` (the parts are views of the fused tensor)."""
+    out = {}
+    for k, v in sd.items():
+        if ".attn1.to_qkv." in k:
+            for name, part in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):
+                out[k.replace("to_qkv", name)] = part
+        else:
+            out[k] = v
+    return out
 
 
 def split_qkv(sd: dict, prefix: str, names=("to_q", "to_k", "to_v"), fused: str = "to_qkv") -> dict:
@@ -660,6 +704,15 @@ class FastgenModel(nn.Module):
         return self
 
     @classmethod
+    def _resolve_config(cls, config) -> ModelConfig:
+        """A config object, a preset name or a diffusers config dict -> the config."""
+        if isinstance(config, str):
+            return cls.config_class.preset(config)
+        if isinstance(config, dict):
+            return cls.config_from_diffusers(config)
+        return config
+
+    @classmethod
     def from_diffusers(cls, model, backend: Optional[str] = "auto"):
         """The fastgen model with ``model``'s weights (a diffusers model of the matching class).
 
@@ -688,11 +741,7 @@ class FastgenModel(nn.Module):
                 raise ValueError(f"{cls.__name__}.from_pretrained: no config.json next to {path!r}; pass "
                                  f"config= (a {cls.config_class.__name__} or a preset name)")
             config = cls.config_from_diffusers(raw)
-        elif isinstance(config, str):
-            config = cls.config_class.preset(config)
-        elif isinstance(config, dict):
-            config = cls.config_from_diffusers(config)
-        m = cls._skeleton(config, backend)
+        m = cls._skeleton(cls._resolve_config(config), backend)
         expected = {k: tuple(v.shape) for k, v in m.to_diffusers_state_dict().items()}
         check_state_dict(expected, {k: s for k, (_, s) in where.items()}, f"{cls.__name__}.from_pretrained")
         sd = _read_tensors(where, device, torch_dtype)

@@ -258,12 +258,7 @@ def from_pretrained(cls, path, torch_dtype=None, device="cpu", backend="auto", c
             f"{cls.ORIGINAL_MARKER!r} (original layout) or 'transformer_blocks.' (diffusers layout); "
             f"first keys: {sorted(where)[:5]}")
     shapes = {_strip(k): s for k, (_, s) in where.items()}
-    if config is None:
-        config = cls.infer_config(shapes)
-    elif isinstance(config, str):
-        config = cls.config_class.preset(config)
-    elif isinstance(config, dict):
-        config = cls.config_from_diffusers(config)
+    config = cls.infer_config(shapes) if config is None else cls._resolve_config(config)
     model = cls._skeleton(config, backend)
     table = cls.original_table(config)
     expected = {k: tuple(v.shape) for k, v in diffusers_to_original(model.to_diffusers_state_dict(), table).items()}

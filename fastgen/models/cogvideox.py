@@ -54,7 +54,9 @@ from fastgen.models._common import (
     ModelConfig,
     ModelOutput,
     TimestepMLP,
+    fuse_self_attention_qkv,
     gelu_linear,
+    split_self_attention_qkv,
     timestep_embedding,
 )
 from fastgen.models.unet import layer_norm_linear
@@ -107,13 +109,7 @@ class CogVideoXConfig(ModelConfig):
         key = name.lower().replace("_", "-")
         if not key.startswith("cogvideox-"):
             key = "cogvideox-" + key
-        if key not in _PRESETS:
-            raise ValueError(f"CogVideoXConfig.preset: unknown preset {name!r}; one of {sorted(_PRESETS)}")
-        return cls(**_PRESETS[key])
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
+        return cls._from_presets(_PRESETS, name, key)
 
 
 _PRESETS = {
@@ -462,23 +458,7 @@ class CogVideoX(FastgenModel):
 
     @classmethod
     def state_dict_from_diffusers(cls, sd: dict) -> dict:
-        out = {}
-        for k, v in sd.items():
-            if ".attn1.to_k." in k or ".attn1.to_v." in k:
-                continue
-            if ".attn1.to_q." in k:
-                out[k.replace(".to_q.", ".to_qkv.")] = torch.cat(
-                    [v, sd[k.replace(".to_q.", ".to_k.")], sd[k.replace(".to_q.", ".to_v.")]], dim=0)
-            else:
-                out[k] = v
-        return out
+        return fuse_self_attention_qkv(sd)
 
     def to_diffusers_state_dict(self) -> dict:
-        out = {}
-        for k, v in self.state_dict().items():
-            if ".attn1.to_qkv." in k:
-                for name, part in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):
-                    out[k.replace("to_qkv", name)] = part
-            else:
-                out[k] = v
-        return out
+        return split_self_attention_qkv(self.state_dict())

@@ -83,16 +83,10 @@ class DiTConfig(ModelConfig):
         if (self.num_attention_heads * self.attention_head_dim) % 4:
             raise ValueError("DiTConfig: the width (heads * head dim) must be a multiple of 4 (2-D sin-cos table)")
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
     @classmethod
     def preset(cls, name: str) -> "DiTConfig":
         """One of :data:`DIT_PRESETS` (the released facebook/DiT-XL-2 checkpoints)."""
-        if name not in DIT_PRESETS:
-            raise KeyError(f"DiTConfig.preset: unknown preset {name!r}; choose from {sorted(DIT_PRESETS)}")
-        return cls(**DIT_PRESETS[name])
+        return cls._from_presets(DIT_PRESETS, name, error=KeyError)
 
 
 _XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,

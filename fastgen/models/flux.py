@@ -87,10 +87,6 @@ class FluxConfig(ModelConfig):
                              f"({self.attention_head_dim}): the rotation covers the whole head")
 
     @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
     def mlp_hidden_dim(self) -> int:
         return 4 * self.inner_dim
 
@@ -101,9 +97,7 @@ class FluxConfig(ModelConfig):
     @classmethod
     def preset(cls, name: str) -> "FluxConfig":
         """A released configuration: ``"flux.1-dev"`` or ``"flux.1-schnell"``."""
-        if name not in FLUX_PRESETS:
-            raise ValueError(f"FluxConfig.preset: unknown preset {name!r}; known: {sorted(FLUX_PRESETS)}")
-        return cls(**FLUX_PRESETS[name])
+        return cls._from_presets(FLUX_PRESETS, name)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FluxConfig":

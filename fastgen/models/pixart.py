@@ -97,16 +97,10 @@ class PixArtConfig(ModelConfig):
         if self.inner_dim % 4:
             raise ValueError("PixArtConfig: the width (heads * head dim) must be a multiple of 4")
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
     @classmethod
     def preset(cls, name: str) -> "PixArtConfig":
         """One of :data:`PIXART_PRESETS` (the released PixArt-α / PixArt-Σ transformers)."""
-        if name not in PIXART_PRESETS:
-            raise KeyError(f"PixArtConfig.preset: unknown preset {name!r}; choose from {sorted(PIXART_PRESETS)}")
-        return cls(**PIXART_PRESETS[name])
+        return cls._from_presets(PIXART_PRESETS, name, error=KeyError)
 
 
 _XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,

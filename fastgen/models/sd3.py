@@ -98,16 +98,10 @@ class SD3Config(ModelConfig):
                 "the image stream's attention"
             )
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
     @classmethod
     def preset(cls, name: str) -> "SD3Config":
         """A released configuration: ``"sd3-medium"``, ``"sd3.5-medium"``, ``"sd3.5-large"``."""
-        if name not in SD3_PRESETS:
-            raise ValueError(f"SD3Config.preset: unknown preset {name!r}; known: {sorted(SD3_PRESETS)}")
-        return cls(**SD3_PRESETS[name])
+        return cls._from_presets(SD3_PRESETS, name)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SD3Config":

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.backend import resolve
-from fastgen.models._common import FastgenModel, ModelConfig, TimestepMLP, timestep_embedding
+from fastgen.models._common import (FastgenModel, ModelConfig, ModelOutput, TimestepMLP, fuse_self_attention_qkv,
+                                    split_self_attention_qkv, timestep_embedding)
 from fastgen.ops import attention, gated_residual, glu, group_norm, layer_norm, layer_norm_modulate
 from fastgen.ops._checks import kernel_dtype_reason
 from fastgen.ops.group_norm import _as_ncs, _group_norm_bwd_op, _group_norm_fwd_op
@@ -58,19 +59,8 @@ from fastgen.ops.layer_norm import resolve as _ln_resolve
 
 try:  # what diffusers pipelines expect back with return_dict=True
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-except Exception:  # diffusers absent
-
-    @dataclasses.dataclass
-    class UNet2DConditionOutput:  # type: ignore[no-redef]
-        """``.sample``: (B, out_channels, H, W)."""
-
-        sample: Tensor
-
-        def __getitem__(self, i):
-            return (self.sample,)[i]
-
-        def to_tuple(self):
-            return (self.sample,)
+except Exception:  # diffusers absent: the same ``.sample`` (B, out_channels, H, W) holder
+    UNet2DConditionOutput = ModelOutput  # type: ignore[misc]
 
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -132,9 +122,7 @@ class UNet2DConditionConfig(ModelConfig):
     def preset(cls, name: str) -> "UNet2DConditionConfig":
         """``"sd15"`` (Stable Diffusion 1.5) or ``"sdxl"`` (SDXL base 1.0)."""
         key = name.lower().replace("-", "").replace("_", "").replace(".", "")
-        if key not in _PRESETS:
-            raise ValueError(f"UNet2DConditionConfig.preset: unknown preset {name!r}; one of {sorted(_PRESETS)}")
-        return cls(**_PRESETS[key])
+        return cls._from_presets(_PRESETS, name, key)
 
     # per-block lists (diffusers accepts an int for all blocks)
     def _per_block(self, value) -> list:
@@ -837,31 +825,18 @@ class UNet2DCondition(FastgenModel):
 
     @classmethod
     def state_dict_from_diffusers(cls, sd: dict) -> dict:
-        out = {}
-        for k, v in sd.items():
-            if ".attn1.to_k." in k or ".attn1.to_v." in k:
-                continue
-            if ".attn1.to_q." in k:
-                out[k.replace(".to_q.", ".to_qkv.")] = torch.cat(
-                    [v, sd[k.replace(".to_q.", ".to_k.")], sd[k.replace(".to_q.", ".to_v.")]], dim=0)
-            elif (k.endswith(".proj_in.weight") or k.endswith(".proj_out.weight")) and v.dim() == 4:
-                out[k] = v.reshape(v.shape[0], v.shape[1])
-            else:
-                out[k] = v
-        return out
+        """Fused self-attention QKV; 1x1-conv proj_in / proj_out weights as linear ones."""
+        return {k: v.reshape(v.shape[0], v.shape[1]) if _is_proj(k) and v.dim() == 4 else v
+                for k, v in fuse_self_attention_qkv(sd).items()}
 
     def to_diffusers_state_dict(self) -> dict:
-        out = {}
         conv = not self.config.use_linear_projection
-        for k, v in self.state_dict().items():
-            if ".attn1.to_qkv." in k:
-                for name, part in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):
-                    out[k.replace("to_qkv", name)] = part
-            elif conv and (k.endswith(".proj_in.weight") or k.endswith(".proj_out.weight")):
-                out[k] = v.reshape(*v.shape, 1, 1)
-            else:
-                out[k] = v
-        return out
+        return {k: v.reshape(*v.shape, 1, 1) if conv and _is_proj(k) else v
+                for k, v in split_self_attention_qkv(self.state_dict()).items()}
+
+
+def _is_proj(key: str) -> bool:
+    return key.endswith(".proj_in.weight") or key.endswith(".proj_out.weight")
 
 
 def _validate_config(c: UNet2DConditionConfig) -> None:
