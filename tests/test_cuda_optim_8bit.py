@@ -104,3 +104,44 @@ def test_one_pass_step_with_clip_and_ema_close_to_triton():
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)  # bf16 parameters, each rounded on its own path
     for a, b in zip(results["cuda"][1], results["triton"][1]):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+def test_one_pass_step_captures_in_a_cuda_graph():
+    """FusedAdamW8bit(backend="cuda", max_grad_norm, ema, tensor lr): one step captured and replayed
+    equals the same number of eager steps (the step counts, clip coefficient and EMA weight are read on
+    the device or fixed per step)."""
+    _need_extension()
+    from fastgen.optim import EMA, FusedAdamW8bit
+
+    replays = 4
+    runs = []
+    for captured in (True, False):
+        params = _params(torch.float32, 5)
+        gen = torch.Generator(device="cuda").manual_seed(6)
+        for p in params:
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 10  # clipped
+        ema = EMA(params, decay=0.9, warmup=False, backend="cuda")
+        opt = FusedAdamW8bit(params, lr=torch.tensor(1e-3, device="cuda"), min_8bit_size=256, backend="cuda",
+                             max_grad_norm=1.0, ema=ema, capturable=True)
+        opt.step()  # eager: allocates the states and the launch tables
+        if captured:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            graph = torch.cuda.CUDAGraph()
+            with backend.trace() as ran, torch.cuda.stream(stream), torch.cuda.graph(graph):
+                opt.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            assert ("adamw8bit", "cuda") in ran
+            for _ in range(replays):
+                graph.replay()
+        else:
+            for _ in range(replays):
+                opt.step()
+        torch.cuda.synchronize()
+        runs.append((params, ema, opt))
+    (a, ema_a, opt_a), (b, ema_b, opt_b) = runs
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        assert float(opt_a.state[p]["step"]) == float(opt_b.state[q]["step"]) == 1 + replays
+    for name in ema_a.shadow:
+        torch.testing.assert_close(ema_a.shadow[name], ema_b.shadow[name], atol=1e-6, rtol=1e-5)
