@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.adapters.formats.common import HADA, LOKR, UnmappableKeyError, effective_alpha, group
+from fastgen.adapters.formats.common import HADA, LOKR, UnmappableKeyError, default_alphas, group, write_layer
 from fastgen.adapters.state import AdapterWeights
 
 PREFIX = "diffusion_model."
@@ -38,28 +38,11 @@ def read(sd: dict[str, torch.Tensor], meta: dict) -> AdapterWeights:
                 break
         else:
             raise UnmappableKeyError(f"key {key!r} of the ComfyUI file is not a known tensor name")
-    mods = group(items, "ComfyUI")
-    for m in mods.values():
-        if m.kind == "lokr" and "w1a" not in m.tensors and "w2a" not in m.tensors:
-            m.alpha = None
-        elif m.alpha is None:
-            m.alpha = float(m.rank)
-    return AdapterWeights(mods, format="comfyui")
+    return AdapterWeights(default_alphas(group(items, "ComfyUI")), format="comfyui")
 
 
 def write(w: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     sd: dict[str, torch.Tensor] = {}
-    names = {"down": "lora_A.weight", "up": "lora_B.weight"}
-    names.update({v: k for k, v in HADA.items()})
-    lokr = {v: k for k, v in LOKR.items()}
     for layer, m in w.modules.items():
-        base = PREFIX + layer
-        for k, t in m.tensors.items():
-            if k == "magnitude":
-                sd[f"{base}.dora_scale"] = t.reshape(t.shape[0], *([1] * (m.tensors["down"].dim() - 1))).contiguous()
-            else:
-                sd[f"{base}.{(lokr if m.kind == 'lokr' else names)[k]}"] = t.detach().contiguous()
-        alpha = effective_alpha(m, w.rslora)
-        if alpha is not None:
-            sd[f"{base}.alpha"] = torch.tensor(float(alpha))
+        write_layer(sd, PREFIX + layer, m, ("lora_A.weight", "lora_B.weight"), w.rslora)
     return sd, {}

@@ -1,5 +1,5 @@
 """Shared pieces of the adapter file formats: tensor-name suffixes, grouping keys by layer,
-fastgen's own metadata entry."""
+fastgen's own metadata entry, and the kohya / ComfyUI alpha rule and per-layer tensor names."""
 
 from __future__ import annotations
 
@@ -70,3 +70,30 @@ def effective_alpha(m: ModuleWeights, rslora: bool) -> float | None:
     if m.alpha is None:
         return None
     return m.alpha * m.rank**0.5 if rslora and m.kind in ("lora", "dora") else m.alpha
+
+
+def default_alphas(mods: dict[str, ModuleWeights]) -> dict[str, ModuleWeights]:
+    """The kohya / ComfyUI alpha rule, in place: a LoKr with no factored half has none; any other
+    module without an ``alpha`` tensor gets alpha = r (scale 1)."""
+    for m in mods.values():
+        if m.kind == "lokr" and "w1a" not in m.tensors and "w2a" not in m.tensors:
+            m.alpha = None
+        elif m.alpha is None:
+            m.alpha = float(m.rank)
+    return mods
+
+
+def write_layer(sd: dict, base: str, m: ModuleWeights, lora_names: tuple[str, str], rslora: bool) -> None:
+    """One layer's tensors under ``base`` (kohya / ComfyUI names): LoRA down / up as ``lora_names``,
+    ``dora_scale`` (out, 1[, 1, 1]), LyCORIS ``hada_*`` / ``lokr_*``, and a 0-d ``alpha``."""
+    names = {"down": lora_names[0], "up": lora_names[1], **{v: k for k, v in HADA.items()}}
+    if m.kind == "lokr":
+        names = {v: k for k, v in LOKR.items()}
+    for k, t in m.tensors.items():
+        if k == "magnitude":
+            sd[f"{base}.dora_scale"] = t.reshape(t.shape[0], *([1] * (m.tensors["down"].dim() - 1))).contiguous()
+        else:
+            sd[f"{base}.{names[k]}"] = t.detach().contiguous()
+    alpha = effective_alpha(m, rslora)
+    if alpha is not None:
+        sd[f"{base}.alpha"] = torch.tensor(float(alpha))

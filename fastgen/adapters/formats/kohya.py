@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fastgen.adapters import targets as _targets
-from fastgen.adapters.formats.common import HADA, LOKR, UnmappableKeyError, effective_alpha, group
+from fastgen.adapters.formats.common import HADA, LOKR, UnmappableKeyError, default_alphas, group, write_layer
 from fastgen.adapters.state import AdapterWeights
 
 PREFIXES = {"lora_unet_": "denoiser", "lora_transformer_": "denoiser", "lora_te_": "text_encoder",
@@ -65,12 +65,7 @@ def read(sd: dict[str, torch.Tensor], meta: dict) -> AdapterWeights:
         keys.setdefault(comp, {})[layer] = key.rsplit(".", 2 if suf.endswith(".weight") else 1)[0]
     comps = {}
     for comp, items in rows.items():
-        mods = group(items, "kohya/LyCORIS")
-        for m in mods.values():
-            if m.kind == "lokr" and "w1a" not in m.tensors and "w2a" not in m.tensors:
-                m.alpha = None
-            elif m.alpha is None:
-                m.alpha = float(m.rank)
+        mods = default_alphas(group(items, "kohya/LyCORIS"))
         comps[comp] = AdapterWeights(mods, format="kohya", names="flat", keys=keys[comp])
     main = comps.pop("denoiser", AdapterWeights({}, format="kohya", names="flat"))
     main.extra = comps
@@ -100,19 +95,9 @@ def resolve(w: AdapterWeights, model: nn.Module, names: list[str] | None = None)
 
 def write(w: AdapterWeights, prefix: str = "lora_unet") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     sd: dict[str, torch.Tensor] = {}
-    names = {"down": "lora_down.weight", "up": "lora_up.weight"}
-    names.update({v: k for k, v in HADA.items()})
-    lokr = {v: k for k, v in LOKR.items()}
     for layer, m in w.modules.items():
         base = f"{prefix}_{flat(layer)}"
         if not re.fullmatch(r"[A-Za-z0-9_]+", base):
             raise UnmappableKeyError(f"layer name {layer!r} cannot be written as a kohya key")
-        for k, t in m.tensors.items():
-            if k == "magnitude":
-                sd[f"{base}.dora_scale"] = t.reshape(t.shape[0], *([1] * (m.tensors["down"].dim() - 1))).contiguous()
-            else:
-                sd[f"{base}.{(lokr if m.kind == 'lokr' else names)[k]}"] = t.detach().contiguous()
-        alpha = effective_alpha(m, w.rslora)
-        if alpha is not None:
-            sd[f"{base}.alpha"] = torch.tensor(float(alpha))
+        write_layer(sd, base, m, ("lora_down.weight", "lora_up.weight"), w.rslora)
     return sd, {}
