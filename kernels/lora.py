@@ -50,6 +50,23 @@ def _dot(a, b, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _rows_at_a(X, A, rows, rmask, rr, K, R, stride_xm, stride_xk, stride_ak, stride_ar,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
+               DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``t = x[rows] @ A`` (BLOCK_M, BLOCK_R) in fp32, by a loop over the K tiles (forward and backward)."""
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kt in range(K_TILES):
+        ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        a = tl.load(A + ks[:, None].to(tl.int64) * stride_ak + rr[None, :] * stride_ar,
+                    mask=kmask[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
+        t += _dot(x, a, DOT_FP32, DTYPE)
+    return t
+
+
+@triton.jit
 def _lora_fwd_kernel(
     Y,  # (M, N) base output, updated in place; row stride stride_ym, unit column stride
     X,  # (M, K) input; strides stride_xm, stride_xk
@@ -68,15 +85,8 @@ def _lora_fwd_kernel(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rr = tl.arange(0, BLOCK_R)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kt in range(K_TILES):
-        ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        a = tl.load(A + ks[:, None].to(tl.int64) * stride_ak + rr[None, :] * stride_ar,
-                    mask=kmask[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
-        t += _dot(x, a, DOT_FP32, DTYPE)
+    t = _rows_at_a(X, A, rows, rmask, rr, K, R, stride_xm, stride_xk, stride_ak, stride_ar,
+                   BLOCK_M, BLOCK_K, BLOCK_R, K_TILES, DTYPE, DOT_FP32)
     for j in range(N_TILES):
         cols = (pid_n * N_TILES + j).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -108,15 +118,8 @@ def _lora_bwd_kernel(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rr = tl.arange(0, BLOCK_R)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kt in range(K_TILES):
-        ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        a = tl.load(A + ks[:, None].to(tl.int64) * stride_ak + rr[None, :] * stride_ar,
-                    mask=kmask[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
-        t += _dot(x, a, DOT_FP32, DTYPE)
+    t = _rows_at_a(X, A, rows, rmask, rr, K, R, stride_xm, stride_xk, stride_ak, stride_ar,
+                   BLOCK_M, BLOCK_K, BLOCK_R, K_TILES, DTYPE, DOT_FP32)
     dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for nt in range(N_TILES):
         cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
