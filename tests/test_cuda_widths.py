@@ -10,12 +10,24 @@ accesses are the same, and it has the narrow fallback accesses that keep odd vie
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 import cuda_widths as cw
 
-pytestmark = pytest.mark.skipif(cw.find_nvcc() is None, reason="nvcc not found (CUDA_HOME/bin or PATH): the CUDA "
-                                                              "C++ width check compiles with it")
+_TOOLS = [
+    pytest.mark.skipif(cw.find_nvcc() is None, reason="nvcc not found (CUDA_HOME/bin or PATH): the CUDA C++ width "
+                                                      "check compiles with it"),
+    pytest.mark.skipif(shutil.which("c++filt") is None, reason="c++filt (binutils) not found: the check reads the "
+                                                               "functors' types from demangled kernel names"),
+]
+
+
+def needs_tools(fn):
+    for mark in _TOOLS:
+        fn = mark(fn)
+    return fn
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +52,7 @@ def test_parser_counts_widths_and_spaces():
                                      ("ld", "generic", 2): 1, ("st", "global", 2): 1}
 
 
+@needs_tools
 def test_every_functor_compiles_and_is_checked(rows):
     found = {r["functor"] for r in rows if "functor" in r}
     assert found == set(cw.FUNCTORS), f"functors found: {sorted(found)}"
@@ -47,6 +60,7 @@ def test_every_functor_compiles_and_is_checked(rows):
     assert not unknown, f"kernels that are neither a checked functor nor a listed exception: {unknown}"
 
 
+@needs_tools
 def test_hot_accesses_are_16_bytes(rows):
     problems = []
     for r in rows:
@@ -67,6 +81,7 @@ def test_hot_accesses_are_16_bytes(rows):
     assert not problems, "\n".join(problems)
 
 
+@needs_tools
 def test_scalar_path_is_the_only_addition(rows):
     """As built, the functors keep the vector path's 16-byte accesses and add the scalar fallback
     (narrow accesses of every operand) that tails and unaligned views need."""
