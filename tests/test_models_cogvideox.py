@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from conftest import HAS_CUDA, INTERPRET, TRITON_DEVICE, assert_fa_rule
 
 from fastgen.models import CogVideoX, CogVideoXConfig
+from test_models_sd3 import saved_bytes
 
 KERNELS = pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 
@@ -215,23 +216,6 @@ def test_triton_bf16_flash_attention_rule():
         assert_fa_rule(k, gf[k], g16[k], g32[k], 1e-2 * max(g32[k].abs().max().item(), floor))
 
 
-def saved_bytes(fn, module) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs (parameters
-    excluded; a storage saved by several ops or viewed several times counts once)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @KERNELS
 def test_activation_memory_vs_diffusers():
     """Bytes one block keeps for backward, bf16 on the Triton kernels vs diffusers' CogVideoXBlock
@@ -251,8 +235,8 @@ def test_activation_memory_vs_diffusers():
     temb = torch.randn(2, 24, generator=g).to(TRITON_DEVICE, torch.bfloat16)
     cos, sin = (t.to(TRITON_DEVICE) for t in get_3d_rotary_pos_embed(64, ((0, 0), (2, 3)), (2, 3), 4))
     rb, fb = ref.transformer_blocks[0], m.transformer_blocks[0]
-    theirs = saved_bytes(lambda: rb(h, e, temb, (cos, sin)), rb)
-    ours = saved_bytes(lambda: fb(h, e, F.silu(temb), m._rope_tables((cos, sin), T, S, h.dtype)), fb)
+    theirs = saved_bytes(lambda: rb(h, e, temb, (cos, sin)), rb.parameters())
+    ours = saved_bytes(lambda: fb(h, e, F.silu(temb), m._rope_tables((cos, sin), T, S, h.dtype)), fb.parameters())
     ratio = ours / theirs
     print(f"saved-for-backward ratio fastgen / diffusers: CogVideoX block {ratio:.3f}")
     assert math.isfinite(ratio) and ratio <= 0.68, ratio

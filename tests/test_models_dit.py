@@ -14,6 +14,7 @@ import torch
 from conftest import INTERPRET, TRITON_DEVICE, assert_fa_rule
 from fastgen.models import DiT, DiTConfig
 from fastgen.models._common import CheckpointMismatchError
+from test_models_sd3 import rel_err, saved_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -33,14 +34,6 @@ def _inputs(B, H, W, seed=1, C=4):
     t = torch.randint(0, 1000, (B,), generator=g).float()
     y = torch.randint(0, 11, (B,), generator=g)  # 10 = the null label
     return x, t, y
-
-
-def rel_err(a, b) -> float:
-    """max |a - b| / max |b|; inf on NaN / inf (a NaN never compares <= anything)."""
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _unpatchify_ref(x, h, w, p, c):
@@ -249,22 +242,6 @@ def test_bf16_triton_fa_rule():
         assert_fa_rule(name, runs[2][i], runs[1][i], runs[0][i], atol=1e-2 * scale)
 
 
-def saved_bytes(fn, params):
-    """Bytes of the tensors autograd saves while ``fn`` runs, each storage once, parameters excluded."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
 @pytest.mark.skipif(not INTERPRET and TRITON_DEVICE == "cpu", reason="Triton kernels on CPU need TRITON_INTERPRET=1")
 def test_saved_activation_bytes_per_block():
     """Bytes saved for backward by a stack of blocks (bf16; per block = stack / depth) vs diffusers'
@@ -282,13 +259,14 @@ def test_saved_activation_bytes_per_block():
             h = call(b, h)
         return h
 
-    theirs, _ = saved_bytes(lambda: run(ref.transformer_blocks, lambda b, h: b(h, timestep=t, class_labels=y)),
-                            ref.parameters())
-    ours, out = saved_bytes(lambda: run(m.transformer_blocks, lambda b, h: b(h, t, y)), m.parameters())
+    theirs = saved_bytes(lambda: run(ref.transformer_blocks, lambda b, h: b(h, timestep=t, class_labels=y)),
+                         ref.parameters())
+    outs = []
+    ours = saved_bytes(lambda: outs.append(run(m.transformer_blocks, lambda b, h: b(h, t, y))), m.parameters())
     ratio = ours / theirs
     print(f"DiT saved bytes per block: fastgen {ours / 3 / (B * S * N * 2):.2f} x (B, S, N) bf16, diffusers "
           f"{theirs / 3 / (B * S * N * 2):.2f} x; ratio {ratio:.3f}")
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(outs[0]).all()
     assert ratio <= 0.65  # issue target 0.7; measured 0.632 here (12 vs 20 (B, S, N) tensors at large S)
 
 

@@ -16,7 +16,8 @@ import torch
 from conftest import INTERPRET, TRITON_DEVICE, assert_fa_rule
 from fastgen.models import Flux, FluxConfig
 from fastgen.models._common import CheckpointMismatchError
-from test_models_sd3 import assert_same_as_diffusers, param_grads_diffusers_layout, randomize, rel_err, saved_bytes
+from test_models_sd3 import (assert_same_as_diffusers, param_grads_diffusers_layout, randomize, rel_err, saved_bytes,
+                             skip_unless_kernels)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -189,13 +190,8 @@ def test_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------- bf16 through the kernels
 
 
-def _skip_unless_kernels():
-    if TRITON_DEVICE == "cpu" and not INTERPRET:
-        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
-
-
 def test_bf16_triton_fa_rule():
-    _skip_unless_kernels()
+    skip_unless_kernels()
     diffusers = pytest.importorskip("diffusers")
     cfg = dict(DEV, num_layers=1, num_single_layers=1)
     _, ref32 = _pair(cfg)
@@ -220,7 +216,7 @@ def test_bf16_triton_fa_rule():
 
 def test_saved_activations_per_block_vs_diffusers():
     """Bytes saved for backward by one double and one single block (bf16, the kernels) vs diffusers'."""
-    _skip_unless_kernels()
+    skip_unless_kernels()
     diffusers = pytest.importorskip("diffusers")
     cfg = dict(DEV, num_layers=1, num_single_layers=1, guidance_embeds=False)
     ref = diffusers.FluxTransformer2DModel(**cfg).to(TRITON_DEVICE, torch.bfloat16)

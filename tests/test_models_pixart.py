@@ -14,6 +14,7 @@ import torch
 from conftest import INTERPRET, TRITON_DEVICE, assert_fa_rule
 from fastgen.models import PixArt, PixArtConfig
 from fastgen.models._common import CheckpointMismatchError
+from test_models_sd3 import rel_err, saved_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -39,13 +40,6 @@ def _inputs(B, H, W, L, additional, seed=1):
     else:
         kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
     return x, kw
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 CASES = {
@@ -229,22 +223,6 @@ def test_bf16_triton_fa_rule():
         assert_fa_rule(name, runs[2][i], runs[1][i], runs[0][i], atol=1e-2 * scale)
 
 
-def saved_bytes(fn, params):
-    """Bytes of the tensors autograd saves while ``fn`` runs, each storage once, parameters excluded."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
 @pytest.mark.skipif(not INTERPRET and TRITON_DEVICE == "cpu", reason="Triton kernels on CPU need TRITON_INTERPRET=1")
 def test_saved_activation_bytes_per_block():
     """Bytes saved for backward by 3 blocks (bf16, unmasked text) vs diffusers' blocks of the same
@@ -263,14 +241,16 @@ def test_saved_activation_bytes_per_block():
             h = call(b, h)
         return h
 
-    theirs, _ = saved_bytes(lambda: run(ref.transformer_blocks, lambda b, h: b(h, encoder_hidden_states=ctx,
-                                                                             timestep=mod)), ref.parameters())
-    ours, out = saved_bytes(lambda: run(m.transformer_blocks, lambda b, h: b(h, mod, ctx, None)), m.parameters())
+    theirs = saved_bytes(lambda: run(ref.transformer_blocks, lambda b, h: b(h, encoder_hidden_states=ctx,
+                                                                          timestep=mod)), ref.parameters())
+    outs = []
+    ours = saved_bytes(lambda: outs.append(run(m.transformer_blocks, lambda b, h: b(h, mod, ctx, None))),
+                       m.parameters())
     ratio = ours / theirs
     unit = 3 * B * S * N * 2
     print(f"PixArt saved bytes per block: fastgen {ours / unit:.2f} x (B, S, N) bf16, diffusers "
           f"{theirs / unit:.2f} x; ratio {ratio:.3f}")
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(outs[0]).all()
     assert ratio <= 0.70  # the issue's target; measured 0.676 here, 0.668 at 256 tokens
 
 

@@ -29,7 +29,7 @@ TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_
 SD35 = dict(TINY, dual_attention_layers=(0, 1), qk_norm="rms_norm")
 
 
-# ----------------------------------------------------------------------------- helpers (shared with Flux)
+# ----------------------------------------------------------------------------- helpers (the other model tests share them)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -283,13 +283,13 @@ def test_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------- bf16 through the kernels
 
 
-def _skip_unless_kernels():
+def skip_unless_kernels():
     if TRITON_DEVICE == "cpu" and not INTERPRET:
         pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
 
 
 def test_bf16_triton_fa_rule():
-    _skip_unless_kernels()
+    skip_unless_kernels()
     cfg = dict(SD35, attention_head_dim=16, caption_projection_dim=32, num_layers=1, dual_attention_layers=(0,))
     _, ref32 = _pair(cfg, backend="torch")  # one block: dual attention, qk-norm, text pre-only
     ref16 = randomize(type(ref32)(**cfg), 0).to(torch.bfloat16)
@@ -316,7 +316,7 @@ def test_bf16_triton_fa_rule():
 
 def test_saved_activations_per_block_vs_diffusers():
     """Bytes saved for backward by one block (bf16, the kernels), against the diffusers block."""
-    _skip_unless_kernels()
+    skip_unless_kernels()
     diffusers = pytest.importorskip("diffusers")
     cfg = dict(SD35, attention_head_dim=16, caption_projection_dim=32, num_layers=3, dual_attention_layers=(0,))
     ref = diffusers.SD3Transformer2DModel(**cfg).to(TRITON_DEVICE, torch.bfloat16)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import HAS_CUDA, INTERPRET, TRITON_DEVICE, assert_fa_rule
 
 from fastgen.models import UNet2DCondition, UNet2DConditionConfig
+from test_models_sd3 import saved_bytes
 
 KERNELS = pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 
@@ -274,23 +275,6 @@ def test_triton_bf16_flash_attention_rule():
         assert_fa_rule(k, gf[k], g16[k], g32[k], 1e-2 * g32[k].abs().max().item())
 
 
-def saved_bytes(fn, module) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs (parameters
-    excluded; a storage saved by several ops, or viewed several times, counts once)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @KERNELS
 def test_activation_memory_vs_diffusers():
     """Bytes saved for backward in bf16 on the Triton kernels vs the same diffusers module:
@@ -306,11 +290,13 @@ def test_activation_memory_vs_diffusers():
     tok = torch.randn(2, 64, 64, generator=g).to(TRITON_DEVICE, torch.bfloat16).requires_grad_()
     ctx = torch.randn(2, 5, 24, generator=g).to(TRITON_DEVICE, torch.bfloat16)
     rb, fb = ref.mid_block.attentions[0].transformer_blocks[0], m.mid_block.attentions[0].transformer_blocks[0]
-    block = saved_bytes(lambda: fb(tok, ctx), fb) / saved_bytes(lambda: rb(tok, encoder_hidden_states=ctx), rb)
+    block = (saved_bytes(lambda: fb(tok, ctx), fb.parameters())
+             / saved_bytes(lambda: rb(tok, encoder_hidden_states=ctx), rb.parameters()))
     img = torch.randn(2, 64, 8, 8, generator=g).to(TRITON_DEVICE, torch.bfloat16).requires_grad_()
     temb = torch.randn(2, 128, generator=g).to(TRITON_DEVICE, torch.bfloat16)
     rr, fr = ref.mid_block.resnets[0], m.mid_block.resnets[0]
-    resnet = saved_bytes(lambda: fr(img, F.silu(temb)), fr) / saved_bytes(lambda: rr(img, temb), rr)
+    resnet = (saved_bytes(lambda: fr(img, F.silu(temb)), fr.parameters())
+              / saved_bytes(lambda: rr(img, temb), rr.parameters()))
     print(f"saved-for-backward ratio fastgen / diffusers: transformer block {block:.3f}, resnet {resnet:.3f}")
     assert block <= 0.65, block
     assert resnet <= 0.40, resnet
