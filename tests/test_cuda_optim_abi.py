@@ -125,3 +125,58 @@ def test_named_fields_reach_the_op_checks():
     c_entry(C, "multi_tensor_prodigy_update", **update)
     with pytest.raises(ValueError, match="multi_tensor_prodigy_update: need num_chunks >= 0"):
         c_entry(C, "multi_tensor_prodigy_update", **{**update, "chunk": -1})
+
+
+def test_launchers_fill_structs_the_entry_points_accept(monkeypatch):
+    """fastgen.cuda.optim's launchers on CPU tensors, with each entry point called through a wrapper that
+    sets num_chunks = 0 first: every struct they fill is complete, of the right field types, and passes
+    the op's argument checks (no launch, no GPU needed)."""
+    import contextlib
+
+    import torch
+
+    import fastgen.cuda.optim as K
+    from fastgen.optim import quant8
+
+    C = _C()
+    called = []
+
+    class NoLaunch:
+        def __getattr__(self, name):
+            if name.endswith("Params"):
+                return getattr(C, name)
+
+            def entry(params):
+                params.num_chunks = 0
+                getattr(C, name)(params)
+                called.append(name)
+            return entry
+
+    monkeypatch.setattr(K, "load_extension", lambda: NoLaunch())
+    monkeypatch.setattr(K, "_stream", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    ps = [torch.randn(5000).bfloat16(), torch.randn(300).bfloat16()]
+    gs = [torch.randn_like(p) for p in ps]
+    ms, vs, sh = ([torch.zeros(p.shape) for p in ps] for _ in range(3))
+    steps = [torch.ones(()) for _ in ps]
+    coef = torch.ones(1)
+    adamw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)
+    K.adamw_step(ps, gs, ms, vs, None, steps, lr=1e-3, amsgrad=False, stochastic_rounding=True, seed=5, coef=coef,
+                 shadows=sh, ema_decay=0.9, **adamw)
+    K.adamw_step(ps, gs, ms, vs, ms, steps, lr=torch.tensor(1e-3), amsgrad=True, **adamw)
+    K.lion_step(ps, gs, ms, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=True, coef=coef,
+                shadows=[s.half() for s in sh], ema_decay=0.5)  # fp16 shadows of bf16 params: an EMA launch after
+    qs = [torch.zeros(p.shape, dtype=torch.uint8) for p in ps]
+    absmax = [torch.zeros((p.numel() + 255) // 256) for p in ps]
+    tables = (*quant8.tables(True, "cpu"), *quant8.tables(False, "cpu"))
+    K.adamw8bit_step(ps, gs, qs, absmax, qs, absmax, steps, tables=tables, lr=1e-3, stochastic_rounding=True, seed=3,
+                     coef=coef, shadows=sh, ema_decay=0.9, **adamw)
+    coefs = torch.ones(3)
+    K.prodigy_moments(ps, gs, ps, None, ps, ps, coefs, beta1=0.0, beta2=0.999, beta3=0.99, weight_decay=0.0,
+                      coupled_wd=False)
+    K.prodigy_update(ps, gs, ps, coefs, decoupled_wd=True)
+    K.scale_(gs, coef)
+    K.ema_update_(sh, ps, 0.9)
+    assert called == ["multi_tensor_adamw", "multi_tensor_adamw", "multi_tensor_lion", "multi_tensor_ema",
+                      "multi_tensor_adamw8bit", "multi_tensor_prodigy_moments", "multi_tensor_prodigy_update",
+                      "multi_tensor_scale", "multi_tensor_ema"]

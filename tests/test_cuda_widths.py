@@ -4,7 +4,7 @@ Reads the sm_90 PTX that nvcc produces (tests/cuda_widths.py; cached, no GPU). I
 the scalar path (``-DFASTGEN_VECTOR_PATH_ONLY``) every access of an operand tensor must be a 16-byte
 ``ld.global.v4`` / ``st.global.v4``, at least one per 16 bytes of every operand of a round; the only
 narrower accesses allowed are the per-chunk metadata listed in ``cuda_widths.METADATA`` with their
-reason. The build as shipped adds exactly the scalar path (tails, unaligned views): its 16-byte
+reason. The build as shipped adds the scalar path (tails, unaligned views): its 16-byte
 accesses are the same, and it has the narrow fallback accesses that keep odd views correct.
 """
 
