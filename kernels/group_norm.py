@@ -554,26 +554,24 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu, *, y, mean, rstd):
 
 
 @device_guard
-def group_norm_apply(x, weight, bias, mean, rstd, num_groups, silu):
-    """y = act((x - mean) * rstd * w + b) for x [N, C, S] with given statistics mean, rstd
-    [N * num_groups] fp32 (computed elsewhere, e.g. over a whole image by the tiled VAE decode).
+def group_norm_apply(x, weight, bias, mean, rstd, num_groups, silu, *, y):
+    """Launch y = act((x - mean) * rstd * w + b) for x [N, C, S] (N, C, S > 0) with given statistics
+    mean, rstd [N * num_groups] fp32 (computed elsewhere, e.g. over a whole image by the tiled VAE
+    decode), into ``y`` (allocated by the caller: x.dtype, the strides of x).
 
-    One elementwise pass (the split path's apply kernel); y in x.dtype with the strides of x.
+    One elementwise pass (the split path's apply kernel).
     """
     N, C, S = x.shape
     G = num_groups
     assert mean.shape == rstd.shape == (N * G,) and mean.dtype == rstd.dtype == torch.float32
+    assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
     cl = channels_last_layout(x)
-    y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y
     cfg = group_norm_config(N, C, S, G)
     _group_norm_apply_kernel[(N * G, cfg["splits"])](
         x, weight if weight is not None else x, bias if bias is not None else x, mean.contiguous(),
         rstd.contiguous(), y, C, S, G, C // G, cfg["chunk_s"], cfg["iters"], HAS_W=weight is not None,
         HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl, INTERPRET=interpreting(), BLOCK_K=cfg["BLOCK_K"],
         BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
-    return y
 
 
 @device_guard

@@ -241,7 +241,7 @@ def test_triton_groupnorm_apply_on_video_tiles(vae, monkeypatch):
     z = _randn(1, 4, 2, 3, 3)  # two frame chunks of one tile (each apply launch costs time in the interpreter)
     ref = tiled_decode(vae, z, tile_size=5, frame_chunk=1, progress=False)
     real, calls = kgn.group_norm_apply, []
-    monkeypatch.setattr(kgn, "group_norm_apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kgn, "group_norm_apply", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     try:
         with fastgen.backend("triton"):
             out = tiled_decode(vae.to(TRITON_DEVICE), z.to(TRITON_DEVICE), tile_size=5, frame_chunk=1, progress=False)

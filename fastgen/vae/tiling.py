@@ -331,7 +331,9 @@ def _gn_apply(x: Tensor, norm: Any, stats, silu: bool) -> Tensor:
         x3 = x.reshape(x.shape[0], c, -1)
         if x3.numel() and not (x3.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x3 = x3.contiguous()
-        y = group_norm_apply(x3, norm.weight, norm.bias, mean.float().reshape(-1), rstd_g, g, silu)
+        y = torch.empty_like(x3)  # x3's strides (contiguous or channels-last)
+        if y.numel():
+            group_norm_apply(x3, norm.weight, norm.bias, mean.float().reshape(-1), rstd_g, g, silu, y=y)
         return y.view(x.shape) if y.is_contiguous() else y.as_strided(x.shape, x.stride())
     rstd = torch.rsqrt(m2 / n + norm.eps).float().repeat_interleave(c // g, dim=1)  # (N, C)
     mean_c = mean.float().repeat_interleave(c // g, dim=1)
