@@ -9,23 +9,13 @@ import copy
 
 import pytest
 import torch
-from test_adapters import Block, _inputs, _randomize
+from test_adapters import Block, _inputs, _one_thread, _randomize  # noqa: F401 (_one_thread: autouse)
 
 import fastgen.adapters as A
 
 
 def load_file(path):
     return pytest.importorskip("safetensors.torch").load_file(path)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread (on a loaded 2-core machine, idle OpenMP threads spinning
-    for work cost these tests 5-10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def save_file(sd, path):

@@ -8,21 +8,11 @@ import copy
 
 import pytest
 import torch
-from test_adapters import Block, _inputs, _randomize
+from test_adapters import Block, _inputs, _one_thread, _randomize  # noqa: F401 (_one_thread: autouse)
 from torch import nn
 
 import fastgen.adapters as A
 from fastgen.adapters.quantize import QuantLinear, base_nbytes, dequantize_weight, quantize_weight
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread (on a loaded 2-core machine, idle OpenMP threads spinning
-    for work cost these tests 5-10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _bound(w, scale, scheme):

@@ -12,15 +12,7 @@ import torch.nn as nn
 from fastgen.train import Trainer
 from fastgen.train.cache import (CachedLatentDataset, TextEmbeddingCache, encoder_key, vae_encoder)
 from fastgen.train.data import ImageFolderDataset, TensorImageDataset
-from test_train_resume import TinyNet, _cfg
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_train_resume import TinyNet, _cfg, one_thread  # noqa: F401
 
 
 def _tiny_vae(seed=0):

@@ -11,17 +11,9 @@ import torch.nn.functional as F
 from fastgen.train import Trainer
 from fastgen.train.data import TensorImageDataset
 from fastgen.train.text import drop_text
-from test_train_resume import _assert_identical, _cfg, _state, _straight_and_resumed
+from test_train_resume import _assert_identical, _cfg, _state, _straight_and_resumed, one_thread  # noqa: F401
 
 CALLS: list = []  # captions per call of the text encoder that make_text_encoder builds
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TinyTextNet(nn.Module):

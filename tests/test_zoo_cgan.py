@@ -14,16 +14,9 @@ import torch.nn.functional as F
 from fastgen.zoo import ConditionalGAN, ConditionalGANConfig
 from fastgen.zoo.cgan import dominant_colour, train_cgan
 from fastgen.zoo.data import shapes
+from test_zoo_gan import one_thread  # noqa: F401
 
 TINY = dict(g_channels=(16, 8), d_channels=(8, 16), latent_dim=8)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on 2 shared cores: one thread is fastest
-    yield
-    torch.set_num_threads(n)
 
 
 def test_adagn_and_projection_match_their_formulas():

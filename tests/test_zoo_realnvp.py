@@ -15,14 +15,7 @@ from conftest import INTERPRET, TRITON_DEVICE
 from fastgen.zoo import RealNVP, RealNVPConfig
 from fastgen.zoo.data import two_moons
 from fastgen.zoo.realnvp import squeeze, train_flow, unsqueeze
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers on 2 shared cores: one thread is fastest
-    yield
-    torch.set_num_threads(n)
+from test_zoo_gan import one_thread  # noqa: F401
 
 
 def _randomize(model, std=0.3):

@@ -12,18 +12,9 @@ from conftest import INTERPRET, TRITON_DEVICE
 from fastgen.zoo import VAE, BetaVAE, VAEConfig
 from fastgen.zoo.data import shapes
 from fastgen.zoo.vae import train_vae
+from test_zoo_gan import one_thread  # noqa: F401
 
 TINY = dict(channels=(8, 16), latent_dim=4, groups=4)
-
-
-@pytest.fixture
-def one_thread():
-    # The CI machine has 2 shared cores: one intra-op thread is several times faster for these
-    # tiny convolutions than a contended pool.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_forward_backward_shapes():

@@ -14,16 +14,9 @@ import torch.nn.functional as F
 from fastgen.zoo import VQVAE, VQVAEConfig
 from fastgen.zoo.data import shapes
 from fastgen.zoo.vqvae import codebook_usage, train_vqvae
+from test_zoo_gan import one_thread  # noqa: F401
 
 TINY = dict(channels=(8, 16), latent_dim=4, num_codes=8, groups=4)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on 2 shared cores: one thread is fastest
-    yield
-    torch.set_num_threads(n)
 
 
 def test_forward_backward_and_loss_terms():

@@ -15,16 +15,9 @@ from fastgen.zoo import WGANGP, WGANGPConfig
 from fastgen.zoo.data import shapes
 from fastgen.zoo.gan import image_statistics
 from fastgen.zoo.wgangp import train_wgangp
+from test_zoo_gan import one_thread  # noqa: F401
 
 TINY = dict(g_channels=(16, 8), d_channels=(8, 16), latent_dim=8, groups=4)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on 2 shared cores: one thread is fastest
-    yield
-    torch.set_num_threads(n)
 
 
 def _reference_critic(critic, x, groups):
