@@ -379,6 +379,45 @@ class _Store:
         return t.to(self.device, non_blocking=True)
 
 
+def _tile_step(op: tuple, h: Tensor, t: _Tile, store: _Store, shared) -> Tensor:
+    """One step of the blended consistent layout on one tile's activation ``h``. ``shared``: the
+    whole-image GroupNorm statistics for a ``gn`` step, the global keys and values (or None) for ``attn``."""
+    kind = op[0]
+    if kind == "conv":
+        return op[1](h)
+    if kind == "gn":
+        return _gn_apply(h, op[1], shared, op[2])
+    if kind == "push":
+        t.stack.append(store.put(h))
+        return h
+    if kind == "add":
+        res = store.get(t.stack.pop())
+        return (res if op[1] is None else op[1](res)) + h
+    if kind == "attn":
+        return _attn_core(op[1], h, shared)
+    if kind == "up":
+        return F.interpolate(h, scale_factor=2.0, mode="nearest")
+    if kind == "down":
+        return op[1](F.pad(h, (0, 1, 0, 1)))
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _core_of(h: Tensor, t: _Tile) -> Tensor:
+    """The part of a tile's activation ``h`` (its extended region) that lies in the tile's core."""
+    (cy0, cy1, cx0, cx1), (ey0, _, ex0, _) = t.core, t.ext
+    r = h.shape[2] / (t.ext[1] - t.ext[0])  # activation positions per latent position
+    return h[:, :, round((cy0 - ey0) * r):round((cy1 - ey0) * r), round((cx0 - ex0) * r):round((cx1 - ex0) * r)]
+
+
+def _collect(nxt: tuple, core: Tensor, acc: list) -> list:
+    """Add one core to what the barrier before step ``nxt`` gathers: merged GroupNorm statistics
+    (one entry) for a ``gn`` step, this tile's keys and values for a global ``attn`` step."""
+    if nxt[0] == "gn":
+        return [_merge(acc[0] if acc else None, _group_stats(core, nxt[1].num_groups))]
+    heads = int(getattr(nxt[1], "heads", 1))
+    return acc + [(_tokens(nxt[1].to_k, core, heads), _tokens(nxt[1].to_v, core, heads))]
+
+
 def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, out_scale: float,
                     tile: int, overlap: float, blend: str, budget: float, progress, desc: str,
                     global_attention: bool = False) -> Tensor:
@@ -416,24 +455,7 @@ def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, 
             h = store.get(t.x)
             t.x = None
             for op in seg:
-                kind = op[0]
-                if kind == "conv":
-                    h = op[1](h)
-                elif kind == "gn":
-                    h = _gn_apply(h, op[1], shared, op[2])
-                elif kind == "push":
-                    t.stack.append(store.put(h))
-                elif kind == "add":
-                    res = store.get(t.stack.pop())
-                    h = (res if op[1] is None else op[1](res)) + h
-                elif kind == "attn":
-                    h = _attn_core(op[1], h, shared if global_attention else None)
-                elif kind == "up":
-                    h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-                elif kind == "down":
-                    h = op[1](F.pad(h, (0, 1, 0, 1)))
-                else:  # pragma: no cover
-                    raise AssertionError(kind)
+                h = _tile_step(op, h, t, store, shared if op[0] == "gn" or global_attention else None)
             if last:
                 s = h.shape[2] // (t.ext[1] - t.ext[0])  # output pixels per latent position: f or 1
                 if out is None:
@@ -444,15 +466,7 @@ def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, 
                 region = out[:, :, t.ext[0] * s:t.ext[1] * s, t.ext[2] * s:t.ext[3] * s]
                 region.addcmul_(h.float(), wy[:, None] * wx[None, :])
             else:
-                (cy0, cy1, cx0, cx1), (ey0, _, ex0, _) = t.core, t.ext
-                r = h.shape[2] / (t.ext[1] - t.ext[0])  # activation positions per latent position
-                core = h[:, :, round((cy0 - ey0) * r):round((cy1 - ey0) * r),
-                         round((cx0 - ex0) * r):round((cx1 - ex0) * r)]
-                if nxt[0] == "gn":
-                    acc = [_merge(acc[0] if acc else None, _group_stats(core, nxt[1].num_groups))]
-                else:  # global attention: this tile's share of the keys and values
-                    heads = int(getattr(nxt[1], "heads", 1))
-                    acc.append((_tokens(nxt[1].to_k, core, heads), _tokens(nxt[1].to_v, core, heads)))
+                acc = _collect(nxt, _core_of(h, t), acc)
                 t.x = store.put(h)
             del h
             if bar is not None:
@@ -517,6 +531,18 @@ def _video(vae: Any, what: str, halo: bool, frame_chunk: Any) -> bool:
 
 def _global(global_attention: Optional[bool], halo: bool) -> bool:
     return halo if global_attention is None else bool(global_attention)
+
+
+def _diffusers_layout_with_bar(x: Tensor, fn, tile: int, step: int, extent: int, limit: int, blend: str,
+                               progress, what: str) -> Tensor:
+    """:func:`_diffusers_layout` with a progress bar over its tiles (closed even on an error)."""
+    n_tiles = len(range(0, x.shape[-2], step)) * len(range(0, x.shape[-1], step))
+    bar = _progress(n_tiles, n_tiles, progress, what)
+    try:
+        return _diffusers_layout(x, fn, tile, step, extent, limit, blend, bar)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @torch.no_grad()
@@ -597,13 +623,7 @@ def tiled_decode(vae: Any, latents: Tensor, tile_size: Optional[int] = None, ove
     def fn(z: Tensor) -> Tensor:
         return p.decoder(p.post_quant_conv(z) if p.post_quant_conv is not None else z)
 
-    n_tiles = len(range(0, H, step)) * len(range(0, W, step))
-    bar = _progress(n_tiles, n_tiles, progress, what)
-    try:
-        return _diffusers_layout(latents, fn, tile, step, extent, limit, blend, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    return _diffusers_layout_with_bar(latents, fn, tile, step, extent, limit, blend, progress, what)
 
 
 def _encoded_size(size: int, downs: int) -> int:
@@ -682,13 +702,8 @@ def tiled_encode(vae: Any, images: Tensor, tile_size: Optional[int] = None, over
             f"positions ({limit * f} px) of each (diffusers' layout), which would not line up; choose tile_size a "
             f"multiple of {f} with tile_size / {f} * overlap a whole number"
         )
-    n_tiles = len(range(0, H, step)) * len(range(0, W, step))
-    bar = _progress(n_tiles, n_tiles, progress, what)
-    try:
-        return DiagonalGaussianDistribution(_diffusers_layout(images, fn, tile, step, extent, limit, blend, bar))
-    finally:
-        if bar is not None:
-            bar.close()
+    return DiagonalGaussianDistribution(
+        _diffusers_layout_with_bar(images, fn, tile, step, extent, limit, blend, progress, what))
 
 
 __all__ = ["tiled_decode", "tiled_encode", "decoder_steps", "encoder_steps", "BLENDS"]
