@@ -7,14 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastgen.backend
 from conftest import INTERPRET, TRITON_DEVICE
 import torch.nn.functional as F
 
 from fastgen.zoo import ConditionalGAN, ConditionalGANConfig
 from fastgen.zoo.cgan import dominant_colour, train_cgan
 from fastgen.zoo.data import shapes
-from test_zoo_gan import one_thread  # noqa: F401
+from test_zoo_gan import assert_triton_matches_torch, one_thread  # noqa: F401
 
 TINY = dict(g_channels=(16, 8), d_channels=(8, 16), latent_dim=8)
 
@@ -111,15 +110,4 @@ def test_triton_path_matches_torch():
     torch.manual_seed(0)
     m = ConditionalGAN(**TINY).to(TRITON_DEVICE)
     z, y = torch.randn(1, 8, device=TRITON_DEVICE), torch.tensor([4], device=TRITON_DEVICE)
-
-    def run(m):
-        return m(z, y)
-    ref = run(m)
-    for mod in m.modules():
-        if hasattr(mod, "backend"):
-            mod.backend = "triton"
-    with fastgen.backend.trace() as ran:
-        out = run(m)
-    assert ran and all(impl == "triton" for _, impl in ran), ran
-    assert {op for op, _ in ran} == {"group_norm"}, ran
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert_triton_matches_torch(m, lambda m: m(z, y), {"group_norm"})

@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 
-import fastgen.backend
 from conftest import INTERPRET, TRITON_DEVICE
 
 from fastgen.zoo import RealNVP, RealNVPConfig
 from fastgen.zoo.data import two_moons
 from fastgen.zoo.realnvp import squeeze, train_flow, unsqueeze
-from test_zoo_gan import one_thread  # noqa: F401
+from test_zoo_gan import assert_triton_matches_torch, one_thread  # noqa: F401
 
 
 def _randomize(model, std=0.3):
@@ -142,15 +141,4 @@ def test_triton_path_matches_torch():
     torch.manual_seed(0)
     m = _randomize(RealNVP(data_shape=(2,), num_couplings=2, hidden=16), std=0.3).to(TRITON_DEVICE)
     x = torch.randn(3, 2, device=TRITON_DEVICE)
-
-    def run(m):
-        return m.log_prob(x)
-    ref = run(m)
-    for mod in m.modules():
-        if hasattr(mod, "backend"):
-            mod.backend = "triton"
-    with fastgen.backend.trace() as ran:
-        out = run(m)
-    assert ran and all(impl == "triton" for _, impl in ran), ran
-    assert {op for op, _ in ran} == {"rms_norm"}, ran
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert_triton_matches_torch(m, lambda m: m.log_prob(x), {"rms_norm"})

@@ -7,14 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastgen.backend
 from conftest import INTERPRET, TRITON_DEVICE
 import torch.nn.functional as F
 
 from fastgen.zoo import VQVAE, VQVAEConfig
 from fastgen.zoo.data import shapes
 from fastgen.zoo.vqvae import codebook_usage, train_vqvae
-from test_zoo_gan import one_thread  # noqa: F401
+from test_zoo_gan import assert_triton_matches_torch, one_thread  # noqa: F401
 
 TINY = dict(channels=(8, 16), latent_dim=4, num_codes=8, groups=4)
 
@@ -115,15 +114,4 @@ def test_triton_path_matches_torch():
     torch.manual_seed(0)
     m = VQVAE(**TINY).to(TRITON_DEVICE).eval()
     x = torch.rand(1, 3, 16, 16, device=TRITON_DEVICE) * 2 - 1
-
-    def run(m):
-        return m(x).x_hat
-    ref = run(m)
-    for mod in m.modules():
-        if hasattr(mod, "backend"):
-            mod.backend = "triton"
-    with fastgen.backend.trace() as ran:
-        out = run(m)
-    assert ran and all(impl == "triton" for _, impl in ran), ran
-    assert {op for op, _ in ran} == {"group_norm", "vq_nearest"}, ran
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert_triton_matches_torch(m, lambda m: m(x).x_hat, {"group_norm", "vq_nearest"})
