@@ -316,6 +316,41 @@ def _video_config(device: str):
         block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4)
 
 
+def _diffusers_video(cfg, ours, device: str, dtype):
+    """diffusers' ``AutoencoderKLCogVideoX`` with ``cfg``'s shape and ``ours``' weights; None without diffusers."""
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    n = len(cfg.block_out_channels)
+    theirs = diffusers.AutoencoderKLCogVideoX(
+        block_out_channels=cfg.block_out_channels, latent_channels=cfg.latent_channels,
+        layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+        down_block_types=("CogVideoXDownBlock3D",) * n, up_block_types=("CogVideoXUpBlock3D",) * n,
+    ).to(device=device, dtype=dtype).eval()
+    theirs.load_state_dict(ours.state_dict())
+    return theirs
+
+
+@torch.no_grad()
+def _timed_video_decode(fn, z, device: str, row: dict):
+    """One warm-up on 2 latent frames, then one timed decode of ``z``: ``row["ms"]`` and, on a GPU,
+    ``row["peak_gb"]`` (peak allocated above what was allocated before). Returns the decode."""
+    fn(z[:, :, :2])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    out = fn(z)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    row["ms"] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
 def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, height: int = 480,
                 width: int = 720, rows: list | None = None, tile=None, frame_chunk: int = 2) -> list[dict]:
     """CogVideoX's video VAE decode (``AutoencoderKLCogVideoX``), one timed decode per provider after a
@@ -347,19 +382,10 @@ def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, he
             ours.num_latent_frames_batch_size = 2
 
     models = {"fastgen-video-onepass": onepass, "fastgen-video": lambda z: ours.decode(z).sample}
-    try:
-        import diffusers
-
-        n = len(cfg.block_out_channels)
-        theirs = diffusers.AutoencoderKLCogVideoX(
-            block_out_channels=cfg.block_out_channels, latent_channels=cfg.latent_channels,
-            layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
-            down_block_types=("CogVideoXDownBlock3D",) * n, up_block_types=("CogVideoXUpBlock3D",) * n,
-        ).to(device=device, dtype=dtype).eval()
-        theirs.load_state_dict(ours.state_dict())
+    theirs = _diffusers_video(cfg, ours, device, dtype)
+    if theirs is not None:
         models["diffusers-video"] = lambda z: theirs.decode(z).sample
-    except ImportError:
-        theirs = None
+    else:
         rows.append({"provider": "diffusers-video", "status": "diffusers is not installed"})
     models["fastgen-video-tiled"] = lambda z: tiled_decode(ours, z, tile_size=tile, frame_chunk=frame_chunk,
                                                            progress=False)
@@ -382,19 +408,7 @@ def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, he
         if name.endswith("tiled"):
             row["tile"] = list(tile)
         try:
-            with torch.no_grad():
-                fn(z[:, :, :2])  # warm-up
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                t0 = time.perf_counter()
-                out = fn(z)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-                row["ms"] = (time.perf_counter() - t0) * 1e3
+            out = _timed_video_decode(fn, z, device, row)
             if "fastgen-video-onepass" in outs:
                 row["psnr_db"] = psnr(out, outs["fastgen-video-onepass"])
             if name == "diffusers-video" and "fastgen-video" in outs:
