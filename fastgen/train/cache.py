@@ -36,6 +36,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fastgen.train.data import DatasetView
+
 
 # --------------------------------------------------------------------------- keys
 
@@ -247,7 +249,7 @@ def vae_encoder(vae, sample: bool = False) -> Callable:
 
 # --------------------------------------------------------------------------- datasets
 
-class CachedLatentDataset(torch.utils.data.Dataset):
+class CachedLatentDataset(DatasetView):
     """``dataset`` with every image replaced by its cached latent (encoded once, see the module docstring).
 
     Items: ``{"image": latent (c, h, w), "label", "caption"}``; ``buckets`` are latent sizes.
@@ -279,22 +281,11 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def _latent(self, i: int) -> torch.Tensor:
         return self.memory[i] if self.memory is not None else self.cache.load(self.keys[i])["embeds"]
 
-    @property
-    def num_classes(self) -> int:
-        return self.dataset.num_classes
-
-    @property
-    def bucket_ids(self) -> list[int]:
-        return self.dataset.bucket_ids
-
     def bucket_counts(self) -> dict:
         from collections import Counter
 
         c = Counter(self.bucket_ids)
         return {self.buckets[b]: n for b, n in sorted(c.items())}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
         item = self.dataset.meta(i) if hasattr(self.dataset, "meta") else dict(self.dataset[i])

@@ -176,6 +176,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return file_key(it.path, "resize-crop-v1", self.buckets[it.bucket], self.channels)
 
 
+class DatasetView(torch.utils.data.Dataset):
+    """Base of the datasets that wrap another, ``self.dataset`` (the latent and text-embedding
+    caches): its length, classes and bucket ids pass through."""
+
+    dataset: torch.utils.data.Dataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def bucket_ids(self) -> list[int]:
+        return self.dataset.bucket_ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
 class TensorImageDataset(torch.utils.data.Dataset):
     """In-memory ``images (N, C, H, W)`` in [-1, 1] and ``labels (N,)``: one bucket, no files."""
 

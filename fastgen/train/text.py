@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from fastgen.train.cache import TextEmbeddingCache
+from fastgen.train.data import DatasetView
 
 
 def drop_text(text: dict, null: dict, p: float, generator: Optional[torch.Generator] = None) -> dict:
@@ -79,7 +80,7 @@ class PromptTable(torch.nn.Module):
         return text_model(self.model, text, self.text_inputs)(x, t)
 
 
-class TextEmbeddingDataset(torch.utils.data.Dataset):
+class TextEmbeddingDataset(DatasetView):
     """``dataset`` (items with a ``caption``) plus ``item["text"]``: the cached encoder outputs of the
     caption. ``null`` holds the outputs for ``""``; every caption is encoded once (and never again
     across runs while the encoder is unchanged)."""
@@ -95,14 +96,6 @@ class TextEmbeddingDataset(torch.utils.data.Dataset):
         self.embeds = [entries[c] for c in self.captions]
         self.class_names, self.buckets, self.bad = dataset.class_names, dataset.buckets, getattr(dataset, "bad", [])
 
-    @property
-    def num_classes(self) -> int:
-        return self.dataset.num_classes
-
-    @property
-    def bucket_ids(self) -> list[int]:
-        return self.dataset.bucket_ids
-
     def bucket_counts(self) -> dict:
         return self.dataset.bucket_counts()
 
@@ -110,9 +103,6 @@ class TextEmbeddingDataset(torch.utils.data.Dataset):
         m = self.dataset.meta(i) if hasattr(self.dataset, "meta") else {
             k: v for k, v in self.dataset[i].items() if k != "image"}
         return {**m, "text": self.embeds[i]}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
         return {**self.dataset[i], "text": self.embeds[i]}
