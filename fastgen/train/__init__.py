@@ -11,7 +11,8 @@ by ``[objective] kind`` in the config,
 ``config`` (the TOML config), ``data`` (image folder, buckets, resumable sharded order),
 ``checkpoint`` (atomic, verified checkpoints), ``sampling`` (validation samples), ``cache``
 (latent and text-embedding caches), ``text`` (text-conditional training), ``distributed``
-(FSDP2, sharded DCP checkpoints, failing fast on a dead rank), ``loop`` (the Trainer).
+(FSDP2, sharded DCP checkpoints, failing fast on a dead rank), ``progress`` (log.csv rows and the
+progress bar, shared with the zoo runner), ``loop`` (the Trainer).
 See docs/train.md.
 """
 
