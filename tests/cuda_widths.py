@@ -17,6 +17,10 @@ and as many stores over those it writes: one access per operand per 16 bytes, no
 The scalar path adds ``U`` narrow loads per read operand and ``U`` narrow stores per written one.
 ``tests/test_cuda_widths.py`` asserts both counts; ``python tests/cuda_widths.py`` prints the table.
 
+The vector-path PTX is also assembled for sm_90 (``ptxas``) and disassembled (``cuobjdump -sass``,
+which ships in Triton's package): ``LDG.E.128`` / ``STG.E.128`` there count the same as the 16-byte
+accesses of the PTX, so the assembler split none of them.
+
 Generic accesses (``ld.u16``, no state space: the compiler could not prove the address global)
 are counted apart; the functors declare their table pointers global (``global_ptr``).
 
@@ -94,6 +98,29 @@ _ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)((?:\.[a-z0-9_]+)*?)(?:\.v(\d)
 _OTHER_SPACES = {".param", ".shared", ".local", ".const"}
 
 
+def _tool(name: str) -> str | None:
+    """``name`` from CUDA_HOME/bin, PATH, next to nvcc, or Triton's bundled CUDA tools."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    cands = [Path(home) / "bin" / name] if home else []
+    found = shutil.which(name)
+    cands += [Path(found)] if found else []
+    nvcc = find_nvcc()
+    cands += [Path(nvcc).resolve().parent / name] if nvcc else []
+    try:
+        import triton
+
+        cands.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+    except ImportError:  # pragma: no cover
+        pass
+    return next((str(c) for c in cands if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def find_sass_tools() -> tuple[str, str] | None:
+    """(ptxas, cuobjdump), or None when either is missing."""
+    ptxas, cuobjdump = _tool("ptxas"), _tool("cuobjdump")
+    return (ptxas, cuobjdump) if ptxas and cuobjdump else None
+
+
 def find_nvcc() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").is_file():
@@ -123,6 +150,40 @@ def compile_ptx(source: str, vector_only: bool, nvcc: str) -> str:
             raise RuntimeError(f"nvcc failed on {source}:\n{proc.stderr[-4000:]}")
         tmp.replace(out)
     return out.read_text()
+
+
+# width qualifiers of LDG / STG (none: 32 bits)
+_SASS_BITS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def sass_widths(ptx: str, tools: tuple[str, str]) -> dict[str, collections.Counter]:
+    """Demangled kernel name -> Counter of ("LDG" / "STG", bits) in the sm_90 SASS of ``ptx`` (cached)."""
+    ptxas, cuobjdump = tools
+    key = hashlib.sha256(ptx.encode() + subprocess.run([ptxas, "--version"], capture_output=True,
+                                                       text=True).stdout.encode()).hexdigest()[:24]
+    out = _cache_dir() / f"{key}.sass"
+    if not out.exists():
+        src = _cache_dir() / f"{key}.{os.getpid()}.ptx"
+        cubin = src.with_suffix(".cubin")
+        src.write_text(ptx)
+        try:
+            subprocess.run([ptxas, "-arch=sm_90", "-O3", str(src), "-o", str(cubin)], check=True, capture_output=True)
+            sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+        finally:
+            src.unlink(missing_ok=True)
+            cubin.unlink(missing_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(sass)
+        tmp.replace(out)
+    parts = re.split(r"Function : (\S+)", out.read_text())
+    names, bodies = parts[1::2], parts[2::2]
+    result = {}
+    for name, body in zip(_demangle(names), bodies):
+        c: collections.Counter = collections.Counter()
+        for kind, quals in re.findall(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)", body):
+            c[(kind, _SASS_BITS.get(next((q for q in quals.split(".") if q in _SASS_BITS), ""), 32))] += 1
+        result[name] = c
+    return result
 
 
 def _demangle(names: list[str]) -> list[str]:
@@ -199,12 +260,17 @@ def table(nvcc: str | None = None) -> list[dict]:
     rows = []
     sources = list(SOURCES) + sorted(str(p.relative_to(CSRC)) for p in (CSRC / "optim").glob("*.cu")
                                      if str(p.relative_to(CSRC)) not in SOURCES)
+    tools = find_sass_tools()
     for source in sources:
         built = entries(compile_ptx(source, False, nvcc))
-        vector = entries(compile_ptx(source, True, nvcc))
+        vector_ptx = compile_ptx(source, True, nvcc)
+        vector = entries(vector_ptx)
+        sass = sass_widths(vector_ptx, tools) if tools else {}
         for name, body in built.items():
             row = {"source": source, "kernel": name, "built": _split(access_widths(body)),
                    "vector_only": _split(access_widths(vector.get(name, "")))}
+            if name in sass:
+                row["sass"] = {"ld128": sass[name][("LDG", 128)], "st128": sass[name][("STG", 128)]}
             f = functor_of(name)
             if f is not None:
                 row["functor"], row["types"] = f

@@ -5,7 +5,8 @@ the scalar path (``-DFASTGEN_VECTOR_PATH_ONLY``) every access of an operand tens
 ``ld.global.v4`` / ``st.global.v4``, at least one per 16 bytes of every operand of a round; the only
 narrower accesses allowed are the per-chunk metadata listed in ``cuda_widths.METADATA`` with their
 reason. The build as shipped adds the scalar path (tails, unaligned views): its 16-byte
-accesses are the same, and it has the narrow fallback accesses that keep odd views correct.
+accesses are the same, and it has the narrow fallback accesses that keep odd views correct. In the
+SASS (ptxas + cuobjdump) each of those 16-byte accesses is one LDG.E.128 / STG.E.128.
 """
 
 from __future__ import annotations
@@ -78,6 +79,22 @@ def test_hot_accesses_are_16_bytes(rows):
             problems.append(f"{name}: {v['ld_narrow']} loads / {v['st_narrow']} stores narrower than 16 bytes on the "
                             f"vector path, allowed {max_ld} / {max_st} ({why}); loads {v['loads']}, stores "
                             f"{v['stores']}")
+    assert not problems, "\n".join(problems)
+
+
+@needs_tools
+def test_sass_keeps_every_16_byte_access_whole(rows):
+    """ptxas turned each 16-byte PTX access of the vector path into one LDG.E.128 / STG.E.128."""
+    if cw.find_sass_tools() is None:
+        pytest.skip("ptxas / cuobjdump not found (CUDA_HOME/bin, PATH, next to nvcc, or Triton's bundled tools)")
+    problems = []
+    for r in rows:
+        if "functor" not in r:
+            continue
+        v, s = r["vector_only"], r["sass"]
+        if (s["ld128"], s["st128"]) != (v["ld16"], v["st16"]):
+            problems.append(f"{r['functor']}<{', '.join(r['types'])}>: SASS LDG/STG.E.128 {s['ld128']} / "
+                            f"{s['st128']}, PTX 16-byte loads / stores {v['ld16']} / {v['st16']}")
     assert not problems, "\n".join(problems)
 
 
