@@ -72,10 +72,11 @@ def test_one_pass_matches_separate_calls_in_fp32(name, shadow_dtype):
         torch.testing.assert_close(a_ema.shadow[key], b_ema.shadow[key], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion"])
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
 def test_one_pass_bf16_parameters(name):
     """bf16 parameters with fp32 shadows: the separate clip rounds g * coef to bf16 and the one pass
-    does not, so the two agree to bf16 rounding."""
+    does not, so the two agree to bf16 rounding. (Not Lion: a sign of c near 0 may flip with that
+    rounding and move an element by 2 lr.)"""
     _need_extension()
     cls, kw = _classes()[name]
     a_model, a_ema = _run(cls, torch.bfloat16, True, 3, **kw)
