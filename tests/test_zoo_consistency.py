@@ -15,6 +15,7 @@ from conftest import INTERPRET, TRITON_DEVICE
 from fastgen.nn import GroupNorm
 from fastgen.zoo.consistency import ConsistencyModel, ConsistencyModelConfig, colour_stats, train_consistency
 from fastgen.zoo.data import shapes
+from test_zoo_cyclegan import one_thread  # noqa: F401 (autouse)
 
 TINY = dict(channels=(8, 16), groups=4, heads=2)
 
@@ -24,14 +25,6 @@ def _randomise_zero_inits(m):
     with torch.no_grad():
         for p in (m.net.conv_out.weight, m.net.mid_attn.proj.weight):
             p.normal_(std=0.1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on 2 shared cores: one thread is fastest
-    yield
-    torch.set_num_threads(n)
 
 
 def test_consistency_function_equals_float64_formula_and_boundary():

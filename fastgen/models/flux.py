@@ -46,15 +46,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.models._common import GeluFeedForward, ModelConfig, ModelOutput, gelu_linear
+from fastgen.models._common import GeluFeedForward, ModelOutput, gelu_linear
 from fastgen.models.sd3 import (
     AdaLN,
+    MMDiTConfig,
     MMDiTModel,
     TimeTextEmbed,
     _shapes,
     _Weight,
     check_tensor,
-    config_from_dict,
     feed_forward,
     norm_linear,
 )
@@ -65,7 +65,7 @@ from fastgen.ops import attention, gated_residual, qk_norm_rope, rope_frequencie
 
 
 @dataclass
-class FluxConfig(ModelConfig):
+class FluxConfig(MMDiTConfig):
     """The fields of diffusers' ``FluxTransformer2DModel`` config (same names, same defaults)."""
 
     patch_size: int = 1
@@ -98,11 +98,6 @@ class FluxConfig(ModelConfig):
     def preset(cls, name: str) -> "FluxConfig":
         """A released configuration: ``"flux.1-dev"`` or ``"flux.1-schnell"``."""
         return cls._from_presets(FLUX_PRESETS, name)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FluxConfig":
-        """From a diffusers ``config.json`` dict (``_class_name`` and other ``_`` keys ignored)."""
-        return config_from_dict(cls, d)
 
 
 FLUX_PRESETS: dict[str, dict] = {

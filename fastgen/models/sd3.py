@@ -69,8 +69,21 @@ from fastgen.ops import attention, gated_residual, qk_norm_rope
 # ----------------------------------------------------------------------------- config
 
 
+class MMDiTConfig(ModelConfig):
+    """Base of SD3Config and FluxConfig: ``from_dict`` of a diffusers ``config.json``."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """From a diffusers ``config.json`` dict (``_class_name`` and other ``_`` keys ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; expected a subset of {sorted(names)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
 @dataclass
-class SD3Config(ModelConfig):
+class SD3Config(MMDiTConfig):
     """The fields of diffusers' ``SD3Transformer2DModel`` config (same names, same defaults)."""
 
     sample_size: int = 128
@@ -103,11 +116,6 @@ class SD3Config(ModelConfig):
         """A released configuration: ``"sd3-medium"``, ``"sd3.5-medium"``, ``"sd3.5-large"``."""
         return cls._from_presets(SD3_PRESETS, name)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "SD3Config":
-        """From a diffusers ``config.json`` dict (``_class_name`` and other ``_`` keys ignored)."""
-        return config_from_dict(cls, d)
-
 
 SD3_PRESETS: dict[str, dict] = {
     "sd3-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
@@ -116,14 +124,6 @@ SD3_PRESETS: dict[str, dict] = {
     "sd3.5-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
                         qk_norm="rms_norm"),
 }
-
-
-def config_from_dict(cls, d: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; expected a subset of {sorted(names)}")
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
 
 # ----------------------------------------------------------------------------- model
