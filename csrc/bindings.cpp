@@ -168,7 +168,8 @@ PYBIND11_MODULE(_C, m) {
            "Prodigy pass 2 over lists of tensors: p += w p (decoupled_wd), p += a n / (sqrt(v) + e) with the device "
            "coefficients w, a, e (coefs_ptr); n: exp_avg, or the gradient when beta1 = 0.");
   FG_ENTRY(MultiTensorEmaParams, FG_MULTI_TENSOR_EMA, multi_tensor_ema,
-           "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay), one rounding.");
+           "EMA over lists of tensors: shadow += weight * (param - shadow) in fp32 (weight = 1 - decay, or the fp32 "
+           "device scalar at weight_ptr when not 0), one rounding.");
   FG_ENTRY(MultiTensorSchedulefreeParams, FG_MULTI_TENSOR_SCHEDULEFREE, multi_tensor_schedulefree,
            "Schedule-free AdamW over lists of tensors (y, g, z, v tables): this step's scalars [1 - beta2^(k+1), c, "
            "lr (beta1 (1 - c) - 1), lr] read from scalars_ptr (4 fp32 device values); fp32 math, one rounding per "

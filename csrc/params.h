@@ -115,7 +115,7 @@ inline bool is_unset(F64 v) {
 #define FG_MULTI_TENSOR_SCALE(F) F(PTR, g_list) FG_MT_CHUNKS(F) F(INT, g_dtype) F(PTR, coef_ptr)
 
 #define FG_MULTI_TENSOR_EMA(F) \
-  F(PTR, s_list) F(PTR, p_list) FG_MT_CHUNKS(F) F(INT, s_dtype) F(INT, p_dtype) F(F64, weight)
+  F(PTR, s_list) F(PTR, p_list) FG_MT_CHUNKS(F) F(INT, s_dtype) F(INT, p_dtype) F(F64, weight) F(PTR, weight_ptr)
 
 // Schedule-free AdamW (optim/schedulefree.h): y, g, z, v tables; scalars_ptr: 4 fp32 device values.
 #define FG_MULTI_TENSOR_SCHEDULEFREE(F) \

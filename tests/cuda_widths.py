@@ -79,7 +79,7 @@ METADATA = {
     "LionOp": (3 + 4 + 2, 0, "chunk id / offset / numel, 4 table addresses, lr and the clip coefficient (fp32)"),
     "NormOp": (3 + 1, 1, "chunk id / offset / numel, 1 table address; the chunk's fp32 partial"),
     "ScaleOp": (3 + 1 + 1, 0, "chunk id / offset / numel, 1 table address, the clip coefficient (fp32)"),
-    "EmaOp": (3 + 2, 0, "chunk id / offset / numel, 2 table addresses"),
+    "EmaOp": (3 + 2 + 1, 0, "chunk id / offset / numel, 2 table addresses, the device weight (fp32)"),
     "ScheduleFreeOp": (3 + 4 + 4, 0, "chunk id / offset / numel, 4 table addresses, the step's 4 fp32 scalars"),
     "AdamW8bitOp": (3 + 8 + 3 + 2 + 4, 2, "chunk id / offset / numel, 8 table addresses, step / lr / clip "
                     "coefficient, the block's two fp32 absmax (one per 256 elements) read and written, the 4 x 256 "

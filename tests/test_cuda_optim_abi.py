@@ -18,7 +18,7 @@ ENTRIES = {
     "multi_tensor_norm": ("MultiTensorNormParams", 10),
     "multi_tensor_norm_finalize": ("MultiTensorNormFinalizeParams", 7),
     "multi_tensor_scale": ("MultiTensorScaleParams", 9),
-    "multi_tensor_ema": ("MultiTensorEmaParams", 11),
+    "multi_tensor_ema": ("MultiTensorEmaParams", 12),
     "multi_tensor_adamw8bit": ("MultiTensorAdamw8bitParams", 29),
     "multi_tensor_prodigy_moments": ("MultiTensorProdigyMomentsParams", 22),
     "multi_tensor_prodigy_update": ("MultiTensorProdigyUpdateParams", 13),
@@ -97,7 +97,10 @@ def test_named_fields_reach_the_op_checks():
         c_entry(C, "multi_tensor_scale", g_list=0, **tables, g_dtype=0, coef_ptr=0, stream=0)
     with pytest.raises(ValueError, match="multi_tensor_ema: weight"):
         c_entry(C, "multi_tensor_ema", s_list=0, p_list=0, **tables, s_dtype=0, p_dtype=2, weight=float("nan"),
-                stream=0)
+                weight_ptr=0, stream=0)
+    # a device weight (a captured warm-up): the host weight is then not read
+    c_entry(C, "multi_tensor_ema", s_list=0, p_list=0, **tables, s_dtype=0, p_dtype=2, weight=float("nan"),
+            weight_ptr=64, stream=0)
     adamw8bit = dict(p_list=0, g_list=0, qm_list=0, am_list=0, qv_list=0, av_list=0, step_list=0, sh_list=0,
                      **tables, p_dtype=2, g_dtype=2, sh_dtype=0, maps=0, lr_ptr=0, lr=1e-3, beta1=0.9, beta2=0.999,
                      eps=1e-8, weight_decay=0.01, maximize=0, stochastic_rounding=1, seed=7, coef_ptr=0,
@@ -177,6 +180,9 @@ def test_launchers_fill_structs_the_entry_points_accept(monkeypatch):
     K.prodigy_update(ps, gs, ps, coefs, decoupled_wd=True)
     K.scale_(gs, coef)
     K.ema_update_(sh, ps, 0.9)
+    K.ema_update_(sh, ps, weight=torch.full((), 0.1))
+    with pytest.raises(ValueError, match="exactly one of decay"):
+        K.ema_update_(sh, ps, 0.9, weight=torch.full((), 0.1))
     assert called == ["multi_tensor_adamw", "multi_tensor_adamw", "multi_tensor_lion", "multi_tensor_ema",
                       "multi_tensor_adamw8bit", "multi_tensor_prodigy_moments", "multi_tensor_prodigy_update",
-                      "multi_tensor_scale", "multi_tensor_ema"]
+                      "multi_tensor_scale", "multi_tensor_ema", "multi_tensor_ema"]

@@ -236,22 +236,22 @@ def test_cuda_clip_ema_entry_points_check_arguments():
     with pytest.raises(ValueError, match="coef_ptr is null"):
         c_entry(C, "multi_tensor_scale", 0, 0, 0, 0, 0, 4096, 0, 0, 0)
     # multi_tensor_ema(s_list, p_list, numels, chunk_ids, chunk_offs, num_chunks, chunk, s_dtype, p_dtype, weight,
-    # stream)
+    # weight_ptr, stream)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, 0, 7, 0.1, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, 0, 7, 0.1, 0, 0)
     with pytest.raises(ValueError, match="unsupported dtypes"):
-        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, -1, 0, 0.1, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, -1, 0, 0.1, 0, 0)
     with pytest.raises(ValueError, match="num_chunks >= 0 and chunk > 0"):
-        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, -2, 4096, 0, 0, 0.1, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, -2, 4096, 0, 0, 0.1, 0, 0)
     with pytest.raises(ValueError, match="weight"):
-        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, 0, 2, math.nan, 0)
+        c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, 0, 2, math.nan, 0, 0)
     # empty lists: nothing is launched, so this passes without a GPU
     for g_dtype in (0, 1, 2):
         for p in (1.0, 2.0, 3.5, math.inf):
             c_entry(C, "multi_tensor_norm", 0, 0, 0, 0, 0, 4096, g_dtype, p, 0, 0)
         c_entry(C, "multi_tensor_scale", 0, 0, 0, 0, 0, 4096, g_dtype, 8, 0)
         for p_dtype in (0, 1, 2):
-            c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, g_dtype, p_dtype, 0.5, 0)
+            c_entry(C, "multi_tensor_ema", 0, 0, 0, 0, 0, 0, 4096, g_dtype, p_dtype, 0.5, 0, 0)
     from fastgen.cuda import optim as K
 
     K.ema_update_([], [], 0.9)

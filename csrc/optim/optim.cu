@@ -283,8 +283,10 @@ struct ScaleOp {
 
 template <typename S, typename P>
 struct EmaOp {
-  float weight;  // 1 - decay
+  float host_weight;         // 1 - decay
+  const float* weight_ptr;   // or 1 - decay read on the device (a captured warm-up), when set
   __device__ void operator()(std::int32_t, void** ptrs, std::int64_t begin, std::int64_t end) const {
+    const float weight = weight_ptr != nullptr ? *weight_ptr : host_weight;
     S* s = global_ptr<S>(ptrs[0]);
     const P* p = global_ptr<const P>(ptrs[1]);
     constexpr int VEC = vec_width<S, P>;
@@ -537,19 +539,21 @@ void multi_tensor_scale(std::uintptr_t g_list, std::uintptr_t numels, std::uintp
 
 void multi_tensor_ema(std::uintptr_t s_list, std::uintptr_t p_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
                       std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int s_dtype,
-                      int p_dtype, double weight, std::uintptr_t stream) {
+                      int p_dtype, double weight, std::uintptr_t weight_ptr, std::uintptr_t stream) {
   FASTGEN_ARG_CHECK(valid_dtype(s_dtype) && valid_dtype(p_dtype),
                     std::string("multi_tensor_ema: unsupported dtypes shadow=") + dtype_name(s_dtype) +
                         ", params=" + dtype_name(p_dtype) + "; supported: float32, float16, bfloat16 (any pair)");
   FASTGEN_ARG_CHECK(num_chunks >= 0 && chunk > 0, "multi_tensor_ema: need num_chunks >= 0 and chunk > 0");
-  FASTGEN_ARG_CHECK(std::isfinite(weight), "multi_tensor_ema: weight (1 - decay) must be finite");
+  FASTGEN_ARG_CHECK(weight_ptr != 0 || std::isfinite(weight),
+                    "multi_tensor_ema: weight (1 - decay) must be finite");
   if (num_chunks == 0) return;
   const TensorTables t = make_tables({s_list, p_list}, numels, chunk_ids, chunk_offs, chunk);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_one(s_dtype, [&](auto s_tag) {
     dispatch_one(p_dtype, [&](auto p_tag) {
       using Op = EmaOp<decltype(s_tag), decltype(p_tag)>;
-      multi_tensor_apply<2>(t, num_chunks, Op{static_cast<float>(weight)}, s);
+      multi_tensor_apply<2>(t, num_chunks, Op{static_cast<float>(weight), reinterpret_cast<const float*>(weight_ptr)},
+                            s);
     });
   });
   FASTGEN_CHECK_LAUNCH("multi_tensor_ema kernel launch");

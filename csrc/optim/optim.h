@@ -48,10 +48,11 @@ void multi_tensor_scale(std::uintptr_t g_list, std::uintptr_t numels, std::uintp
                         std::uintptr_t coef_ptr, std::uintptr_t stream);
 
 // EMA. lists: shadows (s_dtype, updated in place), params (p_dtype); numels / chunks of the shadows.
-// s <- s + weight * (p - s) in fp32 (weight = 1 - decay), one rounding at the store.
+// s <- s + weight * (p - s) in fp32 (weight = 1 - decay), one rounding at the store. weight_ptr: an fp32
+// device scalar holding 1 - decay (a captured warm-up), read instead of `weight` when not 0.
 void multi_tensor_ema(std::uintptr_t s_list, std::uintptr_t p_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
                       std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int s_dtype,
-                      int p_dtype, double weight, std::uintptr_t stream);
+                      int p_dtype, double weight, std::uintptr_t weight_ptr, std::uintptr_t stream);
 
 // 8-bit AdamW (csrc/optim/adamw8bit.cu). lists: params, grads (p_dtype), first-moment codes (uint8) and
 // absmax (fp32, one per 256 elements), second-moment codes and absmax, steps (fp32 0-d, already incremented),

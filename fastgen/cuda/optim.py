@@ -14,6 +14,8 @@ the device, summed in a fixed order (deterministic). Each entry point takes its 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from fastgen.cuda import dtype_code, load_extension
@@ -251,10 +253,19 @@ def scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
         ))
 
 
-def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """shadow <- lerp(shadow, param, 1 - decay) for every pair, one launch (dense, alike, one device)."""
+def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: Optional[float] = None, *,
+                weight: Optional[torch.Tensor] = None) -> None:
+    """shadow <- lerp(shadow, param, 1 - decay) for every pair, one launch (dense, alike, one device).
+    Give either the host float ``decay`` or ``weight``, an fp32 0-d tensor on the tensors' device
+    holding ``1 - decay`` (read by the kernel: no host sync, so a captured warm-up replays right)."""
+    if (decay is None) == (weight is None):
+        raise ValueError("ema_update_: give exactly one of decay (a float) and weight (an fp32 device scalar)")
     if not shadows:
         return
+    if weight is not None and (weight.dtype != torch.float32 or weight.numel() != 1
+                               or weight.device != shadows[0].device):
+        raise ValueError(f"ema_update_: weight must be one fp32 element on {shadows[0].device}, got "
+                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
     C = load_extension()
     table = chunk_table(shadows, CHUNK)
     with torch.cuda.device(shadows[0].device):
@@ -262,6 +273,7 @@ def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: 
             s_list=pointer_table(shadows).data_ptr(), p_list=pointer_table(params).data_ptr(),
             numels=table.numels.data_ptr(), chunk_ids=table.chunk_ids.data_ptr(),
             chunk_offs=table.chunk_offs.data_ptr(), num_chunks=table.num_chunks, chunk=CHUNK,
-            s_dtype=dtype_code(shadows[0].dtype), p_dtype=dtype_code(params[0].dtype), weight=1.0 - float(decay),
-            stream=_stream(shadows[0].device),
+            s_dtype=dtype_code(shadows[0].dtype), p_dtype=dtype_code(params[0].dtype),
+            weight=1.0 - float(decay) if weight is None else 0.0,
+            weight_ptr=weight.data_ptr() if weight is not None else 0, stream=_stream(shadows[0].device),
         ))

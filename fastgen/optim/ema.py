@@ -34,8 +34,6 @@ from fastgen.backend import launcher, resolve
 from fastgen.optim._common import KERNEL_DTYPES, dense_alike, local
 
 _LAYOUT = "strided or float64 tensors"
-_DEVICE_DECAY = ("the decay is a device tensor (a warm-up EMA captured in a CUDA graph); the CUDA C++ EMA takes a "
-                 "host float")
 
 
 def _capturing() -> bool:
@@ -203,8 +201,6 @@ class EMA:
             kernel_ok = p_dtype in KERNEL_DTYPES and shadows[0].dtype in KERNEL_DTYPES and all(
                 dense_alike(s, p) for s, p in zip(shadows, ps))
             unsupported = {} if kernel_ok else {"triton": _LAYOUT, "cuda": _LAYOUT}
-            if weight is not None:
-                unsupported.setdefault("cuda", _DEVICE_DECAY)
             impl = resolve("ema", self.backend, device, unsupported or None)
             w = None if weight is None else weight.to(device)
             if impl in ("triton", "cuda"):
