@@ -21,6 +21,9 @@ import torch
 from fastgen.cuda import dtype_code, load_extension
 from fastgen.kernels.multi_tensor import chunk_table, pointer_table
 
+__all__ = ["adamw_step", "adamw8bit_step", "lion_step", "prodigy_moments", "prodigy_update", "clip_coef",
+           "sum_squares", "scale_", "ema_update_"]
+
 CHUNK = 4096  # elements per block (256 threads, 16 each)
 
 
