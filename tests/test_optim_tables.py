@@ -141,7 +141,7 @@ def test_every_hot_access_of_the_optimizer_kernels_is_a_vector_on_sm90():
     import json
 
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 22  # 11 kernel configs, bf16 and fp32
+    assert len(rows) == 24  # 12 kernel configs (with the EMA that reads a device decay), bf16 and fp32
     for r in rows:
         vec = lambda d: {k: v for k, v in d.items() if k.startswith("v")}  # noqa: E731
         assert vec(r["loads"]) == r["want_loads"], r
