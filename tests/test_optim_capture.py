@@ -263,6 +263,63 @@ def test_one_pass_step_with_a_device_decay_equals_the_fused_one(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Prodigy: the step count (its bias correction) lives on the device too
+
+
+@pytest.mark.parametrize("backend", [b for b in _kernel_backends() if b != "torch"])
+def test_prodigy_step_makes_no_host_sync(backend, monkeypatch):
+    """With the bias correction (a function of the step count k), a step after the first reads no
+    tensor back to the host; k, d, d_max and the numerator advance in place. (The torch path is
+    not checked here: on CPU tensors ``_foreach_add_`` with a 0-d tensor reads it on the host,
+    which CUDA's foreach kernels do not; the GPU tier captures that path.)"""
+    from fastgen.optim import FusedProdigy
+
+    dev = _device_for(backend)
+    params = _params(dev, sizes=(300, 5))
+    opt = FusedProdigy(params, weight_decay=0.01, use_bias_correction=True, backend=backend)
+    _grads(params, 0)
+    opt.step()
+    group = opt.param_groups[0]
+    state = {key: group[key] for key in ("k", "d", "d_max", "d_numerator")}
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.dim() == 0 for t in state.values())
+    for step in range(1, 3):
+        _grads(params, step)
+        with _no_host_sync(list(state.values()), monkeypatch):
+            opt.step()
+    assert all(group[key] is t for key, t in state.items())
+    assert group["k"].item() == 3
+
+
+def test_prodigy_checkpoint_keeps_the_package_layout_and_resumes():
+    """state_dict writes k as an int (prodigyopt's layout); a resumed optimizer continues with the
+    same bias correction as one that never stopped, and prodigyopt reads the checkpoint."""
+    from fastgen.optim import FusedProdigy
+
+    def run(steps, opt=None, params=None):
+        params = params or _params(sizes=(300, 5))
+        opt = opt or FusedProdigy(params, use_bias_correction=True)
+        for step in steps:
+            _grads(params, step)
+            opt.step()
+        return params, opt
+
+    straight, _ = run(range(6))
+    half, opt = run(range(3))
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["k"] == 3 and isinstance(sd["param_groups"][0]["k"], int)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in half]
+    fresh = FusedProdigy(resumed, use_bias_correction=True)
+    fresh.load_state_dict(sd)
+    run(range(3, 6), fresh, resumed)
+    for p, q in zip(straight, resumed):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+    prodigyopt = pytest.importorskip("prodigyopt")
+    theirs = prodigyopt.Prodigy([torch.nn.Parameter(p.detach().clone()) for p in half], use_bias_correction=True)
+    theirs.load_state_dict(opt.state_dict())
+    assert theirs.param_groups[0]["k"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU tier: capture one step, replay N times, against N eager steps
 
 

@@ -170,8 +170,11 @@ def test_gpu_one_pass_step_captures_in_a_cuda_graph(kind):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_prodigy_captures_in_a_cuda_graph():
-    """d, d_max and the numerator are device tensors updated in place: a captured step feeds its replay."""
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_gpu_prodigy_captures_in_a_cuda_graph(bias_correction):
+    """d, d_max, the numerator and the step count k are device tensors updated in place: a captured
+    step feeds its replay, and the bias correction (a function of k) changes at every replay."""
     from fastgen.optim import FusedProdigy
 
-    _capture_and_replay(lambda params: (FusedProdigy(params, weight_decay=0.01), None))
+    _capture_and_replay(lambda params: (FusedProdigy(params, weight_decay=0.01,
+                                                     use_bias_correction=bias_correction), None))
