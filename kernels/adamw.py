@@ -18,11 +18,19 @@ keeps tiny updates from vanishing in expectation.
 
 The one-pass step (``CLIP``, ``EMA``): ``g = coef * grad`` with the global clip coefficient
 read on the device, and after the store ``shadow = shadow + w (p - shadow)`` from the stored
-parameter. Bytes per element: p, g, m, v read; p, m, v written (+ shadow read and written).
+parameter.
 
 Division and square roots are ``tl.math.div_rn`` / ``tl.math.sqrt_rn`` (IEEE round to
 nearest, in Triton 3.6 and 3.9 alike): compiled Triton's ``/`` and ``sqrt`` are approximate
 and flush denormals, and the step is memory-bound, so exactness costs nothing.
+
+Bytes per element (e: element size of the parameter; per-row, per-column and per-sample terms omitted):
+
+    step: read p (e), g (e), m (4), v (4); write p (e), m (4), v (4) = 3e + 16
+    step amsgrad: read p (e), g (e), m (4), v (4), vmax (4); write p (e), m (4), v (4), vmax (4) = 3e + 24
+    step clip+ema: read p (e), g (e), m (4), v (4), shadow (4); write p (e), m (4), v (4), shadow (4) = 3e + 24
+
+States and the EMA shadow are fp32. The one-pass step also needs the clip's norm pass over g (``kernels/clip_grad.py``, sum_squares).
 """
 
 from __future__ import annotations

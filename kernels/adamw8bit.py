@@ -11,11 +11,17 @@ dynamic maps, fp32 absmax per block), with ``t`` the parameter's step count::
     av = max  v  over the block,  cv = #{i : UBOUND[i] < v / av}
 
 The code is found by an 8-step binary search of the 256-entry boundary table (L1-resident).
-Bytes per element: p (2 or 4) and g (2 or 4) read, p written; 1 + 1 code bytes read and
-written; absmax 2 x 4 bytes per 256 elements read and written.
 
 A program owns ``QB`` whole quantization blocks (``BLOCK = QB * 256`` elements), so a block
 never straddles two programs and its absmax is a local reduction.
+
+Bytes per element (e: element size of the parameter; per-row, per-column and per-sample terms omitted):
+
+    step: read p (e), g (e), cm (1), cv (1); write p (e), cm (1), cv (1) = 3e + 4
+    step clip+ema: read p (e), g (e), cm (1), cv (1), shadow (4); write p (e), cm (1), cv (1), shadow (4) = 3e + 12
+
+The moments are uint8 codes, plus the fp32 absmax of each moment, read and written once per
+256-element block (1/16 byte per element).
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@
 The first kernel writes one fp32 partial sum of squares per program; the partials are
 summed in a fixed order (deterministic). The coefficient is a device scalar, so the
 whole clip needs no host sync.
+
+Bytes per element (e: element size of the gradient; per-row, per-column and per-sample terms omitted):
+
+    sum_squares: read g (e); write - = e
+    scale: read g (e); write g (e) = 2e
 """
 
 from __future__ import annotations

@@ -3,8 +3,14 @@
 One launch per (shadow dtype, parameter dtype) pair; fp32 math, one rounding at the
 store. The weight ``1 - decay`` is a host float, or an fp32 device scalar that the kernel
 reads (``WEIGHT_IS_PTR``: the warm-up decay computed on the device, so a step captured in a
-CUDA graph reads each replay's own decay). Bytes per element: shadow read and written,
-parameter read (16-byte accesses for aligned, full chunks).
+CUDA graph reads each replay's own decay). Aligned, full chunks load and store 16 bytes per
+access.
+
+Bytes per element (e: element size of the parameter; per-row, per-column and per-sample terms omitted):
+
+    update: read shadow (4), p (e); write shadow (4) = e + 8
+
+The shadow is fp32.
 """
 
 from __future__ import annotations

@@ -27,6 +27,13 @@ Shapes: ``x (M, 2N)`` with row stride ``stride_x`` and a contiguous last dim;
 of the output (and the matching tiles of both halves of ``x``); the grid is
 ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))`` (rows on the axis without the 65535 limit) with
 64-bit row offsets.
+
+Bytes per element (e: element size of x; per-row, per-column and per-sample terms omitted):
+
+    fwd: read a (e), g (e); write y (e) = 3e
+    bwd: read dy (e), a (e), g (e); write da (e), dg (e) = 5e
+
+An element is one of y's, and x = [a | g] is read as its two halves.
 """
 
 from __future__ import annotations

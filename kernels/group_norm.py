@@ -54,6 +54,16 @@ Programs write per-program, per-channel fp32 partials ``DWP, DBP [N * splits, C]
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); every load is
 upcast to fp32 at once and stores go through ``round_to``.
+
+Bytes per element (e: element size of x; per-row, per-column and per-sample terms omitted):
+
+    fwd: read x (e); write y (e) = 2e
+    apply: read x (e); write y (e) = 2e
+    bwd: read dy (e), x (e); write dx (e) = 3e
+
+One program per group re-reads its group for the second pass while it is in L1 / L2 (counted
+once); the split reduction reads x (fwd) or dy and x (bwd) in two kernels: + 1e / + 2e when the
+second read misses L2.
 """
 
 from __future__ import annotations

@@ -58,6 +58,23 @@ Forward paths, by row width:
   in L2), forms ``h`` again from the inputs (bit-identical) and applies the
   normalization, affine and modulation. The backward takes these rows in column
   blocks as it does every row wider than ``MAX_FULL_ROW_BWD``.
+
+Bytes per element (e: element size of x; per-row, per-column and per-sample terms omitted):
+
+    fwd: read x (e); write out (e) = 2e
+    fwd modulate: read x (e); write out (e) = 2e
+    fwd modulate per-token: read x (e), shift (e), scale (e); write out (e) = 4e
+    fwd gated: read x (e), y (e); write out (e), x_new (e) = 4e
+    bwd: read dout (e), h (e); write dh (e) = 3e
+    bwd modulate: read dout (e), h (e); write dh (e) = 3e
+    bwd modulate per-token: read dout (e), h (e), scale (e); write dh (e), dscale (e) = 5e
+    bwd gated: read dout (e), dx_new (e), h (e), y (e); write dh (e), dy (e) = 6e
+
+"modulate" and "gated" take per-sample shift / scale / gate (a ``(B, N)`` row each, the DiT
+case); per-token modulation reads and writes them per element as listed. The chunked forward
+(rows wider than ``MAX_FULL_ROW_FWD``) reads its inputs a second time in pass 2 (from L2 when the
+row is still there); rows wider than ``MAX_FULL_ROW_BWD`` read dout and h once more in the
+row-statistics kernel.
 """
 
 from __future__ import annotations

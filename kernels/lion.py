@@ -8,6 +8,13 @@ Per element, in fp32::
     m = beta2 * m + (1 - beta2) * g
 
 ``lr`` may be a device tensor; one launch per dtype combination.
+
+Bytes per element (e: element size of the parameter; per-row, per-column and per-sample terms omitted):
+
+    step: read p (e), g (e), m (4); write p (e), m (4) = 3e + 8
+    step clip+ema: read p (e), g (e), m (4), shadow (4); write p (e), m (4), shadow (4) = 3e + 16
+
+The momentum and the EMA shadow are fp32.
 """
 
 from __future__ import annotations

@@ -15,8 +15,13 @@ or ``-dlr * d`` with ``beta1 = 0``, ``e = d * eps``)::
     p = p + w * p                  (decouple = True)
     p = p + a * (m or g) / (sqrt(v) + e)
 
-Bytes per element: pass 1 reads g, p, p0, m, v, s and writes m, v, s; pass 2 reads p, m (or
-g), v and writes p (fp32: 52 bytes; the foreach path makes about twice that).
+Bytes per element (e: element size of the parameter; per-row, per-column and per-sample terms omitted):
+
+    moments: read p (e), g (e), p0 (e), m (e), v (e), s (e); write m (e), v (e), s (e) = 9e
+    update: read p (e), m (e), v (e); write p (e) = 4e
+
+Every state is in the parameter's dtype (fp32: 52 bytes per step; the foreach path makes about
+twice that).
 """
 
 from __future__ import annotations

@@ -26,6 +26,13 @@ Shapes and tiling as in ``kernels/rope.py``: q ``(B, S, Hq, D)`` / k ``(B, S, Hk
 ("bshd") or ``(B, H, S, D)`` ("bhsd") with (batch, sequence, head) strides and a
 contiguous last dim; one program holds BLOCK_S tokens x BLOCK_H heads x the whole
 head dim (pairs + pass-through dims), so the row sums stay in registers.
+
+Bytes per element (e: element size of q and k; per-row, per-column and per-sample terms omitted):
+
+    fwd: read x (e); write out (e) = 2e
+    bwd: read dout (e), x (e); write dx (e) = 3e
+
+x is q or k (an element is one of q's or k's); rstd is recomputed in the backward (nothing per row is stored).
 """
 
 from __future__ import annotations

@@ -27,6 +27,17 @@ summed in a fixed order afterwards (no atomics).
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); every load
 is upcast to fp32 at once, which keeps bf16 correct in the interpreter too.
+
+Bytes per element (e: element size of x; per-row, per-column and per-sample terms omitted):
+
+    fwd: read x (e); write y (e) = 2e
+    fwd residual: read x (e), r (e); write y (e), h (e) = 4e
+    bwd: read dy (e), h (e); write dx (e) = 3e
+    bwd residual: read dy (e), h (e), dh_out (e); write dx (e) = 4e
+
+Rows wider than ``MAX_FUSED_N_FWD`` (``MAX_FUSED_N_FWD_RESIDUAL``) read x (and r) a second time in
+the forward's second pass, and rows wider than ``MAX_FUSED_N_BWD`` read dy and h once more in the
+row-dot kernel: + 1e (2e) and + 2e when that second read misses L2.
 """
 
 from __future__ import annotations

@@ -28,6 +28,13 @@ One program owns a tile of BLOCK_S tokens x BLOCK_H heads of q or of k; the cos 
 sin rows of its tokens are loaded once and broadcast over the heads. Grid:
 ``(cdiv(B*S, BLOCK_S), cdiv(Hq, BLOCK_H) + cdiv(Hk, BLOCK_H))``: the second axis
 walks q's head blocks, then k's.
+
+Bytes per element (e: element size of q and k; per-row, per-column and per-sample terms omitted):
+
+    fwd: read x (e); write out (e) = 2e
+    bwd: read dout (e); write dx (e) = 2e
+
+x is q or k (an element is one of q's or k's). The fp32 cos / sin rows of a token block are read once for all its heads.
 """
 
 from __future__ import annotations

@@ -21,8 +21,15 @@ Backward, with ``dy`` the gradient of ``y``::
 
 Per-sample sums: each program writes fp32 partials ``[B, chunks, N]`` of its tokens, and
 the launcher sums them over ``chunks`` in a fixed order (deterministic, no atomics).
-Memory: the forward reads x and the modulation once and writes y; the backward reads dy,
-x and scale once and writes dx (plus dscale per token, or the ``[B, chunks, N]`` partials).
+
+Bytes per element (e: element size of x; per-row, per-column and per-sample terms omitted):
+
+    fwd: read x (e); write y (e) = 2e
+    fwd per-token: read x (e), scale (e), shift (e); write y (e) = 4e
+    bwd: read dy (e), x (e); write dx (e) = 3e
+    bwd per-token: read dy (e), x (e), scale (e); write dx (e), dscale (e) = 5e
+
+The plain lines are per-sample modulation (``[B, 1, N]``, read once per row block).
 """
 
 from __future__ import annotations

@@ -12,7 +12,13 @@ step's own schedule)::
     z = z - lr * u
 
 ``y`` (the parameter), ``z`` and ``v`` are stored in the parameter's dtype, as the
-``schedulefree`` package keeps them. Bytes per element: y, g, z, v read; y, z, v written.
+``schedulefree`` package keeps them.
+
+Bytes per element (e: element size of the parameter; per-row, per-column and per-sample terms omitted):
+
+    step: read y (e), g (e), z (e), v (e); write y (e), z (e), v (e) = 7e
+
+z and v are in the parameter's dtype.
 """
 
 from __future__ import annotations

@@ -50,6 +50,65 @@ def compile_ptx(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
     return compiled.asm["ptx"]
 
 
+# ----------------------------------------------------------------------------- stated bytes per element
+
+_HEADER = re.compile(r"^Bytes per element \(e: ")
+# "<pass>: read <list>; write <list> = <total>", a list being "-" or "name (size), name (size), ..."
+_LINE = re.compile(r"^\s+(?P<pass>[\w+ -]+?): read (?P<read>.+?); write (?P<write>.+?) = (?P<total>.+)$")
+_ITEM = re.compile(r"^(?P<name>[\w]+) \((?P<size>[^()]+)\)$")
+
+
+def _size(text: str) -> tuple[float, float]:
+    """``a e + b`` as ``(a, b)`` from "e", "4", "3e + 16", "e + 8", "1/16"."""
+    a = b = 0.0
+    for term in text.replace(" ", "").split("+"):
+        if term.endswith("e"):
+            a += float(term[:-1] or 1)
+        elif "/" in term:
+            num, den = term.split("/")
+            b += float(num) / float(den)
+        else:
+            b += float(term)
+    return a, b
+
+
+def _items(text: str) -> list[tuple[str, tuple[float, float]]]:
+    if text.strip() == "-":
+        return []
+    out = []
+    for item in text.split(", "):
+        m = _ITEM.match(item.strip())
+        if m is None:
+            raise ValueError(f"not 'name (size)': {item!r}")
+        out.append((m["name"], _size(m["size"])))
+    return out
+
+
+def stated_bytes(module: str) -> dict[str, dict]:
+    """The "Bytes per element" lines of ``fastgen.kernels.<module>``'s docstring (read from the
+    source, no import): ``{pass: {"read": [(tensor, (a, b))], "write": [...], "total": (a, b)}}``,
+    a size ``(a, b)`` meaning ``a * e + b`` bytes, e the element size the header names."""
+    import ast
+    import importlib.util
+
+    path = importlib.util.find_spec("fastgen.kernels").submodule_search_locations[0] + f"/{module}.py"
+    doc = ast.get_docstring(ast.parse(open(path).read())) or ""
+    lines = doc.splitlines()
+    start = next((i for i, ln in enumerate(lines) if _HEADER.match(ln)), None)
+    if start is None:
+        raise ValueError(f"{module}: no 'Bytes per element (e: ...' line in the module docstring")
+    out, i = {}, start + 1
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    while i < len(lines) and lines[i].strip():
+        m = _LINE.match(lines[i])
+        if m is None:
+            raise ValueError(f"{module}: not '<pass>: read ...; write ... = <total>': {lines[i]!r}")
+        out[m["pass"]] = {"read": _items(m["read"]), "write": _items(m["write"]), "total": _size(m["total"])}
+        i += 1
+    return out
+
+
 def _pick(gen, names):
     """The cases of ``gen`` whose names start with one of ``names`` (one config per kernel)."""
     seen = set()
