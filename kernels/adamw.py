@@ -30,7 +30,8 @@ Bytes per element (e: element size of the parameter; per-row, per-column and per
     step amsgrad: read p (e), g (e), m (4), v (4), vmax (4); write p (e), m (4), v (4), vmax (4) = 3e + 24
     step clip+ema: read p (e), g (e), m (4), v (4), shadow (4); write p (e), m (4), v (4), shadow (4) = 3e + 24
 
-States and the EMA shadow are fp32. The one-pass step also needs the clip's norm pass over g (``kernels/clip_grad.py``, sum_squares).
+States and the EMA shadow are fp32. The one-pass step also needs the clip's norm pass over g
+(``kernels/clip_grad.py``, sum_squares).
 """
 
 from __future__ import annotations

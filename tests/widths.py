@@ -129,6 +129,180 @@ def cases():
     yield from _pick(optim_cases, ("adamw amsgrad=False stochastic=False", "adamw8bit", "lion", "ema", "clip"))
 
 
+# ----------------------------------------------------------------------------- exact 16-byte counts
+
+# The rule (tests/test_static_widths.py): a program's tile of one tensor holds ``elements``
+# values; spread over ``32 * num_warps`` threads, each thread owns ``elements * bytes / (32 *
+# num_warps)`` bytes of it, contiguous in runs of ``run`` bytes along the unit-stride dim. When
+# both are at least 16, that tensor's access is ``per-thread bytes / 16`` 16-byte instructions in
+# the PTX, once per loop body (a ``range`` loop with a runtime trip count is not unrolled: its
+# body appears once). The expected count is that, summed over the tensors the kernel reads
+# (loads) or writes (stores) per element: the docstring's tensor list for the pass.
+def v16(elements: int, nbytes: int, num_warps: int, run: int | None = None) -> int:
+    per_thread = elements * nbytes // (32 * num_warps)
+    run = elements * nbytes if run is None else run
+    return per_thread // 16 if per_thread >= 16 and run >= 16 else 0
+
+
+def _stated(module, pass_):
+    line = stated_bytes(module)[pass_]
+    return [t for t, _ in line["read"]], [t for t, _ in line["write"]]
+
+
+def _exact(name, fn, sig, consts, nw, loads, stores, e=2, why=""):
+    """A case with the per-column / per-row operands off (their layout is Triton's choice, not the
+    tile's) and its expected 16-byte loads and stores."""
+    return dict(name=name, fn=fn, sig=sig, consts=consts, nw=nw, want_loads=loads, want_stores=stores, why=why)
+
+
+def exact_cases():
+    """Every norm / RoPE / GLU / scale-shift config of tests/sm90.py (bf16; deduplicated, one
+    activation per GLU tile), with its expected 16-byte load and store counts."""
+    e = 2
+    seen = set()
+
+    def once(c):
+        key = (c["fn"].__name__, tuple(sorted((k, str(v)) for k, v in c["consts"].items())), c["nw"])
+        if key not in seen:
+            seen.add(key)
+            yield c
+
+    for name, fn, sig, consts, nw in rms_norm_cases("bf16"):
+        if name.startswith("rowdot"):
+            continue  # not derived: see test_static_widths.NOT_DERIVED
+        c = dict(consts, HAS_W=False)
+        tile = c["BLOCK_M"] * c["BLOCK_N"]
+        if name.startswith("fwd"):
+            rd, wr = _stated("rms_norm", "fwd residual" if c["HAS_R"] else "fwd")
+            passes = 1 if c["SINGLE_PASS"] else 2  # the chunked path reads its inputs again in pass 2
+            yield from once(_exact(name, fn, sig, c, nw, passes * len(rd) * v16(tile, e, nw),
+                                   len(wr) * v16(tile, e, nw)))
+        else:
+            rd, wr = _stated("rms_norm", "bwd residual" if c["HAS_DHOUT"] else "bwd")
+            yield from once(_exact(name, fn, sig, c, nw, len(rd) * v16(tile, e, nw), len(wr) * v16(tile, e, nw)))
+    for name, fn, sig, consts, nw in glu_cases("bf16"):
+        if consts["ACT"] != "gelu":
+            continue  # the activation changes the math, not the accesses
+        rd, wr = _stated("glu", name.split()[1])
+        tile = consts["BLOCK_M"] * consts["BLOCK_N"]
+        yield from once(_exact(name, fn, sig, consts, nw, len(rd) * v16(tile, e, nw), len(wr) * v16(tile, e, nw)))
+    for name, fn, sig, consts, nw in layer_norm_cases("bf16"):
+        if name.startswith("ln rowstats"):
+            continue  # not derived: see test_static_widths.NOT_DERIVED
+        c = dict(consts, HAS_W=False, HAS_B=False)
+        norm, mod, res = c["NORM"], c["HAS_MOD"], c["HAS_RES"]
+        tile = c.get("BLOCK_M", 1) * c["BLOCK_N"]
+        if fn.__name__ == "_layer_norm_fwd_chunked_kernel":
+            # one row per program in BLOCK_N chunks. Pass 1 forms h (reads x, and y and gate when
+            # gated; stores x_new) in the peeled chunk 0 and in the loop body: two copies. Pass 2
+            # (with a norm) forms h again in its loop body, reads the modulation, stores out.
+            h_reads = 1 + (2 if res else 0)
+            copies = 3 if norm else 2
+            rd = copies * h_reads + (2 if (norm and mod) else 0)
+            wr = (2 if res else 0) + (1 if norm else 0)
+            yield from once(_exact(name, fn, sig, c, nw, rd * v16(tile, e, nw), wr * v16(tile, e, nw)))
+            continue
+        if name.startswith("ln fwd"):
+            # the "fwd" lines with every modulation and gate read per element (a per-sample one is
+            # the same code with a zero token stride)
+            rd = ["x"] + (["y", "gate"] if res else []) + (["shift", "scale"] if mod else [])
+            wr = (["out"] if norm else []) + (["x_new"] if res else [])
+        else:
+            if "per_sample" in name:
+                continue  # the per-sample partials are per-column: the per-token case covers the tile
+            rd = (["dout", "h"] if norm else []) + (["scale"] if mod else []) + (["dx_new", "gate", "y"] if res else [])
+            wr = (["dh"] if norm else []) + (["dscale"] if mod else []) + (["dy", "dgate"] if res else [])
+        yield from once(_exact(name, fn, sig, c, nw, len(rd) * v16(tile, e, nw), len(wr) * v16(tile, e, nw)))
+    for name, fn, sig, consts, nw in group_norm_cases("bf16"):
+        kind = name.split()[1]
+        if kind in ("combine", "bwd_combine"):
+            continue  # per-group partials only, no per-element tensor
+        c = dict(consts)
+        if "HAS_W" in c:
+            c.update(HAS_W=False, HAS_B=False)
+        tile = c["BLOCK_K"] * c["BLOCK_S"]
+        run = (c["BLOCK_K"] if c["CHANNELS_LAST"] else c["BLOCK_S"]) * e  # contiguous bytes along the unit stride
+        v = v16(tile, e, nw, run)
+        # loop bodies: fwd / bwd (one program per group) walk the group twice (statistics, then
+        # the output), each reading x (fwd) or dy and x (bwd); the split kernels walk it once.
+        rd, wr = {"fwd": (["x", "x"], ["y"]), "bwd": (["dy", "x", "dy", "x"], ["dx"]), "apply": (["x"], ["y"]),
+                  "stats": (["x"], []), "bwd_reduce": (["dy", "x"], []), "bwd_dx": (["dy", "x"], ["dx"])}[kind]
+        # bwd_reduce also stores the per-channel fp32 partials of dw and db: [BLOCK_K] vectors,
+        # reduced over the tile's spatial dim (by the same rule: 16-byte only for wide groups)
+        partials = 2 * v16(c["BLOCK_K"], 4, nw) if kind == "bwd_reduce" else 0
+        yield from once(_exact(name, fn, sig, c, nw, len(rd) * v, len(wr) * v + partials))
+    for name, fn, sig, consts, nw in rope_cases("bf16"):
+        if name.startswith("qk_norm_rope bwd"):
+            continue  # not derived: see test_static_widths.NOT_DERIVED
+        c = dict(consts, COPY_PASS=consts.get("COPY_PASS", consts.get("HAS_PASS")))  # qk_norm_rope: HAS_PASS
+        rows = c["BLOCK_S"] * c["BLOCK_H"]
+        # per branch (q, then k: the kernel's two code paths), the rotated columns: one load / store
+        # of 2 * HALF interleaved, or two (a, b) of HALF; plus the pass-through dims when copied
+        pairs = [2 * c["HALF"]] if c["INTERLEAVED"] else [c["HALF"], c["HALF"]]
+        cols = pairs + ([c["BLOCK_P"]] if c["COPY_PASS"] else [])
+        per_branch = sum(v16(rows * n, e, nw, n * e) for n in cols)
+        # The fp32 cos / sin rows of the token block (and qk_norm_rope's weights) are broadcast over
+        # the heads: Triton gives them either their own layout or the tile's, replicated over the
+        # head threads (16-byte then). Not derivable from the tile, so the loads are a lower bound
+        # (test_static_widths.NOT_DERIVED).
+        yield from once(_exact(name, fn, sig, consts, nw, 2 * per_branch, 2 * per_branch,
+                               why="loads: at least; the cos / sin (and norm weight) loads come on top"))
+    yield from (c for sc in scale_shift_cases() for c in once(sc))
+
+
+def scale_shift_cases():
+    """The AdaLN scale / shift kernels at DiT, PixArt and Flux widths, per-sample and per-token
+    backward, with their expected 16-byte counts."""
+    import torch
+
+    from fastgen.kernels import scale_shift as k
+
+    p = "*bf16"
+    ints = {n: "i32" for n in ("S", "N", "n_chunks", "chunk_s")}
+    fwd_sig = {"X": p, "SCALE": p, "SHIFT": p, "Y": p, **ints, **{n: "i64" for n in
+               ("sxb", "sxs", "scb", "scs", "shb", "shs")}}
+    bwd_sig = {"DY": p, "X": p, "SCALE": p, "DX": p, "DSCALE": p, "DSHIFT": "*fp32", **ints,
+               **{n: "i64" for n in ("sxb", "sxs", "scb", "scs")}}
+    orig = k.max_programs
+    k.max_programs = lambda device: 4 * 132  # the grid only
+    try:
+        for B, S, N in ((32, 256, 1152), (2, 4096, 3072), (2, 256, 64)):
+            cfg = k.scale_shift_config(B, S, N, torch.device("cuda", 0))
+            nw, bn = cfg["num_warps"], cfg["BLOCK_N"]
+            v = v16(bn, 2, nw)
+            rd, wr = _stated("scale_shift", "fwd per-token")
+            yield _exact(f"scale_shift fwd N={N}", k._scale_shift_fwd_kernel, fwd_sig,
+                         dict(BLOCK_N=bn, INTERPRET=False), nw, len(rd) * v, len(wr) * v)
+            rd, wr = _stated("scale_shift", "bwd per-token")
+            yield _exact(f"scale_shift bwd N={N} per-token", k._scale_shift_bwd_kernel, bwd_sig,
+                         dict(SCALE_PS=False, SHIFT_PS=False, BLOCK_N=bn, INTERPRET=False), nw,
+                         len(rd) * v, len(wr) * v)
+            # per sample: dy, x and scale read per row; dx written; the fp32 partial sums of dscale
+            # and dshift stored once per program after the loop (a 1-D tile: the same layout)
+            yield _exact(f"scale_shift bwd N={N} per-sample", k._scale_shift_bwd_kernel,
+                         dict(bwd_sig, DSCALE="*fp32"), dict(SCALE_PS=True, SHIFT_PS=True, BLOCK_N=bn,
+                                                             INTERPRET=False), nw,
+                         3 * v, v + 2 * v16(bn, 4, nw))
+    finally:
+        k.max_programs = orig
+
+
+def exact_table() -> list[dict]:
+    rows = []
+    for c in exact_cases():
+        row = {k: c[k] for k in ("name", "want_loads", "want_stores", "why")}
+        row.update(kernel=c["fn"].__name__, num_warps=c["nw"],
+                   tile={k: v for k, v in c["consts"].items() if k.startswith("BLOCK") or k == "HALF"})
+        try:
+            w = access_widths(compile_ptx(c["fn"], c["sig"], c["consts"], c["nw"]))
+        except Exception as exc:  # reported, and failed by the test
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            row.update(loads=w[("ld", 16)], stores=w[("st", 16)])
+        rows.append(row)
+    return rows
+
+
 def table() -> list[dict]:
     rows = []
     for name, fn, sig, consts, nw in cases():
@@ -153,6 +327,16 @@ if __name__ == "__main__":
     import sys
 
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET unset"
+    if "--exact" in sys.argv:
+        rows = exact_table()
+        if "--json" in sys.argv:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                got = r.get("error") or f"16B loads {r['loads']} (want {r['want_loads']}), " \
+                                        f"stores {r['stores']} (want {r['want_stores']})"
+                print(f"{r['name']:50s} w={r['num_warps']:2d} {r['tile']} {got}")
+        sys.exit(0)
     rows = table()
     if "--json" in sys.argv:
         print(json.dumps(rows))
