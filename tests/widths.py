@@ -225,8 +225,11 @@ def exact_cases():
         v = v16(tile, e, nw, run)
         # loop bodies: fwd / bwd (one program per group) walk the group twice (statistics, then
         # the output), each reading x (fwd) or dy and x (bwd); the split kernels walk it once.
-        rd, wr = {"fwd": (["x", "x"], ["y"]), "bwd": (["dy", "x", "dy", "x"], ["dx"]), "apply": (["x"], ["y"]),
-                  "stats": (["x"], []), "bwd_reduce": (["dy", "x"], []), "bwd_dx": (["dy", "x"], ["dx"])}[kind]
+        # The split path's kernels: stats reads the forward's inputs, apply is the apply line; the
+        # backward's reduce reads the backward's inputs, bwd_dx reads them again and writes dx.
+        fwd, bwd, apply = (_stated("group_norm", p) for p in ("fwd", "bwd", "apply"))
+        rd, wr = {"fwd": (2 * fwd[0], fwd[1]), "bwd": (2 * bwd[0], bwd[1]), "apply": apply, "stats": (fwd[0], []),
+                  "bwd_reduce": (bwd[0], []), "bwd_dx": bwd}[kind]
         # bwd_reduce also stores the per-channel fp32 partials of dw and db: [BLOCK_K] vectors,
         # reduced over the tile's spatial dim (by the same rule: 16-byte only for wide groups)
         partials = 2 * v16(c["BLOCK_K"], 4, nw) if kind == "bwd_reduce" else 0
