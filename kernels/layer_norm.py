@@ -65,13 +65,21 @@ Bytes per element (e: element size of x; per-row, per-column and per-sample term
     fwd modulate: read x (e); write out (e) = 2e
     fwd modulate per-token: read x (e), shift (e), scale (e); write out (e) = 4e
     fwd gated: read x (e), y (e); write out (e), x_new (e) = 4e
+    fwd gated per-token: read x (e), y (e), gate (e), shift (e), scale (e); write out (e), x_new (e) = 7e
+    fwd residual: read x (e), y (e); write x_new (e) = 3e
+    fwd residual per-token: read x (e), y (e), gate (e); write x_new (e) = 4e
     bwd: read dout (e), h (e); write dh (e) = 3e
     bwd modulate: read dout (e), h (e); write dh (e) = 3e
     bwd modulate per-token: read dout (e), h (e), scale (e); write dh (e), dscale (e) = 5e
     bwd gated: read dout (e), dx_new (e), h (e), y (e); write dh (e), dy (e) = 6e
+    bwd gated per-token: read dout (e), h (e), scale (e), dx_new (e), gate (e), y (e); write dh (e), dscale (e), dy (e), dgate (e) = 10e
+    bwd residual: read dx_new (e), y (e); write dy (e) = 3e
+    bwd residual per-token: read dx_new (e), gate (e), y (e); write dy (e), dgate (e) = 5e
 
-"modulate" and "gated" take per-sample shift / scale / gate (a ``(B, N)`` row each, the DiT
-case); per-token modulation reads and writes them per element as listed. The chunked forward
+"modulate" is layer_norm_modulate / rms_norm_modulate, "gated" gated_residual_layer_norm_modulate
+and "residual" gated_residual alone (no norm; its dx is dx_new itself). The plain lines take
+per-sample shift / scale / gate (a ``(B, N)`` row each, the DiT case); the per-token lines
+read and write them per element. The chunked forward
 (rows wider than ``MAX_FULL_ROW_FWD``) reads its inputs a second time in pass 2 (from L2 when the
 row is still there); rows wider than ``MAX_FULL_ROW_BWD`` read dout and h once more in the
 row-statistics kernel.

@@ -15,7 +15,9 @@ stated count for bf16 and fp32. Kernels without a bench formula (Lion, 8-bit Ada
 schedule-free AdamW) are checked against the per-element tensor bytes of the static width
 table instead (``tests/sm90.py`` ``optim_hot_bytes``, whose vector counts tests/test_optim_tables.py
 checks in the compiled PTX). Prodigy has neither: only its lines' own sums are checked (its two
-kernels are not in the static tables, and no bench times it).
+kernels are not in the static tables, and no bench times it). Lines no bench row times (the
+per-token modulation of layer_norm and scale_shift, gated_residual alone, group_norm_apply) are
+the tensor lists whose 16-byte accesses tests/test_static_widths.py counts in the PTX.
 """
 
 from __future__ import annotations

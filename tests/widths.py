@@ -196,22 +196,20 @@ def exact_cases():
             # one row per program in BLOCK_N chunks. Pass 1 forms h (reads x, and y and gate when
             # gated; stores x_new) in the peeled chunk 0 and in the loop body: two copies. Pass 2
             # (with a norm) forms h again in its loop body, reads the modulation, stores out.
-            h_reads = 1 + (2 if res else 0)
+            h_reads = 1 + (2 if res else 0)  # x, and y and gate when gated
             copies = 3 if norm else 2
             rd = copies * h_reads + (2 if (norm and mod) else 0)
             wr = (2 if res else 0) + (1 if norm else 0)
             yield from once(_exact(name, fn, sig, c, nw, rd * v16(tile, e, nw), wr * v16(tile, e, nw)))
             continue
-        if name.startswith("ln fwd"):
-            # the "fwd" lines with every modulation and gate read per element (a per-sample one is
-            # the same code with a zero token stride)
-            rd = ["x"] + (["y", "gate"] if res else []) + (["shift", "scale"] if mod else [])
-            wr = (["out"] if norm else []) + (["x_new"] if res else [])
-        else:
-            if "per_sample" in name:
-                continue  # the per-sample partials are per-column: the per-token case covers the tile
-            rd = (["dout", "h"] if norm else []) + (["scale"] if mod else []) + (["dx_new", "gate", "y"] if res else [])
-            wr = (["dh"] if norm else []) + (["dscale"] if mod else []) + (["dy", "dgate"] if res else [])
+        if "per_sample" in name:
+            continue  # the per-sample partials are per-column: the per-token case covers the tile
+        # The docstring's per-token line of the form: every modulation and gate read per element
+        # (a per-sample one in the forward is the same code with a zero token stride). The weight
+        # and bias are per-column: ln_wb is the plain line, ln_wb_mod / rms_w_mod are modulate.
+        form = "" if norm and not (mod or res) else " modulate per-token" if not res else \
+            " gated per-token" if norm else " residual per-token"
+        rd, wr = _stated("layer_norm", name.split()[1] + form)
         yield from once(_exact(name, fn, sig, c, nw, len(rd) * v16(tile, e, nw), len(wr) * v16(tile, e, nw)))
     for name, fn, sig, consts, nw in group_norm_cases("bf16"):
         kind = name.split()[1]
