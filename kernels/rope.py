@@ -34,7 +34,8 @@ Bytes per element (e: element size of q and k; per-row, per-column and per-sampl
     fwd: read x (e); write out (e) = 2e
     bwd: read dout (e); write dx (e) = 2e
 
-x is q or k (an element is one of q's or k's). The fp32 cos / sin rows of a token block are read once for all its heads.
+x is q or k (an element is one of q's or k's). The fp32 cos / sin rows of a token block are read
+once for all its heads.
 """
 
 from __future__ import annotations
