@@ -292,7 +292,7 @@ def test_prodigy_step_makes_no_host_sync(backend, monkeypatch):
 
 def test_prodigy_checkpoint_keeps_the_package_layout_and_resumes():
     """state_dict writes k as an int (prodigyopt's layout); a resumed optimizer continues with the
-    same bias correction as one that never stopped, and prodigyopt reads the checkpoint."""
+    same bias correction as one that never stopped."""
     from fastgen.optim import FusedProdigy
 
     def run(steps, opt=None, params=None):
@@ -313,8 +313,18 @@ def test_prodigy_checkpoint_keeps_the_package_layout_and_resumes():
     run(range(3, 6), fresh, resumed)
     for p, q in zip(straight, resumed):
         torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_prodigyopt_reads_a_prodigy_checkpoint_with_device_k():
     prodigyopt = pytest.importorskip("prodigyopt")
-    theirs = prodigyopt.Prodigy([torch.nn.Parameter(p.detach().clone()) for p in half], use_bias_correction=True)
+    from fastgen.optim import FusedProdigy
+
+    params = _params(sizes=(300, 5))
+    opt = FusedProdigy(params, use_bias_correction=True)
+    for step in range(3):
+        _grads(params, step)
+        opt.step()
+    theirs = prodigyopt.Prodigy([torch.nn.Parameter(p.detach().clone()) for p in params], use_bias_correction=True)
     theirs.load_state_dict(opt.state_dict())
     assert theirs.param_groups[0]["k"] == 3
 
