@@ -6,8 +6,10 @@ Shapes: ``x`` is ``[B, S, N]`` with a unit last stride; ``scale`` and ``shift`` 
 
 Grid: one program per (sample ``b``, chunk of ``chunk_s`` tokens, block of ``BLOCK_N``
 features), all on axis 0 (axis 1 stops at 65,535). A program walks its ``chunk_s`` tokens
-one row at a time (a runtime trip count computed on the host: no recompile per token count,
-and loop bounds derived from ``tl.program_id`` break Triton 3.6's interpreter).
+in tiles of ``BLOCK_S`` rows (a runtime trip count computed on the host: no recompile per
+token count, and loop bounds derived from ``tl.program_id`` break Triton 3.6's interpreter).
+``BLOCK_S`` is 1 for rows of 256 features or more; narrower rows stack ``256 // BLOCK_N``
+tokens per tile so that every thread still holds 8 contiguous features (16 bytes in bf16).
 
 Forward, fp32 math and one rounding at the store::
 
@@ -40,8 +42,6 @@ import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, max_programs, round_to
 
-TILE = 2048  # elements a program holds per row block: 8 per thread with 8 warps
-
 
 @triton.jit
 def _offsets(pid, N, n_chunks, BLOCK_N: tl.constexpr):
@@ -54,23 +54,31 @@ def _offsets(pid, N, n_chunks, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _rows(c, i, chunk_s, S, mask_n, BLOCK_S: tl.constexpr):
+    """Tokens ``c * chunk_s + i + [0, BLOCK_S)`` as an int64 ``[BLOCK_S, 1]`` column and the
+    ``[BLOCK_S, BLOCK_N]`` mask of the tile (``chunk_s`` is a multiple of ``BLOCK_S``)."""
+    s = (c * chunk_s + i + tl.arange(0, BLOCK_S)).to(tl.int64)
+    return s[:, None], (s < S)[:, None] & mask_n[None, :]
+
+
+@triton.jit
 def _scale_shift_fwd_kernel(
     X,  # [B, S, N] input, strides (sxb, sxs, 1)
     SCALE,  # [B, S | 1, N] modulation, strides (scb, scs, 1); scs = 0 per sample
     SHIFT,  # [B, S | 1, N] modulation, strides (shb, shs, 1); shs = 0 per sample
     Y,  # [B, S, N] output, contiguous, X's dtype
     S, N, n_chunks, chunk_s, sxb, sxs, scb, scs, shb, shs,
-    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     b, c, cols, mask_n = _offsets(tl.program_id(0), N, n_chunks, BLOCK_N)
-    for i in range(chunk_s):
-        s = (c * chunk_s + i).to(tl.int64)
-        mask = mask_n & (tl.zeros((BLOCK_N,), dtype=tl.int64) + s < S)  # a vector mask (the interpreter's rule)
-        x = tl.load(X + b * sxb + s * sxs + cols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(SCALE + b * scb + s * scs + cols, mask=mask, other=0.0).to(tl.float32)
-        sh = tl.load(SHIFT + b * shb + s * shs + cols, mask=mask, other=0.0).to(tl.float32)
+    col = cols[None, :]
+    for i in range(0, chunk_s, BLOCK_S):
+        s, mask = _rows(c, i, chunk_s, S, mask_n, BLOCK_S)
+        x = tl.load(X + b * sxb + s * sxs + col, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * scb + s * scs + col, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + b * shb + s * shs + col, mask=mask, other=0.0).to(tl.float32)
         y = x * (1.0 + sc) + sh
-        tl.store(Y + (b * S + s) * N + cols, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(Y + (b * S + s) * N + col, round_to(y, Y.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -82,43 +90,53 @@ def _scale_shift_bwd_kernel(
     DSCALE,  # per token: [B, S, N] contiguous, X's dtype; per sample: fp32 partials [B, n_chunks, N]
     DSHIFT,  # per sample: fp32 partials [B, n_chunks, N]; per token: unused (dshift = dy)
     S, N, n_chunks, chunk_s, sxb, sxs, scb, scs,
-    SCALE_PS: tl.constexpr, SHIFT_PS: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+    SCALE_PS: tl.constexpr, SHIFT_PS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     b, c, cols, mask_n = _offsets(tl.program_id(0), N, n_chunks, BLOCK_N)
-    acc_scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    col = cols[None, :]
+    acc_scale = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+    acc_shift = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     dt = DX.dtype.element_ty
-    for i in range(chunk_s):
-        s = (c * chunk_s + i).to(tl.int64)
-        mask = mask_n & (tl.zeros((BLOCK_N,), dtype=tl.int64) + s < S)  # a vector mask (the interpreter's rule)
-        row = (b * S + s) * N + cols
+    for i in range(0, chunk_s, BLOCK_S):
+        s, mask = _rows(c, i, chunk_s, S, mask_n, BLOCK_S)
+        row = (b * S + s) * N + col
         dy = tl.load(DY + row, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + b * sxb + s * sxs + cols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(SCALE + b * scb + s * scs + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + b * sxb + s * sxs + col, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * scb + s * scs + col, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row, round_to(dy * (1.0 + sc), dt, INTERPRET), mask=mask)
         if SCALE_PS:
-            acc_scale += dy * x
+            acc_scale += dy * x  # 0 where masked (dy = 0)
         else:
             tl.store(DSCALE + row, round_to(dy * x, dt, INTERPRET), mask=mask)
         if SHIFT_PS:
             acc_shift += dy
     part = (b * n_chunks + c) * N + cols
     if SCALE_PS:
-        tl.store(DSCALE + part, acc_scale, mask=mask_n)
+        tl.store(DSCALE + part, tl.sum(acc_scale, axis=0), mask=mask_n)
     if SHIFT_PS:
-        tl.store(DSHIFT + part, acc_shift, mask=mask_n)
+        tl.store(DSHIFT + part, tl.sum(acc_shift, axis=0), mask=mask_n)
+
+
+# Features a warp holds per tile: 8 per thread, 16 contiguous bytes in bf16.
+WARP_TILE = 256
 
 
 def scale_shift_config(B: int, S: int, N: int, device: torch.device) -> dict:
-    """Launch config: a feature block up to 1024 wide, token chunks sized so that the grid
-    fills the device about once (``max_programs``) without a chunk of zero rows."""
+    """Launch config: a feature block up to 1024 wide, 8 features per thread (``BLOCK_N //
+    256`` warps, one warp below that, with ``256 // BLOCK_N`` token rows per tile so that a
+    narrow row is still read 16 bytes per thread), and token chunks (a multiple of the tile's
+    rows) sized so that the grid fills the device about once (``max_programs``) without a
+    chunk of zero rows."""
     block_n = min(triton.next_power_of_2(max(N, 1)), 1024)
+    block_s = min(max(1, WARP_TILE // block_n), triton.next_power_of_2(max(S, 1)))
     n_blocks = triton.cdiv(N, block_n)
     want_chunks = max(1, max_programs(device) // max(1, B * n_blocks))
     chunk_s = max(1, triton.cdiv(S, want_chunks))
+    chunk_s = triton.cdiv(chunk_s, block_s) * block_s
     n_chunks = triton.cdiv(S, chunk_s)
-    return dict(BLOCK_N=block_n, num_warps=max(1, block_n // 256), chunk_s=chunk_s, n_chunks=n_chunks,
-                grid=(B * n_chunks * n_blocks,))
+    return dict(BLOCK_N=block_n, BLOCK_S=block_s, num_warps=max(1, block_n // WARP_TILE), chunk_s=chunk_s,
+                n_chunks=n_chunks, grid=(B * n_chunks * n_blocks,))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int]:

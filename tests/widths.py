@@ -269,20 +269,20 @@ def scale_shift_cases():
     try:
         for B, S, N in ((32, 256, 1152), (2, 4096, 3072), (2, 256, 64)):
             cfg = k.scale_shift_config(B, S, N, torch.device("cuda", 0))
-            nw, bn = cfg["num_warps"], cfg["BLOCK_N"]
-            v = v16(bn, 2, nw)
+            nw, bn, bs = cfg["num_warps"], cfg["BLOCK_N"], cfg["BLOCK_S"]
+            v = v16(bs * bn, 2, nw, bn * 2)  # a [BLOCK_S, BLOCK_N] tile, contiguous along N
             rd, wr = _stated("scale_shift", "fwd per-token")
             yield _exact(f"scale_shift fwd N={N}", k._scale_shift_fwd_kernel, fwd_sig,
-                         dict(BLOCK_N=bn, INTERPRET=False), nw, len(rd) * v, len(wr) * v)
+                         dict(BLOCK_S=bs, BLOCK_N=bn, INTERPRET=False), nw, len(rd) * v, len(wr) * v)
             rd, wr = _stated("scale_shift", "bwd per-token")
             yield _exact(f"scale_shift bwd N={N} per-token", k._scale_shift_bwd_kernel, bwd_sig,
-                         dict(SCALE_PS=False, SHIFT_PS=False, BLOCK_N=bn, INTERPRET=False), nw,
+                         dict(SCALE_PS=False, SHIFT_PS=False, BLOCK_S=bs, BLOCK_N=bn, INTERPRET=False), nw,
                          len(rd) * v, len(wr) * v)
             # per sample: dy, x and scale read per row; dx written; the fp32 partial sums of dscale
             # and dshift stored once per program after the loop (a 1-D tile: the same layout)
             yield _exact(f"scale_shift bwd N={N} per-sample", k._scale_shift_bwd_kernel,
-                         dict(bwd_sig, DSCALE="*fp32"), dict(SCALE_PS=True, SHIFT_PS=True, BLOCK_N=bn,
-                                                             INTERPRET=False), nw,
+                         dict(bwd_sig, DSCALE="*fp32"), dict(SCALE_PS=True, SHIFT_PS=True, BLOCK_S=bs,
+                                                             BLOCK_N=bn, INTERPRET=False), nw,
                          3 * v, v + 2 * v16(bn, 4, nw))
     finally:
         k.max_programs = orig
