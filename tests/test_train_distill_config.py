@@ -5,6 +5,9 @@ bit-exact resume with the target network.
 The tiny runs use a fastgen DiT (1 layer, 8x8 images, 2 classes) and a teacher trained for 60 steps
 by the trainer itself (a checkpoint folder); the measure is the mean squared distance between the
 student's one-step sample and the teacher's multi-step ODE / DDIM solution from the same noise.
+A w-conditioned LCM student (``WNet``, diffusers' ``timestep_cond``) learns at both ends of its w range,
+and spies check that the w of the teacher's guidance is the w embedded into the student, in training
+and in validation sampling.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def _err(d: dict) -> str:
     ({"kind": "consistency_distillation", "teacher": "t"}, {"train": {"parallel": "fsdp"}},
      "train.parallel = 'fsdp' is not supported with objective.kind = 'consistency_distillation'"),
     ({"kind": "lcm", "teacher": "t"}, {"data": {"text_encoder": "m:f"}}, "data.text_encoder is not supported"),
+    ({"kind": "lcm", "teacher": "t", "teacher_factory": "TinyNet"}, {},
+     "objective.teacher_factory must look like 'module:callable', got 'TinyNet'"),
 ])
 def test_distillation_config_errors_name_the_key(obj, extra, msg):
     assert msg in _err({"objective": obj, **extra})
@@ -75,6 +80,9 @@ def test_distillation_config_defaults_and_round_trip():
                                                                                             3.0, 14.0)
     assert Config.from_dict(tomllib.loads(cfg.to_toml())) == cfg
     assert "# consistency_distillation, lcm: EMA decay mu of the target network" in cfg.to_toml()
+    from test_train_resume import TinyNet  # a callable teacher_factory is written as 'module:name'
+    cfg = Config.from_dict({"objective": {"kind": "lcm", "teacher": "t.safetensors", "teacher_factory": TinyNet}})
+    assert Config.from_dict(tomllib.loads(cfg.to_toml())).objective.teacher_factory == "test_train_resume:TinyNet"
 
 
 def test_example_config_is_valid():
@@ -249,6 +257,15 @@ def test_teacher_errors_are_explained(teachers, tmp_path):
     assert "objective.prediction = 'epsilon', but the teacher was trained with 'v_prediction'" in \
         err(kind="lcm", teacher=str(teachers / "ddpm"))
     assert "the teacher is a 'flow' model" in err(kind="lcm", teacher=str(teachers / "flow"))
+    # a student without the w input that lcm_guidance_kwarg names (the default 'timestep_cond')
+    assert ("objective.lcm_guidance_kwarg = 'timestep_cond', but DiT.forward takes no such keyword" in
+            err(kind="lcm", teacher=str(teachers / "ddpm"), prediction="v_prediction", lcm_guidance_kwarg=
+                "timestep_cond"))
+    # a file teacher of another architecture: the error points at objective.teacher_factory
+    with pytest.raises(ConfigError, match="set objective.teacher_factory"):
+        cfg = _dit_cfg(tmp_path, "lcm", steps=1, teacher=weights, prediction="v_prediction")
+        cfg.model.factory, cfg.model.kwargs = WNet, {}
+        Trainer(cfg, dataset=_toy(), log=lambda s: None)
     # LCM guides the teacher with its null class: a teacher without one is refused
     from fastgen.models import DiT
     from fastgen.train import checkpoint as ckpt
@@ -374,3 +391,77 @@ def test_teacher_sources_from_pretrained_folder_and_ema_weights(tmp_path, requir
         assert all(torch.equal(got[k], ref[k]) for k in ref)
         assert any(("EMA weights" if use_ema else "(weights,") in s and "'denoising'" in s for s in lines)
     assert not all(torch.equal(ema[k], raw[k]) for k in ema)  # the two sources differ: the check can fail
+
+
+# --------------------------------------------------------------------------- a w-conditioned LCM student
+
+class WNet(torch.nn.Module):
+    """A small conv student with diffusers' LCM w input: ``forward(x, t, class_labels, timestep_cond)``,
+    ``timestep_cond`` (B, embedding_dim) added (through a linear map) to the timestep / class features."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 2, width: int = 32, embedding_dim: int = 32):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(channels, width, 3, padding=1)
+        self.t = torch.nn.Linear(1, width)
+        self.y = torch.nn.Embedding(num_classes + 1, width)
+        self.w = torch.nn.Linear(embedding_dim, width)
+        self.mid = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.out = torch.nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, t, class_labels=None, timestep_cond=None):
+        c = self.t(t.float()[:, None] / 1000) + self.y(class_labels) + self.w(timestep_cond)
+        h = torch.nn.functional.silu(self.inp(x) + c[:, :, None, None])
+        return self.out(torch.nn.functional.silu(self.mid(h) + c[:, :, None, None]))
+
+
+def _emb64(w, dim):
+    """The w-embedding by its formula, float64: [sin(1000 w f_j), cos(1000 w f_j)], f_j = 10000^(-j/(dim/2-1))."""
+    f = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2 - 1))
+    arg = 1000 * w.double()[:, None] * f[None]
+    return torch.cat([arg.sin(), arg.cos()], 1)
+
+
+def test_lcm_from_config_trains_a_w_conditioned_student(teachers, tmp_path):
+    W_MIN, W_MAX, DIM = 0.5, 3.0, 32
+    cfg = _dit_cfg(tmp_path, "lcm", steps=80, teacher=str(teachers / "ddpm"), prediction="v_prediction",
+                   lcm_num_ddim_timesteps=10, lcm_w_min=W_MIN, lcm_w_max=W_MAX, lcm_embedding_dim=DIM,
+                   target_decay=0.9)
+    cfg.model.factory, cfg.model.kwargs = "test_train_distill_config:WNet", {"embedding_dim": DIM}
+    tr = Trainer(cfg, dataset=_toy(), log=lambda s: None)
+    o = tr.objective
+    assert o.guidance_kwarg == "timestep_cond" and _frozen(tr)
+    noise = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(16) % 2
+    refs = {w: o.teacher_sample(noise, w, labels, torch.full_like(labels, 2)).float() for w in (W_MIN, W_MAX)}
+
+    def dist(w_student, w_teacher):
+        return _one_step_distance(tr, lambda: o.sample(tr.model, noise, w_student, labels,
+                                                       timesteps=(int(o.ddim_timesteps[-1]),)), refs[w_teacher])
+
+    d0 = {w: dist(w, w) for w in refs}
+    # spies: the w of the teacher's guidance and the embedding the student gets, step by step
+    got, guided = [], []
+    inner_fwd, inner_solver = tr.model.forward, o.solver_step
+    tr.model.forward = lambda x, t, **k: got.append(k["timestep_cond"].detach().clone()) or inner_fwd(x, t, **k)
+    o.solver_step = lambda x, t, tp, w, *a: guided.append(w.clone()) or inner_solver(x, t, tp, w, *a)
+    losses = [v for _, v in tr.fit()["losses"]]
+    assert len(got) == len(guided) == 80
+    w_seen = torch.cat(guided)
+    torch.testing.assert_close(torch.cat(got).double(), _emb64(w_seen, DIM), rtol=0, atol=1e-3)  # fp32 sin of 1000 w
+    assert W_MIN <= w_seen.min() and w_seen.max() <= W_MAX and w_seen.std() > 0.5
+    tr.model.forward = inner_fwd
+    d1 = {w: dist(w, w) for w in refs}
+    cross = {w: dist(W_MIN + W_MAX - w, w) for w in refs}  # the student at the other w
+    print(f"LCM, w-conditioned student: one-step vs guided-teacher distance at w = {W_MIN}, {W_MAX}: "
+          f"{d0[W_MIN]:.4f}, {d0[W_MAX]:.4f} -> {d1[W_MIN]:.4f}, {d1[W_MAX]:.4f} (at the other w: "
+          f"{cross[W_MIN]:.4f}, {cross[W_MAX]:.4f}); loss {sum(losses[:5]) / 5:.4f} -> {sum(losses[-5:]) / 5:.4f}")
+    assert all(d1[w] < 0.9 * d0[w] for w in refs)
+    assert all(d1[w] < cross[w] for w in refs)  # the student uses its w input
+
+    # validation sampling passes w = validation.guidance_scale - 1
+    tr.cfg.validation.num_steps, tr.cfg.validation.guidance_scale = 2, 2.5
+    seen = []
+    tr.model.forward = lambda x, t, **k: seen.append(k["timestep_cond"].clone()) or inner_fwd(x, t, **k)
+    x = tr.generate(labels[:2])
+    assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all() and len(seen) == 2
+    torch.testing.assert_close(torch.cat(seen).double(), _emb64(torch.full((4,), 1.5), DIM), rtol=0, atol=1e-3)

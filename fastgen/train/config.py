@@ -82,8 +82,14 @@ class ObjectiveConfig:
                                    "'denoising' (DDPM, with prediction, beta_schedule, num_train_timesteps, "
                                    "beta_start, beta_end); 'auto' = flow for consistency_distillation, denoising "
                                    "for lcm (which takes only that); a checkpoint-folder teacher brings its own")
+    teacher_factory: Union[str, Callable] = _f("", "what builds a file / preset / from_pretrained teacher when "
+                                                   "its architecture is not the student's, e.g. an LCM student "
+                                                   "with a w input distilled from a model without one: "
+                                                   "'module:callable' (in Python also a callable), called with "
+                                                   "teacher_kwargs alone; '' = model.factory with model.kwargs "
+                                                   "+ teacher_kwargs")
     teacher_kwargs: dict = _f({}, "model.kwargs overrides for building a file / preset teacher (e.g. a "
-                                  "wider net than the student)")
+                                  "wider net than the student); with teacher_factory, its only kwargs")
     teacher_use_ema: bool = _f(True, "a checkpoint-folder teacher: its EMA weights when it has them")
     teacher_solver: str = _f("auto", "the teacher's ODE step: consistency_distillation 'euler' | 'heun' "
                                      "(auto = heun); lcm 'ddim' (auto = ddim, skipping-step)")
@@ -101,8 +107,11 @@ class ObjectiveConfig:
     lcm_w_min: float = _f(2.0, "lcm: smallest guidance scale w (teacher guidance (1 + w) c - w u)")
     lcm_w_max: float = _f(14.0, "lcm: largest guidance scale w, w ~ U[lcm_w_min, lcm_w_max]")
     lcm_embedding_dim: int = _f(256, "lcm: size of the w-embedding the student gets")
-    lcm_guidance_kwarg: str = _f("timestep_cond", "lcm: the student's keyword for the w-embedding; '' = none "
-                                                  "(a student without a w input, e.g. fastgen.models.DiT: set "
+    lcm_guidance_kwarg: str = _f("timestep_cond", "lcm: the student's keyword for the w-embedding (B, "
+                                                  "lcm_embedding_dim), the sinusoid of 1000 w as diffusers' LCM "
+                                                  "timestep_cond, given in training and validation sampling "
+                                                  "(its forward must take it: checked at start); '' = none (a "
+                                                  "student without a w input, e.g. fastgen.models.DiT: set "
                                                   "lcm_w_min = lcm_w_max)")
     cond_dropout: float = _f(0.0, "probability of replacing a class label by the null class (classifier-free "
                                   "guidance), e.g. 0.1 for a model that does not drop labels itself "
@@ -212,9 +221,10 @@ class Config:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if callable(self.model.factory):
-            f = self.model.factory
-            d["model"]["factory"] = f"{f.__module__}:{f.__qualname__}"
+        for section, key in (("model", "factory"), ("objective", "teacher_factory")):
+            f = getattr(getattr(self, section), key)
+            if callable(f):
+                d[section][key] = f"{f.__module__}:{f.__qualname__}"
         return d
 
     def to_toml(self, comments: bool = True) -> str:
@@ -288,6 +298,9 @@ class Config:
             raise ConfigError(f"objective.teacher is required for objective.kind = {kind!r} (a fastgen.train "
                               "checkpoint folder, a .safetensors file, a from_pretrained folder or a preset name "
                               "of model.factory)")
+        if isinstance(o.teacher_factory, str) and o.teacher_factory and ":" not in o.teacher_factory:
+            raise ConfigError(f"objective.teacher_factory must look like 'module:callable', got "
+                              f"{o.teacher_factory!r}")
         one_of("objective.loss_weighting", o.loss_weighting, ("none",), kind)
         one_of("objective.distill_loss", o.distill_loss, ("huber", "l2"))
         if not 0.0 <= o.target_decay < 1.0:
@@ -395,7 +408,8 @@ def reject_unknown(prefix: str, d: dict, known: list, known_note: str = "") -> N
 def check_type(name: str, value, default):
     """``value`` checked against the type of the field's default (ints are accepted as floats, lists and
     tuples for either)."""
-    if callable(value) and not isinstance(value, (str, dict, list)) and name == "model.factory":
+    if callable(value) and not isinstance(value, (str, dict, list)) and name in ("model.factory",
+                                                                                 "objective.teacher_factory"):
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)

@@ -31,6 +31,7 @@ EMA target network ``theta^-`` (:func:`fastgen.train.consistency.update_target` 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Optional, Sequence
 
@@ -46,6 +47,17 @@ def guidance_embedding(w: torch.Tensor, dim: int = 256, scale: float = 1000.0) -
     arg = (w.float() * scale)[:, None] * freqs[None]
     emb = torch.cat([arg.sin(), arg.cos()], 1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def accepts_keyword(model: Callable, name: str) -> bool:
+    """Whether ``model(x, t, **{name: emb})`` binds ``name``: a parameter of that name (not positional-only)
+    or ``**kwargs`` in its ``forward`` (a module) or its signature; True when there is none to read."""
+    try:
+        params = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model).parameters
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
+               for p in params.values())
 
 
 def _float_dtype(x: torch.Tensor) -> torch.dtype:

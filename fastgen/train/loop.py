@@ -11,7 +11,10 @@ One optimizer step (``train.grad_accum = A`` micro-batches of ``train.batch_size
 Distillation: the frozen teacher (``objective.teacher``, see :func:`build_teacher`) is built once,
 moved to the student's device and dtype (bf16 for ``bf16-pure``; under ``bf16`` its forwards run in
 the same autocast), put in eval mode without gradients; the student may start from its weights
-(``objective.init_from_teacher``). The target network starts as a copy of the student, is updated
+(``objective.init_from_teacher``); a file / preset teacher of another architecture than the student
+(e.g. an LCM student with a w input) is built by ``objective.teacher_factory``. An LCM student gets the
+w-embedding under ``objective.lcm_guidance_kwarg`` in training and validation sampling (its forward
+is checked for that keyword at start). The target network starts as a copy of the student, is updated
 after every optimizer step (``theta^- <- mu theta^- + (1 - mu) theta``, ``mu = objective.target_decay``)
 and is checkpointed (``target.safetensors``), so resume stays exact.
 
@@ -51,7 +54,7 @@ from fastgen.train.config import DISTILL_KINDS, Config, ConfigError, teacher_kin
 from fastgen.train.consistency import (ConsistencyDistillationObjective, ConsistencyTrainingObjective, ModelDenoiser,
                                        update_target)
 from fastgen.train.data import BucketBatchSampler, build_dataset
-from fastgen.train.lcm import LCMDistillationObjective
+from fastgen.train.lcm import LCMDistillationObjective, accepts_keyword
 from fastgen.train.distributed import (clip_sharded_grad_norm_, collective_failure, init_distributed, load_dcp,
                                        save_dcp, shard_model)
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions, make_betas
@@ -64,8 +67,8 @@ BUILTIN_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 # --------------------------------------------------------------------------- builders
 
-def resolve_factory(factory):
-    """``'module:attr.path'`` -> the object (callables pass through)."""
+def resolve_factory(factory, name: str = "model.factory"):
+    """``'module:attr.path'`` -> the object (callables pass through); ``name``: the config key, for errors."""
     if callable(factory):
         return factory
     module, _, attr = factory.partition(":")
@@ -74,14 +77,15 @@ def resolve_factory(factory):
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model.factory {factory!r} cannot be imported: {exc}") from None
+        raise ConfigError(f"{name} {factory!r} cannot be imported: {exc}") from None
     return obj
 
 
-def build_model(mc) -> torch.nn.Module:
+def build_model(mc, keys: tuple = ("model.factory", "model.kwargs")) -> torch.nn.Module:
     """The model a :class:`ModelConfig` describes. A class with a ``config_class`` (fastgen.models)
-    gets ``config_class(**kwargs)``, or its ``preset(kwargs["preset"])`` with the other kwargs on top."""
-    obj = resolve_factory(mc.factory)
+    gets ``config_class(**kwargs)``, or its ``preset(kwargs["preset"])`` with the other kwargs on top.
+    ``keys``: the config keys the errors name for the factory and its kwargs."""
+    obj = resolve_factory(mc.factory, keys[0])
     kwargs = dict(mc.kwargs)
     config_class = getattr(obj, "config_class", None)
     if config_class is not None:
@@ -90,11 +94,11 @@ def build_model(mc) -> torch.nn.Module:
         try:
             model = obj(config_class(**{**base, **kwargs}))
         except TypeError as exc:
-            raise ConfigError(f"model.kwargs do not fit {config_class.__name__}: {exc}") from None
+            raise ConfigError(f"{keys[1]} do not fit {config_class.__name__}: {exc}") from None
     else:
         model = obj(**kwargs)
     if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model.factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(f"{keys[0]} returned {type(model).__name__}, not a torch.nn.Module")
     if mc.weights:
         model.load_state_dict(ckpt.load_tensors(mc.weights))
     return model
@@ -191,6 +195,13 @@ def build_teacher(cfg: Config, log=print):
     if not spec:
         raise ConfigError(f"objective.teacher is required for objective.kind = {o.kind!r}")
     own = dataclasses.replace(o, kind=teacher_kind(o))
+    # a file / folder / preset teacher: built by objective.teacher_factory (its kwargs alone) when given,
+    # else by model.factory with model.kwargs + teacher_kwargs
+    fname = "objective.teacher_factory" if o.teacher_factory else "model.factory"
+    fkw = "objective.teacher_kwargs" if o.teacher_factory else "model.kwargs + objective.teacher_kwargs"
+    mc = dataclasses.replace(cfg.model, factory=o.teacher_factory or cfg.model.factory, weights="",
+                             kwargs=dict(o.teacher_kwargs) if o.teacher_factory else {**cfg.model.kwargs,
+                                                                                      **o.teacher_kwargs})
     if os.path.isdir(spec):
         folder = _teacher_checkpoint(spec)
         if folder is not None:  # a fastgen.train run: its architecture and objective come with it
@@ -207,33 +218,34 @@ def build_teacher(cfg: Config, log=print):
             teacher.load_state_dict(sd)
             log(f"fastgen.train: teacher: {folder} ({what}, objective.kind = {tcfg.objective.kind!r})")
             return teacher, tcfg.objective
-        factory = resolve_factory(cfg.model.factory)
+        factory = resolve_factory(mc.factory, fname)
         if not hasattr(factory, "from_pretrained"):
             raise ConfigError(f"objective.teacher {spec!r} is a folder without a fastgen.train checkpoint, and "
-                              f"model.factory {cfg.model.factory!r} has no from_pretrained")
+                              f"{fname} {mc.factory!r} has no from_pretrained")
         teacher = factory.from_pretrained(spec)
         log(f"fastgen.train: teacher: {spec} (from_pretrained, objective.teacher_kind = {own.kind!r})")
         return teacher, own
-    mc = dataclasses.replace(cfg.model, kwargs={**cfg.model.kwargs, **o.teacher_kwargs}, weights="")
     if os.path.isfile(spec):
-        teacher = build_model(mc)
+        teacher = build_model(mc, (fname, fkw))
         try:
             teacher.load_state_dict(ckpt.load_tensors(spec))
         except RuntimeError as exc:
-            raise ConfigError(f"objective.teacher {spec!r} does not fit model.factory built with model.kwargs + "
-                              f"objective.teacher_kwargs: {exc}") from None
+            hint = "" if o.teacher_factory else (" (a teacher of another architecture than the student, e.g. "
+                                                 "without the student's w input: set objective.teacher_factory)")
+            raise ConfigError(f"objective.teacher {spec!r} does not fit {fname} built with {fkw}{hint}: "
+                              f"{exc}") from None
         log(f"fastgen.train: teacher: {spec} (objective.teacher_kind = {own.kind!r})")
         return teacher, own
-    factory = resolve_factory(cfg.model.factory)
+    factory = resolve_factory(mc.factory, fname)
     config_class = getattr(factory, "config_class", None)
     try:
         if config_class is None:
-            raise KeyError(f"{cfg.model.factory} has no presets")
+            raise KeyError(f"{mc.factory} has no presets")
         config_class.preset(spec)
     except KeyError as exc:
-        raise ConfigError(f"objective.teacher {spec!r} is no file or folder, nor a preset of model.factory "
+        raise ConfigError(f"objective.teacher {spec!r} is no file or folder, nor a preset of {fname} "
                           f"({exc.args[0] if exc.args else exc})") from None
-    teacher = build_model(dataclasses.replace(mc, kwargs={**o.teacher_kwargs, "preset": spec}))
+    teacher = build_model(dataclasses.replace(mc, kwargs={**o.teacher_kwargs, "preset": spec}), (fname, fkw))
     log(f"fastgen.train: teacher: preset {spec!r} with RANDOM weights (a smoke test; give a checkpoint or "
         "safetensors file for a real teacher)")
     return teacher, own
@@ -340,6 +352,7 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher.to(torch.bfloat16)
         self.objective = build_objective(config.objective, t.steps, self.teacher, teacher_objective)
+        self._check_guidance_input()
         self._init_optimizer()
         self._init_forward()
         self.step, self.batches = 0, 0
@@ -433,6 +446,15 @@ class Trainer:
         if o.init_from_teacher:
             init_student_from_teacher(self.model, self.teacher, quiet)
         return teacher_objective
+
+    def _check_guidance_input(self) -> None:
+        """LCM: the student's forward must take the w-embedding under ``objective.lcm_guidance_kwarg``."""
+        name = getattr(self.objective, "guidance_kwarg", None)
+        if isinstance(self.objective, LCMDistillationObjective) and name and not accepts_keyword(self.model, name):
+            raise ConfigError(f"objective.lcm_guidance_kwarg = {name!r}, but {type(self.model).__name__}.forward "
+                              "takes no such keyword: give a model.factory whose forward takes the w-embedding "
+                              "under that name, or set lcm_guidance_kwarg = '' for a student without a w input "
+                              "(and lcm_w_min = lcm_w_max to train it at one w)")
 
     def _init_optimizer(self) -> None:
         """FSDP sharding (first: the optimizer and the EMA hold the sharded parameters), FusedAdamW, the
