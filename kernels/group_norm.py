@@ -81,6 +81,13 @@ from fastgen.limits import MAX_CHANNELS_PER_GROUP  # noqa: F401  (most channels 
 SPLIT_ELEMENTS = 32768
 # Elements per tile held in registers (~8 per thread per live tensor at TILE // 256 warps).
 TILE = 2048
+# Fewest positions per tile (when S has them): a contiguous (NCHW) row of 8 elements is one
+# 16-byte access in bf16. Groups of more than TILE // MIN_BLOCK_S channels get a larger tile,
+# up to MAX_TILE: 16 warps at 8 elements per thread. More warps leave 64 registers per thread,
+# fewer than the SiLU backward needs at 8 elements (it spills on sm_90), so a group of 1024
+# channels keeps 4 positions (8-byte accesses in bf16, 16-byte in fp32).
+MIN_BLOCK_S = 8
+MAX_TILE = 4096
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -511,7 +518,8 @@ def group_norm_config(N: int, C: int, S: int, G: int) -> dict:
     block_k = triton.next_power_of_2(K)
     assert block_k <= MAX_CHANNELS_PER_GROUP, f"at most {MAX_CHANNELS_PER_GROUP} channels per group, got {K}"
     per_program = max(1, SPLIT_ELEMENTS // block_k)
-    block_s = min(triton.next_power_of_2(S), TILE // block_k, 1 << (per_program.bit_length() - 1))
+    widest = max(TILE // block_k, min(MIN_BLOCK_S, MAX_TILE // block_k))
+    block_s = min(triton.next_power_of_2(S), widest, 1 << (per_program.bit_length() - 1))
     tiles = triton.cdiv(S, block_s)
     iters = max(1, min(SPLIT_ELEMENTS // (block_k * block_s), tiles))
     if iters >= tiles:  # the whole group in one program

@@ -166,7 +166,7 @@ def group_norm_cases(dtype: str = "bf16"):
 
     for N, C, S, G in ((8, 512, 128 * 128, 32), (1, 128, 1024 * 1024, 32), (4, 64, 16 * 64 * 64, 1),
                        (1, 1024, 64, 1), (2, 96, 17 * 13, 32), (2, 1280, 8 * 8, 32), (2, 320, 32 * 32, 32),
-                       (2, 64, 64 * 64, 32)):
+                       (2, 64, 64 * 64, 32), (2, 512, 8 * 8, 1), (2, 1024, 8 * 8, 32)):
         cfg = k.group_norm_config(N, C, S, G)
         nw = cfg["num_warps"]
         tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"])
