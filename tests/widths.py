@@ -124,9 +124,16 @@ def cases():
     yield from _pick(rms_norm_cases, ("fwd N=4096 w=True r=True", "bwd N=4096 w=True dhout=True"))
     yield from _pick(layer_norm_cases, ("ln fwd", "ln bwd"))
     yield from _pick(group_norm_cases, ("gn fwd N=2 C=320", "gn apply N=2 C=64", "gn bwd N=2 C=320"))
+    # groups of 512 channels (16 warps, 8 positions per tile) and the lowest-resolution UNet block
+    yield from _pick(group_norm_cases, ("gn fwd N=2 C=512 S=64 G=1 nchw", "gn bwd N=2 C=512 S=64 G=1 nchw",
+                                        "gn fwd N=2 C=1024 S=64 G=32 nchw", "gn bwd N=2 C=1024 S=64 G=32 nchw"))
     yield from _pick(rope_cases, ("rope hq=24 hk=24 D=128 R=128 halves", "qk_norm_rope fwd hq=24", "qk_norm_rope bwd hq=24"))
     yield from _pick(glu_cases, ("glu fwd N=1280 gelu", "glu bwd N=1280 gelu"))
     yield from _pick(optim_cases, ("adamw amsgrad=False stochastic=False", "adamw8bit", "lion", "ema", "clip"))
+    # scale / shift of narrow rows (N=64: 4 tokens per tile) and wide ones
+    for c in scale_shift_cases():
+        if c["name"].split()[2] in ("N=64", "N=1152"):
+            yield c["name"], c["fn"], c["sig"], c["consts"], c["nw"]
 
 
 # ----------------------------------------------------------------------------- exact 16-byte counts
