@@ -68,6 +68,8 @@ second read misses L2.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -91,6 +93,21 @@ MAX_TILE = 4096
 
 
 # ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _aligned(C, S, K, chunk_s, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """(C, S, K, chunk_s) unchanged, the ones that place a contiguous run written as multiples of
+    ``ALIGN`` (``align_hint``: a power of two that divides them) so the compiler can prove the
+    runs' alignment: K and C channels-last, S and chunk_s contiguous. Exact, as the launcher
+    guarantees the divisibility; Triton's own specialization only knows multiples of 16."""
+    if CHANNELS_LAST:
+        C = (C // ALIGN) * ALIGN
+        K = (K // ALIGN) * ALIGN
+    else:
+        S = (S // ALIGN) * ALIGN
+        chunk_s = (chunk_s // ALIGN) * ALIGN
+    return C, S, K, chunk_s
 
 
 @triton.jit
@@ -239,8 +256,10 @@ def _group_norm_fwd_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    C, S, K, _ = _aligned(C, S, K, S, CHANNELS_LAST, ALIGN)
     pid_ng = tl.program_id(0)
     zero = pid_ng * 0  # s_begin as a tensor
     n_tot, mean, m2 = _chunk_stats(X, pid_ng, zero, S, iters, C, S, G, K, CHANNELS_LAST, BLOCK_K, BLOCK_S)
@@ -276,8 +295,10 @@ def _group_norm_bwd_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    C, S, K, _ = _aligned(C, S, K, S, CHANNELS_LAST, ALIGN)
     pid_ng = tl.program_id(0)
     zero = pid_ng * 0
     mean = tl.load(MEAN + pid_ng)
@@ -312,7 +333,9 @@ def _group_norm_stats_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    C, S, K, chunk_s = _aligned(C, S, K, chunk_s, CHANNELS_LAST, ALIGN)
     pid_ng = tl.program_id(0)
     sp = tl.program_id(1)
     s_begin = sp * chunk_s
@@ -390,8 +413,10 @@ def _group_norm_apply_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    C, S, K, chunk_s = _aligned(C, S, K, chunk_s, CHANNELS_LAST, ALIGN)
     # Programs in the reverse order of the stats kernel's: the chunks it read last come first.
     pid_ng, s_begin, s_end = _reversed_chunk(S, chunk_s)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
@@ -422,7 +447,9 @@ def _group_norm_bwd_reduce_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    C, S, K, chunk_s = _aligned(C, S, K, chunk_s, CHANNELS_LAST, ALIGN)
     pid_ng = tl.program_id(0)
     sp = tl.program_id(1)
     s_begin = sp * chunk_s
@@ -495,8 +522,10 @@ def _group_norm_bwd_dx_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    C, S, K, chunk_s = _aligned(C, S, K, chunk_s, CHANNELS_LAST, ALIGN)
     # Programs in the reverse order of the reduce kernel's (see _group_norm_apply_kernel).
     pid_ng, s_begin, s_end = _reversed_chunk(S, chunk_s)
     w, b = _params(W, B, pid_ng, G, K, HAS_W, HAS_B, BLOCK_K)
@@ -530,6 +559,13 @@ def group_norm_config(N: int, C: int, S: int, G: int) -> dict:
                 num_warps=warps_for(block_k * block_s))
 
 
+def align_hint(K: int, S: int, chunk_s: int, channels_last: bool) -> int:
+    """``ALIGN`` of the per-element kernels: the largest power of two up to 16 that divides what
+    places a contiguous run, K (and so C = G * K) channels-last, S and chunk_s contiguous."""
+    n = K if channels_last else math.gcd(S, chunk_s)
+    return min(16, n & -n)
+
+
 def combine_config(splits: int, K: int | None = None) -> dict:
     """BLOCK_SP (and the loop count) of the combine kernels; with K, the backward's [BLOCK_SP, BLOCK_K] tile."""
     block_k = 1 if K is None else triton.next_power_of_2(K)
@@ -552,7 +588,8 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, silu, *, y, mean, rstd):
     K = C // G
     cfg = group_norm_config(N, C, S, G)
     splits = cfg["splits"]
-    tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+    tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"], ALIGN=align_hint(K, S, cfg["chunk_s"], cl),
+                num_warps=cfg["num_warps"])
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl,
@@ -589,7 +626,7 @@ def group_norm_apply(x, weight, bias, mean, rstd, num_groups, silu, *, y):
         x, weight if weight is not None else x, bias if bias is not None else x, mean.contiguous(),
         rstd.contiguous(), y, C, S, G, C // G, cfg["chunk_s"], cfg["iters"], HAS_W=weight is not None,
         HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl, INTERPRET=interpreting(), BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+        BLOCK_S=cfg["BLOCK_S"], ALIGN=align_hint(C // G, S, cfg["chunk_s"], cl), num_warps=cfg["num_warps"])
 
 
 @device_guard
@@ -608,7 +645,8 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu, *, dx, dw,
     K = C // G
     cfg = group_norm_config(N, C, S, G)
     splits = cfg["splits"]
-    tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+    tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"], ALIGN=align_hint(K, S, cfg["chunk_s"], cl),
+                num_warps=cfg["num_warps"])
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CHANNELS_LAST=cl)

@@ -169,10 +169,11 @@ def group_norm_cases(dtype: str = "bf16"):
                        (2, 64, 64 * 64, 32), (2, 512, 8 * 8, 1), (2, 1024, 8 * 8, 32)):
         cfg = k.group_norm_config(N, C, S, G)
         nw = cfg["num_warps"]
-        tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"])
         shape = f"N={N} C={C} S={S} G={G}"
         for cl in (False, True):
             tag = f"{shape} {'nhwc' if cl else 'nchw'}"
+            tile = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_S=cfg["BLOCK_S"],
+                        ALIGN=k.align_hint(C // G, S, cfg["chunk_s"], cl))  # as the launchers pass them
             flags = dict(HAS_W=True, HAS_B=True, SILU=True, CHANNELS_LAST=cl)
             if cfg["splits"] == 1:
                 consts = dict(tile, **flags, INTERPRET=False)

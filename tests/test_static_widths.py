@@ -24,6 +24,9 @@ rule does not derive is in ``NOT_DERIVED`` with the reason.
 Each of those configs must also make 16-byte per-element accesses at all
 (``test_every_config_is_16_byte_or_listed``); a layout that cannot (a channels-last group
 of 2 to 4 channels: runs of 4 to 8 bytes) is listed in ``NOT_16_BYTE`` with the reason.
+GroupNorm cases are compiled with the integer arguments their launch passes (``widths.gn_values``):
+an odd S or a channels-last K that is not a multiple of 16 gets no divisibility from the JIT, and
+the kernels' ``ALIGN`` hint (``align_hint``) restores the power of two that does divide it.
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ NARROW = {
 # fails too, so a fix removes it.
 NOT_16_BYTE = {
     "C=128 S=1048576 G=32 nhwc": "channels-last with 4 channels per group: a group's contiguous run is 4 elements "
-                                 "(8 bytes in bf16); the next channels belong to another group's program",
-    "C=96 S=221 G=32 nhwc": "channels-last with 3 channels per group: runs of 6 bytes",
+                                 "(8-byte accesses in bf16); the next channels belong to another group's program",
+    "C=320 S=1024 G=32 nhwc": "channels-last with 10 channels per group: runs start at multiples of 10 elements, "
+                              "4-byte aligned (4-byte accesses)",
     "C=64 S=4096 G=32 nhwc": "channels-last with 2 channels per group: runs of 4 bytes",
+    "C=96 S=221 G=32 nhwc": "channels-last with 3 channels per group: runs of 6 bytes at odd offsets (2-byte)",
+    "C=96 S=221 G=32 nchw": "17 x 13 positions: channel rows start at odd offsets (2-byte)",
     "C=1024 S=64 G=1 nchw": "1024 channels per group: 8 positions (16 bytes) per tile need 32 warps at 8 elements "
                             "per thread, which leave 64 registers, and the SiLU backward spills there; 4 "
                             "positions at 16 warps: 8-byte accesses in bf16 (16 in fp32)",

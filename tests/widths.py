@@ -39,12 +39,16 @@ def access_widths(ptx: str) -> collections.Counter:
     return out
 
 
-def compile_ptx(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
-    """PTX of ``fn`` for sm_90 with the launch-time specialization of contiguous, aligned inputs."""
+def compile_ptx(fn, signature: dict, constexprs: dict, num_warps: int, values: dict | None = None) -> str:
+    """PTX of ``fn`` for sm_90 with the launch-time specialization of contiguous, aligned inputs.
+    ``values``: the integer arguments a launch passes, where the case knows them; such an argument
+    is marked divisible by 16 only when it is (as the JIT does), the others are assumed to be."""
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
+    values = values or {}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
-             for name, ty in signature.items() if ty.startswith("*") or ty in ("i32", "i64")}
+             for name, ty in signature.items()
+             if ty.startswith("*") or (ty in ("i32", "i64") and values.get(name, 0) % 16 == 0)}
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET,
                               options={"num_warps": num_warps})
     return compiled.asm["ptx"]
@@ -109,6 +113,22 @@ def stated_bytes(module: str) -> dict[str, dict]:
     return out
 
 
+_GN_SHAPE = re.compile(r"N=(\d+) C=(\d+) S=(\d+) G=(\d+)")
+
+
+def gn_values(name: str) -> dict | None:
+    """The integer arguments the GroupNorm launchers pass to a per-element kernel of the case
+    ``name`` (its shape is in the name), None for other kernels."""
+    m = _GN_SHAPE.search(name)
+    if not name.startswith("gn ") or m is None or "combine" in name:
+        return None
+    from fastgen.kernels.group_norm import group_norm_config
+
+    N, C, S, G = map(int, m.groups())
+    cfg = group_norm_config(N, C, S, G)
+    return dict(C=C, S=S, G=G, K=C // G, chunk_s=cfg["chunk_s"], iters=cfg["iters"])
+
+
 def _pick(gen, names):
     """The cases of ``gen`` whose names start with one of ``names`` (one config per kernel)."""
     seen = set()
@@ -169,7 +189,9 @@ def exact_cases():
     seen = set()
 
     def once(c):
-        key = (c["fn"].__name__, tuple(sorted((k, str(v)) for k, v in c["consts"].items())), c["nw"])
+        # the specialization too: which integer arguments are not multiples of 16
+        odd = tuple(sorted(n for n, v in (c.get("values") or {}).items() if v % 16))
+        key = (c["fn"].__name__, tuple(sorted((k, str(v)) for k, v in c["consts"].items())), c["nw"], odd)
         if key not in seen:
             seen.add(key)
             yield c
@@ -226,7 +248,9 @@ def exact_cases():
         if "HAS_W" in c:
             c.update(HAS_W=False, HAS_B=False)
         tile = c["BLOCK_K"] * c["BLOCK_S"]
-        run = (c["BLOCK_K"] if c["CHANNELS_LAST"] else c["BLOCK_S"]) * e  # contiguous bytes along the unit stride
+        # contiguous bytes along the unit stride that start at a multiple of ALIGN elements (K and C
+        # channels-last, S and chunk_s contiguous: align_hint)
+        run = min(c["BLOCK_K"] if c["CHANNELS_LAST"] else c["BLOCK_S"], c["ALIGN"]) * e
         v = v16(tile, e, nw, run)
         # loop bodies: fwd / bwd (one program per group) walk the group twice (statistics, then
         # the output), each reading x (fwd) or dy and x (bwd); the split kernels walk it once.
@@ -238,7 +262,8 @@ def exact_cases():
         # bwd_reduce also stores the per-channel fp32 partials of dw and db: [BLOCK_K] vectors,
         # reduced over the tile's spatial dim (by the same rule: 16-byte only for wide groups)
         partials = 2 * v16(c["BLOCK_K"], 4, nw) if kind == "bwd_reduce" else 0
-        yield from once(_exact(name, fn, sig, c, nw, len(rd) * v, len(wr) * v + partials))
+        yield from once(dict(_exact(name, fn, sig, c, nw, len(rd) * v, len(wr) * v + partials),
+                             values=gn_values(name)))
     for name, fn, sig, consts, nw in rope_cases("bf16"):
         if name.startswith("qk_norm_rope bwd"):
             continue  # not derived: see test_static_widths.NOT_DERIVED
@@ -302,7 +327,7 @@ def exact_table() -> list[dict]:
         row.update(kernel=c["fn"].__name__, num_warps=c["nw"],
                    tile={k: v for k, v in c["consts"].items() if k.startswith("BLOCK") or k == "HALF"})
         try:
-            w = access_widths(compile_ptx(c["fn"], c["sig"], c["consts"], c["nw"]))
+            w = access_widths(compile_ptx(c["fn"], c["sig"], c["consts"], c["nw"], c.get("values")))
         except Exception as exc:  # reported, and failed by the test
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         else:
@@ -315,7 +340,7 @@ def table() -> list[dict]:
     rows = []
     for name, fn, sig, consts, nw in cases():
         try:
-            w = access_widths(compile_ptx(fn, sig, consts, nw))
+            w = access_widths(compile_ptx(fn, sig, consts, nw, gn_values(name)))
         except Exception as exc:  # reported, and failed by the test
             rows.append({"name": name, "kernel": fn.__name__, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
