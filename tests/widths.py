@@ -311,7 +311,8 @@ def scale_shift_cases():
                          dict(SCALE_PS=False, SHIFT_PS=False, BLOCK_S=bs, BLOCK_N=bn, INTERPRET=False), nw,
                          len(rd) * v, len(wr) * v)
             # per sample: dy, x and scale read per row; dx written; the fp32 partial sums of dscale
-            # and dshift stored once per program after the loop (a 1-D tile: the same layout)
+            # and dshift stored once per program after the loop (the tile summed over its rows: a
+            # [BLOCK_N] row, 16-byte when a warp's threads hold 4 fp32 each)
             yield _exact(f"scale_shift bwd N={N} per-sample", k._scale_shift_bwd_kernel,
                          dict(bwd_sig, DSCALE="*fp32"), dict(SCALE_PS=True, SHIFT_PS=True, BLOCK_S=bs,
                                                              BLOCK_N=bn, INTERPRET=False), nw,
@@ -325,7 +326,7 @@ def exact_table() -> list[dict]:
     for c in exact_cases():
         row = {k: c[k] for k in ("name", "want_loads", "want_stores", "why")}
         row.update(kernel=c["fn"].__name__, num_warps=c["nw"],
-                   tile={k: v for k, v in c["consts"].items() if k.startswith("BLOCK") or k == "HALF"})
+                   tile={k: v for k, v in c["consts"].items() if k.startswith("BLOCK") or k in ("HALF", "ALIGN")})
         try:
             w = access_widths(compile_ptx(c["fn"], c["sig"], c["consts"], c["nw"], c.get("values")))
         except Exception as exc:  # reported, and failed by the test
