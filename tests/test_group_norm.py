@@ -141,6 +141,13 @@ def test_triton_forward_backward_silu(shape, G, dtype):
     _check_fwd_bwd(shape, G, dtype, True)
 
 
+@pytest.mark.parametrize("shape, G", [((1, 512, 4, 4), 1), ((1, 1024, 2, 4), 2)], ids=_ids)
+def test_triton_forward_backward_wide_groups(shape, G):
+    """Groups of 512 channels: the tile config for groups of more than 256 channels (at least 8
+    positions per tile, up to 16 warps, the ALIGN hint)."""
+    _check_fwd_bwd(shape, G, torch.bfloat16, True)
+
+
 def _force_split(monkeypatch, shape=None, G=None):
     """Make the launchers use the split reduction on small shapes: about 4 programs per group
     (few programs keep the interpreter fast)."""
