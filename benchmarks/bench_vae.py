@@ -33,6 +33,7 @@ latent positions. Mode ``fwd`` only (inference).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -268,21 +269,12 @@ class _LiveBytes:
             del self._refs[key]
 
 
-def meta_peak(image: int, mode: str, tile: int = 64, config=None, dtype=torch.bfloat16) -> dict:
-    """Allocated-bytes peak of a decode of an ``image`` px square (SDXL config unless given), on ``meta``.
-
-    ``mode``: ``"full"`` (``vae.decode``), ``"lossless"`` (``tiled_decode(consistent_colors=True)``,
-    staged activations on the device) or ``"lossless-offload"`` (the same, staged in host memory:
-    what ``offload=True`` leaves on the GPU). Returns GiB figures: the peak above the weights and
-    the latent, and the weights.
-    """
+@contextlib.contextmanager
+def _counting(mode: str):
+    """Count live allocated bytes (a :class:`_LiveBytes`); with ``mode == "lossless-offload"`` the
+    halo engine's staged activations are left out (they would sit in host memory)."""
     import fastgen.vae.halo as halo
 
-    cfg = config or sdxl_config()
-    with torch.device("meta"):
-        vae = AutoencoderKL(cfg).to(dtype).eval()
-    f = cfg.downsample_factor
-    z = torch.empty(1, cfg.latent_channels, image // f, image // f, device="meta", dtype=dtype)
     counter = _LiveBytes()
     new = halo._Staging.new
 
@@ -295,12 +287,29 @@ def meta_peak(image: int, mode: str, tile: int = 64, config=None, dtype=torch.bf
 
     halo._Staging.new = staged
     try:
-        with counter.mode, torch.no_grad():
-            out = vae.decode(z) if mode == "full" else tiled_decode(vae, z, tile_size=tile, consistent_colors=True,
-                                                                      progress=False)
-        assert out.shape == (1, 3, image, image)
+        with counter.mode:
+            yield counter
     finally:
         halo._Staging.new = new
+
+
+def meta_peak(image: int, mode: str, tile: int = 64, config=None, dtype=torch.bfloat16) -> dict:
+    """Allocated-bytes peak of a decode of an ``image`` px square (SDXL config unless given), on ``meta``.
+
+    ``mode``: ``"full"`` (``vae.decode``), ``"lossless"`` (``tiled_decode(consistent_colors=True)``,
+    staged activations on the device) or ``"lossless-offload"`` (the same, staged in host memory:
+    what ``offload=True`` leaves on the GPU). Returns GiB figures: the peak above the weights and
+    the latent, and the weights.
+    """
+    cfg = config or sdxl_config()
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg).to(dtype).eval()
+    f = cfg.downsample_factor
+    z = torch.empty(1, cfg.latent_channels, image // f, image // f, device="meta", dtype=dtype)
+    with _counting(mode) as counter, torch.no_grad():
+        out = vae.decode(z) if mode == "full" else tiled_decode(vae, z, tile_size=tile, consistent_colors=True,
+                                                                  progress=False)
+    assert out.shape == (1, 3, image, image)
     weights = sum(p.numel() * p.element_size() for p in vae.decoder.parameters())
     return {"image": image, "mode": mode, "tile": tile, "peak_gib": counter.peak / 2**30, "weights_gib": weights / 2**30}
 
@@ -430,32 +439,17 @@ def video_meta_peak(latent: tuple, mode: str, tile=6, frame_chunk: int = 2, conf
     staged activations on the device) or ``"lossless-offload"`` (staged in host memory: what
     ``offload=True`` leaves on the GPU). GiB figures: the peak above the weights and the latent,
     the output, the weights."""
-    import fastgen.vae.halo as halo
     from fastgen.vae import AutoencoderKLCogVideoX, CogVideoXVAEConfig
 
     cfg = config or CogVideoXVAEConfig()
     with torch.device("meta"):
         vae = AutoencoderKLCogVideoX(cfg).to(dtype).eval()
     z = torch.empty(1, cfg.latent_channels, *latent, device="meta", dtype=dtype)
-    counter = _LiveBytes()
-    new = halo._Staging.new
-
-    def staged(self, shape, dt, force_device=False):
-        counter.skip = mode == "lossless-offload" and not force_device
-        try:
-            return new(self, shape, dt, force_device)
-        finally:
-            counter.skip = False
-
-    halo._Staging.new = staged
     if mode == "onepass":
         vae.num_latent_frames_batch_size = latent[0]
-    try:
-        with counter.mode, torch.no_grad():
-            out = vae.decode(z).sample if mode in ("onepass", "batched") else tiled_decode(
-                vae, z, tile_size=tile, frame_chunk=frame_chunk, progress=False)
-    finally:
-        halo._Staging.new = new
+    with _counting(mode) as counter, torch.no_grad():
+        out = vae.decode(z).sample if mode in ("onepass", "batched") else tiled_decode(
+            vae, z, tile_size=tile, frame_chunk=frame_chunk, progress=False)
     weights = sum(p.numel() * p.element_size() for p in vae.decoder.parameters())
     return {"latent": list(latent), "mode": mode, "tile": tile, "frame_chunk": frame_chunk,
             "peak_gib": counter.peak / 2**30, "output_gib": out.numel() * out.element_size() / 2**30,
