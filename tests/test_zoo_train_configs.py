@@ -107,7 +107,6 @@ BAD = [
     ({"train": {"steps": "10"}}, "train.steps must be int, got str"),
     ({"train": {"steps": 0}}, "train.steps must be > 0, got 0"),
     ({"train": {"device": "tpu"}}, "train.device must be one of 'cpu', 'cuda', got 'tpu'"),
-    ({"zoo": {"model": "consistency"}, "train": {"device": "cuda"}}, "train.device = 'cuda' is not supported"),
     ({"optim": {"betas": [1.2, 0.9]}}, r"optim.betas must be two numbers in \[0, 1\)"),
     ({"optim": {"name": "sgd"}}, "optim.name must be one of 'adamw', 'lion'"),
     ({"optim": {"ema_decay": 1.0}}, r"optim.ema_decay must be in \[0, 1\)"),
@@ -154,6 +153,18 @@ def test_each_config_trains_through_the_cli(name, tmp_path, one_thread, requires
     measures = json.loads((run / "measures.json").read_text())
     assert measures["start"]["step"] == 0 and measures["end"]["step"] == 2
     assert set(measures["start"]) == set(measures["end"]) and len(measures["end"]) > 1
+    assert all(math.isfinite(v) for v in measures["end"].values()), measures
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["consistency", "gan", "vae", "realnvp"])
+def test_gpu_configs_train_on_cuda(name, tmp_path, requires_safetensors, capsys):
+    """train.device = 'cuda': the generator, the data and the model on the GPU; finite losses and
+    measures (the consistency objective draws its noise levels with the CUDA generator)."""
+    path = _tiny(name, tmp_path, train__device="cuda", train__threads=0)
+    assert main(["train", str(path)]) == 0, capsys.readouterr().err
+    measures = json.loads((tmp_path / "run" / "measures.json").read_text())
     assert all(math.isfinite(v) for v in measures["end"].values()), measures
 
 

@@ -42,6 +42,11 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return (lo + ramp * (hi - lo)) ** rho
 
 
+def _generator_device(generator: Optional[torch.Generator]) -> torch.device:
+    """Where draws with ``generator`` are made (a CUDA generator draws on the GPU; none: the CPU)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: Optional[float] = None) -> torch.Tensor:
     """``(B,)``: ``sqrt(||a_b - b_b||^2 + c^2) - c`` in fp32, ``c = 0.00054 sqrt(dim)`` by default."""
     dim = a[0].numel()
@@ -84,7 +89,8 @@ class ConsistencyTrainingObjective:
 
     def sample_indices(self, batch: int, n: Optional[int] = None, generator=None) -> torch.Tensor:
         """``(B,)`` int64 indices ``i`` (0-based) into ``sigmas``; the pair is ``(i, i + 1)``."""
-        return torch.multinomial(self.index_probabilities(n).float(), batch, replacement=True, generator=generator)
+        probs = self.index_probabilities(n).float().to(_generator_device(generator))
+        return torch.multinomial(probs, batch, replacement=True, generator=generator)
 
     def scalings(self, sigma: torch.Tensor):
         sd, smin = self.sigma_data, self.sigma_min
@@ -123,7 +129,7 @@ class ConsistencyTrainingObjective:
 
         x = self.denoise(model, noise * sigmas[0], level(sigmas[0]), cond)
         for s in sigmas[1:]:
-            z = torch.randn(noise.shape, generator=generator).to(noise.device)
+            z = torch.randn(noise.shape, generator=generator, device=_generator_device(generator)).to(noise.device)
             x = self.denoise(model, x + math.sqrt(s * s - self.sigma_min ** 2) * z, level(s), cond)
         return x
 
@@ -253,7 +259,7 @@ class ConsistencyDistillationObjective(ConsistencyTrainingObjective):
 
     def sample_indices(self, batch: int, n: Optional[int] = None, generator=None) -> torch.Tensor:
         """``(B,)`` uniform indices ``n`` (0-based) in ``0..N-2``; the pair is ``(n, n + 1)``."""
-        return torch.randint(0, (n or self.n) - 1, (batch,), generator=generator)
+        return torch.randint(0, (n or self.n) - 1, (batch,), generator=generator, device=_generator_device(generator))
 
     @torch.no_grad()
     def ode_step(self, x: torch.Tensor, s_hi: torch.Tensor, s_lo: torch.Tensor, cond=None) -> torch.Tensor:

@@ -220,7 +220,8 @@ class ConsistencyModel(nn.Module):
         if any(not c.sigma_min < s <= c.sigma_max for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
             raise ValueError(f"sigmas must descend within ({c.sigma_min}, {c.sigma_max}), got {tuple(sigmas)}")
         p = next(self.parameters())
-        z = torch.randn(n, c.in_channels, c.image_size, c.image_size, generator=generator).to(p)
+        z = torch.randn(n, c.in_channels, c.image_size, c.image_size, generator=generator,
+                        device=generator.device if generator is not None else "cpu").to(p)
         self._check(z, labels)
         return self.objective.sample(self.net, z, labels, sig, generator)
 

@@ -80,8 +80,7 @@ class TrainSection:
     steps: int = _f(300, "training steps (one train_step each: for the GANs one D and one G update)")
     batch_size: int = _f(64, "examples per batch (per critic step for wgangp)")
     seed: int = _f(0, "seed of the model init (torch.manual_seed) and of the batch and noise generator")
-    device: str = _f("cpu", "'cpu' or 'cuda' (not yet run on a GPU; consistency needs 'cpu': its objective "
-                            "draws noise levels with a CPU generator)")
+    device: str = _f("cpu", "'cpu' or 'cuda' (the batch and noise generator lives there)")
     threads: int = _f(0, "torch intra-op threads; 0 = leave torch's default (1 is fastest for these tiny "
                          "models on a small shared CPU)")
     log_every: int = _f(10, "steps per row of log.csv (the mean of the window's losses)")
@@ -178,9 +177,6 @@ class ZooConfig:
         if not 0.0 <= op.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {op.ema_decay}")
         one_of("train.device", t.device, ("cpu", "cuda"))
-        if t.device == "cuda" and z.model == "consistency":
-            raise ConfigError("train.device = 'cuda' is not supported for zoo.model = 'consistency' (its iCT "
-                              "objective draws noise levels with a CPU generator); use 'cpu'")
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict:
