@@ -3,15 +3,16 @@
 Same math and weights as diffusers' ``UNet2DConditionModel`` (the configurations SD 1.5 and
 SDXL base use: ``CrossAttnDownBlock2D`` / ``DownBlock2D``, ``UNetMidBlock2DCrossAttn``,
 ``CrossAttnUpBlock2D`` / ``UpBlock2D``, positional time embedding, SDXL's ``text_time``
-addition embedding). Shapes, with ``C_i = block_out_channels[i]``::
+addition embedding, LCM's ``time_cond_proj_dim`` guidance embedding). Shapes, with ``C_i = block_out_channels[i]``::
 
     sample                 (B, in_channels, H, W)          the noisy latent (any H, W)
     timestep               scalar or (B,)
     encoder_hidden_states  (B, L, cross_attention_dim)     text tokens (L = 77 for CLIP)
     added_cond_kwargs      SDXL: text_embeds (B, P), time_ids (B, 6)
+    timestep_cond          (B, time_cond_proj_dim)         LCM's guidance-scale (w) embedding, optional
     -> sample              (B, out_channels, H, W)
 
-    temb  = MLP(sinusoid(t)) [+ MLP([text_embeds, sinusoid(time_ids)])]          (B, 4 C_0)
+    temb  = MLP(sinusoid(t) [+ W_c timestep_cond]) [+ MLP([text_embeds, sinusoid(time_ids)])]   (B, 4 C_0)
     ResNet(x)       = x' + conv2(GNSiLU(conv1(GNSiLU(x)) + W silu(temb)))     x' = x or a 1x1 conv of x
     Transformer(x)  = x + proj_out(blocks(proj_in(GN(x))))  over the H*W tokens
     block(h):  h += Wo attn(qkv(LN1 h))                     self-attention, one GEMM for q, k, v
@@ -73,7 +74,7 @@ _FIXED = {
     "time_embedding_type": ("positional",), "resnet_time_scale_shift": ("default",),
     "dual_cross_attention": (False,), "only_cross_attention": (False,), "attention_type": ("default",),
     "num_attention_heads": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
-    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
     "cross_attention_norm": (None,), "class_embeddings_concat": (False,), "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0, 1), "mid_block_only_cross_attention": (None, False),
     "reverse_transformer_layers_per_block": (None,), "time_embedding_dim": (None,), "act_fn": ("silu", "swish"),
@@ -116,7 +117,10 @@ class UNet2DConditionConfig(ModelConfig):
     addition_embed_type: Optional[str] = None
     addition_time_embed_dim: Optional[int] = None
     projection_class_embeddings_input_dim: Optional[int] = None
-    time_cond_proj_dim: Optional[int] = None  # read by the pipelines; must stay None here
+    # LCM students (w-conditioned): the width of ``timestep_cond``, the guidance-scale embedding that
+    # ``time_embedding.cond_proj`` (Linear(time_cond_proj_dim, block_out_channels[0], bias=False)) adds to
+    # the sinusoidal timestep features before ``time_embedding.linear_1``; None: no such input.
+    time_cond_proj_dim: Optional[int] = None
 
     @classmethod
     def preset(cls, name: str) -> "UNet2DConditionConfig":
@@ -597,6 +601,20 @@ class Transformer2DModel(nn.Module):
 # ----------------------------------------------------------------------------- U-Net blocks
 
 
+class _TimeEmbedding(TimestepMLP):
+    """diffusers' ``TimestepEmbedding`` with optional ``cond_proj``:
+    ``linear_2(silu(linear_1(x [+ cond_proj(cond)])))``, x ``(B, C_0)``, cond ``(B, time_cond_proj_dim)``."""
+
+    def __init__(self, in_dim: int, out_dim: int, cond_proj_dim: Optional[int] = None):
+        super().__init__(in_dim, out_dim)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_dim, bias=False) if cond_proj_dim is not None else None
+
+    def forward(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        if cond is not None:
+            x = x + self.cond_proj(cond)
+        return super().forward(x)
+
+
 class _Stage(nn.Module):
     """One down / up block or the mid block: resnets, optional transformers, optional resampler."""
 
@@ -635,7 +653,7 @@ class UNet2DCondition(FastgenModel):
             return Transformer2DModel(chn, heads[i], layers, ctx[i], G, backend)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepMLP(ch[0], T)
+        self.time_embedding = _TimeEmbedding(ch[0], T, c.time_cond_proj_dim)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepMLP(c.projection_class_embeddings_input_dim, T)
         self.down_blocks = nn.ModuleList()
@@ -690,10 +708,12 @@ class UNet2DCondition(FastgenModel):
         return_dict: bool = True,
     ):
         """diffusers' ``UNet2DConditionModel.forward`` arguments; returns ``UNet2DConditionOutput``
-        (``return_dict=True``) or ``(sample,)``. Masks, ControlNet / adapter residuals, class
+        (``return_dict=True``) or ``(sample,)``. ``timestep_cond`` (B, time_cond_proj_dim): the LCM
+        guidance embedding, for a config with ``time_cond_proj_dim`` (omitted: no term is added, as in
+        diffusers). Masks, ControlNet / adapter residuals, class
         labels and attention-processor kwargs are not supported (a clear error)."""
         c = self.config
-        unsupported = dict(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
+        unsupported = dict(class_labels=class_labels, attention_mask=attention_mask,
                            encoder_attention_mask=encoder_attention_mask,
                            down_block_additional_residuals=down_block_additional_residuals,
                            mid_block_additional_residual=mid_block_additional_residual,
@@ -707,6 +727,8 @@ class UNet2DCondition(FastgenModel):
                                       "class labels, LoRA scales or custom attention processors)")
         self._check_inputs(sample, encoder_hidden_states)
         B = sample.shape[0]
+        if timestep_cond is not None:
+            timestep_cond = self._check_timestep_cond(timestep_cond, B)
         up_factor = 2 ** sum(1 for b in self.up_blocks if hasattr(b, "upsamplers"))
         forward_size = any(s % up_factor for s in sample.shape[-2:])
         if c.center_input_sample:
@@ -719,8 +741,8 @@ class UNet2DCondition(FastgenModel):
         elif t.dim() == 0:
             t = t[None].to(sample.device)
         t = t.expand(B)
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
-                                                     c.freq_shift).to(sample.dtype))
+        t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype)
+        emb = self.time_embedding(t_emb, None if timestep_cond is None else timestep_cond.to(sample.dtype))
         if c.addition_embed_type == "text_time":
             emb = emb + self.add_embedding(self._add_embeds(added_cond_kwargs, B).to(emb.dtype))
         temb = F.silu(emb)  # every resnet's time_emb_proj reads silu(temb)
@@ -771,6 +793,17 @@ class UNet2DCondition(FastgenModel):
         if ctx.shape[0] != sample.shape[0]:
             raise ValueError(f"UNet2DCondition: encoder_hidden_states batch {ctx.shape[0]} != sample batch "
                              f"{sample.shape[0]}")
+
+    def _check_timestep_cond(self, cond, B: int) -> Tensor:
+        d = self.config.time_cond_proj_dim
+        if d is None:
+            raise ValueError("UNet2DCondition: timestep_cond was given but this config has time_cond_proj_dim=None "
+                             "(no time_embedding.cond_proj); build the model with time_cond_proj_dim set (LCM "
+                             "students: the width of the guidance-scale embedding, e.g. 256) or omit timestep_cond")
+        if not isinstance(cond, Tensor) or cond.dim() != 2 or cond.shape[-1] != d or cond.shape[0] not in (1, B):
+            raise ValueError(f"UNet2DCondition: timestep_cond must be (B={B}, time_cond_proj_dim={d}), got "
+                             f"{tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__}")
+        return cond
 
     def _add_embeds(self, added: Optional[dict], B: int) -> Tensor:
         c = self.config
@@ -859,6 +892,8 @@ def _validate_config(c: UNet2DConditionConfig) -> None:
                                                  or c.projection_class_embeddings_input_dim is None):
         raise ValueError("UNet2DCondition: addition_embed_type='text_time' needs addition_time_embed_dim and "
                          "projection_class_embeddings_input_dim")
-    if c.addition_embed_type not in (None, "text_time") or c.time_cond_proj_dim is not None:
-        raise NotImplementedError("UNet2DCondition: only addition_embed_type None or 'text_time' and "
-                                  "time_cond_proj_dim=None are supported")
+    if c.addition_embed_type not in (None, "text_time"):
+        raise NotImplementedError("UNet2DCondition: only addition_embed_type None or 'text_time' is supported")
+    d = c.time_cond_proj_dim
+    if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+        raise ValueError(f"UNet2DCondition: time_cond_proj_dim must be None or a positive int, got {d!r}")
