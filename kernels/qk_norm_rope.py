@@ -25,7 +25,10 @@ token tiles (p, p + G, p + 2G, ...) into its own fp32 partial row
 Shapes and tiling as in ``kernels/rope.py``: q ``(B, S, Hq, D)`` / k ``(B, S, Hk, D)``
 ("bshd") or ``(B, H, S, D)`` ("bhsd") with (batch, sequence, head) strides and a
 contiguous last dim; one program holds BLOCK_S tokens x BLOCK_H heads x the whole
-head dim (pairs + pass-through dims), so the row sums stay in registers.
+head dim (pairs + pass-through dims), so the row sums stay in registers. The backward's
+warps give each thread 8 elements of every load of dy, x and dx (16 bytes in bf16 / fp16);
+in the halves layout with R / 2 a power of two it reads a and b as one contiguous block of R
+columns (JOINED), so a thread holds half the registers that two R / 2-wide loads would need.
 
 Bytes per element (e: element size of q and k; per-row, per-column and per-sample terms omitted):
 
@@ -63,6 +66,33 @@ def _load_pass(ptr, off, mask, R, D, BLOCK_P: tl.constexpr):
 def _store_pass(ptr, off, mask, v, R, D, BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr):
     p = tl.arange(0, BLOCK_P)[None, None, :]
     tl.store(ptr + off + R + p, round_to(v, ptr.dtype.element_ty, INTERPRET), mask=mask & (p < D - R))
+
+
+@triton.jit
+def _load_rot(ptr, off, mask, R, A: tl.constexpr, B: tl.constexpr, HALF: tl.constexpr,
+              INTERLEAVED: tl.constexpr, JOINED: tl.constexpr):
+    """_load_pairs, or (JOINED: halves layout with R == 2 * HALF) one contiguous load of the
+    2 * HALF rotated columns, split into a (the first HALF) and b (the second). The same values
+    as _load_pairs; only the layout differs."""
+    if JOINED:
+        c = tl.arange(0, 2 * HALF)[None, None, :]
+        v = tl.load(ptr + off + c, mask=mask & (c < R), other=0.0).to(tl.float32)
+        a, b = tl.split(tl.permute(tl.reshape(v, (A, B, 2, HALF)), (0, 1, 3, 2)))
+    else:
+        a, b = _load_pairs(ptr, off, mask, R, A, B, HALF, INTERLEAVED)
+    return a, b
+
+
+@triton.jit
+def _store_rot(ptr, off, mask, a, b, R, A: tl.constexpr, B: tl.constexpr, HALF: tl.constexpr,
+               INTERLEAVED: tl.constexpr, JOINED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store a, b where _load_rot read them, rounded to ptr's dtype."""
+    if JOINED:
+        c = tl.arange(0, 2 * HALF)[None, None, :]
+        v = tl.reshape(tl.permute(tl.join(a, b), (0, 1, 3, 2)), (A, B, 2 * HALF))
+        tl.store(ptr + off + c, round_to(v, ptr.dtype.element_ty, INTERPRET), mask=mask & (c < R))
+    else:
+        _store_pairs(ptr, off, mask, a, b, R, A, B, HALF, INTERLEAVED, INTERPRET)
 
 
 @triton.jit
@@ -136,7 +166,7 @@ def _norm_rope_bwd_loop(DY, X, W, DX, DWP, pid_t, num_t_programs, tiles_per_prog
                         sdb, sds, sdh, sxb, sxs, sxh, sob, sos, soh, COS, SIN, scb, scs, ssb, sss, eps,
                         HAS_PASS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
                         HALF: tl.constexpr, BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+                        JOINED: tl.constexpr, INTERPRET: tl.constexpr):
     h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
     h_mask = (h < H)[None, :, None]
     w_off = tl.zeros([1, 1, 1], dtype=tl.int64)
@@ -158,7 +188,7 @@ def _norm_rope_bwd_loop(DY, X, W, DX, DWP, pid_t, num_t_programs, tiles_per_prog
         d_off = (b * sdb + s * sds)[:, None, None] + (h * sdh)[None, :, None]
         x_off = (b * sxb + s * sxs)[:, None, None] + (h * sxh)[None, :, None]
         o_off = (b * sob + s * sos)[:, None, None] + (h * soh)[None, :, None]
-        xa, xb = _load_pairs(X, x_off, mask, R, BLOCK_S, BLOCK_H, HALF, INTERLEAVED)
+        xa, xb = _load_rot(X, x_off, mask, R, BLOCK_S, BLOCK_H, HALF, INTERLEAVED, JOINED)
         ss = tl.sum(xa * xa, axis=2) + tl.sum(xb * xb, axis=2)
         if HAS_PASS:
             xp = _load_pass(X, x_off, mask, R, D, BLOCK_P)
@@ -166,7 +196,7 @@ def _norm_rope_bwd_loop(DY, X, W, DX, DWP, pid_t, num_t_programs, tiles_per_prog
         rstd = tl.rsqrt(ss / D + eps)[:, :, None]
         xa = xa * rstd  # xhat from here on
         xb = xb * rstd
-        ya, yb = _load_pairs(DY, d_off, mask, R, BLOCK_S, BLOCK_H, HALF, INTERLEAVED)
+        ya, yb = _load_rot(DY, d_off, mask, R, BLOCK_S, BLOCK_H, HALF, INTERLEAVED, JOINED)
         dna = ya * ca + yb * sb  # rope^T: the inverse rotation
         dnb = yb * cb - ya * sa
         dwa += tl.sum(tl.sum(dna * xa, axis=0, keep_dims=True), axis=1, keep_dims=True)
@@ -181,8 +211,8 @@ def _norm_rope_bwd_loop(DY, X, W, DX, DWP, pid_t, num_t_programs, tiles_per_prog
             gp = dnp * wp
             dot += tl.sum(gp * xp, axis=2)
         c = (dot / D)[:, :, None]
-        _store_pairs(DX, o_off, mask, rstd * (ga - xa * c), rstd * (gb - xb * c), R, BLOCK_S, BLOCK_H, HALF,
-                     INTERLEAVED, INTERPRET)
+        _store_rot(DX, o_off, mask, rstd * (ga - xa * c), rstd * (gb - xb * c), R, BLOCK_S, BLOCK_H, HALF,
+                   INTERLEAVED, JOINED, INTERPRET)
         if HAS_PASS:
             _store_pass(DX, o_off, mask, rstd * (gp - xp * c), R, D, BLOCK_P, INTERPRET)
     _store_pairs(DWP, w_off, w_mask, dwa, dwb, R, 1, 1, HALF, INTERLEAVED, INTERPRET)
@@ -219,6 +249,7 @@ def _qk_norm_rope_bwd_kernel(
     BLOCK_H: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    JOINED: tl.constexpr,  # halves layout with R == 2 * HALF: a and b read as one contiguous block
     INTERPRET: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -227,12 +258,12 @@ def _qk_norm_rope_bwd_kernel(
     if hb < n_q_hblocks:
         _norm_rope_bwd_loop(DQO, Q, WQ, DQ, dwp, pid_t, num_t_programs, tiles_per_program, T, S, hb * BLOCK_H, HQ,
                             R, D, sdqb, sdqs, sdqh, sqb, sqs, sqh, soqb, soqs, soqh, COS, SIN, scb, scs, ssb, sss,
-                            eps, HAS_PASS, BLOCK_S, BLOCK_H, HALF, BLOCK_P, INTERLEAVED, INTERPRET)
+                            eps, HAS_PASS, BLOCK_S, BLOCK_H, HALF, BLOCK_P, INTERLEAVED, JOINED, INTERPRET)
     else:
         _norm_rope_bwd_loop(DKO, K, WK, DK, dwp, pid_t, num_t_programs, tiles_per_program, T, S,
                             (hb - n_q_hblocks) * BLOCK_H, HK, R, D, sdkb, sdks, sdkh, skb, sks, skh, sokb, soks,
                             sokh, COS, SIN, scb, scs, ssb, sss, eps, HAS_PASS, BLOCK_S, BLOCK_H, HALF, BLOCK_P,
-                            INTERLEAVED, INTERPRET)
+                            INTERLEAVED, JOINED, INTERPRET)
 
 
 # ----------------------------------------------------------------------------- configs and launchers
@@ -248,10 +279,18 @@ def qk_norm_rope_fwd_config(T: int, hq: int, hk: int, D: int, R: int, interleave
     return cfg
 
 
-def qk_norm_rope_bwd_config(T: int, hq: int, hk: int, D: int, R: int, max_t_programs: int) -> dict:
-    """Launch parameters of _qk_norm_rope_bwd_kernel: grid (token programs, head blocks of q then k)."""
+def qk_norm_rope_bwd_config(T: int, hq: int, hk: int, D: int, R: int, max_t_programs: int,
+                            interleaved: bool) -> dict:
+    """Launch parameters of _qk_norm_rope_bwd_kernel: grid (token programs, head blocks of q then k).
+
+    16-byte accesses to every per-element load and store (rope.tile_config). The halves layout
+    with R == 2 * HALF reads a and b as one 2 * HALF block (JOINED): the warps of the interleaved
+    layout, half the registers per thread (the partial-rotary D=128 R=64 tile: 168 on sm_90 with
+    2 warps; as two HALF-wide loads it needs 1 warp and 255)."""
+    joined = not interleaved and R == 2 * triton.next_power_of_2(R // 2)
     cfg = tile_config(T, hq, hk, D, R, TARGET_TILE_BWD if D <= 128 else TARGET_TILE_BWD_WIDE,
-                      interleaved=None)
+                      interleaved=interleaved or joined)
+    cfg["JOINED"] = joined
     n_q = triton.cdiv(hq, cfg["BLOCK_H"])
     n_hb = n_q + triton.cdiv(hk, cfg["BLOCK_H"])
     tiles = triton.cdiv(max(T, 1), cfg["BLOCK_S"])
@@ -292,7 +331,7 @@ def qk_norm_rope_bwd(dqo, dko, q, k, wq, wk, cos, sin, eps: float, layout: str, 
     assert T > 0 and hq + hk > 0 and D > 0, "empty calls are answered by fastgen.ops.qk_norm_rope"
     assert dqo.stride(3) == 1 and dko.stride(3) == 1 and q.stride(3) == 1 and k.stride(3) == 1
     assert wq.is_contiguous() and wk.is_contiguous() and cos.stride(-1) == 1 and sin.stride(-1) == 1
-    cfg = qk_norm_rope_bwd_config(T, hq, hk, D, R, max_programs(q.device, interpreted=2))
+    cfg = qk_norm_rope_bwd_config(T, hq, hk, D, R, max_programs(q.device, interpreted=2), interleaved)
     grid = cfg.pop("grid")
     n_q = cfg["n_q_hblocks"]
     partial = torch.empty((grid[0], grid[1], D), dtype=torch.float32, device=q.device)

@@ -128,7 +128,7 @@ def rope_cases(dtype: str = "bf16"):
             nw = cfg.pop("num_warps")
             yield (f"qk_norm_rope fwd {tag}", kq._qk_norm_rope_fwd_kernel, fwd_sig,
                    dict(cfg, INTERLEAVED=inter, HAS_PASS=D > R, INTERPRET=False), nw)
-            cfg = kq.qk_norm_rope_bwd_config(T, hq, hk, D, R, 4 * 132)
+            cfg = kq.qk_norm_rope_bwd_config(T, hq, hk, D, R, 4 * 132, inter)
             for k in ("grid", "n_q_hblocks", "n_hblocks", "num_t_programs", "tiles_per_program"):
                 cfg.pop(k)
             nw = cfg.pop("num_warps")

@@ -50,7 +50,9 @@ NARROW = {
     "gn bwd": (4, 2, "per-channel weight and bias, per-group mean and rstd; per-group partial sums"),
     "gn apply": (4, 0, "per-channel weight and bias, per-group mean and rstd"),
     "qk_norm_rope fwd": (2, 0, "the q / k norm weights, read per head-dim block as fp32"),
-    "qk_norm_rope bwd": (6, 1, "norm weights, per-row rstd; the weight-gradient partial"),
+    "qk_norm_rope bwd": (12, 3, "per branch: the norm weights (one or two loads) and the fp32 cos / sin entries "
+                                "(two or four: a and b in the halves layout), broadcast over the heads; the "
+                                "fp32 weight-gradient partials (a, b and the pass-through dims), stored once"),
     "rope": (4, 0, "the cos / sin entries of a and b (fp32), read once per token block for BLOCK_H heads"),
     "glu fwd": (0, 0, ""),
     "glu bwd": (0, 0, ""),
@@ -85,11 +87,11 @@ NOT_DERIVED = {
     "layer_norm rowstats": "reads dout, h (and scale) once more for wide rows; weight per-column",
     "layer_norm bwd per_sample": "the per-sample dshift / dscale / dgate are fp32 per-column partials; the "
                                  "per-token case at the same widths checks the per-element tensors",
-    "qk_norm_rope bwd": "its fp32 weight-gradient partial and the per-head norm weights are broadcast or "
-                        "per-column operands, and the backward tile spreads a whole row per thread",
-    "rope / qk_norm_rope fwd loads": "the cos / sin rows (and the norm weights) are broadcast over the heads "
-                                     "with a layout Triton picks: the loads are checked as a lower bound, the "
-                                     "stores exactly",
+    "rope / qk_norm_rope loads": "the cos / sin rows (and the norm weights) are broadcast over the heads "
+                                 "with a layout Triton picks: the loads are checked as a lower bound, the "
+                                 "stores exactly",
+    "qk_norm_rope bwd dw partial stores": "fp32 [HALF] / [BLOCK_P] rows stored once per program after the loop, "
+                                          "in a layout Triton picks: not counted (narrow in every config)",
     "group_norm combine, bwd_combine": "per-group partials only, no per-element tensor",
 }
 
@@ -166,8 +168,8 @@ def test_16_byte_accesses_are_exact(exact):
     errors = [f"{r['name']}: {r['error']}" for r in exact if "error" in r]
     assert not errors, "\n".join(errors)
     families = {"fwd N=", "bwd N=", "glu fwd", "glu bwd", "ln fwd", "ln bwd", "gn fwd", "gn bwd", "gn apply",
-                "gn stats", "gn bwd_reduce", "gn bwd_dx", "rope", "qk_norm_rope fwd", "scale_shift fwd",
-                "scale_shift bwd"}
+                "gn stats", "gn bwd_reduce", "gn bwd_dx", "rope", "qk_norm_rope fwd", "qk_norm_rope bwd",
+                "scale_shift fwd", "scale_shift bwd"}
     missing = {f for f in families if not any(r["name"].startswith(f) for r in exact)}
     assert not missing, f"no case of {sorted(missing)}"
     assert sum(r["want_loads"] > 0 and r["want_stores"] > 0 for r in exact) >= 100, "the rule expects too little"

@@ -148,6 +148,10 @@ def cases():
     yield from _pick(group_norm_cases, ("gn fwd N=2 C=512 S=64 G=1 nchw", "gn bwd N=2 C=512 S=64 G=1 nchw",
                                         "gn fwd N=2 C=1024 S=64 G=32 nchw", "gn bwd N=2 C=1024 S=64 G=32 nchw"))
     yield from _pick(rope_cases, ("rope hq=24 hk=24 D=128 R=128 halves", "qk_norm_rope fwd hq=24", "qk_norm_rope bwd hq=24"))
+    # the QK-norm backward's halves layout (a and b read as one block: JOINED) and partial rotary
+    yield from _pick(rope_cases, ("qk_norm_rope bwd hq=24 hk=24 D=128 R=128 halves",
+                                  "qk_norm_rope bwd hq=32 hk=8 D=128 R=64 inter",
+                                  "qk_norm_rope bwd hq=32 hk=8 D=128 R=64 halves"))
     yield from _pick(glu_cases, ("glu fwd N=1280 gelu", "glu bwd N=1280 gelu"))
     yield from _pick(optim_cases, ("adamw amsgrad=False stochastic=False", "adamw8bit", "lion", "ema", "clip"))
     # scale / shift of narrow rows (N=64: 4 tokens per tile) and wide ones
@@ -265,20 +269,26 @@ def exact_cases():
         yield from once(dict(_exact(name, fn, sig, c, nw, len(rd) * v, len(wr) * v + partials),
                              values=gn_values(name)))
     for name, fn, sig, consts, nw in rope_cases("bf16"):
-        if name.startswith("qk_norm_rope bwd"):
-            continue  # not derived: see test_static_widths.NOT_DERIVED
         c = dict(consts, COPY_PASS=consts.get("COPY_PASS", consts.get("HAS_PASS")))  # qk_norm_rope: HAS_PASS
         rows = c["BLOCK_S"] * c["BLOCK_H"]
         # per branch (q, then k: the kernel's two code paths), the rotated columns: one load / store
-        # of 2 * HALF interleaved, or two (a, b) of HALF; plus the pass-through dims when copied
-        pairs = [2 * c["HALF"]] if c["INTERLEAVED"] else [c["HALF"], c["HALF"]]
+        # of 2 * HALF interleaved (or halves read as one block: the QK-norm backward's JOINED), or
+        # two (a, b) of HALF; plus the pass-through dims when copied
+        one = c["INTERLEAVED"] or c.get("JOINED", False)
+        pairs = [2 * c["HALF"]] if one else [c["HALF"], c["HALF"]]
         cols = pairs + ([c["BLOCK_P"]] if c["COPY_PASS"] else [])
         per_branch = sum(v16(rows * n, e, nw, n * e) for n in cols)
+        # tensors per element (the docstring's line): rope (either direction) and the QK-norm forward
+        # read x and write out; the QK-norm backward (one loop body per branch) reads dout and x and
+        # writes dx
+        module = "qk_norm_rope" if name.startswith("qk_norm_rope") else "rope"
+        rd, wr = _stated(module, "bwd" if name.startswith("qk_norm_rope bwd") else "fwd")
         # The fp32 cos / sin rows of the token block (and qk_norm_rope's weights) are broadcast over
         # the heads: Triton gives them either their own layout or the tile's, replicated over the
         # head threads (16-byte then). Not derivable from the tile, so the loads are a lower bound
-        # (test_static_widths.NOT_DERIVED).
-        yield from once(_exact(name, fn, sig, consts, nw, 2 * per_branch, 2 * per_branch,
+        # (test_static_widths.NOT_DERIVED). The backward's fp32 weight-gradient partials are
+        # [HALF] / [BLOCK_P] rows stored after the loop, in a layout Triton picks (narrow here).
+        yield from once(_exact(name, fn, sig, consts, nw, 2 * len(rd) * per_branch, 2 * len(wr) * per_branch,
                                why="loads: at least; the cos / sin (and norm weight) loads come on top"))
     yield from (c for sc in scale_shift_cases() for c in once(sc))
 
