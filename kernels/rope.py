@@ -174,15 +174,14 @@ def pick_block_h(hq: int, hk: int, cap: int) -> int:
 
 
 def tile_config(T: int, hq: int, hk: int, D: int, R: int, target: int = TARGET_TILE, *,
-                interleaved: bool | None) -> dict:
+                interleaved: bool) -> dict:
     """BLOCK_S, BLOCK_H, HALF, BLOCK_P and num_warps for a (tokens x heads x head dim) tile.
 
-    The tile holds about ``target`` elements of a row of ``2 * HALF + BLOCK_P`` columns. With
-    ``interleaved`` given, the warps give each thread 8 elements of every rotated load, one
+    The tile holds about ``target`` elements of a row of ``2 * HALF + BLOCK_P`` columns. The
+    warps give each thread 8 elements of every rotated load, one
     16-byte access of bf16 / fp16: a load spans ``2 * HALF`` columns in the interleaved layout
     but only ``HALF`` in the halves layout (a and b are two loads), so the halves layout runs half
-    the warps on the same tile. ``interleaved=None`` spreads the whole row instead (8 elements per
-    thread over all its loads: fewer registers, narrower accesses; the QK-norm backward).
+    the warps on the same tile.
     """
     half = triton.next_power_of_2(R // 2)
     block_p = triton.next_power_of_2(D - R) if D > R else 1
@@ -190,7 +189,7 @@ def tile_config(T: int, hq: int, hk: int, D: int, R: int, target: int = TARGET_T
     block_h = pick_block_h(hq, hk, max(1, target // row))
     room = max(1, target // (row * block_h))
     block_s = min(1 << (room.bit_length() - 1), triton.next_power_of_2(max(T, 1)))  # powers of two
-    load = row if interleaved is None else 2 * half if interleaved else half  # columns per thread-row
+    load = 2 * half if interleaved else half  # columns per rotated load of a thread-row
     num_warps = max(1, min(32, block_s * block_h * load // 256))
     return dict(BLOCK_S=block_s, BLOCK_H=block_h, HALF=half, BLOCK_P=block_p, num_warps=num_warps)
 
