@@ -330,9 +330,6 @@ class Config:
         if self.train.parallel == "fsdp":
             raise ConfigError(f"train.parallel = 'fsdp' is not supported with objective.kind = {kind!r} (the "
                               "target network is a full copy); use 'ddp'")
-        if self.data.text_encoder:
-            raise ConfigError(f"objective.kind = {kind!r} distils class-conditional or unconditional models; "
-                              "data.text_encoder is not supported with it yet")
 
 
 def teacher_kind(o: ObjectiveConfig) -> str:

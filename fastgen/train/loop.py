@@ -14,7 +14,11 @@ the same autocast), put in eval mode without gradients; the student may start fr
 (``objective.init_from_teacher``); a file / preset teacher of another architecture than the student
 (e.g. an LCM student with a w input) is built by ``objective.teacher_factory``. An LCM student gets the
 w-embedding under ``objective.lcm_guidance_kwarg`` in training and validation sampling (its forward
-is checked for that keyword at start). The target network starts as a copy of the student, is updated
+is checked for that keyword at start). Text-conditional distillation (``data.text_encoder`` or
+in-memory text) passes the (dropped) caption embeddings as the condition to the student, the target
+network and the teacher (:func:`fastgen.train.text.text_cond_model`); LCM guides the teacher against
+the null (empty-prompt) embedding and validates on :meth:`Trainer.validation_prompts` at its w.
+The target network starts as a copy of the student, is updated
 after every optimizer step (``theta^- <- mu theta^- + (1 - mu) theta``, ``mu = objective.target_decay``)
 and is checkpointed (``target.safetensors``), so resume stays exact.
 
@@ -60,7 +64,7 @@ from fastgen.train.distributed import (clip_sharded_grad_norm_, collective_failu
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions, make_betas
 from fastgen.train.progress import append_row, progress_bar, truncate_rows
 from fastgen.train.sampling import sample, save_grid
-from fastgen.train.text import PromptTable, drop_text, text_model
+from fastgen.train.text import PromptTable, drop_text, null_batch, text_cond_model, text_model
 
 BUILTIN_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -130,9 +134,11 @@ def teacher_denoiser(toc) -> ModelDenoiser:
     return ModelDenoiser("denoising", toc.num_train_timesteps, torch.cumprod(1 - betas, 0), toc.prediction)
 
 
-def build_distillation(oc, teacher: torch.nn.Module, toc):
+def build_distillation(oc, teacher, toc):
     """:class:`ConsistencyDistillationObjective` or :class:`LCMDistillationObjective` from the config
-    ``oc``, the frozen ``teacher`` and the ObjectiveConfig ``toc`` that describes what it predicts."""
+    ``oc``, the frozen ``teacher`` (called ``teacher(x, t, class_labels=cond)``; a text-conditional one
+    through :func:`fastgen.train.text.text_cond_model`) and the ObjectiveConfig ``toc`` that describes
+    what it predicts."""
     if toc.kind not in ("flow", "denoising"):
         raise ConfigError(f"objective.teacher was trained with objective.kind = {toc.kind!r}; a teacher must be a "
                           "'flow' or 'denoising' model")
@@ -351,7 +357,10 @@ class Trainer:
             self.model.to(torch.bfloat16)
             if self.teacher is not None:
                 self.teacher.to(torch.bfloat16)
-        self.objective = build_objective(config.objective, t.steps, self.teacher, teacher_objective)
+        teacher = self.teacher
+        if teacher is not None and self.text_null is not None:  # text-conditional: the text is the condition
+            teacher = text_cond_model(teacher, config.model.text_inputs)
+        self.objective = build_objective(config.objective, t.steps, teacher, teacher_objective)
         self._check_guidance_input()
         self._init_optimizer()
         self._init_forward()
@@ -440,7 +449,8 @@ class Trainer:
         quiet = self.log if self.rank == 0 else (lambda s: None)
         teacher, teacher_objective = build_teacher(self.cfg, quiet)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        if o.kind == "lcm" and getattr(getattr(teacher, "config", None), "class_dropout_prob", None) == 0:
+        if (o.kind == "lcm" and self.text_null is None
+                and getattr(getattr(teacher, "config", None), "class_dropout_prob", None) == 0):
             raise ConfigError("objective.kind = 'lcm' guides the teacher with its null class, but the teacher has "
                               "none (class_dropout_prob = 0)")
         if o.init_from_teacher:
@@ -496,7 +506,10 @@ class Trainer:
             text = {k: v.to(self.device, x.dtype if v.is_floating_point() else v.dtype)
                     for k, v in batch["text"].items()}
             text = drop_text(text, self.text_null, self.cfg.objective.cond_dropout)
-            model, y = text_model(self.forward_model, text, self.cfg.model.text_inputs), None
+            if self.target is not None:  # distillation: the text rides in the condition (student, target, teacher)
+                model, y = text_cond_model(self.forward_model, self.cfg.model.text_inputs), text
+            else:
+                model, y = text_model(self.forward_model, text, self.cfg.model.text_inputs), None
         else:
             y = drop_conditions(batch["label"].to(self.device), self.cfg.objective.cond_dropout, self.null_label)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
@@ -514,9 +527,15 @@ class Trainer:
     def _distill_kwargs(self, y) -> dict:
         if self.target is None:
             return {}
-        if isinstance(self.objective, LCMDistillationObjective):  # the guided teacher's unconditional half
-            return {"target_model": self.target, "uncond": torch.full_like(y, self.null_label)}
-        return {"target_model": self.target}
+        target = self.target
+        if self.text_null is not None:  # y: the text outputs {name: (B, ...)}
+            target = text_cond_model(target, self.cfg.model.text_inputs)
+        if not isinstance(self.objective, LCMDistillationObjective):
+            return {"target_model": target}
+        # the guided teacher's unconditional half: the null class, or the null (empty-prompt) embedding
+        uncond = (torch.full_like(y, self.null_label) if self.text_null is None else
+                  null_batch(self.text_null, next(iter(y.values())).shape[0], y))
+        return {"target_model": target, "uncond": uncond}
 
     def train_step(self, batches) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns ``(loss, grad_norm)``."""
@@ -639,23 +658,24 @@ class Trainer:
                                         self.cfg.model.text_inputs)
                     null = model.null_label
                 if isinstance(self.objective, LCMDistillationObjective):
-                    return self._lcm_sample(labels.to(self.device), (c, h, w), g)
+                    return self._lcm_sample(model, labels.to(self.device), (c, h, w), g)
                 return sample(model, self.objective, labels.to(self.device), (c, h, w), v.num_steps, g,
                               v.sampler, v.guidance_scale, null, self.device)
         finally:
             self.model.train(was_training)
 
-    def _lcm_sample(self, labels: torch.Tensor, shape: tuple, g: torch.Generator) -> torch.Tensor:
+    def _lcm_sample(self, model, labels: torch.Tensor, shape: tuple, g: torch.Generator) -> torch.Tensor:
         """LCM validation: ``validation.num_steps`` (at most N) consistency steps down the solver grid,
         at ``w = validation.guidance_scale - 1`` (the teacher's guidance (1 + w) c - w u), or the middle
-        of [lcm_w_min, lcm_w_max] when guidance_scale is 1."""
+        of [lcm_w_min, lcm_w_max] when guidance_scale is 1. ``model``: the student, or its
+        :class:`PromptTable` (``labels`` index the validation prompts)."""
         o, v = self.objective, self.cfg.validation
         n = min(v.num_steps, len(o.ddim_timesteps))
         ts = o.ddim_timesteps[torch.linspace(len(o.ddim_timesteps) - 1, 0, n).round().long()].tolist()
         w = v.guidance_scale - 1 if v.guidance_scale > 1 else (o.w_min + o.w_max) / 2
         dtype = next(self.model.parameters()).dtype
         noise = torch.randn((labels.shape[0], *shape), generator=g).to(self.device, dtype)
-        return o.sample(self.model, noise, w, labels, ts, g).float()
+        return o.sample(model, noise, w, labels, ts, g).float()
 
     def validation_prompts(self) -> list:
         """Text-conditional runs: ``[(caption, text outputs)]``, the first 16 distinct captions of the data."""

@@ -18,6 +18,12 @@ together, by the **null embedding** with probability ``p`` (``objective.cond_dro
 The null embedding is the encoder's output for the empty caption ``""`` (what Stable Diffusion's
 training and sampling use) when there is an encoder, else zeros. Sampling with guidance then
 contrasts the prompt with that same null embedding (:class:`PromptTable`).
+
+Distillation (consistency distillation, LCM) passes the text as the condition itself:
+:func:`text_cond_model` turns ``model`` into ``f(x, t, class_labels=text, **kw)`` so the student, its
+target network and the teacher all get the (dropped) caption embeddings, the LCM teacher's
+unconditional half the null embedding (expanded to ``(B, ...)``), and extra keywords such as LCM's
+``timestep_cond`` pass through.
 """
 
 from __future__ import annotations
@@ -48,18 +54,40 @@ def drop_text(text: dict, null: dict, p: float, generator: Optional[torch.Genera
     return out
 
 
-def text_model(model: Callable, text: dict, text_inputs: dict) -> Callable:
-    """``f(x, t, class_labels=None) = model(x, timestep=t, **text as keywords)`` for the objectives."""
+def text_keywords(text: dict, text_inputs: dict) -> dict:
+    """``{model keyword: tensor}`` for the text outputs ``text`` (``model.text_inputs`` maps the names)."""
     missing = [k for k in text if k not in text_inputs]
     if missing:
         raise ValueError(f"text encoder outputs {missing} have no model keyword in model.text_inputs "
                          f"({text_inputs}); add e.g. {{{missing[0]} = \"encoder_hidden_states\"}}")
-    kw = {text_inputs[k]: v for k, v in text.items()}
+    return {text_inputs[k]: v for k, v in text.items()}
 
-    def call(x, t, class_labels=None):
-        return model(x, timestep=t, **kw)
+
+def text_model(model: Callable, text: dict, text_inputs: dict) -> Callable:
+    """``f(x, t, class_labels=None, **kw) = model(x, timestep=t, **text as keywords, **kw)`` for the objectives."""
+    tkw = text_keywords(text, text_inputs)
+
+    def call(x, t, class_labels=None, **kw):
+        return model(x, timestep=t, **tkw, **kw)
 
     return call
+
+
+def text_cond_model(model: Callable, text_inputs: dict) -> Callable:
+    """``f(x, t, class_labels=text, **kw) = model(x, timestep=t, **text as keywords, **kw)``: the text
+    outputs ``{name: (B, ...)}`` ride in the condition argument (distillation objectives pass one
+    condition to the student, the target network and the teacher)."""
+
+    def call(x, t, class_labels=None, **kw):
+        tkw = text_keywords(class_labels, text_inputs) if class_labels is not None else {}
+        return model(x, timestep=t, **tkw, **kw)
+
+    return call
+
+
+def null_batch(null: dict, batch: int, like: dict) -> dict:
+    """The null embedding ``{name: (...)}`` as a batch ``{name: (batch, ...)}`` on ``like``'s devices / dtypes."""
+    return {k: null[k].to(like[k].device, like[k].dtype).expand(batch, *null[k].shape) for k in like}
 
 
 class PromptTable(torch.nn.Module):
@@ -75,9 +103,9 @@ class PromptTable(torch.nn.Module):
     def null_label(self) -> int:
         return next(iter(self.table.values())).shape[0] - 1
 
-    def forward(self, x, t, class_labels=None):
+    def forward(self, x, t, class_labels=None, **kw):
         text = {k: v.to(x.device)[class_labels.to(x.device)] for k, v in self.table.items()}
-        return text_model(self.model, text, self.text_inputs)(x, t)
+        return text_model(self.model, text, self.text_inputs)(x, t, **kw)
 
 
 class TextEmbeddingDataset(DatasetView):
