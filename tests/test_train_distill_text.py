@@ -7,6 +7,8 @@ embeddings). The LCM student (``TextWNet``) adds diffusers' ``timestep_cond`` w 
 the distance between the student's one-step sample and the guided teacher's multi-step DDIM solution
 ``(1 + w) eps(c) - w eps(null)`` from the same noise and prompts falls; spies check that the caption
 embeddings reach the student and the teacher, and the null embedding the teacher's unconditional half.
+Also: text-conditional consistency distillation, bit-exact resume of a text-encoder LCM run, and the
+Stable Diffusion case with tiny fastgen U-Nets (a text teacher, its ``time_cond_proj_dim`` student).
 """
 
 from __future__ import annotations
@@ -169,3 +171,47 @@ def test_text_lcm_resume_is_bit_exact_with_a_text_encoder(text_teacher, tmp_path
     _assert_identical(_state(straight), _state(resumed))
     assert all(torch.equal(a, b) for a, b in zip(straight.target.state_dict().values(),
                                                   resumed.target.state_dict().values()))
+
+
+def test_text_lcm_from_config_with_fastgen_unets(tmp_path, requires_safetensors):
+    """The Stable Diffusion case: a text-conditional fastgen UNet2DCondition teacher (a .safetensors file
+    built by objective.teacher_factory) and its w-conditioned student (time_cond_proj_dim), latents and
+    caption embeddings in memory. Hooks check what each U-Net's forward gets."""
+    from fastgen.models import UNet2DCondition
+    from fastgen.train import checkpoint as ckpt
+
+    unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], norm_num_groups=8,
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=8, attention_head_dim=2)
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher.safetensors"
+    ckpt.save_tensors(str(weights), UNet2DCondition(UNet2DCondition.config_class(**unet)).state_dict())
+    cfg = Config.from_dict({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"factory": "fastgen.models:UNet2DCondition", "kwargs": {**unet, "time_cond_proj_dim": 16}},
+        "objective": {"kind": "lcm", "teacher": str(weights), "teacher_factory": "fastgen.models:UNet2DCondition",
+                      "teacher_kwargs": unet, "init_from_teacher": True, "lcm_num_ddim_timesteps": 10,
+                      "lcm_w_min": 2.0, "lcm_w_max": 6.0, "lcm_embedding_dim": 16},
+        "optim": {"lr": 1e-3, "ema_decay": 0.0},
+        "train": {"steps": 2, "batch_size": 4, "progress": False, "device": "cpu"},
+        "checkpoint": {"every": 0, "keep_last": 1}})
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(2, 3, 8, generator=g)
+    data = TensorImageDataset(torch.randn(8, 4, 8, 8, generator=g), torch.zeros(8, dtype=torch.long),
+                              text=emb[torch.arange(8) % 2], captions=[f"c{i % 2}" for i in range(8)])
+    tr = Trainer(cfg, dataset=data, log=lambda s: None)
+    seen = {"student": [], "teacher": []}
+    for name, m in (("student", tr.model), ("teacher", tr.teacher)):
+        m.register_forward_pre_hook(lambda mod, a, k, name=name: seen[name].append(k), with_kwargs=True)
+    losses = [v for _, v in tr.fit()["losses"]]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    assert len(seen["student"]) == 2 and len(seen["teacher"]) == 4
+    for s in range(2):
+        st, tc, tu = seen["student"][s], seen["teacher"][2 * s], seen["teacher"][2 * s + 1]
+        assert st["timestep_cond"].shape == (4, 16) and "timestep_cond" not in tc
+        assert (st["encoder_hidden_states"][:, None] == emb[None]).flatten(2).all(2).any(1).all()
+        assert torch.equal(tc["encoder_hidden_states"], st["encoder_hidden_states"])
+        assert tu["encoder_hidden_states"].eq(0).all() and tu["encoder_hidden_states"].shape == (4, 3, 8)
+    tr.cfg.validation.num_steps, tr.cfg.validation.per_class = 2, 1
+    x = tr.generate(torch.arange(2))
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
