@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastgen.train import Trainer
 from fastgen.train.data import TensorImageDataset
-from fastgen.train.text import drop_text
+from fastgen.train.text import PromptTable, drop_text
 from test_train_resume import _assert_identical, _cfg, _state, _straight_and_resumed, one_thread  # noqa: F401
 
 CALLS: list = []  # captions per call of the text encoder that make_text_encoder builds
@@ -137,3 +137,24 @@ def test_fastgen_pixart_trains_on_text(tmp_path, requires_safetensors):
     assert all(torch.isfinite(torch.tensor(v)) for _, v in losses)
     caption_proj = [n for n in before if "caption" in n]
     assert caption_proj and all(not torch.equal(before[n], dict(tr.model.named_parameters())[n]) for n in caption_proj)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prompt_table_picks_each_prompt_in_the_sampling_dtype(dtype):
+    """Validation prompts as labels: label i gets prompt i's embeddings, the last label the null
+    embedding, cast like the training step's (floating tensors follow x: bf16 under bf16-pure)."""
+    seen = []
+
+    def model(x, timestep, encoder_hidden_states, attention_mask):
+        seen.append((encoder_hidden_states, attention_mask))
+        return x
+
+    prompts = [{"h": torch.full((2, 3), float(i)), "m": torch.ones(2, dtype=torch.long)} for i in range(3)]
+    null = {"h": torch.full((2, 3), -1.0), "m": torch.zeros(2, dtype=torch.long)}
+    table = PromptTable(model, prompts, null, {"h": "encoder_hidden_states", "m": "attention_mask"})
+    assert table.null_label == 3
+    x = torch.zeros(4, 1, dtype=dtype)
+    table(x, torch.zeros(4), class_labels=torch.tensor([2, 0, 3, 1]))
+    h, m = seen[0]
+    assert h.dtype == dtype and m.dtype == torch.long
+    assert h[:, 0, 0].tolist() == [2.0, 0.0, -1.0, 1.0] and m[:, 0].tolist() == [1, 1, 0, 1]

@@ -104,7 +104,9 @@ class PromptTable(torch.nn.Module):
         return next(iter(self.table.values())).shape[0] - 1
 
     def forward(self, x, t, class_labels=None, **kw):
-        text = {k: v.to(x.device)[class_labels.to(x.device)] for k, v in self.table.items()}
+        # the training step's rule: floating embeddings follow x's dtype (bf16 under precision = 'bf16-pure')
+        text = {k: v.to(x.device, x.dtype if v.is_floating_point() else v.dtype)[class_labels.to(x.device)]
+                for k, v in self.table.items()}
         return text_model(self.model, text, self.text_inputs)(x, t, **kw)
 
 
