@@ -501,6 +501,10 @@ def layer_norm_bwd_config(B: int, S: int, N: int, per_sample: bool, load: int, d
     sm_90 (tests/test_static_sm90.py). The warps give each thread about 8 elements of each
     tensor: one 16-byte access of bf16 / fp16 (tests/test_static_widths.py).
     The extra key ``GROUP`` is the rows per group (S with one group per sample, else B * S).
+    One row of 513 to 1024 per program with the weight and bias partials (``load`` 2: ln_wb, ln_wb_mod
+    per token) runs half the warps, 16 elements (two 16-byte accesses) per thread: at 8, ptxas
+    spills 4 bytes in the code a contiguous launch compiles (the launch specialization of
+    tests/test_static_sm90.py); at 16, 128 registers and none.
     """
     G, group = (B, S) if per_sample else (1, B * S)
     if N > 1024:
@@ -512,8 +516,11 @@ def layer_norm_bwd_config(B: int, S: int, N: int, per_sample: bool, load: int, d
     block_m = _tile(block_n, group, target)
     col_blocks = 1 if full_row else triton.cdiv(N, block_n)
     P = max(1, min(triton.cdiv(group, block_m), max_programs(device) // (G * col_blocks)))
+    num_warps = warps_for(block_m * block_n)
+    if N <= 1024 and block_m == 1 and load == 2:
+        num_warps = max(1, num_warps // 2)
     return dict(grid=(G, P, col_blocks), GROUP=group, FULL_ROW=full_row, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps_for(block_m * block_n))
+                num_warps=num_warps)
 
 
 # ----------------------------------------------------------------------------- launchers

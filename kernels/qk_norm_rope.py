@@ -286,11 +286,17 @@ def qk_norm_rope_bwd_config(T: int, hq: int, hk: int, D: int, R: int, max_t_prog
     16-byte accesses to every per-element load and store (rope.tile_config). The halves layout
     with R == 2 * HALF reads a and b as one 2 * HALF block (JOINED): the warps of the interleaved
     layout, half the registers per thread (the partial-rotary D=128 R=64 tile: 168 on sm_90 with
-    2 warps; as two HALF-wide loads it needs 1 warp and 255)."""
+    2 warps; as two HALF-wide loads it needs 1 warp and 255).
+    The interleaved layout with rotated rows of 128 columns or more (D = R = 128 / 256) runs half
+    those warps, 16 elements (two 16-byte accesses) per thread per load: at 8 per thread ptxas
+    spills 8-16 bytes in the code a contiguous launch compiles (tests/test_static_sm90.py, the
+    launch specialization); at 16, 128 registers at D=128 and 96 at D=256, no spills."""
     joined = not interleaved and R == 2 * triton.next_power_of_2(R // 2)
     cfg = tile_config(T, hq, hk, D, R, TARGET_TILE_BWD if D <= 128 else TARGET_TILE_BWD_WIDE,
                       interleaved=interleaved or joined)
     cfg["JOINED"] = joined
+    if interleaved and 2 * cfg["HALF"] >= 128:
+        cfg["num_warps"] = max(1, cfg["num_warps"] // 2)
     n_q = triton.cdiv(hq, cfg["BLOCK_H"])
     n_hb = n_q + triton.cdiv(hk, cfg["BLOCK_H"])
     tiles = triton.cdiv(max(T, 1), cfg["BLOCK_S"])

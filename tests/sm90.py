@@ -25,11 +25,27 @@ def ptxas_path() -> str:
     return get_ptxas(90).path
 
 
-def resource_usage(fn, signature: dict, constexprs: dict, num_warps: int) -> dict:
-    """{'registers', 'shared', 'spill_stores', 'spill_loads', 'stack'} of ``fn`` compiled for sm_90."""
-    sig = dict(signature)
-    sig.update({name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn, sig, constexprs), target=TARGET, options={"num_warps": num_warps})
+def _widths():
+    try:  # run as a script (tests/ on the path) or imported as tests.sm90
+        import widths
+    except ImportError:  # pragma: no cover
+        from tests import widths
+    return widths
+
+
+def resource_usage(fn, signature: dict, constexprs: dict, num_warps: int, launch: bool = False,
+                   values: dict | None = None) -> dict:
+    """{'registers', 'shared', 'spill_stores', 'spill_loads', 'stack'} of ``fn`` compiled for sm_90.
+
+    ``launch``: with the specialization a real launch on contiguous, aligned tensors gets
+    (tests/widths.compile_launch: pointers 16-byte aligned, integer arguments divisible by 16
+    unless ``values`` says otherwise); without it, the unhinted code an odd view runs."""
+    if launch:
+        compiled = _widths().compile_launch(fn, signature, constexprs, num_warps, values)
+    else:
+        sig = dict(signature)
+        sig.update({name: "constexpr" for name in constexprs})
+        compiled = triton.compile(ASTSource(fn, sig, constexprs), target=TARGET, options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -513,21 +529,31 @@ def glu_cases(dtype: str = "bf16"):
 
 
 CASES = (rope_cases, rms_norm_cases, layer_norm_cases, optim_cases, group_norm_cases, attention_cases, glu_cases)
+# The memory-bound kernels, compiled a second time with the launch specialization (named
+# "<case> launch"): a contiguous launch runs that code, and the alignment and divisibility hints
+# change its vectorization and so its registers. Attention is compiled unhinted only.
+LAUNCH_CASES = tuple(gen for gen in CASES if gen is not attention_cases)
 _cases: list = []  # filled before the worker processes fork; they compile by index
 
 
 def _usage_of(i: int) -> dict:
-    name, fn, sig, consts, nw = _cases[i]
-    return dict(name=name, num_warps=nw, **resource_usage(fn, sig, consts, nw))
+    name, fn, sig, consts, nw, launch = _cases[i]
+    values = _widths().gn_values(name) if launch else None
+    return dict(name=name + (" launch" if launch else ""), num_warps=nw, launch=launch,
+                **resource_usage(fn, sig, consts, nw, launch, values))
 
 
-def report(dtypes=("bf16", "fp32"), workers: int | None = None) -> list[dict]:
-    """Resource usage of every case of every op, compiled in parallel (one process per core)."""
+def report(dtypes=("bf16", "fp32"), workers: int | None = None, launch: bool = True) -> list[dict]:
+    """Resource usage of every case of every op, compiled in parallel (one process per core);
+    with ``launch``, the cases of ``LAUNCH_CASES`` also with the launch specialization."""
     import multiprocessing
     import os
 
-    _cases[:] = [(f"{name} {dtype}", fn, sig, consts, nw)
+    _cases[:] = [(f"{name} {dtype}", fn, sig, consts, nw, False)
                  for dtype in dtypes for gen in CASES for name, fn, sig, consts, nw in gen(dtype)]
+    if launch:
+        _cases.extend((f"{name} {dtype}", fn, sig, consts, nw, True)
+                      for dtype in dtypes for gen in LAUNCH_CASES for name, fn, sig, consts, nw in gen(dtype))
     workers = workers or min(os.cpu_count() or 1, 16)
     if workers == 1:
         return [_usage_of(i) for i in range(len(_cases))]

@@ -3,6 +3,17 @@
 No GPU needed: Triton compiles for GPUTarget("cuda", 90, 32) on any machine and
 its bundled ptxas reports registers and spills. The compile runs in a child
 process because this test session may have Triton's interpreter switched on.
+
+Each memory-bound kernel config (norms, RoPE, QK-norm + RoPE, GLU, GroupNorm, optimizers: every
+op but attention) is compiled twice, and both must pass: unhinted, and with the specialization a
+real launch on contiguous, aligned tensors gets (rows named "<case> launch";
+tests/widths.compile_launch: pointers 16-byte aligned, integer sizes and strides divisible by
+16). The launch compile is the code a GPU runs for ordinary inputs: its wider vector accesses
+change the register allocation, and it spilled where the unhinted one did not (the interleaved
+QK-norm + RoPE backward at D = 128 / 256, the LayerNorm backward at N = 1024 with weight and bias
+per token). The unhinted compile is what an odd view (unaligned base, odd stride) runs, so it is
+kept. Attention is compiled unhinted only (its register use is set by its dot tiles). The launch
+compiles add about 90 s on two cores.
 """
 
 from __future__ import annotations
@@ -43,6 +54,16 @@ def test_every_rms_norm_config_was_compiled(usage):
 # local memory) to local memory in a few backward configs that do not spill with 3.9; a real
 # spilling config moves tens to hundreds of bytes and still fails there.
 SPILL_BYTES_ALLOWED = 0 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9) else 16
+
+
+def test_memory_bound_configs_were_also_compiled_as_launched(usage):
+    plain = {r["name"] for r in usage if not r["launch"]}
+    launched = {r["name"] for r in usage if r["launch"]}
+    assert launched == {f"{n} launch" for n in plain if not n.startswith("attn ")}
+    for name in ("qk_norm_rope bwd hq=24 hk=24 D=128 R=128 inter bf16", "qk_norm_rope bwd hq=8 hk=2 D=256 R=256 inter bf16",
+                 "ln bwd N=1024 ln_wb_mod per_token bf16", "gn bwd N=2 C=96 S=221 G=32 nchw bf16",
+                 "adamw8bit clip+ema bf16", "glu bwd N=1280 gelu fp32", "rope hq=12 hk=12 D=72 R=72 inter inverse=True bf16"):
+        assert f"{name} launch" in launched, name
 
 
 def test_no_config_spills_on_sm90(usage):

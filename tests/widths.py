@@ -39,8 +39,9 @@ def access_widths(ptx: str) -> collections.Counter:
     return out
 
 
-def compile_ptx(fn, signature: dict, constexprs: dict, num_warps: int, values: dict | None = None) -> str:
-    """PTX of ``fn`` for sm_90 with the launch-time specialization of contiguous, aligned inputs.
+def compile_launch(fn, signature: dict, constexprs: dict, num_warps: int, values: dict | None = None):
+    """``fn`` compiled for sm_90 with the launch-time specialization of contiguous, aligned inputs
+    (Triton's ``CompiledKernel``; tests/sm90.py reads its resource usage too).
     ``values``: the integer arguments a launch passes, where the case knows them; such an argument
     is marked divisible by 16 only when it is (as the JIT does), the others are assumed to be."""
     sig = dict(signature)
@@ -49,9 +50,12 @@ def compile_ptx(fn, signature: dict, constexprs: dict, num_warps: int, values: d
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
              for name, ty in signature.items()
              if ty.startswith("*") or (ty in ("i32", "i64") and values.get(name, 0) % 16 == 0)}
-    compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET,
-                              options={"num_warps": num_warps})
-    return compiled.asm["ptx"]
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET, options={"num_warps": num_warps})
+
+
+def compile_ptx(fn, signature: dict, constexprs: dict, num_warps: int, values: dict | None = None) -> str:
+    """PTX of ``fn`` for sm_90 with the launch-time specialization (``compile_launch``)."""
+    return compile_launch(fn, signature, constexprs, num_warps, values).asm["ptx"]
 
 
 # ----------------------------------------------------------------------------- stated bytes per element
