@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import triton
+
 from fastgen.kernels.autotune import length_bucket
 
 # The tile space every candidate list is drawn from (num_stages is 3 throughout).
@@ -41,6 +43,10 @@ STAGES = 3
 # Split head-dim blocks that only TMA tiles run where pointer loads pad to the next power of two:
 # D = 88 / 96 as 64 + 32 in the backward, 136..160 as 128 + 32 and 176..192 as 128 + 64.
 TMA_SPLITS = ((64, 32), (128, 32), (128, 64))
+# ptxas before Triton 3.9 (the GPU image's 3.6) allocates registers differently: the causal dK/dV
+# kernel spills 20-44 bytes in three TMA tiles that 3.9 compiles without spills
+# (``_dkdv_spills_before_39``; tests/test_static_sm90.py under both versions).
+OLD_PTXAS = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 # ----------------------------------------------------------------------------- head-dim blocks
@@ -160,6 +166,13 @@ def _dkdv_keeps(D: int, c: dict) -> bool:
             or tile == (32, 64, 4) and tma and cols > 80)
 
 
+def _dkdv_spills_before_39(c: dict) -> bool:
+    """The dK/dV TMA tiles that Triton 3.6's ptxas spills (causal): 64 x 64 x 8 above 32 columns,
+    32 x 64 x 4 and 32 x 128 x 8 at 128 columns."""
+    tile, cols, tma = _tile(c)
+    return tma and (tile == (64, 64, 8) and cols > 32 or tile in ((32, 64, 4), (32, 128, 8)) and cols == 128)
+
+
 def _dq_keeps(D: int, c: dict) -> bool:
     (bm, bn, nw), cols, _ = _tile(c)
     if cols == 256:  # the default only
@@ -182,10 +195,12 @@ def attention_fwd_candidates(D: int, tma: bool = False) -> list[dict]:
                               if _fwd_keeps(D, c) or c == dict(d, TMA=True)])
 
 
-def attention_bwd_dkdv_candidates(D: int, tma: bool = False) -> list[dict]:
-    """dK/dV's configs for head dim D, default first (its TMA twin only where the filter keeps it)."""
+def attention_bwd_dkdv_candidates(D: int, tma: bool = False, old_ptxas: bool = OLD_PTXAS) -> list[dict]:
+    """dK/dV's configs for head dim D, default first (its TMA twin only where the filter keeps it);
+    ``old_ptxas``: the Triton before 3.9 this runs on, without the tiles its ptxas spills."""
     d = attention_bwd_dkdv_config(D)
-    return _default_first(d, [c for c in _space(D, kernel_head_blocks(D, "bwd"), tma) if _dkdv_keeps(D, c)])
+    return _default_first(d, [c for c in _space(D, kernel_head_blocks(D, "bwd"), tma)
+                              if _dkdv_keeps(D, c) and not (old_ptxas and _dkdv_spills_before_39(c))])
 
 
 def attention_bwd_dq_candidates(D: int, tma: bool = False) -> list[dict]:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import triton
 
 from fastgen.kernels import attention_configs as cfgs
 from fastgen.kernels.attention_configs import CANDIDATES, LaunchOverride, launch_config
@@ -31,12 +32,35 @@ def _row(c: dict) -> list:
 def test_candidates_equal_the_hand_written_lists(kernel, tma):
     """For every head dim: the same default first (the shipped config), the same set of candidates,
     no duplicates."""
+    rule = (lambda D, tma: CANDIDATES[kernel](D, tma, old_ptxas=False)) if kernel == "bwd_dkdv" else CANDIDATES[kernel]
     for D in HEAD_DIMS:
         old = BEFORE["candidates"][f"{kernel} {D} {int(tma)}"]
-        new = [_row(c) for c in CANDIDATES[kernel](D, tma)]
+        new = [_row(c) for c in rule(D, tma)]
         assert new[0] == old[0], (kernel, D, tma, "default")
         assert len(new) == len({tuple(r) for r in new}), (kernel, D, tma, "duplicates")
         assert sorted(new) == sorted(old), (kernel, D, tma)
+
+
+def test_dkdv_candidates_before_triton_39_drop_only_the_tiles_its_ptxas_spills():
+    """Triton 3.6's ptxas (the GPU image) spills 20-44 bytes in three causal dK/dV TMA tiles
+    (measured by tests/test_static_sm90.py under 3.6): 64 x 64 x 8 at 48 / 64 head-dim columns,
+    32 x 64 x 4 and 32 x 128 x 8 at 128. With ``old_ptxas`` exactly those leave the list; the
+    default and every pointer-load tile stay."""
+    def spills(r):
+        bm, bn, nw, _, bd, dr, tma = r
+        return tma == 1 and ((bm, bn, nw) == (64, 64, 8) and bd + dr > 32
+                             or (bm, bn, nw) in ((32, 64, 4), (32, 128, 8)) and bd + dr == 128)
+
+    removed = 0
+    for D in HEAD_DIMS:
+        for tma in (False, True):
+            new = [_row(c) for c in cfgs.attention_bwd_dkdv_candidates(D, tma, old_ptxas=False)]
+            old = [_row(c) for c in cfgs.attention_bwd_dkdv_candidates(D, tma, old_ptxas=True)]
+            assert old == [r for r in new if not spills(r)], (D, tma)
+            assert old[0] == new[0] and not spills(new[0]), (D, tma)
+            removed += len(new) - len(old)
+    assert removed >= 6  # D = 40, 64 (64 x 64) and D = 96, 128 (two tiles each), at least
+    assert cfgs.OLD_PTXAS == (tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9))
 
 
 def test_defaults_and_preprocess_equal_the_hand_written_rules():
