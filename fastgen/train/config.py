@@ -261,8 +261,7 @@ class Config:
                  optim_lr=op.lr, train_steps=t.steps, train_batch_size=t.batch_size, train_grad_accum=t.grad_accum,
                  train_log_every=t.log_every, checkpoint_keep_last=c.keep_last,
                  validation_num_steps=v.num_steps, validation_per_class=v.per_class)
-        if not 0.0 <= o.cond_dropout < 1.0:
-            raise ConfigError(f"objective.cond_dropout must be in [0, 1), got {o.cond_dropout}")
+        unit_interval(objective_cond_dropout=o.cond_dropout, optim_ema_decay=op.ema_decay)
         one_of("data.captions", da.captions, ("optional", "required", "ignore"))
         one_of("data.on_bad", da.on_bad, ("error", "skip"))
         if da.max_aspect < 1.0:
@@ -272,14 +271,9 @@ class Config:
                               f"({da.bucket_step})")
         if len(op.betas) != 2 or not all(0.0 <= b < 1.0 for b in op.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {op.betas}")
-        if not 0.0 <= op.ema_decay < 1.0:
-            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {op.ema_decay}")
-        for name, value in (("optim.weight_decay", op.weight_decay), ("optim.grad_clip", op.grad_clip),
-                            ("optim.warmup_steps", op.warmup_steps), ("data.num_workers", da.num_workers),
-                            ("checkpoint.every", c.every), ("checkpoint.keep_every", c.keep_every),
-                            ("validation.every", v.every), ("optim.eps", op.eps)):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
+        non_negative(optim_weight_decay=op.weight_decay, optim_grad_clip=op.grad_clip,
+                     optim_warmup_steps=op.warmup_steps, data_num_workers=da.num_workers, checkpoint_every=c.every,
+                     checkpoint_keep_every=c.keep_every, validation_every=v.every, optim_eps=op.eps)
         one_of("train.precision", t.precision, ("fp32", "bf16", "bf16-pure"))
         one_of("train.device", t.device, ("auto", "cpu", "cuda"))
         one_of("train.parallel", t.parallel, ("ddp", "fsdp"))
@@ -303,8 +297,7 @@ class Config:
                               f"{o.teacher_factory!r}")
         one_of("objective.loss_weighting", o.loss_weighting, ("none",), kind)
         one_of("objective.distill_loss", o.distill_loss, ("huber", "l2"))
-        if not 0.0 <= o.target_decay < 1.0:
-            raise ConfigError(f"objective.target_decay must be in [0, 1), got {o.target_decay}")
+        unit_interval(objective_target_decay=o.target_decay)
         one_of("objective.teacher_kind", o.teacher_kind,
                ("auto", "flow", "denoising") if kind != "lcm" else ("auto", "denoising"), kind)
         if teacher_kind(o) == "denoising":
@@ -432,12 +425,26 @@ def one_of(name: str, value, allowed, when: str = "") -> None:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}{extra}, got {value!r}")
 
 
+def _check(values: dict, ok, what: str) -> None:
+    for key, value in values.items():
+        if not ok(value):
+            section, name = key.split("_", 1)
+            raise ConfigError(f"{section}.{name} must be {what}, got {value}")
+
+
 def positive(**values) -> None:
     """``section_name=value`` pairs that must be > 0 (the error names ``section.name``)."""
-    for key, value in values.items():
-        if not value > 0:
-            section, name = key.split("_", 1)
-            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
+    _check(values, lambda v: v > 0, "> 0")
+
+
+def non_negative(**values) -> None:
+    """``section_name=value`` pairs that must be >= 0."""
+    _check(values, lambda v: v >= 0, ">= 0")
+
+
+def unit_interval(**values) -> None:
+    """``section_name=value`` pairs that must be in [0, 1) (dropout rates, EMA decays)."""
+    _check(values, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
 def toml_value(v) -> str:

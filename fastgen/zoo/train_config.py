@@ -26,8 +26,8 @@ import inspect
 import re
 from dataclasses import dataclass, field
 
-from fastgen.train.config import (ConfigError, check_type, doc_field as _f, from_sections, one_of, positive,
-                                  read_toml, reject_unknown, toml_value, write_toml)
+from fastgen.train.config import (ConfigError, check_type, doc_field as _f, from_sections, non_negative, one_of,
+                                  positive, read_toml, reject_unknown, toml_value, unit_interval, write_toml)
 
 # name -> (module, model class, config class, datasets it trains on (the first is the default))
 MODELS = {
@@ -166,16 +166,12 @@ class ZooConfig:
         positive(data_size=da.size, data_test_size=da.test_size, optim_lr=op.lr, train_steps=t.steps,
                  train_batch_size=t.batch_size, train_log_every=t.log_every, checkpoint_keep_last=c.keep_last,
                  measure_samples=m.samples, measure_sampling_steps=m.sampling_steps)
-        for name, value in (("data.noise", da.noise), ("optim.d_lr", op.d_lr), ("optim.eps", op.eps),
-                            ("optim.weight_decay", op.weight_decay), ("train.threads", t.threads),
-                            ("checkpoint.every", c.every), ("checkpoint.keep_every", c.keep_every)):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
+        non_negative(data_noise=da.noise, optim_d_lr=op.d_lr, optim_eps=op.eps, optim_weight_decay=op.weight_decay,
+                     train_threads=t.threads, checkpoint_every=c.every, checkpoint_keep_every=c.keep_every)
         one_of("optim.name", op.name, ("adamw", "lion"))
         if len(op.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in op.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {op.betas}")
-        if not 0.0 <= op.ema_decay < 1.0:
-            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {op.ema_decay}")
+        unit_interval(optim_ema_decay=op.ema_decay)
         one_of("train.device", t.device, ("cpu", "cuda"))
 
     # ------------------------------------------------------------------ writing
