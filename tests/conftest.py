@@ -53,6 +53,17 @@ def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol * scale, msg=msg or None)
 
 
+def perturb_biases(model, seed=0):
+    """``model`` in eval mode with 0.1 N(0, 1) (seeded) added to every 1-D parameter: biases and norm
+    affines far from their init, so per-tile statistics differ and tiling errors show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 def max_err(actual, expected) -> float:
     """Largest |actual - expected| in float64; ``inf`` wherever ``actual`` is NaN or infinite and
     ``expected`` is not the same value (so a kernel that returns NaN can never look close).

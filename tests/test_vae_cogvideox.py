@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INTERPRET, TRITON_DEVICE, assert_close
+from conftest import INTERPRET, TRITON_DEVICE, assert_close, perturb_biases
 
 import fastgen
 from fastgen.vae import AutoencoderKLCogVideoX, CogVideoXVAEConfig
@@ -28,20 +28,11 @@ def _env():
     torch.set_num_threads(n)
 
 
-def _perturb(vae):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in vae.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return vae.eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    dv = _perturb(diffusers.AutoencoderKLCogVideoX(
+    dv = perturb_biases(diffusers.AutoencoderKLCogVideoX(
         **TINY, down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3))
     return dv, AutoencoderKLCogVideoX.from_diffusers(dv)
 
@@ -90,7 +81,7 @@ def test_causal_conv_cache_equals_one_pass():
 def test_fused_groupnorm_silu_5d_triton():
     """The encoder's fused GroupNorm+SiLU on 5-D activations, Triton kernels: the same latents."""
     torch.manual_seed(0)
-    m = _perturb(AutoencoderKLCogVideoX(CogVideoXVAEConfig(**TINY))).to(TRITON_DEVICE)
+    m = perturb_biases(AutoencoderKLCogVideoX(CogVideoXVAEConfig(**TINY))).to(TRITON_DEVICE)
     x = torch.randn(1, 3, 1, 8, 6).to(TRITON_DEVICE)
     with torch.no_grad():
         ref = m.encode(x).parameters
@@ -116,7 +107,7 @@ def test_cogvideox_pipeline_same_frames():
     torch.manual_seed(0)
     cfg = dict(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
                temporal_compression_ratio=2)
-    dv = _perturb(diffusers.AutoencoderKLCogVideoX(**cfg, down_block_types=("CogVideoXDownBlock3D",) * 2,
+    dv = perturb_biases(diffusers.AutoencoderKLCogVideoX(**cfg, down_block_types=("CogVideoXDownBlock3D",) * 2,
                                                    up_block_types=("CogVideoXUpBlock3D",) * 2))
     tr = diffusers.CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=16,

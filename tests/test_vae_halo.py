@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, perturb_biases
 
 import fastgen
 from fastgen.vae import AutoencoderKL, AutoencoderKLConfig, flux_config, sd_config, sdxl_config, tiled_decode, tiled_encode
@@ -38,18 +38,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _perturb(vae, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vae.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return vae.eval()
-
-
 def _vae(cfg, seed=0):
     torch.manual_seed(seed)
-    return _perturb(AutoencoderKL(cfg), seed)
+    return perturb_biases(AutoencoderKL(cfg), seed)
 
 
 def _latents(n, c, h, w, seed=1):
@@ -68,7 +59,7 @@ def test_issue_case_latent_37x29_tile_16():
     on a diffusers AutoencoderKL passed directly and on its fastgen copy."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers' AutoencoderKL is the reference here")
     torch.manual_seed(0)
-    dv = _perturb(diffusers.AutoencoderKL(
+    dv = perturb_biases(diffusers.AutoencoderKL(
         **TINY, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2))
     m = AutoencoderKL.from_diffusers(dv)
     z = _latents(1, 4, 37, 29)

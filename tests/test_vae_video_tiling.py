@@ -15,6 +15,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import perturb_biases
 
 import fastgen
 import fastgen.vae.video_tiling as vt
@@ -34,19 +35,10 @@ def _env():
     torch.set_num_threads(n)
 
 
-def _perturb(vae, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vae.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return vae.eval()
-
-
 @pytest.fixture(scope="module")
 def vae():
     torch.manual_seed(0)
-    return _perturb(AutoencoderKLCogVideoX(CogVideoXVAEConfig(**TINY)))
+    return perturb_biases(AutoencoderKLCogVideoX(CogVideoXVAEConfig(**TINY)))
 
 
 @pytest.fixture
@@ -259,7 +251,7 @@ def test_gpu_video_tiling_staging(offload):
     """On a GPU: staged activations in pinned host memory (offload=True) or on the device; each is the one-pass
     decode (fp32, >= 60 dB), and host staging really bounds the device's peak."""
     torch.manual_seed(0)
-    m = _perturb(AutoencoderKLCogVideoX(CogVideoXVAEConfig(**TINY))).cuda()
+    m = perturb_biases(AutoencoderKLCogVideoX(CogVideoXVAEConfig(**TINY))).cuda()
     z = _randn(1, 4, 5, 24, 32).cuda()
 
     def peak_of(fn):
