@@ -64,6 +64,27 @@ def perturb_biases(model, seed=0):
     return model.eval()
 
 
+def capture_cuda_graph(fn):
+    """``(graph, fn())`` with ``fn`` captured into a CUDA graph on a side stream (the way torch
+    documents it); nothing ran yet: ``graph.replay()`` runs it. The caller did one eager call
+    first (states and launch tables allocated outside the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, out
+
+
+def replay_cuda_graph(fn, replays: int) -> None:
+    """Capture ``fn`` (:func:`capture_cuda_graph`), replay it ``replays`` times, synchronize."""
+    graph, _ = capture_cuda_graph(fn)
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+
+
 def max_err(actual, expected) -> float:
     """Largest |actual - expected| in float64; ``inf`` wherever ``actual`` is NaN or infinite and
     ``expected`` is not the same value (so a kernel that returns NaN can never look close).

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, capture_cuda_graph
 
 from fastgen.backend import BackendUnavailableError
 from fastgen.optim import FusedAdamW
@@ -230,12 +230,7 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
         p.grad, q.grad = g.clone(), g.clone()
     opt.step()  # warm-up: allocates states and the launch tables
     ref.step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, _ = capture_cuda_graph(opt.step)
     for _ in range(5):
         graph.replay()
         ref.step()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import replay_cuda_graph
 
 from fastgen import backend
 
@@ -125,15 +126,9 @@ def test_one_pass_step_captures_in_a_cuda_graph():
                              max_grad_norm=1.0, ema=ema, capturable=True)
         opt.step()  # eager: allocates the states and the launch tables
         if captured:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            graph = torch.cuda.CUDAGraph()
-            with backend.trace() as ran, torch.cuda.stream(stream), torch.cuda.graph(graph):
-                opt.step()
-            torch.cuda.current_stream().wait_stream(stream)
+            with backend.trace() as ran:
+                replay_cuda_graph(opt.step, replays)
             assert ("adamw8bit", "cuda") in ran
-            for _ in range(replays):
-                graph.replay()
         else:
             for _ in range(replays):
                 opt.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import replay_cuda_graph
 
 from fastgen import backend
 
@@ -106,15 +107,9 @@ def test_one_pass_with_warmup_ema_captures_in_a_cuda_graph():
                          capturable=True)
         opt.step()
         if captured:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            graph = torch.cuda.CUDAGraph()
-            with backend.trace() as ran, torch.cuda.stream(stream), torch.cuda.graph(graph):
-                opt.step()
-            torch.cuda.current_stream().wait_stream(stream)
+            with backend.trace() as ran:
+                replay_cuda_graph(opt.step, replays)
             assert ("adamw", "cuda") in ran and ("ema", "cuda") in ran, ran
-            for _ in range(replays):
-                graph.replay()
         else:
             for _ in range(replays):
                 opt.step()

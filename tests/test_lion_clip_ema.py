@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICE, c_entry
+from conftest import HAS_CUDA, TRITON_DEVICE, c_entry, capture_cuda_graph
 
 from fastgen.backend import BackendUnavailableError
 from fastgen.optim import EMA, FusedLion, clip_grad_norm_
@@ -401,12 +401,8 @@ def test_gpu_cuda_clip_refuses_norms_below_one_and_captures_in_a_graph():
         clip_grad_norm_(params, 1.0, norm_type=0.5, backend="cuda")
     theirs = _copies(params)
     clip_grad_norm_(params, 1e9, backend="cuda")  # warm-up: builds the launch tables, scales by 1
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):  # no host sync in a step: capturable
-        total = clip_grad_norm_(params, 0.5, backend="cuda")
-    torch.cuda.current_stream().wait_stream(stream)
+    # no host sync in a step: capturable
+    graph, total = capture_cuda_graph(lambda: clip_grad_norm_(params, 0.5, backend="cuda"))
     graph.replay()
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
     torch.cuda.synchronize()

@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from conftest import replay_cuda_graph
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgen
@@ -333,19 +334,6 @@ def test_prodigyopt_reads_a_prodigy_checkpoint_with_device_k():
 # GPU tier: capture one step, replay N times, against N eager steps
 
 
-def _capture_and_replay(step, replays):
-    """One eager step is already done; capture ``step`` on a side stream and replay it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-
-
 def _skip_unless_built(backend):
     from fastgen.cuda import extension_info
 
@@ -373,7 +361,7 @@ def test_gpu_schedulefree_step_captures_in_a_cuda_graph(backend, dtype):
             opt.step()
         assert ("schedulefree", backend) in ran
         if captured:
-            _capture_and_replay(opt.step, replays)
+            replay_cuda_graph(opt.step, replays)
         else:
             for _ in range(replays):
                 opt.step()
@@ -412,7 +400,7 @@ def test_gpu_one_pass_adamw_with_ema_warmup_captures_in_a_cuda_graph(backend):
         opt.step()
         if captured:
             with fastgen.backend.trace() as ran:
-                _capture_and_replay(opt.step, replays)
+                replay_cuda_graph(opt.step, replays)
             assert ("adamw", backend) in ran and ("ema", backend) in ran
         else:
             for _ in range(replays):
@@ -443,7 +431,7 @@ def test_gpu_ema_warmup_update_captures_in_a_cuda_graph(backend):
         ema.update()
         if captured:
             with fastgen.backend.trace() as ran:
-                _capture_and_replay(ema.update, replays)
+                replay_cuda_graph(ema.update, replays)
             assert ("ema", backend) in ran
         else:
             for _ in range(replays):

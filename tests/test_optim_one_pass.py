@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INTERPRET, TRITON_DEVICE
+from conftest import INTERPRET, TRITON_DEVICE, replay_cuda_graph
 
 from fastgen.optim import EMA, FusedAdamW, FusedAdamW8bit, FusedLion, clip_grad_norm_
 
@@ -130,14 +130,7 @@ def _capture_and_replay(make, replays=4):
         opt, ema = make(params)
         opt.step()
         if captured:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream), torch.cuda.graph(graph):
-                opt.step()
-            torch.cuda.current_stream().wait_stream(stream)
-            for _ in range(replays):
-                graph.replay()
+            replay_cuda_graph(opt.step, replays)
         else:
             for _ in range(replays):
                 opt.step()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA, INTERPRET, TRITON_DEVICE
+from conftest import HAS_CUDA, INTERPRET, TRITON_DEVICE, capture_cuda_graph
 
 from fastgen.kernels import multi_tensor as mt
 
@@ -110,12 +110,7 @@ def test_gpu_graph_survives_a_flooded_table_cache(backend):
         q.grad = p.grad.clone()
     opt.step()
     ref.step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, _ = capture_cuda_graph(opt.step)
     junk = [torch.zeros(1, device="cuda") for _ in range(2 * mt._CACHE_LIMIT)]
     for t in junk:
         mt.pointer_table([t])
