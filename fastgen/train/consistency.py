@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fastgen.train.objectives import _model_output, _per_sample
+from fastgen.train.objectives import _generator_device, _model_output, _per_sample
 
 
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -40,11 +40,6 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + ramp * (hi - lo)) ** rho
-
-
-def _generator_device(generator: Optional[torch.Generator]) -> torch.device:
-    """Where draws with ``generator`` are made (a CUDA generator draws on the GPU; none: the CPU)."""
-    return generator.device if generator is not None else torch.device("cpu")
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: Optional[float] = None) -> torch.Tensor:
@@ -165,8 +160,8 @@ class ModelDenoiser:
         self.kind, self.T, self.prediction = kind, num_train_timesteps, prediction
         if kind == "denoising":
             a = alphas_cumprod.double()
-            self.log_sigmas = (((1 - a) / a).sqrt()).log()  # (T,) ascending
-            self.sigma_max = float(self.log_sigmas[-1].exp())
+            self.log_sigmas = (((1 - a) / a).sqrt()).log()  # (T,) ascending; moved to the model's device once
+            self.sigma_min, self.sigma_max = float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp())
         else:
             self.sigma_max = math.inf
 
@@ -174,8 +169,10 @@ class ModelDenoiser:
         """The model's ``(B,)`` fp32 timestep at ``sigma``."""
         if self.kind == "flow":
             return self.T * (sigma.double() / (1 + sigma.double())).float()
-        ls = self.log_sigmas.to(sigma.device)
-        x = sigma.double().clamp(min=float(ls[0].exp()), max=float(ls[-1].exp())).log()
+        if self.log_sigmas.device != sigma.device:
+            self.log_sigmas = self.log_sigmas.to(sigma.device)
+        ls = self.log_sigmas
+        x = sigma.double().clamp(min=self.sigma_min, max=self.sigma_max).log()
         hi = torch.searchsorted(ls, x).clamp(1, len(ls) - 1)
         lo = hi - 1
         frac = (x - ls[lo]) / (ls[hi] - ls[lo])
@@ -202,8 +199,8 @@ class ModelDenoiser:
 def update_target(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
     """The CD target network: ``theta^- <- mu theta^- + (1 - mu) stopgrad(theta)`` in place."""
     with torch.no_grad():
-        for pt, po in zip(target.parameters(), online.parameters()):
-            pt.lerp_(po.detach().to(pt.dtype), 1.0 - decay)
+        tgt = list(target.parameters())
+        torch._foreach_lerp_(tgt, [po.detach().to(pt.dtype) for pt, po in zip(tgt, online.parameters())], 1.0 - decay)
 
 
 class ConsistencyDistillationObjective(ConsistencyTrainingObjective):

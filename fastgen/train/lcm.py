@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from fastgen.train.objectives import _model_output, _per_sample, make_betas
+from fastgen.train.objectives import _generator_device, _model_output, _per_sample, make_betas
 
 
 def guidance_embedding(w: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:
@@ -89,7 +89,8 @@ class LCMDistillationObjective:
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end).double()
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) float64
         self.k = num_train_timesteps // num_ddim_timesteps
-        self.ddim_timesteps = torch.arange(1, num_ddim_timesteps + 1) * self.k - 1  # (N,)
+        self.ddim_timesteps = torch.arange(1, num_ddim_timesteps + 1) * self.k - 1  # (N,), on the CPU
+        self._abar_on: dict = {}  # device -> alphas_cumprod there (copied once, not per call)
         self.w_min, self.w_max, self.embedding_dim = w_min, w_max, embedding_dim
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
         self.huber_c, self.loss_type, self.target_decay = huber_c, loss_type, target_decay
@@ -103,7 +104,10 @@ class LCMDistillationObjective:
         return sd2 / (st ** 2 + sd2), st / (st ** 2 + sd2).sqrt()
 
     def _abar(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _per_sample(self.alphas_cumprod.to(x.device)[t].float(), x)
+        table = self._abar_on.get(x.device)
+        if table is None:
+            table = self._abar_on[x.device] = self.alphas_cumprod.to(x.device)
+        return _per_sample(table[t].float(), x)
 
     def to_x0_eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
         """The model output at ``(x, t)`` as ``(x0, eps)`` estimates, fp32."""
@@ -146,14 +150,14 @@ class LCMDistillationObjective:
         if self.encode is not None:
             with torch.no_grad():
                 x0 = self.encode(x0)
-        B, dev = x0.shape[0], x0.device
+        B, dev, gdev = x0.shape[0], x0.device, _generator_device(generator)
         if indices is None:
-            indices = torch.randint(0, len(self.ddim_timesteps), (B,), generator=generator)
+            indices = torch.randint(0, len(self.ddim_timesteps), (B,), generator=generator, device=gdev)
         if w is None:
-            w = self.w_min + (self.w_max - self.w_min) * torch.rand(B, generator=generator)
+            w = self.w_min + (self.w_max - self.w_min) * torch.rand(B, generator=generator, device=gdev)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        t = self.ddim_timesteps[indices.cpu()].to(dev)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=gdev)
+        t = (indices.to(dev) + 1) * self.k - 1  # ddim_timesteps[indices], without a host round trip
         t_prev = (t - self.k).clamp(min=0)
         w, noise = w.to(dev), noise.to(dev)
         a = self._abar(t, x0)

@@ -56,6 +56,11 @@ def _check(name: str, value: str, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _generator_device(generator: Optional[torch.Generator]) -> torch.device:
+    """Where draws with ``generator`` are made (a CUDA generator draws on the GPU; none: the CPU)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _per_sample(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], *([1] * (x.dim() - 1)))
 
