@@ -116,9 +116,9 @@ def _(x, y, gate, shift, scale, weight, bias, eps, norm, impl):
 
 
 def _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps) -> tuple[Optional[Tensor], ...]:
-    """(dh, dy, dgate, dshift, dscale, dw, db) that layer_norm_bwd fills, allocated: zeros where a
-    sum over tokens or rows lands (so that an empty problem returns zeros), None where not
-    applicable (see fastgen.kernels.layer_norm.layer_norm_bwd)."""
+    """(dh, dy, dgate, dshift, dscale, dw, db) that layer_norm_bwd fills, allocated (uninitialized:
+    the launcher writes every element; an empty call gets zeros, ``_zero_sums``), None
+    where not applicable (see fastgen.kernels.layer_norm.layer_norm_bwd)."""
     B, S, N = h.shape
     dev = h.device
     has_res, has_mod = y is not None, scale is not None
@@ -126,7 +126,7 @@ def _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps) -> tuple[Optio
     gate_ps = has_res and gate.shape[1] == 1
 
     def new(t, per_sample=False):
-        return (torch.zeros if per_sample else torch.empty)((B, 1 if per_sample else S, N), dtype=t.dtype, device=dev)
+        return torch.empty((B, 1 if per_sample else S, N), dtype=t.dtype, device=dev)
 
     return (
         new(h) if norm != NORM_NONE else None,
@@ -134,9 +134,18 @@ def _bwd_outputs(h, y, gate, scale, weight, bias, norm, shift_ps) -> tuple[Optio
         new(gate, gate_ps) if has_res else None,
         new(scale, True) if has_mod and shift_ps else None,
         new(scale, scale_ps) if has_mod else None,
-        torch.zeros_like(weight) if weight is not None else None,
-        torch.zeros_like(bias) if bias is not None else None,
+        torch.empty_like(weight) if weight is not None else None,
+        torch.empty_like(bias) if bias is not None else None,
     )
+
+
+def _zero_sums(grads) -> None:
+    """An empty call (no tokens, or nothing to differentiate) launches nothing: its gradients are
+    zeros (those that are sums over tokens or rows, per-sample dgate / dshift / dscale, dw and db,
+    have elements even without tokens)."""
+    for g in grads:
+        if g is not None:
+            g.zero_()
 
 
 def _bwd_call(dout, scale, weight, bias, shift_per_sample, norm):
@@ -162,6 +171,8 @@ def _layer_norm_bwd_op(
             dout, dxnew, h, y, gate, scale, weight, bias, mean, rstd, shift_per_sample, norm,
             dh=dh, dy=dy, dgate=dgate, dshift=dshift, dscale=dscale, dw=dw, db=db,
         )
+    else:
+        _zero_sums(grads)
     return tuple(_ph(h, g) for g in grads)
 
 
