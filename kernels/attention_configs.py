@@ -54,7 +54,7 @@ OLD_PTXAS = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 def block_d(D: int) -> int:
     """The power-of-two head-dim block that covers D (at least 16, the smallest dot)."""
-    return max(16, 1 << (D - 1).bit_length())
+    return max(16, triton.next_power_of_2(D))
 
 
 def split_head_dim(D: int) -> tuple[int, int]:
@@ -143,7 +143,7 @@ def _tile(c: dict) -> tuple[tuple[int, int, int], int, bool]:
     return (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]), c["BLOCK_D"] + c["BLOCK_DR"], "TMA" in c
 
 
-def _fwd_keeps(D: int, c: dict) -> bool:
+def _fwd_keeps(c: dict) -> bool:
     (bm, bn, nw), cols, tma = _tile(c)
     if cols == 256:  # pointer tiles beyond the default spill; TMA affords three more
         return tma and (bm, bn, nw) in ((64, 32, 4), (128, 32, 8), (64, 64, 8))
@@ -153,7 +153,7 @@ def _fwd_keeps(D: int, c: dict) -> bool:
             and (bn <= 64 or (tma and bm == 128 and cols <= 128)))
 
 
-def _dkdv_keeps(D: int, c: dict) -> bool:
+def _dkdv_keeps(c: dict) -> bool:
     tile, cols, tma = _tile(c)
     bm, bn, nw = tile
     if cols > 128:  # TMA's 128 + 32: one tile, 128 + 64: none; 256: the default only (and its TMA twin)
@@ -173,7 +173,7 @@ def _dkdv_spills_before_39(c: dict) -> bool:
     return tma and (tile == (64, 64, 8) and cols > 32 or tile in ((32, 64, 4), (32, 128, 8)) and cols == 128)
 
 
-def _dq_keeps(D: int, c: dict) -> bool:
+def _dq_keeps(c: dict) -> bool:
     (bm, bn, nw), cols, _ = _tile(c)
     if cols == 256:  # the default only
         return False
@@ -192,7 +192,7 @@ def attention_fwd_candidates(D: int, tma: bool = False) -> list[dict]:
     the default's tile with TMA is always one."""
     d = attention_fwd_config(D)
     return _default_first(d, [c for c in _space(D, kernel_head_blocks(D, "fwd"), tma)
-                              if _fwd_keeps(D, c) or c == dict(d, TMA=True)])
+                              if _fwd_keeps(c) or c == dict(d, TMA=True)])
 
 
 def attention_bwd_dkdv_candidates(D: int, tma: bool = False, old_ptxas: bool = OLD_PTXAS) -> list[dict]:
@@ -200,14 +200,14 @@ def attention_bwd_dkdv_candidates(D: int, tma: bool = False, old_ptxas: bool = O
     ``old_ptxas``: the Triton before 3.9 this runs on, without the tiles its ptxas spills."""
     d = attention_bwd_dkdv_config(D)
     return _default_first(d, [c for c in _space(D, kernel_head_blocks(D, "bwd"), tma)
-                              if _dkdv_keeps(D, c) and not (old_ptxas and _dkdv_spills_before_39(c))])
+                              if _dkdv_keeps(c) and not (old_ptxas and _dkdv_spills_before_39(c))])
 
 
 def attention_bwd_dq_candidates(D: int, tma: bool = False) -> list[dict]:
     """dQ's configs for head dim D, default first; the default's tile with TMA is always one."""
     d = attention_bwd_dq_config(D)
     return _default_first(d, [c for c in _space(D, kernel_head_blocks(D, "bwd"), tma)
-                              if _dq_keeps(D, c) or c == dict(d, TMA=True)])
+                              if _dq_keeps(c) or c == dict(d, TMA=True)])
 
 
 CANDIDATES = {"fwd": attention_fwd_candidates, "bwd_dkdv": attention_bwd_dkdv_candidates,

@@ -76,7 +76,7 @@ import triton.language as tl
 
 from fastgen.kernels._common import device_guard, interpreting, round_to, warps_for
 from fastgen.ops._shapes import channels_last_layout
-from fastgen.limits import MAX_CHANNELS_PER_GROUP  # noqa: F401  (most channels per group; fastgen.vae reads it here)
+from fastgen.limits import MAX_CHANNELS_PER_GROUP
 
 # Elements (K * chunk_s) one program covers: a group with more elements is split along S
 # over several programs. Tests lower it to force the split path on small shapes.

@@ -224,7 +224,6 @@ def _launch(q, k, cos, sin, qo, ko, layout, interleaved, inverse):
     )
 
 
-@device_guard
 def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, *, q_out, k_out):
     """Rotate q and k into q_out and k_out (allocated by ``fastgen.ops.rope``; q_out is q and
     k_out is k in place).
@@ -235,7 +234,6 @@ def apply_rope_fwd(q, k, cos, sin, layout: str, interleaved: bool, *, q_out, k_o
     _launch(q, k, cos, sin, q_out, k_out, layout, interleaved, inverse=False)
 
 
-@device_guard
 def apply_rope_bwd(dq_out, dk_out, cos, sin, layout: str, interleaved: bool, *, dq, dk):
     """The inverse rotation (transpose of the forward map) of dq_out / dk_out into dq / dk
     (allocated by ``fastgen.ops.rope``)."""

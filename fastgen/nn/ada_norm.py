@@ -174,7 +174,6 @@ class AdaLayerNormContinuous(nn.Module):
             self.norm = RMSNorm(embedding_dim, eps, elementwise_affine, backend=backend)
         else:
             raise ValueError(f"unknown norm_type {norm_type}")
-        self.norm_type = norm_type
         self.backend = backend
 
     def forward(self, x: Tensor, conditioning_embedding: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.backend import launcher, resolve
-from fastgen.limits import MAX_CHANNELS_PER_GROUP, group_norm_reason  # noqa: F401
+from fastgen.limits import group_norm_reason
 from fastgen.ops._checks import check_eps, check_param
 
 ACTIVATIONS = (None, "silu")
