@@ -269,8 +269,7 @@ class Config:
         if da.resolution % da.bucket_step:
             raise ConfigError(f"data.resolution ({da.resolution}) must be a multiple of data.bucket_step "
                               f"({da.bucket_step})")
-        if len(op.betas) != 2 or not all(0.0 <= b < 1.0 for b in op.betas):
-            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {op.betas}")
+        adam_betas(optim_betas=op.betas)
         non_negative(optim_weight_decay=op.weight_decay, optim_grad_clip=op.grad_clip,
                      optim_warmup_steps=op.warmup_steps, data_num_workers=da.num_workers, checkpoint_every=c.every,
                      checkpoint_keep_every=c.keep_every, validation_every=v.every, optim_eps=op.eps)
@@ -445,6 +444,12 @@ def non_negative(**values) -> None:
 def unit_interval(**values) -> None:
     """``section_name=value`` pairs that must be in [0, 1) (dropout rates, EMA decays)."""
     _check(values, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+
+
+def adam_betas(**values) -> None:
+    """``section_name=betas`` pairs that must be two numbers in [0, 1)."""
+    _check(values, lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in v),
+           "two numbers in [0, 1)")
 
 
 def toml_value(v) -> str:

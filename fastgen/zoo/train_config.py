@@ -26,8 +26,8 @@ import inspect
 import re
 from dataclasses import dataclass, field
 
-from fastgen.train.config import (ConfigError, check_type, doc_field as _f, from_sections, non_negative, one_of,
-                                  positive, read_toml, reject_unknown, toml_value, unit_interval, write_toml)
+from fastgen.train.config import (ConfigError, adam_betas, check_type, doc_field as _f, from_sections, non_negative,
+                                  one_of, positive, read_toml, reject_unknown, toml_value, unit_interval, write_toml)
 
 # name -> (module, model class, config class, datasets it trains on (the first is the default))
 MODELS = {
@@ -169,8 +169,7 @@ class ZooConfig:
         non_negative(data_noise=da.noise, optim_d_lr=op.d_lr, optim_eps=op.eps, optim_weight_decay=op.weight_decay,
                      train_threads=t.threads, checkpoint_every=c.every, checkpoint_keep_every=c.keep_every)
         one_of("optim.name", op.name, ("adamw", "lion"))
-        if len(op.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in op.betas):
-            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {op.betas}")
+        adam_betas(optim_betas=op.betas)
         unit_interval(optim_ema_decay=op.ema_decay)
         one_of("train.device", t.device, ("cpu", "cuda"))
 
