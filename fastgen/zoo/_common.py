@@ -68,10 +68,11 @@ def draw(data: dict, groups: list, n: int, generator: torch.Generator) -> dict:
 def train_steps(model, data: dict, steps: int, batch_size: int, generator: torch.Generator, groups=None,
                 **adamw) -> list[dict]:
     """``steps`` calls of ``model.train_step`` on batches :func:`draw` takes from ``data`` (all keys one
-    group unless ``groups``), with one FusedAdamW (``adamw`` keywords, no weight decay) per entry of
-    ``model.optimizer_params()``; returns each step's outputs."""
+    group unless ``groups``; ``batch_size * model.batches_per_step`` rows, as the zoo runner draws),
+    with one FusedAdamW (``adamw`` keywords, no weight decay) per entry of ``model.optimizer_params()``;
+    returns each step's outputs."""
     from fastgen.optim import FusedAdamW
 
     opts = {name: FusedAdamW(params, weight_decay=0.0, **adamw) for name, params in model.optimizer_params().items()}
-    groups = groups or [list(data)]
-    return [model.train_step(draw(data, groups, batch_size, generator), opts, step, generator) for step in range(steps)]
+    groups, n = groups or [list(data)], batch_size * getattr(model, "batches_per_step", 1)
+    return [model.train_step(draw(data, groups, n, generator), opts, step, generator) for step in range(steps)]
