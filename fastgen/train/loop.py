@@ -64,7 +64,7 @@ from fastgen.train.distributed import (clip_sharded_grad_norm_, collective_failu
 from fastgen.train.objectives import DenoisingObjective, FlowMatchingObjective, drop_conditions, make_betas
 from fastgen.train.progress import append_row, progress_bar, truncate_rows
 from fastgen.train.sampling import sample, save_grid
-from fastgen.train.text import PromptTable, drop_text, null_batch, text_cond_model, text_model
+from fastgen.train.text import PromptTable, drop_text, like_x, null_batch, text_cond_model
 
 BUILTIN_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -503,13 +503,9 @@ class Trainer:
             x = x.to(torch.bfloat16)
         model = self.forward_model
         if self.text_null is not None:  # text-conditional: drop captions to the null embedding, call by keyword
-            text = {k: v.to(self.device, x.dtype if v.is_floating_point() else v.dtype)
-                    for k, v in batch["text"].items()}
-            text = drop_text(text, self.text_null, self.cfg.objective.cond_dropout)
-            if self.target is not None:  # distillation: the text rides in the condition (student, target, teacher)
-                model, y = text_cond_model(self.forward_model, self.cfg.model.text_inputs), text
-            else:
-                model, y = text_model(self.forward_model, text, self.cfg.model.text_inputs), None
+            # the text rides in the condition (to the student, and in distillation the target and the teacher)
+            y = drop_text(like_x(batch["text"], x), self.text_null, self.cfg.objective.cond_dropout)
+            model = text_cond_model(self.forward_model, self.cfg.model.text_inputs)
         else:
             y = drop_conditions(batch["label"].to(self.device), self.cfg.objective.cond_dropout, self.null_label)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")

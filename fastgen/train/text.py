@@ -63,20 +63,16 @@ def text_keywords(text: dict, text_inputs: dict) -> dict:
     return {text_inputs[k]: v for k, v in text.items()}
 
 
-def text_model(model: Callable, text: dict, text_inputs: dict) -> Callable:
-    """``f(x, t, class_labels=None, **kw) = model(x, timestep=t, **text as keywords, **kw)`` for the objectives."""
-    tkw = text_keywords(text, text_inputs)
-
-    def call(x, t, class_labels=None, **kw):
-        return model(x, timestep=t, **tkw, **kw)
-
-    return call
+def like_x(text: dict, x: torch.Tensor) -> dict:
+    """The text outputs on ``x``'s device; floating ones in ``x``'s dtype (bf16 under precision =
+    'bf16-pure'), the rest (token ids, masks) in their own."""
+    return {k: v.to(x.device, x.dtype if v.is_floating_point() else v.dtype) for k, v in text.items()}
 
 
 def text_cond_model(model: Callable, text_inputs: dict) -> Callable:
     """``f(x, t, class_labels=text, **kw) = model(x, timestep=t, **text as keywords, **kw)``: the text
-    outputs ``{name: (B, ...)}`` ride in the condition argument (distillation objectives pass one
-    condition to the student, the target network and the teacher)."""
+    outputs ``{name: (B, ...)}`` ride in the condition argument, which every objective passes on to
+    the model (and the distillation objectives to the student, the target network and the teacher)."""
 
     def call(x, t, class_labels=None, **kw):
         tkw = text_keywords(class_labels, text_inputs) if class_labels is not None else {}
@@ -104,10 +100,9 @@ class PromptTable(torch.nn.Module):
         return next(iter(self.table.values())).shape[0] - 1
 
     def forward(self, x, t, class_labels=None, **kw):
-        # the training step's rule: floating embeddings follow x's dtype (bf16 under precision = 'bf16-pure')
-        text = {k: v.to(x.device, x.dtype if v.is_floating_point() else v.dtype)[class_labels.to(x.device)]
-                for k, v in self.table.items()}
-        return text_model(self.model, text, self.text_inputs)(x, t, **kw)
+        # the training step's rule (like_x): floating embeddings follow x's dtype
+        text = {k: v[class_labels.to(x.device)] for k, v in like_x(self.table, x).items()}
+        return text_cond_model(self.model, self.text_inputs)(x, t, class_labels=text, **kw)
 
 
 class TextEmbeddingDataset(DatasetView):
