@@ -19,10 +19,11 @@ Backward, with ``dy`` the gradient of ``y``::
 
     dx     = dy * (1 + scale)
     dscale = dy * x          per token; per sample: sum over tokens
-    dshift = dy              per token (the launcher returns dy itself); per sample: sum over tokens
+    dshift = dy              per token (the op returns dy itself); per sample: sum over tokens
 
-Per-sample sums: each program writes fp32 partials ``[B, chunks, N]`` of its tokens, and
-the launcher sums them over ``chunks`` in a fixed order (deterministic, no atomics).
+Per-sample sums: each program writes fp32 partials ``[B, chunks, N]`` of its tokens (the
+launcher's scratch), and the launcher sums them over ``chunks`` in a fixed order into the
+op's ``[B, 1, N]`` output (deterministic, no atomics). The op allocates every output.
 
 Bytes per element (e: element size of x; per-row, per-column and per-sample terms omitted):
 
@@ -88,7 +89,7 @@ def _scale_shift_bwd_kernel(
     SCALE,  # [B, S | 1, N] strides (scb, scs, 1)
     DX,  # [B, S, N] output, contiguous, X's dtype
     DSCALE,  # per token: [B, S, N] contiguous, X's dtype; per sample: fp32 partials [B, n_chunks, N]
-    DSHIFT,  # per sample: fp32 partials [B, n_chunks, N]; per token: unused (dshift = dy)
+    DSHIFT,  # per sample: fp32 partials [B, n_chunks, N]; per token: unused (dshift is dy itself)
     S, N, n_chunks, chunk_s, sxb, sxs, scb, scs,
     SCALE_PS: tl.constexpr, SHIFT_PS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -163,22 +164,30 @@ def scale_shift_fwd(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, y
 
 
 @device_guard
-def scale_shift_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, dx: torch.Tensor,
-                    scale_per_sample: bool, shift_per_sample: bool):
-    """Fill dx [B, S, N] (allocated by the op); return (dscale, dshift): per token ``dy * x`` and
-    None (dshift is dy itself), per sample the fp32 sums over tokens ``[B, 1, N]``."""
+def scale_shift_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, dx: torch.Tensor, dscale: torch.Tensor,
+                    dshift: torch.Tensor | None, scale_per_sample: bool, shift_per_sample: bool) -> None:
+    """Fill the op's outputs, all contiguous in x's dtype: dx [B, S, N]; dscale of scale's shape,
+    ``dy * x`` per token, its sum over tokens [B, 1, N] per sample; dshift [B, 1, N] the sum of
+    dy over tokens per sample, None per token (dshift is dy itself: nothing to launch)."""
     _check(x, scale)
     B, S, N = x.shape
     assert dy.shape == x.shape and dy.is_contiguous() and dy.dtype == x.dtype
+    assert dx.shape == x.shape and dx.is_contiguous() and dx.dtype == x.dtype
+    assert dscale.shape == scale.shape and dscale.is_contiguous() and dscale.dtype == x.dtype
+    assert scale_per_sample or dscale.shape == x.shape  # per token the kernel writes dscale rows
+    assert (dshift is not None) == shift_per_sample
+    assert dshift is None or (dshift.shape == (B, 1, N) and dshift.is_contiguous() and dshift.dtype == x.dtype)
     cfg = scale_shift_config(B, S, N, x.device)
     grid, n_chunks, chunk_s = cfg.pop("grid"), cfg.pop("n_chunks"), cfg.pop("chunk_s")
+    # Scratch: fp32 partials [B, n_chunks, N] of each per-sample sum.
     part = lambda: torch.empty((B, n_chunks, N), dtype=torch.float32, device=x.device)  # noqa: E731
-    dscale = part() if scale_per_sample else torch.empty_like(dy)
-    dshift = part() if shift_per_sample else dscale  # unused by the kernel per token
-    _scale_shift_bwd_kernel[grid](dy, x, scale, dx, dscale, dshift, S, N, n_chunks, chunk_s, x.stride(0), x.stride(1),
-                                  *_strides(scale), SCALE_PS=scale_per_sample, SHIFT_PS=shift_per_sample,
-                                  INTERPRET=interpreting(), **cfg)
-    # Fixed-order sums of the per-chunk partials: the deterministic second pass.
+    scale_part = part() if scale_per_sample else dscale
+    shift_part = part() if shift_per_sample else scale_part  # unused by the kernel per token
+    _scale_shift_bwd_kernel[grid](dy, x, scale, dx, scale_part, shift_part, S, N, n_chunks, chunk_s, x.stride(0),
+                                  x.stride(1), *_strides(scale), SCALE_PS=scale_per_sample,
+                                  SHIFT_PS=shift_per_sample, INTERPRET=interpreting(), **cfg)
+    # Fixed-order sums of the per-chunk partials into the outputs: the deterministic second pass.
     if scale_per_sample:
-        dscale = dscale.sum(1, keepdim=True)
-    return dscale, (dshift.sum(1, keepdim=True) if shift_per_sample else None)
+        dscale.copy_(scale_part.sum(1, keepdim=True))
+    if shift_per_sample:
+        dshift.copy_(shift_part.sum(1, keepdim=True))
