@@ -42,6 +42,7 @@ import torch
 import fastgen
 from fastgen.backend import interpreter_enabled, unavailable_reason
 from fastgen.vae import AutoencoderKL, AutoencoderKLConfig, sdxl_config, tiled_decode
+from fastgen.vae.video_tiling import _factor
 
 from .harness import Case, Unavailable
 
@@ -160,6 +161,23 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10((ref.double().max() - ref.double().min()) ** 2 / mse))
 
 
+def _timed(fn, device: str, row: dict):
+    """``fn()`` once: ``row["ms"]`` and, on a GPU, ``row["peak_gb"]`` (peak allocated above what was
+    allocated before). Returns what ``fn`` returns."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    row["ms"] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
 def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dtype=torch.bfloat16,
           rows: list | None = None) -> list[dict]:
     """Each provider once per latent size after a warm-up at the smallest size: ms and peak GB.
@@ -171,18 +189,7 @@ def sweep(sizes, tile: int = 128, providers=PROVIDERS, device: str = "cuda", dty
         for p in providers:
             row = {"provider": p, "latent": h, "image": h * _config(device).downsample_factor, "tile": tile}
             try:
-                fn = setup(p, case, "fwd", device)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                t0 = time.perf_counter()
-                out = fn()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-                row["ms"] = (time.perf_counter() - t0) * 1e3
+                out = _timed(setup(p, case, "fwd", device), device, row)
                 if p == "torch":
                     full = out
                 elif full is not None and out.shape == full.shape:
@@ -343,21 +350,9 @@ def _diffusers_video(cfg, ours, device: str, dtype):
 
 @torch.no_grad()
 def _timed_video_decode(fn, z, device: str, row: dict):
-    """One warm-up on 2 latent frames, then one timed decode of ``z``: ``row["ms"]`` and, on a GPU,
-    ``row["peak_gb"]`` (peak allocated above what was allocated before). Returns the decode."""
+    """One warm-up on 2 latent frames, then one timed decode of ``z`` (:func:`_timed`). Returns the decode."""
     fn(z[:, :, :2])
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    out = fn(z)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    row["ms"] = (time.perf_counter() - t0) * 1e3
-    return out
+    return _timed(lambda: fn(z), device, row)
 
 
 def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, height: int = 480,
@@ -380,7 +375,7 @@ def video_sweep(device: str = "cuda", dtype=torch.bfloat16, frames: int = 49, he
     cfg = _video_config(device)
     torch.manual_seed(0)
     ours = AutoencoderKLCogVideoX(cfg).to(device=device, dtype=dtype).eval()
-    f = 2 ** (len(cfg.block_out_channels) - 1)
+    f = _factor(ours)
     tile = tile or ((cfg.sample_height // 2 // f, cfg.sample_width // 2 // f) if device == "cuda" else (6, 5))
 
     def onepass(z):

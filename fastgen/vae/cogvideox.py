@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from fastgen.nn import GroupNorm
 from fastgen.vae.autoencoder_kl import DecoderOutput, DiagonalGaussianDistribution
+from fastgen.vae.video_tiling import _factor, tiled_decode_video, tiled_encode_video
 
 EPS = 1e-6
 
@@ -277,11 +278,15 @@ class AutoencoderKLCogVideoX(nn.Module):
         self.use_slicing = False
         # diffusers' tiling switches and defaults (enable_tiling); the tiling itself is fastgen's lossless one
         self.use_tiling = False
-        f = 2 ** (len(cfg.block_out_channels) - 1)
         self.tile_sample_min_height, self.tile_sample_min_width = cfg.sample_height // 2, cfg.sample_width // 2
+        self._set_latent_tile()
+        self.tile_overlap_factor_height, self.tile_overlap_factor_width = 1 / 6, 1 / 5
+
+    def _set_latent_tile(self) -> None:
+        """``tile_latent_min_height / width``: the sample tile in latent positions (diffusers' ``int(px / f)``)."""
+        f = _factor(self)
         self.tile_latent_min_height = int(self.tile_sample_min_height / f)
         self.tile_latent_min_width = int(self.tile_sample_min_width / f)
-        self.tile_overlap_factor_height, self.tile_overlap_factor_width = 1 / 6, 1 / 5
 
     @property
     def dtype(self) -> torch.dtype:
@@ -306,12 +311,10 @@ class AutoencoderKLCogVideoX(nn.Module):
         to encode), frame chunks of ``num_latent_frames_batch_size`` latent frames
         (``num_sample_frames_batch_size`` frames), no overlap needed (the factors are kept for
         compatibility), whole-video GroupNorm statistics."""
-        f = 2 ** (len(self.config.block_out_channels) - 1)
         self.use_tiling = True
         self.tile_sample_min_height = tile_sample_min_height or self.tile_sample_min_height
         self.tile_sample_min_width = tile_sample_min_width or self.tile_sample_min_width
-        self.tile_latent_min_height = int(self.tile_sample_min_height / f)
-        self.tile_latent_min_width = int(self.tile_sample_min_width / f)
+        self._set_latent_tile()
         self.tile_overlap_factor_height = tile_overlap_factor_height or self.tile_overlap_factor_height
         self.tile_overlap_factor_width = tile_overlap_factor_width or self.tile_overlap_factor_width
 
@@ -320,14 +323,10 @@ class AutoencoderKLCogVideoX(nn.Module):
 
     def tiled_decode(self, z: Tensor, **kwargs: Any) -> Tensor:
         """:func:`fastgen.vae.tiled_decode` on this VAE (lossless; ``tile_size``, ``frame_chunk``, ``offload``, ...)."""
-        from fastgen.vae.video_tiling import tiled_decode_video
-
         return tiled_decode_video(self, z, **kwargs)
 
     def tiled_encode(self, x: Tensor, **kwargs: Any) -> DiagonalGaussianDistribution:
         """:func:`fastgen.vae.tiled_encode` on this VAE (lossless)."""
-        from fastgen.vae.video_tiling import tiled_encode_video
-
         return tiled_encode_video(self, x, **kwargs)
 
     def _run(self, net: nn.Module, x: Tensor, size: int) -> Tensor:
@@ -344,15 +343,16 @@ class AutoencoderKLCogVideoX(nn.Module):
             raise ValueError(f"AutoencoderKLCogVideoX.encode: expected (N, {self.config.in_channels}, T, H, W), "
                              f"got {tuple(x.shape)}")
         xs = x.split(1) if self.use_slicing else (x,)
-        if self.use_tiling and (x.shape[-2] > self.tile_sample_min_height or x.shape[-1] > self.tile_sample_min_width):
-            tile = (self.tile_sample_min_height, self.tile_sample_min_width)
-            post = DiagonalGaussianDistribution(torch.cat([self.tiled_encode(
-                xi, tile_size=tile, frame_chunk=self.num_sample_frames_batch_size, progress=False).parameters
-                for xi in xs]))
-            return post if return_dict else (post,)
-        post = DiagonalGaussianDistribution(
-            torch.cat([self._run(self.encoder, xi, self.num_sample_frames_batch_size) for xi in xs]))
+        post = DiagonalGaussianDistribution(torch.cat([self._moments(xi) for xi in xs]))
         return post if return_dict else (post,)
+
+    def _moments(self, x: Tensor) -> Tensor:
+        """One slice: the lossless tiled encode if tiling is on and ``x`` exceeds a tile, else frame-batched."""
+        tile = (self.tile_sample_min_height, self.tile_sample_min_width)
+        if self.use_tiling and (x.shape[-2] > tile[0] or x.shape[-1] > tile[1]):
+            return self.tiled_encode(x, tile_size=tile, frame_chunk=self.num_sample_frames_batch_size,
+                                     progress=False).parameters
+        return self._run(self.encoder, x, self.num_sample_frames_batch_size)
 
     def decode(self, z: Tensor, return_dict: bool = True) -> Any:
         """Latents ``(N, latent_channels, t, h, w)`` -> video; ``.sample`` as diffusers' ``DecoderOutput``."""
@@ -360,13 +360,16 @@ class AutoencoderKLCogVideoX(nn.Module):
             raise ValueError(f"AutoencoderKLCogVideoX.decode: expected (N, {self.config.latent_channels}, t, h, w), "
                              f"got {tuple(z.shape)}")
         zs = z.split(1) if self.use_slicing else (z,)
-        if self.use_tiling and (z.shape[-2] > self.tile_latent_min_height or z.shape[-1] > self.tile_latent_min_width):
-            tile = (self.tile_latent_min_height, self.tile_latent_min_width)
-            out = torch.cat([self.tiled_decode(zi, tile_size=tile, frame_chunk=self.num_latent_frames_batch_size,
-                                               progress=False) for zi in zs])
-            return DecoderOutput(out) if return_dict else (out,)
-        out = torch.cat([self._run(self.decoder, zi, self.num_latent_frames_batch_size) for zi in zs])
+        out = torch.cat([self._decode(zi) for zi in zs])
         return DecoderOutput(out) if return_dict else (out,)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        """One slice: the lossless tiled decode if tiling is on and ``z`` exceeds a tile, else frame-batched."""
+        tile = (self.tile_latent_min_height, self.tile_latent_min_width)
+        if self.use_tiling and (z.shape[-2] > tile[0] or z.shape[-1] > tile[1]):
+            return self.tiled_decode(z, tile_size=tile, frame_chunk=self.num_latent_frames_batch_size,
+                                     progress=False)
+        return self._run(self.decoder, z, self.num_latent_frames_batch_size)
 
     def forward(self, x: Tensor, sample_posterior: bool = False, return_dict: bool = True,
                 generator: Optional[torch.Generator] = None) -> Any:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.vae.tiling import _attn_core, _gn_apply, _group_stats, _merge, _progress, _tokens
+from fastgen.vae.tiling import _attn_core, _collect, _gn_apply, _progress
 
 HALO = 1  # latent positions of halo each side: the most any conv of these VAEs reads around a core
 
@@ -250,11 +250,6 @@ def _down(conv, h: Tensor, reg: Region, lvl: list[int]) -> tuple[Tensor, Region]
     return out, reg[:-2] + [(y0 // 2, y0 // 2 + out.shape[-2]), (x0 // 2, x0 // 2 + out.shape[-1])]
 
 
-def _kv(a, core: Tensor) -> tuple[Tensor, Tensor]:
-    heads = int(getattr(a, "heads", 1))
-    return _tokens(a.to_k, core, heads), _tokens(a.to_v, core, heads)
-
-
 def _run_segment(seg: list, h: Tensor, reg: Region, size: list[int], stack: list, shared, pushed: list,
                  alias: bool, out_size: list[int], core: Region, stage: _Staging, global_attention: bool):
     """One tile through one segment: returns ``(h, reg)``, ``h`` covering region ``reg`` of the output level."""
@@ -318,6 +313,7 @@ def run_halo(steps: list, x: Tensor, lat: tuple, cores: list[list[int]], budget:
         last = si == len(segments) - 1
         nxt = None if last else segments[si + 1][0]
         nxt_norm = None if nxt is None else _norm(nxt)
+        nxt_attn = nxt[1] if nxt is not None and nxt[0] == "attn" and global_attention else None
         n_push = sum(op[0] == "push" for op in seg)
         alias = seg[-1][0] == "push"
         pushed: list[Optional[Tensor]] = [None] * n_push
@@ -332,10 +328,7 @@ def run_halo(steps: list, x: Tensor, lat: tuple, cores: list[list[int]], budget:
             if out is None:
                 out = stage.new((h.shape[0], h.shape[1]) + tuple(out_size), h.dtype, force_device=last)
             stage.write(out, core, c)
-            if nxt_norm is not None:
-                acc = [_merge(acc[0] if acc else None, _group_stats(c, nxt_norm.num_groups))]
-            elif nxt is not None and nxt[0] == "attn" and global_attention:
-                acc.append(_kv(nxt[1], c))
+            acc = _collect(nxt_norm, nxt_attn, c, acc)
             del h, c
             if bar is not None:
                 bar.update(1)
@@ -347,7 +340,7 @@ def run_halo(steps: list, x: Tensor, lat: tuple, cores: list[list[int]], budget:
         cur, size = out, out_size
         if nxt_norm is not None:
             shared = acc[0]
-        elif nxt is not None and nxt[0] == "attn" and global_attention:
+        elif nxt_attn is not None:
             shared = tuple(torch.cat(kv, dim=2) for kv in zip(*acc))
         del acc
     if bar is not None:

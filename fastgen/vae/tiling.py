@@ -95,16 +95,20 @@ def _parts(vae: Any) -> _Parts:
     )
 
 
-def _check_input(x: Any, channels: int, what: str, name: str, module: Any) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4:
+def _check_input(x: Any, channels: int, what: str, name: str, module: Any, axes: tuple = ("H", "W")) -> None:
+    """``x``: a non-empty tensor ``(N, channels, *axes)`` (an image's ``("H", "W")``, a video's ``("T", "H", "W")``)
+    with ``module``'s dtype and device."""
+    nd = 2 + len(axes)
+    layout = f"(N, {channels}, {', '.join(axes)})"
+    if not isinstance(x, Tensor) or x.dim() != nd:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{what}: {name} must be a 4-D tensor (N, {channels}, H, W), got {shape}")
+        raise ValueError(f"{what}: {name} must be a {nd}-D tensor {layout}, got {shape}")
     if x.shape[1] != channels:
         kind = "latent_channels" if name == "latents" else "in_channels"
+        hint = ". Is this latent from another VAE (4-channel SD/SDXL vs 16-channel SD3/Flux)?" if nd == 4 else ""
         raise ValueError(
-            f"{what}: {name} have {x.shape[1]} channels but the VAE expects {kind}={channels}, i.e. a tensor "
-            f"of shape (N, {channels}, H, W); got {tuple(x.shape)}. Is this latent from another VAE "
-            "(4-channel SD/SDXL vs 16-channel SD3/Flux)?"
+            f"{what}: {name} have {x.shape[1]} channels but the {'VAE' if nd == 4 else 'video VAE'} expects "
+            f"{kind}={channels}, i.e. a tensor of shape {layout}; got {tuple(x.shape)}{hint}"
         )
     if x.numel() == 0:
         raise ValueError(f"{what}: {name} must not be empty, got shape {tuple(x.shape)}")
@@ -116,13 +120,25 @@ def _check_input(x: Any, channels: int, what: str, name: str, module: Any) -> No
         )
 
 
-def _check_options(what: str, tile_size: int, overlap: float, blend: str) -> None:
+def _positive_int(what: str, name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{what}: {name} must be a positive int, got {v!r}")
+    return v
+
+
+def _check_options(what: str, tile_size: Any, overlap: float, blend: str, pair: bool = False) -> tuple:
+    """Checks ``blend``, ``overlap`` and ``tile_size``: a positive int or, with ``pair`` (video tiling),
+    also a ``(height, width)`` pair of them. Returns the sides: ``(t,)``, or ``(h, w)`` with ``pair``."""
     if blend not in BLENDS:
         raise ValueError(f"{what}: blend must be one of {BLENDS}, got {blend!r}")
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
-        raise ValueError(f"{what}: tile_size must be a positive int, got {tile_size!r}")
+    sides = tuple(tile_size) if pair and isinstance(tile_size, (tuple, list)) else (tile_size,) * (1 + pair)
+    if len(sides) != 1 + pair:
+        raise ValueError(f"{what}: tile_size is an int or a (height, width) pair, got {tile_size!r}")
+    for v in sides:
+        _positive_int(what, "tile_size", v)
     if not 0.0 <= float(overlap) < 0.5:
         raise ValueError(f"{what}: overlap is a fraction of the tile in [0, 0.5), got {overlap!r}")
+    return sides
 
 
 def _ramp(n: int, blend: str, device, offset: float = 0.0) -> Tensor:
@@ -409,13 +425,18 @@ def _core_of(h: Tensor, t: _Tile) -> Tensor:
     return h[:, :, round((cy0 - ey0) * r):round((cy1 - ey0) * r), round((cx0 - ex0) * r):round((cx1 - ex0) * r)]
 
 
-def _collect(nxt: tuple, core: Tensor, acc: list) -> list:
-    """Add one core to what the barrier before step ``nxt`` gathers: merged GroupNorm statistics
-    (one entry) for a ``gn`` step, this tile's keys and values for a global ``attn`` step."""
-    if nxt[0] == "gn":
-        return [_merge(acc[0] if acc else None, _group_stats(core, nxt[1].num_groups))]
-    heads = int(getattr(nxt[1], "heads", 1))
-    return acc + [(_tokens(nxt[1].to_k, core, heads), _tokens(nxt[1].to_v, core, heads))]
+def _kv(a: Any, core: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys and values ``(N, heads, L, d)`` of attention ``a`` over the positions of ``core``."""
+    heads = int(getattr(a, "heads", 1))
+    return _tokens(a.to_k, core, heads), _tokens(a.to_v, core, heads)
+
+
+def _collect(norm: Any, attn: Any, core: Tensor, acc: list) -> list:
+    """Add one core to what a barrier gathers: merged statistics (one entry) for the GroupNorm ``norm``,
+    else this core's keys and values for the global attention ``attn`` (neither: ``acc`` as it is)."""
+    if norm is not None:
+        return [_merge(acc[0] if acc else None, _group_stats(core, norm.num_groups))]
+    return acc if attn is None else acc + [_kv(attn, core)]
 
 
 def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, out_scale: float,
@@ -449,7 +470,9 @@ def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, 
     shared = None  # what the barrier collected: GroupNorm statistics, or global keys and values
     for si, seg in enumerate(segments):
         last = si == len(segments) - 1
-        nxt = None if last else segments[si + 1][0]  # the step that opens the next segment
+        nxt = None if last else segments[si + 1][0]  # the step that opens the next segment: "gn" or "attn"
+        norm = nxt[1] if nxt is not None and nxt[0] == "gn" else None
+        attn = nxt[1] if nxt is not None and nxt[0] == "attn" else None
         acc = []
         for t in tiles:
             h = store.get(t.x)
@@ -466,7 +489,7 @@ def _run_consistent(steps: list, x: Tensor, hw: tuple[int, int], in_scale: int, 
                 region = out[:, :, t.ext[0] * s:t.ext[1] * s, t.ext[2] * s:t.ext[3] * s]
                 region.addcmul_(h.float(), wy[:, None] * wx[None, :])
             else:
-                acc = _collect(nxt, _core_of(h, t), acc)
+                acc = _collect(norm, attn, _core_of(h, t), acc)
                 t.x = store.put(h)
             del h
             if bar is not None:
@@ -505,13 +528,16 @@ def _budget(offload: Any, device: torch.device, what: str) -> float:
     return float(offload) * 2**30
 
 
-def _check_halo_tile(what: str, tile: int, unit: int, unit_name: str) -> None:
+def _check_halo_tile(what: str, tile: Any, unit: int, unit_name: str,
+                     layout: str = "the lossless layout (consistent_colors=True, halo=True)") -> None:
+    """``tile``: an int or the ``(height, width)`` sides, in ``unit_name`` (``unit`` per latent position)."""
     from fastgen.vae.halo import HALO, min_tile
 
-    if tile < min_tile() * unit:
+    sides = tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
+    if min(sides) < min_tile() * unit:
         raise ValueError(
-            f"{what}: tile_size={tile} is smaller than the halo it needs: the lossless layout (consistent_colors=True, "
-            f"halo=True) reads {HALO} latent position(s) around each tile's core at every conv, so tile_size must be "
+            f"{what}: tile_size={sides[0] if len(set(sides)) == 1 else tile} is smaller than the halo it needs: "
+            f"{layout} reads {HALO} latent position(s) around each tile's core at every conv, so tile_size must be "
             f"at least {min_tile() * unit} {unit_name} (a core of 1 latent position plus the halo on each side)"
         )
 

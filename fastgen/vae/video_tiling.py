@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.vae.halo import Step, _down, _size_after, core_bounds, min_tile, run_halo
-from fastgen.vae.tiling import _budget, _check_options, _gn_apply
+from fastgen.vae.halo import Step, _down, _size_after, core_bounds, run_halo
+from fastgen.vae.tiling import _budget, _check_halo_tile, _check_input, _check_options, _gn_apply, _positive_int
 
 __all__ = ["is_video_vae", "tiled_decode_video", "tiled_encode_video", "video_decoder_steps",
            "video_encoder_steps", "CausalConv", "SpatialNorm", "Upsample", "Downsample"]
@@ -95,11 +95,11 @@ class SpatialNorm(Step):
     """``silu(GN(h) * conv_y(zq') + conv_b(zq'))`` (``SpatialNorm3D`` then SiLU), ``zq'`` the latent ``z``
     resized to the level as the full pass resizes it; ``GN`` with whole-video statistics."""
 
-    def __init__(self, m: Any, z: Tensor, silu: bool = True) -> None:
+    def __init__(self, m: Any, z: Tensor) -> None:
         for c in (m.conv_y, m.conv_b):
             if tuple(c.conv.kernel_size) != (1, 1, 1):
                 raise ValueError(f"tiled video VAE: expected 1x1x1 spatial-norm convs, got {c.conv}")
-        self.m, self.z, self.silu, self.norm = m, z, silu, m.norm_layer
+        self.m, self.z, self.norm = m, z, m.norm_layer
         self._maps: dict = {}
 
     def _index(self, lvl: list[int]) -> list[Tensor]:
@@ -115,8 +115,9 @@ class SpatialNorm(Step):
         zq = self.z
         for ax, (idx, (a, b)) in enumerate(zip(self._index(lvl), reg)):
             zq = zq.index_select(2 + ax, idx[a:b])
-        y = _gn_apply(h, self.norm, stats, False) * self.m.conv_y.conv(zq) + self.m.conv_b.conv(zq)
-        return (F.silu(y) if self.silu else y), reg
+        y = _gn_apply(h, self.norm, stats, False)  # a new tensor: modulated and activated in place
+        y.mul_(self.m.conv_y.conv(zq)).add_(self.m.conv_b.conv(zq))
+        return F.silu(y, inplace=True), reg
 
 
 def _up_src(n: int, compress_time: bool) -> list[int]:
@@ -144,6 +145,7 @@ class Upsample(Step):
 
     def __init__(self, m: Any) -> None:
         self.ct = bool(m.compress_time)
+        self._frames: dict = {}  # (frames, t0, t1) -> (j0, j1, frame index on the device or None: identity)
 
     def size(self, axis: int, n: int) -> int:
         return len(_up_src(n, self.ct)) if axis == 0 else 2 * n
@@ -156,10 +158,16 @@ class Upsample(Step):
 
     def run(self, h: Tensor, reg: list, lvl: list[int], stats) -> tuple[Tensor, list]:
         (t0, t1), (y0, y1), (x0, x1) = reg
-        src = _up_src(lvl[0], self.ct)
-        j0, j1 = bisect.bisect_left(src, t0), bisect.bisect_left(src, t1)
-        h = h.index_select(2, torch.tensor([s - t0 for s in src[j0:j1]], device=h.device))
-        h = h.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)  # nearest x2: copies
+        key = (lvl[0], t0, t1)
+        if key not in self._frames:  # the same for every tile of a frame chunk: built (and uploaded) once
+            src = _up_src(lvl[0], self.ct)
+            j0, j1 = bisect.bisect_left(src, t0), bisect.bisect_left(src, t1)
+            idx = [s - t0 for s in src[j0:j1]]
+            self._frames[key] = j0, j1, None if idx == list(range(t1 - t0)) else torch.tensor(idx, device=h.device)
+        j0, j1, idx = self._frames[key]
+        if idx is not None:
+            h = h.index_select(2, idx)
+        h = F.interpolate(h, scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # space x2: a copy, as Upsample3D's
         return h, [(j0, j1), (2 * y0, 2 * y1), (2 * x0, 2 * x1)]
 
 
@@ -248,48 +256,11 @@ def video_encoder_steps(vae: Any) -> list:
 # ----------------------------------------------------------------------------- public API
 
 
-def _tile_hw(tile_size: Union[int, tuple, None], default: tuple[int, int], what: str) -> tuple[int, int]:
-    t = default if tile_size is None else (tile_size, tile_size) if not isinstance(tile_size, (tuple, list)) \
-        else tuple(tile_size)
-    if len(t) != 2:
-        raise ValueError(f"{what}: tile_size is an int or a (height, width) pair, got {tile_size!r}")
-    for v in t:
-        _check_options(what, v, 0.0, "linear")
-    return int(t[0]), int(t[1])
-
-
-def _check_video(x: Any, channels: int, what: str, name: str, module: Any) -> None:
-    axes = "(N, {}, T, H, W)".format(channels) if name == "video" else "(N, {}, t, h, w)".format(channels)
-    if not isinstance(x, Tensor) or x.dim() != 5:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{what}: {name} must be a 5-D tensor {axes}, got {shape}")
-    if x.shape[1] != channels:
-        kind = "latent_channels" if name == "latents" else "in_channels"
-        raise ValueError(f"{what}: {name} have {x.shape[1]} channels but the video VAE expects {kind}={channels}, "
-                         f"i.e. a tensor of shape {axes}; got {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"{what}: {name} must not be empty, got shape {tuple(x.shape)}")
-    w = next(module.parameters(), None)
-    if w is not None and (w.dtype != x.dtype or w.device != x.device):
-        raise ValueError(f"{what}: {name} are {x.dtype} on {x.device} but the VAE's weights are {w.dtype} on "
-                         f"{w.device}; move one to the other")
-
-
-def _check_halo(what: str, tile: tuple[int, int], unit: int, unit_name: str) -> None:
-    if min(tile) < min_tile() * unit:
-        raise ValueError(
-            f"{what}: tile_size={tile[0] if tile[0] == tile[1] else tile} is smaller than the halo it needs: "
-            "the lossless layout reads 1 latent position around each tile's core at every conv, so tile_size must be "
-            f"at least {min_tile() * unit} {unit_name} (a core of 1 latent position plus the halo on each side)")
-
-
-def _check_chunk(what: str, frame_chunk: Any) -> int:
-    if isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int) or frame_chunk < 1:
-        raise ValueError(f"{what}: frame_chunk must be a positive int, got {frame_chunk!r}")
-    return frame_chunk
+_LAYOUT = "the lossless layout"  # named in the halo error (a video VAE has no other layout)
 
 
 def _factor(vae: Any) -> int:
+    """Pixels per latent position (``f``) of a fastgen or diffusers ``AutoencoderKLCogVideoX``."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -319,12 +290,13 @@ def tiled_decode_video(vae: Any, latents: Tensor, tile_size: Union[int, tuple, N
     """
     what = "tiled_decode"
     cfg = vae.config
-    _check_video(latents, int(cfg.latent_channels), what, "latents", vae.decoder)
+    _check_input(latents, int(cfg.latent_channels), what, "latents", vae.decoder, ("t", "h", "w"))
     f = _factor(vae)
-    tile = _tile_hw(tile_size, (int(cfg.sample_height) // 2 // f, int(cfg.sample_width) // 2 // f), what)
-    _check_options(what, tile[0], overlap, "linear")
-    _check_halo(what, tile, 1, "latent positions")
-    chunk = _check_chunk(what, getattr(vae, "num_latent_frames_batch_size", 2) if frame_chunk is None else frame_chunk)
+    default = (int(cfg.sample_height) // 2 // f, int(cfg.sample_width) // 2 // f)
+    tile = _check_options(what, default if tile_size is None else tile_size, overlap, "linear", pair=True)
+    _check_halo_tile(what, tile, 1, "latent positions", _LAYOUT)
+    chunk = _positive_int(what, "frame_chunk",
+                          getattr(vae, "num_latent_frames_batch_size", 2) if frame_chunk is None else frame_chunk)
     budget = _budget(offload, latents.device, what)
     return _run(video_decoder_steps(vae, latents), latents, tile, chunk, budget, progress, what, False)
 
@@ -344,12 +316,13 @@ def tiled_encode_video(vae: Any, video: Tensor, tile_size: Union[int, tuple, Non
 
     what = "tiled_encode"
     cfg = vae.config
-    _check_video(video, int(cfg.in_channels), what, "video", vae.encoder)
+    _check_input(video, int(cfg.in_channels), what, "video", vae.encoder, ("T", "H", "W"))
     f = _factor(vae)
-    tile = _tile_hw(tile_size, (int(cfg.sample_height) // 2, int(cfg.sample_width) // 2), what)
-    _check_options(what, tile[0], overlap, "linear")
-    _check_halo(what, tile, f, "px")
-    chunk = _check_chunk(what, getattr(vae, "num_sample_frames_batch_size", 8) if frame_chunk is None else frame_chunk)
+    default = (int(cfg.sample_height) // 2, int(cfg.sample_width) // 2)
+    tile = _check_options(what, default if tile_size is None else tile_size, overlap, "linear", pair=True)
+    _check_halo_tile(what, tile, f, "px", _LAYOUT)
+    chunk = _positive_int(what, "frame_chunk",
+                          getattr(vae, "num_sample_frames_batch_size", 8) if frame_chunk is None else frame_chunk)
     chunk = max(1, chunk // int(cfg.temporal_compression_ratio))
     budget = _budget(offload, video.device, what)
     moments = _run(video_encoder_steps(vae), video, (tile[0] // f, tile[1] // f), chunk, budget, progress, what, True)
