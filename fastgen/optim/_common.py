@@ -122,10 +122,15 @@ def check_state_kind(name: str, state_dict: dict, allowed: set, required: set, h
                 f"another optimizer kind{'. ' + hint if hint else ''}")
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_capture_ready(opt: torch.optim.Optimizer, group: dict, name: str) -> None:
     """With ``capturable=True``: a step captured into a CUDA graph must find every state already
     allocated (allocation and the launch tables' host-to-device copies belong to an eager step)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if not capturing():
         return
     for p in group["params"]:
         if p.grad is not None and not opt.state.get(p):

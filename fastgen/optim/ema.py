@@ -32,13 +32,9 @@ import torch
 
 from fastgen.backend import launcher, resolve
 from fastgen.optim._common import KERNEL_DTYPES, dense_alike, local
+from fastgen.optim._common import capturing as _capturing  # called through this name (patchable per module)
 
 _LAYOUT = "strided or float64 tensors"
-
-
-def _capturing() -> bool:
-    """True while the current CUDA stream is capturing a graph."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class EMA:

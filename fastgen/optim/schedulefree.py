@@ -43,12 +43,9 @@ import torch
 
 from fastgen.backend import launcher, resolve
 from fastgen.optim._common import bucket, check_capture_ready, check_grad, check_state_kind, check_torch_flags
+from fastgen.optim._common import capturing as _capturing  # called through this name (patchable per module)
 
 _SCHEDULE = ("k", "lr_max", "weight_sum", "scheduled_lr")  # the group's device-side schedule (float64 0-d)
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class FusedAdamWScheduleFree(torch.optim.Optimizer):
