@@ -20,7 +20,6 @@
 #include "rope/rope.h"
 #include "qk_norm_rope/qk_norm_rope.h"
 #include "optim/optim.h"
-#include "optim/schedulefree.h"
 #include "params.h"
 
 #ifndef FASTGEN_ARCHS

@@ -117,7 +117,7 @@ inline bool is_unset(F64 v) {
 #define FG_MULTI_TENSOR_EMA(F) \
   F(PTR, s_list) F(PTR, p_list) FG_MT_CHUNKS(F) F(INT, s_dtype) F(INT, p_dtype) F(F64, weight) F(PTR, weight_ptr)
 
-// Schedule-free AdamW (optim/schedulefree.h): y, g, z, v tables; scalars_ptr: 4 fp32 device values.
+// Schedule-free AdamW (optim/optim.h): y, g, z, v tables; scalars_ptr: 4 fp32 device values.
 #define FG_MULTI_TENSOR_SCHEDULEFREE(F) \
   F(PTR, y_list) F(PTR, g_list) F(PTR, z_list) F(PTR, v_list) FG_MT_CHUNKS(F) F(INT, p_dtype) F(INT, g_dtype) \
   F(PTR, scalars_ptr) F(F64, beta2) F(F64, eps) F(F64, weight_decay)
@@ -131,7 +131,7 @@ inline bool is_unset(F64 v) {
 #define FG_MULTI_TENSOR_PRODIGY_MOMENTS(F) \
   F(PTR, p_list) F(PTR, g_list) F(PTR, p0_list) F(PTR, m_list) F(PTR, v_list) F(PTR, s_list) FG_MT_CHUNKS(F) \
   F(INT, p_dtype) F(INT, g_dtype) F(PTR, coefs_ptr) F(PTR, dot_ptr) F(PTR, abs_ptr) F(F64, beta1) F(F64, beta2) \
-  F(F64, beta3) F(F64, weight_decay) F(INT, coupled_wd)
+  F(F64, beta3)
 
 #define FG_MULTI_TENSOR_PRODIGY_UPDATE(F) \
   F(PTR, p_list) F(PTR, n_list) F(PTR, v_list) FG_MT_CHUNKS(F) F(INT, p_dtype) F(INT, n_dtype) F(PTR, coefs_ptr) \

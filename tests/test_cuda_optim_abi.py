@@ -20,7 +20,7 @@ ENTRIES = {
     "multi_tensor_scale": ("MultiTensorScaleParams", 9),
     "multi_tensor_ema": ("MultiTensorEmaParams", 12),
     "multi_tensor_adamw8bit": ("MultiTensorAdamw8bitParams", 29),
-    "multi_tensor_prodigy_moments": ("MultiTensorProdigyMomentsParams", 22),
+    "multi_tensor_prodigy_moments": ("MultiTensorProdigyMomentsParams", 20),
     "multi_tensor_prodigy_update": ("MultiTensorProdigyUpdateParams", 13),
 }
 
@@ -115,8 +115,7 @@ def test_named_fields_reach_the_op_checks():
     with pytest.raises(ValueError, match="EMA shadow dtype"):
         c_entry(C, "multi_tensor_adamw8bit", **{**adamw8bit, "sh_list": 64, "sh_dtype": 9})
     moments = dict(p_list=0, g_list=0, p0_list=0, m_list=0, v_list=0, s_list=0, **tables, p_dtype=0, g_dtype=0,
-                   coefs_ptr=0, dot_ptr=0, abs_ptr=0, beta1=0.9, beta2=0.999, beta3=0.9995, weight_decay=0.0,
-                   coupled_wd=0, stream=0)
+                   coefs_ptr=0, dot_ptr=0, abs_ptr=0, beta1=0.9, beta2=0.999, beta3=0.9995, stream=0)
     c_entry(C, "multi_tensor_prodigy_moments", **moments)
     with pytest.raises(ValueError, match="multi_tensor_prodigy_moments: unsupported dtypes p=float32, g=bfloat16"):
         c_entry(C, "multi_tensor_prodigy_moments", **{**moments, "g_dtype": 2})

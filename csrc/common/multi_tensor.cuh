@@ -118,18 +118,18 @@ __device__ __forceinline__ void chunk_rounds(std::int64_t begin, std::int64_t en
     }
     begin = vend;
   }
-#ifndef FASTGEN_VECTOR_PATH_ONLY  // defined only by the static width check (tests/cuda_widths.py)
-  for (std::int64_t base = begin + tid; base < end; base += UNROLL * threads) {
-    std::int64_t idx[UNROLL];
-    bool ok[UNROLL];
+  if constexpr (kScalarPath) {
+    for (std::int64_t base = begin + tid; base < end; base += UNROLL * threads) {
+      std::int64_t idx[UNROLL];
+      bool ok[UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      idx[u] = base + u * threads;
-      ok[u] = idx[u] < end;
+      for (int u = 0; u < UNROLL; ++u) {
+        idx[u] = base + u * threads;
+        ok[u] = idx[u] < end;
+      }
+      tile(std::integral_constant<int, 1>{}, idx, ok);
     }
-    tile(std::integral_constant<int, 1>{}, idx, ok);
   }
-#endif
 }
 
 // A 32-bit hash of (seed, tensor, index) for stochastic rounding: cheap, stateless and

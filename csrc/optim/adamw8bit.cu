@@ -190,12 +190,14 @@ struct AdamW8bitOp {
       }
       store16<P>(p + i0, vec, n, po);
       if constexpr (kEma) {
-        float sv[kPerThread];
-        load16<ShT>(sh + i0, vec, n, sv);
-        ShT so[kPerThread];
+        if (vec || !kScalarPath) {
+          ema_fold<ShT, P, kPerThread>(sh + i0, po, a.ema_weight);  // 16-byte pieces, as load16 / store16
+        } else {
 #pragma unroll
-        for (int j = 0; j < kPerThread; ++j) so[j] = from_float<ShT>(sv[j] + a.ema_weight * (to_float(po[j]) - sv[j]));
-        store16<ShT>(sh + i0, vec, n, so);
+          for (int j = 0; j < kPerThread; ++j) {
+            if (j < n) ema_fold<ShT, P, 1>(sh + i0 + j, {po[j]}, a.ema_weight);
+          }
+        }
       }
     }
     new_am = half_warp_max(new_am);  // all lanes: a quantization block is 16 lanes of one warp

@@ -75,8 +75,7 @@ void multi_tensor_prodigy_moments(std::uintptr_t p_list, std::uintptr_t g_list, 
                                   std::uintptr_t numels, std::uintptr_t chunk_ids, std::uintptr_t chunk_offs,
                                   std::int64_t num_chunks, std::int64_t chunk, int p_dtype, int g_dtype,
                                   std::uintptr_t coefs_ptr, std::uintptr_t dot_ptr, std::uintptr_t abs_ptr,
-                                  double beta1, double beta2, double beta3, double weight_decay, bool coupled_wd,
-                                  std::uintptr_t stream);
+                                  double beta1, double beta2, double beta3, std::uintptr_t stream);
 
 // Prodigy pass 2. lists: params, numerators (exp_avg, or grads when beta1 = 0), exp_avg_sq. coefs_ptr: fp32 [3]
 // device (w, a, e): p = p + w p (decoupled_wd), p = p + a n / (sqrt(v) + e).
@@ -84,5 +83,15 @@ void multi_tensor_prodigy_update(std::uintptr_t p_list, std::uintptr_t n_list, s
                                  std::uintptr_t numels, std::uintptr_t chunk_ids, std::uintptr_t chunk_offs,
                                  std::int64_t num_chunks, std::int64_t chunk, int p_dtype, int n_dtype,
                                  std::uintptr_t coefs_ptr, bool decoupled_wd, std::uintptr_t stream);
+
+// Schedule-free AdamW (csrc/optim/schedulefree.cu). lists: y (the parameters), g, z, v (exp_avg_sq); y, z, v of
+// p_dtype, g of g_dtype (= p_dtype). scalars_ptr: address of 4 fp32 device values [1 - beta2^(k+1), c,
+// lr (beta1 (1 - c) - 1), lr], this step's schedule, computed on the device
+// (fastgen.optim.schedulefree.advance_schedule): no host sync.
+void multi_tensor_schedulefree(std::uintptr_t y_list, std::uintptr_t g_list, std::uintptr_t z_list,
+                               std::uintptr_t v_list, std::uintptr_t numels, std::uintptr_t chunk_ids,
+                               std::uintptr_t chunk_offs, std::int64_t num_chunks, std::int64_t chunk, int p_dtype,
+                               int g_dtype, std::uintptr_t scalars_ptr, double beta2, double eps, double weight_decay,
+                               std::uintptr_t stream);
 
 }  // namespace fastgen

@@ -2,8 +2,8 @@
 // Triton kernels of kernels/prodigy.py.
 //
 // Pass 1 (prodigy_moments), per element, c1 = d (1 - beta1), c2 = d^2 (1 - beta2), c3 = (d / d0) * dlr
-// (or * d with the safeguard warm-up) read from a device [3] fp32 array:
-//   g  = g + weight_decay * p                      (coupled weight decay)
+// (or * d with the safeguard warm-up) read from a device [3] fp32 array, g as given (the caller
+// applies coupled weight decay to it first):
 //   dot += g * (p0 - p)
 //   m  = beta1 * m + c1 * g        v = beta2 * v + c2 * g^2        s = beta3 * s + c3 * g
 //   abs += |s|  (of s as stored)
@@ -40,8 +40,8 @@ struct MomentsArgs {
   const float* coefs;  // c1, c2, c3
   float* dot;          // [num_chunks] partial sums of g (p0 - p)
   float* abs_sum;      // [num_chunks] partial sums of |s|
-  float beta1, beta2, beta3, weight_decay;
-  bool has_m, coupled_wd;
+  float beta1, beta2, beta3;
+  bool has_m;
 };
 
 // lists: p, g, p0, m (v's table when !has_m), v, s.
@@ -78,8 +78,7 @@ struct ProdigyMomentsOp {
         P mo[W], vo[W], so[W];
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          float gi = gv[u][j];
-          if (a.coupled_wd) gi = gi + a.weight_decay * pv[u][j];
+          const float gi = gv[u][j];
           dot += gi * (p0v[u][j] - pv[u][j]);
           if (a.has_m) mo[j] = from_float<P>(mv[u][j] * a.beta1 + gi * c1);
           vo[j] = from_float<P>(vv[u][j] * a.beta2 + (gi * c2) * gi);
@@ -159,8 +158,7 @@ void multi_tensor_prodigy_moments(std::uintptr_t p_list, std::uintptr_t g_list, 
                                   std::uintptr_t numels, std::uintptr_t chunk_ids, std::uintptr_t chunk_offs,
                                   std::int64_t num_chunks, std::int64_t chunk, int p_dtype, int g_dtype,
                                   std::uintptr_t coefs_ptr, std::uintptr_t dot_ptr, std::uintptr_t abs_ptr,
-                                  double beta1, double beta2, double beta3, double weight_decay, bool coupled_wd,
-                                  std::uintptr_t stream) {
+                                  double beta1, double beta2, double beta3, std::uintptr_t stream) {
   check_prodigy("multi_tensor_prodigy_moments", p_dtype, g_dtype, num_chunks, chunk, coefs_ptr);
   FASTGEN_ARG_CHECK(num_chunks == 0 || (dot_ptr != 0 && abs_ptr != 0),
                     "multi_tensor_prodigy_moments: dot_ptr / abs_ptr is null (fp32 [num_chunks] outputs)");
@@ -171,7 +169,7 @@ void multi_tensor_prodigy_moments(std::uintptr_t p_list, std::uintptr_t g_list, 
                   chunk);
   const MomentsArgs a{reinterpret_cast<const float*>(coefs_ptr), reinterpret_cast<float*>(dot_ptr),
                       reinterpret_cast<float*>(abs_ptr), static_cast<float>(beta1), static_cast<float>(beta2),
-                      static_cast<float>(beta3), static_cast<float>(weight_decay), has_m, coupled_wd};
+                      static_cast<float>(beta3), has_m};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_one(p_dtype, [&](auto p_tag) {
     multi_tensor_apply<6>(t, num_chunks, ProdigyMomentsOp<decltype(p_tag)>{a}, s);

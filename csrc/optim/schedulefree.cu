@@ -25,8 +25,9 @@
 #include "../common/check.h"
 #include "../common/dtype.cuh"
 #include "../common/multi_tensor.cuh"
+#include "../common/optim_math.cuh"
 #include "../common/vec.cuh"
-#include "schedulefree.h"
+#include "optim.h"
 
 namespace fastgen {
 namespace {
@@ -34,11 +35,6 @@ namespace {
 constexpr int kScheduleFreeLists = 4;  // y, g, z, v
 // Elements per thread per round: 8, as AdamW's functor (four operands; 16 would double the registers).
 constexpr int kScheduleFreeElems = 8;
-
-// torch.lerp(a, b, w): a + w (b - a) for w < 0.5, else b - (b - a)(1 - w) (exact at w = 1: the first step).
-__device__ __forceinline__ float sf_lerp(float a, float b, float w) {
-  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
-}
 
 struct ScheduleFreeArgs {
   const float* scalars;  // [4]: bc2, c, y_coef, lr
@@ -83,7 +79,7 @@ struct ScheduleFreeOp {
           const float yi = yv[u][j];
           const float zi = zv[u][j];
           ui = ui + a.weight_decay * yi;
-          yo[j] = from_float<P>(sf_lerp(yi, zi, c) + y_coef * ui);
+          yo[j] = from_float<P>(lerp_like_torch(yi, zi, c) + y_coef * ui);
           zo[j] = from_float<P>(zi - lr * ui);
         }
         store_elems<P, W>(v + idx[u], vo);
@@ -112,25 +108,13 @@ void multi_tensor_schedulefree(std::uintptr_t y_list, std::uintptr_t g_list, std
   FASTGEN_ARG_CHECK(std::isfinite(beta2) && std::isfinite(eps) && std::isfinite(weight_decay),
                     "multi_tensor_schedulefree: beta2, eps and weight_decay must be finite");
   if (num_chunks == 0) return;
-  TensorTables t{};
-  t.lists[0] = reinterpret_cast<const std::uint64_t*>(y_list);
-  t.lists[1] = reinterpret_cast<const std::uint64_t*>(g_list);
-  t.lists[2] = reinterpret_cast<const std::uint64_t*>(z_list);
-  t.lists[3] = reinterpret_cast<const std::uint64_t*>(v_list);
-  t.numels = reinterpret_cast<const std::int64_t*>(numels);
-  t.chunk_ids = reinterpret_cast<const std::int32_t*>(chunk_ids);
-  t.chunk_offs = reinterpret_cast<const std::int64_t*>(chunk_offs);
-  t.chunk = chunk;
+  const TensorTables t = make_tables({y_list, g_list, z_list, v_list}, numels, chunk_ids, chunk_offs, chunk);
   const ScheduleFreeArgs a{reinterpret_cast<const float*>(scalars_ptr), static_cast<float>(beta2),
                            static_cast<float>(eps), static_cast<float>(weight_decay)};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (p_dtype == kFloat32) {
-    multi_tensor_apply<kScheduleFreeLists>(t, num_chunks, ScheduleFreeOp<float>{a}, s);
-  } else if (p_dtype == kFloat16) {
-    multi_tensor_apply<kScheduleFreeLists>(t, num_chunks, ScheduleFreeOp<__half>{a}, s);
-  } else {
-    multi_tensor_apply<kScheduleFreeLists>(t, num_chunks, ScheduleFreeOp<__nv_bfloat16>{a}, s);
-  }
+  dispatch_one(p_dtype, [&](auto p_tag) {
+    multi_tensor_apply<kScheduleFreeLists>(t, num_chunks, ScheduleFreeOp<decltype(p_tag)>{a}, s);
+  });
   FASTGEN_CHECK_LAUNCH("multi_tensor_schedulefree kernel launch");
 }
 

@@ -100,6 +100,5 @@ implements("group_norm", "cuda", "fastgen.cuda.group_norm", serves=group_norm_re
 implements("apply_rope", "cuda", "fastgen.cuda.rope", serves=rope_reason)
 implements("qk_norm_rope", "cuda", "fastgen.cuda.qk_norm_rope", serves=rope_reason)
 # The optimizers' steps with CUDA C++ functors (AdamW, 8-bit AdamW and Lion fold the one-pass clip and EMA).
-for _op in ("adamw", "lion", "ema", "clip_grad_norm_", "adamw8bit", "prodigy"):
+for _op in ("adamw", "lion", "ema", "clip_grad_norm_", "adamw8bit", "prodigy", "schedulefree"):
     implements(_op, "cuda", "fastgen.cuda.optim")
-implements("schedulefree", "cuda", "fastgen.cuda.schedulefree")

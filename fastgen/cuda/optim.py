@@ -1,9 +1,10 @@
-"""CUDA C++ multi-tensor AdamW, 8-bit AdamW, Prodigy, Lion, gradient clipping and EMA launchers (``csrc/optim/``
-through ``fastgen._C``).
+"""CUDA C++ multi-tensor AdamW, 8-bit AdamW, Prodigy, schedule-free AdamW, Lion, gradient clipping and EMA
+launchers (``csrc/optim/`` through ``fastgen._C``).
 
 Same signatures as the Triton launchers: ``adamw_step`` / ``lion_step`` as
 ``fastgen.kernels.adamw`` / ``fastgen.kernels.lion``, ``adamw8bit_step`` as ``fastgen.kernels.adamw8bit``,
-``prodigy_moments`` / ``prodigy_update`` as ``fastgen.kernels.prodigy``, ``sum_squares`` / ``scale_`` as
+``prodigy_moments`` / ``prodigy_update`` as ``fastgen.kernels.prodigy``, ``schedulefree_step`` as
+``fastgen.kernels.schedulefree``, ``sum_squares`` / ``scale_`` as
 ``fastgen.kernels.clip_grad``, ``ema_update_`` as ``fastgen.kernels.ema``; and the same
 cached device tables (``fastgen.kernels.multi_tensor``): one launch per call.
 ``clip_coef`` is the CUDA path of ``fastgen.optim.clip_grad_norm_``: the total p-norm
@@ -14,15 +15,17 @@ the device, summed in a fixed order (deterministic). Each entry point takes its 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from fastgen.cuda import dtype_code, load_extension
 from fastgen.kernels.multi_tensor import chunk_table, pointer_table
+from fastgen.optim import quant8
 
-__all__ = ["adamw_step", "adamw8bit_step", "lion_step", "prodigy_moments", "prodigy_update", "clip_coef",
-           "sum_squares", "scale_", "ema_update_"]
+__all__ = ["adamw_step", "adamw8bit_step", "lion_step", "prodigy_moments", "prodigy_update", "schedulefree_step",
+           "clip_coef", "sum_squares", "scale_", "ema_update_"]
 
 CHUNK = 4096  # elements per block (256 threads, 16 each)
 
@@ -82,15 +85,25 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         ema_update_(shadows, params, ema_decay)
 
 
-_MAPS: dict = {}  # (device, table addresses) -> the four quant8 tables as one [4, 256] fp32 tensor
+def _quant8_tables(device: torch.device) -> tuple:
+    """SMAP, SBOUND, UMAP, UBOUND of ``fastgen.optim.quant8`` on ``device`` (its cached tensors)."""
+    return (*quant8.tables(True, device), *quant8.tables(False, device))
+
+
+@functools.lru_cache(maxsize=None)
+def _quant8_maps(device: torch.device) -> torch.Tensor:
+    """The four quant8 tables of ``device`` as one [4, 256] fp32 tensor, built once per device."""
+    return torch.stack(_quant8_tables(device)).contiguous()
 
 
 def _maps(tables) -> torch.Tensor:
-    key = (tables[0].device, tuple(t.data_ptr() for t in tables))
-    out = _MAPS.get(key)
-    if out is None:
-        out = _MAPS[key] = torch.stack([t.to(torch.float32) for t in tables]).contiguous()
-    return out
+    """``tables`` as one [4, 256] fp32 tensor: the per-device cached stack for quant8's own tables (the
+    optimizer's), else a stack of these (the caller keeps it alive until the launch is queued)."""
+    device = tables[0].device
+    own = _quant8_tables(device)
+    if len(tables) == len(own) and all(t is q for t, q in zip(tables, own)):
+        return _quant8_maps(device)
+    return torch.stack([t.to(torch.float32) for t in tables]).contiguous()
 
 
 def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta1, beta2, eps, weight_decay,
@@ -106,6 +119,7 @@ def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta
     lr_ptr, lr_value = _lr_args(lr)
     if coef is not None:
         assert coef.dtype == torch.float32 and coef.numel() == 1 and coef.device == params[0].device
+    maps = _maps(tables)
     with torch.cuda.device(params[0].device):
         C.multi_tensor_adamw8bit(C.MultiTensorAdamw8bitParams(
             p_list=pointer_table(params).data_ptr(), g_list=pointer_table(grads).data_ptr(),
@@ -116,7 +130,7 @@ def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta
             chunk_ids=table.chunk_ids.data_ptr(), chunk_offs=table.chunk_offs.data_ptr(),
             num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
             g_dtype=dtype_code(grads[0].dtype), sh_dtype=dtype_code(shadows[0].dtype) if shadows else 0,
-            maps=_maps(tables).data_ptr(), lr_ptr=lr_ptr, lr=lr_value, beta1=float(beta1), beta2=float(beta2),
+            maps=maps.data_ptr(), lr_ptr=lr_ptr, lr=lr_value, beta1=float(beta1), beta2=float(beta2),
             eps=float(eps), weight_decay=float(weight_decay), maximize=int(bool(maximize)),
             stochastic_rounding=int(bool(stochastic_rounding)), seed=int(seed) & 0xFFFFFFFF,
             coef_ptr=coef.data_ptr() if coef is not None else 0, ema_weight=1.0 - float(ema_decay),
@@ -126,7 +140,10 @@ def adamw8bit_step(params, grads, qms, ams, qvs, avs, steps, *, tables, lr, beta
 
 def prodigy_moments(params, grads, p0s, ms, vs, ss, coefs, *, beta1, beta2, beta3, weight_decay, coupled_wd):
     """Prodigy pass 1 over lists (one dtype, one device, contiguous, ``slice_p = 1``; csrc/optim/prodigy.cu):
-    m, v, s in place; returns the fp32 per-chunk partial sums (dot, abs), as ``fastgen.kernels.prodigy``."""
+    m, v, s in place; returns the fp32 per-chunk partial sums (dot, abs), as ``fastgen.kernels.prodigy``.
+    ``weight_decay`` / ``coupled_wd`` keep the Triton launcher's signature: the gradients come with any
+    coupled weight decay already applied (``FusedProdigy`` adds it first), so ``coupled_wd`` must be False."""
+    assert not coupled_wd, "prodigy_moments (CUDA C++): coupled weight decay is applied to the gradients first"
     C = load_extension()
     table = chunk_table(params, CHUNK)
     device = params[0].device
@@ -142,7 +159,7 @@ def prodigy_moments(params, grads, p0s, ms, vs, ss, coefs, *, beta1, beta2, beta
             num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
             g_dtype=dtype_code(grads[0].dtype), coefs_ptr=coefs.data_ptr(), dot_ptr=dot.data_ptr(),
             abs_ptr=ab.data_ptr(), beta1=float(beta1), beta2=float(beta2), beta3=float(beta3),
-            weight_decay=float(weight_decay), coupled_wd=int(bool(coupled_wd)), stream=_stream(device),
+            stream=_stream(device),
         ))
     return dot, ab
 
@@ -163,6 +180,35 @@ def prodigy_update(params, nums, vs, coefs, *, decoupled_wd):
             num_chunks=table.num_chunks, chunk=CHUNK, p_dtype=dtype_code(params[0].dtype),
             n_dtype=dtype_code(nums[0].dtype), coefs_ptr=coefs.data_ptr(), decoupled_wd=int(bool(decoupled_wd)),
             stream=_stream(device),
+        ))
+
+
+def schedulefree_step(ys, grads, zs, vs, *, scalars, beta2, eps, weight_decay):
+    """One schedule-free step over lists (y, g, z, v of one dtype, one CUDA device, dense alike;
+    csrc/optim/schedulefree.cu). ``scalars``: fp32 [4] tensor on that device, this step's
+    ``[1 - beta2^(k+1), c, lr (beta1 (1 - c) - 1), lr]`` (``fastgen.optim.schedulefree.advance_schedule``
+    computes them on the device, so a step can be captured in a CUDA graph). Per element (fp32 math,
+    one rounding per store)::
+
+        v = beta2 v + (1 - beta2) g^2;   u = g / (sqrt(v / bc2) + eps) + weight_decay y
+        y = lerp(y, z, c) + y_coef u;    z = z - lr u
+    """
+    if not ys:
+        return
+    if scalars.dtype != torch.float32 or scalars.numel() != 4 or scalars.device != ys[0].device:
+        raise ValueError(f"schedulefree_step: scalars must be 4 fp32 values on {ys[0].device}, got {scalars.dtype} "
+                         f"{tuple(scalars.shape)} on {scalars.device}")
+    C = load_extension()
+    table = chunk_table(ys, CHUNK)
+    device = ys[0].device
+    with torch.cuda.device(device):
+        C.multi_tensor_schedulefree(C.MultiTensorSchedulefreeParams(
+            y_list=pointer_table(ys).data_ptr(), g_list=pointer_table(grads).data_ptr(),
+            z_list=pointer_table(zs).data_ptr(), v_list=pointer_table(vs).data_ptr(),
+            numels=table.numels.data_ptr(), chunk_ids=table.chunk_ids.data_ptr(),
+            chunk_offs=table.chunk_offs.data_ptr(), num_chunks=table.num_chunks, chunk=CHUNK,
+            p_dtype=dtype_code(ys[0].dtype), g_dtype=dtype_code(grads[0].dtype), scalars_ptr=scalars.data_ptr(),
+            beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay), stream=_stream(device),
         ))
 
 
